@@ -1,0 +1,142 @@
+// prototype_scores on CPU: ILPG's instance-driven prototypes S_W = W (.) S + S scored by row-wise dot-sum
+// (ILPG Eq. 5-6) without materialising S_W.
+//
+//   e (B, K) attribute scores, s (C, K) class semantics, w (B, C, K) instance weights
+//   forward   out[b, c]    = sum_k e[b, k] * s[c, k] * (1 + w[b, c, k])                         out    (B, C)
+//   backward  grad_w[b,c,k] = g[b, c] * e[b, k] * s[c, k]                                        grad_w (B, C, K)
+//             grad_e[b, k]  = sum_c g[b, c] * s[c, k] * (1 + w[b, c, k])                         grad_e (B, K)
+//             grad_s[c, k]  = sum_b g[b, c] * e[b, k] * (1 + w[b, c, k])                         grad_s (C, K)
+//
+// The op is bound by reading w (and writing grad_w), so both passes touch w exactly once. The backward walks
+// fixed class chunks: a chunk owns its rows of grad_s, and leaves a partial grad_e that is summed over chunks in
+// chunk order afterwards, so results do not depend on the thread count (no atomics, deterministic).
+// Accumulation is in float for half/bfloat16/float inputs and in double for double.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+namespace zslfast {
+namespace {
+
+constexpr int64_t kMaxClassChunks = 64;  // bounds the partial grad_e buffer to 64 * B * K
+
+template <typename scalar_t>
+void forward_kernel(const scalar_t* e, const scalar_t* s, const scalar_t* w, scalar_t* out, int64_t B, int64_t C,
+                    int64_t K) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1));
+  at::parallel_for(0, B * C, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t bc = begin; bc < end; ++bc) {
+      const scalar_t* e_row = e + (bc / C) * K;
+      const scalar_t* s_row = s + (bc % C) * K;
+      const scalar_t* w_row = w + bc * K;
+      acc_t acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t k = 0; k < K; ++k) {
+        acc += static_cast<acc_t>(e_row[k]) * static_cast<acc_t>(s_row[k]) * (acc_t(1) + static_cast<acc_t>(w_row[k]));
+      }
+      out[bc] = static_cast<scalar_t>(acc);
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_kernel(const scalar_t* grad, const scalar_t* e, const scalar_t* s, const scalar_t* w, scalar_t* grad_e,
+                     scalar_t* grad_s, scalar_t* grad_w, int64_t B, int64_t C, int64_t K) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t chunks = std::min(C, kMaxClassChunks);
+  const int64_t chunk_size = (C + chunks - 1) / chunks;
+  std::vector<acc_t> grad_e_partial(static_cast<size_t>(chunks * B * K), acc_t(0));
+  std::vector<acc_t> grad_s_acc(static_cast<size_t>(C * K), acc_t(0));
+
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      const int64_t c_begin = chunk * chunk_size;
+      const int64_t c_end = std::min(C, c_begin + chunk_size);
+      for (int64_t b = 0; b < B; ++b) {
+        const scalar_t* e_row = e + b * K;
+        acc_t* ge = grad_e_partial.data() + (chunk * B + b) * K;
+        for (int64_t c = c_begin; c < c_end; ++c) {
+          const acc_t g = static_cast<acc_t>(grad[b * C + c]);
+          const scalar_t* s_row = s + c * K;
+          const scalar_t* w_row = w + (b * C + c) * K;
+          acc_t* gs = grad_s_acc.data() + c * K;
+          if (grad_w != nullptr) {
+            scalar_t* gw_row = grad_w + (b * C + c) * K;
+#pragma omp simd
+            for (int64_t k = 0; k < K; ++k) {
+              const acc_t ek = static_cast<acc_t>(e_row[k]);
+              const acc_t sk = static_cast<acc_t>(s_row[k]);
+              const acc_t t = g * (acc_t(1) + static_cast<acc_t>(w_row[k]));
+              ge[k] += t * sk;
+              gs[k] += t * ek;
+              gw_row[k] = static_cast<scalar_t>(g * ek * sk);
+            }
+          } else {
+#pragma omp simd
+            for (int64_t k = 0; k < K; ++k) {
+              const acc_t t = g * (acc_t(1) + static_cast<acc_t>(w_row[k]));
+              ge[k] += t * static_cast<acc_t>(s_row[k]);
+              gs[k] += t * static_cast<acc_t>(e_row[k]);
+            }
+          }
+        }
+      }
+    }
+  });
+
+  at::parallel_for(0, C * K, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) grad_s[i] = static_cast<scalar_t>(grad_s_acc[i]);
+  });
+  at::parallel_for(0, B * K, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      acc_t acc = 0;
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) acc += grad_e_partial[chunk * B * K + i];
+      grad_e[i] = static_cast<scalar_t>(acc);
+    }
+  });
+}
+
+at::Tensor prototype_scores_fwd_cpu(const at::Tensor& e_in, const at::Tensor& s_in, const at::Tensor& w_in) {
+  TORCH_CHECK(e_in.dim() == 2 && s_in.dim() == 2 && w_in.dim() == 3, "zslfast::_prototype_scores_fwd: bad ranks");
+  const at::Tensor e = e_in.contiguous(), s = s_in.contiguous(), w = w_in.contiguous();
+  const int64_t B = e.size(0), K = e.size(1), C = s.size(0);
+  TORCH_CHECK(s.size(1) == K && w.size(0) == B && w.size(1) == C && w.size(2) == K,
+              "zslfast::_prototype_scores_fwd: shapes do not match");
+  at::Tensor out = at::empty({B, C}, e.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, e.scalar_type(), "prototype_scores_fwd_cpu", [&] {
+    forward_kernel<scalar_t>(e.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                             out.data_ptr<scalar_t>(), B, C, K);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> prototype_scores_bwd_cpu(const at::Tensor& grad_in,
+                                                                        const at::Tensor& e_in,
+                                                                        const at::Tensor& s_in,
+                                                                        const at::Tensor& w_in, bool need_grad_w) {
+  const at::Tensor grad = grad_in.contiguous(), e = e_in.contiguous(), s = s_in.contiguous(), w = w_in.contiguous();
+  const int64_t B = e.size(0), K = e.size(1), C = s.size(0);
+  TORCH_CHECK(grad.size(0) == B && grad.size(1) == C && w.size(0) == B && w.size(1) == C && w.size(2) == K,
+              "zslfast::_prototype_scores_bwd: shapes do not match");
+  at::Tensor grad_e = at::empty({B, K}, e.options());
+  at::Tensor grad_s = at::empty({C, K}, e.options());
+  at::Tensor grad_w = need_grad_w ? at::empty({B, C, K}, e.options()) : at::empty({0}, e.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, e.scalar_type(), "prototype_scores_bwd_cpu", [&] {
+    backward_kernel<scalar_t>(grad.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(),
+                              w.data_ptr<scalar_t>(), grad_e.data_ptr<scalar_t>(), grad_s.data_ptr<scalar_t>(),
+                              need_grad_w ? grad_w.data_ptr<scalar_t>() : nullptr, B, C, K);
+  });
+  return {grad_e, grad_s, grad_w};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(zslfast, CPU, m) {
+  m.impl("_prototype_scores_fwd", &prototype_scores_fwd_cpu);
+  m.impl("_prototype_scores_bwd", &prototype_scores_bwd_cpu);
+}
+
+}  // namespace zslfast

@@ -1,0 +1,28 @@
+// Schemas of zslfast's compiled kernels, namespace `zslfast`. Kernels only: autograd, fake kernels, input checks
+// and backend choice live in Python (zslfast/ops/), as torchvision keeps autograd apart from its kernels.
+// Each csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu registers its implementation with TORCH_LIBRARY_IMPL.
+//
+// Names start with an underscore: they are not the public ops (those are zslfast::prototype_scores etc., defined
+// in Python with autograd). Inputs reach them validated, of one floating dtype, on one device.
+#include <torch/library.h>
+
+TORCH_LIBRARY(zslfast, m) {
+  // prototype_scores, w of shape (B, C, K): out[b, c] = sum_k e[b, k] * s[c, k] * (1 + w[b, c, k])
+  //   e (B, K), s (C, K), w (B, C, K) -> out (B, C)
+  m.def("_prototype_scores_fwd(Tensor e, Tensor s, Tensor w) -> Tensor");
+  //   grad (B, C) -> grad_e (B, K), grad_s (C, K), grad_w (B, C, K), or an empty grad_w when need_grad_w is false
+  m.def("_prototype_scores_bwd(Tensor grad, Tensor e, Tensor s, Tensor w, bool need_grad_w) -> (Tensor, Tensor, Tensor)");
+
+  // cosine_logits: out[n, c] = scale * <x[n], p[c]> / (max(|x[n]|, eps) * max(|p[c]|, eps))
+  //   x (N, D), protos (C, D) -> out (N, C), x_inv_norm (N,), p_inv_norm (C,)   [inv_norm = 1 / max(|.|, eps)]
+  m.def("_cosine_logits_fwd(Tensor x, Tensor protos, float scale, float eps) -> (Tensor, Tensor, Tensor)");
+  //   grad (N, C), out (N, C) from the forward -> grad_x (N, D), grad_protos (C, D)
+  m.def("_cosine_logits_bwd(Tensor grad, Tensor x, Tensor protos, Tensor out, Tensor x_inv_norm, Tensor p_inv_norm, float scale) -> (Tensor, Tensor)");
+}
+
+// `import zslfast._C` loads the shared library, which runs the registrations above. The module itself is empty.
+#include <Python.h>
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,66 @@
+"""Shared test setup: which (device, backend) pairs run here, and tolerances per dtype.
+
+Without a GPU the Triton kernels run on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1, set here
+before any kernel is compiled); the interpreter computes bf16 wrong, so interpreted Triton is tested in fp32/fp64.
+GPU-only cases skip cleanly where no GPU is visible.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from zslfast import _backend  # noqa: E402
+
+KERNEL_BACKENDS = ("cpu", "triton", "cuda")
+
+
+def device_backend_pairs():
+    """Every (device, backend) a kernel can run on, as pytest params; unavailable ones skip with the reason."""
+    pairs = []
+    for device in ("cpu", "cuda"):
+        for backend in KERNEL_BACKENDS:
+            if device == "cpu" and backend == "cuda":
+                continue
+            if device == "cuda" and backend == "cpu":
+                continue
+            if device == "cuda" and not HAS_GPU:
+                reason = "no GPU visible"
+            else:
+                reason = _backend.why_unavailable(backend, torch.device(device))
+            marks = [pytest.mark.skip(reason=reason)] if reason else []
+            pairs.append(pytest.param(device, backend, id=f"{device}-{backend}", marks=marks))
+    return pairs
+
+
+DEVICE_BACKENDS = device_backend_pairs()
+
+# (rtol, atol) against the float64 reference.
+TOLERANCES = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5)}
+
+
+def dtypes_for(device: str, backend: str):
+    """fp64/fp32 everywhere; fp16/bf16 only on a real GPU (the Triton interpreter computes bf16 wrong)."""
+    dtypes = [torch.float64, torch.float32]
+    if device == "cuda":
+        dtypes += [torch.float16, torch.bfloat16]
+    return dtypes
+
+
+def low_precision_error_bound(kernel_out, eager_low_out, exact):
+    """Low-precision rule: the kernel's error may be at most 2x that of the eager code run in the same dtype."""
+    kernel_err = (kernel_out.double() - exact).abs().max().item()
+    eager_err = (eager_low_out.double() - exact).abs().max().item()
+    return kernel_err, max(2 * eager_err, 1e-6 * exact.abs().max().item())
+
+
+@pytest.fixture
+def generator():
+    """A fresh seed each case: the inputs differ run to run, the seed is printed on failure."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"seed={seed}")
+    return torch.Generator().manual_seed(seed)

@@ -1,0 +1,129 @@
+"""Which implementation runs an op: the one place that decides.
+
+Backends:
+    "reference"  pure PyTorch (zslfast/reference.py), any device, autograd through PyTorch itself
+    "cpu"        the compiled C++ kernels of zslfast._C, CPU tensors
+    "cuda"       the compiled CUDA kernels of zslfast._C, CUDA tensors
+    "triton"     the Triton kernels of zslfast/triton/, CUDA tensors, or CPU tensors when TRITON_INTERPRET=1
+
+``backend=None`` picks by device: CPU tensors -> "cpu" (or "reference" when the extension is missing),
+CUDA tensors -> the op's preferred GPU backend among those available. ``ZSLFAST_BACKEND`` in the environment
+overrides that default (it is read at each call, so tests and scripts can set it late). An explicit backend that
+cannot run raises :class:`BackendUnavailableError` naming what is missing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from typing import Optional, Sequence
+
+import torch
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run here (extension not built, no triton, wrong device, ...)."""
+
+
+def _load_extension():
+    """Import zslfast._C if it was built against this torch; otherwise warn once and return the reason."""
+    try:
+        from . import _build_info
+    except ImportError:
+        return None, "zslfast._C is not built (run `pip install -e . --no-build-isolation`)"
+    if _build_info.TORCH_VERSION != torch.__version__:
+        return None, (
+            f"zslfast._C was built against torch {_build_info.TORCH_VERSION} but torch {torch.__version__} is "
+            "installed; rebuild with `pip install -e . --no-build-isolation`"
+        )
+    try:
+        importlib.import_module("zslfast._C")
+    except (ImportError, OSError) as exc:
+        return None, f"zslfast._C failed to load ({exc}); rebuild with `pip install -e . --no-build-isolation`"
+    return _build_info, None
+
+
+BUILD_INFO, EXTENSION_ERROR = _load_extension()
+HAS_EXTENSION = BUILD_INFO is not None
+HAS_CUDA_KERNELS = bool(HAS_EXTENSION and BUILD_INFO.WITH_CUDA)
+if EXTENSION_ERROR is not None:
+    warnings.warn(f"{EXTENSION_ERROR}. zslfast falls back to its PyTorch reference ops.", RuntimeWarning, stacklevel=2)
+
+
+def _triton_missing_reason() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (`pip install triton`)"
+    return None
+
+
+TRITON_ERROR = _triton_missing_reason()
+HAS_TRITON = TRITON_ERROR is None
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def why_unavailable(backend: str, device: torch.device) -> Optional[str]:
+    """None when ``backend`` can run on tensors of ``device``, else the reason it cannot."""
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"backend 'cpu' runs on CPU tensors, got tensors on {device}"
+        return EXTENSION_ERROR
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"backend 'cuda' runs on CUDA tensors, got tensors on {device}"
+        if EXTENSION_ERROR is not None:
+            return EXTENSION_ERROR
+        if not HAS_CUDA_KERNELS:
+            return "zslfast._C was built without CUDA kernels (no CUDA toolkit at build time, or ZSLFAST_CUDA=0)"
+        return None
+    if backend == "triton":
+        if TRITON_ERROR is not None:
+            return TRITON_ERROR
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu":
+            if triton_interpreted():
+                return None
+            return "backend 'triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1"
+        return f"backend 'triton' does not run on {device} tensors"
+    return f"unknown backend {backend!r}; choose one of {BACKENDS} or None"
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    device = torch.device(device)
+    return [b for b in BACKENDS if why_unavailable(b, device) is None]
+
+
+def resolve(op: str, backend: Optional[str], device: torch.device, gpu_preference: Sequence[str] = ("triton", "cuda")) -> str:
+    """The backend that runs ``op`` on tensors of ``device``.
+
+    ``backend`` is the caller's choice (None = default). The default honours ``ZSLFAST_BACKEND`` first, then
+    picks by device. ``gpu_preference`` is the op's own order of GPU backends, fastest first.
+    """
+    if backend is None:
+        backend = os.environ.get("ZSLFAST_BACKEND") or None
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"ZSLFAST_BACKEND={backend!r} is not a backend; choose one of {BACKENDS}")
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"{op}: backend must be None or one of {BACKENDS}, got {backend!r}")
+        reason = why_unavailable(backend, device)
+        if reason is not None:
+            raise BackendUnavailableError(f"{op}: backend {backend!r} is not available: {reason}")
+        return backend
+    if device.type == "cpu":
+        return "cpu" if HAS_EXTENSION else "reference"
+    if device.type == "cuda":
+        for candidate in gpu_preference:
+            if why_unavailable(candidate, device) is None:
+                return candidate
+    return "reference"

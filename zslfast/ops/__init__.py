@@ -1,0 +1,1 @@
+"""The public ops: torch.library registration, autograd, fake kernels and input checks, one module per op."""

@@ -1,0 +1,66 @@
+"""What every op shares: the ``zslfast`` torch.library fragment, input validation, dtype promotion, autocast.
+
+Validation runs in Python before any kernel, so bad input gives a ``TypeError``/``ValueError`` naming the
+argument and the shapes it got, never a crash inside a kernel, a silent broadcast or NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+# The compiled extension (csrc/ops.cpp) owns TORCH_LIBRARY(zslfast) with the raw kernels; the public ops with
+# their autograd and fake kernels are defined here, in a fragment of the same namespace.
+LIB = torch.library.Library("zslfast", "FRAGMENT")
+
+
+def shape_str(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(d) for d in t.shape) + ")"
+
+
+def check_tensor(op: str, name: str, t, ranks: Sequence[int], layout: str) -> None:
+    """``t`` must be a floating tensor of one of ``ranks`` with no empty dimension; ``layout`` names its dims."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor {layout}, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating-point tensor {layout}, got dtype {t.dtype}")
+    if t.dim() not in ranks:
+        raise ValueError(f"{op}: {name} must be {layout}, got a {t.dim()}-D tensor of shape {shape_str(t)}")
+    if t.numel() == 0:
+        raise ValueError(f"{op}: {name} {layout} is empty, got shape {shape_str(t)}")
+
+
+def check_same_device(op: str, **tensors: Optional[torch.Tensor]) -> torch.device:
+    present = {name: t for name, t in tensors.items() if t is not None}
+    devices = {t.device for t in present.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{name} on {t.device}" for name, t in present.items())
+        raise ValueError(f"{op}: all tensors must be on one device, got {where}")
+    return next(iter(present.values())).device
+
+
+def promote(*tensors: Optional[torch.Tensor]) -> list[Optional[torch.Tensor]]:
+    """Cast floating tensors of mixed dtypes to their common dtype (as PyTorch's own binary ops would)."""
+    present = [t for t in tensors if t is not None]
+    dtype = present[0].dtype
+    for t in present[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return [t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors]
+
+
+def register_autocast(name: str, op: Callable) -> None:
+    """Under autocast, cast the op's floating tensor arguments to the autocast dtype (the kernels accumulate in
+    fp32), then run the op with autocast switched off for it, as autocast does for matmul."""
+    for device_type, key in (("cuda", torch._C.DispatchKey.AutocastCUDA), ("cpu", torch._C.DispatchKey.AutocastCPU)):
+
+        def kernel(*args, _device_type=device_type, _key=key):
+            dtype = torch.get_autocast_dtype(_device_type)
+            cast = [
+                a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.device.type == _device_type else a
+                for a in args
+            ]
+            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_key)):
+                return op(*cast)
+
+        LIB.impl(name, kernel, key.name)

@@ -1,0 +1,123 @@
+"""Triton kernels of prototype_scores with w (B, C, K) (math: zslfast/ops/prototype_scores.py).
+
+    forward   out[b, c]     = sum_k e[b, k] * s[c, k] * (1 + w[b, c, k])      grid (B, C / BLOCK_C)
+    backward  one pass over w, grid (C / BLOCK_C, K / BLOCK_K), each program walking b = 0..B-1:
+              grad_w[b, c, k] = g[b, c] * e[b, k] * s[c, k]                   written once
+              grad_s[c, k]    = sum_b g[b, c] * e[b, k] * (1 + w[b, c, k])    accumulated in registers
+              grad_e[b, k]    = sum_c g[b, c] * s[c, k] * (1 + w[b, c, k])    per-class-block partials (C/BLOCK_C, B, K),
+                                                                              summed afterwards in block order
+No atomics anywhere: the backward is deterministic. Every tensor is addressed through all its strides, so
+transposed and sliced inputs are read in place. Accumulation is in fp32 (fp64 for fp64 inputs).
+Shapes: e (B, K), s (C, K), w (B, C, K), g (B, C).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+FORWARD_BLOCK_C, FORWARD_BLOCK_K = 32, 64
+BACKWARD_BLOCK_C, BACKWARD_BLOCK_K = 32, 64
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@triton.jit
+def _forward_kernel(
+    e_ptr, s_ptr, w_ptr, out_ptr,
+    C, K,
+    stride_eb, stride_ek, stride_sc, stride_sk, stride_wb, stride_wc, stride_wk, stride_ob, stride_oc,
+    ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    acc = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        mask_ck = mask_c[:, None] & mask_k[None, :]
+        e = tl.load(e_ptr + b * stride_eb + offs_k * stride_ek, mask=mask_k, other=0.0).to(ACC_DTYPE)
+        s = tl.load(s_ptr + offs_c[:, None] * stride_sc + offs_k[None, :] * stride_sk, mask=mask_ck, other=0.0)
+        w = tl.load(
+            w_ptr + b * stride_wb + offs_c[:, None] * stride_wc + offs_k[None, :] * stride_wk, mask=mask_ck, other=0.0
+        )
+        acc += tl.sum(s.to(ACC_DTYPE) * (1.0 + w.to(ACC_DTYPE)) * e[None, :], axis=1)
+    tl.store(out_ptr + b * stride_ob + offs_c * stride_oc, acc.to(out_ptr.dtype.element_ty), mask=mask_c)
+
+
+@triton.jit
+def _backward_kernel(
+    g_ptr, e_ptr, s_ptr, w_ptr, grad_e_partial_ptr, grad_s_ptr, grad_w_ptr,
+    B, C, K,
+    stride_gb, stride_gc, stride_eb, stride_ek, stride_sc, stride_sk, stride_wb, stride_wc, stride_wk,
+    NEED_GRAD_W: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    c_block = tl.program_id(0)
+    offs_c = c_block * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_c = offs_c < C
+    mask_k = offs_k < K
+    mask_ck = mask_c[:, None] & mask_k[None, :]
+    s = tl.load(s_ptr + offs_c[:, None] * stride_sc + offs_k[None, :] * stride_sk, mask=mask_ck, other=0.0).to(ACC_DTYPE)
+    grad_s = tl.zeros([BLOCK_C, BLOCK_K], dtype=ACC_DTYPE)
+    # Pointers advance by one instance per step: 64-bit pointer arithmetic, no b * stride product to overflow.
+    # grad_e partials are (C / BLOCK_C, B, K), contiguous; grad_w is (B, C, K), contiguous.
+    g_row = g_ptr + offs_c * stride_gc
+    e_row = e_ptr + offs_k * stride_ek
+    w_tile = w_ptr + offs_c[:, None] * stride_wc + offs_k[None, :] * stride_wk
+    partial_row = grad_e_partial_ptr + c_block.to(tl.int64) * B * K + offs_k
+    grad_w_tile = grad_w_ptr + offs_c[:, None] * K + offs_k[None, :]
+    for _ in range(0, B):
+        g = tl.load(g_row, mask=mask_c, other=0.0).to(ACC_DTYPE)
+        e = tl.load(e_row, mask=mask_k, other=0.0).to(ACC_DTYPE)
+        w = tl.load(w_tile, mask=mask_ck, other=0.0).to(ACC_DTYPE)
+        t = g[:, None] * (1.0 + w)
+        grad_s += t * e[None, :]
+        tl.store(partial_row, tl.sum(t * s, axis=0), mask=mask_k)
+        if NEED_GRAD_W:
+            grad_w = g[:, None] * e[None, :] * s
+            tl.store(grad_w_tile, grad_w.to(grad_w_ptr.dtype.element_ty), mask=mask_ck)
+        g_row += stride_gb
+        e_row += stride_eb
+        w_tile += stride_wb
+        partial_row += K
+        grad_w_tile += C * K
+    tl.store(
+        grad_s_ptr + offs_c[:, None] * K + offs_k[None, :], grad_s.to(grad_s_ptr.dtype.element_ty), mask=mask_ck
+    )
+
+
+def forward(e: torch.Tensor, s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    B, K = e.shape
+    C = s.shape[0]
+    out = torch.empty((B, C), dtype=e.dtype, device=e.device)
+    grid = (B, triton.cdiv(C, FORWARD_BLOCK_C))
+    _forward_kernel[grid](
+        e, s, w, out, C, K,
+        *e.stride(), *s.stride(), *w.stride(), *out.stride(),
+        ACC_DTYPE=_acc_dtype(e.dtype), BLOCK_C=FORWARD_BLOCK_C, BLOCK_K=FORWARD_BLOCK_K,
+    )
+    return out
+
+
+def backward(grad: torch.Tensor, e: torch.Tensor, s: torch.Tensor, w: torch.Tensor, need_grad_w: bool):
+    B, K = e.shape
+    C = s.shape[0]
+    c_blocks = triton.cdiv(C, BACKWARD_BLOCK_C)
+    acc_dtype = torch.float64 if e.dtype == torch.float64 else torch.float32
+    grad_e_partial = torch.empty((c_blocks, B, K), dtype=acc_dtype, device=e.device)
+    grad_s = torch.empty((C, K), dtype=e.dtype, device=e.device)
+    grad_w = torch.empty((B, C, K) if need_grad_w else (0,), dtype=e.dtype, device=e.device)
+    grid = (c_blocks, triton.cdiv(K, BACKWARD_BLOCK_K))
+    _backward_kernel[grid](
+        grad, e, s, w, grad_e_partial, grad_s, grad_w if need_grad_w else grad_s,
+        B, C, K,
+        *grad.stride(), *e.stride(), *s.stride(), *w.stride(),
+        NEED_GRAD_W=need_grad_w, ACC_DTYPE=_acc_dtype(e.dtype), BLOCK_C=BACKWARD_BLOCK_C, BLOCK_K=BACKWARD_BLOCK_K,
+    )
+    grad_e = grad_e_partial.sum(0).to(e.dtype)
+    return grad_e, grad_s, grad_w
