@@ -14,10 +14,12 @@ TORCH_LIBRARY(zslfast, m) {
   m.def("_prototype_scores_bwd(Tensor grad, Tensor e, Tensor s, Tensor w, bool need_grad_w) -> (Tensor, Tensor, Tensor)");
 
   // cosine_logits: out[n, c] = scale * <x[n], p[c]> / (max(|x[n]|, eps) * max(|p[c]|, eps))
-  //   x (N, D), protos (C, D) -> out (N, C), x_inv_norm (N,), p_inv_norm (C,)   [inv_norm = 1 / max(|.|, eps)]
-  m.def("_cosine_logits_fwd(Tensor x, Tensor protos, float scale, float eps) -> (Tensor, Tensor, Tensor)");
-  //   grad (N, C), out (N, C) from the forward -> grad_x (N, D), grad_protos (C, D)
-  m.def("_cosine_logits_bwd(Tensor grad, Tensor x, Tensor protos, Tensor out, Tensor x_inv_norm, Tensor p_inv_norm, float scale) -> (Tensor, Tensor)");
+  //   x (N, D), protos (C, D), scale () a tensor (learnable, read on the device) -> out (N, C), x_inv_norm (N,),
+  //   p_inv_norm (C,)   [inv_norm = 1 / max(|.|, eps), in float (double for double inputs)]
+  m.def("_cosine_logits_fwd(Tensor x, Tensor protos, Tensor scale, float eps) -> (Tensor, Tensor, Tensor)");
+  //   grad (N, C) -> grad_x (N, D), grad_protos (C, D), grad_scale () = sum(grad * cos); an output whose
+  //   output_mask entry is false comes back empty. sum(grad * cos) is not derived from out / scale (scale may be 0).
+  m.def("_cosine_logits_bwd(Tensor grad, Tensor x, Tensor protos, Tensor x_inv_norm, Tensor p_inv_norm, Tensor scale, float eps, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }
 
 // `import zslfast._C` loads the shared library, which runs the registrations above. The module itself is empty.

@@ -17,10 +17,64 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include <type_traits>
+
+#include "cpu/simd.h"
+
 namespace zslfast {
 namespace {
 
 constexpr int64_t kMaxClassChunks = 64;  // bounds the partial grad_e buffer to 64 * B * K
+
+// Innermost loops for float and double, compiled per ISA (simd.h). Half and bfloat16 take the generic loops.
+#define ZSLFAST_PROTOTYPE_ROWS(T)                                                                                      \
+  ZSLFAST_SIMD_CLONES T forward_row(const T* e, const T* s, const T* w, int64_t K) {                                   \
+    T acc = 0;                                                                                                         \
+    _Pragma("omp simd reduction(+ : acc)") for (int64_t k = 0; k < K; ++k) acc += e[k] * s[k] * (T(1) + w[k]);        \
+    return acc;                                                                                                        \
+  }                                                                                                                    \
+  ZSLFAST_SIMD_CLONES void backward_row(const T* e, const T* s, const T* w, T g, T* ge, T* gs, T* gw, int64_t K) {     \
+    _Pragma("omp simd") for (int64_t k = 0; k < K; ++k) {                                                              \
+      const T t = g * (T(1) + w[k]);                                                                                   \
+      ge[k] += t * s[k];                                                                                               \
+      gs[k] += t * e[k];                                                                                               \
+      gw[k] = g * e[k] * s[k];                                                                                         \
+    }                                                                                                                  \
+  }                                                                                                                    \
+  ZSLFAST_SIMD_CLONES void backward_row_no_grad_w(const T* e, const T* s, const T* w, T g, T* ge, T* gs, int64_t K) {  \
+    _Pragma("omp simd") for (int64_t k = 0; k < K; ++k) {                                                              \
+      const T t = g * (T(1) + w[k]);                                                                                   \
+      ge[k] += t * s[k];                                                                                               \
+      gs[k] += t * e[k];                                                                                               \
+    }                                                                                                                  \
+  }                                                                                                                    \
+  /* Four consecutive classes at once: the grad_e row is loaded and stored once per four, not once per class. */      \
+  /* s, w, gs and gw point at the first of four rows spaced K apart. */                                              \
+  ZSLFAST_SIMD_CLONES void backward_rows4(const T* e, const T* s, const T* w, const T* g, T* ge, T* gs, T* gw,         \
+                                          int64_t K) {                                                                 \
+    const T g0 = g[0], g1 = g[1], g2 = g[2], g3 = g[3];                                                                \
+    _Pragma("omp simd") for (int64_t k = 0; k < K; ++k) {                                                              \
+      const T ek = e[k];                                                                                               \
+      const T s0 = s[k], s1 = s[K + k], s2 = s[2 * K + k], s3 = s[3 * K + k];                                          \
+      const T t0 = g0 * (T(1) + w[k]), t1 = g1 * (T(1) + w[K + k]);                                                   \
+      const T t2 = g2 * (T(1) + w[2 * K + k]), t3 = g3 * (T(1) + w[3 * K + k]);                                        \
+      ge[k] += (t0 * s0 + t1 * s1) + (t2 * s2 + t3 * s3);                                                              \
+      gs[k] += t0 * ek;                                                                                                \
+      gs[K + k] += t1 * ek;                                                                                            \
+      gs[2 * K + k] += t2 * ek;                                                                                        \
+      gs[3 * K + k] += t3 * ek;                                                                                        \
+      gw[k] = g0 * ek * s0;                                                                                            \
+      gw[K + k] = g1 * ek * s1;                                                                                        \
+      gw[2 * K + k] = g2 * ek * s2;                                                                                    \
+      gw[3 * K + k] = g3 * ek * s3;                                                                                    \
+    }                                                                                                                  \
+  }
+ZSLFAST_PROTOTYPE_ROWS(float)
+ZSLFAST_PROTOTYPE_ROWS(double)
+#undef ZSLFAST_PROTOTYPE_ROWS
+
+template <typename scalar_t>
+constexpr bool kHasSimdRows = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
 
 template <typename scalar_t>
 void forward_kernel(const scalar_t* e, const scalar_t* s, const scalar_t* w, scalar_t* out, int64_t B, int64_t C,
@@ -32,12 +86,16 @@ void forward_kernel(const scalar_t* e, const scalar_t* s, const scalar_t* w, sca
       const scalar_t* e_row = e + (bc / C) * K;
       const scalar_t* s_row = s + (bc % C) * K;
       const scalar_t* w_row = w + bc * K;
-      acc_t acc = 0;
+      if constexpr (kHasSimdRows<scalar_t>) {
+        out[bc] = forward_row(e_row, s_row, w_row, K);
+      } else {
+        acc_t acc = 0;
 #pragma omp simd reduction(+ : acc)
-      for (int64_t k = 0; k < K; ++k) {
-        acc += static_cast<acc_t>(e_row[k]) * static_cast<acc_t>(s_row[k]) * (acc_t(1) + static_cast<acc_t>(w_row[k]));
+        for (int64_t k = 0; k < K; ++k) {
+          acc += static_cast<acc_t>(e_row[k]) * static_cast<acc_t>(s_row[k]) * (acc_t(1) + static_cast<acc_t>(w_row[k]));
+        }
+        out[bc] = static_cast<scalar_t>(acc);
       }
-      out[bc] = static_cast<scalar_t>(acc);
     }
   });
 }
@@ -58,12 +116,27 @@ void backward_kernel(const scalar_t* grad, const scalar_t* e, const scalar_t* s,
       for (int64_t b = 0; b < B; ++b) {
         const scalar_t* e_row = e + b * K;
         acc_t* ge = grad_e_partial.data() + (chunk * B + b) * K;
-        for (int64_t c = c_begin; c < c_end; ++c) {
+        int64_t c = c_begin;
+        if constexpr (kHasSimdRows<scalar_t>) {
+          if (grad_w != nullptr) {
+            for (; c + 4 <= c_end; c += 4) {
+              backward_rows4(e_row, s + c * K, w + (b * C + c) * K, grad + b * C + c, ge, grad_s_acc.data() + c * K,
+                             grad_w + (b * C + c) * K, K);
+            }
+          }
+        }
+        for (; c < c_end; ++c) {
           const acc_t g = static_cast<acc_t>(grad[b * C + c]);
           const scalar_t* s_row = s + c * K;
           const scalar_t* w_row = w + (b * C + c) * K;
           acc_t* gs = grad_s_acc.data() + c * K;
-          if (grad_w != nullptr) {
+          if constexpr (kHasSimdRows<scalar_t>) {
+            if (grad_w != nullptr) {
+              backward_row(e_row, s_row, w_row, g, ge, gs, grad_w + (b * C + c) * K, K);
+            } else {
+              backward_row_no_grad_w(e_row, s_row, w_row, g, ge, gs, K);
+            }
+          } else if (grad_w != nullptr) {
             scalar_t* gw_row = grad_w + (b * C + c) * K;
 #pragma omp simd
             for (int64_t k = 0; k < K; ++k) {
