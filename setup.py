@@ -33,6 +33,24 @@ def _find_cuda_home():
     return None
 
 
+def _pip_cuda_include_dirs():
+    """Header folders of the CUDA math libraries that torch's CUDA wheels install under site-packages/nvidia/.
+
+    ATen/cuda/CUDAContext.h includes cublas/cusparse headers, which a bare toolkit (nvcc and the runtime only,
+    as on our CI machine) lacks; the wheels torch itself runs with carry matching ones.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    found = set()
+    for location in spec.submodule_search_locations:
+        for header in list(Path(location).glob("*/include/cusparse.h")) + list(Path(location).glob("*/include/cublas_v2.h")):
+            found.add(str(header.parent))
+    return sorted(found)
+
+
 CUDA_SWITCH = os.environ.get("ZSLFAST_CUDA", "").strip()
 if CUDA_SWITCH not in ("", "0", "1"):
     sys.exit(f"ZSLFAST_CUDA must be 0, 1 or unset, got {CUDA_SWITCH!r}")
@@ -70,7 +88,7 @@ Extension = CUDAExtension if WITH_CUDA else CppExtension
 extension = Extension(
     name="zslfast._C",
     sources=cpu_sources + cuda_sources,
-    include_dirs=[str(ROOT / "csrc")],
+    include_dirs=[str(ROOT / "csrc")] + (_pip_cuda_include_dirs() if WITH_CUDA else []),
     define_macros=define_macros,
     extra_compile_args=extra_compile_args,
     extra_link_args=["-fopenmp"],

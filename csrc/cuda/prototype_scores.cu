@@ -6,7 +6,8 @@
 // the Triton backward (zslfast/triton/prototype_scores.py) reads it once and is the default GPU backend.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 #include <torch/types.h>
@@ -82,7 +83,7 @@ at::Tensor prototype_scores_fwd_cuda(const at::Tensor& e_in, const at::Tensor& s
   TORCH_CHECK(s.size(1) == K && w.size(0) == B && w.size(1) == C && w.size(2) == K,
               "zslfast::_prototype_scores_fwd: shapes do not match");
   at::Tensor out = at::empty({B, C}, e.options());
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, e.scalar_type(), "prototype_scores_fwd_cuda", [&] {
     forward_kernel<scalar_t><<<blocks_for(B * C * kWarp), kThreads, 0, stream>>>(
         e.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), B, C, K);
@@ -101,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototype_scores_bwd_cuda(const a
   at::Tensor grad_e = at::empty({B, K}, e.options());
   at::Tensor grad_s = at::empty({C, K}, e.options());
   at::Tensor grad_w = need_grad_w ? at::empty({B, C, K}, e.options()) : at::empty({0}, e.options());
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, e.scalar_type(), "prototype_scores_bwd_cuda", [&] {
     grad_s_and_w_kernel<scalar_t><<<blocks_for(C * K), kThreads, 0, stream>>>(
         grad.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(), s.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),

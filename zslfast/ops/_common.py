@@ -27,25 +27,36 @@ def check_tensor(op: str, name: str, t, ranks: Sequence[int], layout: str) -> No
         raise TypeError(f"{op}: {name} must be a floating-point tensor {layout}, got dtype {t.dtype}")
     if t.dim() not in ranks:
         raise ValueError(f"{op}: {name} must be {layout}, got a {t.dim()}-D tensor of shape {shape_str(t)}")
-    if t.numel() == 0:
+    if 0 in t.shape:
         raise ValueError(f"{op}: {name} {layout} is empty, got shape {shape_str(t)}")
 
 
 def check_same_device(op: str, **tensors: Optional[torch.Tensor]) -> torch.device:
-    present = {name: t for name, t in tensors.items() if t is not None}
-    devices = {t.device for t in present.values()}
-    if len(devices) > 1:
-        where = ", ".join(f"{name} on {t.device}" for name, t in present.items())
-        raise ValueError(f"{op}: all tensors must be on one device, got {where}")
-    return next(iter(present.values())).device
+    device = None
+    for t in tensors.values():
+        if t is None:
+            continue
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            where = ", ".join(f"{name} on {t.device}" for name, t in tensors.items() if t is not None)
+            raise ValueError(f"{op}: all tensors must be on one device, got {where}")
+    return device
 
 
 def promote(*tensors: Optional[torch.Tensor]) -> list[Optional[torch.Tensor]]:
     """Cast floating tensors of mixed dtypes to their common dtype (as PyTorch's own binary ops would)."""
-    present = [t for t in tensors if t is not None]
-    dtype = present[0].dtype
-    for t in present[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
+    dtype = None
+    mixed = False
+    for t in tensors:
+        if t is not None:
+            if dtype is None:
+                dtype = t.dtype
+            elif t.dtype != dtype:
+                dtype = torch.promote_types(dtype, t.dtype)
+                mixed = True
+    if not mixed:
+        return list(tensors)
     return [t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors]
 
 
