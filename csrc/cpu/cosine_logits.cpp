@@ -47,6 +47,17 @@ void row_inv_norms(const acc_t* v, acc_t* inv, int64_t R, int64_t D, acc_t eps) 
   });
 }
 
+// w[n, c] = g[n, c] * ix[n] * ip[c]
+template <typename acc_t>
+void scale_grad(const acc_t* g, const acc_t* ix, const acc_t* ip, acc_t* w, int64_t N, int64_t C) {
+  at::parallel_for(0, N, grain_for(C), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) w[n * C + c] = g[n * C + c] * ix[n] * ip[c];
+    }
+  });
+}
+
 // out[r] = s * (a[r] - [clamped_r ? 0 : v[r] * iv[r]^2 * <v[r], a[r]>]), rowdot[r] = <v[r], a[r]>. out may alias a.
 template <typename scalar_t, typename acc_t>
 void project_rows(const acc_t* a, const acc_t* v, const acc_t* iv, acc_t s, acc_t inv_eps, scalar_t* out,
@@ -130,14 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_logits_bwd_cpu(const at::T
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* ix = ix_t.data_ptr<acc_t>();
     const acc_t* ip = ip_t.data_ptr<acc_t>();
-    const acc_t* g_data = g.data_ptr<acc_t>();
-    acc_t* w_data = w.data_ptr<acc_t>();
-    at::parallel_for(0, N, grain_for(C), [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) w_data[n * C + c] = g_data[n * C + c] * ix[n] * ip[c];
-      }
-    });
+    scale_grad<acc_t>(g.data_ptr<acc_t>(), ix, ip, w.data_ptr<acc_t>(), N, C);
     const acc_t inv_eps = inv_norm(acc_t(0), static_cast<acc_t>(eps));
 
     if (need_x || need_scale) {

@@ -60,16 +60,19 @@ def promote(*tensors: Optional[torch.Tensor]) -> list[Optional[torch.Tensor]]:
     return [t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors]
 
 
-def register_autocast(name: str, op: Callable) -> None:
+def register_autocast(name: str, op: Callable, keep: Sequence[int] = ()) -> None:
     """Under autocast, cast the op's floating tensor arguments to the autocast dtype (the kernels accumulate in
-    fp32), then run the op with autocast switched off for it, as autocast does for matmul."""
+    fp32), then run the op with autocast switched off for it, as autocast does for matmul. Arguments at the
+    positions in ``keep`` (a temperature, say) keep their dtype: rounding them to bf16 would change the model."""
     for device_type, key in (("cuda", torch._C.DispatchKey.AutocastCUDA), ("cpu", torch._C.DispatchKey.AutocastCPU)):
 
         def kernel(*args, _device_type=device_type, _key=key):
             dtype = torch.get_autocast_dtype(_device_type)
             cast = [
-                a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.device.type == _device_type else a
-                for a in args
+                a.to(dtype)
+                if i not in keep and isinstance(a, torch.Tensor) and a.is_floating_point() and a.device.type == _device_type
+                else a
+                for i, a in enumerate(args)
             ]
             with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_key)):
                 return op(*cast)

@@ -1,0 +1,42 @@
+"""Turn a pytest-benchmark JSON file into the markdown table of benchmarks/README.md.
+
+    python benchmarks/summarize.py benchmarks/results/<file>.json
+
+One row per benchmark group (op, shape, pass, device): the median time of eager / torch.compile / zslfast, the
+speed-up of zslfast over each, and each one's peak extra memory (extra_info["peak_extra_MiB"]).
+"""
+
+import json
+import sys
+from collections import defaultdict
+
+
+def _impl(name: str) -> str:
+    return name.rsplit("-", 1)[-1].rstrip("]")
+
+
+def main(path: str) -> None:
+    with open(path) as f:
+        data = json.load(f)
+    groups = defaultdict(dict)
+    for bench in data["benchmarks"]:
+        groups[bench["group"]][_impl(bench["name"])] = bench
+    machine = data.get("machine_info", {})
+    print(f"Machine: {machine.get('cpu', {}).get('brand_raw', '?')}, {machine.get('cpu', {}).get('count', '?')} cores; "
+          f"date {data.get('datetime', '?')[:10]}\n")
+    print("| benchmark | eager ms | compile ms | zslfast ms | vs eager | vs compile | peak MiB eager / compile / zslfast |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+
+    def ms(b):
+        return b["stats"]["median"] * 1e3 if b else None
+
+    for group, impls in groups.items():
+        eager, comp, fused = impls.get("eager"), impls.get("compile"), impls.get("zslfast")
+        cells = [f"{ms(b):.3f}" if b else "–" for b in (eager, comp, fused)]
+        speed = [f"{ms(b) / ms(fused):.2f}x" if b and fused else "–" for b in (eager, comp)]
+        mem = " / ".join(f"{b['extra_info'].get('peak_extra_MiB', '?')}" if b else "–" for b in (eager, comp, fused))
+        print(f"| {group} | " + " | ".join(cells + speed) + f" | {mem} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,389 @@
+"""cosine_logits against the float64 reference: outputs and gradients (x, protos, a tensor scale) for every backend
+available here, odd sizes, leading dims, non-contiguous inputs, large values, zero and sub-eps rows, scale float /
+tensor / 0; gradcheck, opcheck, torch.compile(fullgraph=True), autocast, determinism, what autograd keeps, and
+bad-input errors.
+
+    out[..., c] = scale * cos(x[...], protos[c]);  x (..., D), protos (C, D), scale float | one-element tensor
+"""
+
+import pytest
+import torch
+
+import zslfast
+from zslfast import reference
+from zslfast.ops import cosine_logits as cl_module
+
+from conftest import DEVICE_BACKENDS, HAS_GPU, TOLERANCES, dtypes_for, low_precision_error_bound
+
+EPS = 1e-8
+
+# (leading dims of x, C, D, scale): D = 1/33/129/312, C = 1/7/200, N = 1/50, leading dims (2, 3)
+CASES = [
+    ((1,), 1, 1, 1.0),
+    ((5,), 3, 1, "tensor"),
+    ((50,), 7, 33, "tensor"),
+    ((1,), 200, 129, 0.3),
+    ((2, 3), 7, 312, "tensor"),
+    ((50,), 200, 312, "tensor"),
+]
+
+
+def scale_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def make_inputs(lead, C, D, dtype, device, generator, x_magnitude=1.0, p_magnitude=1.0):
+    x = torch.randn(*lead, D, generator=generator, dtype=torch.float64) * x_magnitude
+    p = torch.randn(C, D, generator=generator, dtype=torch.float64) * p_magnitude
+    return x.to(device=device, dtype=dtype), p.to(device=device, dtype=dtype)
+
+
+def make_scale(kind, dtype, device, generator):
+    if kind == "tensor":
+        value = 0.5 + 3 * torch.rand((), generator=generator, dtype=torch.float64)
+        return value.to(device=device, dtype=scale_dtype(dtype))
+    return kind
+
+
+def run(fn, x, p, scale, grad_out):
+    """Output and gradients of every differentiable input (x, protos and scale when it is a tensor)."""
+    leaves = [x.detach().requires_grad_(), p.detach().requires_grad_()]
+    if isinstance(scale, torch.Tensor):
+        scale = scale.detach().requires_grad_()
+        leaves.append(scale)
+    out = fn(*leaves[:2], scale)
+    return out, torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+
+
+def natural_sizes(x, p, scale, grad_out):
+    """What each result's rounding errors are relative to (cancellation-aware): |scale| * |cos| <= |scale| for out;
+    |scale| ix[n] sum_c |g[n, c]| for grad_x[n] (and the like for grad_p[c]); sum |g| for grad_scale."""
+    s = abs(float(scale))
+    x2, g2 = x.double().reshape(-1, x.shape[-1]), grad_out.double().reshape(-1, p.shape[0]).abs()
+    ix = 1 / x2.norm(dim=1).clamp_min(EPS)
+    ip = 1 / p.double().norm(dim=1).clamp_min(EPS)
+    size_x = (s * ix * g2.sum(1)).reshape(*x.shape[:-1], 1)
+    size_p = (s * ip * g2.sum(0))[:, None]
+    return [torch.tensor(s, dtype=torch.float64, device=x.device), size_x, size_p, g2.sum()]
+
+
+def assert_matches_reference(x, p, scale, backend, dtype, generator):
+    exact_scale = scale.double() if isinstance(scale, torch.Tensor) else scale
+    grad_out = torch.randn(*x.shape[:-1], p.shape[0], generator=generator, dtype=torch.float64).to(x.device)
+    exact_out, exact_grads = run(reference.cosine_logits, x.double(), p.double(), exact_scale, grad_out)
+    out, got_grads = run(lambda *a: zslfast.cosine_logits(*a, backend=backend), x, p, scale, grad_out)
+    assert out.dtype == dtype and out.shape == exact_out.shape
+    assert all(g.shape == w.shape and g.dtype == t.dtype for g, w, t in zip(got_grads, exact_grads, (x, p, scale)))
+    sizes = natural_sizes(x, p, scale, grad_out)
+    names = ["out", "grad_x", "grad_protos", "grad_scale"]
+
+    if dtype in TOLERANCES:
+        _, atol = TOLERANCES[dtype]
+        for name, got, want, size in zip(names, (out, *got_grads), (exact_out, *exact_grads), sizes):
+            err = (got.double() - want).abs()
+            assert err.le(atol * size).all(), f"{name} off by {err.max().item():.3g} (tolerance {atol} x size)"
+        return
+
+    # fp16/bf16: no worse than twice the error of the same eager code run in that dtype, or than one unit of the
+    # dtype's precision relative to the terms summed (eager can be exact by luck where the result is ~0, e.g. D=1)
+    low_out, low_grads = run(reference.cosine_logits, x, p, scale, grad_out)
+    unit = torch.finfo(dtype).eps
+    results = zip(names, (out, *got_grads), (low_out, *low_grads), (exact_out, *exact_grads), sizes)
+    for name, got, low, want, size in results:
+        err, bound = low_precision_error_bound(got, low, want)
+        assert err <= max(bound, unit * size.max().item()), f"{dtype} {name} error {err:.3g} > 2x eager's ({bound:.3g})"
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("lead,C,D,scale_kind", CASES, ids=[f"x{c[0]}-C{c[1]}-D{c[2]}-{c[3]}" for c in CASES])
+def test_matches_reference(device, backend, lead, C, D, scale_kind, generator):
+    for dtype in dtypes_for(device, backend):
+        x, p = make_inputs(lead, C, D, dtype, device, generator)
+        assert_matches_reference(x, p, make_scale(scale_kind, dtype, device, generator), backend, dtype, generator)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("scale", [0.0, "zero-tensor"])
+def test_scale_zero(device, backend, scale, generator):
+    """scale == 0: out and grad_x/grad_protos are 0, and a tensor scale still gets sum(g * cos) (no 0/0)."""
+    for dtype in (torch.float64, torch.float32):
+        x, p = make_inputs((9,), 13, 40, dtype, device, generator)
+        s = torch.zeros((), dtype=scale_dtype(dtype), device=device) if scale == "zero-tensor" else scale
+        assert_matches_reference(x, p, s, backend, dtype, generator)
+        grad_out = torch.randn(9, 13, generator=generator, dtype=torch.float64).to(device, dtype)
+        out, grads = run(lambda *a: zslfast.cosine_logits(*a, backend=backend), x, p, s, grad_out)
+        assert not out.any() and not grads[0].any() and not grads[1].any()
+        if scale == "zero-tensor":
+            cos = reference.cosine_logits(x.double(), p.double())
+            torch.testing.assert_close(grads[2].double(), (grad_out.double() * cos).sum(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_non_contiguous_and_transposed(device, backend, generator):
+    N, C, D = 6, 11, 40
+    for dtype in (torch.float64, torch.float32):
+        x = torch.randn(D, N, generator=generator, dtype=dtype).to(device).T  # transposed
+        p = torch.randn(C, 2 * D, generator=generator, dtype=dtype).to(device)[:, ::2]  # strided last dim
+        assert not (x.is_contiguous() or p.is_contiguous())
+        scale = make_scale("tensor", dtype, device, generator)
+        assert_matches_reference(x, p, scale, backend, dtype, generator)
+        x3 = torch.randn(3, N, D, generator=generator, dtype=dtype).to(device).transpose(0, 1)  # permuted leading dims
+        p_t = torch.randn(D, C, generator=generator, dtype=dtype).to(device).T  # transposed protos
+        assert_matches_reference(x3, p_t, scale, backend, dtype, generator)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_large_and_small_values(device, backend, generator):
+    for dtype in (torch.float64, torch.float32):
+        x, p = make_inputs((7,), 9, 70, dtype, device, generator, x_magnitude=1e4, p_magnitude=1e-3)
+        assert_matches_reference(x, p, make_scale("tensor", dtype, device, generator), backend, dtype, generator)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_zero_and_sub_eps_rows(device, backend, generator):
+    """|v| <= eps: normalised by eps as F.normalize does (zero rows give 0 logits), finite gradients without the
+    norm's derivative, exactly as the reference."""
+    for dtype in (torch.float64, torch.float32):
+        x, p = make_inputs((6,), 8, 33, dtype, device, generator)
+        x[1] = 0
+        x[4] *= 1e-11  # |x| ~ 6e-11 < eps: scaled by 1/eps, not normalised
+        p[2] = 0
+        p[5] *= 1e-11
+        scale = make_scale("tensor", dtype, device, generator)
+        assert_matches_reference(x, p, scale, backend, dtype, generator)
+        grad_out = torch.randn(6, 8, generator=generator, dtype=torch.float64).to(device, dtype)
+        out, grads = run(lambda *a: zslfast.cosine_logits(*a, backend=backend), x, p, scale, grad_out)
+        assert not out[1].any() and not out[:, 2].any()
+        assert all(g.isfinite().all() for g in grads)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_one_dimensional_x(device, backend, generator):
+    x, p = make_inputs((), 5, 12, torch.float64, device, generator)
+    assert zslfast.cosine_logits(x, p, backend=backend).shape == (5,)
+    assert_matches_reference(x, p, 2.0, backend, torch.float64, generator)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_gradcheck(device, backend, generator):
+    x, p = make_inputs((3,), 4, 5, torch.float64, device, generator)
+    scale = make_scale("tensor", torch.float64, device, generator)
+    inputs = [t.requires_grad_() for t in (x, p, scale)]
+    assert torch.autograd.gradcheck(lambda *a: zslfast.cosine_logits(*a, backend=backend), inputs)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_opcheck(device, backend, generator):
+    x, p = make_inputs((3,), 4, 5, torch.float32, device, generator)
+    scale = torch.tensor(1.5, device=device)
+    for requires_grad in (False, True):
+        args = [t.clone().requires_grad_(requires_grad) for t in (x, p, scale)]
+        torch.library.opcheck(torch.ops.zslfast.cosine_logits.default, (*args, backend))
+    out, ix, ip = torch.ops.zslfast.cosine_logits(x, p, scale, backend)
+    grad = torch.randn(3, 4, generator=generator).to(device)
+    saved_out = out if backend == "triton" else None
+    for mask in ([True, True, True], [True, False, False], [False, True, True]):
+        torch.library.opcheck(
+            torch.ops.zslfast.cosine_logits_backward.default, (grad, x, p, saved_out, ix, ip, scale, mask, backend)
+        )
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_only_requested_gradients(device, backend, generator):
+    """Frozen prototypes (class embeddings) and a float scale: only grad_x is computed, and it is exact; a sum()
+    loss hands the backward an expanded (stride 0) grad."""
+    x, p = make_inputs((4,), 6, 17, torch.float64, device, generator)
+    x.requires_grad_()
+    (got,) = torch.autograd.grad(zslfast.cosine_logits(x, p, 3.0, backend=backend).sum(), x)
+    x_ref = x.detach().requires_grad_()
+    (want,) = torch.autograd.grad(reference.cosine_logits(x_ref, p, 3.0).sum(), x_ref)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    scale = torch.tensor(2.0, dtype=torch.float64, device=device, requires_grad=True)
+    (got,) = torch.autograd.grad(zslfast.cosine_logits(x.detach(), p, scale, backend=backend).sum(), scale)
+    torch.testing.assert_close(got, reference.cosine_logits(x.detach(), p).sum(), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_backward_is_deterministic(device, backend, generator):
+    x, p = make_inputs((7,), 70, 33, torch.float32, device, generator)
+    scale = make_scale("tensor", torch.float32, device, generator)
+    inputs = [t.requires_grad_() for t in (x, p, scale)]
+    g = torch.randn(7, 70, generator=generator).to(device)
+    first = torch.autograd.grad(zslfast.cosine_logits(*inputs, backend=backend), inputs, g)
+    second = torch.autograd.grad(zslfast.cosine_logits(*inputs, backend=backend), inputs, g)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_autograd_keeps_no_normalised_copies(device, backend, generator):
+    """Saved for backward: x, protos, the inverse norms, scale (and out for Triton), nothing (N, D) or (C, D) more."""
+    N, C, D = 5, 6, 7
+    x, p = make_inputs((N,), C, D, torch.float32, device, generator)
+    scale = make_scale("tensor", torch.float32, device, generator)
+    inputs = [t.requires_grad_() for t in (x, p, scale)]
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        zslfast.cosine_logits(*inputs, backend=backend)
+    def is_input(t):  # the input itself or a view of it, not a copy
+        return any(t.data_ptr() == i.data_ptr() and t.shape == i.shape for i in (x, p))
+
+    assert sum(is_input(t) for t in saved) == 2
+    others = sorted(tuple(t.shape) for t in saved if not is_input(t))
+    expected = sorted([(N,), (C,), ()] + ([(N, C)] if backend == "triton" else []))
+    assert others == expected
+
+
+def test_compile_fullgraph_forward_backward(generator):
+    torch._dynamo.reset()
+    x, p = make_inputs((2, 3), 5, 7, torch.float32, "cpu", generator)
+    scale = torch.tensor(4.0)
+    inputs = [t.requires_grad_() for t in (x, p, scale)]
+    target = torch.tensor([[0, 1, 2], [3, 4, 0]])
+
+    def loss(fn, x, p, scale):
+        logits = fn(x, p, scale)
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, 5), target.reshape(-1)) + fn(x, p, 2.0).mean()
+
+    compiled = torch.compile(lambda *a: loss(zslfast.cosine_logits, *a), fullgraph=True)
+    got_loss = compiled(*inputs)
+    got = torch.autograd.grad(got_loss, inputs)
+    ref_leaves = [t.detach().requires_grad_() for t in inputs]
+    want_loss = loss(reference.cosine_logits, *ref_leaves)
+    want = torch.autograd.grad(want_loss, ref_leaves)
+    torch.testing.assert_close(got_loss, want_loss)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_GPU, reason="no GPU visible"))]
+)
+def test_autocast(device, generator):
+    x, p = make_inputs((4,), 6, 32, torch.float32, device, generator)
+    scale = torch.tensor(5.0, device=device, requires_grad=True)
+    low = torch.bfloat16 if device == "cpu" else torch.float16
+    x.requires_grad_()
+    with torch.autocast(device_type=device, dtype=low):
+        out = zslfast.cosine_logits(x, p.to(low), scale)  # mixed dtypes in, one dtype out
+    assert out.dtype == low
+    want = reference.cosine_logits(x.double(), p.double(), 5.0)
+    torch.testing.assert_close(out.double(), want, rtol=2e-2, atol=2e-2 * 5.0)
+    grad_x, grad_scale = torch.autograd.grad(out.float().sum(), (x, scale))
+    assert grad_x.dtype == torch.float32 and grad_scale.dtype == torch.float32
+    assert grad_x.isfinite().all() and grad_scale.isfinite()
+
+
+def test_mixed_dtypes_are_promoted(generator):
+    x, p = make_inputs((2,), 3, 4, torch.float64, "cpu", generator)
+    out = zslfast.cosine_logits(x.float(), p, torch.tensor(2.0))
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, reference.cosine_logits(x.float().double(), p, 2.0))
+
+
+def test_default_backend_and_environment(monkeypatch, generator):
+    x, p = make_inputs((3,), 4, 5, torch.float64, "cpu", generator)
+    want = reference.cosine_logits(x, p, 1.5)
+    torch.testing.assert_close(zslfast.cosine_logits(x, p, 1.5), want)
+    torch.testing.assert_close(zslfast.cosine_logits(x, p, 1.5, backend="reference"), want)
+    monkeypatch.setenv("ZSLFAST_BACKEND", "reference")
+    monkeypatch.setattr(cl_module.reference, "cosine_logits", lambda *a: torch.zeros(3, 4))
+    assert torch.equal(zslfast.cosine_logits(x, p, 1.5), torch.zeros(3, 4))
+
+
+def test_backend_argument_is_honoured(monkeypatch, generator):
+    """The public op really runs the named backend: a broken Triton module must break backend='triton' only."""
+    from zslfast.triton import cosine_logits as triton_kernels
+
+    x, p = make_inputs((2,), 3, 4, torch.float32, "cpu", generator)
+    fake = lambda *a: (torch.zeros(2, 3), torch.ones(2), torch.ones(3))  # noqa: E731
+    monkeypatch.setattr(triton_kernels, "forward", fake)
+    if "triton" in zslfast.available_backends("cpu"):
+        assert torch.equal(zslfast.cosine_logits(x, p, backend="triton"), torch.zeros(2, 3))
+    assert not torch.equal(zslfast.cosine_logits(x, p, backend="reference"), torch.zeros(2, 3))
+
+
+# --- bad input ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "x_shape,p_shape,error,words",
+    [
+        ((), (4, 5), ValueError, ["x", "(..., D)", "0-D"]),
+        ((3, 5), (5,), ValueError, ["protos", "(C, D)", "(5)"]),
+        ((3, 5), (2, 4, 5), ValueError, ["protos", "3-D"]),
+        ((3, 5), (4, 6), ValueError, ["protos", "D=5", "(4, 6)", "(3, 5)"]),
+        ((2, 3, 5), (4, 3), ValueError, ["protos", "D=5", "(2, 3, 5)"]),
+        ((0, 5), (4, 5), ValueError, ["x", "empty"]),
+        ((3, 0), (4, 0), ValueError, ["x", "empty"]),
+        ((3, 5), (0, 5), ValueError, ["protos", "empty"]),
+    ],
+)
+def test_bad_shapes(x_shape, p_shape, error, words):
+    with pytest.raises(error) as info:
+        zslfast.cosine_logits(torch.randn(x_shape), torch.randn(p_shape))
+    for word in words:
+        assert word in str(info.value), str(info.value)
+
+
+def test_bad_types():
+    with pytest.raises(TypeError, match="x must be a floating-point"):
+        zslfast.cosine_logits(torch.ones(2, 3, dtype=torch.long), torch.randn(4, 3))
+    with pytest.raises(TypeError, match="protos must be a floating-point"):
+        zslfast.cosine_logits(torch.randn(2, 3), torch.ones(4, 3, dtype=torch.int32))
+    with pytest.raises(TypeError, match="protos must be a torch.Tensor"):
+        zslfast.cosine_logits(torch.randn(2, 3), [[1.0, 2.0, 3.0]])
+    with pytest.raises(ValueError, match="backend must be"):
+        zslfast.cosine_logits(torch.randn(2, 3), torch.randn(4, 3), backend="tpu")
+
+
+@pytest.mark.parametrize(
+    "scale,error,words",
+    [
+        (torch.ones(2), ValueError, ["scale", "one-element", "(2)"]),
+        (torch.ones(2, 2), ValueError, ["scale", "(2, 2)"]),
+        (torch.tensor(3), TypeError, ["scale", "torch.int64"]),
+        ("10", TypeError, ["scale", "str"]),
+        (None, TypeError, ["scale", "NoneType"]),
+        (torch.tensor(1.0, device="meta"), ValueError, ["scale", "one device", "meta"]),
+    ],
+)
+def test_bad_scale(scale, error, words):
+    with pytest.raises(error) as info:
+        zslfast.cosine_logits(torch.randn(2, 3), torch.randn(4, 3), scale)
+    for word in words:
+        assert word in str(info.value), str(info.value)
+
+
+def test_one_element_scale_tensor_gets_its_gradient(generator):
+    x, p = make_inputs((3,), 4, 5, torch.float64, "cpu", generator)
+    scale = torch.full((1,), 2.0, dtype=torch.float64, requires_grad=True)
+    (got,) = torch.autograd.grad(zslfast.cosine_logits(x, p, scale).sum(), scale)
+    assert got.shape == (1,)
+    torch.testing.assert_close(got, reference.cosine_logits(x, p).sum().reshape(1))
+
+
+def test_mixed_devices():
+    """meta stands in for a second device: the check runs before any kernel."""
+    with pytest.raises(ValueError, match="one device.*x on cpu, protos on meta"):
+        zslfast.cosine_logits(torch.randn(2, 3), torch.randn(4, 3, device="meta"))
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="no GPU visible")
+def test_cpu_scalar_scale_with_cuda_tensors(generator):
+    x, p = make_inputs((3,), 4, 5, torch.float32, "cuda", generator)
+    scale = torch.tensor(2.0, requires_grad=True)
+    out = zslfast.cosine_logits(x, p, scale)
+    (got,) = torch.autograd.grad(out.sum(), scale)
+    assert got.device.type == "cpu"
+    torch.testing.assert_close(out, reference.cosine_logits(x, p, 2.0))
+
+
+def test_unavailable_backend_names_what_is_missing():
+    with pytest.raises(zslfast.BackendUnavailableError, match="CUDA tensors"):
+        zslfast.cosine_logits(torch.randn(2, 3), torch.randn(4, 3), backend="cuda")

@@ -1,0 +1,168 @@
+"""cosine_logits: scaled cosine similarity of features to class prototypes, normalisation fused into the matmul.
+
+    ix[n]        = 1 / max(|x[n]|, eps)          ip[c] = 1 / max(|p[c]|, eps)          eps = 1e-8
+    out[n, c]    = scale * ix[n] * ip[c] * <x[n], p[c]>  = scale * cos(x[n], p[c])
+                   (F.normalize(x, dim=-1, eps=1e-8) @ F.normalize(p, dim=-1, eps=1e-8).T * scale, the papers' code)
+
+Backward, g = dL/dout (N, C), cos = out / scale, [.] = 1 where |.| > eps (the clamped norm has no derivative):
+
+    grad_x[n]    = scale * (ix[n] * sum_c g[n, c] ip[c] p[c]  -  [|x_n| > eps] x[n] ix[n]^2 sum_c g[n, c] cos[n, c])
+    grad_p[c]    = scale * (ip[c] * sum_n g[n, c] ix[n] x[n]  -  [|p_c| > eps] p[c] ip[c]^2 sum_n g[n, c] cos[n, c])
+    grad_scale   = sum_{n, c} g[n, c] cos[n, c]
+
+Shapes: x (..., D) features (flattened to (N, D) for the kernels, N = prod(...)), protos (C, D) class prototypes,
+scale a Python float or a one-element tensor (a learnable temperature: it gets a gradient) -> out (..., C).
+The kernels never write normalised copies of x or protos to keep for the backward: autograd keeps x, protos, the
+inverse norms ix (N,) and ip (C,) (float, double for double inputs), and, for the Triton backward, out (N, C).
+
+    "cpu"     at::mm (MKL/OpenBLAS) + fused epilogues in C++ (csrc/cpu/cosine_logits.cpp)
+    "cuda"    cuBLAS through at::mm + small epilogue kernels (csrc/cuda/cosine_logits.cu)
+    "triton"  one fused kernel for the forward (norms accumulated in the matmul's D loop), two for the backward
+              (zslfast/triton/cosine_logits.py); reads out instead of repeating the forward's D loop
+The default GPU backend is Triton, except in fp64, where tl.dot cannot run and cuBLAS's DGEMM wins. sum(g * cos)
+is never taken as sum(g * out) / scale, so scale == 0 works (grad_x = grad_p = 0, grad_scale = sum(g * cos)).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from .. import _backend, reference
+from ._common import LIB, check_same_device, check_tensor, promote, register_autocast, shape_str
+
+OP = "cosine_logits"
+EPS = 1e-8  # F.normalize's eps in the papers' code
+
+LIB.define("cosine_logits(Tensor x, Tensor protos, Tensor scale, str backend) -> (Tensor, Tensor, Tensor)")
+LIB.define(
+    "cosine_logits_backward(Tensor grad, Tensor x, Tensor protos, Tensor? out, Tensor x_inv_norm, Tensor p_inv_norm,"
+    " Tensor scale, bool[3] output_mask, str backend) -> (Tensor, Tensor, Tensor)"
+)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _forward_kernel(x, protos, scale, backend):
+    if backend == "triton":
+        from ..triton import cosine_logits as triton_kernels
+
+        return triton_kernels.forward(x, protos, scale, EPS)
+    return torch.ops.zslfast._cosine_logits_fwd(x, protos, scale, EPS)
+
+
+def _backward_kernel(grad, x, protos, out, x_inv_norm, p_inv_norm, scale, output_mask, backend):
+    if backend == "triton":
+        from ..triton import cosine_logits as triton_kernels
+
+        return triton_kernels.backward(grad, x, protos, out, x_inv_norm, p_inv_norm, scale, EPS, output_mask)
+    return torch.ops.zslfast._cosine_logits_bwd(grad, x, protos, x_inv_norm, p_inv_norm, scale, EPS, output_mask)
+
+
+for _key in ("CPU", "CUDA"):
+    LIB.impl("cosine_logits", _forward_kernel, _key)
+    LIB.impl("cosine_logits_backward", _backward_kernel, _key)
+
+
+@torch.library.register_fake("zslfast::cosine_logits", lib=LIB)
+def _forward_fake(x, protos, scale, backend):
+    acc = _acc_dtype(x.dtype)
+    N, C = x.shape[0], protos.shape[0]
+    return x.new_empty((N, C)), x.new_empty((N,), dtype=acc), x.new_empty((C,), dtype=acc)
+
+
+@torch.library.register_fake("zslfast::cosine_logits_backward", lib=LIB)
+def _backward_fake(grad, x, protos, out, x_inv_norm, p_inv_norm, scale, output_mask, backend):
+    # The kernels return contiguous gradients whatever the inputs' strides, hence new_empty, not empty_like.
+    need_x, need_p, need_scale = output_mask
+    return (
+        x.new_empty(x.shape if need_x else (0,)),
+        x.new_empty(protos.shape if need_p else (0,)),
+        scale.new_empty(() if need_scale else (0,)),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, protos, scale, backend = inputs
+    out, x_inv_norm, p_inv_norm = output
+    ctx.mark_non_differentiable(x_inv_norm, p_inv_norm)
+    # Only the Triton backward reads out (its tiles over D cannot reduce <x, G> over all of D); the C++ backends
+    # would keep it alive for nothing.
+    ctx.save_for_backward(x, protos, out if backend == "triton" else None, x_inv_norm, p_inv_norm, scale)
+    ctx.backend = backend
+
+
+def _backward(ctx, grad, _grad_x_inv_norm, _grad_p_inv_norm):
+    x, protos, out, x_inv_norm, p_inv_norm, scale = ctx.saved_tensors
+    output_mask = list(ctx.needs_input_grad[:3])
+    grad_x, grad_p, grad_scale = torch.ops.zslfast.cosine_logits_backward(
+        grad, x, protos, out, x_inv_norm, p_inv_norm, scale, output_mask, ctx.backend
+    )
+    return (
+        grad_x if output_mask[0] else None,
+        grad_p if output_mask[1] else None,
+        grad_scale if output_mask[2] else None,
+        None,
+    )
+
+
+torch.library.register_autograd("zslfast::cosine_logits", _backward, setup_context=_setup_context, lib=LIB)
+register_autocast("cosine_logits", torch.ops.zslfast.cosine_logits.default, keep=(2,))
+
+
+def _check_scale(scale, device: torch.device) -> None:
+    if isinstance(scale, torch.Tensor):
+        if not scale.is_floating_point():
+            raise TypeError(
+                f"{OP}: scale must be a Python float or a floating-point one-element tensor, got dtype {scale.dtype}"
+            )
+        if scale.numel() != 1:
+            raise ValueError(
+                f"{OP}: scale must be a Python float or a one-element tensor, got a tensor of shape {shape_str(scale)}"
+            )
+        # A CPU scalar may scale CUDA tensors, as in PyTorch's own binary ops; anything else must share their device.
+        if scale.device != device and not (scale.device.type == "cpu" and scale.dim() == 0):
+            raise ValueError(f"{OP}: all tensors must be on one device, got x on {device}, scale on {scale.device}")
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{OP}: scale must be a Python float or a one-element tensor, got {type(scale).__name__}")
+
+
+def cosine_logits(
+    x: torch.Tensor, protos: torch.Tensor, scale: Union[float, torch.Tensor] = 1.0, *, backend: Optional[str] = None
+) -> torch.Tensor:
+    """``scale * cos(x, protos[c])`` for every class c, normalising as ``F.normalize(., dim=-1, eps=1e-8)``.
+
+    Args:
+        x: (..., D) features, any number of leading dimensions.
+        protos: (C, D) class prototypes.
+        scale: Python float or one-element tensor (a learnable temperature receives its gradient).
+        backend: None (by device, or ``ZSLFAST_BACKEND``), "reference", "cpu", "triton" or "cuda".
+    Returns:
+        (..., C) logits in the common dtype of x and protos. Differentiable in x, protos and a tensor scale.
+    """
+    check_tensor(OP, "x", x, range(1, 1 << 16), "(..., D)")
+    check_tensor(OP, "protos", protos, (2,), "(C, D)")
+    D = x.shape[-1]
+    C = protos.shape[0]
+    if protos.shape[1] != D:
+        raise ValueError(
+            f"{OP}: protos (C, D) must have D={D} columns to match x (..., D) {shape_str(x)}, "
+            f"got protos {shape_str(protos)}"
+        )
+    device = check_same_device(OP, x=x, protos=protos)
+    _check_scale(scale, device)
+    x, protos = promote(x, protos)
+    gpu_preference = ("cuda", "triton") if x.dtype == torch.float64 else ("triton", "cuda")
+    which = _backend.resolve(OP, backend, device, gpu_preference)
+    if which == "reference":
+        return reference.cosine_logits(x, protos, scale.to(device) if isinstance(scale, torch.Tensor) else scale)
+    acc = _acc_dtype(x.dtype)
+    if isinstance(scale, torch.Tensor):
+        scale_t = scale.reshape(()).to(device=device, dtype=acc)
+    else:
+        scale_t = torch.full((), float(scale), dtype=acc, device=device)
+    out, _, _ = torch.ops.zslfast.cosine_logits(x.reshape(-1, D), protos, scale_t, which)
+    return out.reshape(*x.shape[:-1], C)

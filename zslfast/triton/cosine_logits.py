@@ -1,0 +1,277 @@
+"""Triton kernels of cosine_logits (math: zslfast/ops/cosine_logits.py).
+
+    forward   one kernel, grid (N / BLOCK_N, C / BLOCK_C): the D loop accumulates x @ protos.T with tl.dot and, from
+              the same loaded tiles, the squared norms of the block's x rows and protos rows; the epilogue applies
+              ix = 1 / max(|x|, eps), ip = 1 / max(|p|, eps) and scale. Every program computes the norms of its
+              rows; those with pid_c == 0 store ix, those with pid_n == 0 store ip, so none waits on another.
+    backward  grad_x, grid (N / BLOCK_N, D / BLOCK_D), loop over class blocks:
+                  G[n, d] = sum_c g[n, c] * ip[c] * p[c, d]          tl.dot(g, p * ip)
+                  r[n]    = sum_c g[n, c] * out[n, c]                  (= scale * sum_c g * cos, no division)
+                  grad_x  = scale * ix * G - [|x| > eps] * x * ix^2 * r
+                  and, when scale needs a gradient, partial sums of ix * x * G per (D block, n): sum g * cos
+                  reduced from G, so scale == 0 needs no special case
+              grad_protos, grid (C / BLOCK_C, D / BLOCK_D), loop over row blocks: the same with x and protos swapped
+                  H[c, d] = sum_n g[n, c] * ix[n] * x[n, d]            tl.dot(g.T, x * ix)
+Operands are scaled by their inverse norms in registers (values in [-1, 1] before the cast back to fp16/bf16 for
+tl.dot, as the eager code's normalised copies are), never in memory. No atomics: deterministic. Every tensor is
+addressed through all its strides, so transposed and sliced inputs (and autograd's expanded grads) are read in
+place. Accumulation is in fp32, fp64 for fp64 inputs; tl.dot has no fp64, so fp64 multiplies and sums tiles.
+fp32 tl.dot runs "ieee" (as torch.matmul without TF32), or "tf32" when torch.backends.cuda.matmul.allow_tf32 is on.
+Shapes: x (N, D), protos (C, D), out / g (N, C), ix (N,), ip (C,), scale () -> out (N, C); grad_x (N, D),
+grad_protos (C, D), grad_scale ().
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _block(size: int, cap: int) -> int:
+    return max(16, min(cap, triton.next_power_of_2(size)))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+@triton.jit
+def _mm(a, b, FP64: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """a (M, K) @ b (K, N) with a float accumulator."""
+    if FP64:
+        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    else:
+        return tl.dot(a, b, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+
+
+@triton.jit
+def _inv_norm(sq, EPS: tl.constexpr, FP64: tl.constexpr):
+    # The bound is built in the accumulator's dtype: a plain float argument would arrive as fp32 and move the
+    # clamp of zero rows (and their 1/eps-sized gradients) off the reference's by ~1e-8 relative in fp64.
+    if FP64:
+        eps = tl.full([], EPS, tl.float64)
+        return 1.0 / tl.maximum(tl.sqrt(sq), eps)
+    else:
+        # Round-to-nearest sqrt and division: Triton's defaults are the approximate ones. div_rn does not
+        # broadcast, hence the numerator of the denominator's shape.
+        eps = tl.full([], EPS, tl.float32)
+        denominator = tl.maximum(tl.sqrt_rn(sq), eps)
+        return tl.math.div_rn(tl.full(denominator.shape, 1.0, tl.float32), denominator)
+
+
+@triton.jit
+def _not_clamped(inv_norm, EPS: tl.constexpr, FP64: tl.constexpr):
+    """|v| > eps, read off 1 / max(|v|, eps): a clamped row's inverse norm is exactly 1 / eps, computed the same way."""
+    return inv_norm < _inv_norm(tl.full([], 0.0, inv_norm.dtype), EPS, FP64)
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr, p_ptr, scale_ptr, out_ptr, ix_ptr, ip_ptr,
+    N, C, D,
+    stride_xn, stride_xd, stride_pc, stride_pd, stride_on, stride_oc,
+    EPS: tl.constexpr, FP64: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    ACC = tl.float64 if FP64 else tl.float32
+    pid_n = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_n = offs_n < N
+    mask_c = offs_c < C
+    x_rows = x_ptr + offs_n.to(tl.int64)[:, None] * stride_xn
+    p_rows = p_ptr + offs_c.to(tl.int64)[:, None] * stride_pc
+    acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=ACC)
+    x_sq = tl.zeros([BLOCK_N], dtype=ACC)
+    p_sq = tl.zeros([BLOCK_C], dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        x = tl.load(x_rows + offs_d[None, :] * stride_xd, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        p = tl.load(p_rows + offs_d[None, :] * stride_pd, mask=mask_c[:, None] & mask_d[None, :], other=0.0)
+        xf = x.to(ACC)
+        pf = p.to(ACC)
+        x_sq += tl.sum(xf * xf, axis=1)
+        p_sq += tl.sum(pf * pf, axis=1)
+        acc += _mm(x, tl.trans(p), FP64, DOT_PRECISION)
+    ix = _inv_norm(x_sq, EPS, FP64)
+    ip = _inv_norm(p_sq, EPS, FP64)
+    scale = tl.load(scale_ptr).to(ACC)
+    out = acc * (scale * ix)[:, None] * ip[None, :]
+    tl.store(
+        out_ptr + offs_n.to(tl.int64)[:, None] * stride_on + offs_c[None, :] * stride_oc,
+        out.to(out_ptr.dtype.element_ty),
+        mask=mask_n[:, None] & mask_c[None, :],
+    )
+    if pid_c == 0:
+        tl.store(ix_ptr + offs_n, ix, mask=mask_n)
+    if pid_n == 0:
+        tl.store(ip_ptr + offs_c, ip, mask=mask_c)
+
+
+@triton.jit
+def _grad_x_kernel(
+    g_ptr, out_ptr, x_ptr, p_ptr, ix_ptr, ip_ptr, scale_ptr, grad_x_ptr, partial_ptr,
+    N, C, D,
+    stride_gn, stride_gc, stride_on, stride_oc, stride_xn, stride_xd, stride_pc, stride_pd,
+    STORE_GRAD: tl.constexpr, NEED_SCALE: tl.constexpr,
+    EPS: tl.constexpr, FP64: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    ACC = tl.float64 if FP64 else tl.float32
+    pid_n = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N
+    mask_d = offs_d < D
+    rows64 = offs_n.to(tl.int64)
+    g_rows = g_ptr + rows64[:, None] * stride_gn
+    out_rows = out_ptr + rows64[:, None] * stride_on
+    G = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    r = tl.zeros([BLOCK_N], dtype=ACC)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        mask_nc = mask_n[:, None] & mask_c[None, :]
+        g = tl.load(g_rows + offs_c[None, :] * stride_gc, mask=mask_nc, other=0.0)
+        out = tl.load(out_rows + offs_c[None, :] * stride_oc, mask=mask_nc, other=0.0)
+        r += tl.sum(g.to(ACC) * out.to(ACC), axis=1)
+        ip = tl.load(ip_ptr + offs_c, mask=mask_c, other=0.0)
+        p = tl.load(
+            p_ptr + offs_c.to(tl.int64)[:, None] * stride_pc + offs_d[None, :] * stride_pd,
+            mask=mask_c[:, None] & mask_d[None, :],
+            other=0.0,
+        )
+        p_hat = (p.to(ACC) * ip[:, None]).to(p_ptr.dtype.element_ty)
+        G += _mm(g.to(p_ptr.dtype.element_ty), p_hat, FP64, DOT_PRECISION)
+    ix = tl.load(ix_ptr + offs_n, mask=mask_n, other=0.0)
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    x = tl.load(x_ptr + rows64[:, None] * stride_xn + offs_d[None, :] * stride_xd, mask=mask_nd, other=0.0).to(ACC)
+    if STORE_GRAD:
+        scale = tl.load(scale_ptr).to(ACC)
+        norm_term = tl.where(_not_clamped(ix, EPS, FP64), ix * ix * r, 0.0)
+        grad = G * (scale * ix)[:, None] - x * norm_term[:, None]
+        tl.store(grad_x_ptr + rows64[:, None] * D + offs_d[None, :], grad.to(grad_x_ptr.dtype.element_ty), mask=mask_nd)
+    if NEED_SCALE:
+        tl.store(partial_ptr + pid_d.to(tl.int64) * N + offs_n, ix * tl.sum(x * G, axis=1), mask=mask_n)
+
+
+@triton.jit
+def _grad_p_kernel(
+    g_ptr, out_ptr, x_ptr, p_ptr, ix_ptr, ip_ptr, scale_ptr, grad_p_ptr,
+    N, C, D,
+    stride_gn, stride_gc, stride_on, stride_oc, stride_xn, stride_xd, stride_pc, stride_pd,
+    EPS: tl.constexpr, FP64: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    ACC = tl.float64 if FP64 else tl.float32
+    pid_c = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_c = offs_c < C
+    mask_d = offs_d < D
+    H = tl.zeros([BLOCK_C, BLOCK_D], dtype=ACC)
+    q = tl.zeros([BLOCK_C], dtype=ACC)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        rows64 = offs_n.to(tl.int64)
+        mask_nc = mask_n[:, None] & mask_c[None, :]
+        g = tl.load(g_ptr + rows64[:, None] * stride_gn + offs_c[None, :] * stride_gc, mask=mask_nc, other=0.0)
+        out = tl.load(out_ptr + rows64[:, None] * stride_on + offs_c[None, :] * stride_oc, mask=mask_nc, other=0.0)
+        q += tl.sum(g.to(ACC) * out.to(ACC), axis=0)
+        ix = tl.load(ix_ptr + offs_n, mask=mask_n, other=0.0)
+        x = tl.load(
+            x_ptr + rows64[:, None] * stride_xn + offs_d[None, :] * stride_xd,
+            mask=mask_n[:, None] & mask_d[None, :],
+            other=0.0,
+        )
+        x_hat = (x.to(ACC) * ix[:, None]).to(x_ptr.dtype.element_ty)
+        H += _mm(tl.trans(g.to(x_ptr.dtype.element_ty)), x_hat, FP64, DOT_PRECISION)
+    ip = tl.load(ip_ptr + offs_c, mask=mask_c, other=0.0)
+    mask_cd = mask_c[:, None] & mask_d[None, :]
+    cols64 = offs_c.to(tl.int64)
+    p = tl.load(p_ptr + cols64[:, None] * stride_pc + offs_d[None, :] * stride_pd, mask=mask_cd, other=0.0).to(ACC)
+    scale = tl.load(scale_ptr).to(ACC)
+    norm_term = tl.where(_not_clamped(ip, EPS, FP64), ip * ip * q, 0.0)
+    grad = H * (scale * ip)[:, None] - p * norm_term[:, None]
+    tl.store(grad_p_ptr + cols64[:, None] * D + offs_d[None, :], grad.to(grad_p_ptr.dtype.element_ty), mask=mask_cd)
+
+
+def _blocks(x: torch.Tensor, N: int, C: int, D: int):
+    # fp64 multiplies (BLOCK_N, BLOCK_C, BLOCK_D) products in registers: smaller tiles on a GPU. The interpreter
+    # runs each program as numpy calls, where bigger tiles only mean fewer calls.
+    if x.dtype == torch.float64 and not (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"):
+        return _block(N, 16), _block(C, 16), _block(D, 16)
+    return _block(N, 64), _block(C, 64), _block(D, 32)
+
+
+def forward(x: torch.Tensor, protos: torch.Tensor, scale: torch.Tensor, eps: float):
+    N, D = x.shape
+    C = protos.shape[0]
+    acc_dtype = _acc_dtype(x.dtype)
+    out = torch.empty((N, C), dtype=x.dtype, device=x.device)
+    x_inv_norm = torch.empty((N,), dtype=acc_dtype, device=x.device)
+    p_inv_norm = torch.empty((C,), dtype=acc_dtype, device=x.device)
+    block_n, block_c, block_d = _blocks(x, N, C, D)
+    grid = (triton.cdiv(N, block_n), triton.cdiv(C, block_c))
+    _forward_kernel[grid](
+        x, protos, scale.to(acc_dtype), out, x_inv_norm, p_inv_norm,
+        N, C, D,
+        *x.stride(), *protos.stride(), *out.stride(),
+        EPS=eps, FP64=x.dtype == torch.float64, DOT_PRECISION=_dot_precision(x.dtype),
+        BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d,
+    )
+    return out, x_inv_norm, p_inv_norm
+
+
+def backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    protos: torch.Tensor,
+    out: torch.Tensor,
+    x_inv_norm: torch.Tensor,
+    p_inv_norm: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    output_mask,
+):
+    need_x, need_p, need_scale = (bool(m) for m in output_mask)
+    N, D = x.shape
+    C = protos.shape[0]
+    acc_dtype = _acc_dtype(x.dtype)
+    fp64 = x.dtype == torch.float64
+    block_n, block_c, block_d = _blocks(x, N, C, D)
+    d_blocks = triton.cdiv(D, block_d)
+    scale_acc = scale.to(acc_dtype)
+    common = dict(
+        EPS=eps, FP64=fp64, DOT_PRECISION=_dot_precision(x.dtype), BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d
+    )
+    strides = (*grad.stride(), *out.stride(), *x.stride(), *protos.stride())
+    empty = x.new_empty((0,))
+    grad_x = torch.empty((N, D), dtype=x.dtype, device=x.device) if need_x else empty
+    grad_p = torch.empty((C, D), dtype=x.dtype, device=x.device) if need_p else empty
+    grad_scale = scale.new_empty((0,))
+    if need_x or need_scale:
+        partial = torch.empty((d_blocks, N), dtype=acc_dtype, device=x.device) if need_scale else x_inv_norm
+        _grad_x_kernel[(triton.cdiv(N, block_n), d_blocks)](
+            grad, out, x, protos, x_inv_norm, p_inv_norm, scale_acc, grad_x if need_x else x_inv_norm, partial,
+            N, C, D, *strides, STORE_GRAD=need_x, NEED_SCALE=need_scale, **common,
+        )
+        if need_scale:
+            grad_scale = partial.sum().to(scale.dtype)
+    if need_p:
+        _grad_p_kernel[(triton.cdiv(C, block_c), d_blocks)](
+            grad, out, x, protos, x_inv_norm, p_inv_norm, scale_acc, grad_p, N, C, D, *strides, **common,
+        )
+    return grad_x, grad_p, grad_scale
