@@ -15,20 +15,12 @@ import torch
 import torch.nn.functional as F
 
 import zslfast
-from conftest import DEVICE, ON_GPU, run_benchmark
+from conftest import DEVICE, ON_GPU, compiled, run_benchmark, step
 
 
 def eager_cosine_logits(x, protos, scale):
     return scale * F.normalize(x, dim=-1, eps=1e-8) @ F.normalize(protos, dim=-1, eps=1e-8).T
 
-
-_compiled = {}
-
-
-def compiled(fn):
-    if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn)
-    return _compiled[fn]
 
 
 IMPLEMENTATIONS = {
@@ -53,12 +45,6 @@ def make(shape, requires_grad):
     scale = torch.tensor(10.0, device=DEVICE)
     return [t.requires_grad_(requires_grad) for t in (x, protos, scale)]
 
-
-def step(fn, inputs, backward):
-    if not backward:
-        return lambda: fn(*inputs)
-    grad_out = torch.randn(inputs[0].shape[0], inputs[1].shape[0], device=DEVICE)
-    return lambda: torch.autograd.grad(fn(*inputs), inputs, grad_out)
 
 
 def saved_mib(fn, inputs):

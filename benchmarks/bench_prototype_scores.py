@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import zslfast
-from conftest import DEVICE, ON_GPU, run_benchmark
+from conftest import DEVICE, ON_GPU, compiled, run_benchmark, step
 
 
 def eager_prototype_scores(e, s, w):
@@ -24,14 +24,6 @@ def eager_factored(e, s, h, u):
     w = torch.einsum("bj,jck->bck", h, u)
     return eager_prototype_scores(e, s, w)
 
-
-_compiled = {}
-
-
-def compiled(fn):
-    if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn)
-    return _compiled[fn]
 
 
 IMPLEMENTATIONS = {
@@ -54,12 +46,6 @@ def make(shape, requires_grad):
     tensors = [torch.randn(*dims, device=DEVICE, generator=g) for dims in ((B, K), (C, K), (B, C, K))]
     return [t.requires_grad_(requires_grad) for t in tensors]
 
-
-def step(fn, inputs, backward):
-    if not backward:
-        return lambda: fn(*inputs)
-    grad_out = torch.randn(inputs[0].shape[0], inputs[1].shape[0], device=DEVICE)
-    return lambda: torch.autograd.grad(fn(*inputs), inputs, grad_out)
 
 
 @pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))

@@ -1,13 +1,9 @@
 """Shared benchmark helpers: device choice, synchronisation, peak memory, and the papers' shapes.
 
 Run: ``pytest benchmarks/ --benchmark-only`` (CUDA tensors when a GPU is visible, else CPU tensors).
-Peak memory goes into each result's ``extra_info``: on GPU ``torch.cuda.max_memory_allocated`` above the inputs,
-on CPU the process's resident-set growth sampled every 0.5 ms during one call (approximate, but measured).
+Peak memory goes into each result's ``extra_info`` (``peak_extra_MiB``): what one call allocates at its peak
+beyond its inputs, from the CUDA allocator's statistics on GPU and from the profiler's allocation events on CPU.
 """
-
-import os
-import threading
-import time
 
 import pytest
 import torch
@@ -21,13 +17,13 @@ def sync():
         torch.cuda.synchronize()
 
 
-def _rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def peak_memory_mib(fn):
-    """Extra memory one call of ``fn`` needs at its peak, in MiB."""
+    """Extra memory one call of ``fn`` needs at its peak, in MiB.
+
+    GPU: torch.cuda.max_memory_allocated above what was allocated before. CPU: PyTorch has no allocator statistics
+    there, so the profiler records every allocation and free (profile_memory=True) and the running total's
+    maximum is taken, in time order (allocations of an op are counted at its start).
+    """
     if ON_GPU:
         sync()
         torch.cuda.reset_peak_memory_stats()
@@ -37,23 +33,15 @@ def peak_memory_mib(fn):
         peak = torch.cuda.max_memory_allocated() - base
         del result
         return peak / 2**20
-    base = _rss_bytes()
-    peak = [base]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            time.sleep(0.0005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    result = fn()
-    done.set()
-    sampler.join()
-    peak[0] = max(peak[0], _rss_bytes())
-    del result
-    return (peak[0] - base) / 2**20
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+        del result
+    changes = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
+    running = peak = 0
+    for _, change in changes:
+        running += change
+        peak = max(peak, running)
+    return peak / 2**20
 
 
 def run_benchmark(benchmark, fn, *, rounds=None, warmup=2):
@@ -73,6 +61,24 @@ def run_benchmark(benchmark, fn, *, rounds=None, warmup=2):
     if rounds is not None:
         return benchmark.pedantic(timed, rounds=rounds, iterations=1)
     return benchmark(timed)
+
+
+_compiled = {}
+
+
+def compiled(fn):
+    """torch.compile(fn), one compiled object per function for the whole session (compile once, time many)."""
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn)
+    return _compiled[fn]
+
+
+def step(fn, inputs, backward):
+    """One call of ``fn``; with ``backward``, also the gradients of every input, as a training step needs."""
+    if not backward:
+        return lambda: fn(*inputs)
+    grad_out = torch.randn(inputs[0].shape[0], inputs[1].shape[0], device=DEVICE)
+    return lambda: torch.autograd.grad(fn(*inputs), inputs, grad_out)
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,8 @@ instance semantic generator's last linear layer fused in. Then
     logits = e @ (s * (1 + bias)).T + P @ V,   P[b, (j, k)] = h[b, j] e[b, k],   V[(j, k), c] = u[j, c, k] s[c, k]
 
 a GEMM of B x (J*K) x C that never forms w; V is built in chunks of j (at most ~64 Mi elements at a time), so
-memory stays O(B*C + B*J*K + J*C*K) even at ImageNet-21K scale (C = 21841).
+memory stays O(B*C + B*J*K + J*C*K) even at ImageNet-21K scale (C = 21841). When B <= J, w (B, C, K) is no
+larger than u, so the op forms it with one GEMM and runs the single-pass w kernel instead (same memory bound).
 Shapes: h (B, J), u (J, C, K), bias None or (C, K).
 """
 
@@ -266,4 +267,11 @@ def prototype_scores_factored(
     which = _backend.resolve(op, backend, device)
     if which == "reference":
         return reference.prototype_scores_factored(e, s, h, u, bias)
+    if B <= J:
+        # w (B, C, K) is no larger than u (J, C, K) here, so forming it keeps the O(J*C*K) memory bound, and the
+        # single-pass w kernel beats building V (J, K, C) and its gradient: one GEMM for w, then the fused op.
+        w = (h @ u.reshape(J, C * K)).reshape(B, C, K)
+        if bias is not None:
+            w = w + bias
+        return prototype_scores(e, s, w, backend=which)
     return torch.ops.zslfast.prototype_scores_factored(e, s, h, u, bias)
