@@ -7,9 +7,9 @@
 //             grad_e[b, k]  = sum_c g[b, c] * s[c, k] * (1 + w[b, c, k])                         grad_e (B, K)
 //             grad_s[c, k]  = sum_b g[b, c] * e[b, k] * (1 + w[b, c, k])                         grad_s (C, K)
 //
-// The op is bound by reading w (and writing grad_w), so both passes touch w exactly once. The backward walks
-// fixed class chunks: a chunk owns its rows of grad_s, and leaves a partial grad_e that is summed over chunks in
-// chunk order afterwards, so results do not depend on the thread count (no atomics, deterministic).
+// The op is bound by reading w (and writing grad_w), so both passes touch w exactly once, front to back. The
+// backward walks fixed instance chunks: a chunk owns its rows of grad_e and leaves a partial grad_s that is summed
+// over chunks in chunk order afterwards, so results do not depend on the thread count (no atomics, deterministic).
 // Accumulation is in float for half/bfloat16/float inputs and in double for double.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -24,7 +24,7 @@
 namespace zslfast {
 namespace {
 
-constexpr int64_t kMaxClassChunks = 64;  // bounds the partial grad_e buffer to 64 * B * K
+constexpr int64_t kMaxInstanceChunks = 16;  // bounds the partial grad_s buffer to 16 * C * K
 
 // Innermost loops for float and double, compiled per ISA (simd.h). Half and bfloat16 take the generic loops.
 #define ZSLFAST_PROTOTYPE_ROWS(T)                                                                                      \
@@ -145,57 +145,49 @@ template <typename scalar_t>
 void backward_kernel(const scalar_t* grad, const scalar_t* e, const scalar_t* s, const scalar_t* w, scalar_t* grad_e,
                      scalar_t* grad_s, scalar_t* grad_w, int64_t B, int64_t C, int64_t K) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t chunks = std::min(C, kMaxClassChunks);
-  const int64_t chunk_size = (C + chunks - 1) / chunks;
-  std::vector<acc_t> grad_e_partial(static_cast<size_t>(chunks * B * K), acc_t(0));
-  std::vector<acc_t> grad_s_acc(static_cast<size_t>(C * K), acc_t(0));
+  // Instance chunks: each streams its w[b0:b1] (and grad_w) front to back, owns its rows of grad_e, and leaves a
+  // partial grad_s (C, K) that is summed over chunks in chunk order. The chunk count is fixed, not the thread
+  // count, so the sums' order (and the result) is the same on every machine.
+  const int64_t chunks = std::min(B, kMaxInstanceChunks);
+  const int64_t chunk_size = (B + chunks - 1) / chunks;
+  std::vector<acc_t> grad_s_partial(static_cast<size_t>(chunks * C * K), acc_t(0));
+  std::vector<acc_t> grad_e_acc(static_cast<size_t>(B * K), acc_t(0));
 
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      const int64_t c_begin = chunk * chunk_size;
-      const int64_t c_end = std::min(C, c_begin + chunk_size);
-      for (int64_t b = 0; b < B; ++b) {
+      acc_t* gs_chunk = grad_s_partial.data() + chunk * C * K;
+      for (int64_t b = chunk * chunk_size; b < std::min(B, (chunk + 1) * chunk_size); ++b) {
         const scalar_t* e_row = e + b * K;
-        acc_t* ge = grad_e_partial.data() + (chunk * B + b) * K;
-        int64_t c = c_begin;
+        acc_t* ge = grad_e_acc.data() + b * K;
+        int64_t c = 0;
         if constexpr (kHasSimdRows<scalar_t>) {
-          for (; c + 4 <= c_end; c += 4) {
+          for (; c + 4 <= C; c += 4) {
             const int64_t row = b * C + c;
             if (grad_w != nullptr) {
-              backward_rows4(e_row, s + c * K, w + row * K, grad + row, ge, grad_s_acc.data() + c * K, grad_w + row * K, K);
+              backward_rows4(e_row, s + c * K, w + row * K, grad + row, ge, gs_chunk + c * K, grad_w + row * K, K);
             } else {
-              backward_rows4_no_grad_w(e_row, s + c * K, w + row * K, grad + row, ge, grad_s_acc.data() + c * K, K);
+              backward_rows4_no_grad_w(e_row, s + c * K, w + row * K, grad + row, ge, gs_chunk + c * K, K);
             }
           }
         }
-        for (; c < c_end; ++c) {
+        for (; c < C; ++c) {
           const acc_t g = static_cast<acc_t>(grad[b * C + c]);
           const scalar_t* s_row = s + c * K;
           const scalar_t* w_row = w + (b * C + c) * K;
-          acc_t* gs = grad_s_acc.data() + c * K;
-          if constexpr (kHasSimdRows<scalar_t>) {
-            if (grad_w != nullptr) {
-              backward_row(e_row, s_row, w_row, g, ge, gs, grad_w + (b * C + c) * K, K);
-            } else {
-              backward_row_no_grad_w(e_row, s_row, w_row, g, ge, gs, K);
-            }
-          } else if (grad_w != nullptr) {
+          acc_t* gs = gs_chunk + c * K;
+#pragma omp simd
+          for (int64_t k = 0; k < K; ++k) {
+            const acc_t ek = static_cast<acc_t>(e_row[k]);
+            const acc_t sk = static_cast<acc_t>(s_row[k]);
+            const acc_t t = g * (acc_t(1) + static_cast<acc_t>(w_row[k]));
+            ge[k] += t * sk;
+            gs[k] += t * ek;
+          }
+          if (grad_w != nullptr) {
             scalar_t* gw_row = grad_w + (b * C + c) * K;
 #pragma omp simd
             for (int64_t k = 0; k < K; ++k) {
-              const acc_t ek = static_cast<acc_t>(e_row[k]);
-              const acc_t sk = static_cast<acc_t>(s_row[k]);
-              const acc_t t = g * (acc_t(1) + static_cast<acc_t>(w_row[k]));
-              ge[k] += t * sk;
-              gs[k] += t * ek;
-              gw_row[k] = static_cast<scalar_t>(g * ek * sk);
-            }
-          } else {
-#pragma omp simd
-            for (int64_t k = 0; k < K; ++k) {
-              const acc_t t = g * (acc_t(1) + static_cast<acc_t>(w_row[k]));
-              ge[k] += t * static_cast<acc_t>(s_row[k]);
-              gs[k] += t * static_cast<acc_t>(e_row[k]);
+              gw_row[k] = static_cast<scalar_t>(g * static_cast<acc_t>(e_row[k]) * static_cast<acc_t>(s_row[k]));
             }
           }
         }
@@ -203,14 +195,14 @@ void backward_kernel(const scalar_t* grad, const scalar_t* e, const scalar_t* s,
     }
   });
 
-  at::parallel_for(0, C * K, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) grad_s[i] = static_cast<scalar_t>(grad_s_acc[i]);
+  at::parallel_for(0, B * K, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) grad_e[i] = static_cast<scalar_t>(grad_e_acc[i]);
   });
-  at::parallel_for(0, B * K, 1024, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, C * K, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       acc_t acc = 0;
-      for (int64_t chunk = 0; chunk < chunks; ++chunk) acc += grad_e_partial[chunk * B * K + i];
-      grad_e[i] = static_cast<scalar_t>(acc);
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) acc += grad_s_partial[chunk * C * K + i];
+      grad_s[i] = static_cast<scalar_t>(acc);
     }
   });
 }
