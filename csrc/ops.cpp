@@ -20,6 +20,12 @@ TORCH_LIBRARY(zslfast, m) {
   //   grad (N, C) -> grad_x (N, D), grad_protos (C, D), grad_scale () = sum(grad * cos); an output whose
   //   output_mask entry is false comes back empty. sum(grad * cos) is not derived from out / scale (scale may be 0).
   m.def("_cosine_logits_bwd(Tensor grad, Tensor x, Tensor protos, Tensor x_inv_norm, Tensor p_inv_norm, Tensor scale, float eps, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
+  // attention_rollout, CLS row: a vector-matrix chain over the layers, each layer's maps read once.
+  //   attns: L tensors (B, H, N, N); mode 0 = abnar (walk layers last to first: v <- v rownorm(fuse(A) + I)),
+  //   1 = residual (walk first to last: v <- v T for the first layer, v <- v + v T after); fusion 0 mean, 1 sum,
+  //   2 max, 3 min. Returns out (B, N) and states (L, B, N): the vector entering each layer's step (for backward).
+  m.def("_attention_rollout_cls_fwd(Tensor[] attns, int mode, int fusion) -> (Tensor, Tensor)");
 }
 
 // `import zslfast._C` loads the shared library, which runs the registrations above. The module itself is empty.

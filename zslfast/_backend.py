@@ -103,25 +103,37 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [b for b in BACKENDS if why_unavailable(b, device) is None]
 
 
-def resolve(op: str, backend: Optional[str], device: torch.device, gpu_preference: Sequence[str] = ("triton", "cuda")) -> str:
+def resolve(
+    op: str,
+    backend: Optional[str],
+    device: torch.device,
+    gpu_preference: Sequence[str] = ("triton", "cuda"),
+    supported: Sequence[str] = BACKENDS,
+) -> str:
     """The backend that runs ``op`` on tensors of ``device``.
 
     ``backend`` is the caller's choice (None = default). The default honours ``ZSLFAST_BACKEND`` first, then
-    picks by device. ``gpu_preference`` is the op's own order of GPU backends, fastest first.
+    picks by device. ``gpu_preference`` is the op's own order of GPU backends, fastest first; ``supported`` the
+    backends the op has kernels for (an explicit request for another is an error, an environment default that
+    names one falls back to the op's own default).
     """
     if backend is None:
         backend = os.environ.get("ZSLFAST_BACKEND") or None
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"ZSLFAST_BACKEND={backend!r} is not a backend; choose one of {BACKENDS}")
+        if backend is not None and backend not in supported:
+            backend = None
     if backend is not None:
         if backend not in BACKENDS:
             raise ValueError(f"{op}: backend must be None or one of {BACKENDS}, got {backend!r}")
+        if backend not in supported:
+            raise BackendUnavailableError(f"{op} has no {backend!r} kernel; its backends are {tuple(supported)}")
         reason = why_unavailable(backend, device)
         if reason is not None:
             raise BackendUnavailableError(f"{op}: backend {backend!r} is not available: {reason}")
         return backend
     if device.type == "cpu":
-        return "cpu" if HAS_EXTENSION else "reference"
+        return "cpu" if HAS_EXTENSION and "cpu" in supported else "reference"
     if device.type == "cuda":
         for candidate in gpu_preference:
             if why_unavailable(candidate, device) is None:
