@@ -3,7 +3,8 @@
     python benchmarks/summarize.py benchmarks/results/<file>.json
 
 One row per benchmark group (op, shape, pass, device): the median time of eager / torch.compile / zslfast, the
-speed-up of zslfast over each, and each one's peak extra memory (extra_info["peak_extra_MiB"]).
+speed-up of zslfast over each, each one's peak extra memory (extra_info["peak_extra_MiB"]), and where a
+benchmark has one, the floor: the time of one plain read of the inputs.
 """
 
 import json
@@ -12,7 +13,8 @@ from collections import defaultdict
 
 
 def _impl(name: str) -> str:
-    return name.rsplit("-", 1)[-1].rstrip("]")
+    """The implementation is the last test parameter: test_x[CUB-fwd-eager] -> eager."""
+    return name[name.index("[") + 1 : -1].split("-")[-1]
 
 
 def main(path: str) -> None:
@@ -24,8 +26,8 @@ def main(path: str) -> None:
     machine = data.get("machine_info", {})
     print(f"Machine: {machine.get('cpu', {}).get('brand_raw', '?')}, {machine.get('cpu', {}).get('count', '?')} cores; "
           f"date {data.get('datetime', '?')[:10]}\n")
-    print("| benchmark | eager ms | compile ms | zslfast ms | vs eager | vs compile | peak MiB eager / compile / zslfast |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    print("| benchmark | eager ms | compile ms | zslfast ms | vs eager | vs compile | peak MiB eager / compile / zslfast | floor ms (one read) |")
+    print("|---|---:|---:|---:|---:|---:|---|---:|")
 
     def ms(b):
         return b["stats"]["median"] * 1e3 if b else None
@@ -35,7 +37,8 @@ def main(path: str) -> None:
         cells = [f"{ms(b):.3f}" if b else "–" for b in (eager, comp, fused)]
         speed = [f"{ms(b) / ms(fused):.2f}x" if b and fused else "–" for b in (eager, comp)]
         mem = " / ".join(f"{b['extra_info'].get('peak_extra_MiB', '?')}" if b else "–" for b in (eager, comp, fused))
-        print(f"| {group} | " + " | ".join(cells + speed) + f" | {mem} |")
+        floor = impls.get("floor")
+        print(f"| {group} | " + " | ".join(cells + speed) + f" | {mem} | " + (f"{ms(floor):.3f}" if floor else "–") + " |")
 
 
 if __name__ == "__main__":
