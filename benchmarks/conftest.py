@@ -8,6 +8,8 @@ beyond its inputs, from the CUDA allocator's statistics on GPU and from the prof
 import pytest
 import torch
 
+from zslfast._memory import peak_cpu_bytes
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
 
@@ -33,15 +35,7 @@ def peak_memory_mib(fn):
         peak = torch.cuda.max_memory_allocated() - base
         del result
         return peak / 2**20
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-        del result
-    changes = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
-    running = peak = 0
-    for _, change in changes:
-        running += change
-        peak = max(peak, running)
-    return peak / 2**20
+    return peak_cpu_bytes(fn) / 2**20
 
 
 def run_benchmark(benchmark, fn, *, rounds=None, warmup=2):

@@ -19,6 +19,7 @@ import torch.nn as nn
 timm = pytest.importorskip("timm")
 
 from zslfast import reference  # noqa: E402
+from zslfast._memory import peak_cpu_bytes  # noqa: E402
 from zslfast.models import vit_attention_rollout  # noqa: E402
 from zslfast.models import rollout as rollout_module  # noqa: E402
 
@@ -282,17 +283,7 @@ def test_attention_mask_passed_by_the_model():
 # Memory.
 
 
-def peak_extra_bytes(fn):
-    """Peak of the running total of the profiler's CPU allocation events during ``fn()`` (as benchmarks/conftest)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-        del result
-    changes = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
-    running = peak = 0
-    for _, change in changes:
-        running += change
-        peak = max(peak, running)
-    return peak
+peak_extra_bytes = peak_cpu_bytes
 
 
 class LargestOutput(torch.utils._python_dispatch.TorchDispatchMode):
