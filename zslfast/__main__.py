@@ -9,7 +9,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import _backend, available_backends, cosine_logits, prototype_scores
+from . import _backend, attention_rollout, available_backends, cosine_logits, prototype_scores
 
 
 def _eager_prototype_scores(e, s, w):
@@ -19,6 +19,15 @@ def _eager_prototype_scores(e, s, w):
 
 def _eager_cosine_logits(x, p):
     return 16.0 * F.normalize(x, dim=-1) @ F.normalize(p, dim=-1).T
+
+
+def _eager_rollout(*attns):
+    result = None
+    for attn in attns:
+        a = attn.mean(dim=1) + torch.eye(attn.shape[-1], device=attn.device)
+        a = a / a.sum(dim=-1, keepdim=True)
+        result = a if result is None else torch.bmm(a, result)
+    return result[:, 0]
 
 
 def _median_ms(fn, repeats):
@@ -73,6 +82,10 @@ def main(argv=None):
         inputs = (randn(N, D), randn(C, D))
         cases.append((f"cosine_logits {name} N={N} C={C} D={D}", _eager_cosine_logits,
                       lambda x, p: cosine_logits(x, p, 16.0), inputs))
+
+    maps = tuple(torch.randn(8, 12, 197, 197, device=device, generator=g).softmax(-1).requires_grad_() for _ in range(12))
+    cases.append(("attention_rollout ViT-B/16 L=12 B=8 H=12 N=197", _eager_rollout,
+                  lambda *attns: attention_rollout(list(attns)), maps))
 
     header = f"{'forward+backward, median ms':48s} {'eager':>9s} " + (f"{'compile':>9s} " if args.compile else "") + f"{'zslfast':>9s} {'speed-up':>9s}"
     print(header)
