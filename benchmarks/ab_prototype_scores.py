@@ -1,0 +1,54 @@
+"""Interleaved A/B timing of prototype_scores forward+backward: eager vs torch.compile vs zslfast.
+
+    python benchmarks/ab_prototype_scores.py B C K      e.g. 64 717 102 (ILPG's SUN shape at batch 64)
+
+On a shared machine whose speed drifts between minutes, timing each implementation in its own block (as
+pytest-benchmark does) skews ratios; here the three alternate for 15 rounds (median of 10 calls each, 2 for
+large shapes) and the per-round ratios are reported (median, min, max). Gradients of e, s and w every call.
+"""
+
+import statistics
+import sys
+import time
+
+import torch
+
+import zslfast
+
+
+def eager(e, s, w):
+    sw = w * s + s
+    return (e[:, None] * sw).sum(-1)
+
+
+def main(B, C, K):
+    compiled = torch.compile(eager)
+    e, s, w = (torch.randn(*shape, requires_grad=True) for shape in ((B, K), (C, K), (B, C, K)))
+    g = torch.randn(B, C)
+    fns = {
+        "eager": lambda: torch.autograd.grad(eager(e, s, w), (e, s, w), g),
+        "compile": lambda: torch.autograd.grad(compiled(e, s, w), (e, s, w), g),
+        "zslfast": lambda: torch.autograd.grad(zslfast.prototype_scores(e, s, w), (e, s, w), g),
+    }
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    calls = 10 if B * C * K < 10_000_000 else 2
+    times = {name: [] for name in fns}
+    for _ in range(15):
+        for name, fn in fns.items():
+            samples = []
+            for _ in range(calls):
+                start = time.perf_counter()
+                fn()
+                samples.append(time.perf_counter() - start)
+            times[name].append(statistics.median(samples))
+    medians = {name: round(1e3 * statistics.median(t), 3) for name, t in times.items()}
+    print(f"B,C,K=({B}, {C}, {K}) forward+backward median ms: {medians}")
+    for other in ("eager", "compile"):
+        ratios = [a / b for a, b in zip(times[other], times["zslfast"])]
+        print(f"  zslfast speed-up vs {other}: median {statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})")
+
+
+if __name__ == "__main__":
+    main(*(int(a) for a in sys.argv[1:4]))
