@@ -7,110 +7,36 @@
 //             grad_e[b, k]  = sum_c g[b, c] * s[c, k] * (1 + w[b, c, k])                         grad_e (B, K)
 //             grad_s[c, k]  = sum_b g[b, c] * e[b, k] * (1 + w[b, c, k])                         grad_s (C, K)
 //
-// The op is bound by reading w (and writing grad_w), so both passes touch w exactly once, front to back. The
-// backward walks fixed instance chunks: a chunk owns its rows of grad_e and leaves a partial grad_s that is summed
-// over chunks in chunk order afterwards, so results do not depend on the thread count (no atomics, deterministic).
-// Accumulation is in float for half/bfloat16/float inputs and in double for double.
+// The op is bound by reading w (and writing grad_w), so both passes touch w exactly once. The backward walks fixed
+// class chunks: a chunk owns its rows of grad_s and leaves a partial grad_e that is summed over chunks in chunk
+// order afterwards; chunk counts and forward work units are fixed, not the thread count, so results do not depend
+// on it (no atomics, deterministic). float, the type models train in, runs register-tiled kernels compiled per ISA
+// (AVX-512 / AVX2, simd.h); the other types run plain loops. Accumulation is in float for half/bfloat16/float
+// inputs and in double for double.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include <algorithm>
 #include <type_traits>
+#include <vector>
 
 #include "cpu/simd.h"
 
 namespace zslfast {
 namespace {
 
-constexpr int64_t kMaxInstanceChunks = 16;  // bounds the partial grad_s buffer to 16 * C * K
-constexpr int64_t kMaxClassChunks = 64;     // bounds the partial grad_e buffer to 64 * B * K
+constexpr int64_t kMaxClassChunks = 64;  // bounds the partial grad_e buffer to 64 * B * K
 
-// Innermost loops for float and double, compiled per ISA (simd.h). Half and bfloat16 take the generic loops.
-#define ZSLFAST_PROTOTYPE_ROWS(T)                                                                                      \
-  ZSLFAST_SIMD_CLONES T forward_row(const T* e, const T* s, const T* w, int64_t K) {                                   \
-    T acc = 0;                                                                                                         \
-    _Pragma("omp simd reduction(+ : acc)") for (int64_t k = 0; k < K; ++k) acc += e[k] * s[k] * (T(1) + w[k]);        \
-    return acc;                                                                                                        \
-  }                                                                                                                    \
-  ZSLFAST_SIMD_CLONES void backward_row(const T* e, const T* s, const T* w, T g, T* ge, T* gs, T* gw, int64_t K) {     \
-    _Pragma("omp simd") for (int64_t k = 0; k < K; ++k) {                                                              \
-      const T t = g * (T(1) + w[k]);                                                                                   \
-      ge[k] += t * s[k];                                                                                               \
-      gs[k] += t * e[k];                                                                                               \
-      gw[k] = g * e[k] * s[k];                                                                                         \
-    }                                                                                                                  \
-  }                                                                                                                    \
-  ZSLFAST_SIMD_CLONES void backward_row_no_grad_w(const T* e, const T* s, const T* w, T g, T* ge, T* gs, int64_t K) {  \
-    _Pragma("omp simd") for (int64_t k = 0; k < K; ++k) {                                                              \
-      const T t = g * (T(1) + w[k]);                                                                                   \
-      ge[k] += t * s[k];                                                                                               \
-      gs[k] += t * e[k];                                                                                               \
-    }                                                                                                                  \
-  }                                                                                                                    \
-  /* Four consecutive classes at once: the grad_e row is loaded and stored once per four, not once per class. */      \
-  /* s, w, gs and gw point at the first of four rows spaced K apart. */                                              \
-  ZSLFAST_SIMD_CLONES void backward_rows4(const T* e, const T* s, const T* w, const T* g, T* ge, T* gs, T* gw,         \
-                                          int64_t K) {                                                                 \
-    const T g0 = g[0], g1 = g[1], g2 = g[2], g3 = g[3];                                                                \
-    _Pragma("omp simd") for (int64_t k = 0; k < K; ++k) {                                                              \
-      const T ek = e[k];                                                                                               \
-      const T s0 = s[k], s1 = s[K + k], s2 = s[2 * K + k], s3 = s[3 * K + k];                                          \
-      const T t0 = g0 * (T(1) + w[k]), t1 = g1 * (T(1) + w[K + k]);                                                   \
-      const T t2 = g2 * (T(1) + w[2 * K + k]), t3 = g3 * (T(1) + w[3 * K + k]);                                        \
-      ge[k] += (t0 * s0 + t1 * s1) + (t2 * s2 + t3 * s3);                                                              \
-      gs[k] += t0 * ek;                                                                                                \
-      gs[K + k] += t1 * ek;                                                                                            \
-      gs[2 * K + k] += t2 * ek;                                                                                        \
-      gs[3 * K + k] += t3 * ek;                                                                                        \
-      gw[k] = g0 * ek * s0;                                                                                            \
-      gw[K + k] = g1 * ek * s1;                                                                                        \
-      gw[2 * K + k] = g2 * ek * s2;                                                                                    \
-      gw[3 * K + k] = g3 * ek * s3;                                                                                    \
-    }                                                                                                                  \
-  }                                                                                                                    \
-  ZSLFAST_SIMD_CLONES void backward_rows4_no_grad_w(const T* e, const T* s, const T* w, const T* g, T* ge, T* gs,      \
-                                                    int64_t K) {                                                       \
-    const T g0 = g[0], g1 = g[1], g2 = g[2], g3 = g[3];                                                                \
-    _Pragma("omp simd") for (int64_t k = 0; k < K; ++k) {                                                              \
-      const T ek = e[k];                                                                                               \
-      const T t0 = g0 * (T(1) + w[k]), t1 = g1 * (T(1) + w[K + k]);                                                   \
-      const T t2 = g2 * (T(1) + w[2 * K + k]), t3 = g3 * (T(1) + w[3 * K + k]);                                        \
-      ge[k] += (t0 * s[k] + t1 * s[K + k]) + (t2 * s[2 * K + k] + t3 * s[3 * K + k]);                                  \
-      gs[k] += t0 * ek;                                                                                                \
-      gs[K + k] += t1 * ek;                                                                                            \
-      gs[2 * K + k] += t2 * ek;                                                                                        \
-      gs[3 * K + k] += t3 * ek;                                                                                        \
-    }                                                                                                                  \
-  }                                                                                                                    \
-  /* Rows [0, n) of one instance b: out[c] = sum_k e[k] s[c, k] (1 + w[c, k]). Four rows per pass share the loads */ \
-  /* of e and the loop overhead, which dominate at ZSL sizes (K ~ 100-300). */                                      \
-  ZSLFAST_SIMD_CLONES void forward_rows(const T* e, const T* s, const T* w, T* out, int64_t n, int64_t K) {           \
-    int64_t c = 0;                                                                                                     \
-    for (; c + 4 <= n; c += 4) {                                                                                       \
-      const T *s0 = s + c * K, *w0 = w + c * K;                                                                        \
-      T a0 = 0, a1 = 0, a2 = 0, a3 = 0;                                                                                \
-      _Pragma("omp simd reduction(+ : a0, a1, a2, a3)") for (int64_t k = 0; k < K; ++k) {                              \
-        const T ek = e[k];                                                                                             \
-        a0 += ek * s0[k] * (T(1) + w0[k]);                                                                             \
-        a1 += ek * s0[K + k] * (T(1) + w0[K + k]);                                                                     \
-        a2 += ek * s0[2 * K + k] * (T(1) + w0[2 * K + k]);                                                             \
-        a3 += ek * s0[3 * K + k] * (T(1) + w0[3 * K + k]);                                                             \
-      }                                                                                                                \
-      out[c] = a0;                                                                                                     \
-      out[c + 1] = a1;                                                                                                 \
-      out[c + 2] = a2;                                                                                                 \
-      out[c + 3] = a3;                                                                                                 \
-    }                                                                                                                  \
-    for (; c < n; ++c) out[c] = forward_row(e, s + c * K, w + c * K, K);                                               \
-  }
-ZSLFAST_PROTOTYPE_ROWS(float)
-ZSLFAST_PROTOTYPE_ROWS(double)
-#undef ZSLFAST_PROTOTYPE_ROWS
-
-template <typename scalar_t>
-constexpr bool kHasSimdRows = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
+// One float row, for rows outside the 8-row blocks and K < 16.
+ZSLFAST_SIMD_CLONES float forward_row(const float* e, const float* s, const float* w, int64_t K) {
+  float acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t k = 0; k < K; ++k) acc += e[k] * s[k] * (1.0f + w[k]);
+  return acc;
+}
 
 // Register-tiled backward for float: a tile of 8 classes x 16 attributes keeps its grad_s in vector registers over
 // the whole b loop and adds to grad_e once per 8 classes, instead of a load-modify-store per element of w.
@@ -183,26 +109,16 @@ void forward_kernel(const scalar_t* e, const scalar_t* s, const scalar_t* w, sca
     return;
   }
   at::parallel_for(0, B * C, grain, [&](int64_t begin, int64_t end) {
-    if constexpr (kHasSimdRows<scalar_t>) {
-      // Split [begin, end) at instance boundaries so each call sees rows of one b.
-      for (int64_t bc = begin; bc < end;) {
-        const int64_t b = bc / C;
-        const int64_t stop = std::min(end, (b + 1) * C);
-        forward_rows(e + b * K, s + (bc - b * C) * K, w + bc * K, out + bc, stop - bc, K);
-        bc = stop;
-      }
-    } else {
-      for (int64_t bc = begin; bc < end; ++bc) {
-        const scalar_t* e_row = e + (bc / C) * K;
-        const scalar_t* s_row = s + (bc % C) * K;
-        const scalar_t* w_row = w + bc * K;
-        acc_t acc = 0;
+    for (int64_t bc = begin; bc < end; ++bc) {
+      const scalar_t* e_row = e + (bc / C) * K;
+      const scalar_t* s_row = s + (bc % C) * K;
+      const scalar_t* w_row = w + bc * K;
+      acc_t acc = 0;
 #pragma omp simd reduction(+ : acc)
-        for (int64_t k = 0; k < K; ++k) {
-          acc += static_cast<acc_t>(e_row[k]) * static_cast<acc_t>(s_row[k]) * (acc_t(1) + static_cast<acc_t>(w_row[k]));
-        }
-        out[bc] = static_cast<scalar_t>(acc);
+      for (int64_t k = 0; k < K; ++k) {
+        acc += static_cast<acc_t>(e_row[k]) * static_cast<acc_t>(s_row[k]) * (acc_t(1) + static_cast<acc_t>(w_row[k]));
       }
+      out[bc] = static_cast<scalar_t>(acc);
     }
   });
 }
@@ -218,7 +134,7 @@ ZSLFAST_SIMD_CLONES void backward_tile8(const float* e, const float* s, const fl
   float16v s_c[kTileClasses], acc[kTileClasses];
   for (int64_t c = 0; c < kTileClasses; ++c) {
     s_c[c] = load16(s + c * K + k0);
-    acc[c] = float16v{} ;
+    acc[c] = float16v{};
   }
   for (int64_t b = 0; b < B; ++b) {
     const float* w_b = w + b * C * K + k0;
@@ -285,72 +201,38 @@ template <typename scalar_t>
 void backward_kernel(const scalar_t* grad, const scalar_t* e, const scalar_t* s, const scalar_t* w, scalar_t* grad_e,
                      scalar_t* grad_s, scalar_t* grad_w, int64_t B, int64_t C, int64_t K) {
   using acc_t = at::opmath_type<scalar_t>;
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    // Class chunks: each owns its rows of grad_s and leaves a partial grad_e (B, K), summed over chunks in chunk
-    // order afterwards. The chunk count is fixed (not the thread count): the same sums on every machine.
-    const int64_t chunks = std::min((C + kTileClasses - 1) / kTileClasses, kMaxClassChunks);
-    const int64_t chunk_size = ((C + chunks - 1) / chunks + kTileClasses - 1) / kTileClasses * kTileClasses;
-    std::vector<float> grad_e_partial(static_cast<size_t>(chunks * B * K), 0.0f);
-    std::fill(grad_s, grad_s + C * K, 0.0f);
-    at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-      for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-        const int64_t c_begin = std::min(C, chunk * chunk_size), c_end = std::min(C, c_begin + chunk_size);
-        backward_classes_f32(grad, e, s, w, grad_e_partial.data() + chunk * B * K, grad_s, grad_w, B, C, K, c_begin,
-                             c_end);
-      }
-    });
-    at::parallel_for(0, B * K, 1024, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        float acc = 0;
-        for (int64_t chunk = 0; chunk < chunks; ++chunk) acc += grad_e_partial[chunk * B * K + i];
-        grad_e[i] = acc;
-      }
-    });
-    return;
-  }
-  // Instance chunks: each streams its w[b0:b1] (and grad_w) front to back, owns its rows of grad_e, and leaves a
-  // partial grad_s (C, K) that is summed over chunks in chunk order. The chunk count is fixed, not the thread
-  // count, so the sums' order (and the result) is the same on every machine.
-  const int64_t chunks = std::min(B, kMaxInstanceChunks);
-  const int64_t chunk_size = (B + chunks - 1) / chunks;
-  std::vector<acc_t> grad_s_partial(static_cast<size_t>(chunks * C * K), acc_t(0));
-  std::vector<acc_t> grad_e_acc(static_cast<size_t>(B * K), acc_t(0));
+  constexpr bool kTiled = std::is_same_v<scalar_t, float>;
+  // Tiled chunks hold whole 8-class tiles.
+  const int64_t unit = kTiled ? kTileClasses : 1;
+  const int64_t chunks = std::min((C + unit - 1) / unit, kMaxClassChunks);
+  const int64_t chunk_size = ((C + chunks - 1) / chunks + unit - 1) / unit * unit;
+  std::vector<acc_t> grad_e_partial(static_cast<size_t>(chunks * B * K), acc_t(0));
+  std::vector<acc_t> grad_s_acc(kTiled ? 0 : static_cast<size_t>(C * K), acc_t(0));
 
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      acc_t* gs_chunk = grad_s_partial.data() + chunk * C * K;
-      for (int64_t b = chunk * chunk_size; b < std::min(B, (chunk + 1) * chunk_size); ++b) {
-        const scalar_t* e_row = e + b * K;
-        acc_t* ge = grad_e_acc.data() + b * K;
-        int64_t c = 0;
-        if constexpr (kHasSimdRows<scalar_t>) {
-          for (; c + 4 <= C; c += 4) {
-            const int64_t row = b * C + c;
-            if (grad_w != nullptr) {
-              backward_rows4(e_row, s + c * K, w + row * K, grad + row, ge, gs_chunk + c * K, grad_w + row * K, K);
-            } else {
-              backward_rows4_no_grad_w(e_row, s + c * K, w + row * K, grad + row, ge, gs_chunk + c * K, K);
-            }
-          }
-        }
-        for (; c < C; ++c) {
-          const acc_t g = static_cast<acc_t>(grad[b * C + c]);
-          const scalar_t* s_row = s + c * K;
-          const scalar_t* w_row = w + (b * C + c) * K;
-          acc_t* gs = gs_chunk + c * K;
-#pragma omp simd
-          for (int64_t k = 0; k < K; ++k) {
-            const acc_t ek = static_cast<acc_t>(e_row[k]);
-            const acc_t sk = static_cast<acc_t>(s_row[k]);
-            const acc_t t = g * (acc_t(1) + static_cast<acc_t>(w_row[k]));
-            ge[k] += t * sk;
-            gs[k] += t * ek;
-          }
-          if (grad_w != nullptr) {
-            scalar_t* gw_row = grad_w + (b * C + c) * K;
+      const int64_t c_begin = std::min(C, chunk * chunk_size), c_end = std::min(C, c_begin + chunk_size);
+      acc_t* ge_chunk = grad_e_partial.data() + chunk * B * K;
+      if constexpr (kTiled) {
+        std::fill(grad_s + c_begin * K, grad_s + c_end * K, 0.0f);
+        backward_classes_f32(grad, e, s, w, ge_chunk, grad_s, grad_w, B, C, K, c_begin, c_end);
+      } else {
+        for (int64_t b = 0; b < B; ++b) {
+          acc_t* ge = ge_chunk + b * K;
+          for (int64_t c = c_begin; c < c_end; ++c) {
+            const acc_t g = static_cast<acc_t>(grad[b * C + c]);
+            const scalar_t* e_row = e + b * K;
+            const scalar_t* s_row = s + c * K;
+            const scalar_t* w_row = w + (b * C + c) * K;
+            acc_t* gs = grad_s_acc.data() + c * K;
 #pragma omp simd
             for (int64_t k = 0; k < K; ++k) {
-              gw_row[k] = static_cast<scalar_t>(g * static_cast<acc_t>(e_row[k]) * static_cast<acc_t>(s_row[k]));
+              const acc_t ek = static_cast<acc_t>(e_row[k]);
+              const acc_t sk = static_cast<acc_t>(s_row[k]);
+              const acc_t t = g * (acc_t(1) + static_cast<acc_t>(w_row[k]));
+              ge[k] += t * sk;
+              gs[k] += t * ek;
+              if (grad_w != nullptr) grad_w[(b * C + c) * K + k] = static_cast<scalar_t>(g * ek * sk);
             }
           }
         }
@@ -358,14 +240,16 @@ void backward_kernel(const scalar_t* grad, const scalar_t* e, const scalar_t* s,
     }
   });
 
-  at::parallel_for(0, B * K, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) grad_e[i] = static_cast<scalar_t>(grad_e_acc[i]);
-  });
-  at::parallel_for(0, C * K, 1024, [&](int64_t begin, int64_t end) {
+  if constexpr (!kTiled) {
+    at::parallel_for(0, C * K, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) grad_s[i] = static_cast<scalar_t>(grad_s_acc[i]);
+    });
+  }
+  at::parallel_for(0, B * K, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       acc_t acc = 0;
-      for (int64_t chunk = 0; chunk < chunks; ++chunk) acc += grad_s_partial[chunk * C * K + i];
-      grad_s[i] = static_cast<scalar_t>(acc);
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) acc += grad_e_partial[chunk * B * K + i];
+      grad_e[i] = static_cast<scalar_t>(acc);
     }
   });
 }
