@@ -55,8 +55,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
-MODES = ("abnar", "residual")
-HEAD_FUSIONS = ("mean", "sum", "max", "min")
+from ..ops.attention_rollout import FUSIONS as HEAD_FUSIONS, MODES
 
 _NAME = "vit_attention_rollout"
 

@@ -31,6 +31,11 @@ def check_tensor(op: str, name: str, t, ranks: Sequence[int], layout: str) -> No
         raise ValueError(f"{op}: {name} {layout} is empty, got shape {shape_str(t)}")
 
 
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the kernels accumulate (and keep saved norms, states, partial sums) in: fp64 for fp64, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def check_same_device(op: str, **tensors: Optional[torch.Tensor]) -> torch.device:
     device = None
     for t in tensors.values():

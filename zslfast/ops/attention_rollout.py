@@ -34,9 +34,10 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .. import _backend, reference
-from ._common import LIB, promote, shape_str
+from ._common import LIB, accumulator_dtype, promote, shape_str
 
 OP = "attention_rollout"
+# Positions are the ids the C++ and Triton kernels take (csrc/ops.cpp): keep the order.
 MODES = ("abnar", "residual")
 FUSIONS = ("mean", "sum", "max", "min")
 _BACKENDS = ("reference", "cpu", "triton")
@@ -44,15 +45,11 @@ _BACKENDS = ("reference", "cpu", "triton")
 LIB.define("attention_rollout_cls(Tensor[] attns, str mode, str head_fusion, str backend) -> (Tensor, Tensor)")
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _forward_kernel(attns, mode, head_fusion, backend):
     if backend == "triton":
         from ..triton import attention_rollout as triton_kernels
 
-        return triton_kernels.forward(list(attns), mode, head_fusion)
+        return triton_kernels.forward(list(attns), mode, FUSIONS.index(head_fusion))
     return torch.ops.zslfast._attention_rollout_cls_fwd(attns, MODES.index(mode), FUSIONS.index(head_fusion))
 
 
@@ -64,7 +61,7 @@ for _key in ("CPU", "CUDA"):
 def _forward_fake(attns, mode, head_fusion, backend):
     L = len(attns)
     B, _, N, _ = attns[0].shape
-    return attns[0].new_empty((B, N)), attns[0].new_empty((L, B, N), dtype=_acc_dtype(attns[0].dtype))
+    return attns[0].new_empty((B, N)), attns[0].new_empty((L, B, N), dtype=accumulator_dtype(attns[0].dtype))
 
 
 def _setup_context(ctx, inputs, output):

@@ -30,7 +30,7 @@ from typing import Optional, Union
 import torch
 
 from .. import _backend, reference
-from ._common import LIB, check_same_device, check_tensor, promote, register_autocast, shape_str
+from ._common import LIB, accumulator_dtype, check_same_device, check_tensor, promote, register_autocast, shape_str
 
 OP = "cosine_logits"
 EPS = 1e-8  # F.normalize's eps in the papers' code
@@ -40,10 +40,6 @@ LIB.define(
     "cosine_logits_backward(Tensor grad, Tensor x, Tensor protos, Tensor? out, Tensor x_inv_norm, Tensor p_inv_norm,"
     " Tensor scale, bool[3] output_mask, str backend) -> (Tensor, Tensor, Tensor)"
 )
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _forward_kernel(x, protos, scale, backend):
@@ -69,7 +65,7 @@ for _key in ("CPU", "CUDA"):
 
 @torch.library.register_fake("zslfast::cosine_logits", lib=LIB)
 def _forward_fake(x, protos, scale, backend):
-    acc = _acc_dtype(x.dtype)
+    acc = accumulator_dtype(x.dtype)
     N, C = x.shape[0], protos.shape[0]
     return x.new_empty((N, C)), x.new_empty((N,), dtype=acc), x.new_empty((C,), dtype=acc)
 
@@ -159,7 +155,7 @@ def cosine_logits(
     which = _backend.resolve(OP, backend, device, gpu_preference)
     if which == "reference":
         return reference.cosine_logits(x, protos, scale.to(device) if isinstance(scale, torch.Tensor) else scale)
-    acc = _acc_dtype(x.dtype)
+    acc = accumulator_dtype(x.dtype)
     if isinstance(scale, torch.Tensor):
         scale_t = scale.reshape(()).to(device=device, dtype=acc)
     else:

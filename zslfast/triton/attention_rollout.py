@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-FUSIONS = {"mean": 0, "sum": 1, "max": 2, "min": 3}
+from ._common import accumulator_dtype, tl_accumulator_dtype
+
 TILE_ELEMENTS = 4096  # rows per block x padded columns
 
 
@@ -58,11 +59,14 @@ def _rollout_step_kernel(
     tl.store(v_out_ptr + b * N + cols, acc, mask=mask_j)
 
 
-def forward(attns: list[torch.Tensor], mode: str, head_fusion: str):
-    """out (B, N) and states (L, B, N): the vector entering each layer's step, in the accumulator dtype."""
+def forward(attns: list[torch.Tensor], mode: str, fusion: int):
+    """out (B, N) and states (L, B, N): the vector entering each layer's step, in the accumulator dtype.
+
+    fusion is the head fusion's id: its position in zslfast.ops.attention_rollout.FUSIONS (mean, sum, max, min).
+    """
     L = len(attns)
     B, H, N, _ = attns[0].shape
-    acc_dtype = torch.float64 if attns[0].dtype == torch.float64 else torch.float32
+    acc_dtype = accumulator_dtype(attns[0].dtype)
     states = torch.empty((L, B, N), dtype=acc_dtype, device=attns[0].device)
     v = torch.zeros((B, N), dtype=acc_dtype, device=attns[0].device)
     v[:, 0] = 1
@@ -75,8 +79,8 @@ def forward(attns: list[torch.Tensor], mode: str, head_fusion: str):
         v_next = torch.empty_like(v)
         _rollout_step_kernel[(B,)](
             a, states[l], v_next, H, N, *a.stride(),
-            FUSION=FUSIONS[head_fusion], ABNAR=mode == "abnar", IDENTITY=mode == "abnar" or l > 0,
-            ACC_DTYPE=tl.float64 if acc_dtype == torch.float64 else tl.float32,
+            FUSION=fusion, ABNAR=mode == "abnar", IDENTITY=mode == "abnar" or l > 0,
+            ACC_DTYPE=tl_accumulator_dtype(acc_dtype),
             BLOCK_I=block_i, BLOCK_N=block_n,
         )
         v = v_next

@@ -29,9 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ._common import accumulator_dtype
 
 
 def _block(size: int, cap: int) -> int:
@@ -219,7 +217,7 @@ def _blocks(x: torch.Tensor, N: int, C: int, D: int):
 def forward(x: torch.Tensor, protos: torch.Tensor, scale: torch.Tensor, eps: float):
     N, D = x.shape
     C = protos.shape[0]
-    acc_dtype = _acc_dtype(x.dtype)
+    acc_dtype = accumulator_dtype(x.dtype)
     out = torch.empty((N, C), dtype=x.dtype, device=x.device)
     x_inv_norm = torch.empty((N,), dtype=acc_dtype, device=x.device)
     p_inv_norm = torch.empty((C,), dtype=acc_dtype, device=x.device)
@@ -249,7 +247,7 @@ def backward(
     need_x, need_p, need_scale = (bool(m) for m in output_mask)
     N, D = x.shape
     C = protos.shape[0]
-    acc_dtype = _acc_dtype(x.dtype)
+    acc_dtype = accumulator_dtype(x.dtype)
     fp64 = x.dtype == torch.float64
     block_n, block_c, block_d = _blocks(x, N, C, D)
     d_blocks = triton.cdiv(D, block_d)

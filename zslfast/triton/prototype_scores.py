@@ -17,12 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import accumulator_dtype, tl_accumulator_dtype
+
 FORWARD_BLOCK_C, FORWARD_BLOCK_K = 32, 64
 BACKWARD_BLOCK_C, BACKWARD_BLOCK_K = 32, 64
-
-
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 @triton.jit
@@ -99,7 +97,7 @@ def forward(e: torch.Tensor, s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     _forward_kernel[grid](
         e, s, w, out, C, K,
         *e.stride(), *s.stride(), *w.stride(), *out.stride(),
-        ACC_DTYPE=_acc_dtype(e.dtype), BLOCK_C=FORWARD_BLOCK_C, BLOCK_K=FORWARD_BLOCK_K,
+        ACC_DTYPE=tl_accumulator_dtype(e.dtype), BLOCK_C=FORWARD_BLOCK_C, BLOCK_K=FORWARD_BLOCK_K,
     )
     return out
 
@@ -108,7 +106,7 @@ def backward(grad: torch.Tensor, e: torch.Tensor, s: torch.Tensor, w: torch.Tens
     B, K = e.shape
     C = s.shape[0]
     c_blocks = triton.cdiv(C, BACKWARD_BLOCK_C)
-    acc_dtype = torch.float64 if e.dtype == torch.float64 else torch.float32
+    acc_dtype = accumulator_dtype(e.dtype)
     grad_e_partial = torch.empty((c_blocks, B, K), dtype=acc_dtype, device=e.device)
     grad_s = torch.empty((C, K), dtype=e.dtype, device=e.device)
     grad_w = torch.empty((B, C, K) if need_grad_w else (0,), dtype=e.dtype, device=e.device)
@@ -117,7 +115,7 @@ def backward(grad: torch.Tensor, e: torch.Tensor, s: torch.Tensor, w: torch.Tens
         grad, e, s, w, grad_e_partial, grad_s, grad_w if need_grad_w else grad_s,
         B, C, K,
         *grad.stride(), *e.stride(), *s.stride(), *w.stride(),
-        NEED_GRAD_W=need_grad_w, ACC_DTYPE=_acc_dtype(e.dtype), BLOCK_C=BACKWARD_BLOCK_C, BLOCK_K=BACKWARD_BLOCK_K,
+        NEED_GRAD_W=need_grad_w, ACC_DTYPE=tl_accumulator_dtype(e.dtype), BLOCK_C=BACKWARD_BLOCK_C, BLOCK_K=BACKWARD_BLOCK_K,
     )
     grad_e = grad_e_partial.sum(0).to(e.dtype)
     return grad_e, grad_s, grad_w
