@@ -1,7 +1,10 @@
 """Build zslfast and its compiled extension ``zslfast._C``.
 
-The extension holds the C++ CPU kernels (always built; C++17, -O3, OpenMP) and the CUDA kernels
-(built whenever a CUDA toolkit is found). Switches, read from the environment:
+The extension holds the C++ CPU kernels (always built; -O3, OpenMP) and the CUDA kernels (built whenever a
+CUDA toolkit is found). The C++ standard is torch's own choice: its build helper adds the -std its headers need
+(C++17 up to torch 2.14, C++20 from 2.15) only when none is given, so none is given here.
+
+Switches, read from the environment:
 
     ZSLFAST_CUDA=0          skip the CUDA sources (fast iteration on a CPU machine)
     ZSLFAST_CUDA=1          require the CUDA sources; a missing toolkit is an error
@@ -33,24 +36,6 @@ def _find_cuda_home():
     return None
 
 
-def _pip_cuda_include_dirs():
-    """Header folders of the CUDA math libraries that torch's CUDA wheels install under site-packages/nvidia/.
-
-    ATen/cuda/CUDAContext.h includes cublas/cusparse headers, which a bare toolkit (nvcc and the runtime only,
-    as on our CI machine) lacks; the wheels torch itself runs with carry matching ones.
-    """
-    import importlib.util
-
-    spec = importlib.util.find_spec("nvidia")
-    if spec is None or not spec.submodule_search_locations:
-        return []
-    found = set()
-    for location in spec.submodule_search_locations:
-        for header in list(Path(location).glob("*/include/cusparse.h")) + list(Path(location).glob("*/include/cublas_v2.h")):
-            found.add(str(header.parent))
-    return sorted(found)
-
-
 CUDA_SWITCH = os.environ.get("ZSLFAST_CUDA", "").strip()
 if CUDA_SWITCH not in ("", "0", "1"):
     sys.exit(f"ZSLFAST_CUDA must be 0, 1 or unset, got {CUDA_SWITCH!r}")
@@ -78,17 +63,17 @@ cpu_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.c
 cpu_sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
 cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu")) if WITH_CUDA else []
 
-cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+cxx_flags = ["-O3", "-fopenmp"]
 extra_compile_args = {"cxx": cxx_flags}
 define_macros = []
 if WITH_CUDA:
-    extra_compile_args["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    extra_compile_args["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     define_macros.append(("ZSLFAST_WITH_CUDA", None))
 Extension = CUDAExtension if WITH_CUDA else CppExtension
 extension = Extension(
     name="zslfast._C",
     sources=cpu_sources + cuda_sources,
-    include_dirs=[str(ROOT / "csrc")] + (_pip_cuda_include_dirs() if WITH_CUDA else []),
+    include_dirs=[str(ROOT / "csrc")],
     define_macros=define_macros,
     extra_compile_args=extra_compile_args,
     extra_link_args=["-fopenmp"],

@@ -116,3 +116,46 @@ def test_missing_extension_does_not_break_import():
     )
     assert result.returncode == 0 and "torch.Size([2, 4])" in result.stdout, result.stderr
     assert "falls back to its PyTorch reference" in result.stderr
+
+
+def test_commands_say_when_the_extension_is_missing():
+    """python -m zslfast prints a banner naming the import error when zslfast._C is not in use."""
+    result = _run_python(
+        """
+        import sys
+        sys.modules["zslfast._build_info"] = None  # as if never built
+        from zslfast.__main__ import main
+        main([])
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "compiled extension is NOT in use: zslfast._C is not built" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "triton_version, numpy_version, need",
+    [("3.6.0", "2.5.5", "numpy<2.4"), ("3.8.0", "2.4.0", "numpy<2.4"), ("3.0.0", "2.1.3", "numpy<2"),
+     ("3.0.0", "1.26.4", None), ("3.6.0", "2.3.5", None), ("3.9.0", "2.5.5", None)],
+)
+def test_interpreter_numpy_pairs(monkeypatch, triton_version, numpy_version, need):
+    """The Triton interpreter pairs that fail or compute zeros are refused, naming the numpy to install."""
+    triton = pytest.importorskip("triton")
+    import numpy
+
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    problem = _backend._interpreter_numpy_problem()
+    if need is None:
+        assert problem is None
+    else:
+        assert f"install {need}" in problem and triton_version in problem and numpy_version in problem
+
+
+def test_environment_is_read_outside_compile_only(monkeypatch):
+    """Inside a compiled region the dispatch uses the value of the last eager read (torch 2.4's dynamo cannot trace
+    os.environ); outside, every call reads the environment afresh."""
+    monkeypatch.setenv("ZSLFAST_BACKEND", "reference")
+    assert _backend.environ("ZSLFAST_BACKEND") == "reference"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setenv("ZSLFAST_BACKEND", "cpu")
+    assert _backend.environ("ZSLFAST_BACKEND") == "reference"

@@ -33,3 +33,13 @@ def test_demo_tiny(capsys):
     for name in ("reference", "fused"):
         assert len(results[name]["losses"]) == 2 and 0.0 <= results[name]["gzsl"].h <= 1.0
     assert results["reference"]["losses"][0] == pytest.approx(results["fused"]["losses"][0], rel=1e-5)
+
+
+def test_demo_refuses_reference_against_reference(monkeypatch):
+    """With the fused ops resolving to the reference (here: ZSLFAST_BACKEND=reference), the demo says so and stops
+    instead of printing a "fused" row that is the reference again."""
+    from zslfast.demo import main as demo
+
+    monkeypatch.setenv("ZSLFAST_BACKEND", "reference")
+    with pytest.raises(SystemExit, match="would compare the reference with itself"):
+        demo(["--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "4"])

@@ -14,6 +14,8 @@ from zslfast.generative import (
     topk_similar_classes,
 )
 
+from conftest import backend_param
+
 f64 = torch.float64
 
 
@@ -232,7 +234,7 @@ def test_cdp_bad_input():
 
 # ---------------------------------------------------------------------------------------- top-k similar classes
 @pytest.mark.parametrize("U,S,K,k", [(1, 1, 1, 1), (1, 9, 4, 3), (7, 13, 5, 1), (7, 13, 5, 13), (30, 64, 33, 10)])
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", backend_param("cpu")])
 def test_topk_matches_loop(generator, U, S, K, k, backend):
     target = torch.randn(U, K, generator=generator, dtype=f64)
     source = torch.randn(S, K, generator=generator, dtype=f64)

@@ -15,6 +15,8 @@ def info() -> None:
     from . import _backend, available_backends
 
     built = _backend.BUILD_INFO
+    if _backend.extension_warning():
+        print(_backend.extension_warning(), file=sys.stderr)
     print(f"zslfast on torch {torch.__version__}; CUDA devices: {torch.cuda.device_count()}")
     if built:
         print(f"extension: built for torch {built.TORCH_VERSION}, {'with' if built.WITH_CUDA else 'without'} CUDA kernels")

@@ -8,14 +8,16 @@ Backends:
 
 ``backend=None`` picks by device: CPU tensors -> "cpu" (or "reference" when the extension is missing),
 CUDA tensors -> the op's preferred GPU backend among those available. ``ZSLFAST_BACKEND`` in the environment
-overrides that default (it is read at each call, so tests and scripts can set it late). An explicit backend that
-cannot run raises :class:`BackendUnavailableError` naming what is missing.
+overrides that default (it is read at each eager call, so tests and scripts can set it late; while torch.compile
+traces, the value of the last eager read serves, see :func:`environ`). An explicit backend that cannot run raises
+:class:`BackendUnavailableError` naming what is missing.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import re
 import warnings
 from typing import Optional, Sequence
 
@@ -53,6 +55,19 @@ if EXTENSION_ERROR is not None:
     warnings.warn(f"{EXTENSION_ERROR}. zslfast falls back to its PyTorch reference ops.", RuntimeWarning, stacklevel=2)
 
 
+def extension_warning() -> Optional[str]:
+    """A banner for the command-line tools when zslfast._C is not in use (missing, mismatched or failing to load,
+    with the import error), else None: a failed build must not pass for a slow run of the fused ops."""
+    if EXTENSION_ERROR is None:
+        return None
+    bar = "!" * 100
+    return (
+        f"{bar}\n! zslfast's compiled extension is NOT in use: {EXTENSION_ERROR}.\n"
+        "! CPU tensors run the PyTorch reference ops instead of the fused C++ kernels.\n"
+        f"{bar}"
+    )
+
+
 def _triton_missing_reason() -> Optional[str]:
     try:
         import triton  # noqa: F401
@@ -65,8 +80,54 @@ TRITON_ERROR = _triton_missing_reason()
 HAS_TRITON = TRITON_ERROR is None
 
 
+def _major_minor(version: str) -> tuple:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+
+
+def _interpreter_numpy_problem() -> Optional[str]:
+    """Why the installed triton's interpreter computes wrong with the installed numpy, or None.
+
+    triton < 3.9 takes ``int()`` of one-element arrays, which numpy >= 2.4 refuses (every kernel looping over a
+    runtime bound fails); triton 3.0 silently loads and stores zeros under numpy 2. GPU runs never touch this.
+    """
+    import numpy
+    import triton
+
+    triton_version, numpy_version = _major_minor(triton.__version__), _major_minor(numpy.__version__)
+    if triton_version < (3, 1) and numpy_version >= (2, 0):
+        need = "numpy<2"
+    elif triton_version < (3, 9) and numpy_version >= (2, 4):
+        need = "numpy<2.4"
+    else:
+        return None
+    return (
+        f"the Triton interpreter of triton {triton.__version__} does not work with numpy {numpy.__version__}: "
+        f"install {need} (`pip install '{need}'`) or triton >= 3.9"
+    )
+
+
+INTERPRETER_ERROR = _interpreter_numpy_problem() if HAS_TRITON else None
+
+
+# The environment settings the dispatch depends on, as last read outside torch.compile (or at import).
+_ENVIRON_SEEN = {name: os.environ.get(name) for name in ("ZSLFAST_BACKEND", "TRITON_INTERPRET")}
+
+
+def environ(name: str) -> Optional[str]:
+    """``os.environ.get(name)`` for the dispatch's own settings, safe inside a compiled region.
+
+    torch.compile in torch < 2.5 cannot trace ``os.environ`` (fullgraph fails), and a traced read would be frozen
+    into the graph anyway; so while it traces, the value of the last eager read (or of import) serves.
+    """
+    if torch.compiler.is_compiling():
+        return _ENVIRON_SEEN[name]
+    value = os.environ.get(name)
+    _ENVIRON_SEEN[name] = value
+    return value
+
+
 def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return environ("TRITON_INTERPRET") == "1"
 
 
 def why_unavailable(backend: str, device: torch.device) -> Optional[str]:
@@ -92,7 +153,7 @@ def why_unavailable(backend: str, device: torch.device) -> Optional[str]:
             return None
         if device.type == "cpu":
             if triton_interpreted():
-                return None
+                return INTERPRETER_ERROR
             return "backend 'triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1"
         return f"backend 'triton' does not run on {device} tensors"
     return f"unknown backend {backend!r}; choose one of {BACKENDS} or None"
@@ -135,7 +196,7 @@ def resolve(
     names one falls back to the op's own default).
     """
     if backend is None:
-        backend = os.environ.get("ZSLFAST_BACKEND") or None
+        backend = environ("ZSLFAST_BACKEND") or None
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"ZSLFAST_BACKEND={backend!r} is not a backend; choose one of {BACKENDS}")
         if backend is not None and backend not in supported:

@@ -5,6 +5,7 @@ of the eager code (its first call compiles, outside the timing). The full suite 
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
@@ -109,6 +110,8 @@ def main(argv=None):
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = _backend.BUILD_INFO
+    if _backend.extension_warning():
+        print(_backend.extension_warning(), file=sys.stderr)
     print(f"zslfast on torch {torch.__version__}, device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}"
           f" ({torch.get_num_threads()} threads)")
     print(f"extension: {'built for torch ' + info.TORCH_VERSION + (', with CUDA kernels' if info.WITH_CUDA else ', CPU only') if info else _backend.EXTENSION_ERROR}")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from . import _backend
 from ._memory import peak_bytes
 
 
@@ -78,6 +79,14 @@ def run(args) -> dict:
     from .models import ILPG
 
     device = torch.device(args.device)
+    if _backend.extension_warning():
+        print(_backend.extension_warning(), file=sys.stderr)
+    fused_backend = _backend.resolve("demo", None, device)
+    if fused_backend == "reference":
+        # Both runs would be the reference ops: no "fused" figures to report.
+        sys.exit(f"zslfast demo: the fused ops cannot run on {device} tensors here (they resolve to the reference "
+                 f"ops: {_backend.EXTENSION_ERROR or _backend.TRITON_ERROR or 'ZSLFAST_BACKEND=reference'}); "
+                 "the demo would compare the reference with itself")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.data) if args.data else write_synthetic_xlsa17(Path(tmp), preset=args.preset, seed=args.seed)
         data = load_xlsa17(root)
@@ -89,7 +98,8 @@ def run(args) -> dict:
         batches = batches[: args.steps_per_epoch]
     print(f"data: {'synthetic ' + args.preset if not args.data else args.data}, {data.num_classes} classes "
           f"({len(data.unseen_classes)} unseen), {data.num_attributes} attributes, {len(train_y)} training images; "
-          f"B={args.batch_size}, R={args.regions}, {len(batches)} steps x {args.epochs} epochs on {device}")
+          f"B={args.batch_size}, R={args.regions}, {len(batches)} steps x {args.epochs} epochs on {device}; "
+          f"fused = zslfast's {fused_backend!r} backend")
 
     def build(backend):
         torch.manual_seed(args.seed)

@@ -9,7 +9,6 @@ in registers, so each map is read once and nothing (B, N, N) is written. Shapes:
 v_in and v_out (B, N) rows of the states buffer (L + 1, B, N) in the accumulator dtype (fp32, fp64 for fp64).
 """
 
-from __future__ import annotations
 
 import torch
 import triton

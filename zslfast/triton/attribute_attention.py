@@ -20,7 +20,6 @@ place). Accumulation in fp32 (fp64 for fp64, where tl.dot is replaced by broadca
 "ieee" unless torch.backends.cuda.matmul.allow_tf32 is on. Fully masked rows: lse = 0, P = 0, E = 0, no NaN.
 """
 
-from __future__ import annotations
 
 import torch
 import triton
@@ -88,7 +87,7 @@ def _scores(
 @triton.jit
 def _forward_kernel(
     q_ptr, k_ptr, v_ptr, ref_ptr, mask_ptr, out_ptr, e_ptr, lse_ptr, attn_ptr,
-    K, R, D, Dv, scale,
+    K, R, D, Dv, scale_ptr,
     sq_b, sq_k, sq_d, sk_b, sk_r, sk_d, sv_b, sv_r, sv_d, sr_b, sr_k, sr_d,
     HAS_MASK: tl.constexpr, MODE: tl.constexpr, STORE_ATTN: tl.constexpr, STORE_E: tl.constexpr,
     SINGLE_R: tl.constexpr,
@@ -96,6 +95,7 @@ def _forward_kernel(
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     ACC = tl.float64 if FP64 else tl.float32
+    scale = tl.load(scale_ptr)
     pid_k = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -192,13 +192,14 @@ def _forward_kernel(
 def _rows_backward_kernel(
     g_ptr, ga_ptr, q_ptr, k_ptr, v_ptr, ref_ptr, mask_ptr, e_ptr, lse_ptr,
     de_ptr, delta_ptr, coef_a_ptr, coef_c_ptr, dq_ptr,
-    B, K, R, D, Dv, scale, b_per_split,
+    B, K, R, D, Dv, scale_ptr, b_per_split,
     sq_b, sq_k, sq_d, sk_b, sk_r, sk_d, sv_b, sv_r, sv_d, sr_b, sr_k, sr_d,
     HAS_MASK: tl.constexpr, HAS_GA: tl.constexpr, MODE: tl.constexpr, NEED_Q: tl.constexpr,
     SHARED_Q: tl.constexpr, FP64: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     ACC = tl.float64 if FP64 else tl.float32
+    scale = tl.load(scale_ptr)
     pid_k = tl.program_id(0)
     split = tl.program_id(1)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -301,13 +302,14 @@ def _rows_backward_kernel(
 @triton.jit
 def _columns_backward_kernel(
     ga_ptr, q_ptr, k_ptr, v_ptr, mask_ptr, lse_ptr, de_ptr, delta_ptr, dk_ptr, dv_ptr,
-    K, R, D, Dv, scale,
+    K, R, D, Dv, scale_ptr,
     sq_b, sq_k, sq_d, sk_b, sk_r, sk_d, sv_b, sv_r, sv_d,
     HAS_MASK: tl.constexpr, HAS_GA: tl.constexpr, NEED_K: tl.constexpr, NEED_V: tl.constexpr,
     FP64: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     ACC = tl.float64 if FP64 else tl.float32
+    scale = tl.load(scale_ptr)
     pid_r = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -374,6 +376,12 @@ def _mask_arg(mask, like):
     return mask.to(torch.uint8).contiguous() if mask is not None else like
 
 
+def _scale_arg(scale, acc, device):
+    """The softmax scale as a one-element tensor in the accumulator dtype: compiled Triton types a Python float
+    argument as fp32, which would round an fp64 op's scale (and its logits) by ~1e-8 relative."""
+    return torch.full((1,), scale, dtype=acc, device=device)
+
+
 def _strides3(t):
     """(batch, row, column) strides; a 2-D tensor shared by the whole batch gets batch stride 0."""
     return (0, *t.stride()) if t.dim() == 2 else t.stride()
@@ -395,7 +403,7 @@ def forward(q, k, v, ref, mask, scale, score_mode, return_attention, save_e=True
     grid = (triton.cdiv(K, block_k), B)
     _forward_kernel[grid](
         q, k, v, ref_t, _mask_arg(mask, lse), out, e, lse, attn,
-        K, R, D, Dv, scale,
+        K, R, D, Dv, _scale_arg(scale, acc, q.device),
         *_strides3(q), *k.stride(), *v.stride(), *_strides3(ref_t),
         HAS_MASK=mask is not None, MODE=score_mode, STORE_ATTN=return_attention, STORE_E=store_e, SINGLE_R=single_r,
         FP64=acc == torch.float64, DOT_PRECISION=dot_precision(q.dtype),
@@ -438,12 +446,13 @@ def backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode, out
         dq = torch.zeros((B, K, D) if need_q else (0,), device=q.device, dtype=acc)
     ref_t = ref if ref is not None else e
     mask_arg = _mask_arg(mask, lse)
+    scale_t = _scale_arg(scale, acc, q.device)
     q_strides = _strides3(q)
     common = dict(FP64=fp64, DOT_PRECISION=dot_precision(q.dtype), BLOCK_K=block_k, BLOCK_R=block_r,
                   BLOCK_D=block_d, BLOCK_DV=block_dv, **LAUNCH)
     _rows_backward_kernel[(triton.cdiv(K, block_k), splits)](
         g, ga, q, k, v, ref_t, mask_arg, e, lse, de, delta, coef_a, coef_c, dq,
-        B, K, R, D, Dv, scale, b_per_split,
+        B, K, R, D, Dv, scale_t, b_per_split,
         *q_strides, *k.stride(), *v.stride(), *_strides3(ref_t),
         HAS_MASK=mask is not None, HAS_GA=has_ga, MODE=score_mode, NEED_Q=need_q, SHARED_Q=shared_q, **common,
     )
@@ -452,7 +461,7 @@ def backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode, out
     if need_k or need_v:
         _columns_backward_kernel[(triton.cdiv(R, block_r), B)](
             ga, q, k, v, mask_arg, lse, de, delta, grad_k, grad_v,
-            K, R, D, Dv, scale,
+            K, R, D, Dv, scale_t,
             *q_strides, *k.stride(), *v.stride(),
             HAS_MASK=mask is not None, HAS_GA=has_ga, NEED_K=need_k, NEED_V=need_v, **common,
         )

@@ -21,14 +21,12 @@ Shapes: x (N, D), protos (C, D), out / g (N, C), ix (N,), ip (C,), scale () -> o
 grad_protos (C, D), grad_scale ().
 """
 
-from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .._backend import triton_interpreted
 from ._common import accumulator_dtype, block_size, dot_precision, inv_norm, mm
 
 
@@ -177,7 +175,7 @@ def _grad_p_kernel(
 def _blocks(x: torch.Tensor, N: int, C: int, D: int):
     # fp64 multiplies (BLOCK_N, BLOCK_C, BLOCK_D) products in registers: smaller tiles on a GPU. The interpreter
     # runs each program as numpy calls, where bigger tiles only mean fewer calls.
-    if x.dtype == torch.float64 and not (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"):
+    if x.dtype == torch.float64 and not (x.device.type == "cpu" and triton_interpreted()):
         return block_size(N, 16), block_size(C, 16), block_size(D, 16)
     return block_size(N, 64), block_size(C, 64), block_size(D, 32)
 

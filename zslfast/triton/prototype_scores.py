@@ -11,7 +11,6 @@ transposed and sliced inputs are read in place. Accumulation is in fp32 (fp64 fo
 Shapes: e (B, K), s (C, K), w (B, C, K), g (B, C).
 """
 
-from __future__ import annotations
 
 import torch
 import triton
