@@ -1,9 +1,13 @@
-"""``python -m zslfast [info | demo | bench]``.
+"""``python -m zslfast [info | demo | bench | audit | gpucheck]``.
 
     info   (default) what was built and which backends run here
     demo   train ILPG twice, reference ops vs fused ops: step time, peak memory, loss difference, U/S/H
            (zslfast.demo; ``--data DIR`` for a real xlsa17 folder, ``--device cuda`` on a GPU)
     bench  each op's forward+backward time and peak memory against the eager code on this device (zslfast.bench)
+    audit  compile every Triton kernel for sm_80/sm_90 without a GPU: registers, spills, shared memory, occupancy,
+           waves and the roofline floor (a model) at the papers' shapes (zslfast.audit)
+    gpucheck  the GPU self-test: every op x GPU backend x dtype against the fp64 reference, then eager /
+           torch.compile / zslfast timings and memory, written to benchmarks/results (zslfast.gpucheck)
 """
 
 import sys
@@ -39,6 +43,9 @@ def main(argv=None) -> None:
         from .bench import main as bench
 
         bench(rest)
+    elif command in ("audit", "gpucheck"):
+        module = __import__(f"zslfast.{command}", fromlist=["main"])
+        sys.exit(module.main(rest))
     elif command == "info" and not rest:
         info()
     else:

@@ -1,40 +1,47 @@
 """Triton kernel of attention_rollout's CLS row (math: zslfast/ops/attention_rollout.py).
 
-One launch per layer step, grid (B,): the program of instance b walks the rows i of the layer's maps in blocks,
-fuses the H heads of each block on the fly (mean/sum/max/min), takes the row sums (abnar), and accumulates
+One launch per layer step, grid (B, S): the program (b, s) walks its own chunk of the rows i of instance b's maps
+in blocks (S fixed chunks of the N rows, enough for the grid to fill the GPU at small B), fuses the H heads of
+each block on the fly (mean/sum/max/min), takes the row sums (abnar), and accumulates
 
-    v_out[j] = sum_i coef_i * (F[i, j] + identity * delta_ij),  coef_i = v_in[i] / rowsum_i (abnar) or v_in[i]
+    partial[s, b, j] = sum_{i in chunk s} coef_i * (F[i, j] + identity * delta_ij),
+    coef_i = v_in[i] / rowsum_i (abnar) or v_in[i]
 
-in registers, so each map is read once and nothing (B, N, N) is written. Shapes: A (B, H, N, N) one layer,
-v_in and v_out (B, N) rows of the states buffer (L + 1, B, N) in the accumulator dtype (fp32, fp64 for fp64).
+in registers, so each map is read once and nothing (B, N, N) is written; the partials are then summed over s in
+chunk order (deterministic, no atomics) into the next vector. Shapes: A (B, H, N, N) one layer; the vectors
+(L, B, N) entering the steps and the result (B, N), in the accumulator dtype (fp32, fp64 for fp64).
 """
-
 
 import torch
 import triton
 import triton.language as tl
 
 from ._common import accumulator_dtype, tl_accumulator_dtype
+from ._launch import Launch, run
 
 TILE_ELEMENTS = 4096  # rows per block x padded columns
+TARGET_PROGRAMS = 264  # two per SM of an H200 (132 SMs): the row chunks per instance follow from B
 
 
 @triton.jit
 def _rollout_step_kernel(
-    a_ptr, v_in_ptr, v_out_ptr,
-    H, N,
+    a_ptr, v_in_ptr, partial_ptr,
+    B, H, N, rows_per_chunk,
     stride_ab, stride_ah, stride_ai, stride_aj,
     FUSION: tl.constexpr, ABNAR: tl.constexpr, IDENTITY: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    row_start = chunk * rows_per_chunk
+    row_end = tl.minimum(row_start + rows_per_chunk, N)
     cols = tl.arange(0, BLOCK_N)
     mask_j = cols < N
     acc = tl.zeros([BLOCK_N], dtype=ACC_DTYPE)
     a_b = a_ptr + b * stride_ab
-    for i0 in range(0, N, BLOCK_I):
+    for i0 in range(row_start, row_end, BLOCK_I):
         rows = i0 + tl.arange(0, BLOCK_I)
-        mask_i = rows < N
+        mask_i = rows < row_end
         mask = mask_i[:, None] & mask_j[None, :]
         tile = a_b + rows[:, None] * stride_ai + cols[None, :] * stride_aj
         fused = tl.load(tile, mask=mask, other=0.0).to(ACC_DTYPE)
@@ -55,32 +62,50 @@ def _rollout_step_kernel(
         acc += tl.sum(coef[:, None] * fused, axis=0)
         if IDENTITY:
             acc += tl.sum(tl.where(rows[:, None] == cols[None, :], coef[:, None], 0.0), axis=0)
-    tl.store(v_out_ptr + b * N + cols, acc, mask=mask_j)
+    tl.store(partial_ptr + (chunk * B + b) * N + cols, acc, mask=mask_j)
 
 
-def forward(attns: list[torch.Tensor], mode: str, fusion: int):
-    """out (B, N) and states (L, B, N): the vector entering each layer's step, in the accumulator dtype.
+def row_chunks(B: int, N: int, block_i: int):
+    """(chunks, rows per chunk, a multiple of block_i) of each instance's N rows: enough chunks to reach
+    TARGET_PROGRAMS programs, never more than there are row blocks."""
+    chunks = max(1, min(triton.cdiv(N, block_i), triton.cdiv(TARGET_PROGRAMS, B)))
+    rows_per_chunk = triton.cdiv(triton.cdiv(N, chunks), block_i) * block_i
+    return triton.cdiv(N, rows_per_chunk), rows_per_chunk
+
+
+def plan_forward(attns, mode: str, fusion: int):
+    """The vectors (L, B, N) and the result (B, N), in the accumulator dtype, and the steps that fill them: row t is
+    the vector entering step t (layers last to first for abnar, first to last for residual).
 
     fusion is the head fusion's id: its position in zslfast.ops.attention_rollout.FUSIONS (mean, sum, max, min).
     """
     L = len(attns)
     B, H, N, _ = attns[0].shape
     acc_dtype = accumulator_dtype(attns[0].dtype)
-    states = torch.empty((L, B, N), dtype=acc_dtype, device=attns[0].device)
-    v = torch.zeros((B, N), dtype=acc_dtype, device=attns[0].device)
-    v[:, 0] = 1
+    device = attns[0].device
+    vectors = torch.zeros((L, B, N), dtype=acc_dtype, device=device)
+    result = torch.empty((B, N), dtype=acc_dtype, device=device)
     block_n = triton.next_power_of_2(N)
     block_i = max(1, min(triton.next_power_of_2(N), TILE_ELEMENTS // block_n))
+    chunks, rows_per_chunk = row_chunks(B, N, block_i)
+    partial = torch.empty((chunks, B, N), dtype=acc_dtype, device=device)
     order = range(L - 1, -1, -1) if mode == "abnar" else range(L)
-    for l in order:
+    steps = [lambda: vectors[0, :, 0].fill_(1)]
+    for t, l in enumerate(order):
         a = attns[l]
-        states[l] = v
-        v_next = torch.empty_like(v)
-        _rollout_step_kernel[(B,)](
-            a, states[l], v_next, H, N, *a.stride(),
-            FUSION=fusion, ABNAR=mode == "abnar", IDENTITY=mode == "abnar" or l > 0,
-            ACC_DTYPE=tl_accumulator_dtype(acc_dtype),
-            BLOCK_I=block_i, BLOCK_N=block_n,
-        )
-        v = v_next
-    return v.to(attns[0].dtype), states
+        steps.append(Launch(
+            _rollout_step_kernel, (B, chunks),
+            (a, vectors[t], partial, B, H, N, rows_per_chunk, *a.stride()),
+            dict(FUSION=fusion, ABNAR=mode == "abnar", IDENTITY=mode == "abnar" or l > 0,
+                 ACC_DTYPE=tl_accumulator_dtype(acc_dtype), BLOCK_I=block_i, BLOCK_N=block_n),
+            flops=B * N * N * (H + 2), label=f"layer {l}",
+        ))
+        steps.append(lambda t=t: torch.sum(partial, 0, out=vectors[t + 1] if t + 1 < L else result))
+    return vectors, result, steps
+
+
+def forward(attns, mode: str, fusion: int):
+    """out (B, N) and states (L, B, N): the vector entering each layer's step, in the accumulator dtype."""
+    vectors, result, steps = plan_forward(attns, mode, fusion)
+    run(steps)
+    return result.to(attns[0].dtype), vectors.flip(0) if mode == "abnar" else vectors

@@ -26,10 +26,10 @@ import triton
 import triton.language as tl
 
 from ._common import accumulator_dtype, block_size, dot_precision, inv_norm, mm
+from ._launch import Launch, run
 
 MAX_BLOCK_R = 256  # R up to this takes the single-tile exact softmax (tests lower it to reach the R-tiled path)
 COSINE_EPS: tl.constexpr = tl.constexpr(1e-8)  # F.cosine_similarity's eps in the papers' code
-MAX_SPLITS = 16  # batch splits of the shared-q dq reduction (each a (K, D) partial)
 
 
 @triton.jit
@@ -360,16 +360,25 @@ def _columns_backward_kernel(
 
 
 def _blocks(K, R, D, Dv):
+    """(BLOCK_K, BLOCK_R, BLOCK_D, BLOCK_DV) of the forward and rows kernels, programs of 8 warps holding a
+    (BLOCK_K x BLOCK_R) score tile and (BLOCK_R x BLOCK_D) operand tiles. The GPU audit (benchmarks/gpu_audit.md)
+    finds no spills on sm_80/sm_90 in fp32/bf16/fp16 with 32 x 64 x 32 tiles, and 16 x 256 x 32 for a wide row tile
+    (ViT's 197 tokens -> 256); the former 64 x 64 x 64 and 32 x 256 x 32 tiles at 4 warps spilled up to 3.7 KB."""
     block_r = block_size(R, MAX_BLOCK_R)
-    # Registers and shared memory: a (BLOCK_K x BLOCK_R) score tile and (BLOCK_R x BLOCK_D) operand tiles; a wide
-    # row tile (ViT's 197 tokens -> 256) takes narrower D chunks so that pipelined fp32 operands fit.
-    block_k = block_size(K, 64 if block_r <= 64 else 32)
-    cap_d = 64 if block_r <= 64 else 32
-    return block_k, block_r, block_size(D, cap_d), block_size(Dv, cap_d)
+    return block_size(K, 32 if block_r <= 64 else 16), block_r, block_size(D, 32), block_size(Dv, 32)
 
 
-# Two pipeline stages: the operand tiles of the D/Dv loops are large (up to 256 x 32 fp32 per stage).
-LAUNCH = dict(num_warps=4, num_stages=2)
+def _columns_blocks(B, K, R, D, Dv, block_r):
+    """The columns kernel's tiles. Its R tile is the widest of 64, 32, 16 (at most the forward's) whose grid
+    (R tiles, B) still gives every SM of an H200 a program (it only changes how programs share the work); its
+    (BLOCK_K x BLOCK_D) operand tiles are 32 x 16, which the audit finds spill-free at every R tile."""
+    col_r = next((c for c in (64, 32, 16) if c <= block_r and triton.cdiv(R, c) * B >= TARGET_PROGRAMS), 16)
+    return block_size(K, 32), col_r, block_size(D, 16), block_size(Dv, 16)
+
+
+TARGET_PROGRAMS = 132  # an H200's SMs: the backward's grids aim for at least one program each
+# Eight warps (see _blocks); two pipeline stages: the operand tiles of the D/Dv loops are large.
+LAUNCH = dict(num_warps=8, num_stages=2)
 
 
 def _mask_arg(mask, like):
@@ -387,7 +396,8 @@ def _strides3(t):
     return (0, *t.stride()) if t.dim() == 2 else t.stride()
 
 
-def forward(q, k, v, ref, mask, scale, score_mode, return_attention, save_e=True):
+def plan_forward(q, k, v, ref, mask, scale, score_mode, return_attention, save_e=True):
+    """(out or E, saved E, lse, attention) and the launch that fills them."""
     B, R, D = k.shape
     K, Dv = q.shape[-2], v.shape[-1]
     acc = accumulator_dtype(q.dtype)
@@ -400,21 +410,33 @@ def forward(q, k, v, ref, mask, scale, score_mode, return_attention, save_e=True
     store_e = save_e or score_mode == 0 or not single_r
     e = torch.empty((B, K, Dv) if store_e else (0,), device=q.device, dtype=acc)
     ref_t = ref if ref is not None else e
-    grid = (triton.cdiv(K, block_k), B)
-    _forward_kernel[grid](
-        q, k, v, ref_t, _mask_arg(mask, lse), out, e, lse, attn,
-        K, R, D, Dv, _scale_arg(scale, acc, q.device),
-        *_strides3(q), *k.stride(), *v.stride(), *_strides3(ref_t),
-        HAS_MASK=mask is not None, MODE=score_mode, STORE_ATTN=return_attention, STORE_E=store_e, SINGLE_R=single_r,
-        FP64=acc == torch.float64, DOT_PRECISION=dot_precision(q.dtype),
-        BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_DV=block_dv, **LAUNCH,
+    launch = Launch(
+        _forward_kernel, (triton.cdiv(K, block_k), B),
+        (q, k, v, ref_t, _mask_arg(mask, lse), out, e, lse, attn,
+         K, R, D, Dv, _scale_arg(scale, acc, q.device),
+         *_strides3(q), *k.stride(), *v.stride(), *_strides3(ref_t)),
+        dict(HAS_MASK=mask is not None, MODE=score_mode, STORE_ATTN=return_attention, STORE_E=store_e,
+             SINGLE_R=single_r, FP64=acc == torch.float64, DOT_PRECISION=dot_precision(q.dtype),
+             BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_DV=block_dv),
+        **LAUNCH, flops=2 * B * K * R * (D + Dv),
     )
     if score_mode == 0:
-        return e.to(q.dtype), e.new_empty((0,)), lse, attn
-    return out, e if save_e else e.new_empty((0,)), lse, attn
+        return (e, e.new_empty((0,)), lse, attn), [launch]
+    return (out, e if save_e else e.new_empty((0,)), lse, attn), [launch]
 
 
-def backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode, output_mask):
+def forward(q, k, v, ref, mask, scale, score_mode, return_attention, save_e=True):
+    (out, saved_e, lse, attn), steps = plan_forward(q, k, v, ref, mask, scale, score_mode, return_attention, save_e)
+    run(steps)
+    return (out.to(q.dtype) if score_mode == 0 else out), saved_e, lse, attn
+
+
+
+
+
+def plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode, output_mask):
+    """(grad_q, grad_k, grad_v, grad_ref) and the steps that fill them: the rows kernel (dq, Delta, the epilogue's
+    coefficients), the columns kernel (dk, dv), then the fixed-order sums and dtype casts."""
     need_q, need_k, need_v, need_ref = output_mask
     need_ref = need_ref and score_mode != 0
     B, R, D = k.shape
@@ -437,8 +459,9 @@ def backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode, out
     coef_c = torch.empty(B, K, device=q.device, dtype=acc)
     block_k, block_r, block_d, block_dv = _blocks(K, R, D, Dv)
     if shared_q:
-        splits = min(B, MAX_SPLITS)
-        b_per_split = triton.cdiv(B, splits)
+        # Batch chunks of the shared-q dq reduction, each a (K, D) partial summed afterwards in chunk order: as few
+        # as give every SM a program (fewer partials to write), as many as the batch allows.
+        b_per_split = max(1, B // triton.cdiv(TARGET_PROGRAMS, triton.cdiv(K, block_k)))
         splits = triton.cdiv(B, b_per_split)
         dq = torch.zeros((splits, K, D) if need_q else (0,), device=q.device, dtype=acc)
     else:
@@ -449,30 +472,45 @@ def backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode, out
     scale_t = _scale_arg(scale, acc, q.device)
     q_strides = _strides3(q)
     common = dict(FP64=fp64, DOT_PRECISION=dot_precision(q.dtype), BLOCK_K=block_k, BLOCK_R=block_r,
-                  BLOCK_D=block_d, BLOCK_DV=block_dv, **LAUNCH)
-    _rows_backward_kernel[(triton.cdiv(K, block_k), splits)](
-        g, ga, q, k, v, ref_t, mask_arg, e, lse, de, delta, coef_a, coef_c, dq,
-        B, K, R, D, Dv, scale_t, b_per_split,
-        *q_strides, *k.stride(), *v.stride(), *_strides3(ref_t),
-        HAS_MASK=mask is not None, HAS_GA=has_ga, MODE=score_mode, NEED_Q=need_q, SHARED_Q=shared_q, **common,
-    )
+                  BLOCK_D=block_d, BLOCK_DV=block_dv)
+    steps = [Launch(
+        _rows_backward_kernel, (triton.cdiv(K, block_k), splits),
+        (g, ga, q, k, v, ref_t, mask_arg, e, lse, de, delta, coef_a, coef_c, dq,
+         B, K, R, D, Dv, scale_t, b_per_split,
+         *q_strides, *k.stride(), *v.stride(), *_strides3(ref_t)),
+        dict(HAS_MASK=mask is not None, HAS_GA=has_ga, MODE=score_mode, NEED_Q=need_q, SHARED_Q=shared_q, **common),
+        **LAUNCH, flops=2 * B * K * R * (D + Dv) + (2 * B * K * R * D if need_q else 0),
+    )]
     grad_k = torch.empty((B, R, D) if need_k else (0,), device=q.device, dtype=acc)
     grad_v = torch.empty((B, R, Dv) if need_v else (0,), device=q.device, dtype=acc)
     if need_k or need_v:
-        _columns_backward_kernel[(triton.cdiv(R, block_r), B)](
-            ga, q, k, v, mask_arg, lse, de, delta, grad_k, grad_v,
-            K, R, D, Dv, scale_t,
-            *q_strides, *k.stride(), *v.stride(),
-            HAS_MASK=mask is not None, HAS_GA=has_ga, NEED_K=need_k, NEED_V=need_v, **common,
-        )
-    grad_q = dq.sum(0) if shared_q and need_q else dq
-    if need_ref:
-        c = coef_c[:, :, None]
-        if ref.dim() == 2:
-            grad_ref = torch.einsum("bk,bkd->kd", coef_a, e) - coef_c.sum(0)[:, None] * ref.to(acc)
+        col_k, col_r, col_d, col_dv = _columns_blocks(B, K, R, D, Dv, block_r)
+        steps.append(Launch(
+            _columns_backward_kernel, (triton.cdiv(R, col_r), B),
+            (ga, q, k, v, mask_arg, lse, de, delta, grad_k, grad_v,
+             K, R, D, Dv, scale_t,
+             *q_strides, *k.stride(), *v.stride()),
+            dict(HAS_MASK=mask is not None, HAS_GA=has_ga, NEED_K=need_k, NEED_V=need_v, FP64=fp64,
+                 DOT_PRECISION=dot_precision(q.dtype), BLOCK_K=col_k, BLOCK_R=col_r, BLOCK_D=col_d, BLOCK_DV=col_dv),
+            **LAUNCH, flops=2 * B * K * R * (D + Dv) + 2 * B * K * R * ((D if need_k else 0) + (Dv if need_v else 0)),
+        ))
+    grads = []
+
+    def finish():
+        grad_q = dq.sum(0) if shared_q and need_q else dq
+        if need_ref:
+            if ref.dim() == 2:
+                grad_ref = torch.einsum("bk,bkd->kd", coef_a, e) - coef_c.sum(0)[:, None] * ref.to(acc)
+            else:
+                grad_ref = coef_a[:, :, None] * e - coef_c[:, :, None] * ref.to(acc)
         else:
-            grad_ref = coef_a[:, :, None] * e - c * ref.to(acc)
-    else:
-        grad_ref = q.new_empty((0,), dtype=acc)
-    dtype = q.dtype
-    return grad_q.to(dtype), grad_k.to(dtype), grad_v.to(dtype), grad_ref.to(dtype)
+            grad_ref = q.new_empty((0,), dtype=acc)
+        grads.extend(t.to(q.dtype) for t in (grad_q, grad_k, grad_v, grad_ref))
+
+    return grads, steps + [finish]
+
+
+def backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode, output_mask):
+    grads, steps = plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode, output_mask)
+    run(steps)
+    return tuple(grads)

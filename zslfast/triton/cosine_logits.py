@@ -28,6 +28,7 @@ import triton.language as tl
 
 from .._backend import triton_interpreted
 from ._common import accumulator_dtype, block_size, dot_precision, inv_norm, mm
+from ._launch import Launch, run
 
 
 @triton.jit
@@ -172,15 +173,25 @@ def _grad_p_kernel(
     tl.store(grad_p_ptr + cols64[:, None] * D + offs_d[None, :], grad.to(grad_p_ptr.dtype.element_ty), mask=mask_cd)
 
 
-def _blocks(x: torch.Tensor, N: int, C: int, D: int):
+def _blocks(x: torch.Tensor, N: int, C: int, D: int, backward: bool = False):
+    """(BLOCK_N, BLOCK_C, BLOCK_D) for programs of NUM_WARPS warps. The GPU audit (benchmarks/gpu_audit.md) finds
+    no spills on sm_80/sm_90 with 64 x 64 x 32 tiles forward and 32 x 32 x 16 backward, whose kernels hold two
+    (N, D)/(C, D) operand tiles and the (N, C) tile of g, out and their products; 64 x 64 x 32 backward spilled
+    up to 4.3 KB per thread in fp32."""
     # fp64 multiplies (BLOCK_N, BLOCK_C, BLOCK_D) products in registers: smaller tiles on a GPU. The interpreter
     # runs each program as numpy calls, where bigger tiles only mean fewer calls.
     if x.dtype == torch.float64 and not (x.device.type == "cpu" and triton_interpreted()):
         return block_size(N, 16), block_size(C, 16), block_size(D, 16)
+    if backward:
+        return block_size(N, 32), block_size(C, 32), block_size(D, 16)
     return block_size(N, 64), block_size(C, 64), block_size(D, 32)
 
 
-def forward(x: torch.Tensor, protos: torch.Tensor, scale: torch.Tensor, eps: float):
+NUM_WARPS = 8
+
+
+def plan_forward(x: torch.Tensor, protos: torch.Tensor, scale: torch.Tensor, eps: float):
+    """(out, x_inv_norm, p_inv_norm) and the launch that fills them."""
     N, D = x.shape
     C = protos.shape[0]
     acc_dtype = accumulator_dtype(x.dtype)
@@ -188,18 +199,24 @@ def forward(x: torch.Tensor, protos: torch.Tensor, scale: torch.Tensor, eps: flo
     x_inv_norm = torch.empty((N,), dtype=acc_dtype, device=x.device)
     p_inv_norm = torch.empty((C,), dtype=acc_dtype, device=x.device)
     block_n, block_c, block_d = _blocks(x, N, C, D)
-    grid = (triton.cdiv(N, block_n), triton.cdiv(C, block_c))
-    _forward_kernel[grid](
-        x, protos, scale.to(acc_dtype), out, x_inv_norm, p_inv_norm,
-        N, C, D,
-        *x.stride(), *protos.stride(), *out.stride(),
-        EPS=eps, FP64=x.dtype == torch.float64, DOT_PRECISION=dot_precision(x.dtype),
-        BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d,
+    launch = Launch(
+        _forward_kernel, (triton.cdiv(N, block_n), triton.cdiv(C, block_c)),
+        (x, protos, scale.to(acc_dtype), out, x_inv_norm, p_inv_norm, N, C, D,
+         *x.stride(), *protos.stride(), *out.stride()),
+        dict(EPS=eps, FP64=x.dtype == torch.float64, DOT_PRECISION=dot_precision(x.dtype),
+             BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d),
+        num_warps=NUM_WARPS, flops=2 * N * C * D,
     )
-    return out, x_inv_norm, p_inv_norm
+    return (out, x_inv_norm, p_inv_norm), [launch]
 
 
-def backward(
+def forward(x: torch.Tensor, protos: torch.Tensor, scale: torch.Tensor, eps: float):
+    outputs, steps = plan_forward(x, protos, scale, eps)
+    run(steps)
+    return outputs
+
+
+def plan_backward(
     grad: torch.Tensor,
     x: torch.Tensor,
     protos: torch.Tensor,
@@ -210,12 +227,13 @@ def backward(
     eps: float,
     output_mask,
 ):
+    """(grad_x, grad_p, grad_scale) and the steps that fill them."""
     need_x, need_p, need_scale = (bool(m) for m in output_mask)
     N, D = x.shape
     C = protos.shape[0]
     acc_dtype = accumulator_dtype(x.dtype)
     fp64 = x.dtype == torch.float64
-    block_n, block_c, block_d = _blocks(x, N, C, D)
+    block_n, block_c, block_d = _blocks(x, N, C, D, backward=True)
     d_blocks = triton.cdiv(D, block_d)
     scale_acc = scale.to(acc_dtype)
     common = dict(
@@ -225,17 +243,30 @@ def backward(
     empty = x.new_empty((0,))
     grad_x = torch.empty((N, D), dtype=x.dtype, device=x.device) if need_x else empty
     grad_p = torch.empty((C, D), dtype=x.dtype, device=x.device) if need_p else empty
-    grad_scale = scale.new_empty((0,))
+    grad_scale = scale.new_empty(() if need_scale else (0,))
+    steps = []
     if need_x or need_scale:
         partial = torch.empty((d_blocks, N), dtype=acc_dtype, device=x.device) if need_scale else x_inv_norm
-        _grad_x_kernel[(triton.cdiv(N, block_n), d_blocks)](
-            grad, out, x, protos, x_inv_norm, p_inv_norm, scale_acc, grad_x if need_x else x_inv_norm, partial,
-            N, C, D, *strides, STORE_GRAD=need_x, NEED_SCALE=need_scale, **common,
-        )
+        steps.append(Launch(
+            _grad_x_kernel, (triton.cdiv(N, block_n), d_blocks),
+            (grad, out, x, protos, x_inv_norm, p_inv_norm, scale_acc, grad_x if need_x else x_inv_norm, partial,
+             N, C, D, *strides),
+            dict(STORE_GRAD=need_x, NEED_SCALE=need_scale, **common),
+            num_warps=NUM_WARPS, flops=2 * N * C * D + 2 * N * C,
+        ))
         if need_scale:
-            grad_scale = partial.sum().to(scale.dtype)
+            steps.append(lambda: grad_scale.copy_(partial.sum()))
     if need_p:
-        _grad_p_kernel[(triton.cdiv(C, block_c), d_blocks)](
-            grad, out, x, protos, x_inv_norm, p_inv_norm, scale_acc, grad_p, N, C, D, *strides, **common,
-        )
-    return grad_x, grad_p, grad_scale
+        steps.append(Launch(
+            _grad_p_kernel, (triton.cdiv(C, block_c), d_blocks),
+            (grad, out, x, protos, x_inv_norm, p_inv_norm, scale_acc, grad_p, N, C, D, *strides),
+            common,
+            num_warps=NUM_WARPS, flops=2 * N * C * D + 2 * N * C,
+        ))
+    return (grad_x, grad_p, grad_scale), steps
+
+
+def backward(grad, x, protos, out, x_inv_norm, p_inv_norm, scale, eps, output_mask):
+    grads, steps = plan_backward(grad, x, protos, out, x_inv_norm, p_inv_norm, scale, eps, output_mask)
+    run(steps)
+    return grads

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ._common import tl_accumulator_dtype
+from ._launch import Launch, run
 from ..ops._common import accumulator_dtype
 
 MAX_SINGLE_BLOCK = 8192  # tests lower it to run the streaming path on small rows
@@ -102,7 +103,9 @@ def _kl_kernel(
                 tl.store(grad_row + d0 + offs, tl.zeros([BLOCK_D], grad_ptr.dtype.element_ty), mask=mask)
 
 
-def kl_forward(z: torch.Tensor, protos: torch.Tensor, labels: torch.Tensor, active: torch.Tensor, compute_grad: bool):
+def plan_kl_forward(z: torch.Tensor, protos: torch.Tensor, labels: torch.Tensor, active: torch.Tensor,
+                    compute_grad: bool):
+    """(loss, grad_z) and the steps that fill them: one program per (b, m) row, then the fixed-order mean."""
     B, M, D = z.shape
     C = protos.shape[0]
     acc_dtype = accumulator_dtype(z.dtype)
@@ -111,15 +114,26 @@ def kl_forward(z: torch.Tensor, protos: torch.Tensor, labels: torch.Tensor, acti
     n_active = active.sum()
     kl_rows = torch.empty((B * M,), dtype=acc_dtype, device=z.device)
     grad_z = torch.empty((B, M, D) if compute_grad else (0,), dtype=z.dtype, device=z.device)
+    loss = torch.empty((), dtype=z.dtype, device=z.device)
     single = triton.next_power_of_2(D) <= MAX_SINGLE_BLOCK
     block_d = triton.next_power_of_2(D) if single else min(MAX_SINGLE_BLOCK, 2048)
     active_u8 = active.view(torch.uint8)
-    _kl_kernel[(B * M,)](
-        z, protos, labels, active_u8, n_active, kl_rows, grad_z if compute_grad else kl_rows,
-        M, C, D,
-        *z.stride(), *protos.stride(), labels.stride(0), *active_u8.stride(),
-        COMPUTE_GRAD=compute_grad, ACC=tl_accumulator_dtype(z.dtype), SINGLE=single, BLOCK_D=block_d,
+    launch = Launch(
+        _kl_kernel, (B * M,),
+        (z, protos, labels, active_u8, n_active, kl_rows, grad_z if compute_grad else kl_rows,
+         M, C, D, *z.stride(), *protos.stride(), labels.stride(0), *active_u8.stride()),
+        dict(COMPUTE_GRAD=compute_grad, ACC=tl_accumulator_dtype(z.dtype), SINGLE=single, BLOCK_D=block_d),
         num_warps=4 if block_d <= 1024 else 8,
+        flops=B * M * D * (12 if compute_grad else 8),
     )
-    loss = (kl_rows.sum() / n_active.clamp_min(1).to(acc_dtype)).to(z.dtype)
-    return loss, grad_z
+
+    def mean():
+        loss.copy_(kl_rows.sum() / n_active.clamp_min(1).to(acc_dtype))
+
+    return (loss, grad_z), [launch, mean]
+
+
+def kl_forward(z: torch.Tensor, protos: torch.Tensor, labels: torch.Tensor, active: torch.Tensor, compute_grad: bool):
+    outputs, steps = plan_kl_forward(z, protos, labels, active, compute_grad)
+    run(steps)
+    return outputs

@@ -1,12 +1,14 @@
 """Triton kernels of prototype_scores with w (B, C, K) (math: zslfast/ops/prototype_scores.py).
 
     forward   out[b, c]     = sum_k e[b, k] * s[c, k] * (1 + w[b, c, k])      grid (B, C / BLOCK_C)
-    backward  one pass over w, grid (C / BLOCK_C, K / BLOCK_K), each program walking b = 0..B-1:
+    backward  one pass over w, grid (C / BLOCK_C, K / BLOCK_K, S), each program walking its own chunk of
+              instances b (S fixed chunks of the batch, so that the grid fills the GPU at small C and K):
               grad_w[b, c, k] = g[b, c] * e[b, k] * s[c, k]                   written once
-              grad_s[c, k]    = sum_b g[b, c] * e[b, k] * (1 + w[b, c, k])    accumulated in registers
+              grad_s[c, k]    = sum_b g[b, c] * e[b, k] * (1 + w[b, c, k])    per-chunk partials (S, C, K) in
+                                                                              registers, summed afterwards in chunk order
               grad_e[b, k]    = sum_c g[b, c] * s[c, k] * (1 + w[b, c, k])    per-class-block partials (C/BLOCK_C, B, K),
                                                                               summed afterwards in block order
-No atomics anywhere: the backward is deterministic. Every tensor is addressed through all its strides, so
+No atomics anywhere: the backward is deterministic, and S depends on the shapes only. Every tensor is addressed through all its strides, so
 transposed and sliced inputs are read in place. Accumulation is in fp32 (fp64 for fp64 inputs).
 Shapes: e (B, K), s (C, K), w (B, C, K), g (B, C).
 """
@@ -17,9 +19,17 @@ import triton
 import triton.language as tl
 
 from ._common import accumulator_dtype, tl_accumulator_dtype
+from ._launch import Launch, run
 
 FORWARD_BLOCK_C, FORWARD_BLOCK_K = 32, 64
 BACKWARD_BLOCK_C, BACKWARD_BLOCK_K = 32, 64
+# Both passes stream w: more warps per (32 x 64) tile means fewer registers per thread and more loads in flight.
+# The GPU audit (benchmarks/gpu_audit.md) gives, on sm_90 in fp32: forward 158 registers at 4 warps (19% occupancy)
+# -> 76 at 8 (38%); backward 186 at 4 (12%) -> 56 at 16 (50%); no spills anywhere.
+FORWARD_WARPS, BACKWARD_WARPS = 8, 16
+# Programs the backward aims for: two per SM of the largest GPU we target (H200: 132 SMs), so that a bandwidth-bound
+# pass over w keeps every SM busy. The batch is cut into as many chunks as that needs (a function of shapes only).
+BACKWARD_TARGET_PROGRAMS = 264
 
 
 @triton.jit
@@ -49,11 +59,14 @@ def _forward_kernel(
 @triton.jit
 def _backward_kernel(
     g_ptr, e_ptr, s_ptr, w_ptr, grad_e_partial_ptr, grad_s_ptr, grad_w_ptr,
-    B, C, K,
+    B, C, K, b_per_chunk,
     stride_gb, stride_gc, stride_eb, stride_ek, stride_sc, stride_sk, stride_wb, stride_wc, stride_wk,
     NEED_GRAD_W: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     c_block = tl.program_id(0)
+    chunk = tl.program_id(2)
+    b_start = chunk * b_per_chunk
+    b_end = tl.minimum(b_start + b_per_chunk, B)
     offs_c = c_block * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_c = offs_c < C
@@ -61,14 +74,15 @@ def _backward_kernel(
     mask_ck = mask_c[:, None] & mask_k[None, :]
     s = tl.load(s_ptr + offs_c[:, None] * stride_sc + offs_k[None, :] * stride_sk, mask=mask_ck, other=0.0).to(ACC_DTYPE)
     grad_s = tl.zeros([BLOCK_C, BLOCK_K], dtype=ACC_DTYPE)
-    # Pointers advance by one instance per step: 64-bit pointer arithmetic, no b * stride product to overflow.
-    # grad_e partials are (C / BLOCK_C, B, K), contiguous; grad_w is (B, C, K), contiguous.
-    g_row = g_ptr + offs_c * stride_gc
-    e_row = e_ptr + offs_k * stride_ek
-    w_tile = w_ptr + offs_c[:, None] * stride_wc + offs_k[None, :] * stride_wk
-    partial_row = grad_e_partial_ptr + c_block.to(tl.int64) * B * K + offs_k
-    grad_w_tile = grad_w_ptr + offs_c[:, None] * K + offs_k[None, :]
-    for _ in range(0, B):
+    # Pointers start at the chunk's first instance and advance by one instance per step: 64-bit pointer arithmetic.
+    # grad_e partials are (C / BLOCK_C, B, K), grad_s partials (S, C, K), grad_w (B, C, K), all contiguous.
+    first = b_start.to(tl.int64)
+    g_row = g_ptr + first * stride_gb + offs_c * stride_gc
+    e_row = e_ptr + first * stride_eb + offs_k * stride_ek
+    w_tile = w_ptr + first * stride_wb + offs_c[:, None] * stride_wc + offs_k[None, :] * stride_wk
+    partial_row = grad_e_partial_ptr + (c_block.to(tl.int64) * B + first) * K + offs_k
+    grad_w_tile = grad_w_ptr + first * C * K + offs_c[:, None] * K + offs_k[None, :]
+    for _ in range(b_start, b_end):
         g = tl.load(g_row, mask=mask_c, other=0.0).to(ACC_DTYPE)
         e = tl.load(e_row, mask=mask_k, other=0.0).to(ACC_DTYPE)
         w = tl.load(w_tile, mask=mask_ck, other=0.0).to(ACC_DTYPE)
@@ -83,38 +97,67 @@ def _backward_kernel(
         w_tile += stride_wb
         partial_row += K
         grad_w_tile += C * K
-    tl.store(
-        grad_s_ptr + offs_c[:, None] * K + offs_k[None, :], grad_s.to(grad_s_ptr.dtype.element_ty), mask=mask_ck
-    )
+    grad_s_tile = grad_s_ptr + chunk.to(tl.int64) * C * K + offs_c[:, None] * K + offs_k[None, :]
+    tl.store(grad_s_tile, grad_s.to(grad_s_ptr.dtype.element_ty), mask=mask_ck)
 
 
-def forward(e: torch.Tensor, s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def plan_forward(e: torch.Tensor, s: torch.Tensor, w: torch.Tensor):
+    """out (B, C) and the launch that fills it."""
     B, K = e.shape
     C = s.shape[0]
     out = torch.empty((B, C), dtype=e.dtype, device=e.device)
-    grid = (B, triton.cdiv(C, FORWARD_BLOCK_C))
-    _forward_kernel[grid](
-        e, s, w, out, C, K,
-        *e.stride(), *s.stride(), *w.stride(), *out.stride(),
-        ACC_DTYPE=tl_accumulator_dtype(e.dtype), BLOCK_C=FORWARD_BLOCK_C, BLOCK_K=FORWARD_BLOCK_K,
+    launch = Launch(
+        _forward_kernel, (B, triton.cdiv(C, FORWARD_BLOCK_C)),
+        (e, s, w, out, C, K, *e.stride(), *s.stride(), *w.stride(), *out.stride()),
+        dict(ACC_DTYPE=tl_accumulator_dtype(e.dtype), BLOCK_C=FORWARD_BLOCK_C, BLOCK_K=FORWARD_BLOCK_K),
+        num_warps=FORWARD_WARPS, flops=3 * B * C * K,
     )
+    return out, [launch]
+
+
+def forward(e: torch.Tensor, s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    out, steps = plan_forward(e, s, w)
+    run(steps)
     return out
 
 
-def backward(grad: torch.Tensor, e: torch.Tensor, s: torch.Tensor, w: torch.Tensor, need_grad_w: bool):
+def batch_chunks(B: int, C: int, K: int):
+    """(chunks, instances per chunk) of the backward: enough chunks to reach BACKWARD_TARGET_PROGRAMS programs."""
+    tiles = triton.cdiv(C, BACKWARD_BLOCK_C) * triton.cdiv(K, BACKWARD_BLOCK_K)
+    chunks = max(1, min(B, triton.cdiv(BACKWARD_TARGET_PROGRAMS, tiles)))
+    per_chunk = triton.cdiv(B, chunks)
+    return triton.cdiv(B, per_chunk), per_chunk
+
+
+def plan_backward(grad: torch.Tensor, e: torch.Tensor, s: torch.Tensor, w: torch.Tensor, need_grad_w: bool):
+    """(grad_e, grad_s, grad_w) and the steps that fill them: the pass over w, then the fixed-order partial sums."""
     B, K = e.shape
     C = s.shape[0]
     c_blocks = triton.cdiv(C, BACKWARD_BLOCK_C)
+    chunks, per_chunk = batch_chunks(B, C, K)
     acc_dtype = accumulator_dtype(e.dtype)
     grad_e_partial = torch.empty((c_blocks, B, K), dtype=acc_dtype, device=e.device)
-    grad_s = torch.empty((C, K), dtype=e.dtype, device=e.device)
+    grad_s_partial = torch.empty((chunks, C, K), dtype=acc_dtype, device=e.device)
     grad_w = torch.empty((B, C, K) if need_grad_w else (0,), dtype=e.dtype, device=e.device)
-    grid = (c_blocks, triton.cdiv(K, BACKWARD_BLOCK_K))
-    _backward_kernel[grid](
-        grad, e, s, w, grad_e_partial, grad_s, grad_w if need_grad_w else grad_s,
-        B, C, K,
-        *grad.stride(), *e.stride(), *s.stride(), *w.stride(),
-        NEED_GRAD_W=need_grad_w, ACC_DTYPE=tl_accumulator_dtype(e.dtype), BLOCK_C=BACKWARD_BLOCK_C, BLOCK_K=BACKWARD_BLOCK_K,
+    grad_e = torch.empty((B, K), dtype=e.dtype, device=e.device)
+    grad_s = torch.empty((C, K), dtype=e.dtype, device=e.device)
+    launch = Launch(
+        _backward_kernel, (c_blocks, triton.cdiv(K, BACKWARD_BLOCK_K), chunks),
+        (grad, e, s, w, grad_e_partial, grad_s_partial, grad_w if need_grad_w else grad_s_partial,
+         B, C, K, per_chunk, *grad.stride(), *e.stride(), *s.stride(), *w.stride()),
+        dict(NEED_GRAD_W=need_grad_w, ACC_DTYPE=tl_accumulator_dtype(e.dtype),
+             BLOCK_C=BACKWARD_BLOCK_C, BLOCK_K=BACKWARD_BLOCK_K),
+        num_warps=BACKWARD_WARPS, flops=(7 if need_grad_w else 5) * B * C * K,
     )
-    grad_e = grad_e_partial.sum(0).to(e.dtype)
-    return grad_e, grad_s, grad_w
+
+    def reduce_partials():
+        grad_e.copy_(grad_e_partial.sum(0))
+        grad_s.copy_(grad_s_partial.sum(0))
+
+    return (grad_e, grad_s, grad_w), [launch, reduce_partials]
+
+
+def backward(grad: torch.Tensor, e: torch.Tensor, s: torch.Tensor, w: torch.Tensor, need_grad_w: bool):
+    grads, steps = plan_backward(grad, e, s, w, need_grad_w)
+    run(steps)
+    return grads

@@ -1,0 +1,112 @@
+"""The GPU audit (python -m zslfast audit) and the GPU self-test (python -m zslfast gpucheck), on a machine without
+a GPU: the audit compiles real kernels for sm_90 through triton's own ptxas; gpucheck runs its whole pipeline on
+CPU tensors at tiny shapes."""
+
+import json
+
+import pytest
+import torch
+
+from zslfast import _backend
+
+triton = pytest.importorskip("triton")
+audit = pytest.importorskip("zslfast.audit")
+from zslfast.triton import _launch, prototype_scores as ps_kernels  # noqa: E402
+
+needs_interpreter = pytest.mark.skipif(
+    _backend.why_unavailable("triton", torch.device("cpu")) is not None,
+    reason=str(_backend.why_unavailable("triton", torch.device("cpu"))),
+)
+
+
+needs_compiler = pytest.mark.skipif(audit.compiler_problem() is not None, reason=str(audit.compiler_problem()))
+
+
+@needs_interpreter
+def test_launchers_run_what_the_planners_plan(monkeypatch):
+    """The audit's launches are the launcher's: same kernel, grid and constants as a real call at the same shape."""
+    launched = []
+    original = _launch.Launch.__call__
+
+    def record(self):
+        launched.append((self.name, tuple(self.grid), tuple(sorted((k, str(v)) for k, v in self.constexprs.items()))))
+        return original(self)
+
+    monkeypatch.setattr(_launch.Launch, "__call__", record)
+    B, C, K = 9, 130, 33
+    e, s, w = torch.randn(B, K), torch.randn(C, K), torch.randn(B, C, K)
+    ps_kernels.backward(torch.randn(B, C), e, s, w, True)
+    meta = [t.to("meta") for t in (torch.empty(B, C), e, s, w)]
+    planned = [(st.name, tuple(st.grid), tuple(sorted((k, str(v)) for k, v in st.constexprs.items())))
+               for st in ps_kernels.plan_backward(*meta, True)[1] if isinstance(st, _launch.Launch)]
+    assert launched == planned and planned[0][1][2] > 1  # the batch is split: more than one chunk
+
+
+def test_backward_fills_the_gpu_at_the_papers_shapes():
+    """prototype_scores' backward cuts the batch so that CUB and SUN launch at least one CTA per H200 SM."""
+    for B, C, K in [(50, 200, 312), (64, 717, 102), (256, 1000, 312)]:
+        meta = [torch.empty(*shape, device="meta") for shape in ((B, C), (B, K), (C, K), (B, C, K))]
+        launch = ps_kernels.plan_backward(*meta, True)[1][0]
+        ctas = launch.grid[0] * launch.grid[1] * launch.grid[2]
+        assert ctas >= audit.SMS, (B, C, K, launch.grid)
+
+
+def test_signature_follows_triton_specialisation():
+    e = torch.empty(4, 16, device="meta")
+    launch = ps_kernels.plan_forward(e, torch.empty(8, 16, device="meta"), torch.empty(4, 8, 16, device="meta"))[1][0]
+    signature, constexprs, attrs = audit._signature(launch)
+    assert signature["e_ptr"] == "*fp32" and signature["C"] == "i32"
+    assert signature["stride_ek"] == "constexpr" and constexprs["stride_ek"] == 1  # unit stride: a constant
+    assert [["tt.divisibility", 16]] in attrs.values()  # K = 16 and the 16-byte-aligned pointers
+
+
+def test_occupancy_arithmetic():
+    assert audit.occupancy(90, 32, 0, 4) == (16, 1.0)  # thread-limited: 16 CTAs x 128 threads
+    assert audit.occupancy(90, 255, 0, 4)[0] == 2  # 256 registers x 128 threads = half the register file each
+    assert audit.occupancy(80, 64, 100_000, 4)[0] == 1  # shared-memory-limited
+
+
+@needs_compiler
+def test_audit_compiles_and_reports(tmp_path):
+    """One op at one shape for sm_90, fp32 and bf16: compiles with no spills and writes its reports."""
+    md, js = tmp_path / "audit.md", tmp_path / "audit.json"
+    code = audit.main(["--ops", "prototype_scores", "--cases", "CUB", "--archs", "90", "--dtypes", "fp32", "bf16",
+                       "--markdown", str(md), "--json", str(js)])
+    rows = json.loads(js.read_text())["triton"]
+    assert code == 0 and len(rows) == 4
+    assert all(r["registers"] > 0 and r["spill_bytes"] == 0 and not r["problems"] for r in rows)
+    assert "prototype_scores | CUB B=50 C=200 K=312 | bf16 | backward | _backward_kernel | sm_90" in md.read_text()
+
+
+def test_audit_flags_an_underfilled_memory_bound_launch():
+    """A launch that moves 100 MB with 4 CTAs is a finding; the same grid over a few KB is below launch latency."""
+    big = ps_kernels.plan_forward(*(torch.empty(*s, device="meta") for s in ((4, 200_000), (16, 200_000),
+                                                                              (4, 16, 200_000))))[1][0]
+    row = audit.audit_launch("prototype_scores", "toy", "fp32", "forward", big, 90, compile=False)
+    assert row.problems == ["memory-bound with 4 CTAs on 132 SMs"], row
+    small = ps_kernels.plan_forward(*(torch.empty(*s, device="meta") for s in ((4, 64), (16, 64), (4, 16, 64))))[1][0]
+    row = audit.audit_launch("prototype_scores", "toy", "fp32", "forward", small, 90, compile=False)
+    assert not row.problems and "cannot matter" in row.notes[0]
+
+
+def test_gpucheck_pipeline_on_cpu(tmp_path):
+    """gpucheck on CPU tensors at tiny shapes: every check passes and both reports are written."""
+    from zslfast import gpucheck
+
+    code = gpucheck.main(["--out", str(tmp_path)])
+    (report_path,) = tmp_path.glob("*.json")
+    report = json.loads(report_path.read_text())
+    assert code == 0 and report["checks"] and all(c["passed"] for c in report["checks"])
+    assert {c["op"] for c in report["checks"]} == {op.name for op in gpucheck.OPS}
+    assert {t["op"] for t in report["timings"]} == {op.name for op in gpucheck.OPS}
+    assert (tmp_path / report_path.name.replace(".json", ".md")).exists()
+
+
+def test_gpucheck_catches_a_wrong_kernel(tmp_path, monkeypatch):
+    """A kernel off by 1e-3 fails its check and the command's exit status."""
+    import zslfast
+    from zslfast import gpucheck
+
+    real = zslfast.prototype_scores
+    monkeypatch.setattr(zslfast, "prototype_scores", lambda *a, **k: real(*a, **k) * 1.001)
+    assert gpucheck.main(["--out", str(tmp_path), "--ops", "prototype_scores", "--no-timing"]) == 1

@@ -1,0 +1,460 @@
+"""``python -m zslfast audit``: what every GPU kernel of zslfast costs on a real SM, found without a GPU.
+
+For each op at the papers' shapes (CUB, SUN, AwA2, ViT-B N=197/577, a 21K-class head, batch 256) and each dtype
+it supports on a GPU (fp32, bf16, fp16), the audit builds the inputs as meta tensors, asks the op's own Triton
+planners (zslfast/triton/*: ``plan_forward`` / ``plan_backward``) for their launches, and compiles each launch
+exactly as configured (grid, constants, num_warps, num_stages) for sm_80 and sm_90 with the installed triton and
+its own ptxas. Resource usage comes from the cubin (triton's bundled ``cuobjdump --dump-resource-usage``); the
+CUDA C++ kernels of the built extension are read the same way.
+
+Per kernel x shape x dtype x arch it reports registers per thread, spills, shared memory, theoretical occupancy,
+CTAs and waves on the H200's 132 SMs, the bytes that must move and the FLOPs, and the roofline floor at the H200's
+4.3 TB/s (measured copy bandwidth) and its matrix/vector rates. **The floor is a model**, never a measurement.
+
+It exits non-zero on a compile error, shared memory over the architecture's limit, any register spill, or a
+bandwidth-bound launch that fills fewer CTAs than SMs, unless its floor is below one launch's latency (then
+the fill cannot matter, and the table says so).
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+SMS = 132  # H200
+BANDWIDTH = 4.3e12  # bytes/s, H200 copy bandwidth measured on the lent machine (H200.md / KINDS.md)
+# FLOP/s by operand dtype: bf16/fp16 is the measured dense matrix rate; fp32 (plain FMA, tl.dot in "ieee" precision,
+# as zslfast launches it by default) is the datasheet's vector rate: a lead, not a measurement.
+PEAK_FLOPS = {torch.bfloat16: 790e12, torch.float16: 790e12, torch.float32: 67e12, torch.float64: 34e12}
+LAUNCH_LATENCY_US = 5.0  # below this floor a kernel's time is its launch, whatever its grid
+ARCHS = {
+    # arch: (registers per SM, max threads per SM, max CTAs per SM, shared memory per SM, max per CTA) in bytes
+    80: (65536, 2048, 32, 167936, 166912),
+    90: (65536, 2048, 32, 233472, 232448),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TYPE_NAMES = {
+    torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16",
+    torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1",
+}
+
+
+# ------------------------------------------------------------------------------------------------- the cases
+def _meta(*shape, dtype=torch.float32):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def _prototype_scores(B, C, K, dtype):
+    from .triton import prototype_scores as kernels
+
+    e, s, w = _meta(B, K, dtype=dtype), _meta(C, K, dtype=dtype), _meta(B, C, K, dtype=dtype)
+    yield "forward", kernels.plan_forward(e, s, w)[1]
+    yield "backward", kernels.plan_backward(_meta(B, C, dtype=dtype), e, s, w, True)[1]
+
+
+def _cosine_logits(N, C, D, dtype):
+    from .ops.cosine_logits import EPS
+    from .triton import cosine_logits as kernels
+
+    x, p, scale = _meta(N, D, dtype=dtype), _meta(C, D, dtype=dtype), _meta(dtype=dtype)
+    (out, ix, ip), steps = kernels.plan_forward(x, p, scale, EPS)
+    yield "forward", steps
+    yield "backward", kernels.plan_backward(_meta(N, C, dtype=dtype), x, p, out, ix, ip, scale, EPS,
+                                            (True, True, True))[1]
+
+
+def _attribute_attention(B, K, R, D, Dv, dtype):
+    from .triton import attribute_attention as kernels
+
+    q, k, v, ref = _meta(K, D, dtype=dtype), _meta(B, R, D, dtype=dtype), _meta(B, R, Dv, dtype=dtype), \
+        _meta(K, Dv, dtype=dtype)
+    score_mode = 1  # cosine, ILPG's score
+    (_, e, lse, _), steps = kernels.plan_forward(q, k, v, ref, None, D ** -0.5, score_mode, False)
+    yield "forward", steps
+    yield "backward", kernels.plan_backward(_meta(B, K, dtype=dtype), None, q, k, v, ref, None, e, lse, D ** -0.5,
+                                            score_mode, (True, True, True, True))[1]
+
+
+def _attention_rollout(L, B, H, N, dtype):
+    from .triton import attention_rollout as kernels
+
+    attns = [_meta(B, H, N, N, dtype=dtype) for _ in range(L)]
+    yield "forward", kernels.plan_forward(attns, "abnar", 0)[2]
+
+
+def _memory_bank_kl(B, M, D, C, dtype):
+    from .triton import memory_bank as kernels
+
+    z, protos = _meta(B, M, D, dtype=dtype), _meta(C, M, D, dtype=dtype)
+    labels, active = _meta(B, dtype=torch.int64), _meta(B, M, dtype=torch.bool)
+    yield "forward+grad", kernels.plan_kl_forward(z, protos, labels, active, True)[1]
+
+
+# op -> (planner, {case: shape}); the first cases are the papers' shapes, where the fill rule applies.
+CASES = {
+    "prototype_scores": (_prototype_scores, {
+        "CUB B=50 C=200 K=312": (50, 200, 312), "SUN B=64 C=717 K=102": (64, 717, 102),
+        "AwA2 B=50 C=50 K=85": (50, 50, 85), "B=256 C=1000 K=312": (256, 1000, 312),
+    }),
+    "cosine_logits": (_cosine_logits, {
+        "CUB N=64 C=200 D=768": (64, 200, 768), "SUN N=64 C=717 D=768": (64, 717, 768),
+        "AwA2 N=64 C=50 D=768": (64, 50, 768), "21K classes N=256 C=21841 D=768": (256, 21841, 768),
+    }),
+    "attribute_attention": (_attribute_attention, {
+        "CUB B=64 K=312 R=49 D=300": (64, 312, 49, 300, 300), "SUN B=64 K=102 R=49 D=300": (64, 102, 49, 300, 300),
+        "AwA2 B=64 K=85 R=49 D=300": (64, 85, 49, 300, 300),
+        "ViT-B N=197 B=64 K=312 D=768": (64, 312, 197, 768, 768),
+        "ViT-B N=577 B=16 K=312 D=768": (16, 312, 577, 768, 768),
+        "CUB B=256": (256, 312, 49, 300, 300),
+    }),
+    "attention_rollout": (_attention_rollout, {
+        "ViT-B N=197 L=12 H=12 B=64": (12, 64, 12, 197), "ViT-B N=577 L=12 H=12 B=16": (12, 16, 12, 577),
+        "ViT-B N=197 B=256": (12, 256, 12, 197),
+    }),
+    "memory_bank_kl": (_memory_bank_kl, {
+        "CUB B=128 M=3 D=768 C=200": (128, 3, 768, 200), "SUN B=256 M=3 D=768 C=717": (256, 3, 768, 717),
+    }),
+}
+LARGE_CASES = {"B=256 C=1000 K=312", "21K classes N=256 C=21841 D=768", "CUB B=256", "ViT-B N=197 B=256"}
+
+
+# ---------------------------------------------------------------------------------------------- compiling
+@dataclass
+class Row:
+    op: str
+    case: str
+    dtype: str
+    pass_name: str
+    kernel: str
+    arch: int
+    grid: List[int]
+    num_warps: int
+    num_stages: int
+    registers: Optional[int] = None
+    spill_bytes: Optional[int] = None
+    shared_bytes: Optional[int] = None
+    ctas_per_sm: Optional[int] = None
+    occupancy: Optional[float] = None
+    ctas: int = 0
+    waves: float = 0.0
+    bytes: int = 0
+    flops: float = 0.0
+    floor_us: float = 0.0
+    bound: str = ""
+    problems: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+
+def _signature(launch):
+    """(signature, constexprs, attrs) as triton's launcher would specialise this launch's arguments."""
+    kernel = launch.kernel
+    runtime = [name for name in kernel.arg_names if name not in launch.constexprs]
+    if len(runtime) != len(launch.args):
+        raise ValueError(f"{launch.name}: {len(launch.args)} arguments for parameters {runtime}")
+    signature, constexprs, attrs = {}, dict(launch.constexprs), {}
+    values = dict(zip(runtime, launch.args))
+    for index, name in enumerate(kernel.arg_names):
+        if name in launch.constexprs:
+            signature[name] = "constexpr"
+            continue
+        value = values[name]
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + TYPE_NAMES[value.dtype]
+            if (value.storage_offset() * value.element_size()) % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            if value == 1:  # triton specialises the integer 1 into a constant
+                signature[name], constexprs[name] = "constexpr", 1
+                continue
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        elif value is None:
+            signature[name], constexprs[name] = "constexpr", None
+        else:
+            raise TypeError(f"{launch.name}: argument {name} of type {type(value).__name__}")
+    return signature, constexprs, attrs
+
+
+def compiler_problem() -> Optional[str]:
+    """Why the installed triton cannot compile for a GPU target here, or None."""
+    try:
+        import inspect
+
+        import triton
+        from triton.compiler import ASTSource
+    except ImportError as exc:
+        return f"triton is not importable ({exc})"
+    if "constexprs" not in inspect.signature(ASTSource.__init__).parameters:
+        return (f"triton {triton.__version__}'s compiler takes index-keyed signatures; the audit uses the name-keyed "
+                "ASTSource of newer triton (tested: 3.6, 3.9)")
+    if _cuobjdump() is None:
+        return "no cuobjdump: neither triton's bundled one nor $CUDA_HOME/bin/cuobjdump"
+    return None
+
+
+def _cuobjdump() -> Optional[str]:
+    import triton
+
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if bundled.exists():
+        return str(bundled)
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    return str(Path(home) / "bin" / "cuobjdump") if (Path(home) / "bin" / "cuobjdump").exists() else None
+
+
+RESOURCE = re.compile(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+
+
+def _resource_usage(binary: bytes, suffix: str = ".cubin") -> List[tuple]:
+    """[(function, registers, stack, static shared, local)] of a cubin or fat binary."""
+    tool = _cuobjdump()
+    if tool is None:
+        raise RuntimeError("no cuobjdump: neither triton's bundled one nor $CUDA_HOME/bin/cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=suffix) as f:
+        f.write(binary)
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    return [(m[0], int(m[1]), int(m[2]), int(m[3]), int(m[4])) for m in RESOURCE.findall(text)]
+
+
+_compiled: Dict[tuple, tuple] = {}
+
+
+def _compile(launch, arch: int):
+    """(registers, spill bytes, shared bytes) of the launch compiled for sm_<arch>; cached per specialisation."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    key = (launch.name, arch, _signature_key(launch))
+    signature, constexprs, attrs = _signature(launch)
+    if key not in _compiled:
+        target = GPUTarget("cuda", arch, 32)
+        options = triton.compiler.make_backend(target).parse_options(
+            {"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+        start = time.perf_counter()
+        compiled = triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs), target=target,
+                                  options=options.__dict__)
+        if os.environ.get("ZSLFAST_AUDIT_VERBOSE") == "1":
+            print(f"compiled {launch.name} sm_{arch} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+        (_, registers, stack, static_shared, local), = _resource_usage(compiled.asm["cubin"])
+        _compiled[key] = (registers, stack + local, compiled.metadata.shared + static_shared)
+    return _compiled[key]
+
+
+def occupancy(arch: int, registers: int, shared: int, num_warps: int):
+    """(CTAs per SM, fraction of the SM's warp slots) from registers, shared memory and thread limits."""
+    regs_per_sm, threads_per_sm, ctas_limit, shared_per_sm, _ = ARCHS[arch]
+    regs_per_warp = -(-max(registers, 1) * 32 // 256) * 256  # allocated per warp in units of 256
+    by_regs = regs_per_sm // (regs_per_warp * num_warps)
+    by_threads = threads_per_sm // (32 * num_warps)
+    by_shared = shared_per_sm // (shared + 1024) if shared else ctas_limit  # 1 KiB reserved per CTA
+    ctas = max(0, min(by_regs, by_threads, by_shared, ctas_limit))
+    return ctas, ctas * num_warps * 32 / threads_per_sm
+
+
+def audit_launch(op, case, dtype_name, pass_name, launch, arch, compile: bool = True) -> Row:
+    """The row of one launch: its traffic model and fill, and (when compile) its resources on sm_<arch>."""
+    ctas = 1
+    for g in launch.grid:
+        ctas *= int(g)
+    row = Row(op, case, dtype_name, pass_name, launch.name + (f" ({launch.label})" if launch.label else ""), arch,
+              [int(g) for g in launch.grid], launch.num_warps, launch.num_stages, ctas=ctas,
+              bytes=launch.bytes_moved(), flops=float(launch.flops))
+    dtype = DTYPES[dtype_name]
+    memory_s, compute_s = row.bytes / BANDWIDTH, row.flops / PEAK_FLOPS[dtype]
+    row.floor_us = 1e6 * max(memory_s, compute_s)
+    row.bound = "memory" if memory_s >= compute_s else "compute"
+    if compile:
+        try:
+            row.registers, row.spill_bytes, row.shared_bytes = _compile(launch, arch)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure is a finding, reported with its message
+            row.problems.append(f"compile error: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}")
+            return row
+        row.ctas_per_sm, row.occupancy = occupancy(arch, row.registers, row.shared_bytes, launch.num_warps)
+        row.waves = ctas / (max(row.ctas_per_sm, 1) * SMS)
+        if row.shared_bytes > ARCHS[arch][4]:
+            row.problems.append(f"shared memory {row.shared_bytes} B over sm_{arch}'s {ARCHS[arch][4]} B per CTA")
+        if row.spill_bytes:
+            row.problems.append(f"{row.spill_bytes} B of register spills")
+        if row.ctas_per_sm == 0:
+            row.problems.append("no CTA fits on an SM")
+    if row.bound == "memory" and ctas < SMS and case not in LARGE_CASES:
+        if row.floor_us < LAUNCH_LATENCY_US:
+            row.notes.append(f"{ctas} CTAs < {SMS} SMs, but the floor {row.floor_us:.2f} us is below a launch's "
+                             f"~{LAUNCH_LATENCY_US:.0f} us: the fill cannot matter")
+        else:
+            row.problems.append(f"memory-bound with {ctas} CTAs on {SMS} SMs")
+    return row
+
+
+def audit_triton(ops=None, archs=(80, 90), dtypes=tuple(DTYPES), cases=None) -> List[Row]:
+    rows = []
+    for op, (planner, shapes) in CASES.items():
+        if ops and op not in ops:
+            continue
+        for case, shape in shapes.items():
+            if cases and not any(c in case for c in cases):
+                continue
+            for dtype_name in dtypes:
+                for pass_name, steps in planner(*shape, DTYPES[dtype_name]):
+                    # glue between launches (fixed-order sums) is plain torch ops; identical launches (the
+                    # rollout's per-layer steps) are audited once and counted
+                    launches, counts = {}, {}
+                    for launch in steps:
+                        if hasattr(launch, "kernel"):
+                            key = (launch.name, tuple(launch.grid), _signature_key(launch))
+                            launches.setdefault(key, launch)
+                            counts[key] = counts.get(key, 0) + 1
+                    for key, launch in launches.items():
+                        for arch in archs:
+                            row = audit_launch(op, case, dtype_name, pass_name, launch, arch)
+                            if counts[key] > 1:
+                                row.kernel = f"{launch.name} x{counts[key]}"
+                            rows.append(row)
+    return rows
+
+
+def _signature_key(launch):
+    signature, constexprs, attrs = _signature(launch)
+    return (tuple(signature.items()), tuple((k, str(v)) for k, v in constexprs.items()), tuple(sorted(attrs)),
+            launch.num_warps, launch.num_stages)
+
+
+def audit_cuda_extension() -> List[dict]:
+    """Registers, spills and shared memory of the CUDA C++ kernels in zslfast._C, per architecture built."""
+    from . import _backend
+
+    if not _backend.HAS_CUDA_KERNELS:
+        return []
+    import importlib
+
+    path = importlib.import_module("zslfast._C").__file__
+    tool = _cuobjdump()
+    text = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+    out, arch = [], None
+    for line in text.splitlines():
+        found = re.search(r"arch = sm_(\d+)", line)
+        if found:
+            arch = int(found.group(1))
+        m = re.search(r"Function (\S+):", line)
+        if m:
+            current = m.group(1)
+        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
+        if m:
+            regs, stack, shared, local = (int(x) for x in m.groups())
+            demangled = subprocess.run(["c++filt", current], capture_output=True, text=True).stdout.strip() or current
+            name = demangled.replace("(anonymous namespace)::", "").split("(")[0].removeprefix("void ")
+            out.append(dict(kernel=name, arch=arch, registers=regs, spill_bytes=stack + local,
+                            shared_bytes=shared, problems=[f"{stack + local} B of register spills"] if stack + local else []))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ reports
+def _fmt_row(r: Row) -> str:
+    occ = f"{100 * r.occupancy:.0f}%" if r.occupancy is not None else "-"
+    status = "; ".join(r.problems) if r.problems else ("ok; " + "; ".join(r.notes) if r.notes else "ok")
+    return (f"| {r.op} | {r.case} | {r.dtype} | {r.pass_name} | {r.kernel} | sm_{r.arch} | {r.registers} | "
+            f"{r.spill_bytes} | {r.shared_bytes} | {r.num_warps}/{r.num_stages} | {occ} | {r.ctas} | {r.waves:.2f} | "
+            f"{r.bytes / 1e6:.2f} | {r.flops / 1e9:.3f} | {r.floor_us:.2f} ({r.bound}) | {status} |")
+
+
+HEADER = ("| op | case | dtype | pass | kernel | arch | regs | spill B | smem B | warps/stages | occupancy | CTAs | "
+          "waves (132 SMs) | MB moved | GFLOP | floor us (model) | status |\n" + "|---" * 17 + "|")
+
+
+def markdown(rows: List[Row], cuda_rows: List[dict], versions: str) -> str:
+    lines = [
+        "# GPU audit (generated by `python -m zslfast audit --markdown benchmarks/gpu_audit.md`; do not edit)", "",
+        f"Compiled on a machine without a GPU: {versions}. Registers, spills and shared memory are read from the "
+        "cubins; occupancy is theoretical; waves count CTAs over 132 SMs (H200) at that occupancy.",
+        f"**The floor is a model**: max(bytes / {BANDWIDTH / 1e12:.1f} TB/s, FLOPs / peak) with peaks "
+        + ", ".join(f"{TYPE_NAMES[d]} {v / 1e12:.0f} TFLOP/s" for d, v in PEAK_FLOPS.items())
+        + " (4.3 TB/s and the bf16 rate measured on an H200 here; fp32/fp64 from the datasheet). Bytes count each "
+        "tensor argument once. Nothing here is a GPU measurement.", "",
+        "## Triton kernels", "", HEADER,
+    ]
+    lines += [_fmt_row(r) for r in rows]
+    if cuda_rows:
+        lines += ["", "## CUDA C++ kernels (zslfast._C)", "", "| kernel | arch | regs | spill B | static smem B | status |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| `{r['kernel']}` | sm_{r['arch']} | {r['registers']} | {r['spill_bytes']} | {r['shared_bytes']} | "
+                  f"{'; '.join(r['problems']) or 'ok'} |" for r in cuda_rows]
+    return "\n".join(lines) + "\n"
+
+
+# The markdown report keeps everything after this line of the file it replaces: the hand-written log of what each
+# change to a kernel did to the figures above.
+CHANGES_MARKER = "<!-- hand-written below: kept when the report is regenerated -->"
+
+
+def versions() -> str:
+    import triton
+
+    return f"triton {triton.__version__}, torch {torch.__version__}, python {sys.version.split()[0]}"
+
+
+def _interpreted() -> bool:
+    from ._backend import triton_interpreted
+
+    return triton_interpreted()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m zslfast audit", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ops", nargs="*", help=f"only these ops (default: all of {list(CASES)})")
+    parser.add_argument("--cases", nargs="*", help="only cases whose name contains one of these")
+    parser.add_argument("--dtypes", nargs="*", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--archs", nargs="*", type=int, default=[80, 90], choices=sorted(ARCHS))
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--markdown", help="also write the markdown report to this file")
+    args = parser.parse_args(argv)
+    if _interpreted():
+        # Under TRITON_INTERPRET=1 @triton.jit makes interpreter functions, which do not compile: rerun without it.
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        argv = sys.argv[1:] if argv is None else list(argv)
+        return subprocess.run([sys.executable, "-m", "zslfast.audit", *argv], env=env).returncode
+    problem = compiler_problem()
+    if problem:
+        print(f"zslfast audit: cannot compile GPU kernels here: {problem}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    rows = audit_triton(args.ops, tuple(args.archs), tuple(args.dtypes), args.cases)
+    cuda_rows = audit_cuda_extension() if not args.ops else []
+    report = markdown(rows, cuda_rows, versions())
+    print(report)
+    problems = [r for r in rows if r.problems] + [r for r in cuda_rows if r["problems"]]
+    print(f"{len(rows)} Triton launches x archs audited, {len(cuda_rows)} CUDA C++ kernels; "
+          f"{len(_compiled)} compilations in {time.perf_counter() - start:.0f} s; {len(problems)} with problems")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(
+            dict(versions=versions(), triton=[asdict(r) for r in rows], cuda=cuda_rows), indent=1))
+    if args.markdown:
+        path = Path(args.markdown)
+        kept = path.read_text().partition(CHANGES_MARKER)[2] if path.exists() else ""
+        path.write_text(report + ("\n" + CHANGES_MARKER + kept if kept else ""))
+    for r in problems:
+        print("PROBLEM:", r.op if isinstance(r, Row) else r["kernel"], getattr(r, "case", ""),
+              getattr(r, "dtype", ""), getattr(r, "kernel", ""), r.problems if isinstance(r, Row) else r["problems"],
+              file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

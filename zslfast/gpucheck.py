@@ -1,0 +1,400 @@
+"""``python -m zslfast gpucheck``: the one-command GPU self-test, for whoever has a GPU.
+
+1. Prints the build: torch, triton, CUDA, the GPU and its arch, and which kernels the extension holds.
+2. Correctness: every op x every GPU backend (triton, cuda) x fp32/bf16/fp16, forward and backward, against the
+   reference (zslfast.reference) run in fp64 on the same device. An error must stay within 2x the error of the
+   same eager code (the paper's) run in that dtype (and within 1e-5 relative in fp32).
+3. Speed: eager, torch.compile of the eager code and zslfast at the papers' shapes and the large ones (the audit's
+   cases), forward and forward+backward, with peak memory. GPU times are triton.testing.do_bench medians over
+   inputs rotated beyond the 60 MB L2; torch.compile's warm-up is excluded and reported on its own. For
+   attribute_attention it also times SDPA + cosine, and records which SDPA backend runs at head dim 300 in bf16.
+4. Writes ``<out>/<gpu>-<date>.json`` and ``.md``: achieved GB/s and TFLOP/s against the audit's bytes and FLOPs
+   (a model of the traffic floor) and the ceilings, ratios against eager and compile.
+
+On a machine without a GPU it runs the same pipeline on CPU tensors at tiny shapes (Triton through its
+interpreter when TRITON_INTERPRET=1, the C++ kernels as "cpu"), so that it cannot rot; a test runs it.
+It needs nothing but this repository and the GPU machine's own torch, triton, nvcc and ninja.
+"""
+
+import argparse
+import datetime
+import json
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _backend, audit, reference
+from .bench import (
+    _eager_attribute_attention,
+    _eager_memory_bank_kl,
+    _eager_prototype_scores,
+    _eager_rollout,
+)
+
+L2_BYTES = 60 * 2**20  # H200's L2: inputs are rotated over at least twice this
+SCALE = 16.0  # cosine_logits' scale in every check (a SVIP/SAGE-like temperature)
+
+
+# ----------------------------------------------------------------------------------------------- the ops
+@dataclass
+class OpCheck:
+    name: str  # also the key of its shapes and traffic model in zslfast.audit.CASES
+    make: Callable  # (shape, dtype, device, generator) -> inputs; the first num_grad are differentiated
+    num_grad: Optional[int]  # None: every floating input
+    fused: Callable  # backend -> fn(*inputs)
+    eager: Callable  # the paper's code, fn(*inputs)
+    exact: Callable  # the reference, fn(*inputs)
+    backends: tuple  # the op's GPU backends
+    tiny: tuple  # the CPU self-check's shape
+
+
+def _randn(g, device, dtype, *shape, scale=1.0):
+    return (torch.randn(*shape, generator=g, dtype=torch.float64, device="cpu") * scale).to(device, dtype)
+
+
+def _make_prototype_scores(shape, dtype, device, g):
+    B, C, K = shape
+    return _randn(g, device, dtype, B, K), _randn(g, device, dtype, C, K), _randn(g, device, dtype, B, C, K, scale=0.1)
+
+
+def _make_cosine_logits(shape, dtype, device, g):
+    N, C, D = shape
+    return _randn(g, device, dtype, N, D), _randn(g, device, dtype, C, D)
+
+
+def _make_attribute_attention(shape, dtype, device, g):
+    B, K, R, D, Dv = shape
+    return (_randn(g, device, dtype, K, D), _randn(g, device, dtype, B, R, D), _randn(g, device, dtype, B, R, Dv),
+            _randn(g, device, dtype, K, Dv))
+
+
+def _make_attention_rollout(shape, dtype, device, g):
+    L, B, H, N = shape
+    return tuple(_randn(g, device, torch.float64, B, H, N, N, scale=2.0).softmax(-1).to(dtype) for _ in range(L))
+
+
+def _make_memory_bank_kl(shape, dtype, device, g):
+    B, M, D, C = shape
+    labels = torch.randint(0, C, (B,), generator=g).to(device)
+    active = (torch.rand(B, M, generator=g) < 0.7).to(device)
+    return _randn(g, device, dtype, B, M, D), _randn(g, device, dtype, C, M, D), labels, active
+
+
+def _fused(op_name):
+    import zslfast
+
+    def for_backend(backend):
+        if op_name == "cosine_logits":
+            return lambda x, p: zslfast.cosine_logits(x, p, SCALE, backend=backend)
+        if op_name == "attention_rollout":
+            return lambda *attns: zslfast.attention_rollout(list(attns), backend=backend)
+        return lambda *inputs: getattr(zslfast, op_name)(*inputs, backend=backend)
+
+    return for_backend
+
+
+OPS = [
+    OpCheck("prototype_scores", _make_prototype_scores, 3, _fused("prototype_scores"), _eager_prototype_scores,
+            reference.prototype_scores, ("triton", "cuda"), (5, 37, 70)),
+    OpCheck("cosine_logits", _make_cosine_logits, 2, _fused("cosine_logits"),
+            lambda x, p: SCALE * F.normalize(x, dim=-1) @ F.normalize(p, dim=-1).T,
+            lambda x, p: reference.cosine_logits(x, p, SCALE), ("triton", "cuda"), (6, 9, 40)),
+    OpCheck("attribute_attention", _make_attribute_attention, 4, _fused("attribute_attention"),
+            _eager_attribute_attention, reference.attribute_attention, ("triton",), (3, 11, 7, 20, 20)),
+    OpCheck("attention_rollout", _make_attention_rollout, None, _fused("attention_rollout"), _eager_rollout,
+            lambda *attns: reference.attention_rollout(list(attns)), ("triton",), (3, 2, 2, 17)),
+    OpCheck("memory_bank_kl", _make_memory_bank_kl, 1, _fused("memory_bank_kl"), _eager_memory_bank_kl,
+            reference.memory_bank_kl, ("triton",), (4, 2, 33, 5)),
+]
+
+
+# --------------------------------------------------------------------------------------------- correctness
+def _differentiated(index, tensor, num_grad) -> bool:
+    return tensor.is_floating_point() and (num_grad is None or index < num_grad)
+
+
+def _outputs_and_grads(fn, inputs, num_grad, grad_out=None):
+    """The output and the gradients of the first num_grad inputs for grad_out (rollout: of the output itself)."""
+    leaves = [t.detach().requires_grad_(_differentiated(i, t, num_grad)) for i, t in enumerate(inputs)]
+    out = fn(*leaves)
+    wrt = [t for t in leaves if t.requires_grad]
+    if grad_out is None:
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(out.device)
+    grads = torch.autograd.grad(out, wrt, grad_out.to(out.dtype)) if wrt else ()
+    return [out.detach()] + [g.detach() for g in grads], grad_out
+
+
+def _relative_errors(values, exact):
+    return [((v.double() - x).abs().max() / x.abs().max().clamp_min(1e-30)).item() for v, x in zip(values, exact)]
+
+
+def check_correctness(op: OpCheck, backend: str, dtype: torch.dtype, shape, device) -> dict:
+    g = torch.Generator().manual_seed(0)
+    inputs64 = op.make(shape, torch.float64, device, g)
+    exact, grad_out = _outputs_and_grads(op.exact, inputs64, op.num_grad)
+    low = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs64)
+    kernel, _ = _outputs_and_grads(op.fused(backend), low, op.num_grad, grad_out)
+    eager, _ = _outputs_and_grads(op.eager, low, op.num_grad, grad_out)
+    kernel_err, eager_err = _relative_errors(kernel, exact), _relative_errors(eager, exact)
+    floor = 1e-5 if dtype == torch.float32 else 1e-10 if dtype == torch.float64 else 1e-3
+    bounds = [max(2 * e, floor) for e in eager_err]
+    names = ["out"] + [f"grad{i}" for i in range(len(kernel) - 1)]
+    failed = [n for n, k, b in zip(names, kernel_err, bounds) if not k <= b]  # NaN fails
+    return dict(op=op.name, backend=backend, dtype=str(dtype).replace("torch.", ""), shape=list(shape),
+                errors=dict(zip(names, kernel_err)), eager_errors=dict(zip(names, eager_err)),
+                bounds=dict(zip(names, bounds)), passed=not failed, failed=failed)
+
+
+# ------------------------------------------------------------------------------------------------- timing
+def _time_ms(fn, device) -> float:
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def _peak_mib(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    from ._memory import peak_bytes
+
+    return peak_bytes(fn, device) / 2**20
+
+
+def _rotated(op: OpCheck, shape, dtype, device):
+    """Enough copies of the inputs that one pass over them overflows the L2 twice (one on CPU)."""
+    g = torch.Generator().manual_seed(2)
+    first = op.make(shape, dtype, device, g)
+    size = sum(t.numel() * t.element_size() for t in first)
+    copies = 1 if device.type != "cuda" else max(1, min(32, -(-2 * L2_BYTES // max(size, 1))))
+    sets = [first] + [op.make(shape, dtype, device, g) for _ in range(copies - 1)]
+    for inputs in sets:
+        for i, t in enumerate(inputs):
+            t.requires_grad_(_differentiated(i, t, op.num_grad))
+    return sets
+
+
+def _steps(fn, sets, op: OpCheck):
+    """(forward, forward+backward) callables cycling through the input sets."""
+    counter = [0]
+    grad_outs = {}
+
+    def next_inputs():
+        counter[0] = (counter[0] + 1) % len(sets)
+        return sets[counter[0]]
+
+    def forward():
+        with torch.no_grad():
+            return fn(*next_inputs())
+
+    def train():
+        inputs = next_inputs()
+        out = fn(*inputs)
+        wrt = [t for t in inputs if t.requires_grad]
+        key = (tuple(out.shape), out.dtype)
+        if key not in grad_outs:
+            grad_outs[key] = torch.randn_like(out)
+        return torch.autograd.grad(out, wrt, grad_outs[key])
+
+    return forward, train
+
+
+def sdpa_backend_at(D: int, dtype, device) -> Optional[str]:
+    """The SDPA backend PyTorch picks at head dim D (the first of its priority order that accepts the input)."""
+    if device.type != "cuda":
+        return None
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(2, 1, 64, D, device=device, dtype=dtype)
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                    SDPBackend.MATH):
+        try:
+            with sdpa_kernel([backend]):
+                F.scaled_dot_product_attention(q, q, q)
+            return backend.name
+        except RuntimeError:
+            continue
+    return None
+
+
+def _sdpa_cosine(q, k, v, ref):
+    e = F.scaled_dot_product_attention(q.expand(k.shape[0], -1, -1), k, v)
+    return F.cosine_similarity(e, ref, dim=-1, eps=1e-8)
+
+
+def time_case(op: OpCheck, case: str, shape, dtype, device, backends, use_compile: bool) -> dict:
+    sets = _rotated(op, shape, dtype, device)
+    impls = {"eager": op.eager}
+    if op.name == "attribute_attention" and device.type == "cuda":
+        impls["sdpa+cosine"] = _sdpa_cosine
+    if use_compile:
+        impls["compile"] = torch.compile(op.eager, dynamic=False)
+    impls.update({f"zslfast[{b}]": op.fused(b) for b in backends})
+    traffic = {}
+    for pass_name, steps in audit.CASES[op.name][0](*shape, dtype) if op.name in audit.CASES else ():
+        launches = [s for s in steps if hasattr(s, "kernel")]
+        traffic[pass_name] = (sum(s.bytes_moved() for s in launches), sum(s.flops for s in launches))
+    result = dict(op=op.name, case=case, shape=list(shape), dtype=str(dtype).replace("torch.", ""), impls={})
+    for name, fn in impls.items():
+        forward, train = _steps(fn, sets, op)
+        entry = {}
+        if name == "compile":
+            start = time.perf_counter()
+            train()
+            forward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            entry["warmup_s"] = time.perf_counter() - start
+        entry["forward_ms"] = _time_ms(forward, device)
+        entry["train_ms"] = _time_ms(train, device)
+        entry["train_peak_mib"] = _peak_mib(train, device)
+        result["impls"][name] = entry
+    fwd_bytes, fwd_flops = traffic.get("forward", (0, 0))
+    bwd_bytes, bwd_flops = (sum(v[0] for v in traffic.values()), sum(v[1] for v in traffic.values()))
+    result["model"] = dict(forward_bytes=fwd_bytes, forward_flops=fwd_flops, train_bytes=bwd_bytes,
+                           train_flops=bwd_flops)
+    return result
+
+
+# -------------------------------------------------------------------------------------------------- report
+def _build_lines(device) -> list:
+    lines = [f"torch {torch.__version__} (CUDA {torch.version.cuda}), python {sys.version.split()[0]}"]
+    try:
+        import triton
+
+        lines.append(f"triton {triton.__version__}")
+    except ImportError:
+        lines.append("triton: not installed")
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        lines.append(f"GPU {torch.cuda.get_device_name(device)}, sm_{major}{minor}, "
+                     f"{torch.cuda.get_device_properties(device).multi_processor_count} SMs")
+    info = _backend.BUILD_INFO
+    if info:
+        cpu, cuda = _raw_kernels()
+        lines.append(f"extension built for torch {info.TORCH_VERSION}, arch {info.CUDA_ARCH_LIST}; CPU kernels: "
+                     f"{', '.join(cpu) or '-'}; CUDA kernels: {', '.join(cuda) or '-'}")
+    else:
+        lines.append(f"extension: NOT in use ({_backend.EXTENSION_ERROR})")
+    return lines
+
+
+def _raw_kernels():
+    """The extension's raw kernels (zslfast::_*) with a CPU and with a CUDA implementation."""
+    names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("zslfast::_"))
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return ([n.split("::")[1] for n in names if has(n, "CPU")], [n.split("::")[1] for n in names if has(n, "CUDA")])
+
+
+def _fmt_ms(x):
+    return "-" if x is None else f"{x:.3f}"
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# zslfast gpucheck on {report['device']} ({report['date']})", ""] + [f"- {l}" for l in report["build"]]
+    lines += ["", "## Correctness (max relative error against the fp64 reference; bound = 2x eager in that dtype)", "",
+              "| op | backend | dtype | output | worst gradient | bound (worst) | passed |", "|---|---|---|---|---|---|---|"]
+    for c in report["checks"]:
+        grads = [v for k, v in c["errors"].items() if k != "out"]
+        lines.append(f"| {c['op']} | {c['backend']} | {c['dtype']} | {c['errors']['out']:.2e} | "
+                     f"{max(grads) if grads else 0:.2e} | {min(c['bounds'].values()):.2e} | "
+                     f"{'yes' if c['passed'] else 'NO: ' + ', '.join(c['failed'])} |")
+    lines += ["", "## Speed (forward+backward; ms are medians; GB/s and TFLOP/s from the audit's traffic model)", "",
+              "| op | case | dtype | eager ms | compile ms (warm-up s) | zslfast ms | vs eager | vs compile | GB/s "
+              "(% of 4.3 TB/s) | TFLOP/s | peak MiB eager / zslfast |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for t in report["timings"]:
+        impls = t["impls"]
+        ours = [k for k in impls if k.startswith("zslfast")]
+        best = min(ours, key=lambda k: impls[k]["train_ms"]) if ours else None
+        z = impls[best]["train_ms"] if best else None
+        e = impls["eager"]["train_ms"]
+        c = impls.get("compile", {}).get("train_ms")
+        gbs = t["model"]["train_bytes"] / (z * 1e-3) / 1e9 if z else 0
+        tfs = t["model"]["train_flops"] / (z * 1e-3) / 1e12 if z else 0
+        lines.append(
+            f"| {t['op']} | {t['case']} | {t['dtype']} | {_fmt_ms(e)} | "
+            f"{_fmt_ms(c)}{' (%.1f)' % impls['compile']['warmup_s'] if c else ''} | {_fmt_ms(z)} {best or ''} | "
+            f"{e / z if z else 0:.2f}x | {(c / z if c and z else 0):.2f}x | {gbs:.0f} ({100 * gbs / 4300:.0f}%) | "
+            f"{tfs:.1f} | {impls['eager']['train_peak_mib']:.1f} / {impls[best]['train_peak_mib'] if best else 0:.1f} |")
+    if report.get("sdpa_backend_d300_bf16"):
+        lines += ["", f"SDPA at head dim 300 in bf16 runs: {report['sdpa_backend_d300_bf16']}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m zslfast gpucheck", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON and markdown reports")
+    parser.add_argument("--ops", nargs="*", help="only these ops")
+    parser.add_argument("--time-dtype", default="bf16", choices=["fp32", "bf16", "fp16"],
+                        help="dtype of the timed runs on a GPU (the CPU check times fp32)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="time torch.compile of the eager code (default: on a GPU only)")
+    parser.add_argument("--no-timing", action="store_true", help="correctness only")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.type == "cuda"
+    use_compile = on_gpu if args.compile is None else args.compile
+    build = _build_lines(device)
+    print("\n".join(build))
+    if _backend.extension_warning():
+        print(_backend.extension_warning(), file=sys.stderr)
+    ops = [op for op in OPS if not args.ops or op.name in args.ops]
+    dtypes = [torch.float32, torch.bfloat16, torch.float16] if on_gpu else [torch.float32]
+    report = dict(device=torch.cuda.get_device_name(device) if on_gpu else "cpu",
+                  date=datetime.date.today().isoformat(), build=build, checks=[], timings=[])
+    for op in ops:
+        backends = [b for b in (op.backends if on_gpu else ("cpu", "triton")) if _backend.why_unavailable(b, device) is None]
+        shape = next(iter(audit.CASES[op.name][1].values())) if on_gpu else op.tiny
+        for backend in backends:
+            for dtype in dtypes:
+                result = check_correctness(op, backend, dtype, shape, device)
+                report["checks"].append(result)
+                print(f"check {op.name:20s} {backend:7s} {result['dtype']:9s} "
+                      f"{'ok' if result['passed'] else 'FAILED ' + ', '.join(result['failed'])} "
+                      f"(worst {max(result['errors'].values()):.1e}, bound {min(result['bounds'].values()):.1e})",
+                      flush=True)
+        if args.no_timing or not backends:
+            continue
+        cases = audit.CASES[op.name][1].items() if on_gpu else [("tiny", op.tiny)]
+        time_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.time_dtype]
+        for case, case_shape in cases:
+            timing = time_case(op, case, case_shape, time_dtype if on_gpu else torch.float32, device, backends,
+                               use_compile)
+            report["timings"].append(timing)
+            print(f"time  {op.name:20s} {case:34s} " + "  ".join(
+                f"{k} {v['train_ms']:.3f} ms" for k, v in timing["impls"].items()), flush=True)
+    report["sdpa_backend_d300_bf16"] = sdpa_backend_at(300, torch.bfloat16, device)
+    text = markdown(report)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = re.sub(r"[^a-z0-9]+", "-", report["device"].lower()).strip("-") + "-" + report["date"]
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    (out / f"{stem}.md").write_text(text)
+    failed = [c for c in report["checks"] if not c["passed"]]
+    print(f"{len(report['checks'])} checks, {len(failed)} failed; reports in {out / stem}.json and .md")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
