@@ -53,10 +53,11 @@ class OpCheck:
     exact: Callable  # the reference, fn(*inputs)
     backends: tuple  # the op's GPU backends
     tiny: tuple  # the CPU self-check's shape
+    checked: tuple  # the GPU correctness check's shape (a papers' shape)
 
 
 def _randn(g, device, dtype, *shape, scale=1.0):
-    return (torch.randn(*shape, generator=g, dtype=torch.float64, device="cpu") * scale).to(device, dtype)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64, device=device) * scale).to(dtype)
 
 
 def _make_prototype_scores(shape, dtype, device, g):
@@ -82,8 +83,8 @@ def _make_attention_rollout(shape, dtype, device, g):
 
 def _make_memory_bank_kl(shape, dtype, device, g):
     B, M, D, C = shape
-    labels = torch.randint(0, C, (B,), generator=g).to(device)
-    active = (torch.rand(B, M, generator=g) < 0.7).to(device)
+    labels = torch.randint(0, C, (B,), generator=g, device=device)
+    active = torch.rand(B, M, generator=g, device=device) < 0.7
     return _randn(g, device, dtype, B, M, D), _randn(g, device, dtype, C, M, D), labels, active
 
 
@@ -102,16 +103,17 @@ def _fused(op_name):
 
 OPS = [
     OpCheck("prototype_scores", _make_prototype_scores, 3, _fused("prototype_scores"), _eager_prototype_scores,
-            reference.prototype_scores, ("triton", "cuda"), (5, 37, 70)),
+            reference.prototype_scores, ("triton", "cuda"), (5, 37, 70), (50, 200, 312)),
     OpCheck("cosine_logits", _make_cosine_logits, 2, _fused("cosine_logits"),
             lambda x, p: SCALE * F.normalize(x, dim=-1) @ F.normalize(p, dim=-1).T,
-            lambda x, p: reference.cosine_logits(x, p, SCALE), ("triton", "cuda"), (6, 9, 40)),
+            lambda x, p: reference.cosine_logits(x, p, SCALE), ("triton", "cuda"), (6, 9, 40), (64, 200, 768)),
     OpCheck("attribute_attention", _make_attribute_attention, 4, _fused("attribute_attention"),
-            _eager_attribute_attention, reference.attribute_attention, ("triton",), (3, 11, 7, 20, 20)),
+            _eager_attribute_attention, reference.attribute_attention, ("triton",), (3, 11, 7, 20, 20),
+            (64, 312, 49, 300, 300)),
     OpCheck("attention_rollout", _make_attention_rollout, None, _fused("attention_rollout"), _eager_rollout,
-            lambda *attns: reference.attention_rollout(list(attns)), ("triton",), (3, 2, 2, 17)),
+            lambda *attns: reference.attention_rollout(list(attns)), ("triton",), (3, 2, 2, 17), (12, 8, 12, 197)),
     OpCheck("memory_bank_kl", _make_memory_bank_kl, 1, _fused("memory_bank_kl"), _eager_memory_bank_kl,
-            reference.memory_bank_kl, ("triton",), (4, 2, 33, 5)),
+            reference.memory_bank_kl, ("triton",), (4, 2, 33, 5), (128, 3, 768, 200)),
 ]
 
 
@@ -126,7 +128,8 @@ def _outputs_and_grads(fn, inputs, num_grad, grad_out=None):
     out = fn(*leaves)
     wrt = [t for t in leaves if t.requires_grad]
     if grad_out is None:
-        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(out.device)
+        grad_out = torch.randn(out.shape, generator=torch.Generator(device=out.device).manual_seed(1),
+                               dtype=torch.float64, device=out.device)
     grads = torch.autograd.grad(out, wrt, grad_out.to(out.dtype)) if wrt else ()
     return [out.detach()] + [g.detach() for g in grads], grad_out
 
@@ -135,10 +138,16 @@ def _relative_errors(values, exact):
     return [((v.double() - x).abs().max() / x.abs().max().clamp_min(1e-30)).item() for v, x in zip(values, exact)]
 
 
-def check_correctness(op: OpCheck, backend: str, dtype: torch.dtype, shape, device) -> dict:
-    g = torch.Generator().manual_seed(0)
-    inputs64 = op.make(shape, torch.float64, device, g)
+def exact_case(op: OpCheck, shape, device):
+    """(fp64 inputs, the reference's output and gradients, the output gradient used) of one check."""
+    inputs64 = op.make(shape, torch.float64, device, torch.Generator(device=device).manual_seed(0))
     exact, grad_out = _outputs_and_grads(op.exact, inputs64, op.num_grad)
+    return inputs64, exact, grad_out
+
+
+def check_correctness(op: OpCheck, backend: str, dtype: torch.dtype, case) -> dict:
+    inputs64, exact, grad_out = case
+    shape = [list(t.shape) for t in inputs64]
     low = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs64)
     kernel, _ = _outputs_and_grads(op.fused(backend), low, op.num_grad, grad_out)
     eager, _ = _outputs_and_grads(op.eager, low, op.num_grad, grad_out)
@@ -147,7 +156,7 @@ def check_correctness(op: OpCheck, backend: str, dtype: torch.dtype, shape, devi
     bounds = [max(2 * e, floor) for e in eager_err]
     names = ["out"] + [f"grad{i}" for i in range(len(kernel) - 1)]
     failed = [n for n, k, b in zip(names, kernel_err, bounds) if not k <= b]  # NaN fails
-    return dict(op=op.name, backend=backend, dtype=str(dtype).replace("torch.", ""), shape=list(shape),
+    return dict(op=op.name, backend=backend, dtype=str(dtype).replace("torch.", ""), shapes=shape,
                 errors=dict(zip(names, kernel_err)), eager_errors=dict(zip(names, eager_err)),
                 bounds=dict(zip(names, bounds)), passed=not failed, failed=failed)
 
@@ -182,7 +191,7 @@ def _peak_mib(fn, device) -> float:
 
 def _rotated(op: OpCheck, shape, dtype, device):
     """Enough copies of the inputs that one pass over them overflows the L2 twice (one on CPU)."""
-    g = torch.Generator().manual_seed(2)
+    g = torch.Generator(device=device).manual_seed(2)
     first = op.make(shape, dtype, device, g)
     size = sum(t.numel() * t.element_size() for t in first)
     copies = 1 if device.type != "cuda" else max(1, min(32, -(-2 * L2_BYTES // max(size, 1))))
@@ -337,6 +346,8 @@ def markdown(report: dict) -> str:
             f"{tfs:.1f} | {impls['eager']['train_peak_mib']:.1f} / {impls[best]['train_peak_mib'] if best else 0:.1f} |")
     if report.get("sdpa_backend_d300_bf16"):
         lines += ["", f"SDPA at head dim 300 in bf16 runs: {report['sdpa_backend_d300_bf16']}"]
+    if report.get("skipped"):
+        lines += ["", "Not timed: " + "; ".join(report["skipped"])]
     return "\n".join(lines) + "\n"
 
 
@@ -350,6 +361,10 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="time torch.compile of the eager code (default: on a GPU only)")
     parser.add_argument("--no-timing", action="store_true", help="correctness only")
+    parser.add_argument("--compile-all", action="store_true",
+                        help="compile the eager code at every timed shape (default: each op's first shape only)")
+    parser.add_argument("--budget", type=float, default=330.0,
+                        help="seconds after which no further shape is timed (the rest are listed as skipped)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
@@ -362,12 +377,14 @@ def main(argv=None) -> int:
     dtypes = [torch.float32, torch.bfloat16, torch.float16] if on_gpu else [torch.float32]
     report = dict(device=torch.cuda.get_device_name(device) if on_gpu else "cpu",
                   date=datetime.date.today().isoformat(), build=build, checks=[], timings=[])
+    start = time.perf_counter()
+    report["skipped"] = []
     for op in ops:
         backends = [b for b in (op.backends if on_gpu else ("cpu", "triton")) if _backend.why_unavailable(b, device) is None]
-        shape = next(iter(audit.CASES[op.name][1].values())) if on_gpu else op.tiny
+        case = exact_case(op, op.checked if on_gpu else op.tiny, device) if backends else None
         for backend in backends:
             for dtype in dtypes:
-                result = check_correctness(op, backend, dtype, shape, device)
+                result = check_correctness(op, backend, dtype, case)
                 report["checks"].append(result)
                 print(f"check {op.name:20s} {backend:7s} {result['dtype']:9s} "
                       f"{'ok' if result['passed'] else 'FAILED ' + ', '.join(result['failed'])} "
@@ -377,9 +394,12 @@ def main(argv=None) -> int:
             continue
         cases = audit.CASES[op.name][1].items() if on_gpu else [("tiny", op.tiny)]
         time_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.time_dtype]
-        for case, case_shape in cases:
+        for i, (case, case_shape) in enumerate(cases):
+            if time.perf_counter() - start > args.budget:
+                report["skipped"].append(f"{op.name} {case}: over the {args.budget:.0f} s budget")
+                continue
             timing = time_case(op, case, case_shape, time_dtype if on_gpu else torch.float32, device, backends,
-                               use_compile)
+                               use_compile and (i == 0 or args.compile_all))
             report["timings"].append(timing)
             print(f"time  {op.name:20s} {case:34s} " + "  ".join(
                 f"{k} {v['train_ms']:.3f} ms" for k, v in timing["impls"].items()), flush=True)

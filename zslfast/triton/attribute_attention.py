@@ -362,10 +362,12 @@ def _columns_backward_kernel(
 def _blocks(K, R, D, Dv):
     """(BLOCK_K, BLOCK_R, BLOCK_D, BLOCK_DV) of the forward and rows kernels, programs of 8 warps holding a
     (BLOCK_K x BLOCK_R) score tile and (BLOCK_R x BLOCK_D) operand tiles. The GPU audit (benchmarks/gpu_audit.md)
-    finds no spills on sm_80/sm_90 in fp32/bf16/fp16 with 32 x 64 x 32 tiles, and 16 x 256 x 32 for a wide row tile
-    (ViT's 197 tokens -> 256); the former 64 x 64 x 64 and 32 x 256 x 32 tiles at 4 warps spilled up to 3.7 KB."""
+    finds no spills on sm_80/sm_90 in fp32/bf16/fp16, with triton 3.6 and 3.9, with 32 x 64 x 32 tiles, and
+    16 x 256 x 16 for a wide row tile (ViT's 197 tokens -> 256); the former 64 x 64 x 64 and 32 x 256 x 32 tiles at
+    4 warps spilled up to 3.7 KB, and 16 x 256 x 32 still 8 B (triton 3.6, sm_90, fp32, R-tiled forward)."""
     block_r = block_size(R, MAX_BLOCK_R)
-    return block_size(K, 32 if block_r <= 64 else 16), block_r, block_size(D, 32), block_size(Dv, 32)
+    cap = 32 if block_r <= 64 else 16
+    return block_size(K, cap), block_r, block_size(D, cap), block_size(Dv, cap)
 
 
 def _columns_blocks(B, K, R, D, Dv, block_r):
@@ -377,8 +379,12 @@ def _columns_blocks(B, K, R, D, Dv, block_r):
 
 
 TARGET_PROGRAMS = 132  # an H200's SMs: the backward's grids aim for at least one program each
-# Eight warps (see _blocks); two pipeline stages: the operand tiles of the D/Dv loops are large.
-LAUNCH = dict(num_warps=8, num_stages=2)
+
+
+def _launch_options(block_r):
+    """Eight warps (see _blocks). Two pipeline stages, one for a wide row tile, where the second stage's operand
+    buffers cost the registers that spilled 24 B in the rows kernel (bf16/fp16, sm_90, triton 3.9)."""
+    return dict(num_warps=8, num_stages=2 if block_r <= 64 else 1)
 
 
 def _mask_arg(mask, like):
@@ -418,7 +424,7 @@ def plan_forward(q, k, v, ref, mask, scale, score_mode, return_attention, save_e
         dict(HAS_MASK=mask is not None, MODE=score_mode, STORE_ATTN=return_attention, STORE_E=store_e,
              SINGLE_R=single_r, FP64=acc == torch.float64, DOT_PRECISION=dot_precision(q.dtype),
              BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_DV=block_dv),
-        **LAUNCH, flops=2 * B * K * R * (D + Dv),
+        **_launch_options(block_r), flops=2 * B * K * R * (D + Dv),
     )
     if score_mode == 0:
         return (e, e.new_empty((0,)), lse, attn), [launch]
@@ -479,7 +485,7 @@ def plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode
          B, K, R, D, Dv, scale_t, b_per_split,
          *q_strides, *k.stride(), *v.stride(), *_strides3(ref_t)),
         dict(HAS_MASK=mask is not None, HAS_GA=has_ga, MODE=score_mode, NEED_Q=need_q, SHARED_Q=shared_q, **common),
-        **LAUNCH, flops=2 * B * K * R * (D + Dv) + (2 * B * K * R * D if need_q else 0),
+        **_launch_options(block_r), flops=2 * B * K * R * (D + Dv) + (2 * B * K * R * D if need_q else 0),
     )]
     grad_k = torch.empty((B, R, D) if need_k else (0,), device=q.device, dtype=acc)
     grad_v = torch.empty((B, R, Dv) if need_v else (0,), device=q.device, dtype=acc)
@@ -492,7 +498,7 @@ def plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode
              *q_strides, *k.stride(), *v.stride()),
             dict(HAS_MASK=mask is not None, HAS_GA=has_ga, NEED_K=need_k, NEED_V=need_v, FP64=fp64,
                  DOT_PRECISION=dot_precision(q.dtype), BLOCK_K=col_k, BLOCK_R=col_r, BLOCK_D=col_d, BLOCK_DV=col_dv),
-            **LAUNCH, flops=2 * B * K * R * (D + Dv) + 2 * B * K * R * ((D if need_k else 0) + (Dv if need_v else 0)),
+            **_launch_options(col_r), flops=2 * B * K * R * (D + Dv) + 2 * B * K * R * ((D if need_k else 0) + (Dv if need_v else 0)),
         ))
     grads = []
 
