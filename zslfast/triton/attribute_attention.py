@@ -20,7 +20,6 @@ place). Accumulation in fp32 (fp64 for fp64, where tl.dot is replaced by broadca
 "ieee" unless torch.backends.cuda.matmul.allow_tf32 is on. Fully masked rows: lse = 0, P = 0, E = 0, no NaN.
 """
 
-
 import torch
 import triton
 import triton.language as tl

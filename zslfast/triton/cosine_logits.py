@@ -21,7 +21,6 @@ Shapes: x (N, D), protos (C, D), out / g (N, C), ix (N,), ip (C,), scale () -> o
 grad_protos (C, D), grad_scale ().
 """
 
-
 import torch
 import triton
 import triton.language as tl

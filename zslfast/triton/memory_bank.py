@@ -13,7 +13,6 @@
 Shapes: z (B, M, D), protos (C, M, D), labels (B,) int64, active (B, M) bool -> loss (), grad_z (B, M, D) or (0,).
 """
 
-
 import torch
 import triton
 import triton.language as tl

@@ -13,7 +13,6 @@ transposed and sliced inputs are read in place. Accumulation is in fp32 (fp64 fo
 Shapes: e (B, K), s (C, K), w (B, C, K), g (B, C).
 """
 
-
 import torch
 import triton
 import triton.language as tl
