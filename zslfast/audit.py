@@ -385,7 +385,10 @@ def markdown(rows: List[Row], cuda_rows: List[dict], versions: str) -> str:
         f"**The floor is a model**: max(bytes / {BANDWIDTH / 1e12:.1f} TB/s, FLOPs / peak) with peaks "
         + ", ".join(f"{TYPE_NAMES[d]} {v / 1e12:.0f} TFLOP/s" for d, v in PEAK_FLOPS.items())
         + " (4.3 TB/s and the bf16 rate measured on an H200 here; fp32/fp64 from the datasheet). Bytes count each "
-        "tensor argument once. Nothing here is a GPU measurement.", "",
+        "tensor argument once. Nothing here is a GPU measurement.",
+        "Not Triton, so not in the first table: prototype_scores with w None/(B, K) and prototype_scores_factored "
+        "(the 21K-class case) are torch GEMMs (cuBLAS); MemoryBank.update/refresh run the CUDA C++ kernels listed "
+        "last.", "",
         "## Triton kernels", "", HEADER,
     ]
     lines += [_fmt_row(r) for r in rows]
