@@ -10,7 +10,7 @@ Switches, read from the environment:
     ZSLFAST_CUDA=1          require the CUDA sources; a missing toolkit is an error
     (unset)                 build CUDA when a toolkit is found
     TORCH_CUDA_ARCH_LIST    GPU architectures; default "8.0;9.0" when no GPU is visible
-    MAX_JOBS                parallel compile jobs; default min(2, cores) so small machines never freeze
+    MAX_JOBS                parallel compile jobs; default one per core, at most one per 3 GiB of memory
 
 Build with torch already installed: ``pip install -e . --no-build-isolation``.
 """
@@ -42,7 +42,16 @@ if CUDA_SWITCH not in ("", "0", "1"):
 CUDA_HOME = _find_cuda_home() if CUDA_SWITCH != "0" else None
 if CUDA_HOME:
     os.environ["CUDA_HOME"] = CUDA_HOME  # must be set before torch.utils.cpp_extension is imported
-os.environ.setdefault("MAX_JOBS", str(max(1, min(2, os.cpu_count() or 1))))
+def _default_jobs() -> int:
+    """One compile job per core, at most one per 3 GiB of memory (a .cu file with torch headers takes ~2 GiB)."""
+    try:
+        memory_gib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (ValueError, OSError, AttributeError):
+        memory_gib = 6
+    return max(1, min(os.cpu_count() or 1, int(memory_gib // 3)))
+
+
+os.environ.setdefault("MAX_JOBS", str(_default_jobs()))
 
 import torch  # noqa: E402
 from setuptools import find_packages, setup  # noqa: E402
