@@ -35,6 +35,14 @@ def backend_param(backend: str, device: str = "cpu"):
     return pytest.param(backend, id=backend, marks=marks)
 
 
+def require_backend(backend: str, device: str = "cpu"):
+    """Inside a test that needs ``backend`` (the registered op's own behaviour, not the reference fallback): skip
+    with the reason where it cannot run, unless CI requires it (then the test goes on and fails)."""
+    marks = backend_param(backend, device).marks
+    if marks:
+        pytest.skip(marks[0].kwargs["reason"])
+
+
 def device_backend_pairs():
     """Every (device, backend) a kernel can run on, as pytest params; unavailable ones skip with the reason."""
     pairs = []

@@ -4,6 +4,8 @@ import pytest
 
 from zslfast.__main__ import main
 
+from conftest import require_backend
+
 
 def test_info(capsys):
     main([])
@@ -26,6 +28,7 @@ def test_bench_one_case(capsys):
 def test_demo_tiny(capsys):
     from zslfast.demo import main as demo
 
+    require_backend("cpu")  # the demo refuses to compare the reference with itself
     results = demo(["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "6", "--regions", "3", "--hidden-dim", "4"])
     out = capsys.readouterr().out
     assert "speed-up" in out and "U / S / H" in out

@@ -20,7 +20,9 @@ from zslfast import reference
 from zslfast.nn import MemoryBank, MemoryBankGuidedFusion
 from zslfast.ops import memory_bank as mb_ops
 
-from conftest import DEVICE_BACKENDS, HAS_GPU, TOLERANCES, backend_param, dtypes_for, low_precision_error_bound
+from conftest import (
+    DEVICE_BACKENDS, HAS_GPU, TOLERANCES, backend_param, dtypes_for, low_precision_error_bound, require_backend,
+)
 
 UPDATE_BACKENDS = [p for p in DEVICE_BACKENDS if p.values[1] != "triton"]  # no Triton update kernel
 KL_BACKENDS = [p for p in DEVICE_BACKENDS if p.values[1] != "cuda"]  # no CUDA KL kernel (Triton runs on GPU)
@@ -151,6 +153,7 @@ def test_min_conf_by_hand(backend):
 
 def test_update_is_vectorised_no_python_loop(monkeypatch, generator):
     """The default CPU path never runs the reference loop."""
+    require_backend("cpu")
     monkeypatch.setattr(reference, "memory_bank_update", lambda *a, **k: pytest.fail("reference loop called"))
     bank = MemoryBank(5, 3, 4, 8, threshold=0.1)
     bank.update(*offers(20, 3, 8, 5, generator, torch.float32, "cpu"))
