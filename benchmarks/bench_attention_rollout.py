@@ -11,17 +11,11 @@ import pytest
 import torch
 
 import zslfast
+from zslfast import baselines
 from conftest import DEVICE, ON_GPU, compiled, run_benchmark
 
 
-def eager_rollout(attns):
-    result = None
-    for attn in attns:
-        a = attn.mean(dim=1)
-        a = a + torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-        a = a / a.sum(dim=-1, keepdim=True)
-        result = a if result is None else torch.bmm(a, result)
-    return result[:, 0]
+eager_rollout = baselines.attention_rollout
 
 
 def read_floor(attns):

@@ -20,19 +20,11 @@ import torch
 import torch.nn.functional as F
 
 import zslfast
+from zslfast import baselines
 from conftest import DEVICE, ON_GPU, compiled, interleaved, run_benchmark, saved_mib, step
 
 
-def eager_attribute_attention(q, k, v, ref):
-    scale = q.shape[-1] ** -0.5
-    e = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1) @ v
-    return F.cosine_similarity(e, ref.expand_as(e), dim=-1, eps=1e-8)
-
-
-def sdpa_attribute_attention(q, k, v, ref):
-    e = F.scaled_dot_product_attention(q.expand(k.shape[0], *q.shape), k, v)
-    return F.cosine_similarity(e, ref.expand_as(e), dim=-1, eps=1e-8)
-
+eager_attribute_attention, sdpa_attribute_attention = baselines.attribute_attention, baselines.attribute_attention_sdpa
 
 IMPLEMENTATIONS = {
     "eager": lambda: eager_attribute_attention,

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import zslfast
+from zslfast import baselines
 from zslfast.ops.memory_bank import memory_bank_update
 from conftest import DEVICE, compiled, run_benchmark
 
@@ -32,54 +33,8 @@ ACTIVE_FRACTION = 0.5
 # --- update -----------------------------------------------------------------------------------------------------
 
 
-def loop_fifo_update(features, confidences, counts, next_slot, z, y, conf, threshold):
-    """Per-sample FIFO queues as research code writes them (plain Python ints for the bookkeeping)."""
-    K = features.shape[2]
-    labels, scores = y.tolist(), conf.tolist()
-    for b, c in enumerate(labels):
-        for m, score in enumerate(scores[b]):
-            if score > threshold:
-                slot = int(next_slot[c, m])
-                features[c, m, slot] = z[b, m]
-                confidences[c, m, slot] = score
-                next_slot[c, m] = (slot + 1) % K
-                counts[c, m] = min(int(counts[c, m]) + 1, K)
-
-
-def loop_min_conf_update(features, confidences, counts, next_slot, z, y, conf, threshold):
-    K = features.shape[2]
-    labels, scores = y.tolist(), conf.tolist()
-    for b, c in enumerate(labels):
-        for m, score in enumerate(scores[b]):
-            if score > threshold:
-                n = int(counts[c, m])
-                if n < K:
-                    slot = n
-                    counts[c, m] = n + 1
-                else:
-                    slot = int(confidences[c, m].argmin())
-                    if score <= float(confidences[c, m, slot]):
-                        continue
-                features[c, m, slot] = z[b, m]
-                confidences[c, m, slot] = score
-
-
-def eager_fifo_update(features, confidences, counts, next_slot, z, y, conf, threshold):
-    """Vectorised FIFO in eager PyTorch: stable sort of the accepted offers by queue, closed-form slots."""
-    C, M, K, D = features.shape
-    accepted = conf > threshold
-    queue = (y[:, None] * M + torch.arange(M, device=z.device))[accepted]  # row-major: batch order kept
-    order = torch.sort(queue, stable=True).indices
-    queue, z_sorted, c_sorted = queue[order], z[accepted][order], conf[accepted][order]
-    per_queue = torch.bincount(queue, minlength=C * M)
-    start = per_queue.cumsum(0) - per_queue
-    rank = torch.arange(queue.numel(), device=z.device) - start[queue]
-    keep = rank >= per_queue[queue] - K
-    slot = (next_slot.view(-1)[queue] + rank) % K
-    features.view(C * M, K, D)[queue[keep], slot[keep]] = z_sorted[keep]
-    confidences.view(C * M, K)[queue[keep], slot[keep]] = c_sorted[keep]
-    counts.view(-1).copy_((counts.view(-1) + per_queue).clamp_max(K))
-    next_slot.view(-1).copy_((next_slot.view(-1) + per_queue) % K)
+loop_fifo_update, loop_min_conf_update = baselines.memory_bank_fifo_update_loop, baselines.memory_bank_min_conf_update_loop
+eager_fifo_update = baselines.memory_bank_fifo_update
 
 
 def make_update(shape):
@@ -122,27 +77,7 @@ def test_memory_bank_update(benchmark, shape_name, policy, impl):
 # --- KL -----------------------------------------------------------------------------------------------------------
 
 
-def loop_kl(z, protos, labels, active):
-    """Per-(b, m) F.kl_div: KL(P || Q) = F.kl_div(log Q, log P, log_target=True), SAGE Eq. 9's direction."""
-    total, n = z.new_zeros(()), 0
-    B, M = active.shape
-    flags, classes = active.tolist(), labels.tolist()
-    for b in range(B):
-        for m in range(M):
-            if flags[b][m]:
-                log_p = F.log_softmax(z[b, m], dim=-1)
-                log_q = F.log_softmax(protos[classes[b], m], dim=-1)
-                total = total + F.kl_div(log_q, log_p, reduction="sum", log_target=True)
-                n += 1
-    return total / max(n, 1)
-
-
-def eager_kl(z, protos, labels, active):
-    log_p = F.log_softmax(z, dim=-1)
-    log_q = F.log_softmax(protos[labels], dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
-    return (kl * active).sum() / active.sum().clamp_min(1)
-
+loop_kl, eager_kl = baselines.memory_bank_kl_loop, baselines.memory_bank_kl
 
 KL_IMPLS = {
     "loop": lambda: loop_kl,

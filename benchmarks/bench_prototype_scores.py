@@ -12,19 +12,11 @@ import pytest
 import torch
 
 import zslfast
+from zslfast import baselines
 from conftest import DEVICE, ON_GPU, compiled, run_benchmark, step
 
 
-def eager_prototype_scores(e, s, w):
-    sw = w * s + s
-    return (e[:, None] * sw).sum(-1)
-
-
-def eager_factored(e, s, h, u):
-    w = torch.einsum("bj,jck->bck", h, u)
-    return eager_prototype_scores(e, s, w)
-
-
+eager_prototype_scores, eager_factored = baselines.prototype_scores, baselines.prototype_scores_factored
 
 IMPLEMENTATIONS = {
     "eager": lambda: eager_prototype_scores,

@@ -9,42 +9,13 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 import zslfast
 
-from . import _backend, attention_rollout, available_backends, cosine_logits, prototype_scores
+from . import _backend, attention_rollout, available_backends, baselines, cosine_logits, prototype_scores
 from ._memory import peak_bytes
 
-
-def _eager_prototype_scores(e, s, w):
-    sw = w * s + s
-    return (e[:, None] * sw).sum(-1)
-
-
-def _eager_cosine_logits(x, p):
-    return 16.0 * F.normalize(x, dim=-1) @ F.normalize(p, dim=-1).T
-
-
-def _eager_rollout(*attns):
-    result = None
-    for attn in attns:
-        a = attn.mean(dim=1) + torch.eye(attn.shape[-1], device=attn.device)
-        a = a / a.sum(dim=-1, keepdim=True)
-        result = a if result is None else torch.bmm(a, result)
-    return result[:, 0]
-
-
-def _eager_attribute_attention(q, k, v, ref):
-    attn = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)
-    return F.cosine_similarity(attn @ v, ref, dim=-1, eps=1e-8)
-
-
-def _eager_memory_bank_kl(z, protos, labels, active):
-    log_p = torch.log_softmax(z, dim=-1)
-    log_q = torch.log_softmax(protos[labels], dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    return (kl * active).sum() / active.sum().clamp_min(1)
+SCALE = 16.0  # the cosine heads' temperature in the table (SVIP/SAGE-like)
 
 
 def _median_ms(fn, repeats):
@@ -69,22 +40,24 @@ def cases(device: torch.device):
         return torch.randn(*shape, device=device, generator=g).requires_grad_(grad)
 
     for name, (B, C, K) in {"AwA2": (50, 50, 85), "CUB": (50, 200, 312), "SUN": (64, 717, 102)}.items():
-        yield (f"prototype_scores {name} B={B} C={C} K={K}", _eager_prototype_scores, prototype_scores,
+        yield (f"prototype_scores {name} B={B} C={C} K={K}", baselines.prototype_scores, prototype_scores,
                lambda B=B, C=C, K=K: (randn(B, K), randn(C, K), randn(B, C, K)), 3)
     for name, (N, C, D) in {"CUB": (64, 200, 768), "SUN": (64, 717, 768)}.items():
-        yield (f"cosine_logits {name} N={N} C={C} D={D}", _eager_cosine_logits, lambda x, p: cosine_logits(x, p, 16.0),
+        yield (f"cosine_logits {name} N={N} C={C} D={D}", lambda x, p: baselines.cosine_logits(x, p, SCALE),
+               lambda x, p: cosine_logits(x, p, SCALE),
                lambda N=N, C=C, D=D: (randn(N, D), randn(C, D)), 2)
     for name, (B, K, R, D) in {"AwA2": (64, 85, 49, 300), "CUB": (64, 312, 49, 300), "ViT": (64, 312, 197, 768)}.items():
-        yield (f"attribute_attention {name} B={B} K={K} R={R} D={D}", _eager_attribute_attention,
+        yield (f"attribute_attention {name} B={B} K={K} R={R} D={D}", baselines.attribute_attention,
                lambda q, k, v, ref: zslfast.attribute_attention(q, k, v, ref),
                lambda B=B, K=K, R=R, D=D: (randn(K, D), randn(B, R, D), randn(B, R, D), randn(K, D)), 4)
     M, D = 3, 768
     for B, C in ((128, 200), (256, 717)):
-        yield (f"memory_bank_kl B={B} C={C} M={M} D={D}", _eager_memory_bank_kl, zslfast.memory_bank_kl,
+        yield (f"memory_bank_kl B={B} C={C} M={M} D={D}", baselines.memory_bank_kl, zslfast.memory_bank_kl,
                lambda B=B, C=C: (randn(B, M, D), randn(C, M, D, grad=False),
                                  torch.randint(0, C, (B,), device=device, generator=g),
                                  torch.rand(B, M, device=device, generator=g) < 0.5), 1)
-    yield ("attention_rollout ViT-B/16 L=12 B=8 H=12 N=197", _eager_rollout, lambda *attns: attention_rollout(list(attns)),
+    yield ("attention_rollout ViT-B/16 L=12 B=8 H=12 N=197", lambda *attns: baselines.attention_rollout(attns),
+           lambda *attns: attention_rollout(list(attns)),
            lambda: tuple(randn(8, 12, 197, 197, grad=False).softmax(-1).requires_grad_() for _ in range(12)), 12)
 
 

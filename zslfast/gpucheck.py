@@ -30,13 +30,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from . import _backend, audit, reference
-from .bench import (
-    _eager_attribute_attention,
-    _eager_memory_bank_kl,
-    _eager_prototype_scores,
-    _eager_rollout,
-)
+from . import _backend, audit, baselines, reference
 
 L2_BYTES = 60 * 2**20  # H200's L2: inputs are rotated over at least twice this
 SCALE = 16.0  # cosine_logits' scale in every check (a SVIP/SAGE-like temperature)
@@ -102,17 +96,18 @@ def _fused(op_name):
 
 
 OPS = [
-    OpCheck("prototype_scores", _make_prototype_scores, 3, _fused("prototype_scores"), _eager_prototype_scores,
+    OpCheck("prototype_scores", _make_prototype_scores, 3, _fused("prototype_scores"), baselines.prototype_scores,
             reference.prototype_scores, ("triton", "cuda"), (5, 37, 70), (50, 200, 312)),
     OpCheck("cosine_logits", _make_cosine_logits, 2, _fused("cosine_logits"),
-            lambda x, p: SCALE * F.normalize(x, dim=-1) @ F.normalize(p, dim=-1).T,
+            lambda x, p: baselines.cosine_logits(x, p, SCALE),
             lambda x, p: reference.cosine_logits(x, p, SCALE), ("triton", "cuda"), (6, 9, 40), (64, 200, 768)),
     OpCheck("attribute_attention", _make_attribute_attention, 4, _fused("attribute_attention"),
-            _eager_attribute_attention, reference.attribute_attention, ("triton",), (3, 11, 7, 20, 20),
+            baselines.attribute_attention, reference.attribute_attention, ("triton",), (3, 11, 7, 20, 20),
             (64, 312, 49, 300, 300)),
-    OpCheck("attention_rollout", _make_attention_rollout, None, _fused("attention_rollout"), _eager_rollout,
+    OpCheck("attention_rollout", _make_attention_rollout, None, _fused("attention_rollout"),
+            lambda *attns: baselines.attention_rollout(attns),
             lambda *attns: reference.attention_rollout(list(attns)), ("triton",), (3, 2, 2, 17), (12, 8, 12, 197)),
-    OpCheck("memory_bank_kl", _make_memory_bank_kl, 1, _fused("memory_bank_kl"), _eager_memory_bank_kl,
+    OpCheck("memory_bank_kl", _make_memory_bank_kl, 1, _fused("memory_bank_kl"), baselines.memory_bank_kl,
             reference.memory_bank_kl, ("triton",), (4, 2, 33, 5), (128, 3, 768, 200)),
 ]
 
@@ -245,16 +240,11 @@ def sdpa_backend_at(D: int, dtype, device) -> Optional[str]:
     return None
 
 
-def _sdpa_cosine(q, k, v, ref):
-    e = F.scaled_dot_product_attention(q.expand(k.shape[0], -1, -1), k, v)
-    return F.cosine_similarity(e, ref, dim=-1, eps=1e-8)
-
-
 def time_case(op: OpCheck, case: str, shape, dtype, device, backends, use_compile: bool) -> dict:
     sets = _rotated(op, shape, dtype, device)
     impls = {"eager": op.eager}
     if op.name == "attribute_attention" and device.type == "cuda":
-        impls["sdpa+cosine"] = _sdpa_cosine
+        impls["sdpa+cosine"] = baselines.attribute_attention_sdpa
     if use_compile:
         impls["compile"] = torch.compile(op.eager, dynamic=False)
     impls.update({f"zslfast[{b}]": op.fused(b) for b in backends})

@@ -1,0 +1,134 @@
+"""The code a paper writes for each op: the eager baselines that zslfast is timed against.
+
+One copy, used by ``python -m zslfast bench``, ``python -m zslfast gpucheck``, benchmarks/ and the tests (which check
+each against zslfast.reference, so it can serve as a second oracle). zslfast.reference is the oracle: exact,
+general (every option, mask and mode) and written for clarity; these are the papers' own chains of einsum, softmax
+and loops, at the options the papers use, written the way their code writes them.
+
+    prototype_scores            ILPG IDPP + APC: S_W = W * S + S materialised, then a row-wise dot-sum
+    prototype_scores_factored   the same after the generator's last linear layer: w formed by an einsum
+    cosine_logits               SVIP/SAGE/GEM heads: scale * normalize(x) @ normalize(protos).T (F.normalize eps)
+    attribute_attention         ILPG AVL / TransZero: softmax(q k^T / sqrt(D)) v, then the cosine with ref
+    attribute_attention_sdpa    the same with PyTorch's fused scaled_dot_product_attention for the softmax part
+    attention_rollout           SVIP / vit-explain: mean over heads, + I, rows normalised, bmm layer by layer
+    memory_bank_kl              SAGE Eq. 9 vectorised: log-softmaxes, KL(P || Q) per (b, m), mean over the active
+    memory_bank_kl_loop         the same per (b, m) with F.kl_div, as research code loops it
+    memory_bank_fifo_update     SAGE's FIFO queues vectorised: stable sort by queue, closed-form slots
+    memory_bank_*_update_loop   the queues offered entry by entry (plain Python bookkeeping), fifo and min_conf
+
+Shapes: e (B, K), s (C, K), w (B, C, K), h (B, J), u (J, C, K) -> (B, C); x (N, D), protos (C, D) -> (N, C);
+q (K, D) or (B, K, D), k (B, R, D), v (B, R, Dv), ref (K, Dv) -> (B, K); attns L x (B, H, N, N) -> (B, N);
+z (B, M, D), protos (C, M, D), labels (B,), active (B, M) -> (); the bank: features (C, M, K, D),
+confidences (C, M, K), counts and next_slot (C, M), offers z (B, M, D), y (B,), conf (B, M).
+"""
+
+import torch
+import torch.nn.functional as F
+
+COSINE_EPS = 1e-8  # F.normalize / F.cosine_similarity as the papers call them
+
+
+def prototype_scores(e, s, w):
+    sw = w * s + s
+    return (e[:, None] * sw).sum(-1)
+
+
+def prototype_scores_factored(e, s, h, u):
+    return prototype_scores(e, s, torch.einsum("bj,jck->bck", h, u))
+
+
+def cosine_logits(x, protos, scale):
+    return scale * F.normalize(x, dim=-1, eps=COSINE_EPS) @ F.normalize(protos, dim=-1, eps=COSINE_EPS).T
+
+
+def attribute_attention(q, k, v, ref):
+    e = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1) @ v
+    return F.cosine_similarity(e, ref.expand_as(e), dim=-1, eps=COSINE_EPS)
+
+
+def attribute_attention_sdpa(q, k, v, ref):
+    e = F.scaled_dot_product_attention(q.expand(k.shape[0], *q.shape[-2:]), k, v)
+    return F.cosine_similarity(e, ref.expand_as(e), dim=-1, eps=COSINE_EPS)
+
+
+def attention_rollout(attns):
+    result = None
+    for attn in attns:
+        a = attn.mean(dim=1)
+        a = a + torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+        a = a / a.sum(dim=-1, keepdim=True)
+        result = a if result is None else torch.bmm(a, result)
+    return result[:, 0]
+
+
+def memory_bank_kl(z, protos, labels, active):
+    log_p = F.log_softmax(z, dim=-1)
+    log_q = F.log_softmax(protos[labels], dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+    return (kl * active).sum() / active.sum().clamp_min(1)
+
+
+def memory_bank_kl_loop(z, protos, labels, active):
+    """Per-(b, m) F.kl_div: KL(P || Q) = F.kl_div(log Q, log P, log_target=True), SAGE Eq. 9's direction."""
+    total, n = z.new_zeros(()), 0
+    B, M = active.shape
+    flags, classes = active.tolist(), labels.tolist()
+    for b in range(B):
+        for m in range(M):
+            if flags[b][m]:
+                log_p = F.log_softmax(z[b, m], dim=-1)
+                log_q = F.log_softmax(protos[classes[b], m], dim=-1)
+                total = total + F.kl_div(log_q, log_p, reduction="sum", log_target=True)
+                n += 1
+    return total / max(n, 1)
+
+
+def memory_bank_fifo_update(features, confidences, counts, next_slot, z, y, conf, threshold):
+    """Vectorised FIFO in eager PyTorch: stable sort of the accepted offers by queue, closed-form slots."""
+    C, M, K, D = features.shape
+    accepted = conf > threshold
+    queue = (y[:, None] * M + torch.arange(M, device=z.device))[accepted]  # row-major: batch order kept
+    order = torch.sort(queue, stable=True).indices
+    queue, z_sorted, c_sorted = queue[order], z[accepted][order], conf[accepted][order]
+    per_queue = torch.bincount(queue, minlength=C * M)
+    start = per_queue.cumsum(0) - per_queue
+    rank = torch.arange(queue.numel(), device=z.device) - start[queue]
+    keep = rank >= per_queue[queue] - K
+    slot = (next_slot.view(-1)[queue] + rank) % K
+    features.view(C * M, K, D)[queue[keep], slot[keep]] = z_sorted[keep]
+    confidences.view(C * M, K)[queue[keep], slot[keep]] = c_sorted[keep]
+    counts.view(-1).copy_((counts.view(-1) + per_queue).clamp_max(K))
+    next_slot.view(-1).copy_((next_slot.view(-1) + per_queue) % K)
+
+
+def memory_bank_fifo_update_loop(features, confidences, counts, next_slot, z, y, conf, threshold):
+    """Per-sample FIFO queues as research code writes them (plain Python ints for the bookkeeping)."""
+    K = features.shape[2]
+    labels, scores = y.tolist(), conf.tolist()
+    for b, c in enumerate(labels):
+        for m, score in enumerate(scores[b]):
+            if score > threshold:
+                slot = int(next_slot[c, m])
+                features[c, m, slot] = z[b, m]
+                confidences[c, m, slot] = score
+                next_slot[c, m] = (slot + 1) % K
+                counts[c, m] = min(int(counts[c, m]) + 1, K)
+
+
+def memory_bank_min_conf_update_loop(features, confidences, counts, next_slot, z, y, conf, threshold):
+    """Per-sample queues that replace their least confident entry when full (min_conf), entry by entry."""
+    K = features.shape[2]
+    labels, scores = y.tolist(), conf.tolist()
+    for b, c in enumerate(labels):
+        for m, score in enumerate(scores[b]):
+            if score > threshold:
+                n = int(counts[c, m])
+                if n < K:
+                    slot = n
+                    counts[c, m] = n + 1
+                else:
+                    slot = int(confidences[c, m].argmin())
+                    if score <= float(confidences[c, m, slot]):
+                        continue
+                features[c, m, slot] = z[b, m]
+                confidences[c, m, slot] = score
