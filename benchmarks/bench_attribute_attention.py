@@ -17,7 +17,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import zslfast
 from zslfast import baselines

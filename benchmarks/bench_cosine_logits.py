@@ -12,7 +12,6 @@ copies of x and protos; zslfast keeps inverse norms, and out for the Triton back
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import zslfast
 from zslfast import baselines

@@ -16,9 +16,10 @@ summarize.py's table shows eager / compile / zslfast; the loop rows are in the J
 Shapes (C, M, D, K, B): CUB-like (200, 3, 768, 8, 128) and SUN-like (717, 3, 768, 8, 256); ViT-B features.
 """
 
+import functools
+
 import pytest
 import torch
-import torch.nn.functional as F
 
 import zslfast
 from zslfast import baselines
@@ -33,7 +34,6 @@ ACTIVE_FRACTION = 0.5
 # --- update -----------------------------------------------------------------------------------------------------
 
 
-loop_fifo_update, loop_min_conf_update = baselines.memory_bank_fifo_update_loop, baselines.memory_bank_min_conf_update_loop
 eager_fifo_update = baselines.memory_bank_fifo_update
 
 
@@ -48,7 +48,7 @@ def make_update(shape):
 
 
 UPDATE_IMPLS = {
-    "loop": lambda policy: loop_fifo_update if policy == "fifo" else loop_min_conf_update,
+    "loop": lambda policy: functools.partial(baselines.memory_bank_update_loop, policy=policy),
     "eager": lambda policy: eager_fifo_update,
     "compile": lambda policy: compiled(eager_fifo_update),
 }
@@ -118,7 +118,7 @@ def eager_step(features, confidences, counts, next_slot, z, y, conf, threshold):
 
 
 def loop_step(features, confidences, counts, next_slot, z, y, conf, threshold):
-    loop_fifo_update(features, confidences, counts, next_slot, z, y, conf, threshold)
+    baselines.memory_bank_update_loop(features, confidences, counts, next_slot, z, y, conf, threshold)
     return masked_means(features, counts)
 
 

@@ -61,8 +61,8 @@ def test_memory_bank_kl(generator, loop):
 
 
 @pytest.mark.parametrize("update, policy", [
-    (baselines.memory_bank_fifo_update, "fifo"), (baselines.memory_bank_fifo_update_loop, "fifo"),
-    (baselines.memory_bank_min_conf_update_loop, "min_conf"),
+    (baselines.memory_bank_fifo_update, "fifo"), (baselines.memory_bank_update_loop, "fifo"),
+    (baselines.memory_bank_update_loop, "min_conf"),
 ])
 def test_memory_bank_updates(generator, update, policy):
     C, M, K, D = 3, 2, 3, 4
@@ -76,7 +76,7 @@ def test_memory_bank_updates(generator, update, policy):
         z = torch.randn(7, M, D, generator=generator, dtype=f64)
         y = torch.randint(0, 2, (7,), generator=generator)  # two classes: the queues overflow
         conf = torch.rand(7, M, generator=generator, dtype=f64)
-        update(*got, z, y, conf, 0.3)
+        update(*got, z, y, conf, 0.3, **({"policy": policy} if update is baselines.memory_bank_update_loop else {}))
         reference.memory_bank_update(*want, z, y, conf, 0.3, policy)
         for a, b in zip(got, want):
             assert torch.equal(a, b), (step, a, b)

@@ -14,7 +14,7 @@ and loops, at the options the papers use, written the way their code writes them
     memory_bank_kl              SAGE Eq. 9 vectorised: log-softmaxes, KL(P || Q) per (b, m), mean over the active
     memory_bank_kl_loop         the same per (b, m) with F.kl_div, as research code loops it
     memory_bank_fifo_update     SAGE's FIFO queues vectorised: stable sort by queue, closed-form slots
-    memory_bank_*_update_loop   the queues offered entry by entry (plain Python bookkeeping), fifo and min_conf
+    memory_bank_update_loop     the queues offered entry by entry (plain Python bookkeeping), fifo or min_conf
 
 Shapes: e (B, K), s (C, K), w (B, C, K), h (B, J), u (J, C, K) -> (B, C); x (N, D), protos (C, D) -> (N, C);
 q (K, D) or (B, K, D), k (B, R, D), v (B, R, Dv), ref (K, Dv) -> (B, K); attns L x (B, H, N, N) -> (B, N);
@@ -101,27 +101,21 @@ def memory_bank_fifo_update(features, confidences, counts, next_slot, z, y, conf
     next_slot.view(-1).copy_((next_slot.view(-1) + per_queue) % K)
 
 
-def memory_bank_fifo_update_loop(features, confidences, counts, next_slot, z, y, conf, threshold):
-    """Per-sample FIFO queues as research code writes them (plain Python ints for the bookkeeping)."""
+def memory_bank_update_loop(features, confidences, counts, next_slot, z, y, conf, threshold, policy="fifo"):
+    """The queues offered entry by entry as research code writes them (plain Python ints for the bookkeeping):
+    "fifo" writes at the head, overwriting the oldest once full; "min_conf" appends while not full, then replaces
+    the least confident entry when the offer is more confident."""
     K = features.shape[2]
     labels, scores = y.tolist(), conf.tolist()
     for b, c in enumerate(labels):
         for m, score in enumerate(scores[b]):
-            if score > threshold:
+            if not score > threshold:
+                continue
+            if policy == "fifo":
                 slot = int(next_slot[c, m])
-                features[c, m, slot] = z[b, m]
-                confidences[c, m, slot] = score
                 next_slot[c, m] = (slot + 1) % K
                 counts[c, m] = min(int(counts[c, m]) + 1, K)
-
-
-def memory_bank_min_conf_update_loop(features, confidences, counts, next_slot, z, y, conf, threshold):
-    """Per-sample queues that replace their least confident entry when full (min_conf), entry by entry."""
-    K = features.shape[2]
-    labels, scores = y.tolist(), conf.tolist()
-    for b, c in enumerate(labels):
-        for m, score in enumerate(scores[b]):
-            if score > threshold:
+            else:
                 n = int(counts[c, m])
                 if n < K:
                     slot = n
@@ -130,5 +124,5 @@ def memory_bank_min_conf_update_loop(features, confidences, counts, next_slot, z
                     slot = int(confidences[c, m].argmin())
                     if score <= float(confidences[c, m, slot]):
                         continue
-                features[c, m, slot] = z[b, m]
-                confidences[c, m, slot] = score
+            features[c, m, slot] = z[b, m]
+            confidences[c, m, slot] = score
