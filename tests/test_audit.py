@@ -121,3 +121,15 @@ def test_gpucheck_catches_a_wrong_kernel(tmp_path, monkeypatch):
     real = zslfast.prototype_scores
     monkeypatch.setattr(zslfast, "prototype_scores", lambda *a, **k: real(*a, **k) * 1.001)
     assert gpucheck.main(["--out", str(tmp_path), "--ops", "prototype_scores", "--no-timing"]) == 1
+
+
+@pytest.mark.parametrize("units, tiles, programs, granule", [(50, 35, 264, 1), (64, 4, 132, 1), (197, 64, 264, 16),
+                                                            (577, 16, 264, 32), (3, 500, 264, 1), (1, 1, 264, 1)])
+def test_split_reaches_the_programs_it_can(units, tiles, programs, granule):
+    """One rule cuts a batch or rows into fixed chunks: whole granules, every unit covered once, and at least the
+    programs asked for wherever the units allow it."""
+    from zslfast.triton._common import split
+
+    chunks, per = split(units, tiles, programs, granule)
+    assert per % granule == 0 and (chunks - 1) * per < units <= chunks * per
+    assert chunks * tiles >= programs or chunks == -(-units // granule)

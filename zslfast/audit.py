@@ -30,7 +30,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-SMS = 132  # H200
+from .triton._common import H200_SMS as SMS
+
 BANDWIDTH = 4.3e12  # bytes/s, H200 copy bandwidth measured on the lent machine (H200.md / KINDS.md)
 # FLOP/s by operand dtype: bf16/fp16 is the measured dense matrix rate; fp32 (plain FMA, tl.dot in "ieee" precision,
 # as zslfast launches it by default) is the datasheet's vector rate: a lead, not a measurement.

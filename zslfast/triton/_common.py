@@ -1,5 +1,6 @@
 """What the Triton kernels share: the accumulator dtype as a Triton type (the rule itself: ops/_common.py), block
-sizes, the dot precision, a matmul that also serves fp64, and the clamped inverse norm of the cosine epilogues."""
+sizes, the SM count grids are sized for and the one rule that cuts work into chunks to fill it, the dot precision,
+a matmul that also serves fp64, and the clamped inverse norm of the cosine epilogues."""
 
 import torch
 import triton
@@ -16,6 +17,18 @@ def tl_accumulator_dtype(dtype: torch.dtype):
 def block_size(size: int, cap: int) -> int:
     """The power of two covering ``size``, between 16 (tl.dot's minimum) and ``cap``."""
     return max(16, min(cap, triton.next_power_of_2(size)))
+
+
+H200_SMS = 132  # the largest GPU zslfast targets: launchers size their grids so that every SM gets programs
+
+
+def split(units: int, tiles: int, programs: int, granule: int = 1):
+    """(chunks, units per chunk): ``units`` (a batch, rows) cut into fixed chunks, each a multiple of ``granule``,
+    so that ``tiles`` x chunks reaches ``programs`` programs where the units allow. A function of the shapes only,
+    so results that are summed over the chunks afterwards stay the same on every GPU."""
+    wanted = max(1, min(triton.cdiv(units, granule), triton.cdiv(programs, tiles)))
+    per_chunk = max(granule, units // wanted // granule * granule)  # rounded down: at least `wanted` chunks
+    return triton.cdiv(units, per_chunk), per_chunk
 
 
 def dot_precision(dtype: torch.dtype) -> str:

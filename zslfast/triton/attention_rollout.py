@@ -16,11 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import accumulator_dtype, tl_accumulator_dtype
+from ._common import H200_SMS, accumulator_dtype, split, tl_accumulator_dtype
 from ._launch import Launch, run
 
 TILE_ELEMENTS = 4096  # rows per block x padded columns
-TARGET_PROGRAMS = 264  # two per SM of an H200 (132 SMs): the row chunks per instance follow from B
 
 
 @triton.jit
@@ -65,14 +64,6 @@ def _rollout_step_kernel(
     tl.store(partial_ptr + (chunk * B + b) * N + cols, acc, mask=mask_j)
 
 
-def row_chunks(B: int, N: int, block_i: int):
-    """(chunks, rows per chunk, a multiple of block_i) of each instance's N rows: enough chunks to reach
-    TARGET_PROGRAMS programs, never more than there are row blocks."""
-    chunks = max(1, min(triton.cdiv(N, block_i), triton.cdiv(TARGET_PROGRAMS, B)))
-    rows_per_chunk = triton.cdiv(triton.cdiv(N, chunks), block_i) * block_i
-    return triton.cdiv(N, rows_per_chunk), rows_per_chunk
-
-
 def plan_forward(attns, mode: str, fusion: int):
     """The vectors (L, B, N) and the result (B, N), in the accumulator dtype, and the steps that fill them: row t is
     the vector entering step t (layers last to first for abnar, first to last for residual).
@@ -87,7 +78,8 @@ def plan_forward(attns, mode: str, fusion: int):
     result = torch.empty((B, N), dtype=acc_dtype, device=device)
     block_n = triton.next_power_of_2(N)
     block_i = max(1, min(triton.next_power_of_2(N), TILE_ELEMENTS // block_n))
-    chunks, rows_per_chunk = row_chunks(B, N, block_i)
+    # two programs per SM: each instance's rows are cut into chunks of whole row blocks to reach them
+    chunks, rows_per_chunk = split(N, B, 2 * H200_SMS, granule=block_i)
     partial = torch.empty((chunks, B, N), dtype=acc_dtype, device=device)
     order = range(L - 1, -1, -1) if mode == "abnar" else range(L)
     steps = [lambda: vectors[0, :, 0].fill_(1)]

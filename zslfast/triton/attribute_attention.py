@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import accumulator_dtype, block_size, dot_precision, inv_norm, mm
+from ._common import H200_SMS, accumulator_dtype, block_size, dot_precision, inv_norm, mm, split
 from ._launch import Launch, run
 
 MAX_BLOCK_R = 256  # R up to this takes the single-tile exact softmax (tests lower it to reach the R-tiled path)
@@ -373,11 +373,10 @@ def _columns_blocks(B, K, R, D, Dv, block_r):
     """The columns kernel's tiles. Its R tile is the widest of 64, 32, 16 (at most the forward's) whose grid
     (R tiles, B) still gives every SM of an H200 a program (it only changes how programs share the work); its
     (BLOCK_K x BLOCK_D) operand tiles are 32 x 16, which the audit finds spill-free at every R tile."""
-    col_r = next((c for c in (64, 32, 16) if c <= block_r and triton.cdiv(R, c) * B >= TARGET_PROGRAMS), 16)
+    col_r = next((c for c in (64, 32, 16) if c <= block_r and triton.cdiv(R, c) * B >= H200_SMS), 16)
     return block_size(K, 32), col_r, block_size(D, 16), block_size(Dv, 16)
 
 
-TARGET_PROGRAMS = 132  # an H200's SMs: the backward's grids aim for at least one program each
 
 
 def _launch_options(block_r):
@@ -466,8 +465,7 @@ def plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode
     if shared_q:
         # Batch chunks of the shared-q dq reduction, each a (K, D) partial summed afterwards in chunk order: as few
         # as give every SM a program (fewer partials to write), as many as the batch allows.
-        b_per_split = max(1, B // triton.cdiv(TARGET_PROGRAMS, triton.cdiv(K, block_k)))
-        splits = triton.cdiv(B, b_per_split)
+        splits, b_per_split = split(B, triton.cdiv(K, block_k), H200_SMS)
         dq = torch.zeros((splits, K, D) if need_q else (0,), device=q.device, dtype=acc)
     else:
         splits, b_per_split = B, 1

@@ -8,8 +8,8 @@
                                                                               registers, summed afterwards in chunk order
               grad_e[b, k]    = sum_c g[b, c] * s[c, k] * (1 + w[b, c, k])    per-class-block partials (C/BLOCK_C, B, K),
                                                                               summed afterwards in block order
-No atomics anywhere: the backward is deterministic, and S depends on the shapes only. Every tensor is addressed through all its strides, so
-transposed and sliced inputs are read in place. Accumulation is in fp32 (fp64 for fp64 inputs).
+No atomics anywhere: the backward is deterministic, and S depends on the shapes only. Every tensor is addressed
+through all its strides, so transposed and sliced inputs are read in place. Accumulation is in fp32 (fp64 for fp64 inputs).
 Shapes: e (B, K), s (C, K), w (B, C, K), g (B, C).
 """
 
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import accumulator_dtype, tl_accumulator_dtype
+from ._common import H200_SMS, accumulator_dtype, split, tl_accumulator_dtype
 from ._launch import Launch, run
 
 FORWARD_BLOCK_C, FORWARD_BLOCK_K = 32, 64
@@ -26,9 +26,6 @@ BACKWARD_BLOCK_C, BACKWARD_BLOCK_K = 32, 64
 # The GPU audit (benchmarks/gpu_audit.md) gives, on sm_90 in fp32: forward 158 registers at 4 warps (19% occupancy)
 # -> 76 at 8 (38%); backward 186 at 4 (12%) -> 56 at 16 (50%); no spills anywhere.
 FORWARD_WARPS, BACKWARD_WARPS = 8, 16
-# Programs the backward aims for: two per SM of the largest GPU we target (H200: 132 SMs), so that a bandwidth-bound
-# pass over w keeps every SM busy. The batch is cut into as many chunks as that needs (a function of shapes only).
-BACKWARD_TARGET_PROGRAMS = 264
 
 
 @triton.jit
@@ -120,20 +117,13 @@ def forward(e: torch.Tensor, s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def batch_chunks(B: int, C: int, K: int):
-    """(chunks, instances per chunk) of the backward: enough chunks to reach BACKWARD_TARGET_PROGRAMS programs."""
-    tiles = triton.cdiv(C, BACKWARD_BLOCK_C) * triton.cdiv(K, BACKWARD_BLOCK_K)
-    chunks = max(1, min(B, triton.cdiv(BACKWARD_TARGET_PROGRAMS, tiles)))
-    per_chunk = triton.cdiv(B, chunks)
-    return triton.cdiv(B, per_chunk), per_chunk
-
-
 def plan_backward(grad: torch.Tensor, e: torch.Tensor, s: torch.Tensor, w: torch.Tensor, need_grad_w: bool):
     """(grad_e, grad_s, grad_w) and the steps that fill them: the pass over w, then the fixed-order partial sums."""
     B, K = e.shape
     C = s.shape[0]
     c_blocks = triton.cdiv(C, BACKWARD_BLOCK_C)
-    chunks, per_chunk = batch_chunks(B, C, K)
+    # two programs per SM keep a bandwidth-bound pass over w busy everywhere: the batch is cut to reach them
+    chunks, per_chunk = split(B, c_blocks * triton.cdiv(K, BACKWARD_BLOCK_K), 2 * H200_SMS)
     acc_dtype = accumulator_dtype(e.dtype)
     grad_e_partial = torch.empty((c_blocks, B, K), dtype=acc_dtype, device=e.device)
     grad_s_partial = torch.empty((chunks, C, K), dtype=acc_dtype, device=e.device)
