@@ -18,6 +18,7 @@ the fill cannot matter, and the table says so).
 
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -203,8 +204,11 @@ def compiler_problem() -> Optional[str]:
         return (f"triton {triton.__version__}'s compiler takes index-keyed signatures; the audit uses the name-keyed "
                 "ASTSource of newer triton (tested: 3.6, 3.9)")
     if _cuobjdump() is None:
-        return "no cuobjdump: neither triton's bundled one nor $CUDA_HOME/bin/cuobjdump"
+        return NO_CUOBJDUMP
     return None
+
+
+NO_CUOBJDUMP = "no cuobjdump: neither triton's bundled one nor $CUDA_HOME/bin/cuobjdump"
 
 
 def _cuobjdump() -> Optional[str]:
@@ -224,7 +228,7 @@ def _resource_usage(binary: bytes, suffix: str = ".cubin") -> List[tuple]:
     """[(function, registers, stack, static shared, local)] of a cubin or fat binary."""
     tool = _cuobjdump()
     if tool is None:
-        raise RuntimeError("no cuobjdump: neither triton's bundled one nor $CUDA_HOME/bin/cuobjdump")
+        raise RuntimeError(NO_CUOBJDUMP)
     with tempfile.NamedTemporaryFile(suffix=suffix) as f:
         f.write(binary)
         f.flush()
@@ -242,8 +246,8 @@ def _compile(launch, arch: int):
     from triton.compiler import ASTSource
 
     key = (launch.name, arch, _signature_key(launch))
-    signature, constexprs, attrs = _signature(launch)
     if key not in _compiled:
+        signature, constexprs, attrs = _signature(launch)
         target = GPUTarget("cuda", arch, 32)
         options = triton.compiler.make_backend(target).parse_options(
             {"num_warps": launch.num_warps, "num_stages": launch.num_stages})
@@ -270,9 +274,7 @@ def occupancy(arch: int, registers: int, shared: int, num_warps: int):
 
 def audit_launch(op, case, dtype_name, pass_name, launch, arch, compile: bool = True) -> Row:
     """The row of one launch: its traffic model and fill, and (when compile) its resources on sm_<arch>."""
-    ctas = 1
-    for g in launch.grid:
-        ctas *= int(g)
+    ctas = math.prod(int(g) for g in launch.grid)
     row = Row(op, case, dtype_name, pass_name, launch.name + (f" ({launch.label})" if launch.label else ""), arch,
               [int(g) for g in launch.grid], launch.num_warps, launch.num_stages, ctas=ctas,
               bytes=launch.bytes_moved(), flops=float(launch.flops))
@@ -316,11 +318,10 @@ def audit_triton(ops=None, archs=(80, 90), dtypes=tuple(DTYPES), cases=None) -> 
                     # glue between launches (fixed-order sums) is plain torch ops; identical launches (the
                     # rollout's per-layer steps) are audited once and counted
                     launches, counts = {}, {}
-                    for launch in steps:
-                        if hasattr(launch, "kernel"):
-                            key = (launch.name, tuple(launch.grid), _signature_key(launch))
-                            launches.setdefault(key, launch)
-                            counts[key] = counts.get(key, 0) + 1
+                    for launch in _launches(steps):
+                        key = (launch.name, tuple(launch.grid), _signature_key(launch))
+                        launches.setdefault(key, launch)
+                        counts[key] = counts.get(key, 0) + 1
                     for key, launch in launches.items():
                         for arch in archs:
                             row = audit_launch(op, case, dtype_name, pass_name, launch, arch)
@@ -328,6 +329,19 @@ def audit_triton(ops=None, archs=(80, 90), dtypes=tuple(DTYPES), cases=None) -> 
                                 row.kernel = f"{launch.name} x{counts[key]}"
                             rows.append(row)
     return rows
+
+
+def _launches(steps):
+    """The kernel launches among a planner's steps (the rest is glue: fixed-order sums in torch)."""
+    from .triton._launch import Launch
+
+    return [step for step in steps if isinstance(step, Launch)]
+
+
+def traffic(op: str, shape, dtype) -> dict:
+    """{pass: (bytes, FLOPs)} of ``op`` at ``shape``: its launches' sums, the model gpucheck measures against."""
+    return {pass_name: (sum(l.bytes_moved() for l in _launches(steps)), sum(l.flops for l in _launches(steps)))
+            for pass_name, steps in CASES[op][0](*shape, dtype)}
 
 
 def _signature_key(launch):
@@ -347,21 +361,22 @@ def audit_cuda_extension() -> List[dict]:
     path = importlib.import_module("zslfast._C").__file__
     tool = _cuobjdump()
     text = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True).stdout
-    out, arch = [], None
+    found, arch, function = [], None, None
     for line in text.splitlines():
-        found = re.search(r"arch = sm_(\d+)", line)
-        if found:
-            arch = int(found.group(1))
-        m = re.search(r"Function (\S+):", line)
-        if m:
-            current = m.group(1)
-        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
-        if m:
-            regs, stack, shared, local = (int(x) for x in m.groups())
-            demangled = subprocess.run(["c++filt", current], capture_output=True, text=True).stdout.strip() or current
-            name = demangled.replace("(anonymous namespace)::", "").split("(")[0].removeprefix("void ")
-            out.append(dict(kernel=name, arch=arch, registers=regs, spill_bytes=stack + local,
-                            shared_bytes=shared, problems=[f"{stack + local} B of register spills"] if stack + local else []))
+        if re.search(r"arch = sm_(\d+)", line):
+            arch = int(re.search(r"arch = sm_(\d+)", line).group(1))
+        if re.search(r"Function (\S+):", line):
+            function = re.search(r"Function (\S+):", line).group(1)
+        usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
+        if usage:
+            found.append((function, arch, *(int(x) for x in usage.groups())))
+    names = subprocess.run(["c++filt"], input="\n".join(f[0] for f in found), capture_output=True,
+                           text=True).stdout.splitlines()
+    out = []
+    for (mangled, arch, regs, stack, shared, local), name in zip(found, names + [None] * len(found)):
+        name = (name or mangled).replace("(anonymous namespace)::", "").split("(")[0].removeprefix("void ")
+        out.append(dict(kernel=name, arch=arch, registers=regs, spill_bytes=stack + local, shared_bytes=shared,
+                        problems=[f"{stack + local} B of register spills"] if stack + local else []))
     return out
 
 

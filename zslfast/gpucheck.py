@@ -20,7 +20,6 @@ import argparse
 import datetime
 import json
 import re
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -31,6 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend, audit, baselines, reference
+from ._memory import peak_bytes
+from .bench import _median_ms
 
 L2_BYTES = 60 * 2**20  # H200's L2: inputs are rotated over at least twice this
 SCALE = 16.0  # cosine_logits' scale in every check (a SVIP/SAGE-like temperature)
@@ -158,29 +159,15 @@ def check_correctness(op: OpCheck, backend: str, dtype: torch.dtype, case) -> di
 
 # ------------------------------------------------------------------------------------------------- timing
 def _time_ms(fn, device) -> float:
+    """do_bench's median on a GPU; on CPU bench's median of a few calls (the pipeline check, not a figure)."""
     if device.type == "cuda":
         import triton.testing
 
         return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
-    fn()
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return _median_ms(fn, 3)
 
 
 def _peak_mib(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    from ._memory import peak_bytes
-
     return peak_bytes(fn, device) / 2**20
 
 
@@ -248,10 +235,7 @@ def time_case(op: OpCheck, case: str, shape, dtype, device, backends, use_compil
     if use_compile:
         impls["compile"] = torch.compile(op.eager, dynamic=False)
     impls.update({f"zslfast[{b}]": op.fused(b) for b in backends})
-    traffic = {}
-    for pass_name, steps in audit.CASES[op.name][0](*shape, dtype) if op.name in audit.CASES else ():
-        launches = [s for s in steps if hasattr(s, "kernel")]
-        traffic[pass_name] = (sum(s.bytes_moved() for s in launches), sum(s.flops for s in launches))
+    traffic = audit.traffic(op.name, shape, dtype)
     result = dict(op=op.name, case=case, shape=list(shape), dtype=str(dtype).replace("torch.", ""), impls={})
     for name, fn in impls.items():
         forward, train = _steps(fn, sets, op)
