@@ -83,10 +83,13 @@ def run(args) -> dict:
         print(_backend.extension_warning(), file=sys.stderr)
     fused_backend = _backend.resolve("demo", None, device)
     if fused_backend == "reference":
-        # Both runs would be the reference ops: no "fused" figures to report.
+        # Both runs would be the reference ops: no "fused" figures to report. Say why: no kernel backend can run
+        # here (each one's reason), or the environment chose the reference.
+        kernels = ("cpu",) if device.type == "cpu" else ("triton", "cuda")
+        reasons = [reason for reason in (_backend.why_unavailable(b, device) for b in kernels) if reason]
+        why = "; ".join(reasons) if len(reasons) == len(kernels) else "ZSLFAST_BACKEND=reference"
         sys.exit(f"zslfast demo: the fused ops cannot run on {device} tensors here (they resolve to the reference "
-                 f"ops: {_backend.EXTENSION_ERROR or _backend.TRITON_ERROR or 'ZSLFAST_BACKEND=reference'}); "
-                 "the demo would compare the reference with itself")
+                 f"ops: {why}); the demo would compare the reference with itself")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.data) if args.data else write_synthetic_xlsa17(Path(tmp), preset=args.preset, seed=args.seed)
         data = load_xlsa17(root)
