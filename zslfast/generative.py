@@ -29,7 +29,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .ops._common import check_same_device, check_tensor, promote, shape_str
+from .validation import check_same_device, check_tensor, promote, shape_str
 
 __all__ = [
     "CDPResult",

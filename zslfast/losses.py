@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data.xlsa17 import get_preset
-from .ops._common import compiling, shape_str
+from .validation import compiling, shape_str
 
 # ILPG Eq. 12 weights from the paper's experiments (main text for CUB, Appendix G for SUN and AwA2).
 ILPG_LOSS_WEIGHTS = {

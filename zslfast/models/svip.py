@@ -58,7 +58,7 @@ from ..losses import jsd_loss, patch_bce_loss
 from ..nn.rollout import AttentionRollout
 from ..ops.attention_rollout import FUSIONS, MODES
 from ..ops.attribute_attention import attribute_attention
-from ..ops._common import shape_str
+from ..validation import shape_str
 from ..ops.cosine_logits import cosine_logits
 
 _NAME = "SVIPHead"

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops._common import shape_str
+from ..validation import shape_str
 from ..ops.cosine_logits import cosine_logits
 from ..ops.memory_bank import POLICIES, check_labels, memory_bank_kl, memory_bank_refresh, memory_bank_update
 

@@ -1,4 +1,4 @@
-"""What the Triton kernels share: the accumulator dtype as a Triton type (the rule itself: ops/_common.py), block
+"""What the Triton kernels share: the accumulator dtype as a Triton type (the rule itself: zslfast/validation.py), block
 sizes, the SM count grids are sized for and the one rule that cuts work into chunks to fill it, the dot precision,
 a matmul that also serves fp64, and the clamped inverse norm of the cosine epilogues."""
 
@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._common import accumulator_dtype
+from ..validation import accumulator_dtype
 
 
 def tl_accumulator_dtype(dtype: torch.dtype):

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ._common import tl_accumulator_dtype
 from ._launch import Launch, run
-from ..ops._common import accumulator_dtype
+from ..validation import accumulator_dtype
 
 MAX_SINGLE_BLOCK = 8192  # tests lower it to run the streaming path on small rows
 
