@@ -178,13 +178,13 @@ def test_opcheck(device, backend, generator):
     scale = torch.tensor(1.5, device=device)
     for requires_grad in (False, True):
         args = [t.clone().requires_grad_(requires_grad) for t in (x, p, scale)]
-        torch.library.opcheck(torch.ops.zslfast.cosine_logits.default, (*args, backend))
-    out, ix, ip = torch.ops.zslfast.cosine_logits(x, p, scale, backend)
+        torch.library.opcheck(torch.ops.zslfast.cosine_logits.default, (*args, 1e-8, backend))
+    out, ix, ip = torch.ops.zslfast.cosine_logits(x, p, scale, 1e-8, backend)
     grad = torch.randn(3, 4, generator=generator).to(device)
     saved_out = out if backend == "triton" else None
     for mask in ([True, True, True], [True, False, False], [False, True, True]):
         torch.library.opcheck(
-            torch.ops.zslfast.cosine_logits_backward.default, (grad, x, p, saved_out, ix, ip, scale, mask, backend)
+            torch.ops.zslfast.cosine_logits_backward.default, (grad, x, p, saved_out, ix, ip, scale, 1e-8, mask, backend)
         )
 
 

@@ -324,7 +324,7 @@ def test_kl_opcheck(device, backend, generator):
     active[1, 1] = True
     for compute_grad in (False, True):
         for requires_grad in (False, True):
-            args = (z.clone().requires_grad_(requires_grad), protos, labels, active, compute_grad, backend)
+            args = (z.clone().requires_grad_(requires_grad), protos, labels, active, [compute_grad], backend)
             torch.library.opcheck(torch.ops.zslfast.memory_bank_kl.default, args)
 
 
@@ -334,7 +334,7 @@ def test_update_opcheck(device, backend, generator):
     z, y, conf = offers(6, 2, 5, 4, generator, torch.float32, device)
     state = [bank.features, bank.confidences, bank.counts, bank.next_slot, bank.stale]
     checks = ("test_schema", "test_faketensor")
-    torch.library.opcheck(torch.ops.zslfast.memory_bank_update.default, (*state, z, y, conf, 0.2, 0, backend),
+    torch.library.opcheck(torch.ops.zslfast.memory_bank_update.default, (*state, z, y, conf, 0.2, "fifo", backend),
                           test_utils=checks)
     bank.update(z, y, conf)  # opcheck runs on copies: mutate the real bank for the refresh's input
     assert bank.stale.any()

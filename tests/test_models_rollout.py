@@ -21,7 +21,8 @@ timm = pytest.importorskip("timm")
 from zslfast import reference  # noqa: E402
 from zslfast._memory import peak_cpu_bytes  # noqa: E402
 from zslfast.models import vit_attention_rollout  # noqa: E402
-from zslfast.models import rollout as rollout_module  # noqa: E402
+from zslfast.nn import rollout as rollout_module  # noqa: E402
+from zslfast.ops import attention_rollout as rollout_op  # noqa: E402
 
 MODES = ("abnar", "residual")
 FUSIONS = ("mean", "sum", "max", "min")
@@ -246,7 +247,7 @@ def test_fused_head_attention_gradcheck(head_fusion):
     q = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
     k = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(2, 1, 5, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    fn = rollout_module.fused_head_attention
+    fn = rollout_op.fused_head_attention
     torch.autograd.gradcheck(lambda q, k, m: fn(q, k, 0.5, head_fusion, m), (q, k, bias))
     torch.autograd.gradcheck(lambda q, k: fn(q, k, 0.5, head_fusion, is_causal=True), (q, k))
     keep = torch.rand(5, 5, generator=g) > 0.3
@@ -272,7 +273,7 @@ def test_attention_mask_passed_by_the_model():
     keep |= torch.eye(N, dtype=torch.bool)
     with torch.no_grad():
         _, maps = captured_attention(model, images, attn_mask=keep)
-        state = rollout_module._Rollout("abnar", False)
+        state = rollout_op.RolloutFold("abnar", False)
         with rollout_module._patched_attention(model.blocks, 0, lambda _l, t: state.fold(t), "min"):
             model(images, attn_mask=keep)
     close(state.result(), reference.attention_rollout(maps, "abnar", "min", 0, False), torch.float64)
@@ -386,12 +387,12 @@ def test_bad_model():
 def test_bad_arguments():
     model = make_model(dtype=torch.float32, depth=3, img_size=32)
     images = make_images(model, torch.float32)
-    with pytest.raises(ValueError, match="mode must be 'abnar' or 'residual', got 'attention'"):
+    with pytest.raises(ValueError, match="mode must be one of .*'abnar', 'residual'.*got 'attention'"):
         vit_attention_rollout(model, images, mode="attention")
     with pytest.raises(ValueError, match="head_fusion must be .* got 'median'"):
         vit_attention_rollout(model, images, head_fusion="median")
     for bad in (3, 7, -4):
-        with pytest.raises(ValueError, match=rf"L=3 blocks, got {bad}"):
+        with pytest.raises(ValueError, match=rf"L=3 layers .*got {bad}"):
             vit_attention_rollout(model, images, start_layer=bad)
     with pytest.raises(TypeError, match="start_layer must be an int"):
         vit_attention_rollout(model, images, start_layer=1.0)

@@ -38,9 +38,9 @@ def prototype_scores_factored(
     return prototype_scores(e, s, w)
 
 
-def cosine_logits(x: torch.Tensor, protos: torch.Tensor, scale=1.0) -> torch.Tensor:
-    """``scale * cos(x, protos[c])``: x (..., D), protos (C, D) -> (..., C), normalising as F.normalize(eps=1e-8)."""
-    return scale * (F.normalize(x, dim=-1, eps=1e-8) @ F.normalize(protos, dim=-1, eps=1e-8).T)
+def cosine_logits(x: torch.Tensor, protos: torch.Tensor, scale=1.0, eps: float = 1e-8) -> torch.Tensor:
+    """``scale * cos(x, protos[c])``: x (..., D), protos (C, D) -> (..., C), normalising as F.normalize(eps=eps)."""
+    return scale * (F.normalize(x, dim=-1, eps=eps) @ F.normalize(protos, dim=-1, eps=eps).T)
 
 
 def fuse_heads(attn: torch.Tensor, head_fusion: str) -> torch.Tensor:
@@ -83,13 +83,13 @@ def attention_rollout(attns, mode: str = "abnar", head_fusion: str = "mean", sta
     return result[:, 0] if cls_only else result
 
 
-def attribute_attention(q, k, v, ref=None, *, scale=None, mask=None, score="cosine", return_attention=False):
+def attribute_attention(q, k, v, ref=None, *, scale=None, mask=None, score="cosine", eps=1e-8, return_attention=False):
     """Attribute->region cross-attention, the eager way (ILPG AVL Eq. 2-4, TransZero, SAGE): materialises (B, K, R).
 
     q (K, D) or (B, K, D), k (B, R, D), v (B, R, Dv), ref None | (K, Dv) | (B, K, Dv), mask None | (B, R) bool
     (True = token kept). E = softmax(q k^T * scale over R) v (B, K, Dv), scale = D^-0.5 by default; a row with
     every token masked gets no weight anywhere (E = 0). ref None -> E; score "cosine" -> F.cosine_similarity(E, ref,
-    eps=1e-8) (B, K); "dot" -> <E, ref> (B, K); score None -> E. return_attention also returns P (B, K, R).
+    eps=eps) (B, K); "dot" -> <E, ref> (B, K); score None -> E. return_attention also returns P (B, K, R).
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
@@ -105,7 +105,7 @@ def attribute_attention(q, k, v, ref=None, *, scale=None, mask=None, score="cosi
     if ref is None or score is None:
         out = e
     elif score == "cosine":
-        out = F.cosine_similarity(e, ref.expand_as(e), dim=-1, eps=1e-8)
+        out = F.cosine_similarity(e, ref.expand_as(e), dim=-1, eps=eps)
     elif score == "dot":
         out = (e * ref).sum(-1)
     else:

@@ -38,7 +38,10 @@ from torch import nn
 
 from ..validation import shape_str
 from ..ops.cosine_logits import cosine_logits
-from ..ops.memory_bank import POLICIES, check_labels, memory_bank_kl, memory_bank_refresh, memory_bank_update
+from ..ops import cosine_logits as _cosine_spec, memory_bank as _bank_spec
+from ..ops._spec import check_module_backend, choices
+from ..ops.memory_bank import check_offers, memory_bank_kl, memory_bank_refresh, memory_bank_update
+from ..validation import check_labels, check_option
 
 try:
     import torch.distributed as dist
@@ -66,8 +69,8 @@ class MemoryBank(nn.Module):
         device, dtype: of the stored features and confidences.
         process_group: the group to gather offers over; None uses the default group when torch.distributed is
             initialised with more than one rank.
-        backend: None (by device), "reference" (the one-by-one Python loop), "cpu" or "cuda" ("triton", which has
-            no update kernel, means the device's default, so one backend setting can cover a whole model).
+        backend: None (by device), "reference" (the one-by-one Python loop), "cpu" or "cuda"; the bank's update has
+            no Triton kernel, so "triton" raises BackendUnavailableError (set or switched, as every op does).
     Non-finite features are never stored: such entries are dropped (as if below the threshold).
     """
 
@@ -90,8 +93,7 @@ class MemoryBank(nn.Module):
         M = _positive_int("MemoryBank", "num_branches", num_branches)
         K = _positive_int("MemoryBank", "capacity", capacity)
         D = _positive_int("MemoryBank", "dim", dim)
-        if policy not in POLICIES:
-            raise ValueError(f"MemoryBank: policy must be one of {tuple(POLICIES)}, got {policy!r}")
+        check_option("MemoryBank", "policy", policy, choices("policy"))
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"MemoryBank: dtype must be a floating-point torch.dtype, got {dtype!r}")
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold != threshold:
@@ -144,37 +146,21 @@ class MemoryBank(nn.Module):
     @torch.no_grad()
     def update(self, z: torch.Tensor, y: torch.Tensor, conf: torch.Tensor) -> None:
         """Offer z (B, M, D) with labels y (B,) and confidences conf (B, M); B may be 0 (a rank with no offers)."""
-        op = "MemoryBank.update"
-        C, M, D = self.num_classes, self.num_branches, self.dim
-        for name, t, layout in (("z", z, "(B, M, D)"), ("conf", conf, "(B, M)")):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{op}: {name} must be a torch.Tensor {layout}, got {type(t).__name__}")
-            if not t.is_floating_point():
-                raise TypeError(f"{op}: {name} must be a floating-point tensor {layout}, got dtype {t.dtype}")
-        if z.dim() != 3 or z.shape[1:] != (M, D):
-            raise ValueError(f"{op}: z must be (B, M, D) with M={M}, D={D}, got shape {shape_str(z)}")
-        B = z.shape[0]
-        if conf.shape != (B, M):
-            raise ValueError(
-                f"{op}: conf must be (B, M) = ({B}, {M}) to match z {shape_str(z)}, got shape {shape_str(conf)}"
-            )
-        check_labels(op, "y", y, B, C, values=False)  # the values on the gathered offers: all ranks raise alike
-        for name, t in (("z", z), ("y", y), ("conf", conf)):
-            if t.device != self.features.device:
-                raise ValueError(f"{op}: {name} is on {t.device} but the bank is on {self.features.device}")
+        # The shapes here, the label values on the gathered offers (memory_bank_update): all ranks raise alike.
+        check_offers("MemoryBank.update", self.features, z, y, conf, label_values=False)
         z, y, conf = self._gather(z.detach(), y, conf.detach())
-        if z.shape[0] == 0:
-            return
-        check_labels(op, "y", y, z.shape[0], C)
-        if torch.isnan(conf).any():
-            raise ValueError(f"{op}: conf {shape_str(conf)} holds NaN confidences")
         memory_bank_update(
             self.features, self.confidences, self.counts, self.next_slot, self.stale, z, y, conf,
-            self.threshold, self.policy, backend=self._kernel_backend(),
+            self.threshold, self.policy, backend=self.backend,
         )
 
-    def _kernel_backend(self):
-        return None if self.backend == "triton" else self.backend
+    @property
+    def backend(self) -> Optional[str]:
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: Optional[str]) -> None:
+        self._backend = check_module_backend("MemoryBank", backend, (_bank_spec.UPDATE, _bank_spec.REFRESH))
 
     @torch.no_grad()
     def prototypes(self):
@@ -182,7 +168,7 @@ class MemoryBank(nn.Module):
 
         protos is the bank's own buffer (no copy; the queues changed since the last call are re-averaged first): a
         later update changes it in place, clone it to keep it."""
-        memory_bank_refresh(self.features, self.counts, self.stale, self.means, backend=self._kernel_backend())
+        memory_bank_refresh(self.features, self.counts, self.stale, self.means, backend=self.backend)
         return self.means, self.counts > 0
 
 
@@ -226,6 +212,15 @@ class MemoryBankGuidedFusion(nn.Module):
             dtype=dtype, process_group=process_group, backend=backend,
         )
 
+    @property
+    def backend(self) -> Optional[str]:
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: Optional[str]) -> None:
+        specs = (_cosine_spec.SPEC, _bank_spec.KL, _bank_spec.UPDATE, _bank_spec.REFRESH)
+        self._backend = check_module_backend("MemoryBankGuidedFusion", backend, specs)
+
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, scale={self.scale}"
 
@@ -246,8 +241,7 @@ class MemoryBankGuidedFusion(nn.Module):
         if labels is None:
             target = branch_cos.detach().sum(dim=1).argmax(dim=1)
         else:
-            check_labels(op, "labels", labels, B, C)
-            target = labels.to(device=z.device, dtype=torch.int64)
+            target = check_labels(op, "labels", labels, B, C).to(z.device)
         index = target[:, None, None].expand(B, M, 1)
         s = branch_cos.gather(2, index).squeeze(2)  # (B, M)
         w = torch.softmax(self.alpha * s, dim=1)

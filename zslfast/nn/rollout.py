@@ -1,30 +1,161 @@
-"""AttentionRollout: ViT attention rollout as an nn.Module (SVIP's patch pseudo-labels), over zslfast.attention_rollout.
+"""Attention rollout as a module, and of a running timm VisionTransformer (SVIP's patch pseudo-labels).
 
-    attns     L maps (B, H, N, N), first layer first (or one (L, B, H, N, N) tensor)
-    F^l       = fuse_h(A^l)                                  (B, N, N)  head_fusion "mean" | "sum" | "max" | "min"
-    abnar     R = A'^L ... A'^s,  A'^l = rownorm(F^l + I)    (Abnar & Zuidema 2020, SVIP's released code)
-    residual  W^s = F^s, W^l = W^(l-1) + W^(l-1) F^l         (SVIP Eq. 4)
-    out       row 0, (B, N), when cls_only; else (B, N, N)   (index 0 = class token; patches are out[:, prefix:])
+``AttentionRollout(mode, head_fusion, start_layer, cls_only, backend)``: ``forward(attns)`` rolls out maps the caller
+collected (zslfast.attention_rollout); ``from_model(model, images)`` is ``vit_attention_rollout`` below.
 
-``forward(attns)`` rolls out maps the caller collected; ``from_model(model, images)`` runs a timm ViT and rolls its
-attention out while it runs. With ``backend`` None or a kernel backend, ``from_model`` uses
-``zslfast.models.vit_attention_rollout`` (maps folded in one head at a time, never stored); with
-``backend="reference"`` it switches the blocks to timm's non-fused attention, stores every softmax map (B, H, N, N)
-from a hook on ``attn.attn_drop`` and rolls them out with ``zslfast.reference`` — the eager code the papers run.
+vit_attention_rollout: attention rollout of a timm VisionTransformer, folded in while the forward runs.
+
+For a ViT with L blocks, H heads of dim d, embed dim D = H d and N tokens (timm's order: class token, registers,
+patches), block l (l = 0 .. L-1) gets x (B, N, D), projects qkv = attn.qkv(x) (B, N, 3 H d) -> q, k (B, H, N, d)
+(after attn.q_norm / attn.k_norm), and its attention is
+
+    A^l[b, h]  = softmax((q_h * scale) k_h^T + mask)            (B, H, N, N)  scale = attn.scale (d^-0.5), softmax
+                                                                              over the last dim, before attn_drop;
+                                                                              mask only if the model is given one
+    T^l        = fuse_h A^l[:, h]                               (B, N, N)     mean, sum, max or min over heads
+
+and the rollout over the layers l = s .. L-1 (s = start_layer; earlier layers are skipped entirely) is
+
+    mode "abnar" (Abnar & Zuidema 2020; SVIP's released code):
+        A'^l       = rownorm(T^l + I),  rownorm(a)[b, i, j] = a[b, i, j] / sum_j' a[b, i, j']    (B, N, N)
+        R^s        = A'^s,   R^l = A'^l R^(l-1)                                                  (B, N, N)
+    mode "residual" (SVIP Eq. 4):
+        W^s        = T^s,    W^l = W^(l-1) + W^(l-1) T^l                                         (B, N, N)
+        cls_only:  w^s = T^s[:, 0],  w^l = w^(l-1) + w^(l-1) T^l   (row 0 alone is closed)        (B, N)
+
+    returns R[:, 0] / w (B, N) when cls_only, else R / W (B, N, N): equal (up to rounding) to
+    ``zslfast.reference.attention_rollout([A^0 .. A^(L-1)], mode, head_fusion, start_layer, cls_only)``.
+
+Memory. timm's blocks run fused SDPA and never form A^l. While ``model(images)`` runs, each block's ``attn.forward``
+is replaced (and restored afterwards, also on error) by a wrapper that calls the original forward unchanged (so the
+output is bit-for-bit ``model(images)``, SDPA included), takes q, k from the ``attn.qkv`` output it has just
+produced (no second qkv projection), and builds T^l one head at a time: one head's (B, N, N) scores/probabilities
+are alive at a time, never (B, H, N, N). T^l is folded into the running R / W / w at once and dropped. Extra
+memory at the peak is therefore a few (B, N, N) maps (R^(l-1), T^l, A'^l, the product) for "abnar" and for
+cls_only=False, and one (B, N, N) map T^l plus the (B, N) row w for "residual" with cls_only=True; nothing grows
+with L or H (tests/test_models_rollout.py measures it against the eager path, which stores L*H maps).
+
+Autograd. T^l comes from a custom autograd function (``_FusedHeadAttention``) whose forward keeps only q and k
+(views of the block's qkv output, which its SDPA keeps anyway, unless q_norm/k_norm are on) and, for max/min, the
+(B, N, N) index of the winning head; its backward recomputes each head's probabilities one head at a time (softmax
+backward, then dq, dk), so gradients reach the images and every parameter up to the qk projection while autograd
+never stores L*H*N^2 probabilities. The fold itself (+I, row normalisation, products) is plain torch ops; with
+gradients on it keeps what its backward needs, a few (B, N, N) maps per layer. Max/min route the gradient to the
+first head attaining the extremum, as torch.max/min(dim) do.
+
+Note on normalisation: vit-explain (jacobgil) normalises with ``a / a.sum(dim=-1)`` without keepdim, which
+broadcasts the (B, N) row sums along the last dim: for B = 1 it divides column j by row j's sum (not a row
+normalisation), for B > 1 the shapes (B, N, N) / (B, N) fail to broadcast (or, if B == N, silently divide
+column j of every map by row j's sum of map j). zslfast divides each row by its own sum (``keepdim=True``), as
+SVIP's code and the reference do.
+
+Backends. Any kernel backend (or None) runs the fold above: head fusion and products in PyTorch ops, one layer's
+map at a time, the same on every device (zslfast.ops.attention_rollout owns both: ``fused_head_attention`` and
+``RolloutFold``); the backend is still checked, so one that cannot run here raises BackendUnavailableError.
+``backend="reference"`` runs the eager code the papers run instead: the blocks switch to timm's non-fused
+attention, every softmax map (B, H, N, N) is stored from a hook on ``attn.attn_drop``, and
+``zslfast.reference.attention_rollout`` rolls them out.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from .. import _backend
-from ..ops.attention_rollout import FUSIONS, MODES, attention_rollout
+from .. import reference
+from ..ops.attention_rollout import FUSIONS, MODES, SPEC as ROLLOUT, RolloutFold, attention_rollout, fused_head_attention
+from ..ops._spec import check_module_backend
+from ..validation import check_flag, check_option, check_start_layer
 
-_NAME = "AttentionRollout"
+_NAME = "vit_attention_rollout"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Patching the blocks' attention.
+
+
+def _call_args(args, kwargs):
+    """x, attn_mask, is_causal as timm's ``Attention.forward(x, attn_mask=None, is_causal=False)`` receives them."""
+    x = args[0] if args else kwargs["x"]
+    attn_mask = args[1] if len(args) > 1 else kwargs.get("attn_mask")
+    is_causal = args[2] if len(args) > 2 else kwargs.get("is_causal", False)
+    return x, attn_mask, is_causal
+
+
+def _q_k(attn: nn.Module, x: torch.Tensor, qkv: torch.Tensor):
+    """q, k (B, H, N, d) from the qkv projection's output, as timm's Attention forms them (incl. q_norm/k_norm)."""
+    B, N = x.shape[0], x.shape[1]
+    num_heads = attn.num_heads
+    head_dim = getattr(attn, "head_dim", None) or qkv.shape[-1] // (3 * num_heads)
+    q, k, _ = qkv.reshape(B, N, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q_norm = getattr(attn, "q_norm", None)
+    k_norm = getattr(attn, "k_norm", None)
+    if q_norm is not None:
+        q = q_norm(q)
+    if k_norm is not None:
+        k = k_norm(k)
+    scale = getattr(attn, "scale", None)
+    if scale is None:
+        scale = head_dim**-0.5
+    return q, k, scale
+
+
+def _make_forward(attn: nn.Module, original: Callable, layer: int, on_layer: Callable[[int, torch.Tensor], None],
+                  head_fusion: str):
+    def forward(*args: Any, **kwargs: Any):
+        captured = []
+        handle = attn.qkv.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
+        try:
+            out = original(*args, **kwargs)
+        finally:
+            handle.remove()
+        if len(captured) != 1:
+            raise RuntimeError(
+                f"{_NAME}: blocks[{layer}].attn ({type(attn).__name__}) called its .qkv {len(captured)} times in one "
+                "forward, expected once"
+            )
+        x, attn_mask, is_causal = _call_args(args, kwargs)
+        q, k, scale = _q_k(attn, x, captured.pop())
+        on_layer(layer, fused_head_attention(q, k, scale, head_fusion, attn_mask, is_causal))
+        return out
+
+    return forward
+
+
+@contextmanager
+def _patched_attention(blocks, start_layer: int, on_layer, head_fusion: str):
+    """Replace ``blocks[l].attn.forward`` for l >= start_layer; restore the previous attribute state on exit."""
+    patched = []
+    try:
+        for layer in range(start_layer, len(blocks)):
+            attn = blocks[layer].attn
+            had_own = "forward" in attn.__dict__
+            previous = attn.__dict__.get("forward")
+            attn.forward = _make_forward(attn, attn.forward, layer, on_layer, head_fusion)
+            patched.append((attn, had_own, previous))
+        yield
+    finally:
+        for attn, had_own, previous in reversed(patched):
+            if had_own:
+                attn.forward = previous
+            else:
+                del attn.forward
+
+
+@contextmanager
+def _no_grad_checkpointing(model: nn.Module):
+    """timm's grad checkpointing would re-run the blocks in backward without the wrapper: switch it off meanwhile."""
+    was = getattr(model, "grad_checkpointing", False)
+    if was is True:
+        model.grad_checkpointing = False
+    try:
+        yield
+    finally:
+        if was is True:
+            model.grad_checkpointing = True
 
 
 @contextmanager
@@ -36,7 +167,7 @@ def _stored_attention_maps(model: nn.Module):
     blocks = getattr(model, "blocks", None)
     if blocks is None:
         raise TypeError(
-            f"{_NAME}.from_model: model must be a timm VisionTransformer; {type(model).__name__} has no .blocks"
+            f"{_NAME}: model must be a timm VisionTransformer; {type(model).__name__} has no .blocks"
         )
     maps: list[torch.Tensor] = []
     saved = []
@@ -46,7 +177,7 @@ def _stored_attention_maps(model: nn.Module):
             drop = getattr(attn, "attn_drop", None)
             if drop is None or not hasattr(attn, "fused_attn"):
                 raise TypeError(
-                    f"{_NAME}.from_model (backend='reference'): model.blocks[{i}].attn must be a timm Attention with "
+                    f"{_NAME} (backend='reference'): model.blocks[{i}].attn must be a timm Attention with "
                     f".fused_attn and .attn_drop, got {type(attn).__name__}"
                 )
             handle = drop.register_forward_hook(lambda _m, inputs, _o: maps.append(inputs[0]))
@@ -59,19 +190,140 @@ def _stored_attention_maps(model: nn.Module):
             attn.fused_attn = fused
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Public API.
+
+
+def _check_model(model) -> list:
+    expected = "a timm VisionTransformer (or a model whose .blocks[i].attn has .qkv and .num_heads)"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{_NAME}: model must be {expected}, got {type(model).__name__}")
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise TypeError(f"{_NAME}: model must be {expected}; {type(model).__name__} has no .blocks")
+    try:
+        blocks = list(blocks)
+    except TypeError:
+        raise TypeError(f"{_NAME}: model must be {expected}; its .blocks ({type(blocks).__name__}) is not iterable")
+    seen = set()
+    for i, blk in enumerate(blocks):
+        attn = getattr(blk, "attn", None)
+        if attn is None:
+            raise TypeError(f"{_NAME}: model must be {expected}; model.blocks[{i}] ({type(blk).__name__}) has no .attn")
+        for attr in ("qkv", "num_heads"):
+            if getattr(attn, attr, None) is None:
+                raise TypeError(
+                    f"{_NAME}: model must be {expected}; model.blocks[{i}].attn ({type(attn).__name__}) has no .{attr}"
+                )
+        if id(attn) in seen:
+            raise ValueError(f"{_NAME}: model.blocks[{i}].attn is shared with an earlier block; not supported")
+        seen.add(id(attn))
+    if not blocks:
+        raise ValueError(f"{_NAME}: model.blocks is empty (L=0), there is nothing to roll out")
+    return blocks
+
+
+def vit_attention_rollout(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    mode: str = "abnar",
+    head_fusion: str = "mean",
+    start_layer: int = 0,
+    cls_only: bool = True,
+    backend: Optional[str] = None,
+):
+    """Run ``model(images)`` and return ``(output, rollout)``, the rollout folded in while the forward runs.
+
+    Args:
+        model: a timm ``VisionTransformer`` (or any module whose ``.blocks[i].attn`` is timm-Attention-like: ``qkv``
+            Linear, ``num_heads``, optional ``head_dim``, ``scale``, ``q_norm``, ``k_norm``). Train or eval mode
+            both work (the maps are taken before ``attn_drop``); eval mode gives the usual explanation.
+        images: what ``model`` takes, e.g. (B, 3, H_img, W_img).
+        mode: "abnar" (rownorm(T + I) products, SVIP's code) or "residual" (SVIP Eq. 4, W <- W + W T).
+        head_fusion: "mean", "sum", "max" or "min" over heads.
+        start_layer: first block included (0 <= start_layer < L; negative counts from the end, as list slicing);
+            earlier blocks run unchanged and their attention is never computed.
+        cls_only: return row 0 of the rollout (B, N) instead of the whole (B, N, N).
+        backend: None or a kernel backend (the fold, one layer at a time), or "reference" (all maps stored, the
+            eager rollout); see the module docstring.
+
+    Returns:
+        output: exactly ``model(images)`` (bit-for-bit: the original attention forward, fused SDPA included, runs).
+        rollout: (B, N) if ``cls_only`` else (B, N, N), N = num_prefix_tokens + patches, in ``model``'s token order:
+            timm puts the class token first, then the register tokens, then the patches. "Row 0" is therefore the
+            class token's row; for a model without a class token (``class_token=False``) it is the first register
+            token, or the first patch when there are no registers either. Patch scores are
+            ``rollout[..., model.num_prefix_tokens:]`` (reshape to ``model.patch_embed.grid_size``).
+        Equal to ``zslfast.reference.attention_rollout([A^0 .. A^(L-1)], mode, head_fusion, start_layer,
+        cls_only)`` with A^l block l's softmax attention; differentiable w.r.t. images and parameters.
+
+    Memory (backend other than "reference"): a few (B, N, N) maps beyond the forward itself (one (B, N, N) map and a (B, N) row for "residual" with
+    ``cls_only``), independent of depth and heads; never (B, H, N, N) at once. timm grad checkpointing is switched
+    off during the call (the wrapped blocks cannot be re-run in backward); values are unaffected.
+
+    Raises:
+        TypeError: ``model`` lacks ``.blocks``, a block's ``.attn`` or its ``.qkv`` / ``.num_heads``.
+        ValueError: unknown ``mode`` / ``head_fusion`` / ``backend``, ``start_layer`` out of [-L, L) for L blocks.
+        BackendUnavailableError: ``backend`` cannot run on ``images``' device.
+        RuntimeError: the forward did not run each wrapped block's attention exactly once, in order.
+    """
+    blocks = _check_model(model)
+    check_option(_NAME, "mode", mode, MODES)
+    check_option(_NAME, "head_fusion", head_fusion, FUSIONS)
+    check_flag(_NAME, "cls_only", cls_only)
+    L = len(blocks)
+    start = check_start_layer(_NAME, start_layer, L)
+    device = images.device if isinstance(images, torch.Tensor) else torch.device("cpu")
+    if ROLLOUT.resolve(backend, device) == "reference":
+        return _stored_maps_rollout(model, images, mode, head_fusion, start, cls_only)
+
+    rollout = RolloutFold(mode, cls_only)
+    expected = [start]
+
+    def on_layer(layer: int, fused: torch.Tensor) -> None:
+        if layer != expected[0]:
+            raise RuntimeError(
+                f"{_NAME}: blocks[{layer}].attn ran when blocks[{expected[0]}].attn was expected (each block's "
+                "attention must run once, in order)"
+            )
+        expected[0] += 1
+        rollout.fold(fused)
+
+    with _no_grad_checkpointing(model), _patched_attention(blocks, start, on_layer, head_fusion):
+        output = model(images)
+    if expected[0] != L:
+        raise RuntimeError(
+            f"{_NAME}: the forward ran the attention of blocks[{start}:{expected[0]}] only, of L={L} blocks"
+        )
+    return output, rollout.result()
+
+
+def _stored_maps_rollout(model, images, mode, head_fusion, start, cls_only):
+    """The eager way: timm's non-fused attention stores every softmax map, then zslfast.reference rolls them out."""
+    with _stored_attention_maps(model) as maps:
+        output = model(images)
+    depth = len(model.blocks)
+    if len(maps) != depth:
+        raise RuntimeError(f"{_NAME}: the forward ran {len(maps)} block attentions, expected one per block ({depth})")
+    return output, reference.attention_rollout(maps, mode, head_fusion, start, cls_only)
+
+
 class AttentionRollout(nn.Module):
     """Attention rollout across ViT layers; no parameters.
 
     Args:
         mode: "abnar" (rownorm(fuse(A) + I) products, SVIP's released code) or "residual" (SVIP Eq. 4).
         head_fusion: "mean", "sum", "max" or "min" over the heads.
-        start_layer: layers before it are skipped.
+        start_layer: the first layer rolled out, in [-L, L) (negative counts from the end; checked against L
+            when the maps or the model arrive).
         cls_only: return row 0 (B, N) (a vector chain, O(L N^2)) instead of the full (B, N, N).
         backend: None (by device), "reference" (plain PyTorch) or a kernel backend ("cpu", "triton"); an attribute,
             so a model's ``set_backend`` can switch it.
 
     ``forward(attns)``: attns (L, B, H, N, N) or a sequence of L maps (B, H, N, N) -> (B, N) or (B, N, N),
-    differentiable with respect to every map.
+    differentiable with respect to every map (zslfast.attention_rollout).
+    ``from_model(model, images)``: ``vit_attention_rollout`` with these settings -> (model(images), rollout).
     """
 
     def __init__(
@@ -83,65 +335,39 @@ class AttentionRollout(nn.Module):
         backend: Optional[str] = None,
     ):
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"{_NAME}: mode must be one of {MODES}, got {mode!r}")
-        if head_fusion not in FUSIONS:
-            raise ValueError(f"{_NAME}: head_fusion must be one of {FUSIONS}, got {head_fusion!r}")
-        if isinstance(start_layer, bool) or not isinstance(start_layer, int) or start_layer < 0:
-            raise ValueError(f"{_NAME}: start_layer must be an int >= 0, got {start_layer!r}")
-        if not isinstance(cls_only, bool):
-            raise TypeError(f"{_NAME}: cls_only must be a bool, got {type(cls_only).__name__}")
+        name = "AttentionRollout"
+        check_option(name, "mode", mode, MODES)
+        check_option(name, "head_fusion", head_fusion, FUSIONS)
+        check_start_layer(name, start_layer, None)
+        check_flag(name, "cls_only", cls_only)
         self.mode = mode
         self.head_fusion = head_fusion
         self.start_layer = start_layer
         self.cls_only = cls_only
-        self.backend = _backend.check_backend(_NAME, backend)
+        self.backend = backend
+
+    @property
+    def backend(self) -> Optional[str]:
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: Optional[str]) -> None:
+        self._backend = check_module_backend("AttentionRollout", backend, (ROLLOUT,))
+
+    def _settings(self) -> dict:
+        return dict(mode=self.mode, head_fusion=self.head_fusion, start_layer=self.start_layer,
+                    cls_only=self.cls_only, backend=self.backend)
 
     def forward(self, attns: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:
-        return attention_rollout(
-            attns,
-            mode=self.mode,
-            head_fusion=self.head_fusion,
-            start_layer=self.start_layer,
-            cls_only=self.cls_only,
-            backend=_backend.check_backend(_NAME, self.backend),
-        )
+        return attention_rollout(attns, **self._settings())
 
     def from_model(self, model: nn.Module, images: torch.Tensor):
         """Run ``model(images)`` (a timm VisionTransformer, or a module with its ``.blocks``) -> (output, rollout).
 
         ``output`` is ``model(images)``; ``rollout`` is (B, N) or (B, N, N) over the model's tokens (class token
         first, then registers, then patches: patch scores are ``rollout[:, model.num_prefix_tokens:]``).
-        Fused path (backend None / kernel): ``vit_attention_rollout``, memory independent of depth and heads.
-        Reference path (backend "reference"): all L maps (B, H, N, N) stored, then ``reference.attention_rollout``.
         """
-        backend = _backend.check_backend(_NAME, self.backend)
-        if backend != "reference":
-            from ..models.rollout import vit_attention_rollout
-
-            return vit_attention_rollout(
-                model,
-                images,
-                mode=self.mode,
-                head_fusion=self.head_fusion,
-                start_layer=self.start_layer,
-                cls_only=self.cls_only,
-            )
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"{_NAME}.from_model: model must be an nn.Module (timm ViT), got {type(model).__name__}")
-        with _stored_attention_maps(model) as maps:
-            depth = len(model.blocks)
-            if not 0 <= self.start_layer < depth:
-                raise ValueError(
-                    f"{_NAME}: start_layer must be in [0, {depth}) for a model with {depth} blocks, "
-                    f"got {self.start_layer}"
-                )
-            output = model(images)
-        if len(maps) != depth:
-            raise RuntimeError(
-                f"{_NAME}.from_model: the forward ran {len(maps)} block attentions, expected one per block ({depth})"
-            )
-        return output, self(maps)
+        return vit_attention_rollout(model, images, **self._settings())
 
     def extra_repr(self) -> str:
         return (

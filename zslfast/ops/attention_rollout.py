@@ -24,7 +24,8 @@ the backward walks the steps in reverse with PyTorch ops, one layer's (B, N, N) 
     residual:  grad_F[i, j] = v_in[i] g[j]
     fusion:    mean -> grad_F / H to every head, sum -> grad_F, max/min -> grad_F to the selected head
 
-Full matrix (``cls_only=False``): batched GEMMs (torch.bmm) layer by layer, the reference's own code.
+Full matrix (``cls_only=False``): batched GEMMs (torch.bmm) layer by layer (:class:`RolloutFold`, which
+zslfast.nn's rollout of a running ViT folds with too), the same for every kernel backend.
 """
 
 from __future__ import annotations
@@ -33,53 +34,30 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .. import _backend, reference
-from ._common import LIB, accumulator_dtype, promote, shape_str
+from .. import reference
+from ..validation import accumulator_dtype, check_flag, check_option, check_start_layer, promote, shape_str
+from ._spec import OpSpec, choices, define, enum_id, triton_kernel
 
 OP = "attention_rollout"
-# Positions are the ids the C++ and Triton kernels take (csrc/ops.cpp): keep the order.
-MODES = ("abnar", "residual")
-FUSIONS = ("mean", "sum", "max", "min")
-_BACKENDS = ("reference", "cpu", "triton")
-
-LIB.define("attention_rollout_cls(Tensor[] attns, str mode, str head_fusion, str backend) -> (Tensor, Tensor)")
+MODES = choices("mode")
+FUSIONS = choices("head_fusion")
 
 
-def _forward_kernel(attns, mode, head_fusion, backend):
-    if backend == "triton":
-        from ..triton import attention_rollout as triton_kernels
-
-        return triton_kernels.forward(list(attns), mode, FUSIONS.index(head_fusion))
-    return torch.ops.zslfast._attention_rollout_cls_fwd(attns, MODES.index(mode), FUSIONS.index(head_fusion))
+# ----------------------------------------------------------------------------------------------------------------
+# Head fusion and the fold: the one implementation, used by the op's backward and full-matrix path and by
+# zslfast.nn.rollout's rollout of a running ViT.
 
 
-for _key in ("CPU", "CUDA"):
-    LIB.impl("attention_rollout_cls", _forward_kernel, _key)
-
-
-@torch.library.register_fake("zslfast::attention_rollout_cls", lib=LIB)
-def _forward_fake(attns, mode, head_fusion, backend):
-    L = len(attns)
-    B, _, N, _ = attns[0].shape
-    return attns[0].new_empty((B, N)), attns[0].new_empty((L, B, N), dtype=accumulator_dtype(attns[0].dtype))
-
-
-def _setup_context(ctx, inputs, output):
-    attns, mode, head_fusion, _ = inputs
-    ctx.save_for_backward(*attns, output[1])
-    ctx.mode, ctx.head_fusion = mode, head_fusion
-    ctx.mark_non_differentiable(output[1])
-
-
-def _fuse_with_index(a: torch.Tensor, head_fusion: str):
+def fuse_heads(a: torch.Tensor, head_fusion: str):
+    """(B, H, N, N) -> (fused (B, N, N), index): index (B, N, N) of the selected head for max/min, else None."""
     if head_fusion == "max":
         return a.max(dim=1)
     if head_fusion == "min":
         return a.min(dim=1)
-    return reference.fuse_heads(a, head_fusion), None
+    return (a.mean(dim=1) if head_fusion == "mean" else a.sum(dim=1)), None
 
 
-def _unfuse(grad_fused: torch.Tensor, index, head_fusion: str, like: torch.Tensor) -> torch.Tensor:
+def unfuse_heads(grad_fused: torch.Tensor, index, head_fusion: str, like: torch.Tensor) -> torch.Tensor:
     """Gradient of the head fusion: (B, N, N) -> (B, H, N, N)."""
     B, H, N, _ = like.shape
     if head_fusion in ("max", "min"):
@@ -90,6 +68,166 @@ def _unfuse(grad_fused: torch.Tensor, index, head_fusion: str, like: torch.Tenso
     return grad_fused[:, None].expand(B, H, N, N).to(like.dtype)
 
 
+class RolloutFold:
+    """Folds the head-fused maps T^l (B, N, N), first layer first, into R (abnar), W or w (residual);
+    ``result()`` is what ``attention_rollout`` returns for them. Without autograd, abnar's identity and row
+    normalisation happen in place on T^l (the caller's fused map, which it no longer needs)."""
+
+    def __init__(self, mode: str, cls_only: bool):
+        self.mode = mode
+        self.cls_only = cls_only
+        self.state: Optional[torch.Tensor] = None
+
+    def fold(self, t: torch.Tensor) -> None:
+        in_place = not (torch.is_grad_enabled() and t.requires_grad)
+        if self.mode == "abnar":
+            if in_place:  # same values as t + eye: off-diagonal entries + 0 are exact
+                a = t
+                a.diagonal(dim1=-2, dim2=-1).add_(1)
+                a /= a.sum(dim=-1, keepdim=True)
+            else:
+                a = t + torch.eye(t.shape[-1], dtype=t.dtype, device=t.device)
+                a = a / a.sum(dim=-1, keepdim=True)
+            del t
+            self.state = a if self.state is None else a @ self.state
+        elif self.cls_only:  # residual, row 0 only: w <- w + w T
+            if self.state is None:
+                self.state = t[:, 0].clone()  # not a view: T^s itself need not stay alive
+            else:
+                self.state = self.state + (self.state.unsqueeze(1) @ t).squeeze(1)
+        else:
+            self.state = t if self.state is None else self.state + self.state @ t
+
+    def result(self) -> torch.Tensor:
+        if self.mode == "abnar" and self.cls_only:
+            return self.state[:, 0]
+        return self.state
+
+
+def _head_probs(q: torch.Tensor, k: torch.Tensor, scale: float, attn_mask, is_causal: bool, h: int) -> torch.Tensor:
+    """softmax((q_h * scale) k_h^T + mask_h) for one head: (B, N, N). Mirrors timm's non-fused Attention path."""
+    scores = (q[:, h] * scale) @ k[:, h].transpose(-2, -1)
+    n = scores.shape[-1]
+    if is_causal:  # timm: is_causal takes precedence over attn_mask
+        upper = torch.ones(n, n, dtype=torch.bool, device=scores.device).triu_(1)
+        scores = scores.masked_fill(upper, float("-inf"))
+    elif attn_mask is not None:
+        m = attn_mask
+        while m.dim() < 4:  # an SDPA-style mask, broadcastable to (B, H, N, N): head h's slice (B|1, N, N)
+            m = m.unsqueeze(0)
+        m = m[:, h if m.shape[1] != 1 else 0]
+        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m
+    return scores.softmax(dim=-1)
+
+
+class _FusedHeadAttention(torch.autograd.Function):
+    """(q, k) (B, H, N, d) -> fuse_h softmax((q_h * scale) k_h^T + mask_h) (B, N, N), one head's map at a time.
+
+    Saves q, k (and the (B, N, N) winning-head index for max/min); the backward recomputes one head at a time.
+    Max/min route the gradient to the first head attaining the extremum, as torch.max/min(dim) do.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, scale, attn_mask, is_causal, head_fusion):
+        num_heads = q.shape[1]
+        fused = None
+        index = None
+        for h in range(num_heads):
+            p = _head_probs(q, k, scale, attn_mask, is_causal, h)
+            if fused is None:
+                fused = p
+                if head_fusion in ("max", "min"):
+                    index_dtype = torch.uint8 if num_heads <= 256 else torch.int32
+                    index = torch.zeros(p.shape, dtype=index_dtype, device=p.device)
+            elif head_fusion in ("mean", "sum"):
+                fused += p
+            else:  # strict comparison: the first head attaining the extremum wins
+                better = p > fused if head_fusion == "max" else p < fused
+                fused = torch.where(better, p, fused)
+                index.masked_fill_(better, h)
+            del p
+        if head_fusion == "mean":
+            fused /= num_heads
+        mask_tensor = attn_mask if isinstance(attn_mask, torch.Tensor) else None
+        ctx.save_for_backward(q, k, mask_tensor, index)
+        ctx.scale = scale
+        ctx.is_causal = is_causal
+        ctx.head_fusion = head_fusion
+        return fused
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        q, k, attn_mask, index = ctx.saved_tensors
+        head_fusion, scale = ctx.head_fusion, ctx.scale
+        num_heads = q.shape[1]
+        need_q, need_k, need_mask = (ctx.needs_input_grad[i] for i in (0, 1, 3))
+        grad_q = torch.zeros_like(q) if need_q else None
+        grad_k = torch.zeros_like(k) if need_k else None
+        grad_mask = None
+        if need_mask:
+            mask4 = attn_mask
+            while mask4.dim() < 4:
+                mask4 = mask4.unsqueeze(0)
+            grad_mask4 = torch.zeros(mask4.shape, dtype=grad.dtype, device=grad.device)
+        grad = grad.to(q.dtype)
+        if head_fusion == "mean":
+            grad = grad / num_heads
+        for h in range(num_heads):
+            p = _head_probs(q, k, scale, attn_mask, ctx.is_causal, h)
+            grad_p = grad if head_fusion in ("mean", "sum") else torch.where(index == h, grad, grad.new_zeros(()))
+            # softmax backward: dS = P * (dP - rowsum(dP * P)); S = (q_h * scale) k_h^T
+            grad_s = p * (grad_p - (grad_p * p).sum(dim=-1, keepdim=True))
+            del p, grad_p
+            if need_q:
+                grad_q[:, h] = (grad_s @ k[:, h]) * scale
+            if need_k:
+                grad_k[:, h] = grad_s.transpose(-2, -1) @ (q[:, h] * scale)
+            if need_mask:
+                g = grad_s if mask4.shape[0] != 1 else grad_s.sum(dim=0, keepdim=True)
+                grad_mask4[:, h if mask4.shape[1] != 1 else 0] += g
+        if need_mask:
+            grad_mask = grad_mask4.reshape(attn_mask.shape)
+        return grad_q, grad_k, None, grad_mask, None, None
+
+
+def fused_head_attention(q, k, scale, head_fusion, attn_mask=None, is_causal=False):
+    """fuse_h softmax(q_h k_h^T * scale + mask_h): q, k (B, H, N, d) -> (B, N, N), one head's map alive at a time.
+
+    Equals ``reference.fuse_heads(softmax((q * scale) @ k^T + mask), head_fusion)`` without forming (B, H, N, N).
+    """
+    return _FusedHeadAttention.apply(q, k, float(scale), attn_mask, bool(is_causal), head_fusion)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The registered op: the CLS row as a vector chain.
+
+
+def _forward_fake(attns, mode, head_fusion, backend):
+    L = len(attns)
+    B, _, N, _ = attns[0].shape
+    return attns[0].new_empty((B, N)), attns[0].new_empty((L, B, N), dtype=accumulator_dtype(attns[0].dtype))
+
+
+def _reference(attns, mode, head_fusion):
+    return reference.attention_rollout(attns, mode, head_fusion, 0, True), None
+
+
+def _cpp_forward(attns, mode, head_fusion):
+    return torch.ops.zslfast._attention_rollout_cls_fwd(attns, enum_id("mode", mode), enum_id("head_fusion", head_fusion))
+
+
+def _triton_forward(attns, mode, head_fusion):
+    return triton_kernel("attention_rollout", "forward")(list(attns), mode, enum_id("head_fusion", head_fusion))
+
+
+def _setup_context(ctx, inputs, output):
+    attns, mode, head_fusion, _ = inputs
+    ctx.save_for_backward(*attns, output[1])
+    ctx.mode, ctx.head_fusion = mode, head_fusion
+    ctx.mark_non_differentiable(output[1])
+
+
 def _backward(ctx, grad_out, _grad_states):
     *attns, states = ctx.saved_tensors
     L = len(attns)
@@ -97,7 +235,7 @@ def _backward(ctx, grad_out, _grad_states):
     g = grad_out.to(states.dtype)
     grads = [None] * L
     for l in (range(L) if abnar else range(L - 1, -1, -1)):  # the forward's steps in reverse
-        fused, index = _fuse_with_index(attns[l].to(states.dtype), ctx.head_fusion)
+        fused, index = fuse_heads(attns[l].to(states.dtype), ctx.head_fusion)
         v_in = states[l]
         f_g = torch.bmm(fused, g[:, :, None]).squeeze(-1)
         if abnar:
@@ -108,11 +246,21 @@ def _backward(ctx, grad_out, _grad_states):
         else:
             grad_fused = v_in[:, :, None] * g[:, None, :]
             g = f_g + g if l > 0 else f_g
-        grads[l] = _unfuse(grad_fused, index, ctx.head_fusion, attns[l])
+        grads[l] = unfuse_heads(grad_fused, index, ctx.head_fusion, attns[l])
     return grads, None, None, None
 
 
-torch.library.register_autograd("zslfast::attention_rollout_cls", _backward, setup_context=_setup_context, lib=LIB)
+SPEC = define(OpSpec(
+    name="attention_rollout_cls",
+    schema="(Tensor[] attns, str mode, str head_fusion, str backend) -> (Tensor, Tensor)",
+    kernels={"cpu": _cpp_forward, "triton": _triton_forward},  # GPU: Triton (no CUDA C++ kernel)
+    reference=_reference,
+    gpu_preference=("triton",),
+    fake=_forward_fake,
+    backward=_backward,
+    setup_context=_setup_context,
+    autocast=None,  # the maps' own dtype: the kernels accumulate in fp32, and a cast would copy L maps
+))
 
 
 def _check_layers(attns) -> list[torch.Tensor]:
@@ -163,22 +311,26 @@ def attention_rollout(
         attns: (L, B, H, N, N), or a sequence of L tensors (B, H, N, N) as hooks collect them, first layer first.
         mode: "abnar" (rownorm(fuse(A) + I), left-multiplied) or "residual" (SVIP Eq. 4).
         head_fusion: "mean", "sum", "max" or "min" over the heads.
-        start_layer: layers before it are skipped.
+        start_layer: the first layer rolled out, in [-L, L) (negative counts from the end); earlier ones are skipped.
         cls_only: return row 0, (B, N), computed as a vector chain in O(L·N²); else the full (B, N, N).
         backend: None (by device, or ZSLFAST_BACKEND), "reference", "cpu" or "triton".
     Returns:
         (B, N) or (B, N, N) in the maps' dtype, differentiable with respect to every map.
     """
     layers = _check_layers(attns)
-    if mode not in MODES:
-        raise ValueError(f"{OP}: mode must be one of {MODES}, got {mode!r}")
-    if head_fusion not in FUSIONS:
-        raise ValueError(f"{OP}: head_fusion must be one of {FUSIONS}, got {head_fusion!r}")
-    if isinstance(start_layer, bool) or not isinstance(start_layer, int) or not 0 <= start_layer < len(layers):
-        raise ValueError(f"{OP}: start_layer must be an int in [0, L={len(layers)}), got {start_layer!r}")
-    layers = promote(*layers[start_layer:])
-    which = _backend.resolve(OP, backend, layers[0].device, gpu_preference=("triton",), supported=_BACKENDS)
-    if which == "reference" or not cls_only:
-        return reference.attention_rollout(layers, mode, head_fusion, 0, cls_only)
-    out, _ = torch.ops.zslfast.attention_rollout_cls(layers, mode, head_fusion, which)
-    return out
+    check_option(OP, "mode", mode, MODES)
+    check_option(OP, "head_fusion", head_fusion, FUSIONS)
+    start = check_start_layer(OP, start_layer, len(layers))
+    check_flag(OP, "cls_only", cls_only)
+    layers = promote(*layers[start:])
+    which = SPEC.resolve(backend, layers[0].device)
+    if cls_only or which == "reference":
+        if not cls_only:
+            return reference.attention_rollout(layers, mode, head_fusion, 0, False)
+        out, _ = SPEC(which, layers, mode, head_fusion)
+        return out
+    # The full matrix: batched GEMMs layer by layer (torch.bmm), the same on every kernel backend.
+    fold = RolloutFold(mode, cls_only=False)
+    for a in layers:
+        fold.fold(fuse_heads(a, head_fusion)[0])
+    return fold.result()

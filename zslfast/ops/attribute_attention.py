@@ -38,53 +38,21 @@ from typing import Optional
 
 import torch
 
-from .. import _backend, reference
-from ._common import LIB, accumulator_dtype, check_same_device, check_tensor, promote, register_autocast, shape_str
+from .. import reference
+from ..validation import (
+    accumulator_dtype, check_flag, check_option, check_same_device, check_tensor, promote, shape_str,
+)
+from ._spec import OpSpec, choices, define, enum_id, triton_kernel
 
 OP = "attribute_attention"
-SCORE_MODES = {None: 0, "dot": 1, "cosine": 2}
-SUPPORTED = ("reference", "cpu", "triton")
-
-LIB.define(
-    "attribute_attention(Tensor q, Tensor k, Tensor v, Tensor? ref, Tensor? mask, float scale, int score_mode,"
-    " bool return_attention, bool save_e, str backend) -> (Tensor, Tensor, Tensor, Tensor)"
-)
-LIB.define(
-    "attribute_attention_backward(Tensor grad, Tensor? grad_attn, Tensor q, Tensor k, Tensor v, Tensor? ref,"
-    " Tensor? mask, Tensor e, Tensor lse, float scale, int score_mode, bool[4] output_mask, str backend)"
-    " -> (Tensor, Tensor, Tensor, Tensor)"
-)
+EPS = 1e-8  # F.cosine_similarity's eps in the papers' code
 
 
-def _forward_kernel(q, k, v, ref, mask, scale, score_mode, return_attention, save_e, backend):
-    if backend == "triton":
-        from ..triton import attribute_attention as triton_kernels
-
-        return triton_kernels.forward(q, k, v, ref, mask, scale, score_mode, return_attention, save_e)
-    return torch.ops.zslfast._attribute_attention_fwd(q, k, v, ref, mask, scale, score_mode, return_attention, save_e)
-
-
-def _backward_kernel(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode, output_mask, backend):
-    if backend == "triton":
-        from ..triton import attribute_attention as triton_kernels
-
-        return triton_kernels.backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode, output_mask)
-    return torch.ops.zslfast._attribute_attention_bwd(
-        grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode, output_mask
-    )
-
-
-for _key in ("CPU", "CUDA"):
-    LIB.impl("attribute_attention", _forward_kernel, _key)
-    LIB.impl("attribute_attention_backward", _backward_kernel, _key)
-
-
-@torch.library.register_fake("zslfast::attribute_attention", lib=LIB)
-def _forward_fake(q, k, v, ref, mask, scale, score_mode, return_attention, save_e, backend):
+def _forward_fake(q, k, v, ref, mask, scale, score, eps, return_attention, save_e, backend):
     acc = accumulator_dtype(q.dtype)
     B, R = k.shape[0], k.shape[1]
     K, Dv = q.shape[-2], v.shape[-1]
-    if score_mode == 0:
+    if score is None:
         out, e = q.new_empty((B, K, Dv)), q.new_empty((0,), dtype=acc)
     else:
         out, e = q.new_empty((B, K)), q.new_empty((B, K, Dv) if save_e else (0,), dtype=acc)
@@ -92,10 +60,9 @@ def _forward_fake(q, k, v, ref, mask, scale, score_mode, return_attention, save_
     return out, e, q.new_empty((B, K), dtype=acc), attn
 
 
-@torch.library.register_fake("zslfast::attribute_attention_backward", lib=LIB)
-def _backward_fake(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode, output_mask, backend):
+def _backward_fake(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score, eps, output_mask, backend):
     need_q, need_k, need_v, need_ref = output_mask
-    need_ref = need_ref and score_mode != 0
+    need_ref = need_ref and score is not None
     return (
         q.new_empty(q.shape if need_q else (0,)),
         q.new_empty(k.shape if need_k else (0,)),
@@ -104,48 +71,92 @@ def _backward_fake(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mod
     )
 
 
+def _reference(q, k, v, ref, mask, scale, score, eps, return_attention, save_e):
+    result = reference.attribute_attention(
+        q, k, v, ref, scale=scale, mask=mask, score=score, eps=eps, return_attention=return_attention
+    )
+    out, attn = result if return_attention else (result, None)
+    return out, None, None, attn
+
+
+# The kernels take the score as its int id (ENUMS["score"]).
+def _cpp_forward(q, k, v, ref, mask, scale, score, eps, return_attention, save_e):
+    return torch.ops.zslfast._attribute_attention_fwd(
+        q, k, v, ref, mask, scale, enum_id("score", score), return_attention, save_e, eps
+    )
+
+
+def _cpp_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score, eps, output_mask):
+    return torch.ops.zslfast._attribute_attention_bwd(
+        grad, grad_attn, q, k, v, ref, mask, e, lse, scale, enum_id("score", score), output_mask, eps
+    )
+
+
+def _triton_forward(q, k, v, ref, mask, scale, score, eps, return_attention, save_e):
+    return triton_kernel("attribute_attention", "forward")(
+        q, k, v, ref, mask, scale, enum_id("score", score), return_attention, save_e, eps
+    )
+
+
+def _triton_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score, eps, output_mask):
+    return triton_kernel("attribute_attention", "backward")(
+        grad, grad_attn, q, k, v, ref, mask, e, lse, scale, enum_id("score", score), output_mask, eps
+    )
+
+
+BACKWARD = define(OpSpec(
+    name="attribute_attention_backward",
+    schema="(Tensor grad, Tensor? grad_attn, Tensor q, Tensor k, Tensor v, Tensor? ref, Tensor? mask, Tensor e,"
+    " Tensor lse, float scale, str? score, float eps, bool[4] output_mask, str backend)"
+    " -> (Tensor, Tensor, Tensor, Tensor)",
+    kernels={"cpu": _cpp_backward, "triton": _triton_backward},
+    fake=_backward_fake,
+    autocast=None,
+))
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, ref, mask, scale, score_mode, return_attention, save_e, backend = inputs
+    q, k, v, ref, mask, scale, score, eps, return_attention, save_e, backend = inputs
     out, e, lse, attn = output
     ctx.mark_non_differentiable(e, lse)
     # Unused output gradients stay None: materialised, the one for e would be a zero-filled (B, K, Dv) per backward.
     ctx.set_materialize_grads(False)
     # Score None: the output is E itself, and the kernels return an empty e.
-    ctx.save_for_backward(q, k, v, ref, mask, out if score_mode == 0 else e, lse)
-    ctx.scale, ctx.score_mode, ctx.return_attention, ctx.backend = scale, score_mode, return_attention, backend
+    ctx.save_for_backward(q, k, v, ref, mask, out if score is None else e, lse)
+    ctx.scale, ctx.score, ctx.eps, ctx.return_attention, ctx.backend = scale, score, eps, return_attention, backend
 
 
 def _backward(ctx, grad, _grad_e, _grad_lse, grad_attn):
     q, k, v, ref, mask, e, lse = ctx.saved_tensors
     output_mask = [bool(x) for x in ctx.needs_input_grad[:4]]
-    if ref is None or ctx.score_mode == 0:  # score None: ref is not used
+    if ref is None or ctx.score is None:  # score None: ref is not used
         output_mask[3] = False
     if grad is None:
-        grad = torch.zeros_like(e if ctx.score_mode == 0 else lse, dtype=q.dtype)
+        grad = torch.zeros_like(e if ctx.score is None else lse, dtype=q.dtype)
     if not ctx.return_attention:
         grad_attn = None
-    grad_q, grad_k, grad_v, grad_ref = torch.ops.zslfast.attribute_attention_backward(
-        grad, grad_attn, q, k, v, ref, mask, e, lse, ctx.scale, ctx.score_mode, output_mask, ctx.backend
+    grads = BACKWARD(
+        ctx.backend, grad, grad_attn, q, k, v, ref, mask, e, lse, ctx.scale, ctx.score, ctx.eps, output_mask
     )
-    return (
-        grad_q if output_mask[0] else None,
-        grad_k if output_mask[1] else None,
-        grad_v if output_mask[2] else None,
-        grad_ref if output_mask[3] else None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
+    return (*(g if need else None for g, need in zip(grads, output_mask)), None, None, None, None, None, None, None)
 
 
-torch.library.register_autograd("zslfast::attribute_attention", _backward, setup_context=_setup_context, lib=LIB)
-register_autocast("attribute_attention", torch.ops.zslfast.attribute_attention.default)
+# CUDA tensors always use Triton: there is no CUDA C++ kernel for this op.
+SPEC = define(OpSpec(
+    name=OP,
+    schema="(Tensor q, Tensor k, Tensor v, Tensor? ref, Tensor? mask, float scale, str? score, float eps,"
+    " bool return_attention, bool save_e, str backend) -> (Tensor, Tensor, Tensor, Tensor)",
+    kernels={"cpu": _cpp_forward, "triton": _triton_forward},
+    reference=_reference,
+    gpu_preference=("triton",),
+    fake=_forward_fake,
+    backward=_backward,
+    setup_context=_setup_context,
+    autocast="lower",
+))
 
 
-def _check_inputs(q, k, v, ref, mask, scale, score, return_attention) -> None:
+def _check_inputs(q, k, v, ref, mask, scale, score, eps, return_attention) -> None:
     check_tensor(OP, "q", q, (2, 3), "(K, D) or (B, K, D)")
     check_tensor(OP, "k", k, (3,), "(B, R, D)")
     check_tensor(OP, "v", v, (3,), "(B, R, Dv)")
@@ -172,12 +183,14 @@ def _check_inputs(q, k, v, ref, mask, scale, score, return_attention) -> None:
             raise TypeError(f"{OP}: mask must be a bool tensor (B, R) (True = token kept), got dtype {mask.dtype}")
         if mask.shape != (B, R):
             raise ValueError(f"{OP}: mask must be (B, R) = ({B}, {R}) to match k {shape_str(k)}, got {shape_str(mask)}")
-    if score not in SCORE_MODES:
-        raise ValueError(f"{OP}: score must be 'cosine', 'dot' or None, got {score!r}")
+    check_option(OP, "score", score, choices("score"))
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"{OP}: scale must be None or a Python float, got {type(scale).__name__}")
-    if not isinstance(return_attention, bool):
-        raise TypeError(f"{OP}: return_attention must be a bool, got {type(return_attention).__name__}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{OP}: eps must be a Python float, got {type(eps).__name__}")
+    if not 0 < eps < float("inf"):
+        raise ValueError(f"{OP}: eps must be a finite float > 0, got {eps!r}")
+    check_flag(OP, "return_attention", return_attention)
 
 
 def attribute_attention(
@@ -189,6 +202,7 @@ def attribute_attention(
     scale: Optional[float] = None,
     mask: Optional[torch.Tensor] = None,
     score: Optional[str] = "cosine",
+    eps: float = EPS,
     return_attention: bool = False,
     backend: Optional[str] = None,
 ):
@@ -202,28 +216,22 @@ def attribute_attention(
             vectors; TransZero: ``V @ W_1`` with ``score="dot"``).
         scale: softmax temperature, default ``D ** -0.5``.
         mask: None or (B, R) bool, True = token kept; a row with no kept token gives E = 0 and score 0.
-        score: "cosine" (``F.cosine_similarity(E, ref, dim=-1, eps=1e-8)``), "dot" (``<E, ref>``) or None (E).
+        score: "cosine" (``F.cosine_similarity(E, ref, dim=-1, eps=eps)``), "dot" (``<E, ref>``) or None (E).
+        eps: the cosine score's norm clamp (default 1e-8, the papers' code).
         return_attention: also return the (B, K, R) probabilities (materialised only then; differentiable).
         backend: None (by device, or ``ZSLFAST_BACKEND``), "reference", "cpu" or "triton". CUDA tensors run the
             Triton kernels (no CUDA C++ kernel for this op).
     Returns:
         (B, K) scores, or E (B, K, Dv) when ``ref`` or ``score`` is None; with return_attention, (that, attn).
     """
-    _check_inputs(q, k, v, ref, mask, scale, score, return_attention)
-    if score is None:
-        ref = None
+    _check_inputs(q, k, v, ref, mask, scale, score, eps, return_attention)
+    if score is None or ref is None:
+        ref, score = None, None
     device = check_same_device(OP, q=q, k=k, v=v, ref=ref, mask=mask)
     q, k, v, ref = promote(q, k, v, ref)
-    which = _backend.resolve(OP, backend, device, ("triton",), SUPPORTED)
+    which = SPEC.resolve(backend, device)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    mode = SCORE_MODES[score] if ref is not None else 0
-    if which == "reference":
-        return reference.attribute_attention(
-            q, k, v, ref, scale=scale, mask=mask, score=score if mode else None, return_attention=return_attention
-        )
     # E is kept only when a backward can follow; scores alone never write (B, K, Dv).
     save_e = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, ref))
-    out, _, _, attn = torch.ops.zslfast.attribute_attention(
-        q, k, v, ref, mask, scale, mode, return_attention, save_e, which
-    )
+    out, _, _, attn = SPEC(which, q, k, v, ref, mask, scale, score, float(eps), return_attention, save_e)
     return (out, attn) if return_attention else out

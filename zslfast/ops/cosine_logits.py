@@ -29,49 +29,21 @@ from typing import Optional, Union
 
 import torch
 
-from .. import _backend, reference
-from ._common import LIB, accumulator_dtype, check_same_device, check_tensor, promote, register_autocast, shape_str
+from .. import reference
+from ..validation import accumulator_dtype, check_same_device, check_tensor, promote, shape_str
+from ._spec import OpSpec, compiled_kernel, define, triton_kernel
 
 OP = "cosine_logits"
 EPS = 1e-8  # F.normalize's eps in the papers' code
 
-LIB.define("cosine_logits(Tensor x, Tensor protos, Tensor scale, str backend) -> (Tensor, Tensor, Tensor)")
-LIB.define(
-    "cosine_logits_backward(Tensor grad, Tensor x, Tensor protos, Tensor? out, Tensor x_inv_norm, Tensor p_inv_norm,"
-    " Tensor scale, bool[3] output_mask, str backend) -> (Tensor, Tensor, Tensor)"
-)
 
-
-def _forward_kernel(x, protos, scale, backend):
-    if backend == "triton":
-        from ..triton import cosine_logits as triton_kernels
-
-        return triton_kernels.forward(x, protos, scale, EPS)
-    return torch.ops.zslfast._cosine_logits_fwd(x, protos, scale, EPS)
-
-
-def _backward_kernel(grad, x, protos, out, x_inv_norm, p_inv_norm, scale, output_mask, backend):
-    if backend == "triton":
-        from ..triton import cosine_logits as triton_kernels
-
-        return triton_kernels.backward(grad, x, protos, out, x_inv_norm, p_inv_norm, scale, EPS, output_mask)
-    return torch.ops.zslfast._cosine_logits_bwd(grad, x, protos, x_inv_norm, p_inv_norm, scale, EPS, output_mask)
-
-
-for _key in ("CPU", "CUDA"):
-    LIB.impl("cosine_logits", _forward_kernel, _key)
-    LIB.impl("cosine_logits_backward", _backward_kernel, _key)
-
-
-@torch.library.register_fake("zslfast::cosine_logits", lib=LIB)
-def _forward_fake(x, protos, scale, backend):
+def _forward_fake(x, protos, scale, eps, backend):
     acc = accumulator_dtype(x.dtype)
     N, C = x.shape[0], protos.shape[0]
     return x.new_empty((N, C)), x.new_empty((N,), dtype=acc), x.new_empty((C,), dtype=acc)
 
 
-@torch.library.register_fake("zslfast::cosine_logits_backward", lib=LIB)
-def _backward_fake(grad, x, protos, out, x_inv_norm, p_inv_norm, scale, output_mask, backend):
+def _backward_fake(grad, x, protos, out, x_inv_norm, p_inv_norm, scale, eps, output_mask, backend):
     # The kernels return contiguous gradients whatever the inputs' strides, hence new_empty, not empty_like.
     need_x, need_p, need_scale = output_mask
     return (
@@ -81,32 +53,67 @@ def _backward_fake(grad, x, protos, out, x_inv_norm, p_inv_norm, scale, output_m
     )
 
 
+def _reference(x, protos, scale, eps):
+    return reference.cosine_logits(x, protos, scale, eps), None, None
+
+
+def _cpp_backward(grad, x, protos, out, x_inv_norm, p_inv_norm, scale, eps, output_mask):
+    # The C++ backward reduces <x, G> over all of D itself; it never reads out.
+    return torch.ops.zslfast._cosine_logits_bwd(grad, x, protos, x_inv_norm, p_inv_norm, scale, eps, output_mask)
+
+
+BACKWARD = define(OpSpec(
+    name="cosine_logits_backward",
+    schema="(Tensor grad, Tensor x, Tensor protos, Tensor? out, Tensor x_inv_norm, Tensor p_inv_norm, Tensor scale,"
+    " float eps, bool[3] output_mask, str backend) -> (Tensor, Tensor, Tensor)",
+    kernels={"cpu": _cpp_backward, "cuda": _cpp_backward, "triton": triton_kernel("cosine_logits", "backward")},
+    fake=_backward_fake,
+    autocast=None,
+))
+
+
 def _setup_context(ctx, inputs, output):
-    x, protos, scale, backend = inputs
+    x, protos, scale, eps, backend = inputs
     out, x_inv_norm, p_inv_norm = output
     ctx.mark_non_differentiable(x_inv_norm, p_inv_norm)
     # Only the Triton backward reads out (its tiles over D cannot reduce <x, G> over all of D); the C++ backends
     # would keep it alive for nothing.
     ctx.save_for_backward(x, protos, out if backend == "triton" else None, x_inv_norm, p_inv_norm, scale)
-    ctx.backend = backend
+    ctx.eps, ctx.backend = eps, backend
 
 
 def _backward(ctx, grad, _grad_x_inv_norm, _grad_p_inv_norm):
     x, protos, out, x_inv_norm, p_inv_norm, scale = ctx.saved_tensors
     output_mask = list(ctx.needs_input_grad[:3])
-    grad_x, grad_p, grad_scale = torch.ops.zslfast.cosine_logits_backward(
-        grad, x, protos, out, x_inv_norm, p_inv_norm, scale, output_mask, ctx.backend
+    grad_x, grad_p, grad_scale = BACKWARD(
+        ctx.backend, grad, x, protos, out, x_inv_norm, p_inv_norm, scale, ctx.eps, output_mask
     )
     return (
         grad_x if output_mask[0] else None,
         grad_p if output_mask[1] else None,
         grad_scale if output_mask[2] else None,
         None,
+        None,
     )
 
 
-torch.library.register_autograd("zslfast::cosine_logits", _backward, setup_context=_setup_context, lib=LIB)
-register_autocast("cosine_logits", torch.ops.zslfast.cosine_logits.default, keep=(2,))
+# Triton first in every dtype: its kernels pass the interpreter tests, the CUDA C++ ones have only compiled.
+SPEC = define(OpSpec(
+    name=OP,
+    schema="(Tensor x, Tensor protos, Tensor scale, float eps, str backend) -> (Tensor, Tensor, Tensor)",
+    kernels={
+        "cpu": compiled_kernel("_cosine_logits_fwd"),
+        "cuda": compiled_kernel("_cosine_logits_fwd"),
+        "triton": triton_kernel("cosine_logits", "forward"),
+    },
+    reference=_reference,
+    gpu_preference=("triton", "cuda"),
+    fake=_forward_fake,
+    backward=_backward,
+    setup_context=_setup_context,
+    autocast="lower",
+    autocast_keep=(2,),  # the temperature keeps its dtype: rounding it to bf16 would change the model
+))
 
 
 def _check_scale(scale, device: torch.device) -> None:
@@ -126,8 +133,20 @@ def _check_scale(scale, device: torch.device) -> None:
         raise TypeError(f"{OP}: scale must be a Python float or a one-element tensor, got {type(scale).__name__}")
 
 
+def _check_eps(eps) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{OP}: eps must be a Python float, got {type(eps).__name__}")
+    if not eps > 0 or eps == float("inf"):
+        raise ValueError(f"{OP}: eps must be a finite float > 0, got {eps!r}")
+
+
 def cosine_logits(
-    x: torch.Tensor, protos: torch.Tensor, scale: Union[float, torch.Tensor] = 1.0, *, backend: Optional[str] = None
+    x: torch.Tensor,
+    protos: torch.Tensor,
+    scale: Union[float, torch.Tensor] = 1.0,
+    *,
+    eps: float = EPS,
+    backend: Optional[str] = None,
 ) -> torch.Tensor:
     """``scale * cos(x, protos[c])`` for every class c, normalising as ``F.normalize(., dim=-1, eps=1e-8)``.
 
@@ -135,6 +154,7 @@ def cosine_logits(
         x: (..., D) features, any number of leading dimensions.
         protos: (C, D) class prototypes.
         scale: Python float or one-element tensor (a learnable temperature receives its gradient).
+        eps: the norms' clamp, ``max(|x|, eps)`` as F.normalize (default 1e-8, the papers' code).
         backend: None (by device, or ``ZSLFAST_BACKEND``), "reference", "cpu", "triton" or "cuda".
     Returns:
         (..., C) logits in the common dtype of x and protos. Differentiable in x, protos and a tensor scale.
@@ -150,15 +170,13 @@ def cosine_logits(
         )
     device = check_same_device(OP, x=x, protos=protos)
     _check_scale(scale, device)
+    _check_eps(eps)
     x, protos = promote(x, protos)
-    # Triton first in every dtype: its kernels pass the interpreter tests, the CUDA C++ ones have only compiled.
-    which = _backend.resolve(OP, backend, device, ("triton", "cuda"))
-    if which == "reference":
-        return reference.cosine_logits(x, protos, scale.to(device) if isinstance(scale, torch.Tensor) else scale)
+    which = SPEC.resolve(backend, device)
     acc = accumulator_dtype(x.dtype)
     if isinstance(scale, torch.Tensor):
         scale_t = scale.reshape(()).to(device=device, dtype=acc)
     else:
         scale_t = torch.full((), float(scale), dtype=acc, device=device)
-    out, _, _ = torch.ops.zslfast.cosine_logits(x.reshape(-1, D), protos, scale_t, which)
+    out, _, _ = SPEC(which, x.reshape(-1, D), protos, scale_t, float(eps))
     return out.reshape(*x.shape[:-1], C)

@@ -42,117 +42,111 @@ from typing import Optional
 
 import torch
 
-from .. import _backend, reference
-from ._common import LIB, check_same_device, check_tensor, compiling, promote, shape_str
+from .. import reference
+from ..validation import check_labels, check_option, check_same_device, check_tensor, promote, shape_str
+from ._spec import OpSpec, choices, compiled_kernel, define, enum_id, triton_kernel
 
 OP_UPDATE = "memory_bank_update"
-BANK_BACKENDS = ("reference", "cpu", "cuda")  # the bank update and refresh: no Triton kernels
 OP_KL = "memory_bank_kl"
-POLICIES = {"fifo": 0, "min_conf": 1}
-POLICY_NAMES = {v: k for k, v in POLICIES.items()}
-
-LIB.define(
-    "memory_bank_update(Tensor(a!) features, Tensor(b!) confidences, Tensor(c!) counts, Tensor(d!) next_slot,"
-    " Tensor(e!) stale, Tensor z, Tensor y, Tensor conf, float threshold, int policy, str backend) -> ()"
-)
-LIB.define(
-    "memory_bank_refresh(Tensor features, Tensor counts, Tensor(a!) stale, Tensor(b!) means, str backend) -> ()"
-)
-LIB.define(
-    "memory_bank_kl(Tensor z, Tensor protos, Tensor labels, Tensor active, bool compute_grad, str backend)"
-    " -> (Tensor, Tensor)"
-)
 
 
-def _update_kernel(features, confidences, counts, next_slot, stale, z, y, conf, threshold, policy, backend):
-    if backend == "reference":
-        policy_name = POLICY_NAMES[policy]
-        reference.memory_bank_update(features, confidences, counts, next_slot, z, y, conf, threshold, policy_name)
-        stale.fill_(True)
-        return
+def _update_reference(features, confidences, counts, next_slot, stale, z, y, conf, threshold, policy):
+    reference.memory_bank_update(features, confidences, counts, next_slot, z, y, conf, threshold, policy)
+    stale.fill_(True)
+
+
+def _cpp_update(features, confidences, counts, next_slot, stale, z, y, conf, threshold, policy):
     state = (features, confidences, counts, next_slot, stale)
-    torch.ops.zslfast._memory_bank_update(*state, z, y, conf, threshold, policy)
+    torch.ops.zslfast._memory_bank_update(*state, z, y, conf, threshold, enum_id("policy", policy))
 
 
-def _refresh_kernel(features, counts, stale, means, backend):
-    if backend == "reference":
-        means.copy_(reference.memory_bank_prototypes(features, counts))
-        stale.fill_(False)
-        return
-    torch.ops.zslfast._memory_bank_refresh(features, counts, stale, means)
-
-
-def _kl_kernel(z, protos, labels, active, compute_grad, backend):
-    if backend == "triton":
-        from ..triton import memory_bank as triton_kernels
-
-        return triton_kernels.kl_forward(z, protos, labels, active, compute_grad)
-    return torch.ops.zslfast._memory_bank_kl(z, protos, labels, active, compute_grad)
-
-
-for _key in ("CPU", "CUDA"):
-    LIB.impl("memory_bank_update", _update_kernel, _key)
-    LIB.impl("memory_bank_refresh", _refresh_kernel, _key)
-    LIB.impl("memory_bank_kl", _kl_kernel, _key)
-
-
-@torch.library.register_fake("zslfast::memory_bank_update", lib=LIB)
 def _update_fake(features, confidences, counts, next_slot, stale, z, y, conf, threshold, policy, backend):
     return None
 
 
-@torch.library.register_fake("zslfast::memory_bank_refresh", lib=LIB)
+UPDATE = define(OpSpec(
+    name=OP_UPDATE,
+    schema="(Tensor(a!) features, Tensor(b!) confidences, Tensor(c!) counts, Tensor(d!) next_slot,"
+    " Tensor(e!) stale, Tensor z, Tensor y, Tensor conf, float threshold, str policy, str backend) -> ()",
+    kernels={"cpu": _cpp_update, "cuda": _cpp_update},  # no Triton kernel
+    reference=_update_reference,
+    gpu_preference=("cuda",),
+    fake=_update_fake,
+    autocast=None,
+))
+
+
+def _refresh_reference(features, counts, stale, means):
+    means.copy_(reference.memory_bank_prototypes(features, counts))
+    stale.fill_(False)
+
+
 def _refresh_fake(features, counts, stale, means, backend):
     return None
 
 
-@torch.library.register_fake("zslfast::memory_bank_kl", lib=LIB)
-def _kl_fake(z, protos, labels, active, compute_grad, backend):
+REFRESH = define(OpSpec(
+    name="memory_bank_refresh",
+    schema="(Tensor features, Tensor counts, Tensor(a!) stale, Tensor(b!) means, str backend) -> ()",
+    kernels={"cpu": compiled_kernel("_memory_bank_refresh"), "cuda": compiled_kernel("_memory_bank_refresh")},
+    reference=_refresh_reference,
+    gpu_preference=("cuda",),
+    fake=_refresh_fake,
+    autocast=None,
+))
+
+
+def _kl_fake(z, protos, labels, active, output_mask, backend):
     # The kernels return a contiguous gradient whatever z's strides, hence new_empty, not empty_like.
-    return z.new_empty(()), z.new_empty(z.shape if compute_grad else (0,))
+    return z.new_empty(()), z.new_empty(z.shape if output_mask[0] else (0,))
+
+
+def _kl_reference(z, protos, labels, active, output_mask):
+    return reference.memory_bank_kl(z, protos, labels, active), None
+
+
+# The kernels take "also return d loss / dz" as one flag: output_mask[0] (z is the only differentiable input).
+def _cpp_kl(z, protos, labels, active, output_mask):
+    return torch.ops.zslfast._memory_bank_kl(z, protos, labels, active, output_mask[0])
+
+
+def _triton_kl(z, protos, labels, active, output_mask):
+    return triton_kernel("memory_bank", "kl_forward")(z, protos, labels, active, output_mask[0])
 
 
 def _kl_setup_context(ctx, inputs, output):
-    z, protos, labels, active, compute_grad, backend = inputs
+    z, protos, labels, active, output_mask, backend = inputs
     _, grad_z = output
     ctx.mark_non_differentiable(grad_z)
-    if compute_grad:
+    if output_mask[0]:
         ctx.save_for_backward(grad_z)
-    else:  # called without compute_grad yet differentiated (opcheck does): the backward computes it then
+    else:  # called without the gradient yet differentiated (opcheck does): the backward computes it then
         ctx.save_for_backward(z, protos, labels, active)
-    ctx.compute_grad = compute_grad
+    ctx.has_grad = output_mask[0]
     ctx.backend = backend
 
 
 def _kl_backward(ctx, grad_loss, _grad_grad_z):
-    if ctx.compute_grad:
+    if ctx.has_grad:
         (grad_z,) = ctx.saved_tensors
     else:
         z, protos, labels, active = ctx.saved_tensors
-        _, grad_z = torch.ops.zslfast.memory_bank_kl(z, protos, labels, active, True, ctx.backend)
+        _, grad_z = KL.op(z, protos, labels, active, [True], ctx.backend)
     return grad_z * grad_loss, None, None, None, None, None
 
 
-torch.library.register_autograd("zslfast::memory_bank_kl", _kl_backward, setup_context=_kl_setup_context, lib=LIB)
-
-
-def check_labels(
-    op: str, name: str, labels, batch: int, num_classes: int, layout: str = "(B,)", values: bool = True
-) -> None:
-    """labels must be an integer tensor of shape (batch,) with values in [0, num_classes) (the value check, skipped
-    when ``values`` is false, runs in eager mode only: under torch.compile it would be a data-dependent branch; the
-    kernels then mask bad rows)."""
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor {layout}, got {type(labels).__name__}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"{op}: {name} must be an integer tensor {layout}, got dtype {labels.dtype}")
-    if labels.dim() != 1 or labels.shape[0] != batch:
-        raise ValueError(f"{op}: {name} must be {layout} with B={batch}, got shape {shape_str(labels)}")
-    # One host sync in the common case; min/max only to name the offender (the minimum if negative, else the maximum).
-    if values and batch and not compiling() and bool(((labels < 0) | (labels >= num_classes)).any()):
-        low, high = int(labels.min()), int(labels.max())
-        bad = low if low < 0 else high
-        raise ValueError(f"{op}: {name} holds the label {bad}, outside [0, {num_classes}) (C={num_classes} classes)")
+KL = define(OpSpec(
+    name=OP_KL,
+    schema="(Tensor z, Tensor protos, Tensor labels, Tensor active, bool[1] output_mask, str backend)"
+    " -> (Tensor, Tensor)",
+    kernels={"cpu": _cpp_kl, "triton": _triton_kl},  # GPU: Triton (no CUDA C++ kernel)
+    reference=_kl_reference,
+    gpu_preference=("triton",),
+    fake=_kl_fake,
+    backward=_kl_backward,
+    setup_context=_kl_setup_context,
+    autocast="fp32",  # a softmax/KL loss: PyTorch's autocast runs those in fp32 too
+))
 
 
 def memory_bank_kl(
@@ -187,7 +181,7 @@ def memory_bank_kl(
             f"{OP_KL}: protos (C, M, D) must have M={M}, D={D} to match z (B, M, D) {shape_str(z)}, "
             f"got protos {shape_str(protos)}"
         )
-    check_labels(OP_KL, "labels", labels, B, C)
+    labels = check_labels(OP_KL, "labels", labels, B, C)
     if not isinstance(active, torch.Tensor):
         raise TypeError(f"{OP_KL}: active must be a bool torch.Tensor (B, M), got {type(active).__name__}")
     if active.dtype != torch.bool:
@@ -199,12 +193,28 @@ def memory_bank_kl(
     device = check_same_device(OP_KL, z=z, protos=protos, labels=labels, active=active)
     z, protos = promote(z, protos)
     protos = protos.detach()
-    which = _backend.resolve(OP_KL, backend, device, ("triton",), supported=("reference", "cpu", "triton"))
-    if which == "reference":
-        return reference.memory_bank_kl(z, protos, labels, active)
+    which = KL.resolve(backend, device)
     compute_grad = torch.is_grad_enabled() and z.requires_grad
-    loss, _ = torch.ops.zslfast.memory_bank_kl(z, protos, labels, active, compute_grad, which)
+    loss, _ = KL(which, z, protos, labels, active, [compute_grad])
     return loss
+
+
+def check_offers(fn: str, features: torch.Tensor, z, y, conf, label_values: bool = True) -> torch.Tensor:
+    """Offers to a bank of ``features`` (C, M, K, D): z (B, M, D) and conf (B, M) floating, y (B,) integer labels
+    in [0, C) (values checked when ``label_values``), all on the bank's device; B may be 0. Returns y as int64."""
+    C, M, _, D = features.shape
+    for name, t, layout in (("z", z, "(B, M, D)"), ("conf", conf, "(B, M)")):
+        check_tensor(fn, name, t, (3,) if name == "z" else (2,), layout, allow_empty=True)
+    if z.shape[1:] != (M, D):
+        raise ValueError(f"{fn}: z must be (B, M, D) with M={M}, D={D}, got shape {shape_str(z)}")
+    B = z.shape[0]
+    if conf.shape != (B, M):
+        raise ValueError(f"{fn}: conf must be (B, M) = ({B}, {M}) to match z {shape_str(z)}, got shape {shape_str(conf)}")
+    y = check_labels(fn, "y", y, B, C, values=label_values)
+    for name, t in (("z", z), ("y", y), ("conf", conf)):
+        if t.device != features.device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but the bank is on {features.device}")
+    return y
 
 
 def memory_bank_update(
@@ -221,17 +231,20 @@ def memory_bank_update(
     *,
     backend: Optional[str] = None,
 ) -> None:
-    """Offer z (N, M, D) with labels y (N,) and confidences conf (N, M) to the bank state, in place (see the module
-    docstring). Inputs are assumed validated (zslfast.MemoryBank.update does that); z and conf are cast to the
-    bank's dtype."""
-    device = features.device
-    which = _backend.resolve(OP_UPDATE, backend, device, ("cuda",), supported=BANK_BACKENDS)
+    """Offer z (B, M, D) with labels y (B,) and confidences conf (B, M) to the bank state, in place (see the module
+    docstring); z and conf are cast to the bank's dtype. The state is zslfast.MemoryBank's buffers."""
+    y = check_offers(OP_UPDATE, features, z, y, conf)
+    check_option(OP_UPDATE, "policy", policy, choices("policy"))
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"{OP_UPDATE}: threshold must be a Python float, got {type(threshold).__name__}")
+    if bool(torch.isnan(conf).any()):
+        raise ValueError(f"{OP_UPDATE}: conf {shape_str(conf)} holds NaN confidences")
+    which = UPDATE.resolve(backend, features.device)
+    if z.shape[0] == 0:
+        return
     z = z.detach().to(features.dtype)
     conf = conf.detach().to(confidences.dtype)
-    y = y.to(torch.int64)
-    torch.ops.zslfast.memory_bank_update(
-        features, confidences, counts, next_slot, stale, z, y, conf, float(threshold), POLICIES[policy], which
-    )
+    UPDATE(which, features, confidences, counts, next_slot, stale, z, y, conf, float(threshold), policy)
 
 
 def memory_bank_refresh(
@@ -243,5 +256,4 @@ def memory_bank_refresh(
     backend: Optional[str] = None,
 ) -> None:
     """means (C, M, D) = the mean of each stale queue's stored entries, in place; stale cleared."""
-    which = _backend.resolve("memory_bank_refresh", backend, features.device, ("cuda",), supported=BANK_BACKENDS)
-    torch.ops.zslfast.memory_bank_refresh(features, counts, stale, means, which)
+    REFRESH(REFRESH.resolve(backend, features.device), features, counts, stale, means)

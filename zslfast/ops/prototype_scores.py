@@ -29,47 +29,47 @@ from typing import Optional
 
 import torch
 
-from .. import _backend, reference
-from ._common import LIB, check_same_device, check_tensor, promote, register_autocast, shape_str
+from .. import reference
+from ..validation import check_same_device, check_tensor, promote, shape_str
+from ._spec import OpSpec, compiled_kernel, define, triton_kernel
 
 OP = "prototype_scores"
 
-LIB.define("prototype_scores(Tensor e, Tensor s, Tensor w, str backend) -> Tensor")
-LIB.define(
-    "prototype_scores_backward(Tensor grad, Tensor e, Tensor s, Tensor w, bool need_grad_w, str backend)"
-    " -> (Tensor, Tensor, Tensor)"
-)
 
-
-def _forward_kernel(e, s, w, backend):
-    if backend == "triton":
-        from ..triton import prototype_scores as triton_kernels
-
-        return triton_kernels.forward(e, s, w)
-    return torch.ops.zslfast._prototype_scores_fwd(e, s, w)
-
-
-def _backward_kernel(grad, e, s, w, need_grad_w, backend):
-    if backend == "triton":
-        from ..triton import prototype_scores as triton_kernels
-
-        return triton_kernels.backward(grad, e, s, w, need_grad_w)
-    return torch.ops.zslfast._prototype_scores_bwd(grad, e, s, w, need_grad_w)
-
-
-for _key in ("CPU", "CUDA"):
-    LIB.impl("prototype_scores", _forward_kernel, _key)
-    LIB.impl("prototype_scores_backward", _backward_kernel, _key)
-
-
-@torch.library.register_fake("zslfast::prototype_scores", lib=LIB)
 def _forward_fake(e, s, w, backend):
     return e.new_empty((e.shape[0], s.shape[0]))
 
 
-@torch.library.register_fake("zslfast::prototype_scores_backward", lib=LIB)
-def _backward_fake(grad, e, s, w, need_grad_w, backend):
-    return torch.empty_like(e), torch.empty_like(s), (w.new_empty(w.shape) if need_grad_w else w.new_empty((0,)))
+def _backward_fake(grad, e, s, w, output_mask, backend):
+    need_e, need_s, need_w = output_mask
+    return tuple(t.new_empty(t.shape if need else (0,)) for t, need in ((e, need_e), (s, need_s), (w, need_w)))
+
+
+def _requested(kernel):
+    """The kernels always form grad_e and grad_s (same pass as grad_w) and grad_w only on request: output_mask
+    selects what is returned (an unrequested gradient comes back empty, as for every op)."""
+
+    def backward(grad, e, s, w, output_mask):
+        grads = kernel(grad, e, s, w, output_mask[2])
+        return tuple(g if need else g.new_empty((0,)) for g, need in zip(grads, output_mask))
+
+    backward.__name__ = f"requested_{kernel.__name__}"
+    return backward
+
+
+_cpp_backward = _requested(compiled_kernel("_prototype_scores_bwd"))
+
+BACKWARD = define(OpSpec(
+    name="prototype_scores_backward",
+    schema="(Tensor grad, Tensor e, Tensor s, Tensor w, bool[3] output_mask, str backend) -> (Tensor, Tensor, Tensor)",
+    kernels={
+        "cpu": _cpp_backward,
+        "cuda": _cpp_backward,
+        "triton": _requested(triton_kernel("prototype_scores", "backward")),
+    },
+    fake=_backward_fake,
+    autocast=None,
+))
 
 
 def _setup_context(ctx, inputs, output):
@@ -80,13 +80,26 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     e, s, w = ctx.saved_tensors
-    need_e, need_s, need_w = ctx.needs_input_grad[:3]
-    grad_e, grad_s, grad_w = torch.ops.zslfast.prototype_scores_backward(grad, e, s, w, need_w, ctx.backend)
-    return grad_e if need_e else None, grad_s if need_s else None, grad_w if need_w else None, None
+    output_mask = list(ctx.needs_input_grad[:3])
+    grads = BACKWARD(ctx.backend, grad, e, s, w, output_mask)
+    return (*(g if need else None for g, need in zip(grads, output_mask)), None)
 
 
-torch.library.register_autograd("zslfast::prototype_scores", _backward, setup_context=_setup_context, lib=LIB)
-register_autocast("prototype_scores", torch.ops.zslfast.prototype_scores.default)
+SPEC = define(OpSpec(
+    name=OP,
+    schema="(Tensor e, Tensor s, Tensor w, str backend) -> Tensor",
+    kernels={
+        "cpu": compiled_kernel("_prototype_scores_fwd"),
+        "cuda": compiled_kernel("_prototype_scores_fwd"),
+        "triton": triton_kernel("prototype_scores", "forward"),
+    },
+    reference=reference.prototype_scores,
+    gpu_preference=("triton", "cuda"),
+    fake=_forward_fake,
+    backward=_backward,
+    setup_context=_setup_context,
+    autocast="lower",
+))
 
 
 def _check_e_s(op: str, e, s) -> None:
@@ -122,24 +135,15 @@ def prototype_scores(
             )
     device = check_same_device(OP, e=e, s=s, w=w)
     e, s, w = promote(e, s, w)
-    which = _backend.resolve(OP, backend, device)
-    if which == "reference":
-        return reference.prototype_scores(e, s, w)
-    if w is None:
-        return e @ s.T
-    if w.dim() == 2:
-        return (e + e * w) @ s.T
-    return torch.ops.zslfast.prototype_scores(e, s, w, which)
+    which = SPEC.resolve(backend, device)
+    if which != "reference" and (w is None or w.dim() == 2):
+        # One GEMM without a (B, C, K) w: every kernel backend runs it as torch.matmul (cuBLAS/MKL win).
+        return e @ s.T if w is None else (e + e * w) @ s.T
+    return SPEC(which, e, s, w)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Factored weights: w = h @ u (+ bias), fused as GEMMs. One composite implementation serves every device.
-
-LIB.define("prototype_scores_factored(Tensor e, Tensor s, Tensor h, Tensor u, Tensor? bias) -> Tensor")
-LIB.define(
-    "prototype_scores_factored_backward(Tensor grad, Tensor e, Tensor s, Tensor h, Tensor u, Tensor? bias)"
-    " -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
-)
 
 _CHUNK_ELEMENTS = 1 << 26  # elements of V built at once (256 MiB in fp32)
 
@@ -191,19 +195,23 @@ def _factored_backward(grad, e, s, h, u, bias):
     return grad_e, grad_s, grad_h, grad_u, grad_bias
 
 
-LIB.impl("prototype_scores_factored", _factored_forward, "CompositeExplicitAutograd")
-LIB.impl("prototype_scores_factored_backward", _factored_backward, "CompositeExplicitAutograd")
-
-
-@torch.library.register_fake("zslfast::prototype_scores_factored", lib=LIB)
 def _factored_forward_fake(e, s, h, u, bias):
     return e.new_empty((e.shape[0], s.shape[0]))
 
 
-@torch.library.register_fake("zslfast::prototype_scores_factored_backward", lib=LIB)
 def _factored_backward_fake(grad, e, s, h, u, bias):
     grad_bias = torch.empty_like(bias) if bias is not None else e.new_empty((0,))
     return torch.empty_like(e), torch.empty_like(s), torch.empty_like(h), torch.empty_like(u), grad_bias
+
+
+FACTORED_BACKWARD = define(OpSpec(
+    name="prototype_scores_factored_backward",
+    schema="(Tensor grad, Tensor e, Tensor s, Tensor h, Tensor u, Tensor? bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    kernels={},
+    composite=_factored_backward,
+    fake=_factored_backward_fake,
+    autocast=None,
+))
 
 
 def _factored_setup_context(ctx, inputs, output):
@@ -212,18 +220,22 @@ def _factored_setup_context(ctx, inputs, output):
 
 def _factored_autograd_backward(ctx, grad):
     e, s, h, u, bias = ctx.saved_tensors
-    grads = torch.ops.zslfast.prototype_scores_factored_backward(grad, e, s, h, u, bias)
+    grads = FACTORED_BACKWARD.op(grad, e, s, h, u, bias)
     needs = ctx.needs_input_grad
     return tuple(g if (needs[i] and (i < 4 or bias is not None)) else None for i, g in enumerate(grads))
 
 
-torch.library.register_autograd(
-    "zslfast::prototype_scores_factored",
-    _factored_autograd_backward,
+FACTORED = define(OpSpec(
+    name="prototype_scores_factored",
+    schema="(Tensor e, Tensor s, Tensor h, Tensor u, Tensor? bias) -> Tensor",
+    kernels={},
+    composite=_factored_forward,
+    reference=reference.prototype_scores_factored,
+    fake=_factored_forward_fake,
+    backward=_factored_autograd_backward,
     setup_context=_factored_setup_context,
-    lib=LIB,
-)
-register_autocast("prototype_scores_factored", torch.ops.zslfast.prototype_scores_factored.default)
+    autocast="lower",
+))
 
 
 def prototype_scores_factored(
@@ -264,14 +276,12 @@ def prototype_scores_factored(
             raise ValueError(f"{op}: bias must be (C, K)={(C, K)}, got bias {shape_str(bias)}")
     device = check_same_device(op, e=e, s=s, h=h, u=u, bias=bias)
     e, s, h, u, bias = promote(e, s, h, u, bias)
-    which = _backend.resolve(op, backend, device)
-    if which == "reference":
-        return reference.prototype_scores_factored(e, s, h, u, bias)
-    if B <= J:
+    which = FACTORED.resolve(backend, device)
+    if B <= J and which != "reference":
         # w (B, C, K) is no larger than u (J, C, K) here, so forming it keeps the O(J*C*K) memory bound, and the
         # single-pass w kernel beats building V (J, K, C) and its gradient: one GEMM for w, then the fused op.
         w = (h @ u.reshape(J, C * K)).reshape(B, C, K)
         if bias is not None:
             w = w + bias
-        return torch.ops.zslfast.prototype_scores(e, s, w, which)  # inputs already checked, promoted, resolved
-    return torch.ops.zslfast.prototype_scores_factored(e, s, h, u, bias)
+        return SPEC(which, e, s, w)  # both ops run on every backend: ``which`` serves the w kernel too
+    return FACTORED(which, e, s, h, u, bias)
