@@ -370,7 +370,7 @@ def test_dpsr_bad_input():
     logits, labels, sim, mask = torch.randn(4, 3), torch.tensor([0, 1, 2, 1]), torch.eye(3), torch.tensor(
         [False, False, True])
     loss = generative.semantic_regularised_contrastive_loss
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, C\) = \[0, 3\).*0\.\.3"):
+    with pytest.raises(ValueError, match=r"labels holds the label 3, outside \[0, 3\)"):
         loss(logits, torch.tensor([0, 1, 3, 1]), sim, 0.2, mask)
     with pytest.raises(ValueError, match="labels must lie"):
         loss(logits, torch.tensor([0, -1, 2, 1]), sim, 0.2, mask)

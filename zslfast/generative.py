@@ -29,7 +29,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .validation import check_same_device, check_tensor, promote, shape_str
+from .validation import check_labels, check_same_device, check_tensor, promote, shape_str
 
 __all__ = [
     "CDPResult",
@@ -405,13 +405,7 @@ def semantic_regularised_contrastive_loss(
     op = "semantic_regularised_contrastive_loss"
     check_tensor(op, "logits", logits, (2,), "(N, C)")
     N, C = logits.shape
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{op}: labels must be a torch.Tensor (N,), got {type(labels).__name__}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"{op}: labels must be an integer tensor (N,), got dtype {labels.dtype}")
-    if labels.shape != (N,):
-        raise ValueError(f"{op}: labels must be (N,) with N={N} as in logits {shape_str(logits)}, "
-                         f"got {shape_str(labels)}")
+    labels = check_labels(op, "labels", labels, N, C, "(N,)")
     check_tensor(op, "class_sim", class_sim, (2,), "(C, C)")
     if class_sim.shape != (C, C):
         raise ValueError(f"{op}: class_sim must be (C, C) with C={C} as in logits {shape_str(logits)}, "
@@ -428,11 +422,7 @@ def semantic_regularised_contrastive_loss(
         raise ValueError(f"{op}: beta must be a finite number >= 0, got {beta!r}")
     if not (isinstance(strength, (int, float)) and 0 <= strength <= 1):
         raise ValueError(f"{op}: strength must be a number in [0, 1], got {strength!r}")
-    if N and bool(((labels < 0) | (labels >= C)).any()):
-        raise ValueError(f"{op}: labels must lie in [0, C) = [0, {C}), got values "
-                         f"{labels.min().item()}..{labels.max().item()}")
     logits, class_sim = promote(logits, class_sim)
-    labels = labels.long()
 
     soft = strength * normalised_unseen_similarity(class_sim, unseen_mask)  # (C, C)
     is_target = F.one_hot(labels, C).bool()  # (N, C)

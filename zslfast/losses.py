@@ -36,8 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data.xlsa17 import get_preset
-from .validation import compiling, shape_str
+from .validation import check_labels, check_tensor, compiling, shape_str
 
 # ILPG Eq. 12 weights from the paper's experiments (main text for CUB, Appendix G for SUN and AwA2).
 ILPG_LOSS_WEIGHTS = {
@@ -51,26 +50,11 @@ DEFAULT_TAU = 0.1
 
 
 def _check_float(fn: str, name: str, t, ndim: int, layout: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{fn}: {name} must be a torch.Tensor {layout}, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{fn}: {name} must be a floating-point tensor {layout}, got dtype {t.dtype}")
-    if t.dim() != ndim:
-        raise ValueError(f"{fn}: {name} must be {layout}, got shape {shape_str(t)}")
+    check_tensor(fn, name, t, (ndim,), layout, allow_empty=True)
 
 
 def _check_labels(fn: str, labels, batch: int, num_classes: int) -> torch.Tensor:
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{fn}: labels must be a torch.Tensor (B,) of class ids, got {type(labels).__name__}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"{fn}: labels must be an integer tensor (B,), got dtype {labels.dtype}")
-    if labels.shape != (batch,):
-        raise ValueError(f"{fn}: labels must be (B,) = ({batch},), got shape {shape_str(labels)}")
-    if not compiling() and labels.numel() and bool(((labels < 0) | (labels >= num_classes)).any()):
-        raise ValueError(
-            f"{fn}: labels must be class ids in 0..{num_classes - 1}, got {int(labels.min())}..{int(labels.max())}"
-        )
-    return labels.long()
+    return check_labels(fn, "labels", labels, batch, num_classes)
 
 
 def _check_w(fn: str, w, batch: int, num_classes: int, dim: int) -> None:
@@ -242,7 +226,11 @@ class ILPGLoss(nn.Module):
     @classmethod
     def from_preset(cls, name: str, *, tau: float = DEFAULT_TAU, unseen_classes=None, **overrides) -> "ILPGLoss":
         """The paper's lambdas for "CUB", "SUN" or "AwA2" (case-insensitive); ``overrides`` replace any of them."""
-        weights = dict(ILPG_LOSS_WEIGHTS[get_preset(name).name])
+        key = getattr(name, "name", name)  # a zslfast.data preset, or its name
+        known = {k.lower(): k for k in ILPG_LOSS_WEIGHTS}
+        if not isinstance(key, str) or key.lower() not in known:
+            raise ValueError(f"unknown dataset preset {name!r}; known presets: {', '.join(ILPG_LOSS_WEIGHTS)}")
+        weights = dict(ILPG_LOSS_WEIGHTS[known[key.lower()]])
         unknown = set(overrides) - set(weights) - {"sas_class_reduction"}
         if unknown:
             raise TypeError(f"ILPGLoss.from_preset: unexpected arguments {sorted(unknown)}")

@@ -58,7 +58,8 @@ def check_labels(
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"{fn}: {name} must be an integer tensor {layout} of class ids, got dtype {labels.dtype}")
     if labels.dim() != 1 or labels.shape[0] != batch:
-        raise ValueError(f"{fn}: {name} must be {layout} with B={batch}, got shape {shape_str(labels)}")
+        size = layout.strip("(,)") or "B"
+        raise ValueError(f"{fn}: {name} must be {layout} with {size}={batch}, got shape {shape_str(labels)}")
     # One host sync in the common case; min/max only to name the offender (the minimum if negative, else the maximum).
     if values and batch and not compiling() and bool(((labels < 0) | (labels >= num_classes)).any()):
         low, high = int(labels.min()), int(labels.max())

@@ -58,7 +58,7 @@ from ..losses import jsd_loss, patch_bce_loss
 from ..nn.rollout import AttentionRollout
 from ..ops.attention_rollout import FUSIONS, MODES
 from ..ops.attribute_attention import attribute_attention
-from ..validation import shape_str
+from ..validation import check_labels, shape_str
 from ..ops.cosine_logits import cosine_logits
 
 _NAME = "SVIPHead"
@@ -329,18 +329,7 @@ class SVIPHead(nn.Module):
         return class_attributes
 
     def _check_labels(self, labels, batch: int, num_classes: int):
-        if labels is None:
-            return None
-        if not isinstance(labels, torch.Tensor):
-            raise TypeError(f"{_NAME}: labels must be an int64 tensor (B={batch},), got {type(labels).__name__}")
-        if labels.dtype not in (torch.int64, torch.int32) or labels.shape != (batch,):
-            raise ValueError(
-                f"{_NAME}: labels must be an int64 tensor (B={batch},), got {labels.dtype} {shape_str(labels)}"
-            )
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-            raise ValueError(f"{_NAME}: labels must be in [0, C={num_classes}), got values in [{int(labels.min())}, "
-                             f"{int(labels.max())}]")
-        return labels.long()
+        return None if labels is None else check_labels(_NAME, "labels", labels, batch, num_classes)
 
     def _forward_backbone(self, images, labels, class_attributes):
         labels = self._check_labels(labels, images.shape[0], class_attributes.shape[0])
