@@ -1,11 +1,11 @@
-"""zslfast.generative against the per-class / per-λ loops of zslfast.reference, plus the properties that pin each
+"""zslfast.generative against the per-class / per-λ loops of zslfast.baselines, plus the properties that pin each
 documented choice (strict threshold, λ = 0 rule, tie order, centring, DPSR targets and weighting) and bad input."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from zslfast import generative, reference
+from zslfast import baselines, generative
 from zslfast.generative import (
     class_diversity_promotion,
     msas,
@@ -42,7 +42,7 @@ def test_msas_matches_loop(generator, C, K, weight_kind, threshold_kind):
         "matrix": torch.randn(K, 3 * K + 1, generator=generator, dtype=f64),
     }[weight_kind]
     out = msas(att, threshold, weight)
-    close(out, reference.msas_loop(att, threshold, weight), 1e-12)
+    close(out, baselines.msas_loop(att, threshold, weight), 1e-12)
     out32 = msas(att.float(), threshold if isinstance(threshold, float) else threshold.float(),
                  None if weight is None else weight.float())
     assert out32.dtype == torch.float32
@@ -65,7 +65,7 @@ def test_msas_gradcheck(generator, weight_kind):
     # and the gradient equals the loop's (autograd through the per-class code)
     g = torch.randn(6, shape[-1] if weight_kind == "matrix" else 5, generator=generator, dtype=f64)
     ours = torch.autograd.grad(msas(att, 0.4, weight), (att, weight), g)
-    loop = torch.autograd.grad(reference.msas_loop(att, 0.4, weight), (att, weight), g)
+    loop = torch.autograd.grad(baselines.msas_loop(att, 0.4, weight), (att, weight), g)
     for a, b in zip(ours, loop):
         close(a, b, 1e-12)
 
@@ -100,7 +100,7 @@ def test_ridge_prototypes_match_solve_loop(generator, U, S, K, D, P):
     lambdas = torch.logspace(-3, 2, P, dtype=f64)
     protos, coefs = ridge_prototypes(target, seen, means, lambdas)
     assert protos.shape == (U, P, D) and coefs.shape == (U, P, S)
-    loop_protos, loop_coefs = reference.ridge_prototypes_loop(target, seen, means, lambdas)
+    loop_protos, loop_coefs = baselines.ridge_prototypes_loop(target, seen, means, lambdas)
     assert rel_err(coefs, loop_coefs) < 1e-8
     assert rel_err(protos, loop_protos) < 1e-8
     # Independent of any solver: α satisfies the normal equations A_s(A_sᵀα − a_u) + λα = 0.
@@ -113,7 +113,7 @@ def test_ridge_prototypes_lambda_zero_full_row_rank(generator):
     seen = torch.randn(5, 8, generator=generator, dtype=f64)  # rank 5 = S: A_s A_sᵀ invertible
     means = torch.randn(5, 4, generator=generator, dtype=f64)
     protos, coefs = ridge_prototypes(target, seen, means, [0.0, 0.5])
-    loop_protos, loop_coefs = reference.ridge_prototypes_loop(target, seen, means, [0.0, 0.5])
+    loop_protos, loop_coefs = baselines.ridge_prototypes_loop(target, seen, means, [0.0, 0.5])
     assert rel_err(coefs, loop_coefs) < 1e-8 and rel_err(protos, loop_protos) < 1e-8
 
 
@@ -174,7 +174,7 @@ def test_ridge_prototypes_gradcheck(generator):
     # and the same gradients as autograd through the solve loop
     loss = lambda out: (out[0] ** 2).sum() + out[1].sin().sum()  # noqa: E731
     ours = torch.autograd.grad(loss(ridge_prototypes(target, seen, means, lambdas)), (target, seen, means))
-    loop = torch.autograd.grad(loss(reference.ridge_prototypes_loop(target, seen, means, lambdas)),
+    loop = torch.autograd.grad(loss(baselines.ridge_prototypes_loop(target, seen, means, lambdas)),
                                (target, seen, means))
     for a, b in zip(ours, loop):
         close(a, b, 1e-9)
@@ -188,7 +188,7 @@ def test_cdp_matches_loop(generator, C, K, n_remove, center):
         pytest.skip("centring removes one rank: nothing left to remove")
     sem = torch.rand(C, K, generator=generator, dtype=f64) + 0.5  # a shared positive component, as CLIP text
     out, before, after = class_diversity_promotion(sem, n_remove, center=center)
-    loop_out, loop_before, loop_after = reference.class_diversity_promotion_loop(sem, n_remove, center)
+    loop_out, loop_before, loop_after = baselines.class_diversity_promotion_loop(sem, n_remove, center)
     close(out, loop_out, 1e-10)
     close(before, loop_before, 1e-12)
     close(after, loop_after, 1e-10)
@@ -239,7 +239,7 @@ def test_topk_matches_loop(generator, U, S, K, k, backend):
     target = torch.randn(U, K, generator=generator, dtype=f64)
     source = torch.randn(S, K, generator=generator, dtype=f64)
     values, indices = topk_similar_classes(target, source, k, backend=backend)
-    loop_values, loop_indices = reference.topk_similar_classes_loop(target, source, k)
+    loop_values, loop_indices = baselines.topk_similar_classes_loop(target, source, k)
     assert indices.dtype == torch.long and values.shape == indices.shape == (U, k)
     assert torch.equal(indices, loop_indices)
     close(values, loop_values, 1e-12)
@@ -260,7 +260,7 @@ def test_topk_ties_go_to_the_lower_index(generator):
     for k in (1, 7, 40):
         for chunk in (1 << 22, 40, 80):  # one chunk, one row per chunk, two rows per chunk
             values, indices = topk_similar_classes(target, source, k, chunk_elements=chunk)
-            loop_values, loop_indices = reference.topk_similar_classes_loop(target, source, k)
+            loop_values, loop_indices = baselines.topk_similar_classes_loop(target, source, k)
             assert torch.equal(indices, loop_indices)
             close(values, loop_values, 1e-12)
             assert (values[:, 1:] <= values[:, :-1]).all()
@@ -307,7 +307,7 @@ def dpsr_inputs(generator, N, C, n_unseen, dtype=f64):
 def test_dpsr_matches_loop(generator, N, C, n_unseen, beta):
     logits, labels, class_sim, unseen_mask = dpsr_inputs(generator, N, C, n_unseen)
     loss = semantic_regularised_contrastive_loss(logits, labels, class_sim, beta, unseen_mask)
-    loop = reference.semantic_regularised_contrastive_loss_loop(logits, labels, class_sim, beta, unseen_mask)
+    loop = baselines.semantic_regularised_contrastive_loss_loop(logits, labels, class_sim, beta, unseen_mask)
     close(loss, loop, 1e-12)
     assert torch.isfinite(loss)
     loss32 = semantic_regularised_contrastive_loss(logits.float(), labels, class_sim.float(), beta, unseen_mask)
@@ -319,7 +319,7 @@ def test_dpsr_gradcheck(generator):
     logits.requires_grad_()
     fn = lambda x: semantic_regularised_contrastive_loss(x, labels, class_sim, 0.2, unseen_mask)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (logits,))
-    loop_fn = lambda x: reference.semantic_regularised_contrastive_loss_loop(  # noqa: E731
+    loop_fn = lambda x: baselines.semantic_regularised_contrastive_loss_loop(  # noqa: E731
         x, labels, class_sim, 0.2, unseen_mask)
     close(torch.autograd.grad(fn(logits), logits)[0], torch.autograd.grad(loop_fn(logits), logits)[0], 1e-12)
 

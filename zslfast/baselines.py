@@ -15,12 +15,18 @@ and loops, at the options the papers use, written the way their code writes them
     memory_bank_kl_loop         the same per (b, m) with F.kl_div, as research code loops it
     memory_bank_fifo_update     SAGE's FIFO queues vectorised: stable sort by queue, closed-form slots
     memory_bank_update_loop     the queues offered entry by entry (plain Python bookkeeping), fifo or min_conf
+    msas_loop, ridge_prototypes_loop, class_diversity_promotion_loop, topk_similar_classes_loop,
+    semantic_regularised_contrastive_loss_loop
+                                FSIGenZ / GenZSL one class (or one (u, lambda), one element) at a time, as their
+                                code loops: zslfast.generative batches them
 
 Shapes: e (B, K), s (C, K), w (B, C, K), h (B, J), u (J, C, K) -> (B, C); x (N, D), protos (C, D) -> (N, C);
 q (K, D) or (B, K, D), k (B, R, D), v (B, R, Dv), ref (K, Dv) -> (B, K); attns L x (B, H, N, N) -> (B, N);
 z (B, M, D), protos (C, M, D), labels (B,), active (B, M) -> (); the bank: features (C, M, K, D),
 confidences (C, M, K), counts and next_slot (C, M), offers z (B, M, D), y (B,), conf (B, M).
 """
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -126,3 +132,104 @@ def memory_bank_update_loop(features, confidences, counts, next_slot, z, y, conf
                         continue
             features[c, m, slot] = z[b, m]
             confidences[c, m, slot] = score
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FSIGenZ / GenZSL (zslfast.generative), one class at a time.
+
+
+def msas_loop(att: torch.Tensor, threshold, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """FSIGenZ MSAS, one class at a time: a = a_o + a_o * [a_o > Th]; a @ W_A (matrix) or a * W_A (vector)."""
+    rows = []
+    for c in range(att.shape[0]):
+        a_o = att[c]
+        a = a_o + a_o * (a_o > threshold).to(a_o.dtype)
+        if weight is not None:
+            a = a @ weight if weight.dim() == 2 else a * weight
+        rows.append(a)
+    return torch.stack(rows)
+
+
+def ridge_prototypes_loop(target_att, seen_att, seen_means, lambdas):
+    """FSIGenZ prototypes, one torch.linalg.solve per (u, λ): α = (A_s A_sᵀ + λI)⁻¹ A_s a_u, μ = α @ M_s.
+    -> prototypes (U, P, D), coefficients (U, P, S)."""
+    S = seen_att.shape[0]
+    gram = seen_att @ seen_att.T
+    eye = torch.eye(S, dtype=seen_att.dtype, device=seen_att.device)
+    protos, coefs = [], []
+    for u in range(target_att.shape[0]):
+        p_row, c_row = [], []
+        for lam in lambdas:
+            alpha = torch.linalg.solve(gram + float(lam) * eye, seen_att @ target_att[u])
+            c_row.append(alpha)
+            p_row.append(alpha @ seen_means)
+        protos.append(torch.stack(p_row))
+        coefs.append(torch.stack(c_row))
+    return torch.stack(protos), torch.stack(coefs)
+
+
+def class_diversity_promotion_loop(sem: torch.Tensor, n_remove: int = 1, center: bool = False):
+    """GenZSL CDP, per class: project each row off the top n_remove right singular vectors, normalise it; mean
+    pairwise cosine as the mean of each class's cosines to the others. -> (sem', before, after)."""
+
+    def mean_cos(x):
+        C = x.shape[0]
+        total = x.new_zeros(())
+        for i in range(C):
+            cos = F.cosine_similarity(x[i : i + 1], x, dim=1, eps=1e-8)
+            total = total + cos.sum() - cos[i]
+        return total / (C * (C - 1))
+
+    x = sem - sem.mean(0, keepdim=True) if center else sem
+    _, _, vt = torch.linalg.svd(x, full_matrices=False)
+    rows = []
+    for i in range(x.shape[0]):
+        row = x[i]
+        for j in range(n_remove):
+            row = row - (row @ vt[j]) * vt[j]
+        rows.append(row / row.norm().clamp_min(1e-8))
+    out = torch.stack(rows)
+    return out, mean_cos(sem), mean_cos(out)
+
+
+def topk_similar_classes_loop(target_sem: torch.Tensor, source_sem: torch.Tensor, k: int):
+    """GenZSL referent selection, per target class: cosine to every source, the k best, ties by lower index
+    (Python's sort on (-score, index)). -> values (U, k), indices (U, k)."""
+    values, indices = [], []
+    for u in range(target_sem.shape[0]):
+        norms = source_sem.norm(dim=1).clamp_min(1e-8) * target_sem[u].norm().clamp_min(1e-8)
+        sims = (source_sem @ target_sem[u]) / norms
+        scores = sims.tolist()
+        best = sorted(range(len(scores)), key=lambda s: (-scores[s], s))[:k]
+        idx = torch.tensor(best, dtype=torch.long, device=sims.device)
+        indices.append(idx)
+        values.append(sims[idx])
+    return torch.stack(values), torch.stack(indices)
+
+
+def semantic_regularised_contrastive_loss_loop(logits, labels, class_sim, beta, unseen_mask, strength=0.5):
+    """FSIGenZ DPSR loss (see zslfast.generative), element by element."""
+    N, C = logits.shape
+    unseen = [bool(m) for m in unseen_mask.tolist()]
+    seen_losses, unseen_losses = [], []
+    for n in range(N):
+        y = int(labels[n])
+        others = [j for j in range(C) if unseen[j] and j != y]
+        row_max = max([max(float(class_sim[y, j]), 0.0) for j in others], default=0.0)
+        total = logits.new_zeros(())
+        for c in range(C):
+            if c == y:
+                t = 1.0
+            elif unseen[c] and row_max > 0:
+                t = strength * class_sim[y, c].clamp_min(0) / row_max
+            else:
+                t = 0.0
+            x = logits[n, c]
+            total = total + F.softplus(x) - t * x
+        (unseen_losses if unseen[y] else seen_losses).append(total / C)
+    loss = logits.new_zeros(())
+    if seen_losses:
+        loss = loss + torch.stack(seen_losses).mean()
+    if unseen_losses:
+        loss = loss + beta * torch.stack(unseen_losses).mean()
+    return loss
