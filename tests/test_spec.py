@@ -1,0 +1,221 @@
+"""One op, one spec: what every op shares through zslfast/ops/_spec.py, checked op by op.
+
+The registry (each op's backends, reference, autocast rule), the one backend choice for ops and modules (the
+"reference" backend runs zslfast.reference; a module rejects a backend one of its ops lacks), the arguments every
+op takes the same way (eps, start_layer, output_mask), and zslfast.baselines (the papers' eager code) as a
+second oracle for each op on every backend here.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zslfast
+from conftest import DEVICE_BACKENDS
+from zslfast import baselines, reference
+from zslfast.nn import AttentionRollout, MemoryBank, MemoryBankGuidedFusion
+from zslfast.ops import _spec
+from zslfast.ops import attention_rollout as rollout_op
+from zslfast.ops import attribute_attention as attention_op
+from zslfast.ops import cosine_logits as cosine_op
+from zslfast.ops import memory_bank as bank_op
+from zslfast.ops import prototype_scores as scores_op
+
+CPU_BACKENDS = [p for p in DEVICE_BACKENDS if p.values[0] == "cpu"]
+
+SPECS = {
+    spec.name: spec
+    for spec in (
+        scores_op.SPEC, scores_op.BACKWARD, scores_op.FACTORED, scores_op.FACTORED_BACKWARD,
+        cosine_op.SPEC, cosine_op.BACKWARD, attention_op.SPEC, attention_op.BACKWARD, rollout_op.SPEC,
+        bank_op.KL, bank_op.UPDATE, bank_op.REFRESH,
+    )
+}
+
+
+def test_every_registered_op_has_one_spec():
+    """Each public zslfast:: op (not the raw kernels of zslfast._C, named _<op>_...) is defined by a spec."""
+    registered = {
+        name.split("::")[1] for name in torch._C._dispatch_get_all_op_names()
+        if name.startswith("zslfast::") and not name.startswith("zslfast::_")
+    }
+    assert registered == set(SPECS)
+
+
+@pytest.mark.parametrize(
+    "name,backends,autocast",
+    [
+        ("prototype_scores", ("reference", "cpu", "cuda", "triton"), "lower"),
+        ("prototype_scores_factored", ("reference", "cpu", "cuda", "triton"), "lower"),
+        ("cosine_logits", ("reference", "cpu", "cuda", "triton"), "lower"),
+        ("attribute_attention", ("reference", "cpu", "triton"), "lower"),
+        ("attention_rollout_cls", ("reference", "cpu", "triton"), None),
+        ("memory_bank_kl", ("reference", "cpu", "triton"), "fp32"),
+        ("memory_bank_update", ("reference", "cpu", "cuda"), None),
+        ("memory_bank_refresh", ("reference", "cpu", "cuda"), None),
+    ],
+)
+def test_spec_declares_backends_and_autocast(name, backends, autocast):
+    spec = SPECS[name]
+    assert spec.backends == backends
+    assert spec.autocast == autocast
+    assert spec.resolve("reference", torch.device("cpu")) == "reference"
+
+
+def test_unknown_backend_or_autocast_in_a_spec_is_refused():
+    with pytest.raises(ValueError, match="unknown backends"):
+        _spec.OpSpec(name="x", schema="() -> ()", kernels={"metal": print}, fake=print)
+    with pytest.raises(ValueError, match="autocast"):
+        _spec.OpSpec(name="x", schema="() -> ()", kernels={}, fake=print, autocast="bf16")
+
+
+def test_enums_map_python_strings_to_kernel_ids():
+    assert _spec.enum_id("score", None) == 0 and _spec.enum_id("score", "cosine") == 2
+    assert rollout_op.MODES == ("abnar", "residual") and rollout_op.FUSIONS == ("mean", "sum", "max", "min")
+    assert _spec.choices("policy") == ("fifo", "min_conf")
+
+
+def _bank_inputs(generator):
+    z = torch.randn(6, 2, 4, generator=generator, dtype=torch.float64)
+    protos = torch.randn(3, 2, 4, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, 3, (6,), generator=generator)
+    active = torch.rand(6, 2, generator=generator) < 0.7
+    return z, protos, labels, active
+
+
+def _calls(generator):
+    """(op name, zslfast call with a backend, the reference function it must run) per op."""
+    g = generator
+    e, s, w = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((3, 5), (4, 5), (3, 4, 5)))
+    x, p = torch.randn(3, 6, generator=g, dtype=torch.float64), torch.randn(4, 6, generator=g, dtype=torch.float64)
+    q, k, v = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((4, 6), (2, 5, 6), (2, 5, 6)))
+    maps = torch.rand(2, 1, 2, 5, 5, generator=g, dtype=torch.float64).softmax(-1)
+    z, protos, labels, active = _bank_inputs(g)
+    return [
+        ("prototype_scores", lambda b: zslfast.prototype_scores(e, s, w, backend=b)),
+        ("cosine_logits", lambda b: zslfast.cosine_logits(x, p, 2.0, backend=b)),
+        ("attribute_attention", lambda b: zslfast.attribute_attention(q, k, v, q, backend=b)),
+        ("attention_rollout", lambda b: zslfast.attention_rollout(maps, backend=b)),
+        ("memory_bank_kl", lambda b: zslfast.memory_bank_kl(z, protos, labels, active, backend=b)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_reference_backend_runs_the_reference(index, generator, monkeypatch):
+    name, call = _calls(generator)[index]
+    seen = []
+    original = getattr(reference, name)
+    monkeypatch.setattr(reference, name, lambda *a, **kw: seen.append(1) or original(*a, **kw))
+    want = call("reference")
+    assert seen, f"backend='reference' did not run zslfast.reference.{name}"
+    if "cpu" in zslfast.available_backends("cpu"):
+        seen.clear()
+        torch.testing.assert_close(call("cpu"), want, rtol=1e-10, atol=1e-10)
+        assert not seen, f"backend='cpu' ran zslfast.reference.{name}"
+
+
+def test_modules_reject_a_backend_one_of_their_ops_lacks():
+    with pytest.raises(zslfast.BackendUnavailableError, match="memory_bank_update"):
+        MemoryBank(2, 1, 2, 3, threshold=0.5, backend="triton")
+    bank = MemoryBank(2, 1, 2, 3, threshold=0.5)
+    with pytest.raises(zslfast.BackendUnavailableError, match="memory_bank_update"):
+        bank.backend = "triton"
+    with pytest.raises(zslfast.BackendUnavailableError, match="memory_bank_kl"):
+        MemoryBankGuidedFusion(3, 2, 4, 2, threshold=0.1, alpha=1.0, scale=2.0, backend="cuda")
+    with pytest.raises(zslfast.BackendUnavailableError, match="attention_rollout_cls"):
+        AttentionRollout(backend="cuda")
+    with pytest.raises(ValueError, match="backend"):
+        AttentionRollout(backend="metal")
+
+
+@pytest.mark.parametrize("device,backend", CPU_BACKENDS)
+def test_start_layer_one_rule(device, backend, generator):
+    """[-L, L) everywhere, negative from the end: the op, the module and the reference agree."""
+    maps = torch.rand(4, 2, 3, 6, 6, generator=generator, dtype=torch.float64).softmax(-1)
+    for mode in ("abnar", "residual"):
+        want = reference.attention_rollout(list(maps), mode, "mean", 1, True)
+        got = zslfast.attention_rollout(maps, mode=mode, start_layer=-3, backend=backend)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        module = AttentionRollout(mode, start_layer=-3, backend=backend)
+        torch.testing.assert_close(module(maps), want, rtol=1e-10, atol=1e-10)
+    for bad in (4, -5):
+        with pytest.raises(ValueError, match=r"start_layer must be in \[-L, L\) = \[-4, 4\)"):
+            zslfast.attention_rollout(maps, start_layer=bad, backend=backend)
+    with pytest.raises(TypeError, match="cls_only must be a bool"):
+        zslfast.attention_rollout(maps, cls_only="no", backend=backend)
+
+
+def _small_norm_rows(generator, *shape):
+    t = torch.randn(*shape, generator=generator, dtype=torch.float64)
+    t[0] *= 1e-4  # a row whose norm is below eps = 1e-3: the clamp matters
+    return t.requires_grad_()
+
+
+@pytest.mark.parametrize("device,backend", CPU_BACKENDS + [pytest.param("cpu", "reference", id="cpu-reference")])
+def test_cosine_logits_eps(device, backend, generator):
+    x, p = _small_norm_rows(generator, 3, 5), _small_norm_rows(generator, 4, 5)
+    want = 2.0 * F.normalize(x, dim=-1, eps=1e-3) @ F.normalize(p, dim=-1, eps=1e-3).T
+    got = zslfast.cosine_logits(x, p, 2.0, eps=1e-3, backend=backend)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    g = torch.randn(3, 4, generator=generator, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(got, (x, p), g), torch.autograd.grad(want, (x, p), g)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="eps must be a finite float > 0"):
+            zslfast.cosine_logits(x, p, eps=bad, backend=backend)
+
+
+@pytest.mark.parametrize("device,backend", CPU_BACKENDS + [pytest.param("cpu", "reference", id="cpu-reference")])
+def test_attribute_attention_eps(device, backend, generator):
+    q = torch.randn(4, 6, generator=generator, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 5, 6, generator=generator, dtype=torch.float64, requires_grad=True)
+    v = (torch.randn(2, 5, 6, generator=generator, dtype=torch.float64) * 1e-4).requires_grad_()
+    ref = _small_norm_rows(generator, 4, 6)
+    e = torch.softmax(q @ k.transpose(-1, -2) * 6 ** -0.5, dim=-1) @ v
+    want = F.cosine_similarity(e, ref.expand_as(e), dim=-1, eps=1e-3)
+    got = zslfast.attribute_attention(q, k, v, ref, eps=1e-3, backend=backend)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    g = torch.randn(2, 4, generator=generator, dtype=torch.float64)
+    inputs = (q, k, v, ref)
+    for a, b in zip(torch.autograd.grad(got, inputs, g), torch.autograd.grad(want, inputs, g)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("device,backend", CPU_BACKENDS)
+def test_prototype_scores_backward_output_mask(device, backend, generator):
+    e, s, w = (torch.randn(*shape, generator=generator) for shape in ((3, 5), (4, 5), (3, 4, 5)))
+    grad = torch.randn(3, 4, generator=generator)
+    for mask in ([True, True, True], [True, False, False], [False, True, True], [False, False, False]):
+        torch.library.opcheck(torch.ops.zslfast.prototype_scores_backward.default, (grad, e, s, w, mask, backend))
+        grads = torch.ops.zslfast.prototype_scores_backward(grad, e, s, w, mask, backend)
+        for g, t, need in zip(grads, (e, s, w), mask):
+            assert g.shape == (t.shape if need else (0,))
+
+
+@pytest.mark.parametrize("device,backend", CPU_BACKENDS)
+def test_baselines_are_a_second_oracle(device, backend, generator):
+    """Each op at the papers' options equals the papers' own eager code (zslfast.baselines), values and gradients."""
+    g = generator
+    e, s, w = (torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+               for shape in ((3, 5), (4, 5), (3, 4, 5)))
+    x, p = (torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True) for shape in ((3, 6), (4, 6)))
+    q, k, v = (torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+               for shape in ((4, 6), (2, 5, 6), (2, 5, 6)))
+    maps = torch.rand(3, 2, 2, 5, 5, generator=g, dtype=torch.float64).softmax(-1).requires_grad_()
+    z, protos, labels, active = _bank_inputs(g)
+    z.requires_grad_()
+    cases = [
+        ((e, s, w), lambda *a: zslfast.prototype_scores(*a, backend=backend), baselines.prototype_scores),
+        ((x, p), lambda *a: zslfast.cosine_logits(*a, 16.0, backend=backend), lambda *a: baselines.cosine_logits(*a, 16.0)),
+        ((q, k, v), lambda *a: zslfast.attribute_attention(*a, q, backend=backend),
+         lambda *a: baselines.attribute_attention(*a, q)),
+        ((maps,), lambda m: zslfast.attention_rollout(m, backend=backend), lambda m: baselines.attention_rollout(m)),
+        ((z,), lambda z: zslfast.memory_bank_kl(z, protos, labels, active, backend=backend),
+         lambda z: baselines.memory_bank_kl(z, protos, labels, active)),
+    ]
+    for inputs, fused, eager in cases:
+        got, want = fused(*inputs), eager(*inputs)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        grad = torch.randn(got.shape, generator=g, dtype=torch.float64)
+        for a, b in zip(torch.autograd.grad(got, inputs, grad), torch.autograd.grad(want, inputs, grad)):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
