@@ -4,5 +4,5 @@ device; "reference": plain PyTorch) that zslfast.models' ``set_backend`` switche
 from .classifier import CosineClassifier
 from .memory_bank import MemoryBank, MemoryBankGuidedFusion
 from .prototype import InstancePrototypeClassifier
-from .rollout import AttentionRollout
+from .rollout import AttentionRollout, vit_attention_rollout
 from .attention import AttributeCrossAttention
