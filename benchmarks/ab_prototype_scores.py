@@ -1,32 +1,32 @@
 """Interleaved A/B timing of prototype_scores forward+backward: eager vs torch.compile vs zslfast.
 
     python benchmarks/ab_prototype_scores.py B C K      e.g. 64 717 102 (ILPG's SUN shape at batch 64)
+    python benchmarks/ab_prototype_scores.py CUB        a case of zslfast.bench.SHAPES["prototype_scores"] by name
 
 On a shared machine whose speed drifts between minutes, timing each implementation in its own block (as
 pytest-benchmark does) skews ratios; here the three alternate for 15 rounds (median of 10 calls each, 2 for
-large shapes) and the per-round ratios are reported (median, min, max). Gradients of e, s and w every call.
+large shapes) and the per-round ratios are reported (median, min, max) (zslfast.bench.interleaved). CPU tensors;
+gradients of e, s and w every call (zslfast.bench.step).
 """
 
 import sys
 
 import torch
 
-import zslfast
-from zslfast.baselines import prototype_scores as eager
-from conftest import interleaved
+from zslfast import bench
+
+OP = bench.OPS["prototype_scores"]
 
 
 def main(B, C, K):
-    compiled = torch.compile(eager)
-    e, s, w = (torch.randn(*shape, requires_grad=True) for shape in ((B, K), (C, K), (B, C, K)))
-    g = torch.randn(B, C)
-    fns = {
-        "eager": lambda: torch.autograd.grad(eager(e, s, w), (e, s, w), g),
-        "compile": lambda: torch.autograd.grad(compiled(e, s, w), (e, s, w), g),
-        "zslfast": lambda: torch.autograd.grad(zslfast.prototype_scores(e, s, w), (e, s, w), g),
-    }
+    inputs = OP.make((B, C, K), torch.device("cpu"), True)
+    fns = {name: bench.step(OP.implementation(name), inputs) for name in bench.IMPLEMENTATIONS}
     calls = 10 if B * C * K < 10_000_000 else 2
-    interleaved(f"B,C,K=({B}, {C}, {K}) forward+backward", fns, rounds=15, calls=calls)
+    bench.interleaved(f"B,C,K=({B}, {C}, {K}) forward+backward", fns, rounds=15, calls=calls)
+
 
 if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:4]))
+    if len(sys.argv) == 2:
+        main(*OP.cases[sys.argv[1]].on(torch.device("cpu")))
+    else:
+        main(*(int(a) for a in sys.argv[1:4]))

@@ -4,36 +4,27 @@
 
 The eager code (SVIP / vit-explain, rows normalised): mean over heads, + I, normalise, torch.bmm layer by layer,
 take row 0. The floor is one plain read of every map (``sum`` of each layer), which no method can beat.
-Shapes: ViT-B/16 at 224^2 (L=12, H=12, N=197) and 384^2 (N=577), batch 8 and 32 (64 on GPU).
+Shapes (L, B, H, N; zslfast.bench.SHAPES): ViT-B/16 (L=12, H=12) at 224^2 (N=197) batch 8 and 32 (64 on a GPU),
+at 384^2 (N=577) batch 8 (16 on a GPU), and on a GPU the large one, N=197 at batch 256. Forward at every shape;
+forward+backward (gradients of every map, as SVIP runs it) at N=197 batch 8.
 """
 
 import pytest
 import torch
 
-import zslfast
-from zslfast import baselines
-from conftest import DEVICE, ON_GPU, compiled, run_benchmark
+from zslfast import bench
+from conftest import DEVICE, ON_GPU, run_benchmark, shape_of
+
+OP = bench.OPS["attention_rollout"]
 
 
-eager_rollout = baselines.attention_rollout
-
-
-def read_floor(attns):
+def read_floor(*attns):
     return [a.sum() for a in attns]
 
 
-IMPLEMENTATIONS = {
-    "eager": lambda: eager_rollout,
-    "compile": lambda: compiled(eager_rollout),
-    "zslfast": lambda: zslfast.attention_rollout,
-    "floor": lambda: read_floor,
-}
+def implementation(name):
+    return read_floor if name == "floor" else OP.implementation(name)
 
-SHAPES = {
-    "ViT-B-224-B8": (12, 8, 12, 197),
-    "ViT-B-224-B32": (12, 64 if ON_GPU else 32, 12, 197),
-    "ViT-B-384-B8": (12, 8, 12, 577),
-}
 
 _maps = {}
 
@@ -41,30 +32,26 @@ _maps = {}
 def maps_for(shape):
     if shape not in _maps:
         _maps.clear()
-        L, B, H, N = shape
-        g = torch.Generator(device=DEVICE).manual_seed(0)
-        _maps[shape] = [torch.randn(B, H, N, N, device=DEVICE, generator=g).softmax(-1) for _ in range(L)]
+        _maps[shape] = OP.make(shape, DEVICE, False)
     return _maps[shape]
 
 
-@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
-@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("impl", [*bench.IMPLEMENTATIONS, "floor"])
+@pytest.mark.parametrize("shape_name", list(OP.cases))
 def test_rollout_forward(benchmark, shape_name, impl):
-    shape = SHAPES[shape_name]
+    shape = shape_of(OP.name, shape_name)
     benchmark.group = f"attention_rollout {shape_name} L,B,H,N={shape} fwd {DEVICE.type}"
     attns = maps_for(shape)
     benchmark.extra_info["maps_MB"] = sum(a.numel() * a.element_size() for a in attns) / 1e6
-    fn = IMPLEMENTATIONS[impl]()
+    fn = implementation(impl)
     with torch.no_grad():
-        run_benchmark(benchmark, lambda: fn(attns), rounds=None if ON_GPU else 5)
+        run_benchmark(benchmark, lambda: fn(*attns), rounds=None if ON_GPU else 5)
 
 
-@pytest.mark.parametrize("impl", ["eager", "compile", "zslfast"])
+@pytest.mark.parametrize("impl", bench.IMPLEMENTATIONS)
 def test_rollout_forward_backward(benchmark, impl):
     """SVIP runs rollout under autograd: gradients of every map."""
-    shape = SHAPES["ViT-B-224-B8"]
+    shape = shape_of(OP.name, "ViT-B-224-B8")
     benchmark.group = f"attention_rollout ViT-B-224-B8 L,B,H,N={shape} fwd+bwd {DEVICE.type}"
     attns = [a.clone().requires_grad_() for a in maps_for(shape)]
-    fn = IMPLEMENTATIONS[impl]()
-    grad_out = torch.randn(shape[1], shape[3], device=DEVICE)
-    run_benchmark(benchmark, lambda: torch.autograd.grad(fn(attns), attns, grad_out), rounds=None if ON_GPU else 3)
+    run_benchmark(benchmark, bench.step(OP.implementation(impl), attns), rounds=None if ON_GPU else 3)

@@ -11,6 +11,7 @@
                        "eager" = per-class projection and per-class pairwise-cosine loop; group "vectorised
                        baseline": "eager" = the same math written with the full (C, C) cosine matrix.
 
+Shapes: zslfast.bench.SHAPES["generative"] (SUN's classes and attributes from zslfast.data.PRESETS).
 Forward only (these are preprocessing steps, run once per experiment). ``extra_info`` holds ``peak_extra_MiB``
 (see conftest.py). Run: ``pytest benchmarks/bench_generative.py --benchmark-only``; summarise with
 ``python benchmarks/summarize.py <json>``.
@@ -20,11 +21,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zslfast import generative, reference
+from zslfast import bench, generative, reference
+from zslfast.bench import CLIP_DIM
 from conftest import DEVICE, ON_GPU, run_benchmark
 
-SUN = dict(U=72, S=645, K=102, P=20, D=2048)
-CLIP_DIM = 512
+SUN = bench.SHAPES["generative"]["SUN"].named(DEVICE)  # U, S, K, P, D
+CLASSES = SUN["U"] + SUN["S"]  # 717
 
 
 def _gen():
@@ -69,14 +71,14 @@ def test_ridge_prototypes(benchmark, baseline, impl):
 
 def msas_inputs():
     g = _gen()
-    att = torch.rand(717, SUN["K"], device=DEVICE, generator=g)
+    att = torch.rand(CLASSES, SUN["K"], device=DEVICE, generator=g)
     weight = torch.randn(SUN["K"], SUN["K"], device=DEVICE, generator=g)
     return att, 0.5, weight
 
 
 @pytest.mark.parametrize("impl", ["eager", "zslfast"])
 def test_msas(benchmark, impl):
-    benchmark.group = f"msas SUN C,K=(717, {SUN['K']}) W_A matrix loop {DEVICE.type}"
+    benchmark.group = f"msas SUN C,K=({CLASSES}, {SUN['K']}) W_A matrix loop {DEVICE.type}"
     inputs = msas_inputs()
     fn = {"eager": reference.msas_loop, "zslfast": generative.msas}[impl]
     run_benchmark(benchmark, lambda: fn(*inputs))
@@ -119,7 +121,7 @@ CDP = {
 @pytest.mark.parametrize("impl", ["eager", "zslfast"])
 @pytest.mark.parametrize("baseline", list(CDP))
 def test_class_diversity_promotion(benchmark, baseline, impl):
-    sem = clip_like(717, _gen())
-    benchmark.group = f"class_diversity_promotion SUN C,K=(717, {CLIP_DIM}) {baseline} {DEVICE.type}"
+    sem = clip_like(CLASSES, _gen())
+    benchmark.group = f"class_diversity_promotion SUN C,K=({CLASSES}, {CLIP_DIM}) {baseline} {DEVICE.type}"
     fn = CDP[baseline][impl]
     run_benchmark(benchmark, lambda: fn(sem, 1))

@@ -5,12 +5,12 @@ code, S_W and the (B, K, R) attention materialised), torch.compile of that, and 
     -> IDPP (hidden J, weights "full" (B, C, K)) -> APC logits (B, C) -> ILPG loss; one step = forward, backward
     and an SGD update of every trainable parameter.
 
-Shapes: CUB (B=50, C=200, K=312), SUN (C=717, K=102), AwA2 (C=50, K=85), with ResNet-101 regions (R=49,
-Dv=2048), GloVe attribute vectors (Da=300), DINOv2 ViT-S/14 signatures (Dg=384), J=64; and a large one
-(B=128, C=1000, K=312). The region projections (B·R·Dv·(d + Da) flops each way) are the same work in every
+Shapes (zslfast.bench.SHAPES["ilpg"]: B, C, K, unseen): CUB (B=50, C=200, K=312), SUN (C=717, K=102), AwA2
+(C=50, K=85), with ResNet-101 regions (R=49, Dv=2048), GloVe attribute vectors (Da=300), DINOv2 ViT-S/14
+signatures (Dg=384), J=64; and a large one (B=128, C=1000, K=312). The region projections (B·R·Dv·(d + Da) flops each way) are the same work in every
 implementation, so they bound the model-level speed-up.
 
-Interleaved timing (the three alternate each round; see conftest.interleaved):
+Interleaved timing (the three alternate each round; see zslfast.bench.interleaved):
     python benchmarks/bench_ilpg.py CUB [rounds]
 Where the step's time goes (profiled; region projections vs the rest):
     python benchmarks/bench_ilpg.py CUB --breakdown
@@ -18,25 +18,20 @@ Where the step's time goes (profiled; region projections vs the rest):
 
 import copy
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import DEVICE, ON_GPU, interleaved, run_benchmark
+from conftest import DEVICE, ON_GPU, run_benchmark
+from zslfast import bench
 from zslfast.models import ILPG
 
-SHAPES = {  # B, C, K, unseen
-    "AwA2": (50, 50, 85, 10),
-    "CUB": (50, 200, 312, 50),
-    "SUN": (50, 717, 102, 72),
-    "large": (128, 1000, 312, 250),
-}
-R, DV, DA, DG, J = 49, 2048, 300, 384, 64
+CASES = bench.SHAPES["ilpg"]  # B, C, K, unseen
+R, DV, DA, DG, J = bench.REGIONS, bench.RESNET_DIM, bench.GLOVE_DIM, bench.DINO_DIM, bench.HIDDEN
 
 
 def make(shape_name):
-    B, C, K, U = SHAPES[shape_name]
+    B, C, K, U = CASES[shape_name].on(DEVICE)
     g = torch.Generator().manual_seed(0)
     s = torch.rand(C, K, generator=g)
     a = torch.randn(K, DA, generator=g)
@@ -67,11 +62,11 @@ def training_step(model, batch, forward=None):
 
 
 @pytest.mark.parametrize("impl", ["eager", "compile", "zslfast"])
-@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("shape_name", list(CASES.cases))
 def test_ilpg_training_step(benchmark, shape_name, impl):
     if shape_name == "large" and impl == "compile" and not ON_GPU:
         pytest.skip("compile of the large case takes minutes on 2 CPU cores")
-    benchmark.group = f"ILPG training step {shape_name} B,C,K={SHAPES[shape_name][:3]} R={R} {DEVICE.type}"
+    benchmark.group = f"ILPG training step {shape_name} B,C,K={CASES[shape_name].on(DEVICE)[:3]} R={R} {DEVICE.type}"
     model, batch = make(shape_name)
     if impl != "zslfast":
         model = copy.deepcopy(model).set_backend("reference")
@@ -87,7 +82,8 @@ def run_interleaved(shape_name, rounds=11):
         "compile": training_step(reference, batch, torch.compile(copy.deepcopy(reference))),
         "zslfast": training_step(fused, batch),
     }
-    interleaved(f"ILPG training step {shape_name} B,C,K={SHAPES[shape_name][:3]} R={R}", fns, rounds, calls=3)
+    bench.interleaved(f"ILPG training step {shape_name} B,C,K={CASES[shape_name].on(DEVICE)[:3]} R={R}", fns, rounds,
+                      calls=3)
 
 
 def breakdown(shape_name, steps=5):
@@ -100,10 +96,7 @@ def breakdown(shape_name, steps=5):
         for _ in range(3):
             step()
         with torch.profiler.profile(record_shapes=True) as prof:
-            start = time.perf_counter()
-            for _ in range(steps):
-                step()
-            wall = 1e3 * (time.perf_counter() - start) / steps
+            wall = 1e3 * sum(bench.call_seconds(step, steps)) / steps
         projections = sum(
             e.cpu_time_total for e in prof.key_averages(group_by_input_shape=True)
             if e.key == "aten::mm" and e.input_shapes and e.input_shapes[0] in projection_shapes

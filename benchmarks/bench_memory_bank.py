@@ -13,7 +13,8 @@ Implementations (the last test parameter, as benchmarks/summarize.py reads it):
     compile  torch.compile of the eager version (the update's boolean indexing makes it graph-break)
     zslfast  the update kernel (marks the changed queues stale; prototypes() re-averages those) / memory_bank_kl
 summarize.py's table shows eager / compile / zslfast; the loop rows are in the JSON (and in the report).
-Shapes (C, M, D, K, B): CUB-like (200, 3, 768, 8, 128) and SUN-like (717, 3, 768, 8, 256); ViT-B features.
+Shapes (C, M, D, K, B; zslfast.bench.SHAPES["memory_bank_kl"] and bench.BANK_CAPACITY): CUB-like
+(200, 3, 768, 8, 128) and SUN-like (717, 3, 768, 8, 256); ViT-B features.
 """
 
 import functools
@@ -22,13 +23,19 @@ import pytest
 import torch
 
 import zslfast
-from zslfast import baselines
+from zslfast import baselines, bench
+from zslfast.bench import compiled
 from zslfast.ops.memory_bank import memory_bank_update
-from conftest import DEVICE, compiled, run_benchmark
+from conftest import DEVICE, run_benchmark, shape_of
 
-SHAPES = {"CUB": (200, 3, 768, 8, 128), "SUN": (717, 3, 768, 8, 256)}
+KL = bench.OPS["memory_bank_kl"]
 THRESHOLD = 0.5
-ACTIVE_FRACTION = 0.5
+
+
+def bank_shape(shape_name):
+    """(C, M, D, K, B) of a memory_bank_kl case: its classes, slots, features, the bank capacity and its batch."""
+    B, M, D, C = shape_of(KL.name, shape_name)
+    return C, M, D, bench.BANK_CAPACITY, B
 
 
 # --- update -----------------------------------------------------------------------------------------------------
@@ -56,11 +63,11 @@ UPDATE_IMPLS = {
 
 @pytest.mark.parametrize("impl", ["loop", "eager", "compile", "zslfast"])
 @pytest.mark.parametrize("policy", ["fifo", "min_conf"])
-@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("shape_name", list(KL.cases))
 def test_memory_bank_update(benchmark, shape_name, policy, impl):
     if policy == "min_conf" and impl in ("eager", "compile"):
         pytest.skip("min_conf has no vectorised eager form")
-    shape = SHAPES[shape_name]
+    shape = bank_shape(shape_name)
     C, M, D, K, B = shape
     benchmark.group = f"memory_bank update {policy} {shape_name} C,M,D,K,B={shape} {DEVICE.type}"
     bank, z, y, conf = make_update(shape)
@@ -77,30 +84,16 @@ def test_memory_bank_update(benchmark, shape_name, policy, impl):
 # --- KL -----------------------------------------------------------------------------------------------------------
 
 
-loop_kl, eager_kl = baselines.memory_bank_kl_loop, baselines.memory_bank_kl
-
-KL_IMPLS = {
-    "loop": lambda: loop_kl,
-    "eager": lambda: eager_kl,
-    "compile": lambda: compiled(eager_kl),
-    "zslfast": lambda: zslfast.memory_bank_kl,
-}
-
-
-@pytest.mark.parametrize("impl", list(KL_IMPLS))
-@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("impl", ["loop", *bench.IMPLEMENTATIONS])
+@pytest.mark.parametrize("shape_name", list(KL.cases))
 def test_memory_bank_kl(benchmark, shape_name, impl):
-    shape = SHAPES[shape_name]
-    C, M, D, K, B = shape
+    """Half the (b, m) active; the gradient of z."""
+    B, M, D, C = shape = shape_of(KL.name, shape_name)
     benchmark.group = f"memory_bank_kl {shape_name} B,C,M,D={(B, C, M, D)} fwd+bwd {DEVICE.type}"
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    z = torch.randn(B, M, D, device=DEVICE, generator=g, requires_grad=True)
-    protos = torch.randn(C, M, D, device=DEVICE, generator=g)
-    labels = torch.randint(0, C, (B,), device=DEVICE, generator=g)
-    active = torch.rand(B, M, device=DEVICE, generator=g) < ACTIVE_FRACTION
-    fn = KL_IMPLS[impl]()
-    step = lambda: torch.autograd.grad(fn(z, protos, labels, active), z)  # noqa: E731
-    run_benchmark(benchmark, step, rounds=5 if impl == "loop" else None, warmup=1 if impl == "loop" else 2)
+    inputs = KL.make(shape, DEVICE, True)
+    fn = baselines.memory_bank_kl_loop if impl == "loop" else KL.implementation(impl)
+    run_benchmark(benchmark, bench.step(fn, inputs), rounds=5 if impl == "loop" else None,
+                  warmup=1 if impl == "loop" else 2)
 
 
 # --- one training step's bank work: update, then the prototypes the next KL reads ----------------------------------
@@ -126,11 +119,11 @@ STEP_IMPLS = {"loop": lambda: loop_step, "eager": lambda: eager_step, "compile":
 
 
 @pytest.mark.parametrize("impl", ["loop", "eager", "compile", "zslfast"])
-@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("shape_name", list(KL.cases))
 def test_memory_bank_update_and_prototypes(benchmark, shape_name, impl):
     """FIFO update followed by the (C, M, D) prototypes: eager code averages the whole bank, zslfast re-averages the
     queues the update changed (MemoryBank.prototypes())."""
-    shape = SHAPES[shape_name]
+    shape = bank_shape(shape_name)
     benchmark.group = f"memory_bank update+prototypes fifo {shape_name} C,M,D,K,B={shape} {DEVICE.type}"
     bank, z, y, conf = make_update(shape)
     if impl == "zslfast":

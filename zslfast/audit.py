@@ -1,8 +1,9 @@
 """``python -m zslfast audit``: what every GPU kernel of zslfast costs on a real SM, found without a GPU.
 
-For each op at the papers' shapes (CUB, SUN, AwA2, ViT-B N=197/577, a 21K-class head, batch 256) and each dtype
-it supports on a GPU (fp32, bf16, fp16), the audit builds the inputs as meta tensors, asks the op's own Triton
-planners (zslfast/triton/*: ``plan_forward`` / ``plan_backward``) for their launches, and compiles each launch
+For each op at the papers' shapes (CUB, SUN, AwA2, ViT-B N=197/577) and its large ones (a 21K-class head, batch
+256): the GPU shapes of zslfast.bench.SHAPES, the table every benchmark times; and each dtype it supports on a
+GPU (fp32, bf16, fp16), the audit builds the inputs as meta tensors, asks the op's own Triton planners
+(zslfast/triton/*: ``plan_forward`` / ``plan_backward``) for their launches, and compiles each launch
 exactly as configured (grid, constants, num_warps, num_stages) for sm_80 and sm_90 with the installed triton and
 its own ptxas. Resource usage comes from the cubin (triton's bundled ``cuobjdump --dump-resource-usage``); the
 CUDA C++ kernels of the built extension are read the same way.
@@ -31,6 +32,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from . import bench
 from .triton._common import H200_SMS as SMS
 
 BANDWIDTH = 4.3e12  # bytes/s, H200 copy bandwidth measured on the lent machine (H200.md / KINDS.md)
@@ -101,32 +103,16 @@ def _memory_bank_kl(B, M, D, C, dtype):
     yield "forward+grad", kernels.plan_kl_forward(z, protos, labels, active, True)[1]
 
 
-# op -> (planner, {case: shape}); the first cases are the papers' shapes, where the fill rule applies.
-CASES = {
-    "prototype_scores": (_prototype_scores, {
-        "CUB B=50 C=200 K=312": (50, 200, 312), "SUN B=64 C=717 K=102": (64, 717, 102),
-        "AwA2 B=50 C=50 K=85": (50, 50, 85), "B=256 C=1000 K=312": (256, 1000, 312),
-    }),
-    "cosine_logits": (_cosine_logits, {
-        "CUB N=64 C=200 D=768": (64, 200, 768), "SUN N=64 C=717 D=768": (64, 717, 768),
-        "AwA2 N=64 C=50 D=768": (64, 50, 768), "21K classes N=256 C=21841 D=768": (256, 21841, 768),
-    }),
-    "attribute_attention": (_attribute_attention, {
-        "CUB B=64 K=312 R=49 D=300": (64, 312, 49, 300, 300), "SUN B=64 K=102 R=49 D=300": (64, 102, 49, 300, 300),
-        "AwA2 B=64 K=85 R=49 D=300": (64, 85, 49, 300, 300),
-        "ViT-B N=197 B=64 K=312 D=768": (64, 312, 197, 768, 768),
-        "ViT-B N=577 B=16 K=312 D=768": (16, 312, 577, 768, 768),
-        "CUB B=256": (256, 312, 49, 300, 300),
-    }),
-    "attention_rollout": (_attention_rollout, {
-        "ViT-B N=197 L=12 H=12 B=64": (12, 64, 12, 197), "ViT-B N=577 L=12 H=12 B=16": (12, 16, 12, 577),
-        "ViT-B N=197 B=256": (12, 256, 12, 197),
-    }),
-    "memory_bank_kl": (_memory_bank_kl, {
-        "CUB B=128 M=3 D=768 C=200": (128, 3, 768, 200), "SUN B=256 M=3 D=768 C=717": (256, 3, 768, 717),
-    }),
+PLANNERS = {
+    "prototype_scores": _prototype_scores, "cosine_logits": _cosine_logits,
+    "attribute_attention": _attribute_attention, "attention_rollout": _attention_rollout,
+    "memory_bank_kl": _memory_bank_kl,
 }
-LARGE_CASES = {"B=256 C=1000 K=312", "21K classes N=256 C=21841 D=768", "CUB B=256", "ViT-B N=197 B=256"}
+# op -> (planner, {case: shape}), from the one shape table (zslfast.bench.SHAPES) at its GPU shapes: the papers'
+# shapes first, where the fill rule applies, then the large ones (LARGE_CASES), where it does not.
+CASES = {op: (planner, {case.label(): case.shape for case in bench.SHAPES[op].cases.values()})
+         for op, planner in PLANNERS.items()}
+LARGE_CASES = {case.label() for op in PLANNERS for case in bench.SHAPES[op].cases.values() if case.large}
 
 
 # ---------------------------------------------------------------------------------------------- compiling

@@ -4,8 +4,9 @@
 2. Correctness: every op x every GPU backend (triton, cuda) x fp32/bf16/fp16, forward and backward, against the
    reference (zslfast.reference) run in fp64 on the same device. An error must stay within 2x the error of the
    same eager code (the paper's) run in that dtype (and within 1e-5 relative in fp32).
-3. Speed: eager, torch.compile of the eager code and zslfast at the papers' shapes and the large ones (the audit's
-   cases), forward and forward+backward, with peak memory. GPU times are triton.testing.do_bench medians over
+3. Speed: eager, torch.compile of the eager code and zslfast at the papers' shapes and the large ones (the GPU
+   shapes of zslfast.bench.SHAPES, which the audit compiles too), forward and forward+backward, with peak memory
+   (zslfast.bench: step, peak_mib). GPU times are triton.testing.do_bench medians (bench.cuda_median_ms) over
    inputs rotated beyond the 60 MB L2; torch.compile's warm-up is excluded and reported on its own. For
    attribute_attention it also times SDPA + cosine, and records which SDPA backend runs at head dim 300 in bf16.
 4. Writes ``<out>/<gpu>-<date>.json`` and ``.md``: achieved GB/s and TFLOP/s against the audit's bytes and FLOPs
@@ -29,9 +30,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from . import _backend, audit, baselines, reference
-from ._memory import peak_bytes
-from .bench import _median_ms
+from . import _backend, audit, baselines, bench, reference
 
 L2_BYTES = 60 * 2**20  # H200's L2: inputs are rotated over at least twice this
 SCALE = 16.0  # cosine_logits' scale in every check (a SVIP/SAGE-like temperature)
@@ -40,7 +39,7 @@ SCALE = 16.0  # cosine_logits' scale in every check (a SVIP/SAGE-like temperatur
 # ----------------------------------------------------------------------------------------------- the ops
 @dataclass
 class OpCheck:
-    name: str  # also the key of its shapes and traffic model in zslfast.audit.CASES
+    name: str  # also the key of its shapes in zslfast.bench.SHAPES and of its traffic model in zslfast.audit
     make: Callable  # (shape, dtype, device, generator) -> inputs; the first num_grad are differentiated
     num_grad: Optional[int]  # None: every floating input
     fused: Callable  # backend -> fn(*inputs)
@@ -159,16 +158,8 @@ def check_correctness(op: OpCheck, backend: str, dtype: torch.dtype, case) -> di
 
 # ------------------------------------------------------------------------------------------------- timing
 def _time_ms(fn, device) -> float:
-    """do_bench's median on a GPU; on CPU bench's median of a few calls (the pipeline check, not a figure)."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
-    return _median_ms(fn, 3)
-
-
-def _peak_mib(fn, device) -> float:
-    return peak_bytes(fn, device) / 2**20
+    """do_bench's median on a GPU; on CPU the median of a few calls (the pipeline check, not a figure)."""
+    return bench.cuda_median_ms(fn) if device.type == "cuda" else bench.median_ms(fn, 3)
 
 
 def _rotated(op: OpCheck, shape, dtype, device):
@@ -184,29 +175,9 @@ def _rotated(op: OpCheck, shape, dtype, device):
     return sets
 
 
-def _steps(fn, sets, op: OpCheck):
-    """(forward, forward+backward) callables cycling through the input sets."""
-    counter = [0]
-    grad_outs = {}
-
-    def next_inputs():
-        counter[0] = (counter[0] + 1) % len(sets)
-        return sets[counter[0]]
-
-    def forward():
-        with torch.no_grad():
-            return fn(*next_inputs())
-
-    def train():
-        inputs = next_inputs()
-        out = fn(*inputs)
-        wrt = [t for t in inputs if t.requires_grad]
-        key = (tuple(out.shape), out.dtype)
-        if key not in grad_outs:
-            grad_outs[key] = torch.randn_like(out)
-        return torch.autograd.grad(out, wrt, grad_outs[key])
-
-    return forward, train
+def _steps(fn, sets):
+    """(forward, forward+backward) callables cycling through the input sets (bench.step)."""
+    return bench.step(fn, sets[0], False, sets[1:]), bench.step(fn, sets[0], True, sets[1:])
 
 
 def sdpa_backend_at(D: int, dtype, device) -> Optional[str]:
@@ -238,18 +209,13 @@ def time_case(op: OpCheck, case: str, shape, dtype, device, backends, use_compil
     traffic = audit.traffic(op.name, shape, dtype)
     result = dict(op=op.name, case=case, shape=list(shape), dtype=str(dtype).replace("torch.", ""), impls={})
     for name, fn in impls.items():
-        forward, train = _steps(fn, sets, op)
+        forward, train = _steps(fn, sets)
         entry = {}
         if name == "compile":
-            start = time.perf_counter()
-            train()
-            forward()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            entry["warmup_s"] = time.perf_counter() - start
+            entry["warmup_s"] = bench.call_seconds(lambda: (train(), forward()), 1)[0]
         entry["forward_ms"] = _time_ms(forward, device)
         entry["train_ms"] = _time_ms(train, device)
-        entry["train_peak_mib"] = _peak_mib(train, device)
+        entry["train_peak_mib"] = bench.peak_mib(train, device)
         result["impls"][name] = entry
     fwd_bytes, fwd_flops = traffic.get("forward", (0, 0))
     bwd_bytes, bwd_flops = (sum(v[0] for v in traffic.values()), sum(v[1] for v in traffic.values()))
@@ -351,7 +317,7 @@ def main(argv=None) -> int:
     dtypes = [torch.float32, torch.bfloat16, torch.float16] if on_gpu else [torch.float32]
     report = dict(device=torch.cuda.get_device_name(device) if on_gpu else "cpu",
                   date=datetime.date.today().isoformat(), build=build, checks=[], timings=[])
-    start = time.perf_counter()
+    deadline = time.monotonic() + args.budget  # a time budget, not a measurement (those are zslfast.bench's)
     report["skipped"] = []
     for op in ops:
         backends = [b for b in (op.backends if on_gpu else ("cpu", "triton")) if _backend.why_unavailable(b, device) is None]
@@ -366,10 +332,10 @@ def main(argv=None) -> int:
                       flush=True)
         if args.no_timing or not backends:
             continue
-        cases = audit.CASES[op.name][1].items() if on_gpu else [("tiny", op.tiny)]
+        cases = [(c.label(), c.shape) for c in bench.SHAPES[op.name].cases.values()] if on_gpu else [("tiny", op.tiny)]
         time_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.time_dtype]
         for i, (case, case_shape) in enumerate(cases):
-            if time.perf_counter() - start > args.budget:
+            if time.monotonic() > deadline:
                 report["skipped"].append(f"{op.name} {case}: over the {args.budget:.0f} s budget")
                 continue
             timing = time_case(op, case, case_shape, time_dtype if on_gpu else torch.float32, device, backends,
