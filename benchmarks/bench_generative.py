@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zslfast import bench, generative, reference
+from zslfast import baselines, bench, generative
 from zslfast.bench import CLIP_DIM
 from conftest import DEVICE, ON_GPU, run_benchmark
 
@@ -52,7 +52,7 @@ def ridge_per_lambda_solve(target, seen, means, lambdas):
 
 
 RIDGE = {
-    "loop": {"eager": reference.ridge_prototypes_loop, "zslfast": generative.ridge_prototypes},
+    "loop": {"eager": baselines.ridge_prototypes_loop, "zslfast": generative.ridge_prototypes},
     "batched-solve baseline": {"eager": ridge_per_lambda_solve, "zslfast": generative.ridge_prototypes},
 }
 
@@ -80,7 +80,7 @@ def msas_inputs():
 def test_msas(benchmark, impl):
     benchmark.group = f"msas SUN C,K=({CLASSES}, {SUN['K']}) W_A matrix loop {DEVICE.type}"
     inputs = msas_inputs()
-    fn = {"eager": reference.msas_loop, "zslfast": generative.msas}[impl]
+    fn = {"eager": baselines.msas_loop, "zslfast": generative.msas}[impl]
     run_benchmark(benchmark, lambda: fn(*inputs))
 
 
@@ -95,7 +95,7 @@ def test_topk_similar_classes(benchmark, impl):
     g = _gen()
     target, source = clip_like(SUN["U"], g), clip_like(SUN["S"], g)
     benchmark.group = f"topk_similar_classes SUN U,S,K=({SUN['U']}, {SUN['S']}, {CLIP_DIM}) k=5 loop {DEVICE.type}"
-    fn = {"eager": reference.topk_similar_classes_loop, "zslfast": generative.topk_similar_classes}[impl]
+    fn = {"eager": baselines.topk_similar_classes_loop, "zslfast": generative.topk_similar_classes}[impl]
     run_benchmark(benchmark, lambda: fn(target, source, 5))
 
 
@@ -113,7 +113,7 @@ def cdp_vectorised_eager(sem, n_remove=1):
 
 
 CDP = {
-    "loop": {"eager": reference.class_diversity_promotion_loop, "zslfast": generative.class_diversity_promotion},
+    "loop": {"eager": baselines.class_diversity_promotion_loop, "zslfast": generative.class_diversity_promotion},
     "vectorised baseline": {"eager": cdp_vectorised_eager, "zslfast": generative.class_diversity_promotion},
 }
 

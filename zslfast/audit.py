@@ -77,11 +77,12 @@ def _cosine_logits(N, C, D, dtype):
 
 
 def _attribute_attention(B, K, R, D, Dv, dtype):
+    from .ops._spec import enum_id
     from .triton import attribute_attention as kernels
 
     q, k, v, ref = _meta(K, D, dtype=dtype), _meta(B, R, D, dtype=dtype), _meta(B, R, Dv, dtype=dtype), \
         _meta(K, Dv, dtype=dtype)
-    score_mode = 1  # cosine, ILPG's score
+    score_mode = enum_id("score", "cosine")  # ILPG's score (the id was 1, "dot", until the ops' enums were named)
     (_, e, lse, _), steps = kernels.plan_forward(q, k, v, ref, None, D ** -0.5, score_mode, False)
     yield "forward", steps
     yield "backward", kernels.plan_backward(_meta(B, K, dtype=dtype), None, q, k, v, ref, None, e, lse, D ** -0.5,
