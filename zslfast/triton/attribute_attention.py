@@ -8,7 +8,8 @@ The math, for each sample b and query row i (r runs over the R tokens, kept r: m
     E[b, i]    = sum_r P[b, i, r] v[b, r]
     out[b, i]  = E[b, i]                                               MODE 0 (no score)
                = <E, ref[i]>                                           MODE 1 ("dot")
-               = <E, ref[i]> / (max(|E|, eps) max(|ref[i]|, eps))      MODE 2 ("cosine", eps = 1e-8)
+               = <E, ref[i]> / (max(|E|, eps) max(|ref[i]|, eps))      MODE 2 ("cosine")
+    eps: F.cosine_similarity's, the launchers' argument (1e-8 by default, as the papers' code calls it)
 
     backward, g = dL/dout, iE = 1 / max(|E|, eps), iR = 1 / max(|ref|, eps), cos = out:
     dE         = g | g ref | a ref - c_E E,  a = g iE iR,  c_E = [|E| > eps] g cos iE^2     (MODE 0 | 1 | 2)
@@ -19,7 +20,7 @@ The math, for each sample b and query row i (r runs over the R tokens, kept r: m
     dq = scale dS k (summed over b for a shared q),  dk = scale dS^T q,  dv = P^T dE
 
 Shapes: q (K, D) shared by the batch or (B, K, D); k (B, R, D); v (B, R, Dv); ref (K, Dv) or (B, K, Dv) (MODE 1, 2);
-mask (B, R) as uint8; scale a one-element tensor in the accumulator dtype (a Python float argument would be
+mask (B, R) as uint8; scale and eps one-element tensors in the accumulator dtype (a Python float argument would be
 typed fp32 by compiled Triton and round an fp64 op's values). Forward: E (B, K, Dv), lse (B, K) in the accumulator
 dtype; out (B, K) (MODE 1, 2; MODE 0 returns E) and P (B, K, R) (when asked for) in q's dtype. Backward: grad (B, K) or
 (B, K, Dv) (MODE 0), dL/dattn (B, K, R) or none; dE (B, K, Dv), Delta, a, c_R (B, K); dq partials (S, K, D) for a
@@ -51,7 +52,7 @@ from ._common import H200_SMS, accumulator_dtype, block_size, dot_precision, inv
 from ._launch import Launch, run
 
 MAX_BLOCK_R = 256  # R up to this takes the single-tile exact softmax (tests lower it to reach the R-tiled path)
-COSINE_EPS: tl.constexpr = tl.constexpr(1e-8)  # F.cosine_similarity's eps in the papers' code
+COSINE_EPS = 1e-8  # the default eps: F.cosine_similarity's, as the papers' code calls it
 
 
 # ------------------------------------------------------------------------------------------ tiles and passes
@@ -212,23 +213,25 @@ def _stored_sums(
 
 
 @triton.jit
-def _store_score(out_ptr, row_ids, rows_ok, e_sq, r_sq, e_dot_r, MODE: tl.constexpr, ACC_DTYPE: tl.constexpr):
+def _store_score(out_ptr, row_ids, rows_ok, e_sq, r_sq, e_dot_r, eps_ptr, MODE: tl.constexpr,
+                 ACC_DTYPE: tl.constexpr):
     """out = <E, ref> (MODE 1) or <E, ref> / (max(|E|, eps) max(|ref|, eps)) (MODE 2); nothing for MODE 0."""
     if MODE == 1:
         tl.store(out_ptr + row_ids, e_dot_r.to(out_ptr.dtype.element_ty), mask=rows_ok)
     if MODE == 2:
-        cos = e_dot_r * inv_norm(e_sq, COSINE_EPS, ACC_DTYPE) * inv_norm(r_sq, COSINE_EPS, ACC_DTYPE)
+        eps = tl.load(eps_ptr)
+        cos = e_dot_r * inv_norm(e_sq, eps, ACC_DTYPE) * inv_norm(r_sq, eps, ACC_DTYPE)
         tl.store(out_ptr + row_ids, cos.to(out_ptr.dtype.element_ty), mask=rows_ok)
 
 
 @triton.jit
-def _cosine_coefficients(g, e_sq, r_sq, e_dot_r, ACC_DTYPE: tl.constexpr):
+def _cosine_coefficients(g, e_sq, r_sq, e_dot_r, eps, ACC_DTYPE: tl.constexpr):
     """(a, c_E, c_R) of the cosine's gradient dE = a ref - c_E E, dref = a E - c_R ref: a = g iE iR,
     c_E = [|E| > eps] g cos iE^2, c_R = [|ref| > eps] g cos iR^2 (a clamped norm has no derivative)."""
-    ie = inv_norm(e_sq, COSINE_EPS, ACC_DTYPE)
-    ir = inv_norm(r_sq, COSINE_EPS, ACC_DTYPE)
+    ie = inv_norm(e_sq, eps, ACC_DTYPE)
+    ir = inv_norm(r_sq, eps, ACC_DTYPE)
     cos = e_dot_r * ie * ir
-    eps_sq = 1e-16
+    eps_sq = eps * eps
     c_e = tl.where(e_sq > eps_sq, g * cos * ie * ie, 0.0)
     c_r = tl.where(r_sq > eps_sq, g * cos * ir * ir, 0.0)
     return g * ie * ir, c_e, c_r
@@ -309,7 +312,7 @@ def _grad_probs(
 @triton.jit
 def _forward_kernel(
     q_ptr, k_ptr, v_ptr, ref_ptr, mask_ptr, out_ptr, e_ptr, lse_ptr, attn_ptr,
-    K, R, D, Dv, scale_ptr,
+    K, R, D, Dv, scale_ptr, eps_ptr,
     sq_b, sq_k, sq_d, sk_b, sk_r, sk_d, sv_b, sv_r, sv_d, sr_b, sr_k, sr_d,
     HAS_MASK: tl.constexpr, MODE: tl.constexpr, STORE_ATTN: tl.constexpr, STORE_E: tl.constexpr,
     SINGLE_R: tl.constexpr,
@@ -358,14 +361,14 @@ def _forward_kernel(
         if MODE != 0:
             e_sq, r_sq, e_dot_r = _stored_sums(e_rows, ref_rows, rows_ok, Dv, sr_d, ACC_DTYPE, BLOCK_K, BLOCK_DV)
     tl.store(lse_ptr + row_ids, lse, mask=rows_ok)
-    _store_score(out_ptr, row_ids, rows_ok, e_sq, r_sq, e_dot_r, MODE, ACC_DTYPE)
+    _store_score(out_ptr, row_ids, rows_ok, e_sq, r_sq, e_dot_r, eps_ptr, MODE, ACC_DTYPE)
 
 
 @triton.jit
 def _rows_backward_kernel(
     g_ptr, ga_ptr, q_ptr, k_ptr, v_ptr, ref_ptr, mask_ptr, e_ptr, lse_ptr,
     de_ptr, delta_ptr, coef_a_ptr, coef_c_ptr, dq_ptr,
-    B, K, R, D, Dv, scale_ptr, b_per_split,
+    B, K, R, D, Dv, scale_ptr, eps_ptr, b_per_split,
     sq_b, sq_k, sq_d, sk_b, sk_r, sk_d, sv_b, sv_r, sv_d, sr_b, sr_k, sr_d,
     HAS_MASK: tl.constexpr, HAS_GA: tl.constexpr, MODE: tl.constexpr, NEED_Q: tl.constexpr,
     SHARED_Q: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -390,7 +393,7 @@ def _rows_backward_kernel(
             g = tl.load(g_ptr + row_ids, mask=rows_ok, other=0.0).to(ACC_DTYPE)
             if MODE == 2:
                 e_sq, r_sq, e_dot_r = _stored_sums(e_rows, ref_rows, rows_ok, Dv, sr_d, ACC_DTYPE, BLOCK_K, BLOCK_DV)
-                a, c_e, c_r = _cosine_coefficients(g, e_sq, r_sq, e_dot_r, ACC_DTYPE)
+                a, c_e, c_r = _cosine_coefficients(g, e_sq, r_sq, e_dot_r, tl.load(eps_ptr), ACC_DTYPE)
             else:
                 a = g
                 c_e = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
@@ -502,10 +505,11 @@ def _mask_arg(mask, like):
     return mask.to(torch.uint8).contiguous() if mask is not None else like
 
 
-def _scale_arg(scale, acc, device):
-    """The softmax scale as a one-element tensor in the accumulator dtype: compiled Triton types a Python float
-    argument as fp32, which would round an fp64 op's scale (and its logits) by ~1e-8 relative."""
-    return torch.full((1,), scale, dtype=acc, device=device)
+def _scalar_arg(value, acc, device):
+    """A runtime scalar (the softmax scale, the cosine's eps) as a one-element tensor in the accumulator dtype:
+    compiled Triton types a Python float argument as fp32, which would round an fp64 op's scale (and its logits)
+    by ~1e-8 relative, and its eps (the clamp of small rows, and their 1/eps-sized gradients) likewise."""
+    return torch.full((1,), value, dtype=acc, device=device)
 
 
 def _strides3(t):
@@ -513,8 +517,9 @@ def _strides3(t):
     return (0, *t.stride()) if t.dim() == 2 else t.stride()
 
 
-def plan_forward(q, k, v, ref, mask, scale, score_mode, return_attention, save_e=True):
-    """(out or E, saved E, lse, attention) and the launch that fills them."""
+def plan_forward(q, k, v, ref, mask, scale, score_mode, return_attention, save_e=True, eps=COSINE_EPS):
+    """(out or E, saved E, lse, attention) and the launch that fills them. eps: the cosine score's (score_mode 2)
+    clamp of the norms, max(|E|, eps) max(|ref|, eps)."""
     B, R, D = k.shape
     K, Dv = q.shape[-2], v.shape[-1]
     acc = accumulator_dtype(q.dtype)
@@ -527,10 +532,12 @@ def plan_forward(q, k, v, ref, mask, scale, score_mode, return_attention, save_e
     store_e = save_e or score_mode == 0 or not single_r
     e = torch.empty((B, K, Dv) if store_e else (0,), device=q.device, dtype=acc)
     ref_t = ref if ref is not None else e
+    scale_t = _scalar_arg(scale, acc, q.device)
+    eps_t = _scalar_arg(eps, acc, q.device) if score_mode == 2 else scale_t  # (a placeholder: read for cosine only)
     launch = Launch(
         _forward_kernel, (triton.cdiv(K, block_k), B),
         (q, k, v, ref_t, _mask_arg(mask, lse), out, e, lse, attn,
-         K, R, D, Dv, _scale_arg(scale, acc, q.device),
+         K, R, D, Dv, scale_t, eps_t,
          *_strides3(q), *k.stride(), *v.stride(), *_strides3(ref_t)),
         dict(HAS_MASK=mask is not None, MODE=score_mode, STORE_ATTN=return_attention, STORE_E=store_e,
              SINGLE_R=single_r, ACC_DTYPE=tl_accumulator_dtype(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
@@ -542,15 +549,17 @@ def plan_forward(q, k, v, ref, mask, scale, score_mode, return_attention, save_e
     return (out, e if save_e else e.new_empty((0,)), lse, attn), [launch]
 
 
-def forward(q, k, v, ref, mask, scale, score_mode, return_attention, save_e=True):
-    (out, saved_e, lse, attn), steps = plan_forward(q, k, v, ref, mask, scale, score_mode, return_attention, save_e)
+def forward(q, k, v, ref, mask, scale, score_mode, return_attention, save_e=True, eps=COSINE_EPS):
+    (out, saved_e, lse, attn), steps = plan_forward(q, k, v, ref, mask, scale, score_mode, return_attention, save_e,
+                                                    eps)
     run(steps)
     return (out.to(q.dtype) if score_mode == 0 else out), saved_e, lse, attn
 
 
-def plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode, output_mask):
+def plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode, output_mask, eps=COSINE_EPS):
     """(grad_q, grad_k, grad_v, grad_ref) and the steps that fill them: the rows kernel (dq, Delta, the epilogue's
-    coefficients), the columns kernel (dk, dv), then the fixed-order sums and dtype casts."""
+    coefficients), the columns kernel (dk, dv), then the fixed-order sums and dtype casts. eps: the forward's (the
+    cosine's clamp, and its gradient's indicators [|E| > eps], [|ref| > eps])."""
     need_q, need_k, need_v, need_ref = output_mask
     need_ref = need_ref and score_mode != 0
     B, R, D = k.shape
@@ -581,14 +590,15 @@ def plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode
         dq = torch.zeros((B, K, D) if need_q else (0,), device=q.device, dtype=acc)
     ref_t = ref if ref is not None else e
     mask_arg = _mask_arg(mask, lse)
-    scale_t = _scale_arg(scale, acc, q.device)
+    scale_t = _scalar_arg(scale, acc, q.device)
+    eps_t = _scalar_arg(eps, acc, q.device) if score_mode == 2 else scale_t  # (a placeholder: read for cosine only)
     q_strides = _strides3(q)
     common = dict(ACC_DTYPE=tl_accumulator_dtype(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
                   BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_DV=block_dv)
     steps = [Launch(
         _rows_backward_kernel, (triton.cdiv(K, block_k), splits),
         (g, ga, q, k, v, ref_t, mask_arg, e, lse, de, delta, coef_a, coef_c, dq,
-         B, K, R, D, Dv, scale_t, b_per_split,
+         B, K, R, D, Dv, scale_t, eps_t, b_per_split,
          *q_strides, *k.stride(), *v.stride(), *_strides3(ref_t)),
         dict(HAS_MASK=mask is not None, HAS_GA=has_ga, MODE=score_mode, NEED_Q=need_q, SHARED_Q=shared_q, **common),
         **_launch_options(block_r), flops=2 * B * K * R * (D + Dv) + (2 * B * K * R * D if need_q else 0),
@@ -623,7 +633,7 @@ def plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode
     return grads, steps + [finish]
 
 
-def backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode, output_mask):
-    grads, steps = plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode, output_mask)
+def backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode, output_mask, eps=COSINE_EPS):
+    grads, steps = plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode, output_mask, eps)
     run(steps)
     return tuple(grads)
