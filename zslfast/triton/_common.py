@@ -1,6 +1,17 @@
-"""What the Triton kernels share: the accumulator dtype as a Triton type (the rule itself: zslfast/validation.py), block
-sizes, the SM count grids are sized for and the one rule that cuts work into chunks to fill it, the dot precision,
-a matmul that also serves fp64, and the clamped inverse norm of the cosine epilogues."""
+"""What the Triton kernels share: the accumulator flag, block sizes, the SM count grids are sized for and the one
+rule that cuts work into chunks to fill it, the dot precision, a matmul that also serves fp64, and the clamped
+inverse norm of the cosine epilogues.
+
+The accumulator flag, one name and one meaning in every kernel of zslfast/triton/:
+
+    ACC_DTYPE: tl.constexpr    tl.float64 for fp64 inputs, tl.float32 for every other floating dtype
+
+Launchers pass ``ACC_DTYPE=tl_accumulator_dtype(input.dtype)`` (the rule itself: zslfast/validation.py). Kernels use
+it as the dtype of their accumulators, saved statistics and loaded-and-upcast operands (``tl.zeros(..., ACC_DTYPE)``,
+``x.to(ACC_DTYPE)``). The code that must differ in fp64 tests ``ACC_DTYPE == tl.float64``, a compile-time branch,
+and lives in the helpers here: ``mm`` (tl.dot has no fp64) and ``inv_norm`` (whose fp32 branch asks for the
+round-to-nearest sqrt and division explicitly).
+"""
 
 import torch
 import triton
@@ -10,7 +21,7 @@ from ..validation import accumulator_dtype
 
 
 def tl_accumulator_dtype(dtype: torch.dtype):
-    """tl.float64 for fp64 inputs, tl.float32 for every other floating dtype."""
+    """The ACC_DTYPE constant of a launch on ``dtype`` inputs: tl.float64 for fp64, tl.float32 otherwise."""
     return tl.float64 if accumulator_dtype(dtype) == torch.float64 else tl.float32
 
 
@@ -36,25 +47,27 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
-def mm(a, b, FP64: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """a (M, K) @ b (K, N) with a float accumulator (fp64 by broadcast and sum: tl.dot has no fp64)."""
-    if FP64:
+def mm(a, b, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """a (M, K) @ b (K, N) in ACC_DTYPE (fp64 by broadcast and sum: tl.dot has no fp64)."""
+    if ACC_DTYPE == tl.float64:
         return tl.sum(a[:, :, None].to(tl.float64) * b[None, :, :].to(tl.float64), axis=1)
     else:
         return tl.dot(a, b, input_precision=DOT_PRECISION, out_dtype=tl.float32)
 
 
 @triton.jit
-def inv_norm(sq, EPS: tl.constexpr, FP64: tl.constexpr):
-    """1 / max(sqrt(sq), EPS), the clamp of F.normalize / F.cosine_similarity."""
-    # The bound is built in the accumulator's dtype: a plain float argument would arrive as fp32 and move the
-    # clamp of zero rows (and their 1/eps-sized gradients) off the reference's by ~1e-8 relative in fp64.
-    if FP64:
-        eps = tl.full([], EPS, tl.float64)
-        return 1.0 / tl.maximum(tl.sqrt(sq), eps)
+def inv_norm(sq, eps, ACC_DTYPE: tl.constexpr):
+    """1 / max(sqrt(sq), eps), the clamp of F.normalize / F.cosine_similarity, in ACC_DTYPE.
+
+    eps is a compile-time float or a runtime scalar loaded from a tensor of the accumulator dtype. The bound is built
+    in ACC_DTYPE: an fp64 op must not see it rounded to fp32 (a plain float *argument* would arrive as fp32 and move
+    the clamp of zero rows, and their 1/eps-sized gradients, off the reference's by ~1e-8 relative)."""
+    if ACC_DTYPE == tl.float64:
+        bound = tl.full([], eps, tl.float64)
+        return 1.0 / tl.maximum(tl.sqrt(sq), bound)
     else:
         # Round-to-nearest sqrt and division: Triton's defaults are the approximate ones. div_rn does not
         # broadcast, hence the numerator of the denominator's shape.
-        eps = tl.full([], EPS, tl.float32)
-        denominator = tl.maximum(tl.sqrt_rn(sq), eps)
+        bound = tl.full([], eps, tl.float32)
+        denominator = tl.maximum(tl.sqrt_rn(sq), bound)
         return tl.math.div_rn(tl.full(denominator.shape, 1.0, tl.float32), denominator)

@@ -1,15 +1,26 @@
-"""Triton kernel of attention_rollout's CLS row (math: zslfast/ops/attention_rollout.py).
+"""Triton kernel of attention_rollout's CLS row (the op, the full-matrix path and the backward:
+zslfast/ops/attention_rollout.py).
 
-One launch per layer step, grid (B, S): the program (b, s) walks its own chunk of the rows i of instance b's maps
-in blocks (S fixed chunks of the N rows, enough for the grid to fill the GPU at small B), fuses the H heads of
-each block on the fly (mean/sum/max/min), takes the row sums (abnar), and accumulates
+The math: row 0 of a product of L per-layer matrices, walked as a vector, v_0 = e_0 (one-hot on the CLS token),
 
-    partial[s, b, j] = sum_{i in chunk s} coef_i * (F[i, j] + identity * delta_ij),
-    coef_i = v_in[i] / rowsum_i (abnar) or v_in[i]
+    v_{t+1}[j] = sum_i v_t[i] M[i, j],   M = (F + I) / r  with r_i = 1 + sum_j F[i, j]   abnar: layers L-1 .. 0
+                                         M = F (first layer), I + F (the others)          residual: layers 0 .. L-1
+    F[i, j]    = fuse_h A[h, i, j]       mean | sum | max | min over the H heads (fusion id 0 | 1 | 2 | 3)
+
+One launch per layer step, grid (B, S): the program (b, s) walks its own chunk of the rows i of instance b's map
+in blocks of BLOCK_I rows (S fixed chunks of whole row blocks, enough for the grid to fill the GPU at small B),
+fuses the H heads of each block on the fly, takes the row sums (abnar), and accumulates
+
+    partial[s, b, j] = sum_{i in chunk s} coef_i * (F[i, j] + IDENTITY * delta_ij),
+    coef_i = v_t[b, i] / r_i (abnar) or v_t[b, i] (residual),  IDENTITY = abnar, or residual past its first layer
 
 in registers, so each map is read once and nothing (B, N, N) is written; the partials are then summed over s in
-chunk order (deterministic, no atomics) into the next vector. Shapes: A (B, H, N, N) one layer; the vectors
-(L, B, N) entering the steps and the result (B, N), in the accumulator dtype (fp32, fp64 for fp64).
+chunk order by torch (deterministic, no atomics) into v_{t+1}.
+
+Shapes: A (B, H, N, N) one layer, read through its strides; vectors (L, B, N), row t the vector v_t entering step
+t (row 0 = e_0); partial (S, B, N); result v_L (B, N). All in the accumulator dtype (fp32, fp64 for fp64). forward
+returns the result in A's dtype and the states (L, B, N), states[l] the vector entering layer l's step: the vectors
+as they are for residual, flipped for abnar.
 """
 
 import torch
@@ -66,7 +77,7 @@ def _rollout_step_kernel(
 
 def plan_forward(attns, mode: str, fusion: int):
     """The vectors (L, B, N) and the result (B, N), in the accumulator dtype, and the steps that fill them: row t is
-    the vector entering step t (layers last to first for abnar, first to last for residual).
+    the vector entering step t (layers last to first for abnar, first to last for residual), row 0 = e_0.
 
     fusion is the head fusion's id: its position in zslfast.ops.attention_rollout.FUSIONS (mean, sum, max, min).
     """
@@ -97,7 +108,8 @@ def plan_forward(attns, mode: str, fusion: int):
 
 
 def forward(attns, mode: str, fusion: int):
-    """out (B, N) and states (L, B, N): the vector entering each layer's step, in the accumulator dtype."""
+    """out (B, N) in the maps' dtype and states (L, B, N) in the accumulator dtype, states[l] the vector entering
+    layer l's step."""
     vectors, result, steps = plan_forward(attns, mode, fusion)
     run(steps)
     return result.to(attns[0].dtype), vectors.flip(0) if mode == "abnar" else vectors

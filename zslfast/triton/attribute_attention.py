@@ -1,36 +1,61 @@
-"""Triton kernels of attribute_attention (math and shapes: zslfast/ops/attribute_attention.py).
+"""Triton kernels of attribute_attention (the op, its backends and its autograd: zslfast/ops/attribute_attention.py).
+
+The math, for each sample b and query row i (r runs over the R tokens, kept r: mask[b, r] True):
+
+    S[b, i, r] = scale <q[i], k[b, r]>                  (q[b, i] for per-sample queries)
+    P[b, i, :] = softmax over the kept r of S[b, i, :]   a row with no kept r: P = 0, lse = 0
+    lse[b, i]  = log sum_{kept r} exp(S[b, i, r])
+    E[b, i]    = sum_r P[b, i, r] v[b, r]
+    out[b, i]  = E[b, i]                                               MODE 0 (no score)
+               = <E, ref[i]>                                           MODE 1 ("dot")
+               = <E, ref[i]> / (max(|E|, eps) max(|ref[i]|, eps))      MODE 2 ("cosine")
+    eps: F.cosine_similarity's, the launchers' argument (1e-8 by default, as the papers' code calls it)
+
+    backward, g = dL/dout, iE = 1 / max(|E|, eps), iR = 1 / max(|ref|, eps), cos = out:
+    dE         = g | g ref | a ref - c_E E,  a = g iE iR,  c_E = [|E| > eps] g cos iE^2     (MODE 0 | 1 | 2)
+    dref       = a E - c_R ref,  c_R = [|ref| > eps] g cos iR^2 (MODE 2; a = g, c_R = 0 for MODE 1), summed over b
+                 by torch for a shared ref, from the coefficients a and c_R the rows kernel stores
+    P          = exp(S - lse) on the kept r (recomputed), dP = dE v^T (+ dL/dattn when the attention is returned)
+    Delta[b, i] = <dE, E> (+ <P, dL/dattn>),  dS = P (dP - Delta)
+    dq = scale dS k (summed over b for a shared q),  dk = scale dS^T q,  dv = P^T dE
+
+Shapes: q (K, D) shared by the batch or (B, K, D); k (B, R, D); v (B, R, Dv); ref (K, Dv) or (B, K, Dv) (MODE 1, 2);
+mask (B, R) as uint8; scale and eps one-element tensors in the accumulator dtype (a Python float argument would be
+typed fp32 by compiled Triton and round an fp64 op's values). Forward: E (B, K, Dv), lse (B, K) in the accumulator
+dtype; out (B, K) (MODE 1, 2; MODE 0 returns E) and P (B, K, R) (when asked for) in q's dtype. Backward: grad (B, K) or
+(B, K, Dv) (MODE 0), dL/dattn (B, K, R) or none; dE (B, K, Dv), Delta, a, c_R (B, K); dq partials (S, K, D) for a
+shared q (S batch splits, summed by torch in split order) or (B, K, D); dk (B, R, D), dv (B, R, Dv); all in the
+accumulator dtype, cast to the inputs' dtype at the end.
 
     forward   grid (K / BLOCK_K, B). A program owns BLOCK_K query rows of one sample. S tiles (BLOCK_K x BLOCK_R)
               come from a loop over D in BLOCK_D chunks (masked, so D = 300, 768, 2048 need no padding copies).
               R <= BLOCK_R (ZSL's 49 regions, ViT's 197 tokens): one S tile, an exact softmax in registers, then
               E = P @ v chunk by chunk of Dv, the cosine/dot sums taken from the same chunks; q and k are read
-              once per program. Larger R: an online max/sum pass over R tiles gives lse, a second pass adds
-              P_tile @ v into E in memory (the program's own rows; barriers order its reads after its writes),
-              then the epilogue reads E back. Stores E (B, K, Dv), lse (B, K), the score (B, K), and P only
-              when the attention is asked for.
+              once per program, and E is written only when saved for the backward (or returned: MODE 0). Larger
+              R: an online max/sum pass over R tiles gives lse, a second pass adds P_tile @ v into E in memory (the
+              program's own rows; barriers order its reads after its writes), then the epilogue reads E back.
     backward  rows kernel, grid (K / BLOCK_K, splits of the batch): per (b, query rows): dE from the epilogue's
-              gradient (stored, (B, K, Dv)), Delta = <dE, E> (+ <P, dL/dattn>), the coefficients of dref, then
-              dq = scale * sum_r dS k over R tiles, added into the program's own rows of dq. A shared q sums
-              its b's in order into one partial per split; the splits' partials are summed by torch in order.
+              gradient (stored), Delta, the coefficients a and c_R of dref, then dq = scale dS k over R tiles,
+              added into the program's own rows of dq (a shared q sums its b's in order into its split's partial).
               columns kernel, grid (R / BLOCK_R, B): loops over query-row tiles, recomputes P from lse and
               dS = P (dE v^T + dL/dattn - Delta), adds P^T dE into dv and scale dS^T q into dk (own rows).
-              dref (a few (B, K, Dv) elementwise products) is formed by torch from the coefficients.
 No atomics anywhere: deterministic. Inputs are addressed through their strides (transposed views are read in
-place). Accumulation in fp32 (fp64 for fp64, where tl.dot is replaced by broadcast products); fp32 tl.dot runs
-"ieee" unless torch.backends.cuda.matmul.allow_tf32 is on. Fully masked rows: lse = 0, P = 0, E = 0, no NaN.
+place). Accumulation in fp32 (fp64 for fp64, where tl.dot is replaced by broadcast products: ACC_DTYPE, see
+_common.py); fp32 tl.dot runs "ieee" unless torch.backends.cuda.matmul.allow_tf32 is on.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import H200_SMS, accumulator_dtype, block_size, dot_precision, inv_norm, mm, split
+from ._common import H200_SMS, accumulator_dtype, block_size, dot_precision, inv_norm, mm, split, tl_accumulator_dtype
 from ._launch import Launch, run
 
 MAX_BLOCK_R = 256  # R up to this takes the single-tile exact softmax (tests lower it to reach the R-tiled path)
-COSINE_EPS: tl.constexpr = tl.constexpr(1e-8)  # F.cosine_similarity's eps in the papers' code
+COSINE_EPS = 1e-8  # the default eps: F.cosine_similarity's, as the papers' code calls it
 
 
+# ------------------------------------------------------------------------------------------ tiles and passes
 @triton.jit
 def _keep(mask_ptr, b, offs_r, R, HAS_MASK: tl.constexpr):
     valid = offs_r < R
@@ -41,35 +66,13 @@ def _keep(mask_ptr, b, offs_r, R, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _grad_probs(
-    de_rows, v_b, ga_ptr, offs_r, r_in, rows_ok, row_ids, R, Dv, sv_r, sv_d,
-    HAS_GA: tl.constexpr, FP64: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr,
-):
-    """dP (BLOCK_K, BLOCK_R) = dE vᵀ over Dv tiles, plus the attention's own gradient when it was returned."""
-    ACC = tl.float64 if FP64 else tl.float32
-    dp = tl.zeros([BLOCK_K, BLOCK_R], dtype=ACC)
-    for dv0 in range(0, Dv, BLOCK_DV):
-        offs_dv = dv0 + tl.arange(0, BLOCK_DV)
-        dv_ok = offs_dv < Dv
-        de = tl.load(de_rows + offs_dv[None, :], mask=rows_ok[:, None] & dv_ok[None, :], other=0.0)
-        vt = tl.load(v_b + offs_r.to(tl.int64)[None, :] * sv_r + offs_dv[:, None] * sv_d,
-                     mask=dv_ok[:, None] & r_in[None, :], other=0.0)
-        dp += mm(de.to(vt.dtype), vt, FP64, DOT_PRECISION)
-    if HAS_GA:
-        dp += tl.load(ga_ptr + row_ids[:, None] * R + offs_r[None, :], mask=rows_ok[:, None] & r_in[None, :], other=0.0)
-    return dp
-
-
-@triton.jit
 def _scores(
     q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
-    FP64: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """scale * q_rows @ k_b[offs_r]^T (BLOCK_K, BLOCK_R), -inf where the token is masked or out of range."""
-    ACC = tl.float64 if FP64 else tl.float32
-    acc = tl.zeros([BLOCK_K, BLOCK_R], dtype=ACC)
+    acc = tl.zeros([BLOCK_K, BLOCK_R], dtype=ACC_DTYPE)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
@@ -79,21 +82,243 @@ def _scores(
             mask=d_ok[:, None] & keep[None, :],
             other=0.0,
         )
-        acc += mm(qt, kt, FP64, DOT_PRECISION)
+        acc += mm(qt, kt, ACC_DTYPE, DOT_PRECISION)
     return tl.where(keep[None, :], acc * scale, float("-inf"))
 
 
 @triton.jit
+def _log_total(m, total):
+    """lse from the running max m and sum of exp(S - m): 0 for a row with nothing kept (total 0)."""
+    return tl.where(total > 0, m + tl.log(tl.where(total > 0, total, 1.0)), 0.0)
+
+
+@triton.jit
+def _softmax(s):
+    """(P, lse) of one S tile holding whole rows: the exact softmax, all zeros for a fully masked row."""
+    m = tl.maximum(tl.max(s, axis=1), -1e30)  # finite for a fully masked row, so exp(s - m) = 0, not NaN
+    p = tl.exp(s - m[:, None])
+    total = tl.sum(p, axis=1)
+    lse = _log_total(m, total)
+    return p / tl.where(total > 0, total, 1.0)[:, None], lse
+
+
+@triton.jit
+def _online_lse(
+    q_rows, k_b, mask_ptr, b, rows_ok, R, D, sq_d, sk_r, sk_d, scale,
+    HAS_MASK: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """lse (BLOCK_K,) of rows longer than one tile: a running max and rescaled sum over the R tiles."""
+    m = tl.full([BLOCK_K], -1e30, dtype=ACC_DTYPE)
+    total = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        keep = _keep(mask_ptr, b, offs_r, R, HAS_MASK)
+        s = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
+                    ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        total = total * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+        m = m_new
+    return _log_total(m, total)
+
+
+@triton.jit
+def _probs(
+    q_rows, k_b, mask_ptr, b, offs_r, rows_ok, lse, R, D, sq_d, sk_r, sk_d, scale,
+    HAS_MASK: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """P = exp(S - lse) on the tile of tokens offs_r (BLOCK_K, BLOCK_R), recomputed from the saved lse."""
+    keep = _keep(mask_ptr, b, offs_r, R, HAS_MASK)
+    s = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
+                ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
+    return tl.exp(s - lse[:, None])
+
+
+@triton.jit
+def _store_attention(attn_ptr, p, row_ids, offs_r, rows_ok, R):
+    tl.store(attn_ptr + row_ids[:, None] * R + offs_r[None, :], p.to(attn_ptr.dtype.element_ty),
+             mask=rows_ok[:, None] & (offs_r < R)[None, :])
+
+
+@triton.jit
+def _add_product(
+    dst_rows, dst_ok, lhs, src_rows, src_ok, s_col, N, ADD,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dst[:, :N] = lhs @ src[:, :N] (plus dst's own values when ADD), BLOCK_N columns at a time.
+
+    dst_rows / src_rows point at the rows' first elements ([:, None]-shaped); dst is contiguous, src has column
+    stride s_col. src is cast to lhs's dtype for the dot (a no-op where it already has it)."""
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        src = tl.load(src_rows + offs_n[None, :] * s_col, mask=src_ok[:, None] & n_ok[None, :], other=0.0)
+        tile_ok = dst_ok[:, None] & n_ok[None, :]
+        out = mm(lhs, src.to(lhs.dtype), ACC_DTYPE, DOT_PRECISION)
+        if ADD:
+            out += tl.load(dst_rows + offs_n[None, :], mask=tile_ok, other=0.0)
+        tl.store(dst_rows + offs_n[None, :], out, mask=tile_ok)
+
+
+# -------------------------------------------------------------------------------- the score and its gradient
+@triton.jit
+def _add_sums(e, rf, e_sq, r_sq, e_dot_r):
+    """The score's row sums |E|^2, |ref|^2, <E, ref>, with one (BLOCK_K, BLOCK_DV) tile of E and ref added."""
+    return e_sq + tl.sum(e * e, axis=1), r_sq + tl.sum(rf * rf, axis=1), e_dot_r + tl.sum(e * rf, axis=1)
+
+
+@triton.jit
+def _attend(
+    p, v_b, e_rows, ref_rows, offs_r, rows_ok, R, Dv, sv_r, sv_d, sr_d,
+    STORE_E: tl.constexpr, SUMS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """E = p @ v_b[offs_r] Dv chunk by Dv chunk, written when STORE_E; with SUMS the score's row sums
+    (|E|^2, |ref|^2, <E, ref>) taken from the same chunks, else zeros."""
+    e_sq = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
+    r_sq = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
+    e_dot_r = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
+    for dv0 in range(0, Dv, BLOCK_DV):
+        offs_dv = dv0 + tl.arange(0, BLOCK_DV)
+        dv_ok = offs_dv < Dv
+        vt = tl.load(v_b + offs_r.to(tl.int64)[:, None] * sv_r + offs_dv[None, :] * sv_d,
+                     mask=(offs_r < R)[:, None] & dv_ok[None, :], other=0.0)
+        e = mm(p, vt, ACC_DTYPE, DOT_PRECISION)
+        tile_ok = rows_ok[:, None] & dv_ok[None, :]
+        if STORE_E:
+            tl.store(e_rows + offs_dv[None, :], e, mask=tile_ok)
+        if SUMS:
+            rf = tl.load(ref_rows + offs_dv[None, :] * sr_d, mask=tile_ok, other=0.0).to(ACC_DTYPE)
+            e_sq, r_sq, e_dot_r = _add_sums(e, rf, e_sq, r_sq, e_dot_r)
+    return e_sq, r_sq, e_dot_r
+
+
+@triton.jit
+def _stored_sums(
+    e_rows, ref_rows, rows_ok, Dv, sr_d,
+    ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """The score's row sums (|E|^2, |ref|^2, <E, ref>) read from E in memory."""
+    e_sq = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
+    r_sq = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
+    e_dot_r = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
+    for dv0 in range(0, Dv, BLOCK_DV):
+        offs_dv = dv0 + tl.arange(0, BLOCK_DV)
+        tile_ok = rows_ok[:, None] & (offs_dv < Dv)[None, :]
+        e = tl.load(e_rows + offs_dv[None, :], mask=tile_ok, other=0.0)
+        rf = tl.load(ref_rows + offs_dv[None, :] * sr_d, mask=tile_ok, other=0.0).to(ACC_DTYPE)
+        e_sq, r_sq, e_dot_r = _add_sums(e, rf, e_sq, r_sq, e_dot_r)
+    return e_sq, r_sq, e_dot_r
+
+
+@triton.jit
+def _store_score(out_ptr, row_ids, rows_ok, e_sq, r_sq, e_dot_r, eps_ptr, MODE: tl.constexpr,
+                 ACC_DTYPE: tl.constexpr):
+    """out = <E, ref> (MODE 1) or <E, ref> / (max(|E|, eps) max(|ref|, eps)) (MODE 2); nothing for MODE 0."""
+    if MODE == 1:
+        tl.store(out_ptr + row_ids, e_dot_r.to(out_ptr.dtype.element_ty), mask=rows_ok)
+    if MODE == 2:
+        eps = tl.load(eps_ptr)
+        cos = e_dot_r * inv_norm(e_sq, eps, ACC_DTYPE) * inv_norm(r_sq, eps, ACC_DTYPE)
+        tl.store(out_ptr + row_ids, cos.to(out_ptr.dtype.element_ty), mask=rows_ok)
+
+
+@triton.jit
+def _cosine_coefficients(g, e_sq, r_sq, e_dot_r, eps, ACC_DTYPE: tl.constexpr):
+    """(a, c_E, c_R) of the cosine's gradient dE = a ref - c_E E, dref = a E - c_R ref: a = g iE iR,
+    c_E = [|E| > eps] g cos iE^2, c_R = [|ref| > eps] g cos iR^2 (a clamped norm has no derivative)."""
+    ie = inv_norm(e_sq, eps, ACC_DTYPE)
+    ir = inv_norm(r_sq, eps, ACC_DTYPE)
+    cos = e_dot_r * ie * ir
+    eps_sq = eps * eps
+    c_e = tl.where(e_sq > eps_sq, g * cos * ie * ie, 0.0)
+    c_r = tl.where(r_sq > eps_sq, g * cos * ir * ir, 0.0)
+    return g * ie * ir, c_e, c_r
+
+
+@triton.jit
+def _write_grad_e(
+    de_rows, e_rows, ref_rows, a, c_e, rows_ok, Dv, sr_d,
+    ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Writes dE = a ref - c_E E Dv chunk by Dv chunk and returns Delta's first term <dE, E>."""
+    delta = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
+    for dv0 in range(0, Dv, BLOCK_DV):
+        offs_dv = dv0 + tl.arange(0, BLOCK_DV)
+        tile_ok = rows_ok[:, None] & (offs_dv < Dv)[None, :]
+        e = tl.load(e_rows + offs_dv[None, :], mask=tile_ok, other=0.0)
+        rf = tl.load(ref_rows + offs_dv[None, :] * sr_d, mask=tile_ok, other=0.0).to(ACC_DTYPE)
+        de = a[:, None] * rf - c_e[:, None] * e
+        tl.store(de_rows + offs_dv[None, :], de, mask=tile_ok)
+        delta += tl.sum(de * e, axis=1)
+    return delta
+
+
+@triton.jit
+def _stored_delta(
+    de_rows, e_rows, rows_ok, Dv,
+    ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Delta's first term <dE, E>, both read from memory (MODE 0: dE is the incoming gradient)."""
+    delta = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
+    for dv0 in range(0, Dv, BLOCK_DV):
+        offs_dv = dv0 + tl.arange(0, BLOCK_DV)
+        tile_ok = rows_ok[:, None] & (offs_dv < Dv)[None, :]
+        e = tl.load(e_rows + offs_dv[None, :], mask=tile_ok, other=0.0)
+        de = tl.load(de_rows + offs_dv[None, :], mask=tile_ok, other=0.0)
+        delta += tl.sum(de * e, axis=1)
+    return delta
+
+
+@triton.jit
+def _add_attention_delta(
+    delta, q_rows, k_b, mask_ptr, ga_ptr, b, row_ids, rows_ok, lse, R, D, sq_d, sk_r, sk_d, scale,
+    HAS_MASK: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Delta + <P, dL/dattn> over the R tiles: the returned attention's gradient's term."""
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        p = _probs(q_rows, k_b, mask_ptr, b, offs_r, rows_ok, lse, R, D, sq_d, sk_r, sk_d, scale,
+                   HAS_MASK, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
+        ga = tl.load(ga_ptr + row_ids[:, None] * R + offs_r[None, :],
+                     mask=rows_ok[:, None] & (offs_r < R)[None, :], other=0.0)
+        delta += tl.sum(p * ga, axis=1)
+    return delta
+
+
+@triton.jit
+def _grad_probs(
+    de_rows, v_b, ga_ptr, offs_r, r_in, rows_ok, row_ids, R, Dv, sv_r, sv_d,
+    HAS_GA: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """dP (BLOCK_K, BLOCK_R) = dE vᵀ over Dv tiles, plus the attention's own gradient when it was returned."""
+    dp = tl.zeros([BLOCK_K, BLOCK_R], dtype=ACC_DTYPE)
+    for dv0 in range(0, Dv, BLOCK_DV):
+        offs_dv = dv0 + tl.arange(0, BLOCK_DV)
+        dv_ok = offs_dv < Dv
+        de = tl.load(de_rows + offs_dv[None, :], mask=rows_ok[:, None] & dv_ok[None, :], other=0.0)
+        vt = tl.load(v_b + offs_r.to(tl.int64)[None, :] * sv_r + offs_dv[:, None] * sv_d,
+                     mask=dv_ok[:, None] & r_in[None, :], other=0.0)
+        dp += mm(de.to(vt.dtype), vt, ACC_DTYPE, DOT_PRECISION)
+    if HAS_GA:
+        dp += tl.load(ga_ptr + row_ids[:, None] * R + offs_r[None, :], mask=rows_ok[:, None] & r_in[None, :], other=0.0)
+    return dp
+
+
+# ----------------------------------------------------------------------------------------------- the kernels
+@triton.jit
 def _forward_kernel(
     q_ptr, k_ptr, v_ptr, ref_ptr, mask_ptr, out_ptr, e_ptr, lse_ptr, attn_ptr,
-    K, R, D, Dv, scale_ptr,
+    K, R, D, Dv, scale_ptr, eps_ptr,
     sq_b, sq_k, sq_d, sk_b, sk_r, sk_d, sv_b, sv_r, sv_d, sr_b, sr_k, sr_d,
     HAS_MASK: tl.constexpr, MODE: tl.constexpr, STORE_ATTN: tl.constexpr, STORE_E: tl.constexpr,
     SINGLE_R: tl.constexpr,
-    FP64: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    ACC = tl.float64 if FP64 else tl.float32
     scale = tl.load(scale_ptr)
     pid_k = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -105,99 +330,50 @@ def _forward_kernel(
     row_ids = b * K + offs_k  # index into (B, K)
     e_rows = e_ptr + row_ids[:, None] * Dv
     ref_rows = ref_ptr + b * sr_b + offs_k.to(tl.int64)[:, None] * sr_k
-    e_sq = tl.zeros([BLOCK_K], dtype=ACC)
-    r_sq = tl.zeros([BLOCK_K], dtype=ACC)
-    e_dot_r = tl.zeros([BLOCK_K], dtype=ACC)
 
     if SINGLE_R:
+        # One S tile: exact softmax, then E and the score's sums from the same Dv chunks, E in registers.
         offs_r = tl.arange(0, BLOCK_R)
         keep = _keep(mask_ptr, b, offs_r, R, HAS_MASK)
-        s = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
-                    FP64, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
-        m = tl.maximum(tl.max(s, axis=1), -1e30)  # finite for a fully masked row, so exp(s - m) = 0, not NaN
-        p = tl.exp(s - m[:, None])
-        total = tl.sum(p, axis=1)
-        lse = tl.where(total > 0, m + tl.log(tl.where(total > 0, total, 1.0)), 0.0)
-        p = p / tl.where(total > 0, total, 1.0)[:, None]
+        p, lse = _softmax(_scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
+                                  ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D))
         if STORE_ATTN:
-            tl.store(attn_ptr + row_ids[:, None] * R + offs_r[None, :], p.to(attn_ptr.dtype.element_ty),
-                     mask=rows_ok[:, None] & (offs_r < R)[None, :])
-        p_op = p.to(v_ptr.dtype.element_ty)
-        for dv0 in range(0, Dv, BLOCK_DV):
-            offs_dv = dv0 + tl.arange(0, BLOCK_DV)
-            dv_ok = offs_dv < Dv
-            vt = tl.load(v_b + offs_r.to(tl.int64)[:, None] * sv_r + offs_dv[None, :] * sv_d,
-                         mask=(offs_r < R)[:, None] & dv_ok[None, :], other=0.0)
-            e = mm(p_op, vt, FP64, DOT_PRECISION)
-            tile_ok = rows_ok[:, None] & dv_ok[None, :]
-            if STORE_E:
-                tl.store(e_rows + offs_dv[None, :], e, mask=tile_ok)
-            if MODE != 0:
-                rf = tl.load(ref_rows + offs_dv[None, :] * sr_d, mask=tile_ok, other=0.0).to(ACC)
-                e_sq += tl.sum(e * e, axis=1)
-                r_sq += tl.sum(rf * rf, axis=1)
-                e_dot_r += tl.sum(e * rf, axis=1)
+            _store_attention(attn_ptr, p, row_ids, offs_r, rows_ok, R)
+        e_sq, r_sq, e_dot_r = _attend(p.to(v_ptr.dtype.element_ty), v_b, e_rows, ref_rows, offs_r, rows_ok, R, Dv,
+                                      sv_r, sv_d, sr_d, STORE_E, MODE != 0,
+                                      ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_DV)
     else:
-        m = tl.full([BLOCK_K], -1e30, dtype=ACC)
-        total = tl.zeros([BLOCK_K], dtype=ACC)
+        # R tiles: lse first, then E accumulated in memory tile by tile, then the score's sums read back.
+        lse = _online_lse(q_rows, k_b, mask_ptr, b, rows_ok, R, D, sq_d, sk_r, sk_d, scale,
+                          HAS_MASK, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
-            keep = _keep(mask_ptr, b, offs_r, R, HAS_MASK)
-            s = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
-                        FP64, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            total = total * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
-            m = m_new
-        lse = tl.where(total > 0, m + tl.log(tl.where(total > 0, total, 1.0)), 0.0)
-        for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            keep = _keep(mask_ptr, b, offs_r, R, HAS_MASK)
-            s = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
-                        FP64, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
-            p = tl.exp(s - lse[:, None])
+            p = _probs(q_rows, k_b, mask_ptr, b, offs_r, rows_ok, lse, R, D, sq_d, sk_r, sk_d, scale,
+                       HAS_MASK, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
             if STORE_ATTN:
-                tl.store(attn_ptr + row_ids[:, None] * R + offs_r[None, :], p.to(attn_ptr.dtype.element_ty),
-                         mask=rows_ok[:, None] & (offs_r < R)[None, :])
-            p_op = p.to(v_ptr.dtype.element_ty)
-            for dv0 in range(0, Dv, BLOCK_DV):
-                offs_dv = dv0 + tl.arange(0, BLOCK_DV)
-                dv_ok = offs_dv < Dv
-                tile_ok = rows_ok[:, None] & dv_ok[None, :]
-                vt = tl.load(v_b + offs_r.to(tl.int64)[:, None] * sv_r + offs_dv[None, :] * sv_d,
-                             mask=(offs_r < R)[:, None] & dv_ok[None, :], other=0.0)
-                e = mm(p_op, vt, FP64, DOT_PRECISION)
-                if r0 > 0:
-                    e += tl.load(e_rows + offs_dv[None, :], mask=tile_ok, other=0.0)
-                tl.store(e_rows + offs_dv[None, :], e, mask=tile_ok)
+                _store_attention(attn_ptr, p, row_ids, offs_r, rows_ok, R)
+            _add_product(e_rows, rows_ok, p.to(v_ptr.dtype.element_ty), v_b + offs_r.to(tl.int64)[:, None] * sv_r,
+                         offs_r < R, sv_d, Dv, r0 > 0, ACC_DTYPE, DOT_PRECISION, BLOCK_DV)
             tl.debug_barrier()
+        e_sq = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)  # (unused without a score)
+        r_sq = e_sq
+        e_dot_r = e_sq
         if MODE != 0:
-            for dv0 in range(0, Dv, BLOCK_DV):
-                offs_dv = dv0 + tl.arange(0, BLOCK_DV)
-                tile_ok = rows_ok[:, None] & (offs_dv < Dv)[None, :]
-                e = tl.load(e_rows + offs_dv[None, :], mask=tile_ok, other=0.0)
-                rf = tl.load(ref_rows + offs_dv[None, :] * sr_d, mask=tile_ok, other=0.0).to(ACC)
-                e_sq += tl.sum(e * e, axis=1)
-                r_sq += tl.sum(rf * rf, axis=1)
-                e_dot_r += tl.sum(e * rf, axis=1)
+            e_sq, r_sq, e_dot_r = _stored_sums(e_rows, ref_rows, rows_ok, Dv, sr_d, ACC_DTYPE, BLOCK_K, BLOCK_DV)
     tl.store(lse_ptr + row_ids, lse, mask=rows_ok)
-    if MODE == 1:
-        tl.store(out_ptr + row_ids, e_dot_r.to(out_ptr.dtype.element_ty), mask=rows_ok)
-    if MODE == 2:
-        cos = e_dot_r * inv_norm(e_sq, COSINE_EPS, FP64) * inv_norm(r_sq, COSINE_EPS, FP64)
-        tl.store(out_ptr + row_ids, cos.to(out_ptr.dtype.element_ty), mask=rows_ok)
+    _store_score(out_ptr, row_ids, rows_ok, e_sq, r_sq, e_dot_r, eps_ptr, MODE, ACC_DTYPE)
 
 
 @triton.jit
 def _rows_backward_kernel(
     g_ptr, ga_ptr, q_ptr, k_ptr, v_ptr, ref_ptr, mask_ptr, e_ptr, lse_ptr,
     de_ptr, delta_ptr, coef_a_ptr, coef_c_ptr, dq_ptr,
-    B, K, R, D, Dv, scale_ptr, b_per_split,
+    B, K, R, D, Dv, scale_ptr, eps_ptr, b_per_split,
     sq_b, sq_k, sq_d, sk_b, sk_r, sk_d, sv_b, sv_r, sv_d, sr_b, sr_k, sr_d,
     HAS_MASK: tl.constexpr, HAS_GA: tl.constexpr, MODE: tl.constexpr, NEED_Q: tl.constexpr,
-    SHARED_Q: tl.constexpr, FP64: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SHARED_Q: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    ACC = tl.float64 if FP64 else tl.float32
     scale = tl.load(scale_ptr)
     pid_k = tl.program_id(0)
     split = tl.program_id(1)
@@ -212,66 +388,32 @@ def _rows_backward_kernel(
         de_rows = de_ptr + row_ids[:, None] * Dv
         ref_rows = ref_ptr + b * sr_b + offs_k.to(tl.int64)[:, None] * sr_k
         lse = tl.load(lse_ptr + row_ids, mask=rows_ok, other=0.0)
-        delta = tl.zeros([BLOCK_K], dtype=ACC)
         if MODE != 0:
-            g = tl.load(g_ptr + row_ids, mask=rows_ok, other=0.0).to(ACC)
-            e_sq = tl.zeros([BLOCK_K], dtype=ACC)
-            r_sq = tl.zeros([BLOCK_K], dtype=ACC)
-            e_dot_r = tl.zeros([BLOCK_K], dtype=ACC)
+            # dE from the score's gradient, stored; dref's coefficients a and c_R, for torch.
+            g = tl.load(g_ptr + row_ids, mask=rows_ok, other=0.0).to(ACC_DTYPE)
             if MODE == 2:
-                for dv0 in range(0, Dv, BLOCK_DV):
-                    offs_dv = dv0 + tl.arange(0, BLOCK_DV)
-                    tile_ok = rows_ok[:, None] & (offs_dv < Dv)[None, :]
-                    e = tl.load(e_rows + offs_dv[None, :], mask=tile_ok, other=0.0)
-                    rf = tl.load(ref_rows + offs_dv[None, :] * sr_d, mask=tile_ok, other=0.0).to(ACC)
-                    e_sq += tl.sum(e * e, axis=1)
-                    r_sq += tl.sum(rf * rf, axis=1)
-                    e_dot_r += tl.sum(e * rf, axis=1)
-                ie = inv_norm(e_sq, COSINE_EPS, FP64)
-                ir = inv_norm(r_sq, COSINE_EPS, FP64)
-                cos = e_dot_r * ie * ir
-                a = g * ie * ir
-                eps_sq = 1e-16
-                c_e = tl.where(e_sq > eps_sq, g * cos * ie * ie, 0.0)
-                c_r = tl.where(r_sq > eps_sq, g * cos * ir * ir, 0.0)
+                e_sq, r_sq, e_dot_r = _stored_sums(e_rows, ref_rows, rows_ok, Dv, sr_d, ACC_DTYPE, BLOCK_K, BLOCK_DV)
+                a, c_e, c_r = _cosine_coefficients(g, e_sq, r_sq, e_dot_r, tl.load(eps_ptr), ACC_DTYPE)
             else:
                 a = g
-                c_e = tl.zeros([BLOCK_K], dtype=ACC)
-                c_r = tl.zeros([BLOCK_K], dtype=ACC)
+                c_e = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
+                c_r = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
             tl.store(coef_a_ptr + row_ids, a, mask=rows_ok)
             tl.store(coef_c_ptr + row_ids, c_r, mask=rows_ok)
-            for dv0 in range(0, Dv, BLOCK_DV):
-                offs_dv = dv0 + tl.arange(0, BLOCK_DV)
-                tile_ok = rows_ok[:, None] & (offs_dv < Dv)[None, :]
-                e = tl.load(e_rows + offs_dv[None, :], mask=tile_ok, other=0.0)
-                rf = tl.load(ref_rows + offs_dv[None, :] * sr_d, mask=tile_ok, other=0.0).to(ACC)
-                de = a[:, None] * rf - c_e[:, None] * e
-                tl.store(de_rows + offs_dv[None, :], de, mask=tile_ok)
-                delta += tl.sum(de * e, axis=1)
+            delta = _write_grad_e(de_rows, e_rows, ref_rows, a, c_e, rows_ok, Dv, sr_d, ACC_DTYPE, BLOCK_K, BLOCK_DV)
             tl.debug_barrier()
         else:
-            for dv0 in range(0, Dv, BLOCK_DV):
-                offs_dv = dv0 + tl.arange(0, BLOCK_DV)
-                tile_ok = rows_ok[:, None] & (offs_dv < Dv)[None, :]
-                e = tl.load(e_rows + offs_dv[None, :], mask=tile_ok, other=0.0)
-                de = tl.load(de_rows + offs_dv[None, :], mask=tile_ok, other=0.0)
-                delta += tl.sum(de * e, axis=1)
+            delta = _stored_delta(de_rows, e_rows, rows_ok, Dv, ACC_DTYPE, BLOCK_K, BLOCK_DV)
         q_rows = q_ptr + b * sq_b + offs_k.to(tl.int64)[:, None] * sq_k
         k_b = k_ptr + b * sk_b
         v_b = v_ptr + b * sv_b
         if HAS_GA:
-            # dL/dattn enters dP, and Delta gains sum_r P * dL/dattn.
-            for r0 in range(0, R, BLOCK_R):
-                offs_r = r0 + tl.arange(0, BLOCK_R)
-                keep = _keep(mask_ptr, b, offs_r, R, HAS_MASK)
-                s = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
-                            FP64, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
-                p = tl.exp(s - lse[:, None])
-                ga = tl.load(ga_ptr + row_ids[:, None] * R + offs_r[None, :],
-                             mask=rows_ok[:, None] & (offs_r < R)[None, :], other=0.0)
-                delta += tl.sum(p * ga, axis=1)
+            delta = _add_attention_delta(delta, q_rows, k_b, mask_ptr, ga_ptr, b, row_ids, rows_ok, lse, R, D,
+                                         sq_d, sk_r, sk_d, scale,
+                                         HAS_MASK, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
         tl.store(delta_ptr + row_ids, delta, mask=rows_ok)
         if NEED_Q:
+            # dq = scale dS k, tile of tokens by tile, added into this program's rows (its split's, shared q).
             if SHARED_Q:
                 dq_rows = dq_ptr + split.to(tl.int64) * K * D + offs_k.to(tl.int64)[:, None] * D
             else:
@@ -279,22 +421,13 @@ def _rows_backward_kernel(
             for r0 in range(0, R, BLOCK_R):
                 offs_r = r0 + tl.arange(0, BLOCK_R)
                 r_in = offs_r < R
-                keep = _keep(mask_ptr, b, offs_r, R, HAS_MASK)
-                s = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
-                            FP64, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
-                p = tl.exp(s - lse[:, None])
+                p = _probs(q_rows, k_b, mask_ptr, b, offs_r, rows_ok, lse, R, D, sq_d, sk_r, sk_d, scale,
+                           HAS_MASK, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
                 dp = _grad_probs(de_rows, v_b, ga_ptr, offs_r, r_in, rows_ok, row_ids, R, Dv, sv_r, sv_d,
-                                 HAS_GA, FP64, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_DV)
+                                 HAS_GA, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_DV)
                 ds = (p * (dp - delta[:, None]) * scale).to(k_ptr.dtype.element_ty)
-                for d0 in range(0, D, BLOCK_D):
-                    offs_d = d0 + tl.arange(0, BLOCK_D)
-                    d_ok = offs_d < D
-                    kt = tl.load(k_b + offs_r.to(tl.int64)[:, None] * sk_r + offs_d[None, :] * sk_d,
-                                 mask=r_in[:, None] & d_ok[None, :], other=0.0)
-                    tile_ok = rows_ok[:, None] & d_ok[None, :]
-                    dq = mm(ds, kt, FP64, DOT_PRECISION)
-                    dq += tl.load(dq_rows + offs_d[None, :], mask=tile_ok, other=0.0)
-                    tl.store(dq_rows + offs_d[None, :], dq, mask=tile_ok)
+                _add_product(dq_rows, rows_ok, ds, k_b + offs_r.to(tl.int64)[:, None] * sk_r, r_in, sk_d, D, True,
+                             ACC_DTYPE, DOT_PRECISION, BLOCK_D)
                 tl.debug_barrier()
 
 
@@ -304,10 +437,9 @@ def _columns_backward_kernel(
     K, R, D, Dv, scale_ptr,
     sq_b, sq_k, sq_d, sk_b, sk_r, sk_d, sv_b, sv_r, sv_d,
     HAS_MASK: tl.constexpr, HAS_GA: tl.constexpr, NEED_K: tl.constexpr, NEED_V: tl.constexpr,
-    FP64: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    ACC = tl.float64 if FP64 else tl.float32
     scale = tl.load(scale_ptr)
     pid_r = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -325,36 +457,22 @@ def _columns_backward_kernel(
         q_rows = q_ptr + b * sq_b + offs_k.to(tl.int64)[:, None] * sq_k
         de_rows = de_ptr + row_ids[:, None] * Dv
         s = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
-                    FP64, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
+                    ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
         lse = tl.load(lse_ptr + row_ids, mask=rows_ok, other=0.0)
         # Rows past K: s is 0 there (q loaded as 0) but lse too, so force P = 0.
         p = tl.where(rows_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
         p_op = p.to(v_ptr.dtype.element_ty)
         if NEED_K:
+            # dk (+)= scale dS^T q over D chunks
             delta = tl.load(delta_ptr + row_ids, mask=rows_ok, other=0.0)
             dp = _grad_probs(de_rows, v_b, ga_ptr, offs_r, r_in, rows_ok, row_ids, R, Dv, sv_r, sv_d,
-                             HAS_GA, FP64, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_DV)
+                             HAS_GA, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_DV)
             ds_t = tl.trans((p * (dp - delta[:, None]) * scale).to(q_ptr.dtype.element_ty))
-            for d0 in range(0, D, BLOCK_D):
-                offs_d = d0 + tl.arange(0, BLOCK_D)
-                d_ok = offs_d < D
-                qt = tl.load(q_rows + offs_d[None, :] * sq_d, mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
-                tile_ok = r_in[:, None] & d_ok[None, :]
-                dk = mm(ds_t, qt, FP64, DOT_PRECISION)
-                if k0 > 0:
-                    dk += tl.load(dk_rows + offs_d[None, :], mask=tile_ok, other=0.0)
-                tl.store(dk_rows + offs_d[None, :], dk, mask=tile_ok)
+            _add_product(dk_rows, r_in, ds_t, q_rows, rows_ok, sq_d, D, k0 > 0, ACC_DTYPE, DOT_PRECISION, BLOCK_D)
         if NEED_V:
-            p_t = tl.trans(p_op)
-            for dv0 in range(0, Dv, BLOCK_DV):
-                offs_dv = dv0 + tl.arange(0, BLOCK_DV)
-                dv_ok = offs_dv < Dv
-                de = tl.load(de_rows + offs_dv[None, :], mask=rows_ok[:, None] & dv_ok[None, :], other=0.0)
-                tile_ok = r_in[:, None] & dv_ok[None, :]
-                dv = mm(p_t, de.to(v_ptr.dtype.element_ty), FP64, DOT_PRECISION)
-                if k0 > 0:
-                    dv += tl.load(dv_rows + offs_dv[None, :], mask=tile_ok, other=0.0)
-                tl.store(dv_rows + offs_dv[None, :], dv, mask=tile_ok)
+            # dv (+)= P^T dE over Dv chunks
+            _add_product(dv_rows, r_in, tl.trans(p_op), de_rows, rows_ok, 1, Dv, k0 > 0,
+                         ACC_DTYPE, DOT_PRECISION, BLOCK_DV)
         tl.debug_barrier()
 
 
@@ -377,8 +495,6 @@ def _columns_blocks(B, K, R, D, Dv, block_r):
     return block_size(K, 32), col_r, block_size(D, 16), block_size(Dv, 16)
 
 
-
-
 def _launch_options(block_r):
     """Eight warps (see _blocks). Two pipeline stages, one for a wide row tile, where the second stage's operand
     buffers cost the registers that spilled 24 B in the rows kernel (bf16/fp16, sm_90, triton 3.9)."""
@@ -389,10 +505,11 @@ def _mask_arg(mask, like):
     return mask.to(torch.uint8).contiguous() if mask is not None else like
 
 
-def _scale_arg(scale, acc, device):
-    """The softmax scale as a one-element tensor in the accumulator dtype: compiled Triton types a Python float
-    argument as fp32, which would round an fp64 op's scale (and its logits) by ~1e-8 relative."""
-    return torch.full((1,), scale, dtype=acc, device=device)
+def _scalar_arg(value, acc, device):
+    """A runtime scalar (the softmax scale, the cosine's eps) as a one-element tensor in the accumulator dtype:
+    compiled Triton types a Python float argument as fp32, which would round an fp64 op's scale (and its logits)
+    by ~1e-8 relative, and its eps (the clamp of small rows, and their 1/eps-sized gradients) likewise."""
+    return torch.full((1,), value, dtype=acc, device=device)
 
 
 def _strides3(t):
@@ -400,8 +517,9 @@ def _strides3(t):
     return (0, *t.stride()) if t.dim() == 2 else t.stride()
 
 
-def plan_forward(q, k, v, ref, mask, scale, score_mode, return_attention, save_e=True):
-    """(out or E, saved E, lse, attention) and the launch that fills them."""
+def plan_forward(q, k, v, ref, mask, scale, score_mode, return_attention, save_e=True, eps=COSINE_EPS):
+    """(out or E, saved E, lse, attention) and the launch that fills them. eps: the cosine score's (score_mode 2)
+    clamp of the norms, max(|E|, eps) max(|ref|, eps)."""
     B, R, D = k.shape
     K, Dv = q.shape[-2], v.shape[-1]
     acc = accumulator_dtype(q.dtype)
@@ -414,13 +532,15 @@ def plan_forward(q, k, v, ref, mask, scale, score_mode, return_attention, save_e
     store_e = save_e or score_mode == 0 or not single_r
     e = torch.empty((B, K, Dv) if store_e else (0,), device=q.device, dtype=acc)
     ref_t = ref if ref is not None else e
+    scale_t = _scalar_arg(scale, acc, q.device)
+    eps_t = _scalar_arg(eps, acc, q.device) if score_mode == 2 else scale_t  # (a placeholder: read for cosine only)
     launch = Launch(
         _forward_kernel, (triton.cdiv(K, block_k), B),
         (q, k, v, ref_t, _mask_arg(mask, lse), out, e, lse, attn,
-         K, R, D, Dv, _scale_arg(scale, acc, q.device),
+         K, R, D, Dv, scale_t, eps_t,
          *_strides3(q), *k.stride(), *v.stride(), *_strides3(ref_t)),
         dict(HAS_MASK=mask is not None, MODE=score_mode, STORE_ATTN=return_attention, STORE_E=store_e,
-             SINGLE_R=single_r, FP64=acc == torch.float64, DOT_PRECISION=dot_precision(q.dtype),
+             SINGLE_R=single_r, ACC_DTYPE=tl_accumulator_dtype(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
              BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_DV=block_dv),
         **_launch_options(block_r), flops=2 * B * K * R * (D + Dv),
     )
@@ -429,24 +549,22 @@ def plan_forward(q, k, v, ref, mask, scale, score_mode, return_attention, save_e
     return (out, e if save_e else e.new_empty((0,)), lse, attn), [launch]
 
 
-def forward(q, k, v, ref, mask, scale, score_mode, return_attention, save_e=True):
-    (out, saved_e, lse, attn), steps = plan_forward(q, k, v, ref, mask, scale, score_mode, return_attention, save_e)
+def forward(q, k, v, ref, mask, scale, score_mode, return_attention, save_e=True, eps=COSINE_EPS):
+    (out, saved_e, lse, attn), steps = plan_forward(q, k, v, ref, mask, scale, score_mode, return_attention, save_e,
+                                                    eps)
     run(steps)
     return (out.to(q.dtype) if score_mode == 0 else out), saved_e, lse, attn
 
 
-
-
-
-def plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode, output_mask):
+def plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode, output_mask, eps=COSINE_EPS):
     """(grad_q, grad_k, grad_v, grad_ref) and the steps that fill them: the rows kernel (dq, Delta, the epilogue's
-    coefficients), the columns kernel (dk, dv), then the fixed-order sums and dtype casts."""
+    coefficients), the columns kernel (dk, dv), then the fixed-order sums and dtype casts. eps: the forward's (the
+    cosine's clamp, and its gradient's indicators [|E| > eps], [|ref| > eps])."""
     need_q, need_k, need_v, need_ref = output_mask
     need_ref = need_ref and score_mode != 0
     B, R, D = k.shape
     K, Dv = q.shape[-2], v.shape[-1]
     acc = accumulator_dtype(q.dtype)
-    fp64 = acc == torch.float64
     e = e.to(acc).contiguous()
     lse = lse.to(acc).contiguous()
     shared_q = q.dim() == 2
@@ -472,14 +590,15 @@ def plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode
         dq = torch.zeros((B, K, D) if need_q else (0,), device=q.device, dtype=acc)
     ref_t = ref if ref is not None else e
     mask_arg = _mask_arg(mask, lse)
-    scale_t = _scale_arg(scale, acc, q.device)
+    scale_t = _scalar_arg(scale, acc, q.device)
+    eps_t = _scalar_arg(eps, acc, q.device) if score_mode == 2 else scale_t  # (a placeholder: read for cosine only)
     q_strides = _strides3(q)
-    common = dict(FP64=fp64, DOT_PRECISION=dot_precision(q.dtype), BLOCK_K=block_k, BLOCK_R=block_r,
-                  BLOCK_D=block_d, BLOCK_DV=block_dv)
+    common = dict(ACC_DTYPE=tl_accumulator_dtype(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
+                  BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_DV=block_dv)
     steps = [Launch(
         _rows_backward_kernel, (triton.cdiv(K, block_k), splits),
         (g, ga, q, k, v, ref_t, mask_arg, e, lse, de, delta, coef_a, coef_c, dq,
-         B, K, R, D, Dv, scale_t, b_per_split,
+         B, K, R, D, Dv, scale_t, eps_t, b_per_split,
          *q_strides, *k.stride(), *v.stride(), *_strides3(ref_t)),
         dict(HAS_MASK=mask is not None, HAS_GA=has_ga, MODE=score_mode, NEED_Q=need_q, SHARED_Q=shared_q, **common),
         **_launch_options(block_r), flops=2 * B * K * R * (D + Dv) + (2 * B * K * R * D if need_q else 0),
@@ -493,8 +612,9 @@ def plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode
             (ga, q, k, v, mask_arg, lse, de, delta, grad_k, grad_v,
              K, R, D, Dv, scale_t,
              *q_strides, *k.stride(), *v.stride()),
-            dict(HAS_MASK=mask is not None, HAS_GA=has_ga, NEED_K=need_k, NEED_V=need_v, FP64=fp64,
-                 DOT_PRECISION=dot_precision(q.dtype), BLOCK_K=col_k, BLOCK_R=col_r, BLOCK_D=col_d, BLOCK_DV=col_dv),
+            dict(HAS_MASK=mask is not None, HAS_GA=has_ga, NEED_K=need_k, NEED_V=need_v,
+                 ACC_DTYPE=common["ACC_DTYPE"], DOT_PRECISION=common["DOT_PRECISION"],
+                 BLOCK_K=col_k, BLOCK_R=col_r, BLOCK_D=col_d, BLOCK_DV=col_dv),
             **_launch_options(col_r), flops=2 * B * K * R * (D + Dv) + 2 * B * K * R * ((D if need_k else 0) + (Dv if need_v else 0)),
         ))
     grads = []
@@ -513,7 +633,7 @@ def plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode
     return grads, steps + [finish]
 
 
-def backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode, output_mask):
-    grads, steps = plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode, output_mask)
+def backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode, output_mask, eps=COSINE_EPS):
+    grads, steps = plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode, output_mask, eps)
     run(steps)
     return tuple(grads)

@@ -1,4 +1,6 @@
-"""Triton kernels of cosine_logits (math: zslfast/ops/cosine_logits.py).
+"""Triton kernels of cosine_logits (the op and its autograd: zslfast/ops/cosine_logits.py).
+
+    out[n, c] = scale * <x[n], p[c]> * ix[n] * ip[c],   ix = 1 / max(|x|, eps), ip = 1 / max(|p|, eps)  (F.normalize's)
 
     forward   one kernel, grid (N / BLOCK_N, C / BLOCK_C): the D loop accumulates x @ protos.T with tl.dot and, from
               the same loaded tiles, the squared norms of the block's x rows and protos rows; the epilogue applies
@@ -17,8 +19,10 @@ tl.dot, as the eager code's normalised copies are), never in memory. No atomics:
 addressed through all its strides, so transposed and sliced inputs (and autograd's expanded grads) are read in
 place. Accumulation is in fp32, fp64 for fp64 inputs; tl.dot has no fp64, so fp64 multiplies and sums tiles.
 fp32 tl.dot runs "ieee" (as torch.matmul without TF32), or "tf32" when torch.backends.cuda.matmul.allow_tf32 is on.
-Shapes: x (N, D), protos (C, D), out / g (N, C), ix (N,), ip (C,), scale () -> out (N, C); grad_x (N, D),
-grad_protos (C, D), grad_scale ().
+Shapes: x (N, D), protos (C, D), scale () -> out (N, C), ix (N,), ip (C,); backward g (N, C) -> grad_x (N, D),
+grad_protos (C, D), grad_scale () (from partials (D / BLOCK_D, N), summed by torch). out and the gradients in the
+inputs' dtype; ix, ip, the partials and the scale the kernels read in the accumulator dtype. eps is a compile-time
+constant (EPS; the op passes its EPS = 1e-8).
 """
 
 import torch
@@ -26,14 +30,22 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreted
-from ._common import accumulator_dtype, block_size, dot_precision, inv_norm, mm
+from ._common import accumulator_dtype, block_size, dot_precision, inv_norm, mm, tl_accumulator_dtype
 from ._launch import Launch, run
 
 
 @triton.jit
-def _not_clamped(inverse_norm, EPS: tl.constexpr, FP64: tl.constexpr):
+def _not_clamped(inverse_norm, EPS: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """|v| > eps, read off 1 / max(|v|, eps): a clamped row's inverse norm is exactly 1 / eps, computed the same way."""
-    return inverse_norm < inv_norm(tl.full([], 0.0, inverse_norm.dtype), EPS, FP64)
+    return inverse_norm < inv_norm(tl.full([], 0.0, inverse_norm.dtype), EPS, ACC_DTYPE)
+
+
+@triton.jit
+def _normalised_grad(G, rows, inverse_norm, r, scale, EPS: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """The gradient of the rows of one side: scale * i * G - [|row| > eps] * row * i^2 * r, i = the rows' inverse
+    norms, G the other side's normalised rows weighted by g, r = sum g * out per row (grad_x; grad_protos alike)."""
+    norm_term = tl.where(_not_clamped(inverse_norm, EPS, ACC_DTYPE), inverse_norm * inverse_norm * r, 0.0)
+    return G * (scale * inverse_norm)[:, None] - rows * norm_term[:, None]
 
 
 @triton.jit
@@ -41,10 +53,9 @@ def _forward_kernel(
     x_ptr, p_ptr, scale_ptr, out_ptr, ix_ptr, ip_ptr,
     N, C, D,
     stride_xn, stride_xd, stride_pc, stride_pd, stride_on, stride_oc,
-    EPS: tl.constexpr, FP64: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EPS: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    ACC = tl.float64 if FP64 else tl.float32
     pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -53,22 +64,22 @@ def _forward_kernel(
     mask_c = offs_c < C
     x_rows = x_ptr + offs_n.to(tl.int64)[:, None] * stride_xn
     p_rows = p_ptr + offs_c.to(tl.int64)[:, None] * stride_pc
-    acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=ACC)
-    x_sq = tl.zeros([BLOCK_N], dtype=ACC)
-    p_sq = tl.zeros([BLOCK_C], dtype=ACC)
+    acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=ACC_DTYPE)
+    x_sq = tl.zeros([BLOCK_N], dtype=ACC_DTYPE)
+    p_sq = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
         x = tl.load(x_rows + offs_d[None, :] * stride_xd, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         p = tl.load(p_rows + offs_d[None, :] * stride_pd, mask=mask_c[:, None] & mask_d[None, :], other=0.0)
-        xf = x.to(ACC)
-        pf = p.to(ACC)
+        xf = x.to(ACC_DTYPE)
+        pf = p.to(ACC_DTYPE)
         x_sq += tl.sum(xf * xf, axis=1)
         p_sq += tl.sum(pf * pf, axis=1)
-        acc += mm(x, tl.trans(p), FP64, DOT_PRECISION)
-    ix = inv_norm(x_sq, EPS, FP64)
-    ip = inv_norm(p_sq, EPS, FP64)
-    scale = tl.load(scale_ptr).to(ACC)
+        acc += mm(x, tl.trans(p), ACC_DTYPE, DOT_PRECISION)
+    ix = inv_norm(x_sq, EPS, ACC_DTYPE)
+    ip = inv_norm(p_sq, EPS, ACC_DTYPE)
+    scale = tl.load(scale_ptr).to(ACC_DTYPE)
     out = acc * (scale * ix)[:, None] * ip[None, :]
     tl.store(
         out_ptr + offs_n.to(tl.int64)[:, None] * stride_on + offs_c[None, :] * stride_oc,
@@ -87,10 +98,9 @@ def _grad_x_kernel(
     N, C, D,
     stride_gn, stride_gc, stride_on, stride_oc, stride_xn, stride_xd, stride_pc, stride_pd,
     STORE_GRAD: tl.constexpr, NEED_SCALE: tl.constexpr,
-    EPS: tl.constexpr, FP64: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EPS: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    ACC = tl.float64 if FP64 else tl.float32
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -100,30 +110,29 @@ def _grad_x_kernel(
     rows64 = offs_n.to(tl.int64)
     g_rows = g_ptr + rows64[:, None] * stride_gn
     out_rows = out_ptr + rows64[:, None] * stride_on
-    G = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
-    r = tl.zeros([BLOCK_N], dtype=ACC)
+    G = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC_DTYPE)
+    r = tl.zeros([BLOCK_N], dtype=ACC_DTYPE)
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         mask_c = offs_c < C
         mask_nc = mask_n[:, None] & mask_c[None, :]
         g = tl.load(g_rows + offs_c[None, :] * stride_gc, mask=mask_nc, other=0.0)
         out = tl.load(out_rows + offs_c[None, :] * stride_oc, mask=mask_nc, other=0.0)
-        r += tl.sum(g.to(ACC) * out.to(ACC), axis=1)
+        r += tl.sum(g.to(ACC_DTYPE) * out.to(ACC_DTYPE), axis=1)
         ip = tl.load(ip_ptr + offs_c, mask=mask_c, other=0.0)
         p = tl.load(
             p_ptr + offs_c.to(tl.int64)[:, None] * stride_pc + offs_d[None, :] * stride_pd,
             mask=mask_c[:, None] & mask_d[None, :],
             other=0.0,
         )
-        p_hat = (p.to(ACC) * ip[:, None]).to(p_ptr.dtype.element_ty)
-        G += mm(g.to(p_ptr.dtype.element_ty), p_hat, FP64, DOT_PRECISION)
+        p_hat = (p.to(ACC_DTYPE) * ip[:, None]).to(p_ptr.dtype.element_ty)
+        G += mm(g.to(p_ptr.dtype.element_ty), p_hat, ACC_DTYPE, DOT_PRECISION)
     ix = tl.load(ix_ptr + offs_n, mask=mask_n, other=0.0)
     mask_nd = mask_n[:, None] & mask_d[None, :]
-    x = tl.load(x_ptr + rows64[:, None] * stride_xn + offs_d[None, :] * stride_xd, mask=mask_nd, other=0.0).to(ACC)
+    x = tl.load(x_ptr + rows64[:, None] * stride_xn + offs_d[None, :] * stride_xd, mask=mask_nd, other=0.0)
+    x = x.to(ACC_DTYPE)
     if STORE_GRAD:
-        scale = tl.load(scale_ptr).to(ACC)
-        norm_term = tl.where(_not_clamped(ix, EPS, FP64), ix * ix * r, 0.0)
-        grad = G * (scale * ix)[:, None] - x * norm_term[:, None]
+        grad = _normalised_grad(G, x, ix, r, tl.load(scale_ptr).to(ACC_DTYPE), EPS, ACC_DTYPE)
         tl.store(grad_x_ptr + rows64[:, None] * D + offs_d[None, :], grad.to(grad_x_ptr.dtype.element_ty), mask=mask_nd)
     if NEED_SCALE:
         tl.store(partial_ptr + pid_d.to(tl.int64) * N + offs_n, ix * tl.sum(x * G, axis=1), mask=mask_n)
@@ -134,18 +143,17 @@ def _grad_p_kernel(
     g_ptr, out_ptr, x_ptr, p_ptr, ix_ptr, ip_ptr, scale_ptr, grad_p_ptr,
     N, C, D,
     stride_gn, stride_gc, stride_on, stride_oc, stride_xn, stride_xd, stride_pc, stride_pd,
-    EPS: tl.constexpr, FP64: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EPS: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    ACC = tl.float64 if FP64 else tl.float32
     pid_c = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_c = offs_c < C
     mask_d = offs_d < D
-    H = tl.zeros([BLOCK_C, BLOCK_D], dtype=ACC)
-    q = tl.zeros([BLOCK_C], dtype=ACC)
+    H = tl.zeros([BLOCK_C, BLOCK_D], dtype=ACC_DTYPE)
+    q = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
@@ -153,22 +161,21 @@ def _grad_p_kernel(
         mask_nc = mask_n[:, None] & mask_c[None, :]
         g = tl.load(g_ptr + rows64[:, None] * stride_gn + offs_c[None, :] * stride_gc, mask=mask_nc, other=0.0)
         out = tl.load(out_ptr + rows64[:, None] * stride_on + offs_c[None, :] * stride_oc, mask=mask_nc, other=0.0)
-        q += tl.sum(g.to(ACC) * out.to(ACC), axis=0)
+        q += tl.sum(g.to(ACC_DTYPE) * out.to(ACC_DTYPE), axis=0)
         ix = tl.load(ix_ptr + offs_n, mask=mask_n, other=0.0)
         x = tl.load(
             x_ptr + rows64[:, None] * stride_xn + offs_d[None, :] * stride_xd,
             mask=mask_n[:, None] & mask_d[None, :],
             other=0.0,
         )
-        x_hat = (x.to(ACC) * ix[:, None]).to(x_ptr.dtype.element_ty)
-        H += mm(tl.trans(g.to(x_ptr.dtype.element_ty)), x_hat, FP64, DOT_PRECISION)
+        x_hat = (x.to(ACC_DTYPE) * ix[:, None]).to(x_ptr.dtype.element_ty)
+        H += mm(tl.trans(g.to(x_ptr.dtype.element_ty)), x_hat, ACC_DTYPE, DOT_PRECISION)
     ip = tl.load(ip_ptr + offs_c, mask=mask_c, other=0.0)
     mask_cd = mask_c[:, None] & mask_d[None, :]
     cols64 = offs_c.to(tl.int64)
-    p = tl.load(p_ptr + cols64[:, None] * stride_pc + offs_d[None, :] * stride_pd, mask=mask_cd, other=0.0).to(ACC)
-    scale = tl.load(scale_ptr).to(ACC)
-    norm_term = tl.where(_not_clamped(ip, EPS, FP64), ip * ip * q, 0.0)
-    grad = H * (scale * ip)[:, None] - p * norm_term[:, None]
+    p = tl.load(p_ptr + cols64[:, None] * stride_pc + offs_d[None, :] * stride_pd, mask=mask_cd, other=0.0)
+    p = p.to(ACC_DTYPE)
+    grad = _normalised_grad(H, p, ip, q, tl.load(scale_ptr).to(ACC_DTYPE), EPS, ACC_DTYPE)
     tl.store(grad_p_ptr + cols64[:, None] * D + offs_d[None, :], grad.to(grad_p_ptr.dtype.element_ty), mask=mask_cd)
 
 
@@ -202,7 +209,7 @@ def plan_forward(x: torch.Tensor, protos: torch.Tensor, scale: torch.Tensor, eps
         _forward_kernel, (triton.cdiv(N, block_n), triton.cdiv(C, block_c)),
         (x, protos, scale.to(acc_dtype), out, x_inv_norm, p_inv_norm, N, C, D,
          *x.stride(), *protos.stride(), *out.stride()),
-        dict(EPS=eps, FP64=x.dtype == torch.float64, DOT_PRECISION=dot_precision(x.dtype),
+        dict(EPS=eps, ACC_DTYPE=tl_accumulator_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
              BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d),
         num_warps=NUM_WARPS, flops=2 * N * C * D,
     )
@@ -231,13 +238,11 @@ def plan_backward(
     N, D = x.shape
     C = protos.shape[0]
     acc_dtype = accumulator_dtype(x.dtype)
-    fp64 = x.dtype == torch.float64
     block_n, block_c, block_d = _blocks(x, N, C, D, backward=True)
     d_blocks = triton.cdiv(D, block_d)
     scale_acc = scale.to(acc_dtype)
-    common = dict(
-        EPS=eps, FP64=fp64, DOT_PRECISION=dot_precision(x.dtype), BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d
-    )
+    common = dict(EPS=eps, ACC_DTYPE=tl_accumulator_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
+                  BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d)
     strides = (*grad.stride(), *out.stride(), *x.stride(), *protos.stride())
     empty = x.new_empty((0,))
     grad_x = torch.empty((N, D), dtype=x.dtype, device=x.device) if need_x else empty

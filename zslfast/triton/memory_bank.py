@@ -1,16 +1,23 @@
-"""Triton kernel of memory_bank_kl (math: zslfast/ops/memory_bank.py), forward and gradient in one launch.
+"""Triton kernel of memory_bank_kl (the op and its autograd: zslfast/ops/memory_bank.py), forward and gradient in
+one launch.
 
-    grid (B * M,): program r = (b, m) handles one row; inactive rows write a zero gradient and kl_row = 0.
-    Active rows read z[b, m] and protos[labels[b], m] in place (the gather is an index in the kernel: no (B, M, D)
-    copy of the prototypes), then
-        lse_z = logsumexp(z), lse_p = logsumexp(p), P = exp(z - lse_z), a = (z - lse_z) - (p - lse_p)
-        kl_row[r]  = sum_d P_d a_d
-        grad_z[r]  = P * (a - kl_row[r]) / max(n_active, 1)
-    Rows of D <= MAX_SINGLE_BLOCK are held in registers (one read of each side); longer rows are streamed in
-    BLOCK_D chunks (online logsumexp, then the KL, then the gradient: three reads). n_active = active.sum() is read
-    on the device (no host sync); loss = sum(kl_row) / max(n_active, 1) by torch.sum (fixed order: deterministic).
-    Every tensor is addressed through all its strides. Accumulation in fp32, fp64 for fp64 inputs.
-Shapes: z (B, M, D), protos (C, M, D), labels (B,) int64, active (B, M) bool -> loss (), grad_z (B, M, D) or (0,).
+The math, per row r = (b, m) with z = z[b, m], p = protos[labels[b], m] (the prototypes' logits, gathered by index):
+
+    lse_z = logsumexp(z), lse_p = logsumexp(p), P = exp(z - lse_z), a = (z - lse_z) - (p - lse_p)
+    kl_row[r]  = sum_d P_d a_d                             KL(softmax(z) || softmax(p)); 0 for an inactive row
+    grad_z[r]  = P * (a - kl_row[r]) / max(n_active, 1)    0 for an inactive row
+    loss       = sum_r kl_row[r] / max(n_active, 1),  n_active = active.sum()
+
+    grid (B * M,): program r handles one row; a row is inactive where active[b, m] is False or labels[b] is out of
+    [0, C) (possible only under torch.compile, where the Python check does not run): it reads nothing. Active rows
+    read z[b, m] and protos[labels[b], m] in place (no (B, M, D) copy of the prototypes). Rows of D <=
+    MAX_SINGLE_BLOCK are held in registers (one read of each side); longer rows are streamed in BLOCK_D chunks
+    (online logsumexp, then the KL, then the gradient: three reads, two without the gradient). n_active is read on
+    the device (no host sync); the loss is summed by torch.sum (fixed order: deterministic). Every tensor is
+    addressed through all its strides. Accumulation in fp32, fp64 for fp64 inputs.
+
+Shapes: z (B, M, D), protos (C, M, D), labels (B,) int64, active (B, M) bool (read as uint8), n_active () int64
+-> kl_row (B * M,) in the accumulator dtype, loss () and grad_z (B, M, D) (or (0,) without the gradient) in z's dtype.
 """
 
 import torch
@@ -25,11 +32,86 @@ MAX_SINGLE_BLOCK = 8192  # tests lower it to run the streaming path on small row
 
 
 @triton.jit
+def _load_rows(z_row, p_row, offs, D, stride_zd, stride_pd, other, ACC_DTYPE: tl.constexpr):
+    """(z, p, offs < D): the two rows at offs in ACC_DTYPE, ``other`` past D."""
+    mask = offs < D
+    z = tl.load(z_row + offs * stride_zd, mask=mask, other=other).to(ACC_DTYPE)
+    p = tl.load(p_row + offs * stride_pd, mask=mask, other=other).to(ACC_DTYPE)
+    return z, p, mask
+
+
+@triton.jit
+def _kl_in_registers(
+    z_row, p_row, kl_ptr, grad_row, r, offs, inv_n, D, stride_zd, stride_pd,
+    COMPUTE_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """kl_row[r] and grad_z[r] of a row held whole in registers (offs covers D): one read of each side."""
+    z, p, mask = _load_rows(z_row, p_row, offs, D, stride_zd, stride_pd, 0.0, ACC_DTYPE)
+    max_z = tl.max(tl.where(mask, z, -float("inf")), axis=0)
+    max_p = tl.max(tl.where(mask, p, -float("inf")), axis=0)
+    ez = tl.where(mask, tl.exp(z - max_z), 0.0)
+    sum_z = tl.sum(ez, axis=0)
+    lse_z = max_z + tl.log(sum_z)
+    lse_p = max_p + tl.log(tl.sum(tl.where(mask, tl.exp(p - max_p), 0.0), axis=0))
+    a = tl.where(mask, (z - lse_z) - (p - lse_p), 0.0)
+    P = ez / sum_z
+    kl = tl.sum(P * a, axis=0)
+    tl.store(kl_ptr + r, kl)
+    if COMPUTE_GRAD:
+        tl.store(grad_row + offs, (P * (a - kl) * inv_n).to(grad_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _streamed_lse(z_row, p_row, D, stride_zd, stride_pd, ACC_DTYPE: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(lse_z, lse_p) of rows streamed in BLOCK_D chunks: running maxima and rescaled sums (the first read)."""
+    offs = tl.arange(0, BLOCK_D)
+    max_z = tl.full([], -float("inf"), ACC_DTYPE)
+    max_p = tl.full([], -float("inf"), ACC_DTYPE)
+    sum_z = tl.zeros([], ACC_DTYPE)
+    sum_p = tl.zeros([], ACC_DTYPE)
+    for d0 in range(0, D, BLOCK_D):
+        z, p, mask = _load_rows(z_row, p_row, d0 + offs, D, stride_zd, stride_pd, -float("inf"), ACC_DTYPE)
+        new_max_z = tl.maximum(max_z, tl.max(z, axis=0))
+        new_max_p = tl.maximum(max_p, tl.max(p, axis=0))
+        sum_z = sum_z * tl.exp(max_z - new_max_z) + tl.sum(tl.exp(z - new_max_z), axis=0)
+        sum_p = sum_p * tl.exp(max_p - new_max_p) + tl.sum(tl.exp(p - new_max_p), axis=0)
+        max_z = new_max_z
+        max_p = new_max_p
+    return max_z + tl.log(sum_z), max_p + tl.log(sum_p)
+
+
+@triton.jit
+def _streamed_kl(z_row, p_row, lse_z, lse_p, D, stride_zd, stride_pd, ACC_DTYPE: tl.constexpr, BLOCK_D: tl.constexpr):
+    """sum_d P_d a_d of streamed rows (the second read)."""
+    offs = tl.arange(0, BLOCK_D)
+    kl_acc = tl.zeros([BLOCK_D], ACC_DTYPE)
+    for d0 in range(0, D, BLOCK_D):
+        z, p, mask = _load_rows(z_row, p_row, d0 + offs, D, stride_zd, stride_pd, 0.0, ACC_DTYPE)
+        a = (z - lse_z) - (p - lse_p)
+        kl_acc += tl.where(mask, tl.exp(z - lse_z) * a, 0.0)
+    return tl.sum(kl_acc, axis=0)
+
+
+@triton.jit
+def _streamed_grad(
+    grad_row, z_row, p_row, lse_z, lse_p, kl, inv_n, D, stride_zd, stride_pd,
+    ACC_DTYPE: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """grad_z = P (a - kl) / max(n_active, 1) of streamed rows (the third read)."""
+    offs = tl.arange(0, BLOCK_D)
+    for d0 in range(0, D, BLOCK_D):
+        z, p, mask = _load_rows(z_row, p_row, d0 + offs, D, stride_zd, stride_pd, 0.0, ACC_DTYPE)
+        a = (z - lse_z) - (p - lse_p)
+        grad = tl.exp(z - lse_z) * (a - kl) * inv_n
+        tl.store(grad_row + d0 + offs, grad.to(grad_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _kl_kernel(
     z_ptr, p_ptr, labels_ptr, active_ptr, n_active_ptr, kl_ptr, grad_ptr,
     M, C, D,
     stride_zb, stride_zm, stride_zd, stride_pc, stride_pm, stride_pd, stride_l, stride_ab, stride_am,
-    COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr, SINGLE: tl.constexpr, BLOCK_D: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr, SINGLE: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     r = tl.program_id(0)
     b = r // M
@@ -40,66 +122,25 @@ def _kl_kernel(
     grad_row = grad_ptr + r.to(tl.int64) * D
     offs = tl.arange(0, BLOCK_D)
     if on:
-        n_active = tl.load(n_active_ptr).to(ACC)
+        n_active = tl.load(n_active_ptr).to(ACC_DTYPE)
         inv_n = 1.0 / tl.maximum(n_active, 1.0)
         z_row = z_ptr + b.to(tl.int64) * stride_zb + m.to(tl.int64) * stride_zm
         p_row = p_ptr + label.to(tl.int64) * stride_pc + m.to(tl.int64) * stride_pm
         if SINGLE:
-            mask = offs < D
-            z = tl.load(z_row + offs * stride_zd, mask=mask, other=0.0).to(ACC)
-            p = tl.load(p_row + offs * stride_pd, mask=mask, other=0.0).to(ACC)
-            max_z = tl.max(tl.where(mask, z, -float("inf")), axis=0)
-            max_p = tl.max(tl.where(mask, p, -float("inf")), axis=0)
-            ez = tl.where(mask, tl.exp(z - max_z), 0.0)
-            sum_z = tl.sum(ez, axis=0)
-            lse_z = max_z + tl.log(sum_z)
-            lse_p = max_p + tl.log(tl.sum(tl.where(mask, tl.exp(p - max_p), 0.0), axis=0))
-            a = tl.where(mask, (z - lse_z) - (p - lse_p), 0.0)
-            P = ez / sum_z
-            kl = tl.sum(P * a, axis=0)
-            tl.store(kl_ptr + r, kl)
-            if COMPUTE_GRAD:
-                tl.store(grad_row + offs, (P * (a - kl) * inv_n).to(grad_ptr.dtype.element_ty), mask=mask)
+            _kl_in_registers(z_row, p_row, kl_ptr, grad_row, r, offs, inv_n, D, stride_zd, stride_pd,
+                             COMPUTE_GRAD, ACC_DTYPE)
         else:
-            max_z = tl.full([], -float("inf"), ACC)
-            max_p = tl.full([], -float("inf"), ACC)
-            sum_z = tl.zeros([], ACC)
-            sum_p = tl.zeros([], ACC)
-            for d0 in range(0, D, BLOCK_D):
-                mask = d0 + offs < D
-                z = tl.load(z_row + (d0 + offs) * stride_zd, mask=mask, other=-float("inf")).to(ACC)
-                p = tl.load(p_row + (d0 + offs) * stride_pd, mask=mask, other=-float("inf")).to(ACC)
-                new_max_z = tl.maximum(max_z, tl.max(z, axis=0))
-                new_max_p = tl.maximum(max_p, tl.max(p, axis=0))
-                sum_z = sum_z * tl.exp(max_z - new_max_z) + tl.sum(tl.exp(z - new_max_z), axis=0)
-                sum_p = sum_p * tl.exp(max_p - new_max_p) + tl.sum(tl.exp(p - new_max_p), axis=0)
-                max_z = new_max_z
-                max_p = new_max_p
-            lse_z = max_z + tl.log(sum_z)
-            lse_p = max_p + tl.log(sum_p)
-            kl_acc = tl.zeros([BLOCK_D], ACC)
-            for d0 in range(0, D, BLOCK_D):
-                mask = d0 + offs < D
-                z = tl.load(z_row + (d0 + offs) * stride_zd, mask=mask, other=0.0).to(ACC)
-                p = tl.load(p_row + (d0 + offs) * stride_pd, mask=mask, other=0.0).to(ACC)
-                a = (z - lse_z) - (p - lse_p)
-                kl_acc += tl.where(mask, tl.exp(z - lse_z) * a, 0.0)
-            kl = tl.sum(kl_acc, axis=0)
+            lse_z, lse_p = _streamed_lse(z_row, p_row, D, stride_zd, stride_pd, ACC_DTYPE, BLOCK_D)
+            kl = _streamed_kl(z_row, p_row, lse_z, lse_p, D, stride_zd, stride_pd, ACC_DTYPE, BLOCK_D)
             tl.store(kl_ptr + r, kl)
             if COMPUTE_GRAD:
-                for d0 in range(0, D, BLOCK_D):
-                    mask = d0 + offs < D
-                    z = tl.load(z_row + (d0 + offs) * stride_zd, mask=mask, other=0.0).to(ACC)
-                    p = tl.load(p_row + (d0 + offs) * stride_pd, mask=mask, other=0.0).to(ACC)
-                    a = (z - lse_z) - (p - lse_p)
-                    grad = tl.exp(z - lse_z) * (a - kl) * inv_n
-                    tl.store(grad_row + d0 + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+                _streamed_grad(grad_row, z_row, p_row, lse_z, lse_p, kl, inv_n, D, stride_zd, stride_pd,
+                               ACC_DTYPE, BLOCK_D)
     else:
-        tl.store(kl_ptr + r, tl.zeros([], ACC))
+        tl.store(kl_ptr + r, tl.zeros([], ACC_DTYPE))
         if COMPUTE_GRAD:
             for d0 in range(0, D, BLOCK_D):
-                mask = d0 + offs < D
-                tl.store(grad_row + d0 + offs, tl.zeros([BLOCK_D], grad_ptr.dtype.element_ty), mask=mask)
+                tl.store(grad_row + d0 + offs, tl.zeros([BLOCK_D], grad_ptr.dtype.element_ty), mask=d0 + offs < D)
 
 
 def plan_kl_forward(z: torch.Tensor, protos: torch.Tensor, labels: torch.Tensor, active: torch.Tensor,
@@ -121,7 +162,7 @@ def plan_kl_forward(z: torch.Tensor, protos: torch.Tensor, labels: torch.Tensor,
         _kl_kernel, (B * M,),
         (z, protos, labels, active_u8, n_active, kl_rows, grad_z if compute_grad else kl_rows,
          M, C, D, *z.stride(), *protos.stride(), labels.stride(0), *active_u8.stride()),
-        dict(COMPUTE_GRAD=compute_grad, ACC=tl_accumulator_dtype(z.dtype), SINGLE=single, BLOCK_D=block_d),
+        dict(COMPUTE_GRAD=compute_grad, ACC_DTYPE=tl_accumulator_dtype(z.dtype), SINGLE=single, BLOCK_D=block_d),
         num_warps=4 if block_d <= 1024 else 8,
         flops=B * M * D * (12 if compute_grad else 8),
     )

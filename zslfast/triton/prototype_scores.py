@@ -10,7 +10,8 @@
                                                                               summed afterwards in block order
 No atomics anywhere: the backward is deterministic, and S depends on the shapes only. Every tensor is addressed
 through all its strides, so transposed and sliced inputs are read in place. Accumulation is in fp32 (fp64 for fp64 inputs).
-Shapes: e (B, K), s (C, K), w (B, C, K), g (B, C).
+Shapes: e (B, K), s (C, K), w (B, C, K) -> out (B, C); backward g (B, C) -> grad_e (B, K), grad_s (C, K), grad_w
+(B, C, K) (or (0,) when not needed), in the inputs' dtype; the partials in the accumulator dtype.
 """
 
 import torch
