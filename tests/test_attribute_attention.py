@@ -199,19 +199,19 @@ def test_gradcheck(device, backend, q_kind, ref_kind, score, generator):
 def test_opcheck(device, backend, generator):
     q, k, v, ref = make_inputs(2, 3, 4, 5, 3, "shared", "shared", torch.float32, device, generator)
     mask = torch.tensor([[True, False, True, True], [True, True, False, True]], device=device)
-    for mode, return_attention in ((2, False), (1, True), (0, False)):
+    for score, return_attention in (("cosine", False), ("dot", True), (None, False)):
         for requires_grad in (False, True):
             args = [t.clone().requires_grad_(requires_grad) for t in (q, k, v, ref)]
             torch.library.opcheck(
                 torch.ops.zslfast.attribute_attention.default,
-                (*args, mask, 0.5, mode, return_attention, requires_grad, backend),
+                (*args, mask, 0.5, score, 1e-8, return_attention, requires_grad, backend),
             )
-    out, e, lse, _ = torch.ops.zslfast.attribute_attention(q, k, v, ref, mask, 0.5, 2, False, True, backend)
+    out, e, lse, _ = torch.ops.zslfast.attribute_attention(q, k, v, ref, mask, 0.5, "cosine", 1e-8, False, True, backend)
     grad = torch.randn(2, 3, generator=generator).to(device)
     for output_mask in ([True, True, True, True], [False, True, False, True]):
         torch.library.opcheck(
             torch.ops.zslfast.attribute_attention_backward.default,
-            (grad, None, q, k, v, ref, mask, e, lse, 0.5, 2, output_mask, backend),
+            (grad, None, q, k, v, ref, mask, e, lse, 0.5, "cosine", 1e-8, output_mask, backend),
         )
 
 
@@ -341,7 +341,7 @@ def test_scores_without_grad_do_not_write_e(device, backend, generator):
 
     B, K, R, D, Dv = 4, 16, 9, 8, 256
     q, k, v, ref = make_inputs(B, K, R, D, Dv, "shared", "shared", torch.float32, device, generator)
-    _, e, _, _ = torch.ops.zslfast.attribute_attention(q, k, v, ref, None, 0.3, 2, False, False, backend)
+    _, e, _, _ = torch.ops.zslfast.attribute_attention(q, k, v, ref, None, 0.3, "cosine", 1e-8, False, False, backend)
     assert e.numel() == 0
     zslfast.attribute_attention(q, k, v, ref, backend=backend)  # warm-up (Triton compiles, CPU pool starts)
     peak = peak_bytes(lambda: zslfast.attribute_attention(q, k, v, ref, backend=backend), torch.device(device))

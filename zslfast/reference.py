@@ -106,7 +106,9 @@ def attribute_attention(q, k, v, ref=None, *, scale=None, mask=None, score="cosi
     if ref is None or score is None:
         out = e
     elif score == "cosine":
-        out = F.cosine_similarity(e, ref.expand_as(e), dim=-1, eps=eps)
+        # F.cosine_similarity's value; written with F.normalize so that the gradient of a clamped norm is 0, as in
+        # the kernels (F.cosine_similarity's own backward differs where |E| < eps).
+        out = (F.normalize(e, dim=-1, eps=eps) * F.normalize(ref.expand_as(e), dim=-1, eps=eps)).sum(-1)
     elif score == "dot":
         out = (e * ref).sum(-1)
     else:
