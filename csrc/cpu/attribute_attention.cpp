@@ -2,6 +2,7 @@
 // zslfast/ops/attribute_attention.py).
 //
 //   q (K, D) shared or (B, K, D), k (B, R, D), v (B, R, Dv), ref (K, Dv) | (B, K, Dv) | none, mask (B, R) bool | none
+//   cosine score <E, ref> * inv_norm(|E|^2, eps) * inv_norm(|ref|^2, eps) (inv_norm.h), eps an argument (default 1e-8)
 //   forward, one work unit per (b, tile of query rows), at::parallel_for over the units:
 //       S = q_tile @ k[b]^T                      at::mm into a (rows x R) scratch tile (single-threaded inside the
 //       P = softmax(S * scale) over kept r       parallel region, as ATen runs nested ops), softmax in place,
@@ -27,12 +28,12 @@
 #include <limits>
 #include <vector>
 
-#include "simd.h"
+#include "cpu/simd.h"
+#include "inv_norm.h"
 
 namespace zslfast {
 namespace {
 
-constexpr double kCosineEps = 1e-8;  // F.cosine_similarity's eps in the papers' code
 enum ScoreMode : int64_t { kNone = 0, kDot = 1, kCosine = 2 };
 
 // exp for float rows through exp_poly (simd.h), which vectorises; exp(-inf) = 0 for masked scores, and anything
@@ -60,11 +61,6 @@ acc_t row_dot(const acc_t* a, const acc_t* b, int64_t n) {
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
   return sum;
-}
-
-template <typename acc_t>
-acc_t inv_norm(acc_t sum_sq) {
-  return acc_t(1) / std::max(std::sqrt(sum_sq), static_cast<acc_t>(kCosineEps));
 }
 
 // Softmax of scale * s over the kept entries of one row, in place; returns the row's log-sum-exp (0 when no entry
@@ -163,7 +159,8 @@ int64_t query_tile(const Dims& d) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attribute_attention_fwd_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const c10::optional<at::Tensor>& ref_in,
-    const c10::optional<at::Tensor>& mask_in, double scale, int64_t mode, bool return_attention, bool save_e) {
+    const c10::optional<at::Tensor>& mask_in, double scale, int64_t mode, bool return_attention, bool save_e,
+    double eps) {
   const Dims d = check_dims(q_in, k_in, v_in, ref_in, mask_in, mode, "zslfast::_attribute_attention_fwd");
   const at::NoGradGuard no_grad;  // the at::mm_out calls below reject inputs that require grad
   const auto acc_type = at::toOpMathType(q_in.scalar_type());
@@ -190,6 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attribute_attention_f
     const acc_t* ref_all = ref.defined() ? ref.data_ptr<acc_t>() : nullptr;
     scalar_t* out_all = out.defined() ? out.data_ptr<scalar_t>() : nullptr;
     scalar_t* attn_all = return_attention ? attn.data_ptr<scalar_t>() : nullptr;
+    const acc_t ep = static_cast<acc_t>(eps);
     at::parallel_for(0, d.B * tiles, 1, [&](int64_t begin, int64_t end) {
       const at::NoGradGuard worker_no_grad;  // grad mode is thread-local: on again in the pool's threads
       at::Tensor scratch = at::empty({tile, d.R}, acc_opts);
@@ -217,7 +215,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attribute_attention_f
           const acc_t* r_row = ref_all + ((d.shared_ref ? 0 : b * d.K) + i) * d.Dv;
           const acc_t dot = row_dot(e_row, r_row, d.Dv);
           acc_t value = dot;
-          if (mode == kCosine) value = dot * inv_norm(row_dot(e_row, e_row, d.Dv)) * inv_norm(row_dot(r_row, r_row, d.Dv));
+          if (mode == kCosine) {
+            value = dot * inv_norm(row_dot(e_row, e_row, d.Dv), ep) * inv_norm(row_dot(r_row, r_row, d.Dv), ep);
+          }
           out_all[b * d.K + i] = static_cast<scalar_t>(value);
         }
       }
@@ -234,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attribute_attention_b
     const at::Tensor& grad_in, const c10::optional<at::Tensor>& grad_attn_in, const at::Tensor& q_in,
     const at::Tensor& k_in, const at::Tensor& v_in, const c10::optional<at::Tensor>& ref_in,
     const c10::optional<at::Tensor>& mask_in, const at::Tensor& e_in, const at::Tensor& lse_in, double scale,
-    int64_t mode, std::array<bool, 4> output_mask) {
+    int64_t mode, std::array<bool, 4> output_mask, double eps) {
   const char* op = "zslfast::_attribute_attention_bwd";
   const Dims d = check_dims(q_in, k_in, v_in, ref_in, mask_in, mode, op);
   const at::NoGradGuard no_grad;
@@ -280,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attribute_attention_b
   if (need_q || need_k || need_v || need_ref) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q_in.scalar_type(), "attribute_attention_bwd_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      const acc_t sc = static_cast<acc_t>(scale);
+      const acc_t sc = static_cast<acc_t>(scale), ep = static_cast<acc_t>(eps);
       const bool* keep_all = mask.defined() ? mask.data_ptr<bool>() : nullptr;
       const acc_t* e_all = e.data_ptr<acc_t>();
       const acc_t* lse_all = lse.data_ptr<acc_t>();
@@ -310,12 +310,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attribute_attention_b
                 c_e = c_r = 0;
               } else {
                 const acc_t e_sq = row_dot(e_row, e_row, d.Dv), r_sq = row_dot(r_row, r_row, d.Dv);
-                const acc_t ie = inv_norm(e_sq), ir = inv_norm(r_sq);
+                const acc_t ie = inv_norm(e_sq, ep), ir = inv_norm(r_sq, ep);
                 const acc_t cos = row_dot(e_row, r_row, d.Dv) * ie * ir;
                 a_e = a_r = gi * ie * ir;
-                const acc_t eps_sq = static_cast<acc_t>(kCosineEps * kCosineEps);
-                c_e = e_sq > eps_sq ? gi * cos * ie * ie : acc_t(0);
-                c_r = r_sq > eps_sq ? gi * cos * ir * ir : acc_t(0);
+                c_e = norm_clamped(ie, ep) ? acc_t(0) : gi * cos * ie * ie;  // [|E| > eps]
+                c_r = norm_clamped(ir, ep) ? acc_t(0) : gi * cos * ir * ir;
               }
               combine_rows(de_row, a_e, r_row, c_e, e_row, d.Dv);
               if (need_ref) {
