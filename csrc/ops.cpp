@@ -29,14 +29,15 @@ TORCH_LIBRARY(zslfast, m) {
 
   // attribute_attention: E = softmax(q k^T * scale over kept r) v, then a cosine/dot score against ref per row.
   //   q (K, D) or (B, K, D), k (B, R, D), v (B, R, Dv), ref (K, Dv) | (B, K, Dv) (needed unless score_mode is 0),
-  //   mask (B, R) bool (True = kept); score_mode 0 = E, 1 = <E, ref>, 2 = cos(E, ref) (eps 1e-8)
+  //   mask (B, R) bool (True = kept); score_mode 0 = E, 1 = <E, ref>, 2 = cos(E, ref) with F.cosine_similarity's
+  //   clamp <E, ref> / (max(|E|, eps) * max(|ref|, eps)) (eps defaults to F.cosine_similarity's 1e-8)
   //   -> out ((B, K, Dv) for mode 0, else (B, K)), e (B, K, Dv) in float/double (empty for mode 0, where out is E),
   //      lse (B, K) float/double (0 for fully masked rows), attn (B, K, R) when return_attention, else empty;
   //      save_e false (no backward to come): e comes back empty for modes 1 and 2, E is never written out
-  m.def("_attribute_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? ref, Tensor? mask, float scale, int score_mode, bool return_attention, bool save_e) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("_attribute_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? ref, Tensor? mask, float scale, int score_mode, bool return_attention, bool save_e, float eps=1e-08) -> (Tensor, Tensor, Tensor, Tensor)");
   //   grad (like out), grad_attn None/empty or (B, K, R), e = E (B, K, Dv) -> grad_q, grad_k, grad_v, grad_ref;
-  //   an output whose output_mask entry is false (or grad_ref for mode 0) comes back empty
-  m.def("_attribute_attention_bwd(Tensor grad, Tensor? grad_attn, Tensor q, Tensor k, Tensor v, Tensor? ref, Tensor? mask, Tensor e, Tensor lse, float scale, int score_mode, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  //   an output whose output_mask entry is false (or grad_ref for mode 0) comes back empty; eps as in the forward
+  m.def("_attribute_attention_bwd(Tensor grad, Tensor? grad_attn, Tensor q, Tensor k, Tensor v, Tensor? ref, Tensor? mask, Tensor e, Tensor lse, float scale, int score_mode, bool[4] output_mask, float eps=1e-08) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // memory_bank update, in place: features (C, M, K, D), confidences (C, M, K), counts (C, M) int64, next_slot
   //   (C, M) int64, stale (C, M) bool (set where a queue changed); offers z (N, M, D), y (N,) int64, conf (N, M);

@@ -1,13 +1,20 @@
-// attribute_attention on CPU: attribute->region cross-attention with a fused cosine/dot epilogue (math and shapes:
-// zslfast/ops/attribute_attention.py).
+// attribute_attention on CPU: attribute->region cross-attention with a fused cosine/dot epilogue (the math and its
+// derivation: zslfast/ops/attribute_attention.py).
 //
 //   q (K, D) shared or (B, K, D), k (B, R, D), v (B, R, Dv), ref (K, Dv) | (B, K, Dv) | none, mask (B, R) bool | none
-//   forward, one work unit per (b, tile of query rows), at::parallel_for over the units:
+//   S = scale * q k[b]^T (K, R),  P = softmax of S over the kept r (a row with none kept is all 0),  E = P v[b] (K, Dv)
+//   out[b, i] = E[b, i]                                          score_mode 0        out (B, K, Dv)
+//             = <E[b, i], ref[i]>                                score_mode 1 (dot)  out (B, K)
+//             = <E, ref> * inv_norm(|E|^2, eps) * inv_norm(|ref|^2, eps)   2 (cosine), inv_norm.h: F.cosine_similarity
+//   also e = E (B, K, Dv) for the backward, lse (B, K) = log sum_{kept r} exp(S) (0 for a fully masked row), and
+//   attn = P (B, K, R) only when asked for.
+//
+//   forward, one work unit per (b, tile of query rows), at::parallel_for over the units (forward_unit):
 //       S = q_tile @ k[b]^T                      at::mm into a (rows x R) scratch tile (single-threaded inside the
-//       P = softmax(S * scale) over kept r       parallel region, as ATen runs nested ops), softmax in place,
-//       E_tile = P @ v[b]                        at::mm straight into E, then the cosine/dot epilogue per row.
-//       lse[b, i] = log sum_r exp(S * scale)     saved for the backward; 0 for a fully masked row (P = 0 there)
-//   backward, one work unit per b (its dk[b], dv[b] need every query row):
+//       P = softmax(S) over kept r               parallel region, as ATen runs nested ops), softmax in place,
+//       E_tile = P @ v[b]                        at::mm straight into E (or a scratch tile when no backward comes),
+//       out[b, i] = score(E[b, i], ref[i])       then the cosine/dot epilogue per row.
+//   backward, one work unit per b (its dk[b], dv[b] need every query row; backward_sample):
 //       dE from the epilogue's gradient, Delta[i] = <dE[i], E[i]>, P recomputed from lse,
 //       dP = dE @ v[b]^T (+ grad_attn), dS = scale * P * (dP - Delta),
 //       dv[b] = P^T @ dE, dk[b] = dS^T @ q_b, dq[b] = dS @ k[b] (per-sample q).
@@ -21,21 +28,25 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
-#include "simd.h"
+#include "cpu/simd.h"
+#include "inv_norm.h"
 
 namespace zslfast {
 namespace {
 
-constexpr double kCosineEps = 1e-8;  // F.cosine_similarity's eps in the papers' code
 enum ScoreMode : int64_t { kNone = 0, kDot = 1, kCosine = 2 };
 
-// exp for float rows through exp_poly (simd.h), which vectorises; exp(-inf) = 0 for masked scores, and anything
+// ------------------------------------------------------------------------------------------------------ row loops
+
+// exp for float rows through exp_poly (cpu/simd.h), which vectorises; exp(-inf) = 0 for masked scores, and anything
 // below -87.3 flushes to 0 as well.
 ZSLFAST_SIMD_CLONES
 void exp_rows_float(float* x, int64_t n) {
@@ -60,11 +71,6 @@ acc_t row_dot(const acc_t* a, const acc_t* b, int64_t n) {
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
   return sum;
-}
-
-template <typename acc_t>
-acc_t inv_norm(acc_t sum_sq) {
-  return acc_t(1) / std::max(std::sqrt(sum_sq), static_cast<acc_t>(kCosineEps));
 }
 
 // Softmax of scale * s over the kept entries of one row, in place; returns the row's log-sum-exp (0 when no entry
@@ -124,6 +130,37 @@ void softmax_grad_row(acc_t* dp, const acc_t* p, const acc_t* ga, acc_t scale, a
   }
 }
 
+// ------------------------------------------------------------------------------------------------- the epilogue
+
+// The score of one row: <E, ref> (dot) or <E, ref> iE iR (cosine), iE = inv_norm(|E|^2, eps), iR likewise.
+template <typename acc_t>
+acc_t score_row(const acc_t* e_row, const acc_t* r_row, int64_t Dv, int64_t mode, acc_t eps) {
+  const acc_t dot = row_dot(e_row, r_row, Dv);
+  if (mode != kCosine) return dot;
+  return dot * inv_norm(row_dot(e_row, e_row, Dv), eps) * inv_norm(row_dot(r_row, r_row, Dv), eps);
+}
+
+// The score's gradient for one row as two linear combinations of E and ref, g = dL/dout:
+//   dE = a_e ref - c_e E,   dref = a_r E - c_r ref
+//   dot     a_e = a_r = g,  c_e = c_r = 0
+//   cosine  a_e = a_r = g iE iR,  c_e = [|E| > eps] g cos iE^2,  c_r = [|ref| > eps] g cos iR^2
+// (a clamped norm is the constant eps: it has no derivative, hence the indicators).
+template <typename acc_t>
+struct ScoreGrad {
+  acc_t a_e, c_e, a_r, c_r;
+};
+
+template <typename acc_t>
+ScoreGrad<acc_t> score_grad(const acc_t* e_row, const acc_t* r_row, int64_t Dv, int64_t mode, acc_t g, acc_t eps) {
+  if (mode == kDot) return {g, acc_t(0), g, acc_t(0)};
+  const acc_t ie = inv_norm(row_dot(e_row, e_row, Dv), eps), ir = inv_norm(row_dot(r_row, r_row, Dv), eps);
+  const acc_t cos = row_dot(e_row, r_row, Dv) * ie * ir;
+  const acc_t a = g * ie * ir;
+  return {a, norm_clamped(ie, eps) ? acc_t(0) : g * cos * ie * ie, a, norm_clamped(ir, eps) ? acc_t(0) : g * cos * ir * ir};
+}
+
+// ------------------------------------------------------------------------------------------------------- checks
+
 struct Dims {
   int64_t B, K, R, D, Dv;
   bool shared_q, shared_ref;
@@ -153,6 +190,75 @@ Dims check_dims(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
   return d;
 }
 
+// The backward's own inputs: e (B, K, Dv), lse (B, K), grad like the forward's out.
+void check_backward_inputs(const Dims& d, int64_t mode, const at::Tensor& grad, const at::Tensor& e,
+                           const at::Tensor& lse, const char* op) {
+  TORCH_CHECK(e.dim() == 3 && e.size(0) == d.B && e.size(1) == d.K && e.size(2) == d.Dv, op,
+              ": e must be (B, K, Dv), got ", e.sizes());
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == d.B && lse.size(1) == d.K, op, ": lse must be (B, K), got ",
+              lse.sizes());
+  if (mode == kNone) {
+    TORCH_CHECK(grad.dim() == 3 && grad.sizes() == e.sizes(), op, ": grad must be (B, K, Dv), got ", grad.sizes());
+  } else {
+    TORCH_CHECK(grad.dim() == 2 && grad.size(0) == d.B && grad.size(1) == d.K, op, ": grad must be (B, K), got ",
+                grad.sizes());
+  }
+}
+
+// The inputs in the accumulator type, contiguous: the kernels read raw rows and run at::mm in acc_t.
+at::Tensor to_acc(const at::Tensor& t, at::ScalarType acc_type) { return t.to(acc_type).contiguous(); }
+
+// ------------------------------------------------------------------------------------------------------ forward
+
+// What every forward work unit reads and writes.
+template <typename scalar_t>
+struct Forward {
+  using acc_t = at::opmath_type<scalar_t>;
+  Dims d;
+  int64_t mode;
+  acc_t scale, eps;
+  at::Tensor q, k, v;  // acc_t, contiguous
+  const acc_t* ref;    // (K, Dv) or (B, K, Dv); null for mode 0
+  const bool* keep;    // mask (B, R), or null
+  acc_t* lse;          // (B, K)
+  scalar_t* out;       // the scores (B, K); null for mode 0, whose out is E
+  scalar_t* attn;      // P (B, K, R) when return_attention, else null
+};
+
+// P for query rows [i0, i0 + rows) of sample b, in place of their scores in s (rows, R); their lse saved, and P
+// written to attn when it is returned.
+template <typename scalar_t>
+void attention_tile(const Forward<scalar_t>& f, int64_t b, int64_t i0, int64_t rows, at::Tensor& s) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Dims& d = f.d;
+  at::mm_out(s, (d.shared_q ? f.q : f.q.select(0, b)).narrow(0, i0, rows), f.k.select(0, b).t());
+  acc_t* p = s.data_ptr<acc_t>();
+  const bool* keep = f.keep != nullptr ? f.keep + b * d.R : nullptr;
+  for (int64_t i = 0; i < rows; ++i) f.lse[b * d.K + i0 + i] = softmax_row<acc_t>(p + i * d.R, keep, d.R, f.scale);
+  if (f.attn != nullptr) {
+    scalar_t* a = f.attn + (b * d.K + i0) * d.R;
+    for (int64_t j = 0; j < rows * d.R; ++j) a[j] = static_cast<scalar_t>(p[j]);
+  }
+}
+
+// One work unit, rows [i0, i0 + rows) of sample b: P into s_buf, E_tile = P @ v[b] into e_tile (rows of E, or a
+// scratch tile when nothing keeps E), then the scores of those rows (modes 1 and 2).
+template <typename scalar_t>
+void forward_unit(const Forward<scalar_t>& f, int64_t b, int64_t i0, int64_t rows, const at::Tensor& s_buf,
+                  at::Tensor& e_tile) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Dims& d = f.d;
+  at::Tensor s = s_buf.narrow(0, 0, rows);
+  attention_tile(f, b, i0, rows, s);
+  at::mm_out(e_tile, s, f.v.select(0, b));
+  if (f.mode == kNone) return;
+  const acc_t* e_rows = e_tile.data_ptr<acc_t>();
+  for (int64_t i = 0; i < rows; ++i) {
+    const acc_t* r_row = f.ref + ((d.shared_ref ? 0 : b * d.K) + i0 + i) * d.Dv;
+    f.out[b * d.K + i0 + i] = static_cast<scalar_t>(score_row(e_rows + i * d.Dv, r_row, d.Dv, f.mode, f.eps));
+  }
+}
+
 // Query rows per forward unit: whole rows of K when the batch alone keeps every thread busy, else K split so that
 // there are a few units per thread.
 int64_t query_tile(const Dims& d) {
@@ -161,232 +267,260 @@ int64_t query_tile(const Dims& d) {
   return std::max<int64_t>(std::min<int64_t>(d.K, 16), (d.K + per_b - 1) / per_b);
 }
 
+// The units (b, query tile) over the threads; each thread owns one scratch tile for S/P and, when E is not kept
+// (e undefined: scores without a backward), one for E.
+template <typename scalar_t>
+void run_forward(const Forward<scalar_t>& f, const at::Tensor& e) {
+  const Dims& d = f.d;
+  const int64_t tile = query_tile(d), tiles = (d.K + tile - 1) / tile;
+  at::parallel_for(0, d.B * tiles, 1, [&](int64_t begin, int64_t end) {
+    const at::NoGradGuard worker_no_grad;  // grad mode is thread-local: on again in the pool's threads
+    const at::Tensor s_buf = at::empty({tile, d.R}, f.q.options());
+    const at::Tensor e_buf = e.defined() ? at::Tensor() : at::empty({tile, d.Dv}, f.q.options());
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t b = unit / tiles, i0 = (unit % tiles) * tile, rows = std::min(tile, d.K - i0);
+      at::Tensor e_tile = e.defined() ? e.select(0, b).narrow(0, i0, rows) : e_buf.narrow(0, 0, rows);
+      forward_unit(f, b, i0, rows, s_buf, e_tile);
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attribute_attention_fwd_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const c10::optional<at::Tensor>& ref_in,
-    const c10::optional<at::Tensor>& mask_in, double scale, int64_t mode, bool return_attention, bool save_e) {
+    const c10::optional<at::Tensor>& mask_in, double scale, int64_t mode, bool return_attention, bool save_e,
+    double eps) {
   const Dims d = check_dims(q_in, k_in, v_in, ref_in, mask_in, mode, "zslfast::_attribute_attention_fwd");
-  const at::NoGradGuard no_grad;  // the at::mm_out calls below reject inputs that require grad
+  const at::NoGradGuard no_grad;  // the at::mm_out calls reject inputs that require grad
   const auto acc_type = at::toOpMathType(q_in.scalar_type());
-  const at::Tensor q = q_in.to(acc_type).contiguous(), k = k_in.to(acc_type).contiguous();
-  const at::Tensor v = v_in.to(acc_type).contiguous();
-  const at::Tensor ref = mode != kNone ? ref_in->to(acc_type).contiguous() : at::Tensor();
+  const auto in_opts = q_in.options(), acc_opts = in_opts.dtype(acc_type);
+  const at::Tensor ref = mode != kNone ? to_acc(*ref_in, acc_type) : at::Tensor();
   const at::Tensor mask = mask_in.has_value() ? mask_in->to(at::kBool).contiguous() : at::Tensor();
-  const auto acc_opts = q.options();
-  const bool same_type = q_in.scalar_type() == acc_type;
-
-  // Scores without a backward to come: each unit's E tile lives in a scratch buffer, never in a (B, K, Dv) tensor.
-  const bool e_in_scratch = mode != kNone && !save_e;
-  at::Tensor e = e_in_scratch ? at::empty({0}, acc_opts) : at::empty({d.B, d.K, d.Dv}, acc_opts);
+  // Scores without a backward to come: E lives in per-thread scratch tiles, never in a (B, K, Dv) tensor.
+  const bool keep_e = mode == kNone || save_e;
+  at::Tensor e = keep_e ? at::empty({d.B, d.K, d.Dv}, acc_opts) : at::Tensor();
   at::Tensor lse = at::empty({d.B, d.K}, acc_opts);
-  at::Tensor attn = return_attention ? at::empty({d.B, d.K, d.R}, q_in.options()) : at::empty({0}, q_in.options());
-  at::Tensor out = mode != kNone ? at::empty({d.B, d.K}, q_in.options()) : at::Tensor();
-  const int64_t tile = query_tile(d);
-  const int64_t tiles = (d.K + tile - 1) / tile;
+  at::Tensor attn = return_attention ? at::empty({d.B, d.K, d.R}, in_opts) : at::empty({0}, in_opts);
+  at::Tensor out = mode != kNone ? at::empty({d.B, d.K}, in_opts) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q_in.scalar_type(), "attribute_attention_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const bool* keep_all = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-    acc_t* lse_all = lse.data_ptr<acc_t>();
-    const acc_t* ref_all = ref.defined() ? ref.data_ptr<acc_t>() : nullptr;
-    scalar_t* out_all = out.defined() ? out.data_ptr<scalar_t>() : nullptr;
-    scalar_t* attn_all = return_attention ? attn.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, d.B * tiles, 1, [&](int64_t begin, int64_t end) {
-      const at::NoGradGuard worker_no_grad;  // grad mode is thread-local: on again in the pool's threads
-      at::Tensor scratch = at::empty({tile, d.R}, acc_opts);
-      at::Tensor e_scratch = e_in_scratch ? at::empty({tile, d.Dv}, acc_opts) : at::Tensor();
-      for (int64_t unit = begin; unit < end; ++unit) {
-        const int64_t b = unit / tiles, i0 = (unit % tiles) * tile, rows = std::min(tile, d.K - i0);
-        const at::Tensor q_tile = (d.shared_q ? q : q.select(0, b)).narrow(0, i0, rows);
-        at::Tensor s = scratch.narrow(0, 0, rows);
-        at::mm_out(s, q_tile, k.select(0, b).t());
-        acc_t* s_data = s.data_ptr<acc_t>();
-        const bool* keep = keep_all != nullptr ? keep_all + b * d.R : nullptr;
-        for (int64_t i = 0; i < rows; ++i) {
-          lse_all[b * d.K + i0 + i] = softmax_row<acc_t>(s_data + i * d.R, keep, d.R, static_cast<acc_t>(scale));
-        }
-        if (attn_all != nullptr) {
-          scalar_t* a = attn_all + (b * d.K + i0) * d.R;
-          for (int64_t j = 0; j < rows * d.R; ++j) a[j] = static_cast<scalar_t>(s_data[j]);
-        }
-        at::Tensor e_tile = e_in_scratch ? e_scratch.narrow(0, 0, rows) : e.select(0, b).narrow(0, i0, rows);
-        at::mm_out(e_tile, s, v.select(0, b));
-        if (mode == kNone) continue;
-        const acc_t* e_tile_data = e_tile.data_ptr<acc_t>();
-        for (int64_t i = i0; i < i0 + rows; ++i) {
-          const acc_t* e_row = e_tile_data + (i - i0) * d.Dv;
-          const acc_t* r_row = ref_all + ((d.shared_ref ? 0 : b * d.K) + i) * d.Dv;
-          const acc_t dot = row_dot(e_row, r_row, d.Dv);
-          acc_t value = dot;
-          if (mode == kCosine) value = dot * inv_norm(row_dot(e_row, e_row, d.Dv)) * inv_norm(row_dot(r_row, r_row, d.Dv));
-          out_all[b * d.K + i] = static_cast<scalar_t>(value);
-        }
-      }
-    });
+    const Forward<scalar_t> f{d,
+                              mode,
+                              static_cast<acc_t>(scale),
+                              static_cast<acc_t>(eps),
+                              to_acc(q_in, acc_type),
+                              to_acc(k_in, acc_type),
+                              to_acc(v_in, acc_type),
+                              ref.defined() ? ref.data_ptr<acc_t>() : nullptr,
+                              mask.defined() ? mask.data_ptr<bool>() : nullptr,
+                              lse.data_ptr<acc_t>(),
+                              out.defined() ? out.data_ptr<scalar_t>() : nullptr,
+                              return_attention ? attn.data_ptr<scalar_t>() : nullptr};
+    run_forward(f, e);
   });
-  if (mode == kNone) {
-    out = same_type ? e : e.to(q_in.scalar_type());
-    return {out, at::empty({0}, acc_opts), lse, attn};
+  if (mode == kNone) return {e.scalar_type() == q_in.scalar_type() ? e : e.to(q_in.scalar_type()),
+                             at::empty({0}, acc_opts), lse, attn};
+  return {out, e.defined() ? e : at::empty({0}, acc_opts), lse, attn};
+}
+
+// ----------------------------------------------------------------------------------------------------- backward
+
+// What every backward unit reads and writes; all in acc_t, contiguous.
+template <typename acc_t>
+struct Backward {
+  Dims d;
+  int64_t mode;
+  acc_t scale, eps;
+  bool need_q, need_k, need_v, need_ref;
+  at::Tensor q, k, v;       // the forward's inputs
+  at::Tensor g;             // dL/dout: (B, K) for the scores, (B, K, Dv) = dE for mode 0
+  const acc_t* g_data;      // g's data
+  const acc_t* e;           // E (B, K, Dv)
+  const acc_t* lse;         // (B, K)
+  const acc_t* ref;         // (K, Dv) or (B, K, Dv); null for mode 0
+  const bool* keep;         // mask (B, R), or null
+  const acc_t* grad_attn;   // (B, K, R), or null
+  at::Tensor grad_q, grad_k, grad_v;  // like q, k, v; undefined when not needed
+  acc_t* grad_ref;          // like ref when needed; a shared ref's is written after the units (shared_ref_grad)
+  acc_t* coef_a;            // shared ref: a_r, c_r of every (b, i), (B, K) each
+  acc_t* coef_c;
+  at::Tensor ds_all;        // shared q and need_q: every b's dS, (K, B, R)
+};
+
+// Row i of sample b of a score: dE[i] = a_e ref - c_e E into de_row, and its share of the ref gradient (the row of
+// grad_ref for a per-sample ref; the coefficients, summed over b later, for a shared one).
+template <typename acc_t>
+void score_backward_row(const Backward<acc_t>& w, int64_t b, int64_t i, const acc_t* e_row, acc_t* de_row) {
+  const Dims& d = w.d;
+  const int64_t row = b * d.K + i;
+  const acc_t* r_row = w.ref + ((d.shared_ref ? 0 : b * d.K) + i) * d.Dv;
+  const ScoreGrad<acc_t> c = score_grad(e_row, r_row, d.Dv, w.mode, w.g_data[row], w.eps);
+  combine_rows(de_row, c.a_e, r_row, c.c_e, e_row, d.Dv);
+  if (!w.need_ref) return;
+  if (d.shared_ref) {
+    w.coef_a[row] = c.a_r;
+    w.coef_c[row] = c.c_r;
+  } else {
+    combine_rows(w.grad_ref + row * d.Dv, c.a_r, e_row, c.c_r, r_row, d.Dv);
   }
-  return {out, e, lse, attn};
+}
+
+// dE of sample b into de (for mode 0 de is the incoming grad itself, left as is) and Delta[i] = <dE[i], E[i]>, the
+// softmax backward's row term.
+template <typename acc_t>
+void epilogue_backward(const Backward<acc_t>& w, int64_t b, acc_t* de, acc_t* delta) {
+  const Dims& d = w.d;
+  for (int64_t i = 0; i < d.K; ++i) {
+    const acc_t* e_row = w.e + (b * d.K + i) * d.Dv;
+    acc_t* de_row = de + i * d.Dv;
+    if (w.mode != kNone) score_backward_row(w, b, i, e_row, de_row);
+    delta[i] = row_dot(de_row, e_row, d.Dv);
+  }
+}
+
+// dS of sample b, written over dp: P recomputed from lse into p (K, R), dP = dE @ v[b]^T, and
+// dS = scale * P * (dP + grad_attn - Delta - <P, grad_attn>): grad_attn enters dP, and Delta gains the softmax
+// Jacobian's row term for it.
+template <typename acc_t>
+void softmax_backward(const Backward<acc_t>& w, int64_t b, const at::Tensor& de, const acc_t* delta, at::Tensor& p,
+                      at::Tensor& dp) {
+  const Dims& d = w.d;
+  at::mm_out(p, d.shared_q ? w.q : w.q.select(0, b), w.k.select(0, b).t());
+  at::mm_out(dp, de, w.v.select(0, b).t());
+  acc_t* p_data = p.data_ptr<acc_t>();
+  acc_t* dp_data = dp.data_ptr<acc_t>();
+  const bool* keep = w.keep != nullptr ? w.keep + b * d.R : nullptr;
+  for (int64_t i = 0; i < d.K; ++i) {
+    acc_t* p_row = p_data + i * d.R;
+    recompute_row<acc_t>(p_row, keep, d.R, w.scale, w.lse[b * d.K + i]);
+    const acc_t* ga = w.grad_attn != nullptr ? w.grad_attn + (b * d.K + i) * d.R : nullptr;
+    const acc_t extra = ga != nullptr ? row_dot(p_row, ga, d.R) : acc_t(0);
+    softmax_grad_row(dp_data + i * d.R, p_row, ga, w.scale, delta[i] + extra, d.R);
+  }
+}
+
+// The attention inputs' gradients of sample b: dv[b] = P^T dE, dk[b] = dS^T q_b, and dq[b] = dS k[b] for a
+// per-sample q; a shared q's dS is parked in ds_all instead, for one GEMM over every b after the units.
+template <typename acc_t>
+void attention_input_grads(const Backward<acc_t>& w, int64_t b, const at::Tensor& p, const at::Tensor& ds,
+                           const at::Tensor& de) {
+  const Dims& d = w.d;
+  if (w.need_v) {
+    at::Tensor gv = w.grad_v.select(0, b);
+    at::mm_out(gv, p.t(), de);
+  }
+  if (w.need_k) {
+    at::Tensor gk = w.grad_k.select(0, b);
+    at::mm_out(gk, ds.t(), d.shared_q ? w.q : w.q.select(0, b));
+  }
+  if (!w.need_q) return;
+  if (d.shared_q) {
+    const acc_t* ds_data = ds.data_ptr<acc_t>();
+    acc_t* dst = w.ds_all.template data_ptr<acc_t>() + b * d.R;
+    for (int64_t i = 0; i < d.K; ++i) std::memcpy(dst + i * d.B * d.R, ds_data + i * d.R, d.R * sizeof(acc_t));
+  } else {
+    at::Tensor gq = w.grad_q.select(0, b);
+    at::mm_out(gq, ds, w.k.select(0, b));
+  }
+}
+
+// Per-thread scratch of the backward units, reused from one sample to the next.
+template <typename acc_t>
+struct BackwardScratch {
+  at::Tensor de, p, dp;  // dE (K, Dv) (scores only), P and dP/dS (K, R)
+  std::vector<acc_t> delta;
+};
+
+// One backward unit, sample b.
+template <typename acc_t>
+void backward_sample(const Backward<acc_t>& w, int64_t b, BackwardScratch<acc_t>& s) {
+  const at::Tensor de = w.mode == kNone ? w.g.select(0, b) : s.de;
+  epilogue_backward(w, b, de.data_ptr<acc_t>(), s.delta.data());
+  if (!(w.need_q || w.need_k || w.need_v)) return;
+  softmax_backward(w, b, de, s.delta.data(), s.p, s.dp);
+  attention_input_grads(w, b, s.p, s.dp, de);
+}
+
+// A shared ref's gradient: grad_ref[i] = sum_b (a_r[b, i] E[b, i] - c_r[b, i] ref[i]), the b sum in order
+// (deterministic without atomics), parallel over the rows i.
+template <typename acc_t>
+void shared_ref_grad(const Backward<acc_t>& w) {
+  const Dims& d = w.d;
+  at::parallel_for(0, d.K, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, d.B * d.Dv)), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      acc_t* gr = w.grad_ref + i * d.Dv;
+      const acc_t* r_row = w.ref + i * d.Dv;
+      acc_t c_total = 0;
+      for (int64_t b = 0; b < d.B; ++b) c_total += w.coef_c[b * d.K + i];
+      for (int64_t j = 0; j < d.Dv; ++j) gr[j] = -c_total * r_row[j];
+      for (int64_t b = 0; b < d.B; ++b) axpy_row(gr, w.coef_a[b * d.K + i], w.e + (b * d.K + i) * d.Dv, d.Dv);
+    }
+  });
+}
+
+// The units (one sample each) over the threads, then the sums over b that shared inputs need.
+template <typename acc_t>
+void run_backward(const Backward<acc_t>& w) {
+  const Dims& d = w.d;
+  const auto acc_opts = w.q.options();
+  at::parallel_for(0, d.B, 1, [&](int64_t begin, int64_t end) {
+    const at::NoGradGuard worker_no_grad;
+    BackwardScratch<acc_t> s{w.mode != kNone ? at::empty({d.K, d.Dv}, acc_opts) : at::Tensor(),
+                             at::empty({d.K, d.R}, acc_opts), at::empty({d.K, d.R}, acc_opts),
+                             std::vector<acc_t>(d.K)};
+    for (int64_t b = begin; b < end; ++b) backward_sample(w, b, s);
+  });
+  if (w.need_q && d.shared_q) {
+    at::Tensor grad_q = w.grad_q;
+    at::mm_out(grad_q, w.ds_all.view({d.K, d.B * d.R}), w.k.view({d.B * d.R, d.D}));
+  }
+  if (w.need_ref && d.shared_ref) shared_ref_grad(w);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attribute_attention_bwd_cpu(
     const at::Tensor& grad_in, const c10::optional<at::Tensor>& grad_attn_in, const at::Tensor& q_in,
     const at::Tensor& k_in, const at::Tensor& v_in, const c10::optional<at::Tensor>& ref_in,
     const c10::optional<at::Tensor>& mask_in, const at::Tensor& e_in, const at::Tensor& lse_in, double scale,
-    int64_t mode, std::array<bool, 4> output_mask) {
+    int64_t mode, std::array<bool, 4> output_mask, double eps) {
   const char* op = "zslfast::_attribute_attention_bwd";
   const Dims d = check_dims(q_in, k_in, v_in, ref_in, mask_in, mode, op);
+  check_backward_inputs(d, mode, grad_in, e_in, lse_in, op);
   const at::NoGradGuard no_grad;
-  TORCH_CHECK(e_in.dim() == 3 && e_in.size(0) == d.B && e_in.size(1) == d.K && e_in.size(2) == d.Dv, op,
-              ": e must be (B, K, Dv), got ", e_in.sizes());
-  TORCH_CHECK(lse_in.dim() == 2 && lse_in.size(0) == d.B && lse_in.size(1) == d.K, op, ": lse must be (B, K), got ",
-              lse_in.sizes());
-  const bool need_q = output_mask[0], need_k = output_mask[1], need_v = output_mask[2];
-  const bool need_ref = output_mask[3] && mode != kNone;
   const auto in_opts = q_in.options();
   const auto acc_type = at::toOpMathType(q_in.scalar_type());
   const auto acc_opts = in_opts.dtype(acc_type);
-  if (mode == kNone) {
-    TORCH_CHECK(grad_in.dim() == 3 && grad_in.sizes() == e_in.sizes(), op, ": grad must be (B, K, Dv), got ",
-                grad_in.sizes());
-  } else {
-    TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == d.B && grad_in.size(1) == d.K, op, ": grad must be (B, K), got ",
-                grad_in.sizes());
-  }
-  const at::Tensor q = q_in.to(acc_type).contiguous(), k = k_in.to(acc_type).contiguous();
-  const at::Tensor v = v_in.to(acc_type).contiguous();
-  const at::Tensor ref = mode != kNone ? ref_in->to(acc_type).contiguous() : at::Tensor();
+  const at::Tensor q = to_acc(q_in, acc_type), k = to_acc(k_in, acc_type), v = to_acc(v_in, acc_type);
+  const at::Tensor ref = mode != kNone ? to_acc(*ref_in, acc_type) : at::Tensor();
   const at::Tensor mask = mask_in.has_value() ? mask_in->to(at::kBool).contiguous() : at::Tensor();
-  const at::Tensor e = e_in.to(acc_type).contiguous(), lse = lse_in.to(acc_type).contiguous();
-  const at::Tensor g = grad_in.to(acc_type).contiguous();
-  const at::Tensor grad_attn = grad_attn_in.has_value() && grad_attn_in->numel() > 0
-                                   ? grad_attn_in->to(acc_type).contiguous()
-                                   : at::Tensor();
+  const at::Tensor e = to_acc(e_in, acc_type), lse = to_acc(lse_in, acc_type), g = to_acc(grad_in, acc_type);
+  const at::Tensor grad_attn =
+      grad_attn_in.has_value() && grad_attn_in->numel() > 0 ? to_acc(*grad_attn_in, acc_type) : at::Tensor();
   TORCH_CHECK(!grad_attn.defined() || (grad_attn.dim() == 3 && grad_attn.size(0) == d.B && grad_attn.size(1) == d.K &&
                                        grad_attn.size(2) == d.R),
               op, ": grad_attn must be (B, K, R), got ", grad_attn.sizes());
 
+  const bool need_q = output_mask[0], need_k = output_mask[1], need_v = output_mask[2];
+  const bool need_ref = output_mask[3] && mode != kNone;
   at::Tensor grad_q = need_q ? at::empty(q.sizes(), acc_opts) : at::Tensor();
   at::Tensor grad_k = need_k ? at::empty(k.sizes(), acc_opts) : at::Tensor();
   at::Tensor grad_v = need_v ? at::empty(v.sizes(), acc_opts) : at::Tensor();
   at::Tensor grad_ref = need_ref ? at::empty(ref.sizes(), acc_opts) : at::Tensor();
-  // Shared q: every b's dS lands in buf (K, B, R), so that one GEMM sums dS_b @ k_b over b.
   at::Tensor ds_all = need_q && d.shared_q ? at::empty({d.K, d.B, d.R}, acc_opts) : at::Tensor();
-  // Shared ref: grad_ref[i] = sum_b a[b, i] E[b, i] - c[b, i] ref[i], summed over b after the units.
-  at::Tensor coef_a = need_ref && d.shared_ref ? at::empty({d.B, d.K}, acc_opts) : at::Tensor();
-  at::Tensor coef_c = need_ref && d.shared_ref ? at::empty({d.B, d.K}, acc_opts) : at::Tensor();
+  at::Tensor coef = need_ref && d.shared_ref ? at::empty({2, d.B, d.K}, acc_opts) : at::Tensor();
 
   if (need_q || need_k || need_v || need_ref) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q_in.scalar_type(), "attribute_attention_bwd_cpu", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const acc_t sc = static_cast<acc_t>(scale);
-      const bool* keep_all = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-      const acc_t* e_all = e.data_ptr<acc_t>();
-      const acc_t* lse_all = lse.data_ptr<acc_t>();
-      const acc_t* g_all = g.data_ptr<acc_t>();
-      const acc_t* ref_all = ref.defined() ? ref.data_ptr<acc_t>() : nullptr;
-      const acc_t* ga_all = grad_attn.defined() ? grad_attn.data_ptr<acc_t>() : nullptr;
-      const bool need_attention = need_q || need_k || need_v;
-      at::parallel_for(0, d.B, 1, [&](int64_t begin, int64_t end) {
-        const at::NoGradGuard worker_no_grad;
-        at::Tensor de_buf = mode != kNone ? at::empty({d.K, d.Dv}, acc_opts) : at::Tensor();
-        at::Tensor p = at::empty({d.K, d.R}, acc_opts);
-        at::Tensor dp = at::empty({d.K, d.R}, acc_opts);
-        std::vector<acc_t> delta(d.K);
-        for (int64_t b = begin; b < end; ++b) {
-          const acc_t* e_b = e_all + b * d.K * d.Dv;
-          at::Tensor de = mode == kNone ? g.select(0, b) : de_buf;
-          acc_t* de_data = de.data_ptr<acc_t>();
-          for (int64_t i = 0; i < d.K; ++i) {
-            const acc_t* e_row = e_b + i * d.Dv;
-            acc_t* de_row = de_data + i * d.Dv;
-            if (mode != kNone) {
-              const acc_t gi = g_all[b * d.K + i];
-              const acc_t* r_row = ref_all + ((d.shared_ref ? 0 : b * d.K) + i) * d.Dv;
-              acc_t a_e, c_e, a_r, c_r;  // dE = a_e ref - c_e E;  dref = a_r E - c_r ref
-              if (mode == kDot) {
-                a_e = a_r = gi;
-                c_e = c_r = 0;
-              } else {
-                const acc_t e_sq = row_dot(e_row, e_row, d.Dv), r_sq = row_dot(r_row, r_row, d.Dv);
-                const acc_t ie = inv_norm(e_sq), ir = inv_norm(r_sq);
-                const acc_t cos = row_dot(e_row, r_row, d.Dv) * ie * ir;
-                a_e = a_r = gi * ie * ir;
-                const acc_t eps_sq = static_cast<acc_t>(kCosineEps * kCosineEps);
-                c_e = e_sq > eps_sq ? gi * cos * ie * ie : acc_t(0);
-                c_r = r_sq > eps_sq ? gi * cos * ir * ir : acc_t(0);
-              }
-              combine_rows(de_row, a_e, r_row, c_e, e_row, d.Dv);
-              if (need_ref) {
-                if (d.shared_ref) {
-                  coef_a.data_ptr<acc_t>()[b * d.K + i] = a_r;
-                  coef_c.data_ptr<acc_t>()[b * d.K + i] = c_r;
-                } else {
-                  acc_t* gr = grad_ref.data_ptr<acc_t>() + (b * d.K + i) * d.Dv;
-                  combine_rows(gr, a_r, e_row, c_r, r_row, d.Dv);
-                }
-              }
-            }
-            delta[i] = row_dot(de_row, e_row, d.Dv);
-          }
-          if (!need_attention) continue;
-          const at::Tensor q_b = d.shared_q ? q : q.select(0, b);
-          const at::Tensor k_b = k.select(0, b), v_b = v.select(0, b);
-          at::mm_out(p, q_b, k_b.t());
-          at::mm_out(dp, de, v_b.t());
-          acc_t* p_data = p.data_ptr<acc_t>();
-          acc_t* dp_data = dp.data_ptr<acc_t>();
-          const bool* keep = keep_all != nullptr ? keep_all + b * d.R : nullptr;
-          for (int64_t i = 0; i < d.K; ++i) {
-            acc_t* p_row = p_data + i * d.R;
-            acc_t* dp_row = dp_data + i * d.R;
-            recompute_row<acc_t>(p_row, keep, d.R, sc, lse_all[b * d.K + i]);
-            const acc_t* ga = ga_all != nullptr ? ga_all + (b * d.K + i) * d.R : nullptr;
-            const acc_t di = delta[i];
-            // grad_attn enters dP; Delta gains sum_r P * grad_attn (the softmax Jacobian's row term).
-            const acc_t extra = ga != nullptr ? row_dot(p_row, ga, d.R) : acc_t(0);
-            softmax_grad_row(dp_row, p_row, ga, sc, di + extra, d.R);
-          }
-          if (need_v) {
-            at::Tensor gv = grad_v.select(0, b);
-            at::mm_out(gv, p.t(), de);
-          }
-          if (need_k) {
-            at::Tensor gk = grad_k.select(0, b);
-            at::mm_out(gk, dp.t(), q_b);
-          }
-          if (need_q) {
-            if (d.shared_q) {
-              acc_t* dst = ds_all.data_ptr<acc_t>() + b * d.R;
-              for (int64_t i = 0; i < d.K; ++i) std::memcpy(dst + i * d.B * d.R, dp_data + i * d.R, d.R * sizeof(acc_t));
-            } else {
-              at::Tensor gq = grad_q.select(0, b);
-              at::mm_out(gq, dp, k_b);
-            }
-          }
-        }
-      });
-      if (need_q && d.shared_q) at::mm_out(grad_q, ds_all.view({d.K, d.B * d.R}), k.view({d.B * d.R, d.D}));
-      if (need_ref && d.shared_ref) {
-        const acc_t* ca = coef_a.data_ptr<acc_t>();
-        const acc_t* cc = coef_c.data_ptr<acc_t>();
-        acc_t* gr_all = grad_ref.data_ptr<acc_t>();
-        at::parallel_for(0, d.K, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, d.B * d.Dv)), [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
-            acc_t* gr = gr_all + i * d.Dv;
-            const acc_t* r_row = ref_all + i * d.Dv;
-            acc_t c_total = 0;
-            for (int64_t b = 0; b < d.B; ++b) c_total += cc[b * d.K + i];
-            for (int64_t j = 0; j < d.Dv; ++j) gr[j] = -c_total * r_row[j];
-            for (int64_t b = 0; b < d.B; ++b) {
-              const acc_t a = ca[b * d.K + i];
-              const acc_t* e_row = e_all + (b * d.K + i) * d.Dv;
-              axpy_row(gr, a, e_row, d.Dv);
-            }
-          }
-        });
-      }
+    AT_DISPATCH_FLOATING_TYPES(acc_type, "attribute_attention_bwd_cpu", [&] {
+      using acc_t = scalar_t;  // the kernels run in the accumulator type only
+      auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<acc_t>() : nullptr; };
+      const Backward<acc_t> w{d, mode, static_cast<acc_t>(scale), static_cast<acc_t>(eps),
+                              need_q, need_k, need_v, need_ref,
+                              q, k, v, g, ptr(g),
+                              ptr(e), ptr(lse), ptr(ref), mask.defined() ? mask.data_ptr<bool>() : nullptr,
+                              ptr(grad_attn),
+                              grad_q, grad_k, grad_v,
+                              ptr(grad_ref), coef.defined() ? ptr(coef[0]) : nullptr,
+                              coef.defined() ? ptr(coef[1]) : nullptr, ds_all};
+      run_backward(w);
     });
   }
   auto finish = [&](const at::Tensor& t) {

@@ -1,6 +1,6 @@
 // cosine_logits on CPU: out = scale * cos(x, protos), with normalisation fused into the GEMM's epilogue.
 //
-//   x (N, D), protos (C, D), scale (), ix (N,) = 1 / max(|x|, eps), ip (C,) = 1 / max(|p|, eps)
+//   x (N, D), protos (C, D), scale (), ix (N,) = 1 / max(|x|, eps), ip (C,) = 1 / max(|p|, eps)  (inv_norm.h)
 //   forward   out[n, c] = scale * ix[n] * ip[c] * (x @ protos.T)[n, c]                          out (N, C)
 //   backward  W = g * ix[:, None] * ip[None, :]                                                 W (N, C), temporary
 //             A = W @ protos = ix * (g @ normalize(protos)),  B = W.T @ x = ip * (g.T @ normalize(x))
@@ -19,18 +19,14 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include <algorithm>
 #include <array>
-#include <cmath>
 #include <vector>
+
+#include "inv_norm.h"
 
 namespace zslfast {
 namespace {
-
-// Clamped rows get exactly inv_norm(0, eps); the backward recognises them by that value.
-template <typename acc_t>
-acc_t inv_norm(acc_t sum_sq, acc_t eps) {
-  return acc_t(1) / std::max(std::sqrt(sum_sq), eps);
-}
 
 int64_t grain_for(int64_t row_length) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(row_length, 1)); }
 
@@ -60,7 +56,7 @@ void scale_grad(const acc_t* g, const acc_t* ix, const acc_t* ip, acc_t* w, int6
 
 // out[r] = s * (a[r] - [clamped_r ? 0 : v[r] * iv[r]^2 * <v[r], a[r]>]), rowdot[r] = <v[r], a[r]>. out may alias a.
 template <typename scalar_t, typename acc_t>
-void project_rows(const acc_t* a, const acc_t* v, const acc_t* iv, acc_t s, acc_t inv_eps, scalar_t* out,
+void project_rows(const acc_t* a, const acc_t* v, const acc_t* iv, acc_t s, acc_t eps, scalar_t* out,
                   acc_t* rowdot, int64_t R, int64_t D) {
   at::parallel_for(0, R, grain_for(D), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -71,7 +67,7 @@ void project_rows(const acc_t* a, const acc_t* v, const acc_t* iv, acc_t s, acc_
       for (int64_t d = 0; d < D; ++d) dot += v_row[d] * a_row[d];
       if (rowdot != nullptr) rowdot[r] = dot;
       if (out == nullptr) continue;
-      const acc_t coeff = iv[r] < inv_eps ? iv[r] * iv[r] * dot : acc_t(0);
+      const acc_t coeff = norm_clamped(iv[r], eps) ? acc_t(0) : iv[r] * iv[r] * dot;
       scalar_t* out_row = out + r * D;
       for (int64_t d = 0; d < D; ++d) out_row[d] = static_cast<scalar_t>(s * (a_row[d] - v_row[d] * coeff));
     }
@@ -142,13 +138,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_logits_bwd_cpu(const at::T
     const acc_t* ix = ix_t.data_ptr<acc_t>();
     const acc_t* ip = ip_t.data_ptr<acc_t>();
     scale_grad<acc_t>(g.data_ptr<acc_t>(), ix, ip, w.data_ptr<acc_t>(), N, C);
-    const acc_t inv_eps = inv_norm(acc_t(0), static_cast<acc_t>(eps));
+    const acc_t eps_acc = static_cast<acc_t>(eps);
 
     if (need_x || need_scale) {
       at::Tensor a = at::mm(w, p);
       if (need_x) grad_x = same_type ? a : at::empty({N, D}, x_in.options());
       std::vector<acc_t> rowdot(need_scale ? N : 0);
-      project_rows<scalar_t, acc_t>(a.data_ptr<acc_t>(), x.data_ptr<acc_t>(), ix, static_cast<acc_t>(s), inv_eps,
+      project_rows<scalar_t, acc_t>(a.data_ptr<acc_t>(), x.data_ptr<acc_t>(), ix, static_cast<acc_t>(s), eps_acc,
                                     need_x ? grad_x.data_ptr<scalar_t>() : nullptr,
                                     need_scale ? rowdot.data() : nullptr, N, D);
       if (need_scale) {
@@ -160,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_logits_bwd_cpu(const at::T
     if (need_p) {
       at::Tensor b = at::mm(w.t(), x);
       grad_p = same_type ? b : at::empty({C, D}, x_in.options());
-      project_rows<scalar_t, acc_t>(b.data_ptr<acc_t>(), p.data_ptr<acc_t>(), ip, static_cast<acc_t>(s), inv_eps,
+      project_rows<scalar_t, acc_t>(b.data_ptr<acc_t>(), p.data_ptr<acc_t>(), ip, static_cast<acc_t>(s), eps_acc,
                                     grad_p.data_ptr<scalar_t>(), nullptr, C, D);
     }
   });

@@ -21,7 +21,7 @@
 //          loss = sum_r kl_r / max(n_active, 1), summed in row order (deterministic). The gradient comes out of the
 //          same pass (the loss is a scalar: the backward only multiplies it by the incoming grad).
 // Accumulation in float for half/bfloat16/float, double for double. exp for float rows is a vectorisable
-// Cephes-style polynomial (~1 ulp), compiled for AVX-512/AVX2/baseline (simd.h), as libm's scalar expf is the
+// Cephes-style polynomial (~1 ulp), compiled for AVX-512/AVX2/baseline (cpu/simd.h), as libm's scalar expf is the
 // bottleneck otherwise; double rows use std::exp.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -76,87 +76,129 @@ bool row_finite(const scalar_t* v, int64_t D) {
   return probe == 0.0f;
 }
 
+// Step 1: accepted[e] = conf[e] > threshold and z[e] finite, for every offered entry e = n * M + m.
+template <typename scalar_t>
+std::vector<uint8_t> accepted_entries(const scalar_t* z, const scalar_t* conf, int64_t E, int64_t D, double threshold) {
+  std::vector<uint8_t> accepted(E);
+  at::parallel_for(0, E, grain_for(D, kSerialMoves), [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) {
+      bool ok = static_cast<double>(conf[e]) > threshold;
+      if (ok) ok = row_finite(z + e * D, D);
+      accepted[e] = ok;
+    }
+  });
+  return accepted;
+}
+
+// Step 2: the accepted entries grouped by queue q = y[n] * M + m with a stable counting sort, so that each queue's
+// segment order[start[q] .. start[q + 1]) keeps batch order; touched lists the queues with a non-empty segment.
+struct QueueSegments {
+  std::vector<int64_t> start, order, touched;
+};
+
+QueueSegments group_by_queue(const std::vector<uint8_t>& accepted, const int64_t* y, int64_t M, int64_t Q) {
+  const int64_t E = static_cast<int64_t>(accepted.size());
+  QueueSegments seg;
+  seg.start.assign(Q + 1, 0);
+  for (int64_t e = 0; e < E; ++e) {
+    if (accepted[e]) ++seg.start[y[e / M] * M + e % M + 1];
+  }
+  for (int64_t q = 0; q < Q; ++q) seg.start[q + 1] += seg.start[q];
+  seg.order.resize(seg.start[Q]);
+  std::vector<int64_t> cursor(seg.start.begin(), seg.start.end() - 1);
+  for (int64_t e = 0; e < E; ++e) {
+    if (accepted[e]) seg.order[cursor[y[e / M] * M + e % M]++] = e;
+  }
+  for (int64_t q = 0; q < Q; ++q) {
+    if (seg.start[q + 1] > seg.start[q]) seg.touched.push_back(q);
+  }
+  return seg;
+}
+
+// One queue's slots and bookkeeping: feat (K, D), conf (K,), count and head (its counts and next_slot entries).
+template <typename scalar_t>
+struct Queue {
+  scalar_t* feat;
+  scalar_t* conf;
+  int64_t* count;
+  int64_t* head;
+};
+
+// fifo: of a segment's L entries only the last K survive, entry i in slot (head + i) % K; the counters move in
+// closed form. Always changes the queue.
+template <typename scalar_t>
+void fifo_insert(const Queue<scalar_t>& queue, const int64_t* entries, int64_t L, const scalar_t* z,
+                 const scalar_t* conf, int64_t K, int64_t D) {
+  for (int64_t i = std::max<int64_t>(0, L - K); i < L; ++i) {
+    const int64_t slot = (*queue.head + i) % K;
+    std::memcpy(queue.feat + slot * D, z + entries[i] * D, D * sizeof(scalar_t));
+    queue.conf[slot] = conf[entries[i]];
+  }
+  *queue.count = std::min<int64_t>(*queue.count + L, K);
+  *queue.head = (*queue.head + L) % K;
+}
+
+// min_conf: the entries one by one, appended while the queue has room, else replacing the first least confident
+// slot when strictly more confident. Returns whether any slot changed.
+template <typename scalar_t>
+bool min_conf_insert(const Queue<scalar_t>& queue, const int64_t* entries, int64_t L, const scalar_t* z,
+                     const scalar_t* conf, int64_t K, int64_t D) {
+  using acc_t = at::opmath_type<scalar_t>;
+  bool changed = false;
+  int64_t n = *queue.count;
+  for (int64_t i = 0; i < L; ++i) {
+    const scalar_t value = conf[entries[i]];
+    int64_t slot;
+    if (n < K) {
+      slot = n++;
+    } else {
+      slot = 0;
+      for (int64_t s = 1; s < K; ++s) {
+        if (static_cast<acc_t>(queue.conf[s]) < static_cast<acc_t>(queue.conf[slot])) slot = s;
+      }
+      if (!(static_cast<acc_t>(value) > static_cast<acc_t>(queue.conf[slot]))) continue;
+    }
+    std::memcpy(queue.feat + slot * D, z + entries[i] * D, D * sizeof(scalar_t));
+    queue.conf[slot] = value;
+    changed = true;
+  }
+  *queue.count = n;
+  return changed;
+}
+
 template <typename scalar_t>
 void update_impl(at::Tensor& features, at::Tensor& confidences, at::Tensor& counts, at::Tensor& next_slot,
                  at::Tensor& stale, const at::Tensor& z, const at::Tensor& y, const at::Tensor& conf,
                  double threshold, int64_t policy) {
-  using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = features.size(0), M = features.size(1), K = features.size(2), D = features.size(3);
-  const int64_t N = z.size(0), E = N * M, Q = C * M;
+  const int64_t N = z.size(0);
   const scalar_t* z_data = z.data_ptr<scalar_t>();
   const scalar_t* conf_data = conf.data_ptr<scalar_t>();
   const int64_t* y_data = y.data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n) {
+    TORCH_CHECK(y_data[n] >= 0 && y_data[n] < C, "zslfast::_memory_bank_update: label y[", n, "] = ", y_data[n],
+                " is outside [0, ", C, ")");
+  }
+  const QueueSegments seg = group_by_queue(accepted_entries(z_data, conf_data, N * M, D, threshold), y_data, M, C * M);
+
+  // Step 3: the queues are independent (each owns its slots): no atomics, no races.
   scalar_t* feat = features.data_ptr<scalar_t>();
   scalar_t* confs = confidences.data_ptr<scalar_t>();
   int64_t* count = counts.data_ptr<int64_t>();
   int64_t* head = next_slot.data_ptr<int64_t>();
   bool* stale_data = stale.data_ptr<bool>();
-
-  for (int64_t n = 0; n < N; ++n) {
-    TORCH_CHECK(y_data[n] >= 0 && y_data[n] < C, "zslfast::_memory_bank_update: label y[", n, "] = ", y_data[n],
-                " is outside [0, ", C, ")");
-  }
-  std::vector<uint8_t> accepted(E);
-  at::parallel_for(0, E, grain_for(D, kSerialMoves), [&](int64_t begin, int64_t end) {
-    for (int64_t e = begin; e < end; ++e) {
-      bool ok = static_cast<double>(conf_data[e]) > threshold;
-      if (ok) ok = row_finite(z_data + e * D, D);
-      accepted[e] = ok;
-    }
-  });
-
-  std::vector<int64_t> start(Q + 1, 0);
-  for (int64_t e = 0; e < E; ++e) {
-    if (accepted[e]) ++start[y_data[e / M] * M + e % M + 1];
-  }
-  for (int64_t q = 0; q < Q; ++q) start[q + 1] += start[q];
-  std::vector<int64_t> order(start[Q]);
-  std::vector<int64_t> cursor(start.begin(), start.end() - 1);
-  for (int64_t e = 0; e < E; ++e) {
-    if (accepted[e]) order[cursor[y_data[e / M] * M + e % M]++] = e;
-  }
-  std::vector<int64_t> touched;
-  for (int64_t q = 0; q < Q; ++q) {
-    if (start[q + 1] > start[q]) touched.push_back(q);
-  }
-
-  const int64_t T = static_cast<int64_t>(touched.size());
+  const int64_t T = static_cast<int64_t>(seg.touched.size());
   at::parallel_for(0, T, grain_for(2 * D, kSerialMoves), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t q = touched[t];
-      const int64_t* entries = order.data() + start[q];
-      const int64_t L = start[q + 1] - start[q];
-      scalar_t* q_feat = feat + q * K * D;
-      scalar_t* q_conf = confs + q * K;
-      bool changed = false;
+      const int64_t q = seg.touched[t];
+      const int64_t* entries = seg.order.data() + seg.start[q];
+      const int64_t L = seg.start[q + 1] - seg.start[q];
+      const Queue<scalar_t> queue{feat + q * K * D, confs + q * K, count + q, head + q};
+      bool changed = true;
       if (policy == kFifo) {
-        for (int64_t i = std::max<int64_t>(0, L - K); i < L; ++i) {
-          const int64_t slot = (head[q] + i) % K;
-          std::memcpy(q_feat + slot * D, z_data + entries[i] * D, D * sizeof(scalar_t));
-          q_conf[slot] = conf_data[entries[i]];
-        }
-        count[q] = std::min<int64_t>(count[q] + L, K);
-        head[q] = (head[q] + L) % K;
-        changed = true;
+        fifo_insert(queue, entries, L, z_data, conf_data, K, D);
       } else {
-        int64_t n = count[q];
-        for (int64_t i = 0; i < L; ++i) {
-          const scalar_t value = conf_data[entries[i]];
-          int64_t slot;
-          if (n < K) {
-            slot = n++;
-          } else {
-            slot = 0;
-            for (int64_t s = 1; s < K; ++s) {
-              if (static_cast<acc_t>(q_conf[s]) < static_cast<acc_t>(q_conf[slot])) slot = s;
-            }
-            if (!(static_cast<acc_t>(value) > static_cast<acc_t>(q_conf[slot]))) continue;
-          }
-          std::memcpy(q_feat + slot * D, z_data + entries[i] * D, D * sizeof(scalar_t));
-          q_conf[slot] = value;
-          changed = true;
-        }
-        count[q] = n;
+        changed = min_conf_insert(queue, entries, L, z_data, conf_data, K, D);
       }
       if (changed) stale_data[q] = true;
     }
@@ -241,7 +283,7 @@ void memory_bank_update_cpu(at::Tensor features, at::Tensor confidences, at::Ten
 
 // -------------------------------------------------------------------------------------------------------------- kl
 
-// exp_poly (simd.h): a vectorisable e^x for the row passes.
+// exp_poly (cpu/simd.h): a vectorisable e^x for the row passes.
 
 // The row passes, compiled per ISA for float and double (target_clones takes no templates).
 //   row_max      max_d v[d]

@@ -11,7 +11,7 @@
 // class chunks: a chunk owns its rows of grad_s and leaves a partial grad_e that is summed over chunks in chunk
 // order afterwards; chunk counts and forward work units are fixed, not the thread count, so results do not depend
 // on it (no atomics, deterministic). float, the type models train in, runs register-tiled kernels compiled per ISA
-// (AVX-512 / AVX2, simd.h); the other types run plain loops. Accumulation is in float for half/bfloat16/float
+// (AVX-512 / AVX2, cpu/simd.h); the other types run plain loops. Accumulation is in float for half/bfloat16/float
 // inputs and in double for double.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

@@ -1,11 +1,17 @@
-// cosine_logits on CUDA (math and shapes: csrc/cpu/cosine_logits.cpp): cuBLAS GEMMs through at::mm, fp16/bf16
-// ones with a float result (at::mm's out_dtype), and small kernels for the rest:
-//   inv_norms      one warp per row: 1 / max(|v_r|, eps)
+// cosine_logits on CUDA: out = scale * cos(x, protos) (the backward's derivation: csrc/cpu/cosine_logits.cpp).
+//
+//   x (N, D), protos (C, D), scale () read on the device, g (N, C) = dL/dout
+//   ix (N,) = inv_norm(|x[n]|^2, eps), ip (C,) = inv_norm(|p[c]|^2, eps)   (inv_norm.h), float (double for double)
+//   forward   out[n, c] = scale * ix[n] * ip[c] * (x @ protos.T)[n, c]                             out (N, C)
+//   backward  grad_x (N, D), grad_protos (C, D), grad_scale () = sum(g * cos), by the kernels below
+// cuBLAS GEMMs through at::mm, fp16/bf16 ones with a float result (at::mm's out_dtype), and small kernels for the
+// rest:
+//   inv_norms      one warp per row: iv[r] = inv_norm(|v_r|^2, eps) = 1 / max(|v_r|, eps)
 //   scale_logits   forward epilogue, out = scale * ix[n] * ip[c] * (x @ protos.T)[n, c]
 //   scale_rows     v_hat = v * iv, the backward's GEMM operands (values in [-1, 1]: safe in fp16, where scaling g
 //                  by 1 / (|x| |p|) instead could underflow)
 //   project_rows   one warp per row: grad = scale * iv * (A - [|v| > eps] * v * iv^2 * <v, A>), rowdot = iv * <v, A>
-//                  with A = g @ protos_hat (grad_x, v = x) or g.T @ x_hat (grad_protos, v = protos)
+//                  with A = g @ protos_hat (grad_x, v = x; A (N, D)) or g.T @ x_hat (grad_protos, v = protos; (C, D))
 // grad_scale = sum_n rowdot[n] (= sum(g * cos), so scale == 0 needs nothing special). scale is read on the device:
 // a learnable temperature costs no host sync. Warp sums run in a fixed order: deterministic.
 #include <ATen/Dispatch.h>
@@ -18,18 +24,14 @@
 
 #include <array>
 
+#include "inv_norm.h"
+
 namespace zslfast {
 namespace {
 
 constexpr int kWarp = 32;
 constexpr int kThreads = 256;
 constexpr int kRowsPerBlock = kThreads / kWarp;
-
-// Clamped rows get exactly inv_norm(0, eps); project_rows recognises them by that value.
-template <typename acc_t>
-__device__ acc_t inv_norm(acc_t sum_sq, acc_t eps) {
-  return acc_t(1) / max(sqrt(sum_sq), eps);
-}
 
 template <typename acc_t>
 __device__ acc_t warp_sum(acc_t v) {
@@ -86,7 +88,7 @@ __global__ void project_rows_kernel(const at::opmath_type<scalar_t>* a, const sc
   const acc_t inv = iv[r];
   if (rowdot != nullptr && lane == 0) rowdot[r] = inv * dot;
   if (out == nullptr) return;
-  const acc_t coeff = inv < inv_norm(acc_t(0), static_cast<acc_t>(eps)) ? inv * inv * dot : acc_t(0);
+  const acc_t coeff = norm_clamped(inv, static_cast<acc_t>(eps)) ? acc_t(0) : inv * inv * dot;
   const acc_t row_scale = *scale * inv;
   for (int64_t d = lane; d < D; d += kWarp) {
     out[r * D + d] = static_cast<scalar_t>(row_scale * (a_row[d] - static_cast<acc_t>(v_row[d]) * coeff));

@@ -1,4 +1,7 @@
-// memory_bank update and refresh on CUDA (math, state and shapes: csrc/cpu/memory_bank.cpp). The KL runs in Triton.
+// memory_bank update and refresh on CUDA (the method: csrc/cpu/memory_bank.cpp). The KL runs in Triton.
+//   bank state, in place: features (C, M, K, D), confidences (C, M, K), counts (C, M) int64, next_slot (C, M) int64,
+//   stale (C, M) bool; offers z (N, M, D), y (N,) int64, conf (N, M); refresh writes means (C, M, D).
+//   Q = C * M queues, E = N * M offered entries; keys, order (E,) int64, start (Q + 1,) int64 are temporaries.
 //   queue_keys   one warp per offered entry e = n * M + m: key[e] = y[n] * M + m when conf[e] > threshold and
 //                z[e] is finite, else Q = C * M (sorts last, belongs to no queue)
 //   at::sort(keys, stable) gives the entries grouped by queue in batch order; at::searchsorted of 0..Q gives each

@@ -1,4 +1,6 @@
-// prototype_scores on CUDA (see csrc/cpu/prototype_scores.cpp for the math and the shapes):
+// prototype_scores on CUDA (the method: csrc/cpu/prototype_scores.cpp):
+//   e (B, K), s (C, K), w (B, C, K), g (B, C) = dL/dout -> out (B, C); grad_e (B, K), grad_s (C, K), grad_w (B, C, K)
+//   (empty when need_grad_w is false)
 //   forward   out[b, c]     = sum_k e[b, k] * s[c, k] * (1 + w[b, c, k])                one warp per (b, c) row
 //   backward  grad_s[c, k]  = sum_b g[b, c] * e[b, k] * (1 + w[b, c, k]),  and grad_w   one thread per (c, k), loop b
 //             grad_e[b, k]  = sum_c g[b, c] * s[c, k] * (1 + w[b, c, k])                one thread per (b, k), loop c
