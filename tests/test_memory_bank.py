@@ -18,7 +18,6 @@ import torch.nn.functional as F
 import zslfast
 from zslfast import reference
 from zslfast.nn import MemoryBank, MemoryBankGuidedFusion
-from zslfast.ops import memory_bank as mb_ops
 
 from conftest import (
     DEVICE_BACKENDS, HAS_GPU, TOLERANCES, backend_param, dtypes_for, low_precision_error_bound, require_backend,

@@ -30,7 +30,7 @@ pseudo-labels in [0, 1]) are skipped under torch.compile, where they would force
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
