@@ -51,8 +51,8 @@ SVIP's code and the reference do.
 
 Backends. Any kernel backend (or None) runs the fold above: head fusion and products in PyTorch ops, one layer's
 map at a time, the same on every device (zslfast.ops.attention_rollout owns both: ``fused_head_attention`` and
-``RolloutFold``); the backend is still checked, so one that cannot run here raises BackendUnavailableError.
-``backend="reference"`` runs the eager code the papers run instead: the blocks switch to timm's non-fused
+``RolloutFold``); the backend is still checked, so one that cannot run here raises BackendUnavailableError, and
+without the compiled extension the fold still runs. ``backend="reference"`` (or ``ZSLFAST_BACKEND=reference``) runs the eager code the papers run instead: the blocks switch to timm's non-fused
 attention, every softmax map (B, H, N, N) is stored from a hook on ``attn.attn_drop``, and
 ``zslfast.reference.attention_rollout`` rolls them out.
 """
@@ -65,7 +65,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .. import reference
+from .. import _backend, reference
 from ..ops.attention_rollout import FUSIONS, MODES, SPEC as ROLLOUT, RolloutFold, attention_rollout, fused_head_attention
 from ..ops._spec import check_module_backend
 from ..validation import check_flag, check_option, check_start_layer
@@ -275,7 +275,10 @@ def vit_attention_rollout(
     L = len(blocks)
     start = check_start_layer(_NAME, start_layer, L)
     device = images.device if isinstance(images, torch.Tensor) else torch.device("cpu")
-    if ROLLOUT.resolve(backend, device) == "reference":
+    # The fold needs no compiled kernel: only "reference" asked for (argument or ZSLFAST_BACKEND) stores the maps,
+    # not the fallback of a machine without the extension.
+    asked = (backend, _backend.environ("ZSLFAST_BACKEND"))
+    if ROLLOUT.resolve(backend, device) == "reference" and "reference" in asked:
         return _stored_maps_rollout(model, images, mode, head_fusion, start, cls_only)
 
     rollout = RolloutFold(mode, cls_only)
