@@ -10,6 +10,7 @@ would be data-dependent branches.
     check_labels(fn, name, labels, B, C)       an integer (not bool) tensor (B,) with values in [0, C) -> int64
     check_option(fn, name, value, choices)     one of a set of strings (the Python API's enums)
     check_flag(fn, name, value)                a Python bool
+    check_positive(fn, name, value)            a finite Python float > 0 (an eps, a temperature)
     check_start_layer(fn, start_layer, L)      an int in [-L, L) (negative counts from the end) -> in [0, L)
     check_same_device(fn, **tensors)           one device for all tensors given -> that device
     promote(*tensors)                          mixed floating dtypes cast to their common dtype
@@ -77,6 +78,14 @@ def check_option(fn: str, name: str, value, choices: Sequence) -> None:
 def check_flag(fn: str, name: str, value) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{fn}: {name} must be a bool, got {type(value).__name__}")
+
+
+def check_positive(fn: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{fn}: {name} must be a Python float, got {type(value).__name__}")
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{fn}: {name} must be a finite float > 0, got {value!r}")
+    return float(value)
 
 
 def check_start_layer(fn: str, start_layer, num_layers: Optional[int]) -> Optional[int]:

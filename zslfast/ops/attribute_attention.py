@@ -6,7 +6,7 @@ decoder cross-attention, SAGE/GEM/PSVMA attribute localisation), flash-style: no
     E[b, i]     = sum_r P[b, i, r] v[b, r]
     out[b, i]   = E[b, i]                                    ref None or score None     -> (B, K, Dv)
                 = <E[b, i], ref[i]>                          score "dot"                -> (B, K)
-                = <E, ref> / (max(|E|, eps) max(|ref|, eps)) score "cosine", eps = 1e-8 -> (B, K)
+                = <E, ref> / (max(|E|, eps) max(|ref|, eps)) score "cosine" (eps: 1e-8) -> (B, K)
                                                              (F.cosine_similarity(E, ref, dim=-1, eps=1e-8))
     lse[b, i]   = log sum_{kept r} exp(S[b, i, r])           (0 for a fully masked row)
 
@@ -40,7 +40,7 @@ import torch
 
 from .. import reference
 from ..validation import (
-    accumulator_dtype, check_flag, check_option, check_same_device, check_tensor, promote, shape_str,
+    accumulator_dtype, check_flag, check_option, check_positive, check_same_device, check_tensor, promote, shape_str,
 )
 from ._spec import OpSpec, choices, define, enum_id, triton_kernel
 
@@ -186,10 +186,7 @@ def _check_inputs(q, k, v, ref, mask, scale, score, eps, return_attention) -> No
     check_option(OP, "score", score, choices("score"))
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"{OP}: scale must be None or a Python float, got {type(scale).__name__}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"{OP}: eps must be a Python float, got {type(eps).__name__}")
-    if not 0 < eps < float("inf"):
-        raise ValueError(f"{OP}: eps must be a finite float > 0, got {eps!r}")
+    check_positive(OP, "eps", eps)
     check_flag(OP, "return_attention", return_attention)
 
 

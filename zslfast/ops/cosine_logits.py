@@ -1,6 +1,6 @@
 """cosine_logits: scaled cosine similarity of features to class prototypes, normalisation fused into the matmul.
 
-    ix[n]        = 1 / max(|x[n]|, eps)          ip[c] = 1 / max(|p[c]|, eps)          eps = 1e-8
+    ix[n]        = 1 / max(|x[n]|, eps)          ip[c] = 1 / max(|p[c]|, eps)  eps: an argument, 1e-8 default
     out[n, c]    = scale * ix[n] * ip[c] * <x[n], p[c]>  = scale * cos(x[n], p[c])
                    (F.normalize(x, dim=-1, eps=1e-8) @ F.normalize(p, dim=-1, eps=1e-8).T * scale, the papers' code)
 
@@ -30,7 +30,7 @@ from typing import Optional, Union
 import torch
 
 from .. import reference
-from ..validation import accumulator_dtype, check_same_device, check_tensor, promote, shape_str
+from ..validation import accumulator_dtype, check_positive, check_same_device, check_tensor, promote, shape_str
 from ._spec import OpSpec, compiled_kernel, define, triton_kernel
 
 OP = "cosine_logits"
@@ -133,13 +133,6 @@ def _check_scale(scale, device: torch.device) -> None:
         raise TypeError(f"{OP}: scale must be a Python float or a one-element tensor, got {type(scale).__name__}")
 
 
-def _check_eps(eps) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"{OP}: eps must be a Python float, got {type(eps).__name__}")
-    if not eps > 0 or eps == float("inf"):
-        raise ValueError(f"{OP}: eps must be a finite float > 0, got {eps!r}")
-
-
 def cosine_logits(
     x: torch.Tensor,
     protos: torch.Tensor,
@@ -148,7 +141,7 @@ def cosine_logits(
     eps: float = EPS,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
-    """``scale * cos(x, protos[c])`` for every class c, normalising as ``F.normalize(., dim=-1, eps=1e-8)``.
+    """``scale * cos(x, protos[c])`` for every class c, normalising as ``F.normalize(., dim=-1, eps=eps)``.
 
     Args:
         x: (..., D) features, any number of leading dimensions.
@@ -170,7 +163,7 @@ def cosine_logits(
         )
     device = check_same_device(OP, x=x, protos=protos)
     _check_scale(scale, device)
-    _check_eps(eps)
+    check_positive(OP, "eps", eps)
     x, protos = promote(x, protos)
     which = SPEC.resolve(backend, device)
     acc = accumulator_dtype(x.dtype)
