@@ -217,8 +217,11 @@ def _cpp_forward(attns, mode, head_fusion):
     return torch.ops.zslfast._attention_rollout_cls_fwd(attns, enum_id("mode", mode), enum_id("head_fusion", head_fusion))
 
 
+_TRITON_FORWARD = triton_kernel("attention_rollout", "forward")
+
+
 def _triton_forward(attns, mode, head_fusion):
-    return triton_kernel("attention_rollout", "forward")(list(attns), mode, enum_id("head_fusion", head_fusion))
+    return _TRITON_FORWARD(list(attns), mode, enum_id("head_fusion", head_fusion))
 
 
 def _setup_context(ctx, inputs, output):

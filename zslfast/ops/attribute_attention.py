@@ -92,14 +92,18 @@ def _cpp_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score, eps
     )
 
 
+_TRITON_FORWARD = triton_kernel("attribute_attention", "forward")
+_TRITON_BACKWARD = triton_kernel("attribute_attention", "backward")
+
+
 def _triton_forward(q, k, v, ref, mask, scale, score, eps, return_attention, save_e):
-    return triton_kernel("attribute_attention", "forward")(
+    return _TRITON_FORWARD(
         q, k, v, ref, mask, scale, enum_id("score", score), return_attention, save_e, eps
     )
 
 
 def _triton_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score, eps, output_mask):
-    return triton_kernel("attribute_attention", "backward")(
+    return _TRITON_BACKWARD(
         grad, grad_attn, q, k, v, ref, mask, e, lse, scale, enum_id("score", score), output_mask, eps
     )
 

@@ -110,8 +110,11 @@ def _cpp_kl(z, protos, labels, active, output_mask):
     return torch.ops.zslfast._memory_bank_kl(z, protos, labels, active, output_mask[0])
 
 
+_TRITON_KL = triton_kernel("memory_bank", "kl_forward")
+
+
 def _triton_kl(z, protos, labels, active, output_mask):
-    return triton_kernel("memory_bank", "kl_forward")(z, protos, labels, active, output_mask[0])
+    return _TRITON_KL(z, protos, labels, active, output_mask[0])
 
 
 def _kl_setup_context(ctx, inputs, output):
