@@ -7,20 +7,54 @@
 // converted to acc_t by the caller. A clamped row (|v| <= eps) gets exactly inv_norm(0, eps) = 1 / eps, and its
 // norm is then a constant with no derivative: backwards tell such rows apart from their saved inverse norm alone,
 // with norm_clamped below.
+//
+// Norms never overflow (issue 16): |v|^2 overflows acc_t for |v| beyond ~1.8e19 in float (F.normalize then returns
+// 0 for a row whose true cosines are O(1)). row_norm takes the plain sum of squares and only when that is inf
+// (a rare branch: the common case costs nothing more) takes it again scaled by the row's largest |v_d|:
+// |v| = m * |v / m|. A NaN anywhere in the row still makes the norm NaN, and an inf element makes it inf.
 #pragma once
 
 #include <c10/macros/Macros.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <limits>
 
 namespace zslfast {
 
+// 1 / max(norm, eps)
 template <typename acc_t>
-C10_HOST_DEVICE inline acc_t inv_norm(acc_t sum_sq, acc_t eps) {
-  const acc_t norm = std::sqrt(sum_sq);
+C10_HOST_DEVICE inline acc_t inv_clamped(acc_t norm, acc_t eps) {
   // std::max(norm, eps) spelled out, so that host and device pick alike: a NaN norm stays NaN (CUDA's max would
   // return eps).
   return acc_t(1) / (norm < eps ? eps : norm);
+}
+
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t inv_norm(acc_t sum_sq, acc_t eps) {
+  return inv_clamped(std::sqrt(sum_sq), eps);
+}
+
+// The norm of a row whose plain sum of squares came out as inf: m * sqrt(sum (v_d / m)^2), m = max |v_d|. An inf
+// element gives m = inf and a NaN quotient inf / inf, so such a row's norm is NaN (F.normalize's cosine of it is NaN too).
+template <typename acc_t, typename T>
+inline acc_t rescaled_norm(const T* v, int64_t D) {
+  acc_t m = 0;
+  for (int64_t d = 0; d < D; ++d) m = std::max(m, static_cast<acc_t>(std::abs(static_cast<acc_t>(v[d]))));
+  if (!(m > 0)) return std::sqrt(acc_t(0));
+  acc_t sum_sq = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    const acc_t scaled = static_cast<acc_t>(v[d]) / m;
+    sum_sq += scaled * scaled;
+  }
+  return m * std::sqrt(sum_sq);
+}
+
+// |v| of a contiguous row of D values without overflow, given its plain sum of squares.
+template <typename acc_t, typename T>
+inline acc_t row_norm(const T* v, int64_t D, acc_t sum_sq) {
+  return sum_sq == std::numeric_limits<acc_t>::infinity() ? rescaled_norm<acc_t>(v, D) : std::sqrt(sum_sq);
 }
 
 // Whether a row's norm was clamped to eps, from its inverse norm: the [|v| > eps] factor of the cosine gradients is

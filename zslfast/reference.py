@@ -39,9 +39,25 @@ def prototype_scores_factored(
     return prototype_scores(e, s, w)
 
 
+def vector_norm(v: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``|v|`` over ``dim`` (kept) without overflow: the plain norm, and where that overflowed, ``m * |v / m|``,
+    m = max |v_d| (a constant for autograd, so the gradient is v / |v| as for the plain norm). torch.linalg.vector_norm returns inf in float32 for |v| beyond
+    ~1.8e19 (its sum of squares overflows). NaN anywhere in the row gives NaN."""
+    plain = torch.linalg.vector_norm(v, dim=dim, keepdim=True)  # where finite, the result (F.normalize's norm)
+    m = v.detach().abs().amax(dim=dim, keepdim=True)
+    m = torch.where(m > 0, m, torch.ones_like(m))
+    return torch.where(plain == float("inf"), m * torch.linalg.vector_norm(v / m, dim=dim, keepdim=True), plain)
+
+
+def normalize(v: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
+    """F.normalize(v, dim=dim, eps=eps), with the norm taken by ``vector_norm`` (no overflow)."""
+    return v / vector_norm(v, dim).clamp_min(eps)
+
+
 def cosine_logits(x: torch.Tensor, protos: torch.Tensor, scale=1.0, eps: float = 1e-8) -> torch.Tensor:
-    """``scale * cos(x, protos[c])``: x (..., D), protos (C, D) -> (..., C), normalising as F.normalize(eps=eps)."""
-    return scale * (F.normalize(x, dim=-1, eps=eps) @ F.normalize(protos, dim=-1, eps=eps).T)
+    """``scale * cos(x, protos[c])``: x (..., D), protos (C, D) -> (..., C), normalising as F.normalize(eps=eps)
+    (``normalize`` above: F.normalize's values without its overflow)."""
+    return scale * (normalize(x, -1, eps) @ normalize(protos, -1, eps).T)
 
 
 def fuse_heads(attn: torch.Tensor, head_fusion: str) -> torch.Tensor:
@@ -108,7 +124,7 @@ def attribute_attention(q, k, v, ref=None, *, scale=None, mask=None, score="cosi
     elif score == "cosine":
         # F.cosine_similarity's value; written with F.normalize so that the gradient of a clamped norm is 0, as in
         # the kernels (F.cosine_similarity's own backward differs where |E| < eps).
-        out = (F.normalize(e, dim=-1, eps=eps) * F.normalize(ref.expand_as(e), dim=-1, eps=eps)).sum(-1)
+        out = (normalize(e, -1, eps) * normalize(ref.expand_as(e), -1, eps)).sum(-1)
     elif score == "dot":
         out = (e * ref).sum(-1)
     else:

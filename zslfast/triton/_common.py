@@ -11,6 +11,10 @@ it as the dtype of their accumulators, saved statistics and loaded-and-upcast op
 ``x.to(ACC_DTYPE)``). The code that must differ in fp64 tests ``ACC_DTYPE == tl.float64``, a compile-time branch,
 and lives in the helpers here: ``mm`` (tl.dot has no fp64) and ``inv_norm`` (whose fp32 branch asks for the
 round-to-nearest sqrt and division explicitly).
+
+Norms never overflow (issue 16): a sum of squares overflows fp32 for |v| beyond ~1.8e19. ``norm_rows`` computes the
+norms of a tile held in registers as the plain sqrt(sum v^2) where that is finite and as m * |v / m|, m = max |v_d|,
+where it overflowed; kernels that accumulate a sum of squares over D tiles carry (m, sum (v/m)^2) instead.
 """
 
 import torch
@@ -71,3 +75,19 @@ def inv_norm(sq, eps, ACC_DTYPE: tl.constexpr):
         bound = tl.full([], eps, tl.float32)
         denominator = tl.maximum(tl.sqrt_rn(sq), bound)
         return tl.math.div_rn(tl.full(denominator.shape, 1.0, tl.float32), denominator)
+
+
+@triton.jit
+def norm_rows(v, ACC_DTYPE: tl.constexpr):
+    """|v[r]| of every row of a (R, D) tile in registers, in ACC_DTYPE, without overflow.
+
+    The plain sum of squares where it is finite (bit-identical to sqrt(sum v^2)); where it overflowed, the sum
+    again scaled by the row's max |v_d|. A NaN in a row makes its norm NaN; an inf element makes it NaN
+    (inf / inf), as F.normalize's cosine of such a row is NaN."""
+    v = v.to(ACC_DTYPE)
+    sq = tl.sum(v * v, axis=1)
+    m = tl.max(tl.abs(v), axis=1)
+    safe_m = tl.where(m > 0, m, 1.0).to(ACC_DTYPE)
+    scaled = v / safe_m[:, None]
+    rescaled = safe_m * tl.sqrt(tl.sum(scaled * scaled, axis=1))
+    return tl.where(sq == float("inf"), rescaled, tl.sqrt(sq))
