@@ -29,7 +29,9 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .validation import check_labels, check_same_device, check_tensor, promote, shape_str
+from .validation import (
+    check_finite, check_labels, check_number, check_same_device, check_tensor, promote, shape_str,
+)
 
 __all__ = [
     "CDPResult",
@@ -75,8 +77,11 @@ def msas(
             )
         if threshold.dim() == 1:  # a 0-D tensor may live on the CPU, as a Python number would
             check_same_device(op, att=att, threshold=threshold)
+        check_finite(op, "threshold", threshold)  # NaN would amplify no attribute, silently
     elif not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
         raise TypeError(f"{op}: threshold must be a number or a tensor, got {type(threshold).__name__}")
+    else:
+        check_number(op, "threshold", threshold)
     if weight is not None:
         check_tensor(op, "weight", weight, (1, 2), "(K,) or (K, K')")
         if weight.shape[0] != K:
@@ -185,6 +190,7 @@ def ridge_prototypes(
             f"got seen_means {shape_str(seen_means)}"
         )
     device = check_same_device(op, target_att=target_att, seen_att=seen_att, seen_means=seen_means)
+    check_finite(op, "seen_att", seen_att)  # the SVD's input: NaN there fails inside torch.linalg.svd
     target_att, seen_att, seen_means = promote(target_att, seen_att, seen_means)
     dtype = seen_att.dtype
     work = torch.float64 if dtype in (torch.float32, torch.float16, torch.bfloat16) else dtype
@@ -269,6 +275,8 @@ def class_diversity_promotion(sem: torch.Tensor, n_remove: int = 1, *, center: b
     if not 0 <= n_remove < min(C, K):
         raise ValueError(f"{op}: n_remove must satisfy 0 <= n_remove < min(C, K) = {min(C, K)} for sem "
                          f"{shape_str(sem)}, got {n_remove}")
+    if n_remove > 0:
+        check_finite(op, "sem", sem)  # eigh's input: NaN there fails inside torch.linalg.eigh
     before = mean_pairwise_cosine(sem)
     x = sem - sem.mean(0, keepdim=True) if center else sem
     if n_remove > 0:
@@ -417,10 +425,8 @@ def semantic_regularised_contrastive_loss(
         raise ValueError(f"{op}: unseen_mask must be (C,) with C={C} as in logits {shape_str(logits)}, "
                          f"got {shape_str(unseen_mask)}")
     check_same_device(op, logits=logits, labels=labels, class_sim=class_sim, unseen_mask=unseen_mask)
-    beta_ok = isinstance(beta, (int, float)) and not isinstance(beta, bool) and beta >= 0 and beta < float("inf")
-    if not beta_ok:
-        raise ValueError(f"{op}: beta must be a finite number >= 0, got {beta!r}")
-    if not (isinstance(strength, (int, float)) and 0 <= strength <= 1):
+    beta = check_number(op, "beta", beta, minimum=0)
+    if not 0 <= check_number(op, "strength", strength) <= 1:
         raise ValueError(f"{op}: strength must be a number in [0, 1], got {strength!r}")
     logits, class_sim = promote(logits, class_sim)
 

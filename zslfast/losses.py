@@ -22,7 +22,9 @@ SVIP:
     jsd_loss(logits_a, logits_b)                    Eq. 13  0.5 KL(p_a || p_b) + 0.5 KL(p_b || p_a), batch mean
     patch_bce_loss(patch_logits, pseudo_labels, mask=None)   Eq. 6   per-image mean BCE over patches, batch mean
 
-All work in log space (log_softmax, BCE with logits), so large logits give finite losses and gradients.
+All work in log space (log_softmax, BCE with logits), so large logits give finite losses and gradients. An empty
+batch (B = 0) gives a zero loss with zero gradients, as memory_bank_kl does with nothing active, never the NaN of
+an empty mean; empty class or attribute dimensions are an error.
 Shape and label checks raise ValueError/TypeError naming the argument; the data-dependent ones (label range,
 pseudo-labels in [0, 1]) are skipped under torch.compile, where they would force a graph break.
 """
@@ -36,7 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .validation import check_labels, check_tensor, compiling, shape_str
+from .validation import (
+    check_class_ids, check_labels, check_number, check_option, check_positive, check_scale, check_tensor, compiling,
+    shape_str,
+)
 
 # ILPG Eq. 12 weights from the paper's experiments (main text for CUB, Appendix G for SUN and AwA2).
 ILPG_LOSS_WEIGHTS = {
@@ -49,8 +54,11 @@ ILPG_LOSS_WEIGHTS = {
 DEFAULT_TAU = 0.1
 
 
-def _check_float(fn: str, name: str, t, ndim: int, layout: str) -> None:
+def _check_float(fn: str, name: str, t, ndim: int, layout: str, batched: bool = True) -> None:
+    """A floating tensor of ``ndim`` dims; only its batch dim (the first, when ``batched``) may be empty."""
     check_tensor(fn, name, t, (ndim,), layout, allow_empty=True)
+    if 0 in t.shape[1 if batched else 0:]:
+        raise ValueError(f"{fn}: {name} {layout} may be empty only in its batch dimension, got shape {shape_str(t)}")
 
 
 def _check_labels(fn: str, labels, batch: int, num_classes: int) -> torch.Tensor:
@@ -70,15 +78,7 @@ def _check_w(fn: str, w, batch: int, num_classes: int, dim: int) -> None:
 
 
 def _check_unseen(fn: str, unseen_classes, num_classes: int, device) -> torch.Tensor:
-    unseen = torch.as_tensor(unseen_classes, device=device)
-    if unseen.is_floating_point() or unseen.dtype == torch.bool or unseen.dim() != 1 or unseen.numel() == 0:
-        raise ValueError(f"{fn}: unseen_classes must be a non-empty 1-D set of integer class ids, got {unseen!r}")
-    if not compiling() and bool(((unseen < 0) | (unseen >= num_classes)).any()):
-        raise ValueError(
-            f"{fn}: unseen_classes must be class ids in 0..{num_classes - 1}, "
-            f"got {int(unseen.min())}..{int(unseen.max())}"
-        )
-    return unseen.long()
+    return check_class_ids(fn, "unseen_classes", unseen_classes, num_classes, device)
 
 
 def label_prototypes(s: torch.Tensor, w: Optional[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
@@ -94,8 +94,14 @@ def label_prototypes(s: torch.Tensor, w: Optional[torch.Tensor], labels: torch.T
 # ----------------------------------------------------------------------------------------------------- ILPG
 
 
+def _batch_mean(per_sample: torch.Tensor) -> torch.Tensor:
+    """The mean over every element, and 0 over none: an empty batch gives a zero loss whose gradients are zero
+    (it stays connected to the graph), never the NaN of an empty mean."""
+    return per_sample.sum() / max(per_sample.numel(), 1)
+
+
 def _ipm(logits, labels):
-    return F.cross_entropy(logits, labels)
+    return _batch_mean(F.cross_entropy(logits, labels, reduction="none"))
 
 
 def _sas(logits, labels, s, unseen, class_reduction):
@@ -106,15 +112,15 @@ def _sas(logits, labels, s, unseen, class_reduction):
     per_sample = -(reach.to(log_p.dtype) * log_p).sum(dim=1)
     if class_reduction == "mean":
         per_sample = per_sample / unseen.numel()
-    return per_sample.mean()
+    return _batch_mean(per_sample)
 
 
 def _vsr(e, s, w, labels):
-    return (e - label_prototypes(s, w, labels)).pow(2).sum(dim=1).mean()
+    return _batch_mean((e - label_prototypes(s, w, labels)).pow(2).sum(dim=1))
 
 
 def _pcr(s, w, labels, tau):
-    return F.cross_entropy(label_prototypes(s, w, labels) @ s.T / tau, labels)
+    return _batch_mean(F.cross_entropy(label_prototypes(s, w, labels) @ s.T / tau, labels, reduction="none"))
 
 
 def ipm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -138,10 +144,9 @@ def sas_loss(
     unseen_classes (U,) ids. The weights a are computed from s without gradient. The sum over the unseen classes
     follows Eq. 9; ``class_reduction="mean"`` averages over them instead.
     """
-    if class_reduction not in ("sum", "mean"):
-        raise ValueError(f"sas_loss: class_reduction must be 'sum' or 'mean', got {class_reduction!r}")
+    check_option("sas_loss", "class_reduction", class_reduction, ("sum", "mean"))
     _check_float("sas_loss", "logits", logits, 2, "(B, C)")
-    _check_float("sas_loss", "s", s, 2, "(C, K)")
+    _check_float("sas_loss", "s", s, 2, "(C, K)", batched=False)
     if s.shape[0] != logits.shape[1]:
         raise ValueError(f"sas_loss: logits (B, C) = {shape_str(logits)} and s (C, K) = {shape_str(s)} disagree on C")
     labels = _check_labels("sas_loss", labels, logits.shape[0], logits.shape[1])
@@ -153,7 +158,7 @@ def vsr_loss(e: torch.Tensor, s: torch.Tensor, w: Optional[torch.Tensor], labels
     """ILPG Eq. 10, visual-semantic residual alignment: mean_b ||e[b] - S_W^(y)[b]||_2^2 (squared norm summed over
     the K attributes, mean over the batch). e (B, K), s (C, K), w None/(B, K)/(B, C, K): only w[b, y_b] is read."""
     _check_float("vsr_loss", "e", e, 2, "(B, K)")
-    _check_float("vsr_loss", "s", s, 2, "(C, K)")
+    _check_float("vsr_loss", "s", s, 2, "(C, K)", batched=False)
     if e.shape[1] != s.shape[1]:
         raise ValueError(f"vsr_loss: e (B, K) = {shape_str(e)} and s (C, K) = {shape_str(s)} disagree on K")
     _check_w("vsr_loss", w, e.shape[0], s.shape[0], s.shape[1])
@@ -168,9 +173,8 @@ def pcr_loss(
     mean_b -log( exp(<S_W^(y)[b], s[y_b]> / tau) / sum_i exp(<S_W^(y)[b], s[i]> / tau) ).
     s (C, K), w None/(B, K)/(B, C, K), labels (B,); the positive is the static prototype of the label, the
     negatives every other static prototype."""
-    _check_float("pcr_loss", "s", s, 2, "(C, K)")
-    if not (isinstance(tau, (int, float, torch.Tensor)) and float(tau) > 0):
-        raise ValueError(f"pcr_loss: tau must be a positive temperature, got {tau!r}")
+    _check_float("pcr_loss", "s", s, 2, "(C, K)", batched=False)
+    check_scale("pcr_loss", "tau", tau, s.device)
     if w is not None and not isinstance(w, torch.Tensor):
         raise TypeError("pcr_loss: w must be None or a floating-point tensor (B, K) or (B, C, K)")
     if not isinstance(labels, torch.Tensor):
@@ -202,24 +206,15 @@ class ILPGLoss(nn.Module):
         sas_class_reduction: str = "sum",
     ):
         super().__init__()
-        if tau <= 0:
-            raise ValueError(f"ILPGLoss: tau must be positive, got {tau}")
-        if sas_class_reduction not in ("sum", "mean"):
-            raise ValueError(f"ILPGLoss: sas_class_reduction must be 'sum' or 'mean', got {sas_class_reduction!r}")
-        for name, value in (("lambda_sas", lambda_sas), ("lambda_vsr", lambda_vsr), ("lambda_pcr", lambda_pcr)):
-            if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
-                raise ValueError(f"ILPGLoss: {name} must be a finite number >= 0, got {value!r}")
-        self.lambda_sas = float(lambda_sas)
-        self.lambda_vsr = float(lambda_vsr)
-        self.lambda_pcr = float(lambda_pcr)
-        self.tau = float(tau)
+        fn = "ILPGLoss"
+        self.tau = check_positive(fn, "tau", tau)
+        check_option(fn, "sas_class_reduction", sas_class_reduction, ("sum", "mean"))
+        self.lambda_sas = check_number(fn, "lambda_sas", lambda_sas, minimum=0)
+        self.lambda_vsr = check_number(fn, "lambda_vsr", lambda_vsr, minimum=0)
+        self.lambda_pcr = check_number(fn, "lambda_pcr", lambda_pcr, minimum=0)
         self.sas_class_reduction = sas_class_reduction
-        unseen = None
-        if unseen_classes is not None:
-            unseen = torch.as_tensor(unseen_classes)
-            if unseen.is_floating_point() or unseen.dtype == torch.bool or unseen.dim() != 1 or unseen.numel() == 0:
-                raise ValueError(f"ILPGLoss: unseen_classes must be a non-empty 1-D set of class ids, got {unseen!r}")
-            unseen = unseen.long()
+        # The range is checked against C at the first forward (C is not known here).
+        unseen = None if unseen_classes is None else check_class_ids(fn, "unseen_classes", unseen_classes, None)
         self.register_buffer("unseen_classes", unseen, persistent=False)
         self._unseen_checked_for = None
 
@@ -255,7 +250,7 @@ class ILPGLoss(nn.Module):
         fn = "ILPGLoss"
         _check_float(fn, "logits", logits, 2, "(B, C)")
         _check_float(fn, "e", e, 2, "(B, K)")
-        _check_float(fn, "s", s, 2, "(C, K)")
+        _check_float(fn, "s", s, 2, "(C, K)", batched=False)
         batch, num_classes = logits.shape
         if s.shape[0] != num_classes or e.shape != (batch, s.shape[1]):
             raise ValueError(
@@ -304,16 +299,15 @@ def jsd_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, mode: str = "eq13")
         raise ValueError(
             f"jsd_loss: logits_a {shape_str(logits_a)} and logits_b {shape_str(logits_b)} must have one shape (..., C)"
         )
+    check_option("jsd_loss", "mode", mode, ("eq13", "mixture"))
     log_a = torch.log_softmax(logits_a, dim=-1)
     log_b = torch.log_softmax(logits_b, dim=-1)
     if mode == "eq13":
         per_row = 0.5 * ((log_a.exp() - log_b.exp()) * (log_a - log_b)).sum(dim=-1)
-    elif mode == "mixture":
+    else:
         log_m = torch.logaddexp(log_a, log_b) - math.log(2.0)
         per_row = 0.5 * ((log_a.exp() * (log_a - log_m)).sum(dim=-1) + (log_b.exp() * (log_b - log_m)).sum(dim=-1))
-    else:
-        raise ValueError(f"jsd_loss: mode must be 'eq13' or 'mixture', got {mode!r}")
-    return per_row.mean()
+    return _batch_mean(per_row)
 
 
 def patch_bce_loss(
@@ -350,7 +344,7 @@ def patch_bce_loss(
     else:
         per_patch = F.binary_cross_entropy_with_logits(patch_logits, target, reduction="none")
     if mask is None:
-        return per_patch.mean()
+        return _batch_mean(per_patch)
     if not isinstance(mask, torch.Tensor) or mask.shape != patch_logits.shape:
         raise ValueError(
             f"patch_bce_loss: mask must be a (B, N) = {shape_str(patch_logits)} tensor, "

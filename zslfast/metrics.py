@@ -12,7 +12,9 @@ calibrated stacking (Chao et al. 2016).
         U + S = 0)
     gamma_sweep(..., gammas)                                   -> (best GZSLResult by H, its gamma, all results)
 
-Inputs may be torch tensors, numpy arrays or lists; class ids are 0-based column indices of ``scores``.
+Inputs may be torch tensors, numpy arrays or lists; class ids are 0-based column indices of ``scores``. Bad input
+(float labels, class ids outside the columns, a NaN score, a NaN or inf gamma) raises TypeError/ValueError naming
+the function and the argument (zslfast.validation); -inf scores (a class masked out) are allowed.
 Accuracies are fractions in [0, 1], returned as Python floats.
 """
 
@@ -21,6 +23,8 @@ from __future__ import annotations
 from typing import NamedTuple, Optional, Sequence
 
 import torch
+
+from .validation import as_integer_tensor, as_scores, check_class_ids, check_number, shape_str
 
 
 class GZSLResult(NamedTuple):
@@ -31,32 +35,6 @@ class GZSLResult(NamedTuple):
     h: float
 
 
-def _as_long(name: str, value, ndim: int = 1) -> torch.Tensor:
-    t = torch.as_tensor(value)
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integer class ids, got dtype {t.dtype}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must be a {ndim}-D tensor, got shape {tuple(t.shape)}")
-    return t.long()
-
-
-def _as_scores(name: str, value) -> torch.Tensor:
-    t = torch.as_tensor(value)
-    if not t.is_floating_point():
-        t = t.double()
-    if t.dim() != 2:
-        raise ValueError(f"{name} must be (N, C) scores, got shape {tuple(t.shape)}")
-    return t
-
-
-def _check_classes(name: str, classes: torch.Tensor, num_classes: int) -> None:
-    if classes.numel() == 0:
-        raise ValueError(f"{name} is empty")
-    lo, hi = int(classes.min()), int(classes.max())
-    if lo < 0 or hi >= num_classes:
-        raise ValueError(f"{name} must be class ids in 0..{num_classes - 1} (columns of scores), got {lo}..{hi}")
-
-
 def per_class_accuracy(pred, labels, classes=None) -> float:
     """Mean over classes of each class's top-1 accuracy (Xian et al. 2017, Eq. "acc_Y").
 
@@ -64,22 +42,23 @@ def per_class_accuracy(pred, labels, classes=None) -> float:
     sample in ``labels`` are left out (absent classes do not count as 0). None: every class present in labels.
     Samples whose label is not in ``classes`` are ignored. 0.0 when no class is present.
     """
-    pred = _as_long("pred", pred)
-    labels = _as_long("labels", labels).to(pred.device)
+    fn = "per_class_accuracy"
+    pred = as_integer_tensor(fn, "pred", pred)
+    labels = as_integer_tensor(fn, "labels", labels).to(pred.device)
     if pred.shape != labels.shape:
-        raise ValueError(f"pred and labels must have the same shape, got {tuple(pred.shape)} and {tuple(labels.shape)}")
+        raise ValueError(f"{fn}: pred and labels must have the same shape, got {shape_str(pred)} and {shape_str(labels)}")
     if labels.numel() == 0:
         return 0.0
     if int(labels.min()) < 0:
-        raise ValueError(f"labels must be class ids >= 0, got {int(labels.min())}")
+        raise ValueError(f"{fn}: labels must be class ids >= 0, got {int(labels.min())}")
     if classes is None:
         classes = torch.unique(labels)
     else:
-        classes = torch.unique(_as_long("classes", classes).to(labels.device))
+        classes = torch.unique(as_integer_tensor(fn, "classes", classes).to(labels.device))
     if classes.numel() == 0:
         return 0.0
     if int(classes.min()) < 0:
-        raise ValueError(f"classes must be class ids >= 0, got {int(classes.min())}")
+        raise ValueError(f"{fn}: classes must be class ids >= 0, got {int(classes.min())}")
     size = int(max(int(labels.max()), int(classes.max()))) + 1
     keep = torch.isin(labels, classes)
     labels, pred = labels[keep], pred[keep]
@@ -98,12 +77,12 @@ def czsl_accuracy(scores, labels, unseen_classes) -> float:
     scores (N, C) over all classes (column c = class c), labels (N,) of unseen-class images, unseen_classes the
     candidate ids. The prediction is the unseen class with the highest score.
     """
-    scores = _as_scores("scores", scores)
-    labels = _as_long("labels", labels).to(scores.device)
-    unseen = _as_long("unseen_classes", unseen_classes).to(scores.device)
-    _check_classes("unseen_classes", unseen, scores.shape[1])
+    fn = "czsl_accuracy"
+    scores = as_scores(fn, "scores", scores)
+    labels = as_integer_tensor(fn, "labels", labels).to(scores.device)
+    unseen = check_class_ids(fn, "unseen_classes", unseen_classes, scores.shape[1], scores.device)
     if labels.shape[0] != scores.shape[0]:
-        raise ValueError(f"scores {tuple(scores.shape)} and labels {tuple(labels.shape)} disagree on N")
+        raise ValueError(f"{fn}: scores {shape_str(scores)} and labels {shape_str(labels)} disagree on N")
     pred = unseen[scores[:, unseen].argmax(dim=1)]
     return per_class_accuracy(pred, labels, unseen)
 
@@ -113,9 +92,10 @@ def calibrated_stacking(scores, seen_classes, gamma: float):
 
     Returns a new tensor (the input is not modified); a larger gamma moves predictions towards unseen classes.
     """
-    scores = _as_scores("scores", scores)
-    seen = _as_long("seen_classes", seen_classes).to(scores.device)
-    _check_classes("seen_classes", seen, scores.shape[1])
+    fn = "calibrated_stacking"
+    scores = as_scores(fn, "scores", scores)
+    seen = check_class_ids(fn, "seen_classes", seen_classes, scores.shape[1], scores.device)
+    gamma = check_number(fn, "gamma", gamma)
     out = scores.clone()
     out[:, seen] -= gamma
     return out
@@ -139,22 +119,25 @@ def gzsl_accuracy(
     scores_* (N*, C) over all C classes, labels_* (N*,); S is the per-class accuracy of the test-seen images over
     ``seen_classes``, U that of the test-unseen images over ``unseen_classes``, H = 2US/(U+S) (0 if U+S = 0).
     """
-    seen = _as_long("seen_classes", seen_classes)
-    unseen = _as_long("unseen_classes", unseen_classes)
+    fn = "gzsl_accuracy"
+    seen = check_class_ids(fn, "seen_classes", seen_classes, None)
+    unseen = check_class_ids(fn, "unseen_classes", unseen_classes, None)
+    check_number(fn, "gamma", gamma)
     if bool(torch.isin(seen, unseen).any()):
-        raise ValueError("seen_classes and unseen_classes overlap")
+        raise ValueError(f"{fn}: seen_classes and unseen_classes overlap")
     accs = []
     for which, scores, labels, classes in (
         ("seen", scores_seen_test, labels_seen_test, seen),
         ("unseen", scores_unseen_test, labels_unseen_test, unseen),
     ):
-        scores = _as_scores(f"scores_{which}_test", scores)
-        labels = _as_long(f"labels_{which}_test", labels).to(scores.device)
+        scores = as_scores(fn, f"scores_{which}_test", scores)
+        labels = as_integer_tensor(fn, f"labels_{which}_test", labels).to(scores.device)
         if labels.shape[0] != scores.shape[0]:
             raise ValueError(
-                f"scores_{which}_test {tuple(scores.shape)} and labels_{which}_test {tuple(labels.shape)} disagree on N"
+                f"{fn}: scores_{which}_test {shape_str(scores)} and labels_{which}_test {shape_str(labels)} disagree on N"
             )
-        _check_classes("unseen_classes", unseen, scores.shape[1])
+        check_class_ids(fn, "seen_classes", seen, scores.shape[1])
+        check_class_ids(fn, "unseen_classes", unseen, scores.shape[1])
         pred = calibrated_stacking(scores, seen.to(scores.device), gamma).argmax(dim=1)
         accs.append(per_class_accuracy(pred, labels, classes.to(scores.device)))
     s, u = accs
@@ -180,14 +163,14 @@ def gamma_sweep(
         spread = max(
             float((s.max(dim=1).values - s.min(dim=1).values).max())
             for s in (
-                _as_scores("scores_seen_test", scores_seen_test),
-                _as_scores("scores_unseen_test", scores_unseen_test),
+                as_scores("gamma_sweep", "scores_seen_test", scores_seen_test),
+                as_scores("gamma_sweep", "scores_unseen_test", scores_unseen_test),
             )
         )
         gammas = torch.linspace(0.0, spread, 41).tolist()
-    gammas = [float(g) for g in torch.as_tensor(gammas).reshape(-1).tolist()]
+    gammas = [check_number("gamma_sweep", "gammas", float(g)) for g in torch.as_tensor(gammas).reshape(-1).tolist()]
     if not gammas:
-        raise ValueError("gammas is empty")
+        raise ValueError("gamma_sweep: gammas is empty")
     results = [
         gzsl_accuracy(scores_seen_test, labels_seen_test, scores_unseen_test, labels_unseen_test, seen_classes,
                       unseen_classes, gamma)

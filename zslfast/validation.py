@@ -11,6 +11,12 @@ would be data-dependent branches.
     check_option(fn, name, value, choices)     one of a set of strings (the Python API's enums)
     check_flag(fn, name, value)                a Python bool
     check_positive(fn, name, value)            a finite Python float > 0 (an eps, a temperature)
+    check_number(fn, name, value, minimum)     a finite Python number (>= minimum when given): weights, gamma, a threshold
+    check_scale(fn, name, scale, device)       a finite Python float > 0, or a one-element floating tensor
+    check_class_ids(fn, name, ids, C)          a non-empty 1-D set of integer class ids in [0, C) -> int64 (lists too)
+    check_finite(fn, name, t)                  no NaN or inf in t (before a solver that would fail deep inside torch)
+    as_integer_tensor(fn, name, value, ndim)   a tensor, numpy array or list of integer ids -> an int64 tensor
+    as_scores(fn, name, value)                 (N, C) scores as a floating tensor, no NaN (-inf allowed: a masked class)
     check_start_layer(fn, start_layer, L)      an int in [-L, L) (negative counts from the end) -> in [0, L)
     check_same_device(fn, **tensors)           one device for all tensors given -> that device
     promote(*tensors)                          mixed floating dtypes cast to their common dtype
@@ -19,6 +25,7 @@ would be data-dependent branches.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -88,6 +95,68 @@ def check_positive(fn: str, name: str, value) -> float:
     return float(value)
 
 
+def check_number(fn: str, name: str, value, minimum: Optional[float] = None) -> float:
+    """A finite Python number (not a bool), >= ``minimum`` when given. NaN and inf are refused: compared with
+    anything they would silently select nothing or everything."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{fn}: {name} must be a Python number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{fn}: {name} must be a finite number, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{fn}: {name} must be >= {minimum:g}, got {value!r}")
+    return float(value)
+
+
+def check_scale(fn: str, name: str, scale, device: Optional[torch.device] = None) -> None:
+    """A scale or temperature: a Python number, finite and > 0, or a one-element floating tensor (a learnable
+    temperature). A tensor's value is the model's own and is not read: that would be a host sync on every step,
+    and a NaN in it already shows as NaN in every output (all of them depend on it). A CPU 0-D tensor may scale
+    tensors on another device, as in PyTorch's binary ops; otherwise it must be on ``device``."""
+    if isinstance(scale, torch.Tensor):
+        if not scale.is_floating_point():
+            raise TypeError(
+                f"{fn}: {name} must be a Python float or a floating-point one-element tensor, got dtype {scale.dtype}"
+            )
+        if scale.numel() != 1:
+            raise ValueError(
+                f"{fn}: {name} must be a Python float or a one-element tensor, got a tensor of shape {shape_str(scale)}"
+            )
+        if device is not None and scale.device != device and not (scale.device.type == "cpu" and scale.dim() == 0):
+            raise ValueError(f"{fn}: all tensors must be on one device, got {name} on {scale.device}, not {device}")
+        return
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{fn}: {name} must be a Python float or a one-element tensor, got {type(scale).__name__}")
+    if not 0 < scale < float("inf"):
+        raise ValueError(f"{fn}: {name} must be finite and > 0, got {scale!r}")
+
+
+def check_class_ids(fn: str, name: str, ids, num_classes: Optional[int], device=None) -> torch.Tensor:
+    """A non-empty 1-D set of integer class ids (a tensor, a numpy array or a list) in [0, num_classes) -> int64 on
+    ``device``. The range is checked in eager mode only (and not at all while num_classes is None)."""
+    t = torch.as_tensor(ids, device=device)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{fn}: {name} must hold integer class ids, got dtype {t.dtype}")
+    if t.dim() != 1 or t.numel() == 0:
+        raise ValueError(f"{fn}: {name} must be a non-empty 1-D set of class ids, got shape {shape_str(t)}")
+    if num_classes is not None and not compiling() and bool(((t < 0) | (t >= num_classes)).any()):
+        raise ValueError(
+            f"{fn}: {name} must be class ids in [0, {num_classes}) (C={num_classes} classes), "
+            f"got ids in {int(t.min())}..{int(t.max())}"
+        )
+    return t.long()
+
+
+def check_finite(fn: str, name: str, t: torch.Tensor) -> None:
+    """No NaN or inf in ``t`` (eager mode only): for inputs of solvers (SVD, eigh) that would otherwise fail inside
+    torch with a LinAlgError, or return garbage for every output instead of NaN where it belongs."""
+    if t.numel() and not compiling():
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            raise ValueError(
+                f"{fn}: {name} {shape_str(t)} must be finite, got {int(bad.sum())} NaN/inf value(s)"
+            )
+
+
 def check_start_layer(fn: str, start_layer, num_layers: Optional[int]) -> Optional[int]:
     """One rule for the first layer of a rollout: an int in [-L, L), negative counting from the end as in list
     slicing. Returns it in [0, L); with ``num_layers`` None (L not known yet) only the type is checked."""
@@ -135,3 +204,29 @@ def promote(*tensors: Optional[torch.Tensor]) -> list[Optional[torch.Tensor]]:
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     """What the kernels accumulate (and keep saved norms, states, partial sums) in: fp64 for fp64, else fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def as_integer_tensor(fn: str, name: str, value, ndim: int = 1) -> torch.Tensor:
+    """``value`` (a tensor, a numpy array or a list) as an int64 tensor of ``ndim`` dims; integer dtypes only."""
+    t = torch.as_tensor(value)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{fn}: {name} must hold integer class ids, got dtype {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{fn}: {name} must be a {ndim}-D tensor, got shape {shape_str(t)}")
+    return t.long()
+
+
+def as_scores(fn: str, name: str, value) -> torch.Tensor:
+    """(N, C) class scores as a floating tensor (integers become float64). NaN is refused: argmax would silently
+    predict the NaN's class; -inf (a class masked out) and +inf are kept."""
+    t = torch.as_tensor(value)
+    if not t.is_floating_point():
+        t = t.double()
+    if t.dim() != 2:
+        raise ValueError(f"{fn}: {name} must be (N, C) scores, got shape {shape_str(t)}")
+    if not compiling() and t.numel() and bool(torch.isnan(t).any()):
+        rows = torch.isnan(t).any(dim=1).nonzero().flatten()
+        raise ValueError(
+            f"{fn}: {name} {shape_str(t)} holds NaN scores in {rows.numel()} row(s), the first row {int(rows[0])}"
+        )
+    return t

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..ops.cosine_logits import cosine_logits
+from ..validation import check_positive
 
 
 class CosineClassifier(nn.Module):
@@ -54,8 +55,7 @@ class CosineClassifier(nn.Module):
             weight = torch.empty(num_classes, dim)
             nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
             self.prototypes = nn.Parameter(weight)
-        if scale <= 0:
-            raise ValueError(f"CosineClassifier: scale must be positive, got {scale}")
+        scale = check_positive("CosineClassifier", "scale", scale)
         if learnable_scale:
             self.log_scale = nn.Parameter(torch.tensor(math.log(scale)))
         else:

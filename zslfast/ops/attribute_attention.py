@@ -188,8 +188,8 @@ def _check_inputs(q, k, v, ref, mask, scale, score, eps, return_attention) -> No
         if mask.shape != (B, R):
             raise ValueError(f"{OP}: mask must be (B, R) = ({B}, {R}) to match k {shape_str(k)}, got {shape_str(mask)}")
     check_option(OP, "score", score, choices("score"))
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise TypeError(f"{OP}: scale must be None or a Python float, got {type(scale).__name__}")
+    if scale is not None:
+        check_positive(OP, "scale", scale)
     check_positive(OP, "eps", eps)
     check_flag(OP, "return_attention", return_attention)
 
@@ -215,7 +215,7 @@ def attribute_attention(
         k: (B, R, D) region/token keys.  v: (B, R, Dv) region/token values.
         ref: None (return E), (K, Dv) or (B, K, Dv): what each E[b, i] is scored against (ILPG: the attribute
             vectors; TransZero: ``V @ W_1`` with ``score="dot"``).
-        scale: softmax temperature, default ``D ** -0.5``.
+        scale: softmax temperature, a finite float > 0, default ``D ** -0.5``.
         mask: None or (B, R) bool, True = token kept; a row with no kept token gives E = 0 and score 0.
         score: "cosine" (``F.cosine_similarity(E, ref, dim=-1, eps=eps)``), "dot" (``<E, ref>``) or None (E).
         eps: the cosine score's norm clamp (default 1e-8, the papers' code).

@@ -30,7 +30,9 @@ from typing import Optional, Union
 import torch
 
 from .. import reference
-from ..validation import accumulator_dtype, check_positive, check_same_device, check_tensor, promote, shape_str
+from ..validation import (
+    accumulator_dtype, check_positive, check_same_device, check_scale, check_tensor, promote, shape_str,
+)
 from ._spec import OpSpec, compiled_kernel, define, triton_kernel
 
 OP = "cosine_logits"
@@ -116,23 +118,6 @@ SPEC = define(OpSpec(
 ))
 
 
-def _check_scale(scale, device: torch.device) -> None:
-    if isinstance(scale, torch.Tensor):
-        if not scale.is_floating_point():
-            raise TypeError(
-                f"{OP}: scale must be a Python float or a floating-point one-element tensor, got dtype {scale.dtype}"
-            )
-        if scale.numel() != 1:
-            raise ValueError(
-                f"{OP}: scale must be a Python float or a one-element tensor, got a tensor of shape {shape_str(scale)}"
-            )
-        # A CPU scalar may scale CUDA tensors, as in PyTorch's own binary ops; anything else must share their device.
-        if scale.device != device and not (scale.device.type == "cpu" and scale.dim() == 0):
-            raise ValueError(f"{OP}: all tensors must be on one device, got x on {device}, scale on {scale.device}")
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"{OP}: scale must be a Python float or a one-element tensor, got {type(scale).__name__}")
-
-
 def cosine_logits(
     x: torch.Tensor,
     protos: torch.Tensor,
@@ -146,7 +131,8 @@ def cosine_logits(
     Args:
         x: (..., D) features, any number of leading dimensions.
         protos: (C, D) class prototypes.
-        scale: Python float or one-element tensor (a learnable temperature receives its gradient).
+        scale: a finite Python float > 0 (ValueError otherwise) or a one-element tensor (a learnable temperature:
+            it receives its gradient; its value is not read).
         eps: the norms' clamp, ``max(|x|, eps)`` as F.normalize (default 1e-8, the papers' code).
         backend: None (by device, or ``ZSLFAST_BACKEND``), "reference", "cpu", "triton" or "cuda".
     Returns:
@@ -162,7 +148,7 @@ def cosine_logits(
             f"got protos {shape_str(protos)}"
         )
     device = check_same_device(OP, x=x, protos=protos)
-    _check_scale(scale, device)
+    check_scale(OP, "scale", scale, device)
     check_positive(OP, "eps", eps)
     x, protos = promote(x, protos)
     which = SPEC.resolve(backend, device)
