@@ -484,7 +484,7 @@ def test_bank_constructor_bad_input():
         MemoryBank(3, 2, 1, 4, threshold=0.5, policy="lru")
     with pytest.raises(TypeError, match="dtype"):
         MemoryBank(3, 2, 1, 4, threshold=0.5, dtype=torch.int32)
-    with pytest.raises(TypeError, match="threshold"):
+    with pytest.raises(ValueError, match="MemoryBank: threshold must be a finite number, got nan"):
         MemoryBank(3, 2, 1, 4, threshold=float("nan"))
 
 

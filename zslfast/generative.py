@@ -411,8 +411,10 @@ def semantic_regularised_contrastive_loss(
         () loss in logits' dtype, differentiable in logits (and class_sim where the max is unique).
     """
     op = "semantic_regularised_contrastive_loss"
-    check_tensor(op, "logits", logits, (2,), "(N, C)")
+    check_tensor(op, "logits", logits, (2,), "(N, C)", allow_empty=True)
     N, C = logits.shape
+    if C == 0:
+        raise ValueError(f"{op}: logits (N, C) may be empty only in N, got shape {shape_str(logits)}")
     labels = check_labels(op, "labels", labels, N, C, "(N,)")
     check_tensor(op, "class_sim", class_sim, (2,), "(C, C)")
     if class_sim.shape != (C, C):

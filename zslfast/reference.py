@@ -180,9 +180,10 @@ def memory_bank_kl(z: torch.Tensor, protos: torch.Tensor, labels: torch.Tensor, 
     """SAGE Eq. 9: mean over the active (b, m) of KL(softmax(z[b, m]) || softmax(protos[labels[b], m])), softmax over
     the feature dim; KL(P || Q) = sum_d P_d (log P_d - log Q_d). 0 when nothing is active. protos is a constant
     (detached). z (B, M, D), protos (C, M, D), labels (B,), active (B, M) bool -> ()."""
-    log_p = F.log_softmax(z, dim=-1)
+    # Inactive rows are selected away before any arithmetic: a NaN/inf in an inactive z (or in its prototype, NaN
+    # for an empty queue, say) must reach neither the loss nor, through 0 * NaN in a backward, the gradient.
+    log_p = F.log_softmax(torch.where(active[..., None], z, torch.zeros_like(z)), dim=-1)
     log_q = F.log_softmax(protos.detach()[labels], dim=-1)
-    # inactive rows compare log_p with itself: their prototypes (NaN for an empty queue, say) never reach the gradient
     log_q = torch.where(active[..., None], log_q, log_p.detach())
     kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
     kl = torch.where(active, kl, torch.zeros_like(kl))

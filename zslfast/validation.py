@@ -209,6 +209,8 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
 def as_integer_tensor(fn: str, name: str, value, ndim: int = 1) -> torch.Tensor:
     """``value`` (a tensor, a numpy array or a list) as an int64 tensor of ``ndim`` dims; integer dtypes only."""
     t = torch.as_tensor(value)
+    if not isinstance(value, torch.Tensor) and t.numel() == 0:
+        t = t.long()  # an empty list comes out as float32
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"{fn}: {name} must hold integer class ids, got dtype {t.dtype}")
     if t.dim() != ndim:

@@ -23,6 +23,7 @@ MemoryBankGuidedFusion (SAGE Eqs. 6-9), branch features Z (B, M, D), class embed
     kl_loss  = memory_bank_kl(Z, bank prototypes, y, active)           (Eq. 9, before this batch's update)
     then, in training mode only, the bank is offered the detached Z with confidence
     conf[b, m] = softmax_c(scale * cos(Z[b, m], a[c]))[y[b]]           (branch m's probability of the true class)
+    (a branch whose feature holds NaN/inf has a NaN confidence: its offer is dropped, the rest still train)
 Without labels (inference) there is no ground-truth class for Eq. 6: the weights use the class the branches
 vote for, y_hat[b] = argmax_c sum_m cos(Z[b, m], a[c]) (one cosine_logits call, no extra pass over the classes);
 kl_loss is 0 and active all False. With labels, eval mode computes the loss but leaves the bank untouched.
@@ -40,7 +41,7 @@ from ..ops.cosine_logits import cosine_logits
 from ..ops import cosine_logits as _cosine_spec, memory_bank as _bank_spec
 from ..ops._spec import check_module_backend, choices
 from ..ops.memory_bank import check_offers, memory_bank_kl, memory_bank_refresh, memory_bank_update
-from ..validation import check_labels, check_option
+from ..validation import check_labels, check_number, check_option, check_positive
 
 try:
     import torch.distributed as dist
@@ -95,10 +96,9 @@ class MemoryBank(nn.Module):
         check_option("MemoryBank", "policy", policy, choices("policy"))
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"MemoryBank: dtype must be a floating-point torch.dtype, got {dtype!r}")
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold != threshold:
-            raise TypeError(f"MemoryBank: threshold must be a float (not NaN), got {threshold!r}")
+        threshold = check_number("MemoryBank", "threshold", threshold)
         self.num_classes, self.num_branches, self.capacity, self.dim = C, M, K, D
-        self.threshold = float(threshold)
+        self.threshold = threshold
         self.policy = policy
         self.process_group = process_group
         self.backend = backend
@@ -203,8 +203,8 @@ class MemoryBankGuidedFusion(nn.Module):
         process_group=None,
     ):
         super().__init__()
-        self.alpha = float(alpha)
-        self.scale = float(scale)
+        self.alpha = check_number("MemoryBankGuidedFusion", "alpha", alpha)
+        self.scale = check_positive("MemoryBankGuidedFusion", "scale", scale)
         self.backend = backend
         self.bank = MemoryBank(
             num_classes, num_branches, capacity, dim, threshold=threshold, policy=policy, device=device,
@@ -261,5 +261,8 @@ class MemoryBankGuidedFusion(nn.Module):
         if self.training:
             with torch.no_grad():
                 conf = torch.softmax(self.scale * cos_d, dim=2).gather(2, index).squeeze(2)
+                # A branch with a NaN/inf feature has a NaN confidence, which the bank refuses from a caller; here
+                # the confidence is ours, so that offer is dropped (-inf is never above the threshold).
+                conf = torch.where(torch.isnan(conf), float("-inf"), conf)
                 bank.update(z.detach(), target, conf)
         return MBGFOutput(logits, fused, kl_loss, active)

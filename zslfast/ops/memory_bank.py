@@ -43,7 +43,7 @@ from typing import Optional
 import torch
 
 from .. import reference
-from ..validation import check_labels, check_option, check_same_device, check_tensor, promote, shape_str
+from ..validation import check_labels, check_number, check_option, check_same_device, check_tensor, promote, shape_str
 from ._spec import OpSpec, choices, compiled_kernel, define, enum_id, triton_kernel
 
 OP_UPDATE = "memory_bank_update"
@@ -163,7 +163,8 @@ def memory_bank_kl(
     """SAGE Eq. 9: mean over the active (b, m) of ``KL(softmax(z[b, m]) || softmax(protos[labels[b], m]))``.
 
     ``KL(P || Q) = sum_d P_d (log P_d - log Q_d)``, softmax over the feature dim D, P from the branch features z,
-    Q from the class prototype of the branch. 0 (with zero gradient, no NaN) when nothing is active. The gradient
+    Q from the class prototype of the branch. 0 (with zero gradient, no NaN) when nothing is active, B = 0 included;
+    an inactive (b, m) never reaches the loss or a gradient, whatever z[b, m] holds (NaN, inf). The gradient
     flows to z only: protos is treated as a constant (detached), as the bank is.
 
     Args:
@@ -175,8 +176,10 @@ def memory_bank_kl(
     Returns:
         () loss in the common dtype of z and protos.
     """
-    check_tensor(OP_KL, "z", z, (3,), "(B, M, D)")
+    check_tensor(OP_KL, "z", z, (3,), "(B, M, D)", allow_empty=True)
     check_tensor(OP_KL, "protos", protos, (3,), "(C, M, D)")
+    if 0 in z.shape[1:]:
+        raise ValueError(f"{OP_KL}: z (B, M, D) may be empty only in its batch dimension, got shape {shape_str(z)}")
     B, M, D = z.shape
     C = protos.shape[0]
     if protos.shape[1:] != z.shape[1:]:
@@ -197,6 +200,8 @@ def memory_bank_kl(
     z, protos = promote(z, protos)
     protos = protos.detach()
     which = KL.resolve(backend, device)
+    if B == 0:  # the losses' rule (zslfast/losses.py): an empty batch gives 0, with zero gradients
+        return z.sum()
     compute_grad = torch.is_grad_enabled() and z.requires_grad
     loss, _ = KL(which, z, protos, labels, active, [compute_grad])
     return loss
@@ -238,8 +243,7 @@ def memory_bank_update(
     docstring); z and conf are cast to the bank's dtype. The state is zslfast.MemoryBank's buffers."""
     y = check_offers(OP_UPDATE, features, z, y, conf)
     check_option(OP_UPDATE, "policy", policy, choices("policy"))
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise TypeError(f"{OP_UPDATE}: threshold must be a Python float, got {type(threshold).__name__}")
+    check_number(OP_UPDATE, "threshold", threshold)
     if bool(torch.isnan(conf).any()):
         raise ValueError(f"{OP_UPDATE}: conf {shape_str(conf)} holds NaN confidences")
     which = UPDATE.resolve(backend, features.device)
