@@ -11,6 +11,7 @@ would be data-dependent branches.
     check_option(fn, name, value, choices)     one of a set of strings (the Python API's enums)
     check_flag(fn, name, value)                a Python bool
     check_positive(fn, name, value)            a finite Python float > 0 (an eps, a temperature)
+    check_int(fn, name, value, minimum)        a Python int (not a bool) >= minimum: sizes, counts
     check_number(fn, name, value, minimum)     a finite Python number (>= minimum when given): weights, gamma, a threshold
     check_scale(fn, name, scale, device)       a finite Python float > 0, or a one-element floating tensor
     check_class_ids(fn, name, ids, C)          a non-empty 1-D set of integer class ids in [0, C) -> int64 (lists too)
@@ -93,6 +94,14 @@ def check_positive(fn: str, name: str, value) -> float:
     if not 0 < value < float("inf"):
         raise ValueError(f"{fn}: {name} must be a finite float > 0, got {value!r}")
     return float(value)
+
+
+def check_int(fn: str, name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{fn}: {name} must be an int >= {minimum}, got {value!r}")
+    return value
 
 
 def check_number(fn: str, name: str, value, minimum: Optional[float] = None) -> float:

@@ -41,18 +41,12 @@ from ..ops.cosine_logits import cosine_logits
 from ..ops import cosine_logits as _cosine_spec, memory_bank as _bank_spec
 from ..ops._spec import check_module_backend, choices
 from ..ops.memory_bank import check_offers, memory_bank_kl, memory_bank_refresh, memory_bank_update
-from ..validation import check_labels, check_number, check_option, check_positive
+from ..validation import check_int, check_labels, check_number, check_option, check_positive, check_tensor
 
 try:
     import torch.distributed as dist
 except ImportError:  # pragma: no cover - torch without distributed support
     dist = None
-
-
-def _positive_int(owner: str, name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
-    return value
 
 
 class MemoryBank(nn.Module):
@@ -89,10 +83,10 @@ class MemoryBank(nn.Module):
         backend: Optional[str] = None,
     ):
         super().__init__()
-        C = _positive_int("MemoryBank", "num_classes", num_classes)
-        M = _positive_int("MemoryBank", "num_branches", num_branches)
-        K = _positive_int("MemoryBank", "capacity", capacity)
-        D = _positive_int("MemoryBank", "dim", dim)
+        C = check_int("MemoryBank", "num_classes", num_classes)
+        M = check_int("MemoryBank", "num_branches", num_branches)
+        K = check_int("MemoryBank", "capacity", capacity)
+        D = check_int("MemoryBank", "dim", dim)
         check_option("MemoryBank", "policy", policy, choices("policy"))
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"MemoryBank: dtype must be a floating-point torch.dtype, got {dtype!r}")
@@ -227,12 +221,12 @@ class MemoryBankGuidedFusion(nn.Module):
         op = "MemoryBankGuidedFusion"
         bank = self.bank
         C, M, D = bank.num_classes, bank.num_branches, bank.dim
-        if not isinstance(z, torch.Tensor) or z.dim() != 3 or z.shape[1:] != (M, D):
-            got = shape_str(z) if isinstance(z, torch.Tensor) else type(z).__name__
-            raise ValueError(f"{op}: z must be (B, M, D) with M={M}, D={D}, got {got}")
-        if not isinstance(class_emb, torch.Tensor) or class_emb.shape != (C, D):
-            got = shape_str(class_emb) if isinstance(class_emb, torch.Tensor) else type(class_emb).__name__
-            raise ValueError(f"{op}: class_emb must be (C, D) = ({C}, {D}), got {got}")
+        check_tensor(op, "z", z, (3,), "(B, M, D)")
+        check_tensor(op, "class_emb", class_emb, (2,), "(C, D)")
+        if z.shape[1:] != (M, D):
+            raise ValueError(f"{op}: z must be (B, M, D) with M={M}, D={D}, got {shape_str(z)}")
+        if class_emb.shape != (C, D):
+            raise ValueError(f"{op}: class_emb must be (C, D) = ({C}, {D}), got {shape_str(class_emb)}")
         B = z.shape[0]
         backend = self.backend
         # Every branch against every class: the fusion weights, the branch failure test and the confidences.
