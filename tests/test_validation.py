@@ -273,3 +273,69 @@ def test_labels_are_checked_through_numpy_and_lists():
     with pytest.raises(TypeError, match="per_class_accuracy: pred must hold integer class ids"):
         metrics.per_class_accuracy(np.array([0.0, 1.0]), [0, 1])
     assert math.isclose(metrics.per_class_accuracy([], []), 0.0)
+
+
+# ------------------------------------------------------------------ 3. NaN reaches what depends on it, alike
+
+
+def _nan_pattern(fn, inputs):
+    """(NaN mask of the output, NaN masks of the input gradients) of ``fn(*inputs)`` with a random upstream grad."""
+    inputs = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    out = fn(*inputs)
+    g = torch.Generator().manual_seed(7)
+    upstream = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    grads = torch.autograd.grad(out, [t for t in inputs if t.requires_grad], upstream, allow_unused=True)
+    return out, [None if grad is None else grad for grad in grads]
+
+
+NAN_CASES = {
+    # name: (op, reference, inputs builder, where to put the NaN: (input index, index))
+    "prototype_scores e": ("prototype_scores", lambda g: [torch.randn(4, 6, generator=g), torch.randn(5, 6, generator=g),
+                                                          torch.randn(4, 5, 6, generator=g)], (0, (1, 2))),
+    "prototype_scores s": ("prototype_scores", lambda g: [torch.randn(4, 6, generator=g), torch.randn(5, 6, generator=g),
+                                                          torch.randn(4, 5, 6, generator=g)], (1, (3, 0))),
+    "prototype_scores w": ("prototype_scores", lambda g: [torch.randn(4, 6, generator=g), torch.randn(5, 6, generator=g),
+                                                          torch.randn(4, 5, 6, generator=g)], (2, (2, 1, 4))),
+    "cosine_logits x": ("cosine_logits", lambda g: [torch.randn(4, 6, generator=g), torch.randn(5, 6, generator=g)], (0, (2, 3))),
+    "cosine_logits protos": ("cosine_logits", lambda g: [torch.randn(4, 6, generator=g), torch.randn(5, 6, generator=g)], (1, (0, 5))),
+}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS[1:])
+@pytest.mark.parametrize("case", sorted(NAN_CASES))
+def test_nan_reaches_what_depends_on_it_as_in_the_reference(case, backend):
+    """A NaN in one input element: every backend's output and gradients are NaN exactly where the reference's
+    are (the plain PyTorch math), and equal to it elsewhere."""
+    op_name, build, (which, index) = NAN_CASES[case]
+    op = getattr(zslfast, op_name)
+    inputs = [t.double() for t in build(torch.Generator().manual_seed(3))]
+    inputs[which][index] = NAN
+    want_out, want_grads = _nan_pattern(lambda *a: op(*a, backend="reference"), inputs)
+    got_out, got_grads = _nan_pattern(lambda *a: op(*a, backend=backend), inputs)
+    assert want_out.isnan().any() and not want_out.isnan().all()
+    torch.testing.assert_close(got_out, want_out, equal_nan=True)
+    for got, want in zip(got_grads, want_grads):
+        torch.testing.assert_close(got, want, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("poison", [NAN, INF, -INF])
+def test_memory_bank_kl_inactive_rows_never_reach_loss_or_gradient(backend, poison):
+    """"active" selects: whatever an inactive z[b, m] or its prototype holds, the loss and every gradient are those
+    of the same batch with finite values there."""
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(5, 3, 7, generator=g, dtype=torch.float64)
+    protos = torch.randn(4, 3, 7, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 3, 1])
+    active = torch.rand(5, 3, generator=g) > 0.4
+    active[2, 1], active[0, 0] = False, True
+    poisoned, poisoned_protos = z.clone(), protos.clone()
+    poisoned[2, 1, 3] = poison
+    poisoned_protos[2, 1, :] = poison  # class 2's branch 1 prototype: only sample 2 reads it, and (2, 1) is inactive
+    want_out, (want_grad,) = _nan_pattern(
+        lambda t: zslfast.memory_bank_kl(t, protos, labels, active, backend="reference"), [z])
+    got_out, (got_grad,) = _nan_pattern(
+        lambda t: zslfast.memory_bank_kl(t, poisoned_protos, labels, active, backend=backend), [poisoned])
+    torch.testing.assert_close(got_out, want_out)
+    torch.testing.assert_close(got_grad, want_grad)
+    assert not got_grad[2, 1].any()
