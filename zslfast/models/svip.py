@@ -58,7 +58,7 @@ from ..losses import jsd_loss, patch_bce_loss
 from ..nn.rollout import AttentionRollout
 from ..ops.attention_rollout import FUSIONS, MODES
 from ..ops.attribute_attention import attribute_attention
-from ..validation import check_labels, shape_str
+from ..validation import check_int, check_labels, check_number, check_option, check_positive, shape_str
 from ..ops.cosine_logits import cosine_logits
 
 _NAME = "SVIPHead"
@@ -185,29 +185,22 @@ class SVIPHead(nn.Module):
             num_prefix_tokens = backbone.num_prefix_tokens
         elif embed_dim is None:
             raise ValueError(f"{_NAME}: without a backbone (precomputed tokens), give embed_dim")
-        if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1:
-            raise ValueError(f"{_NAME}: embed_dim must be a positive int, got {embed_dim!r}")
-        if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
-            raise ValueError(f"{_NAME}: num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")
+        check_int(_NAME, "embed_dim", embed_dim, minimum=1)
+        check_int(_NAME, "num_prefix_tokens", num_prefix_tokens, minimum=0)
         if isinstance(num_keep, bool) or not isinstance(num_keep, (int, float)):
             raise TypeError(f"{_NAME}: num_keep must be an int (M) or a float fraction of N, got {num_keep!r}")
         if (isinstance(num_keep, int) and num_keep < 1) or (isinstance(num_keep, float) and not 0 < num_keep <= 1):
             raise ValueError(f"{_NAME}: num_keep must be an int >= 1 or a float in (0, 1], got {num_keep!r}")
-        if label_fraction is not None and not 0 < label_fraction <= 1:
+        if label_fraction is not None and not 0 < check_number(_NAME, "label_fraction", label_fraction) <= 1:
             raise ValueError(f"{_NAME}: label_fraction must be None or in (0, 1], got {label_fraction!r}")
-        if jsd_mode not in ("eq13", "mixture"):
-            raise ValueError(f"{_NAME}: jsd_mode must be 'eq13' or 'mixture', got {jsd_mode!r}")
-        if pool not in POOLS:
-            raise ValueError(f"{_NAME}: pool must be one of {POOLS}, got {pool!r}")
-        if not pool_temperature > 0 or not scale > 0:
-            raise ValueError(
-                f"{_NAME}: scale and pool_temperature must be positive, got {scale!r}, {pool_temperature!r}"
-            )
-        if rollout_mode not in MODES or head_fusion not in FUSIONS:
-            raise ValueError(
-                f"{_NAME}: rollout_mode must be one of {MODES} and head_fusion one of {FUSIONS}, got {rollout_mode!r}, "
-                f"{head_fusion!r}"
-            )
+        check_option(_NAME, "jsd_mode", jsd_mode, ("eq13", "mixture"))
+        check_option(_NAME, "pool", pool, POOLS)
+        scale = check_positive(_NAME, "scale", scale)
+        pool_temperature = check_positive(_NAME, "pool_temperature", pool_temperature)
+        lambda_jsd = check_number(_NAME, "lambda_jsd", lambda_jsd, minimum=0)
+        lambda_patch = check_number(_NAME, "lambda_patch", lambda_patch, minimum=0)
+        check_option(_NAME, "rollout_mode", rollout_mode, MODES)
+        check_option(_NAME, "head_fusion", head_fusion, FUSIONS)
 
         self.backbone = backbone
         self.embed_dim = embed_dim

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..ops.attribute_attention import attribute_attention
+from ..validation import check_option, check_tensor
 
 
 class AttributeCrossAttention(nn.Module):
@@ -31,8 +32,7 @@ class AttributeCrossAttention(nn.Module):
     def __init__(self, dim_visual: int, dim_attr: int, dim: int, score: Optional[str] = "cosine", *,
                  bias: bool = False, backend: Optional[str] = None):
         super().__init__()
-        if score not in ("cosine", "dot", None):
-            raise ValueError(f"AttributeCrossAttention: score must be 'cosine', 'dot' or None, got {score!r}")
+        check_option("AttributeCrossAttention", "score", score, ("cosine", "dot", None))
         self.W_q = nn.Linear(dim_attr, dim, bias=bias)
         self.W_k = nn.Linear(dim_visual, dim, bias=bias)
         self.W_v = nn.Linear(dim_visual, dim_attr, bias=bias)
@@ -44,8 +44,7 @@ class AttributeCrossAttention(nn.Module):
         """regions (B, R, dim_visual), attributes (K, dim_attr) or (B, K, dim_attr), ref (defaults to attributes)
         (K, dim_attr) or (B, K, dim_attr), mask (B, R) bool -> (B, K) scores, or E (B, K, dim_attr) for score None;
         with return_attention also the (B, K, R) attention."""
-        if regions.dim() != 3:
-            raise ValueError(f"AttributeCrossAttention: regions must be (B, R, dim_visual), got {tuple(regions.shape)}")
+        check_tensor("AttributeCrossAttention", "regions", regions, (3,), "(B, R, dim_visual)")
         q = self.W_q(attributes)
         k = self.W_k(regions)
         v = self.W_v(regions)
