@@ -251,7 +251,9 @@ def _backward(ctx, grad_out, _grad_states):
     for l in (range(L) if abnar else range(L - 1, -1, -1)):  # the forward's steps in reverse
         fused, index = fuse_heads(attns[l].to(states.dtype), ctx.head_fusion)
         v_in = states[l]
-        f_g = torch.bmm(fused, g[:, :, None]).squeeze(-1)
+        # F g as a product and a row sum, not torch.bmm: a multithreaded GEMV (MKL's at B = 1, N = 577) splits its
+        # reduction by thread count, a row sum over N with more than one row never does.
+        f_g = (fused * g[:, None, :]).sum(-1)
         if abnar:
             r = fused.sum(-1) + 1
             m_g = (f_g + g) / r
