@@ -16,8 +16,8 @@
 // grad_scale is reduced from A, never as sum(g * out) / scale, so scale == 0 is no special case.
 //
 // Results do not depend on the thread count (issue 16): a multithreaded GEMM may split its reduction over threads
-// (MKL does for W.T @ x at N = 1024), so every GEMM runs as fixed blocks of output rows (a function of the shapes
-// only), each block one GEMM with MKL held to one thread (SequentialBlas), and row sums run
+// (MKL does for W.T @ x at N = 1024), so every GEMM runs as fixed blocks of its output (a function of the shapes
+// only), each block one GEMM over the whole reduction with MKL held to one thread (SequentialBlas), and row sums run
 // in a fixed order in one thread each. Accumulation is in float for half/bfloat16/float inputs and in double for
 // double; fp16/bf16 inputs run the GEMMs in float, as CPU GEMMs would round a 16-bit result and x @ protos.T of
 // unnormalised rows can overflow fp16.
@@ -85,40 +85,39 @@ void scale_grad(const acc_t* g, const acc_t* ix, const acc_t* ip, acc_t* w, int6
   });
 }
 
-// Output rows per GEMM block, a function of the shapes only: at least two blocks where there are two rows, so that
-// the blocks keep two threads busy.
+// GEMM output blocks, a function of the shapes only: as many as the work allows at kGemmWork multiply-adds or more
+// each (smaller ones cost more in calls and packing than they gain), kGemmBlocks at most (enough for the threads of a
+// large CPU), cut along the output's longer side first, no thinner than kGemmRows rows or kGemmCols columns.
+constexpr int64_t kGemmWork = int64_t(1) << 22;
+constexpr int64_t kGemmBlocks = 64;
 constexpr int64_t kGemmRows = 64;
+constexpr int64_t kGemmCols = 256;
 
-// out (M, K2) = a (M, K) @ b (K, K2), out contiguous, in fixed blocks of rows, each one single-threaded GEMM (see
-// the header: thread-count independence). A single-row product (M = 1) is split by columns instead; a 1 x 1 one is a plain dot product.
-template <typename acc_t>
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// out (M, K2) = a (M, K) @ b (K, K2), out contiguous, in fixed blocks of the output, each one single-threaded GEMM
+// over all of K (see the header: thread-count independence).
 void mm_fixed(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
   const int64_t M = a.size(0), K = a.size(1), K2 = b.size(1);
   if (M == 0 || K2 == 0) return;
-  if (M == 1 && K2 == 1) {
-    const at::Tensor a_c = a.contiguous(), b_c = b.contiguous();
-    const acc_t *av = a_c.data_ptr<acc_t>(), *bv = b_c.data_ptr<acc_t>();
-    acc_t total = 0;
-    for (int64_t k = 0; k < K; ++k) total += av[k] * bv[k];
-    out.data_ptr<acc_t>()[0] = total;
-    return;
+  const int64_t blocks = std::max<int64_t>(1, std::min(kGemmBlocks, M * K2 * std::max<int64_t>(K, 1) / kGemmWork));
+  int64_t rows = M, cols = K2;
+  if (M >= K2) {
+    rows = std::min(M, std::max(kGemmRows, ceil_div(M, blocks)));
+    cols = std::min(K2, std::max(kGemmCols, ceil_div(K2, ceil_div(blocks, ceil_div(M, rows)))));
+  } else {
+    cols = std::min(K2, std::max(kGemmCols, ceil_div(K2, blocks)));
+    rows = std::min(M, std::max(kGemmRows, ceil_div(M, ceil_div(blocks, ceil_div(K2, cols)))));
   }
-  const bool by_rows = M > 1;
-  const int64_t extent = by_rows ? M : K2;
-  const int64_t block = std::max<int64_t>(1, std::min<int64_t>(kGemmRows, (extent + 1) / 2));
-  const int64_t blocks = (extent + block - 1) / block;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t row_blocks = ceil_div(M, rows), col_blocks = ceil_div(K2, cols);
+  at::parallel_for(0, row_blocks * col_blocks, 1, [&](int64_t begin, int64_t end) {
     const at::NoGradGuard no_grad;  // grad mode is thread-local: on again in the pool's threads
     const SequentialBlas sequential;
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t start = i * block, size = std::min(block, extent - start);
-      if (by_rows) {
-        at::Tensor out_rows = out.narrow(0, start, size);
-        at::mm_out(out_rows, a.narrow(0, start, size), b);
-      } else {
-        // a (1, K) @ b[:, cols]: written to a contiguous temporary, out's columns are strided
-        out.narrow(1, start, size).copy_(at::mm(a, b.narrow(1, start, size)));
-      }
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t r0 = block / col_blocks * rows, c0 = block % col_blocks * cols;
+      const int64_t m = std::min(rows, M - r0), n = std::min(cols, K2 - c0);
+      at::Tensor out_block = out.narrow(0, r0, m).narrow(1, c0, n);  // unit column stride: BLAS writes it in place
+      at::mm_out(out_block, a.narrow(0, r0, m), b.narrow(1, c0, n));
     }
   });
 }
@@ -161,7 +160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_logits_fwd_cpu(const at::T
   at::Tensor x_inv_norm = at::empty({N}, x.options());
   at::Tensor p_inv_norm = at::empty({C}, x.options());
   at::Tensor dot = at::empty({N, C}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(acc_type, "cosine_logits_fwd_cpu_mm", [&] { mm_fixed<scalar_t>(x, p.t(), dot); });
+  mm_fixed(x, p.t(), dot);
   at::Tensor out = x_in.scalar_type() == acc_type ? dot : at::empty({N, C}, x_in.options());
   const double s = scale.item<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_in.scalar_type(), "cosine_logits_fwd_cpu", [&] {
@@ -215,7 +214,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_logits_bwd_cpu(const at::T
     if (need_x || need_scale) {
       scale_grad<acc_t>(g.data_ptr<acc_t>(), nullptr, ip, w.data_ptr<acc_t>(), N, C);
       at::Tensor a = at::empty({N, D}, x.options());
-      mm_fixed<acc_t>(w, p, a);
+      mm_fixed(w, p, a);
       if (need_x) grad_x = same_type ? a : at::empty({N, D}, x_in.options());
       std::vector<acc_t> rowdot(need_scale ? N : 0);
       project_rows<scalar_t, acc_t>(a.data_ptr<acc_t>(), x.data_ptr<acc_t>(), ix, static_cast<acc_t>(s), eps_acc,
@@ -230,7 +229,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_logits_bwd_cpu(const at::T
     if (need_p) {
       scale_grad<acc_t>(g.data_ptr<acc_t>(), ix, nullptr, w.data_ptr<acc_t>(), N, C);
       at::Tensor b = at::empty({C, D}, x.options());
-      mm_fixed<acc_t>(w.t(), x, b);
+      mm_fixed(w.t(), x, b);
       grad_p = same_type ? b : at::empty({C, D}, x_in.options());
       project_rows<scalar_t, acc_t>(b.data_ptr<acc_t>(), p.data_ptr<acc_t>(), ip, static_cast<acc_t>(s), eps_acc,
                                     grad_p.data_ptr<scalar_t>(), nullptr, C, D);
