@@ -1,7 +1,7 @@
 """cosine_logits against the float64 reference: outputs and gradients (x, protos, a tensor scale) for every backend
 available here, odd sizes, leading dims, non-contiguous inputs, large values, zero and sub-eps rows, scale float /
 tensor / 0; gradcheck, opcheck, torch.compile(fullgraph=True), autocast, determinism, what autograd keeps, and
-bad-input errors.
+bad-input errors; norms past float32's squared range and thread-count independence (issue 16).
 
     out[..., c] = scale * cos(x[...], protos[c]);  x (..., D), protos (C, D), scale float | one-element tensor
 """
@@ -13,7 +13,7 @@ import zslfast
 from zslfast import reference
 from zslfast.ops import cosine_logits as cl_module
 
-from conftest import DEVICE_BACKENDS, HAS_GPU, TOLERANCES, dtypes_for, low_precision_error_bound
+from conftest import DEVICE_BACKENDS, HAS_GPU, TOLERANCES, dtypes_for, low_precision_error_bound, require_backend
 
 EPS = 1e-8
 
@@ -387,3 +387,86 @@ def test_cpu_scalar_scale_with_cuda_tensors(generator):
 def test_unavailable_backend_names_what_is_missing():
     with pytest.raises(zslfast.BackendUnavailableError, match="CUDA tensors"):
         zslfast.cosine_logits(torch.randn(2, 3), torch.randn(4, 3), backend="cuda")
+
+
+# ------------------------------------------------------------------------------------------------ issue 16
+# Every backend, the op's own reference backend included (it runs reference.cosine_logits under PyTorch's autograd).
+ALL_BACKENDS = [pytest.param("cpu", "reference", id="cpu-reference"), *DEVICE_BACKENDS]
+
+# (x magnitude, protos magnitude) per element, D = 64: a sum of squares overflows float32 beyond |v| ~ 1.8e19 (F.normalize
+# then gives 0 where the cosines are O(1)). 2.4e18 * sqrt(64) ~ 1.9e19: most rows' squares overflow on both sides
+# while <x, p> = |x| |p| cos stays finite for |cos| < ~0.9 (checked below); 1e30 overflows the square, not the dot.
+HUGE = [(1e30, 1.0), (1.0, 1e30), (2.4e18, 2.4e18), (1e30, 1e-3)]
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("x_magnitude,p_magnitude", HUGE, ids=[f"x{a:g}-p{b:g}" for a, b in HUGE])
+def test_huge_values_do_not_overflow(device, backend, x_magnitude, p_magnitude, generator):
+    """float32 outputs and gradients (x, protos, tensor scale) at magnitudes whose squared norms overflow, against
+    the float64 reference: F.normalize's plain norm would give 0 logits (and ix^2 ~ 1e-60 a wrong grad_x)."""
+    x, p = make_inputs((2, 25), 9, 64, torch.float32, device, generator, x_magnitude, p_magnitude)
+    x[0, 3] *= 1e-6  # rows of other magnitudes in the same blocks
+    p[4] /= max(x_magnitude, p_magnitude)
+    exact_dot = x.double().reshape(-1, 64) @ p.double().T
+    assert exact_dot.abs().max() < 0.9 * torch.finfo(torch.float32).max  # the dot itself stays finite
+    assert (x.float().pow(2).sum(-1).isinf().any() or p.float().pow(2).sum(-1).isinf().any())
+    scale = make_scale("tensor", torch.float32, device, generator)
+    assert_matches_reference(x, p, scale, backend, torch.float32, generator)
+    out = zslfast.cosine_logits(x, p, scale, backend=backend)
+    assert out.abs().max() > 0.1 * float(scale)  # O(1) cosines, not the overflowed norm's 0
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_huge_row_leaves_other_rows_bit_identical(device, backend, generator):
+    """The rescaled norm is a rare branch: rows whose sum of squares is finite get bit-for-bit what they get in a
+    batch without any huge row (their logits and grad_x rows), also in the same Triton program."""
+    x, p = make_inputs((20,), 30, 48, torch.float32, device, generator)
+    scale = make_scale("tensor", torch.float32, device, generator)
+    g = torch.randn(20, 30, generator=generator).to(device)
+    huge = x.clone()
+    huge[7] *= 1e30
+    normal = [i for i in range(20) if i != 7]
+    results = []
+    for inputs in (x, huge):
+        out, grads = run(lambda *a: zslfast.cosine_logits(*a, backend=backend), inputs, p, scale, g)
+        results.append((out[normal], grads[0][normal]))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def _threads(n):
+    """torch.set_num_threads(n) for a with-block, restoring the count afterwards."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def guard():
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    return guard()
+
+
+@pytest.mark.parametrize(
+    "lead,C,D,dtype",
+    [((1024,), 100, 64, torch.float32), ((3, 300), 7, 33, torch.float32), ((1,), 1, 200, torch.float32),
+     ((1,), 50, 64, torch.float32), ((4096,), 5, 16, torch.float32), ((700,), 130, 96, torch.float64)],
+)
+def test_cpu_results_do_not_depend_on_thread_count(lead, C, D, dtype, generator):
+    """Bitwise the same forward and gradients with 1 and 2 threads (a multithreaded GEMM splits its reduction:
+    grad_protos at N=1024, C=100, D=64 differed by 7.6e-6 before the GEMMs ran in fixed single-threaded blocks)."""
+    require_backend("cpu")
+    x, p = make_inputs(lead, C, D, dtype, "cpu", generator)
+    scale = make_scale("tensor", dtype, "cpu", generator)
+    g = torch.randn(*lead, C, generator=generator, dtype=torch.float64).to(dtype)
+    results = []
+    for n in (1, 2):
+        with _threads(n):
+            results.append(run(lambda *a: zslfast.cosine_logits(*a, backend="cpu"), x, p, scale, g))
+    (out1, grads1), (out2, grads2) = results
+    assert torch.equal(out1, out2)
+    for name, a, b in zip(["grad_x", "grad_protos", "grad_scale"], grads1, grads2):
+        assert torch.equal(a, b), f"{name} differs by {(a - b).abs().max().item():.3g} between 1 and 2 threads"

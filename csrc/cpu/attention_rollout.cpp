@@ -8,6 +8,11 @@
 // Each step is v_out[j] = sum_i coef_i (F[i, j] + [abnar or l > 0] delta_ij): the rows of F are formed one at a
 // time from the H heads (a buffer of N), so every map is read exactly once and nothing (B, N, N) is written.
 // Parallel over b; within b the sums run in a fixed order (deterministic). Accumulation in float (double for double).
+//
+// NaN (issue 16): max/min fusion propagates a NaN head as torch.max/amax do (std::max and a plain compare-select
+// drop it), and a NaN reaches exactly the outputs the reference's full products reach: the first step reads row 0
+// of its map only (v = e_0, the reference's selection of row 0), later steps read every row, zero weight or not
+// (the reference's GEMMs multiply 0 * NaN too).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -26,6 +31,13 @@ namespace {
 enum Mode : int64_t { kAbnar = 0, kResidual = 1 };
 enum Fusion : int64_t { kMean = 0, kSum = 1, kMax = 2, kMin = 3 };
 
+// max / min that return NaN when either argument is NaN (torch.max's rule; std::max(a, NaN) returns a). Plain
+// compare-selects, so that the loops calling them still vectorise.
+template <typename T>
+inline T nan_max(T a, T b) { return (b > a || b != b) ? b : a; }
+template <typename T>
+inline T nan_min(T a, T b) { return (b < a || b != b) ? b : a; }
+
 // One row of the fused map, F[i, :] = fuse_h A[h, i, :], heads outer and columns inner (each loop a contiguous,
 // vectorisable stream; the row stays in L1), compiled per ISA for float and double. Returns the row sum.
 #define ZSLFAST_FUSE_ROW(T)                                                                                            \
@@ -41,9 +53,9 @@ enum Fusion : int64_t { kMean = 0, kSum = 1, kMax = 2, kMin = 3 };
     for (; h < H; ++h) {                                                                                               \
       const T* src = a + h * head_stride;                                                                              \
       if (fusion == kMax) {                                                                                            \
-        _Pragma("omp simd") for (int64_t j = 0; j < N; ++j) row[j] = src[j] > row[j] ? src[j] : row[j];               \
+        _Pragma("omp simd") for (int64_t j = 0; j < N; ++j) row[j] = nan_max(row[j], src[j]);                         \
       } else if (fusion == kMin) {                                                                                     \
-        _Pragma("omp simd") for (int64_t j = 0; j < N; ++j) row[j] = src[j] < row[j] ? src[j] : row[j];               \
+        _Pragma("omp simd") for (int64_t j = 0; j < N; ++j) row[j] = nan_min(row[j], src[j]);                         \
       } else {                                                                                                         \
         _Pragma("omp simd") for (int64_t j = 0; j < N; ++j) row[j] += src[j];                                         \
       }                                                                                                                \
@@ -74,7 +86,7 @@ acc_t fuse_row(const scalar_t* a, int64_t head_stride, int64_t H, int64_t N, int
       acc_t value = static_cast<acc_t>(a[j]);
       for (int64_t h = 1; h < H; ++h) {
         const acc_t x = static_cast<acc_t>(a[h * head_stride + j]);
-        value = fusion == kMax ? std::max(value, x) : fusion == kMin ? std::min(value, x) : value + x;
+        value = fusion == kMax ? nan_max(value, x) : fusion == kMin ? nan_min(value, x) : value + x;
       }
       if (fusion == kMean) value /= static_cast<acc_t>(H);
       row[j] = value;
@@ -101,7 +113,7 @@ void rollout_kernel(const std::vector<const scalar_t*>& maps, scalar_t* out, at:
         std::fill(v_next.begin(), v_next.end(), acc_t(0));
         const scalar_t* a = maps[l] + b * H * N * N;
         for (int64_t i = 0; i < N; ++i) {
-          if (v[i] == acc_t(0)) continue;  // rows with no weight contribute nothing (row 0 alone at the start)
+          if (step == 0 && i != 0) continue;  // v = e_0: the first step selects row 0 (see the header on NaN)
           const acc_t row_sum = fuse_row(a + i * N, N * N, H, N, fusion, row.data());
           const acc_t coef = mode == kAbnar ? v[i] / (row_sum + acc_t(1)) : v[i];
           axpy(coef, row.data(), v_next.data(), N);

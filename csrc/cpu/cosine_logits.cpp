@@ -2,15 +2,23 @@
 //
 //   x (N, D), protos (C, D), scale (), ix (N,) = 1 / max(|x|, eps), ip (C,) = 1 / max(|p|, eps)  (inv_norm.h)
 //   forward   out[n, c] = scale * ix[n] * ip[c] * (x @ protos.T)[n, c]                          out (N, C)
-//   backward  W = g * ix[:, None] * ip[None, :]                                                 W (N, C), temporary
-//             A = W @ protos = ix * (g @ normalize(protos)),  B = W.T @ x = ip * (g.T @ normalize(x))
-//             grad_x[n]   = scale * (A[n] - [|x_n| > eps] * x[n] * ix[n]^2 * <x[n], A[n]>)       grad_x (N, D)
-//             grad_p[c]   = scale * (B[c] - [|p_c| > eps] * p[c] * ip[c]^2 * <p[c], B[c]>)       grad_p (C, D)
-//             grad_scale  = sum(g * cos) = sum_n <x[n], A[n]>                                   grad_scale ()
-// The GEMMs are at::mm (MKL / OpenBLAS); the rest are row loops. Scaling g rather than the operands keeps the
-// temporary at N x C, smaller than normalised copies of x and protos ((N + C) x D) at ZSL shapes. grad_scale is
-// reduced from A, never as sum(g * out) / scale, so scale == 0 is no special case. Row sums run in a fixed order
-// in one thread each: deterministic. Accumulation is in float for half/bfloat16/float inputs and in double for
+//   backward  W = g * ip[None, :],  A = W @ protos = g @ normalize(protos)                       W (N, C), temporary
+//             r[n]        = ix[n] * <x[n], A[n]> = sum_c g[n, c] cos[n, c]
+//             grad_x[n]   = scale * ix[n] * (A[n] - [|x_n| > eps] * x[n] * (ix[n] * r[n]))       grad_x (N, D)
+//             W = g * ix[:, None] (the same buffer),  B = W.T @ x = g.T @ normalize(x)
+//             q[c]        = ip[c] * <p[c], B[c]> = sum_n g[n, c] cos[n, c]
+//             grad_p[c]   = scale * ip[c] * (B[c] - [|p_c| > eps] * p[c] * (ip[c] * q[c]))       grad_p (C, D)
+//             grad_scale  = sum(g * cos) = sum_n r[n]                                           grad_scale ()
+// Scaling g rather than the operands keeps the temporary at N x C, smaller than normalised copies of x and protos
+// ((N + C) x D) at ZSL shapes. g is scaled by one side's inverse norms only, and the other side's is applied after
+// the GEMM: ix * ip can leave float's normal range when both |x| and |p| are ~1e19, and ix^2 underflows to 0 for
+// |x| ~ 1e30 (issue 16), so it is never formed; the norms themselves never overflow (inv_norm.h row_norm).
+// grad_scale is reduced from A, never as sum(g * out) / scale, so scale == 0 is no special case.
+//
+// Results do not depend on the thread count (issue 16): a multithreaded GEMM may split its reduction over threads
+// (MKL does for W.T @ x at N = 1024), so every GEMM runs as fixed blocks of its output (a function of the shapes
+// only), each block one GEMM over the whole reduction with MKL held to one thread (SequentialBlas), and row sums run
+// in a fixed order in one thread each. Accumulation is in float for half/bfloat16/float inputs and in double for
 // double; fp16/bf16 inputs run the GEMMs in float, as CPU GEMMs would round a 16-bit result and x @ protos.T of
 // unnormalised rows can overflow fp16.
 #include <ATen/Dispatch.h>
@@ -25,8 +33,26 @@
 
 #include "inv_norm.h"
 
+// MKL's thread-local thread count, where torch's BLAS is MKL (a weak reference: null with OpenBLAS and the like,
+// which run single-threaded inside an OpenMP parallel region on their own). The C entry point: mkl_service.h
+// #defines mkl_set_num_threads_local to it; the lowercase symbol is the Fortran one, which takes an int*.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
 namespace zslfast {
 namespace {
+
+// One thread for the GEMMs of this scope. torch.set_num_threads(n) sets MKL's count for its own thread
+// (MKL_Set_Num_Threads_Local) with MKL's dynamic adjustment off, so an MKL GEMM called inside a parallel region
+// still splits its work n ways, and its result then depends on n.
+struct SequentialBlas {
+  int saved = 0;
+  SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) saved = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(saved);
+  }
+};
 
 int64_t grain_for(int64_t row_length) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(row_length, 1)); }
 
@@ -38,23 +64,66 @@ void row_inv_norms(const acc_t* v, acc_t* inv, int64_t R, int64_t D, acc_t eps) 
       acc_t sum_sq = 0;
 #pragma omp simd reduction(+ : sum_sq)
       for (int64_t d = 0; d < D; ++d) sum_sq += row[d] * row[d];
-      inv[r] = inv_norm(sum_sq, eps);
+      inv[r] = inv_clamped(row_norm(row, D, sum_sq), eps);
     }
   });
 }
 
-// w[n, c] = g[n, c] * ix[n] * ip[c]
+// w[n, c] = g[n, c] * ip[c] (ix == nullptr) or g[n, c] * ix[n] (ip == nullptr)
 template <typename acc_t>
 void scale_grad(const acc_t* g, const acc_t* ix, const acc_t* ip, acc_t* w, int64_t N, int64_t C) {
   at::parallel_for(0, N, grain_for(C), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
+      if (ix == nullptr) {
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) w[n * C + c] = g[n * C + c] * ix[n] * ip[c];
+        for (int64_t c = 0; c < C; ++c) w[n * C + c] = g[n * C + c] * ip[c];
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) w[n * C + c] = g[n * C + c] * ix[n];
+      }
     }
   });
 }
 
-// out[r] = s * (a[r] - [clamped_r ? 0 : v[r] * iv[r]^2 * <v[r], a[r]>]), rowdot[r] = <v[r], a[r]>. out may alias a.
+// GEMM output blocks, a function of the shapes only: as many as the work allows at kGemmWork multiply-adds or more
+// each (smaller ones cost more in calls and packing than they gain), kGemmBlocks at most (enough for the threads of a
+// large CPU), cut along the output's longer side first, no thinner than kGemmRows rows or kGemmCols columns.
+constexpr int64_t kGemmWork = int64_t(1) << 22;
+constexpr int64_t kGemmBlocks = 64;
+constexpr int64_t kGemmRows = 64;
+constexpr int64_t kGemmCols = 256;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// out (M, K2) = a (M, K) @ b (K, K2), out contiguous, in fixed blocks of the output, each one single-threaded GEMM
+// over all of K (see the header: thread-count independence).
+void mm_fixed(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
+  const int64_t M = a.size(0), K = a.size(1), K2 = b.size(1);
+  if (M == 0 || K2 == 0) return;
+  const int64_t blocks = std::max<int64_t>(1, std::min(kGemmBlocks, M * K2 * std::max<int64_t>(K, 1) / kGemmWork));
+  int64_t rows = M, cols = K2;
+  if (M >= K2) {
+    rows = std::min(M, std::max(kGemmRows, ceil_div(M, blocks)));
+    cols = std::min(K2, std::max(kGemmCols, ceil_div(K2, ceil_div(blocks, ceil_div(M, rows)))));
+  } else {
+    cols = std::min(K2, std::max(kGemmCols, ceil_div(K2, blocks)));
+    rows = std::min(M, std::max(kGemmRows, ceil_div(M, ceil_div(blocks, ceil_div(K2, cols)))));
+  }
+  const int64_t row_blocks = ceil_div(M, rows), col_blocks = ceil_div(K2, cols);
+  at::parallel_for(0, row_blocks * col_blocks, 1, [&](int64_t begin, int64_t end) {
+    const at::NoGradGuard no_grad;  // grad mode is thread-local: on again in the pool's threads
+    const SequentialBlas sequential;
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t r0 = block / col_blocks * rows, c0 = block % col_blocks * cols;
+      const int64_t m = std::min(rows, M - r0), n = std::min(cols, K2 - c0);
+      at::Tensor out_block = out.narrow(0, r0, m).narrow(1, c0, n);  // unit column stride: BLAS writes it in place
+      at::mm_out(out_block, a.narrow(0, r0, m), b.narrow(1, c0, n));
+    }
+  });
+}
+
+// out[r] = s * iv[r] * (a[r] - [clamped_r ? 0 : v[r] * (iv[r] * rowdot[r])]), rowdot[r] = iv[r] * <v[r], a[r]>.
+// out may alias a. iv^2 is never formed: it underflows for |v| ~ 1e30, where v * (iv * rowdot) is O(1).
 template <typename scalar_t, typename acc_t>
 void project_rows(const acc_t* a, const acc_t* v, const acc_t* iv, acc_t s, acc_t eps, scalar_t* out,
                   acc_t* rowdot, int64_t R, int64_t D) {
@@ -65,11 +134,13 @@ void project_rows(const acc_t* a, const acc_t* v, const acc_t* iv, acc_t s, acc_
       acc_t dot = 0;
 #pragma omp simd reduction(+ : dot)
       for (int64_t d = 0; d < D; ++d) dot += v_row[d] * a_row[d];
-      if (rowdot != nullptr) rowdot[r] = dot;
+      const acc_t normalised_dot = iv[r] * dot;
+      if (rowdot != nullptr) rowdot[r] = normalised_dot;
       if (out == nullptr) continue;
-      const acc_t coeff = norm_clamped(iv[r], eps) ? acc_t(0) : iv[r] * iv[r] * dot;
+      const acc_t coeff = norm_clamped(iv[r], eps) ? acc_t(0) : iv[r] * normalised_dot;
+      const acc_t row_scale = s * iv[r];
       scalar_t* out_row = out + r * D;
-      for (int64_t d = 0; d < D; ++d) out_row[d] = static_cast<scalar_t>(s * (a_row[d] - v_row[d] * coeff));
+      for (int64_t d = 0; d < D; ++d) out_row[d] = static_cast<scalar_t>(row_scale * (a_row[d] - v_row[d] * coeff));
     }
   });
 }
@@ -88,7 +159,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_logits_fwd_cpu(const at::T
   const int64_t N = x.size(0), D = x.size(1), C = p.size(0);
   at::Tensor x_inv_norm = at::empty({N}, x.options());
   at::Tensor p_inv_norm = at::empty({C}, x.options());
-  at::Tensor dot = at::mm(x, p.t());
+  at::Tensor dot = at::empty({N, C}, x.options());
+  mm_fixed(x, p.t(), dot);
   at::Tensor out = x_in.scalar_type() == acc_type ? dot : at::empty({N, C}, x_in.options());
   const double s = scale.item<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_in.scalar_type(), "cosine_logits_fwd_cpu", [&] {
@@ -137,11 +209,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_logits_bwd_cpu(const at::T
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* ix = ix_t.data_ptr<acc_t>();
     const acc_t* ip = ip_t.data_ptr<acc_t>();
-    scale_grad<acc_t>(g.data_ptr<acc_t>(), ix, ip, w.data_ptr<acc_t>(), N, C);
     const acc_t eps_acc = static_cast<acc_t>(eps);
 
     if (need_x || need_scale) {
-      at::Tensor a = at::mm(w, p);
+      scale_grad<acc_t>(g.data_ptr<acc_t>(), nullptr, ip, w.data_ptr<acc_t>(), N, C);
+      at::Tensor a = at::empty({N, D}, x.options());
+      mm_fixed(w, p, a);
       if (need_x) grad_x = same_type ? a : at::empty({N, D}, x_in.options());
       std::vector<acc_t> rowdot(need_scale ? N : 0);
       project_rows<scalar_t, acc_t>(a.data_ptr<acc_t>(), x.data_ptr<acc_t>(), ix, static_cast<acc_t>(s), eps_acc,
@@ -154,7 +227,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_logits_bwd_cpu(const at::T
       }
     }
     if (need_p) {
-      at::Tensor b = at::mm(w.t(), x);
+      scale_grad<acc_t>(g.data_ptr<acc_t>(), ix, nullptr, w.data_ptr<acc_t>(), N, C);
+      at::Tensor b = at::empty({C, D}, x.options());
+      mm_fixed(w.t(), x, b);
       grad_p = same_type ? b : at::empty({C, D}, x_in.options());
       project_rows<scalar_t, acc_t>(b.data_ptr<acc_t>(), p.data_ptr<acc_t>(), ip, static_cast<acc_t>(s), eps_acc,
                                     grad_p.data_ptr<scalar_t>(), nullptr, C, D);

@@ -1,16 +1,18 @@
 // cosine_logits on CUDA: out = scale * cos(x, protos) (the backward's derivation: csrc/cpu/cosine_logits.cpp).
 //
 //   x (N, D), protos (C, D), scale () read on the device, g (N, C) = dL/dout
-//   ix (N,) = inv_norm(|x[n]|^2, eps), ip (C,) = inv_norm(|p[c]|^2, eps)   (inv_norm.h), float (double for double)
+//   ix (N,) = 1 / max(|x[n]|, eps), ip (C,) = 1 / max(|p[c]|, eps)   (inv_norm.h), float (double for double)
 //   forward   out[n, c] = scale * ix[n] * ip[c] * (x @ protos.T)[n, c]                             out (N, C)
 //   backward  grad_x (N, D), grad_protos (C, D), grad_scale () = sum(g * cos), by the kernels below
 // cuBLAS GEMMs through at::mm, fp16/bf16 ones with a float result (at::mm's out_dtype), and small kernels for the
 // rest:
-//   inv_norms      one warp per row: iv[r] = inv_norm(|v_r|^2, eps) = 1 / max(|v_r|, eps)
+//   inv_norms      one warp per row: iv[r] = 1 / max(|v_r|, eps), |v_r| without overflow (inv_norm.h row_norm: a
+//                  sum of squares that came out inf is taken again, scaled by the row's max, a warp-uniform branch)
 //   scale_logits   forward epilogue, out = scale * ix[n] * ip[c] * (x @ protos.T)[n, c]
 //   scale_rows     v_hat = v * iv, the backward's GEMM operands (values in [-1, 1]: safe in fp16, where scaling g
 //                  by 1 / (|x| |p|) instead could underflow)
-//   project_rows   one warp per row: grad = scale * iv * (A - [|v| > eps] * v * iv^2 * <v, A>), rowdot = iv * <v, A>
+//   project_rows   one warp per row: grad = scale * iv * (A - [|v| > eps] * v * (iv * (iv * <v, A>))),
+//                  rowdot = iv * <v, A> (iv^2 alone would underflow for |v| ~ 1e30)
 //                  with A = g @ protos_hat (grad_x, v = x; A (N, D)) or g.T @ x_hat (grad_protos, v = protos; (C, D))
 // grad_scale = sum_n rowdot[n] (= sum(g * cos), so scale == 0 needs nothing special). scale is read on the device:
 // a learnable temperature costs no host sync. Warp sums run in a fixed order: deterministic.
@@ -23,6 +25,7 @@
 #include <torch/types.h>
 
 #include <array>
+#include <limits>
 
 #include "inv_norm.h"
 
@@ -39,19 +42,47 @@ __device__ acc_t warp_sum(acc_t v) {
   return v;
 }
 
+template <typename acc_t>
+__device__ acc_t warp_max(acc_t v) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    const acc_t other = __shfl_xor_sync(0xffffffffu, v, offset);
+    v = other > v ? other : v;
+  }
+  return v;
+}
+
+// inv_norm.h's row_norm for one warp's row: the plain sum of squares, and where it overflowed (every lane holds
+// the same reduced sum, so the branch is warp-uniform and rare) the sum again scaled by the row's max |v_d|.
 template <typename scalar_t>
 __global__ void inv_norms_kernel(const scalar_t* __restrict__ v, at::opmath_type<scalar_t>* __restrict__ inv,
                                  int64_t R, int64_t D, double eps) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
   if (r >= R) return;
+  const int lane = threadIdx.x % kWarp;
+  const scalar_t* row = v + r * D;
   acc_t sum_sq = 0;
-  for (int64_t d = threadIdx.x % kWarp; d < D; d += kWarp) {
-    const acc_t value = static_cast<acc_t>(v[r * D + d]);
+  for (int64_t d = lane; d < D; d += kWarp) {
+    const acc_t value = static_cast<acc_t>(row[d]);
     sum_sq += value * value;
   }
   sum_sq = warp_sum(sum_sq);
-  if (threadIdx.x % kWarp == 0) inv[r] = inv_norm(sum_sq, static_cast<acc_t>(eps));
+  acc_t norm = std::sqrt(sum_sq);
+  if (sum_sq == std::numeric_limits<acc_t>::infinity()) {
+    acc_t m = 0;
+    for (int64_t d = lane; d < D; d += kWarp) {
+      const acc_t magnitude = std::abs(static_cast<acc_t>(row[d]));
+      m = magnitude > m ? magnitude : m;
+    }
+    m = warp_max(m);  // > 0 here: the sum is inf; an inf element makes m inf and the norm NaN, as rescaled_norm
+    acc_t scaled_sq = 0;
+    for (int64_t d = lane; d < D; d += kWarp) {
+      const acc_t scaled = static_cast<acc_t>(row[d]) / m;
+      scaled_sq += scaled * scaled;
+    }
+    norm = m * std::sqrt(warp_sum(scaled_sq));
+  }
+  if (lane == 0) inv[r] = inv_clamped(norm, static_cast<acc_t>(eps));
 }
 
 template <typename scalar_t>
@@ -88,7 +119,8 @@ __global__ void project_rows_kernel(const at::opmath_type<scalar_t>* a, const sc
   const acc_t inv = iv[r];
   if (rowdot != nullptr && lane == 0) rowdot[r] = inv * dot;
   if (out == nullptr) return;
-  const acc_t coeff = norm_clamped(inv, static_cast<acc_t>(eps)) ? acc_t(0) : inv * inv * dot;
+  // inv * (inv * dot), never inv^2: that underflows for |v| ~ 1e30 (issue 16), where v * coeff is O(1)
+  const acc_t coeff = norm_clamped(inv, static_cast<acc_t>(eps)) ? acc_t(0) : inv * (inv * dot);
   const acc_t row_scale = *scale * inv;
   for (int64_t d = lane; d < D; d += kWarp) {
     out[r * D + d] = static_cast<scalar_t>(row_scale * (a_row[d] - static_cast<acc_t>(v_row[d]) * coeff));

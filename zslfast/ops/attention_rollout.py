@@ -24,6 +24,15 @@ the backward walks the steps in reverse with PyTorch ops, one layer's (B, N, N) 
     residual:  grad_F[i, j] = v_in[i] g[j]
     fusion:    mean -> grad_F / H to every head, sum -> grad_F, max/min -> grad_F to the selected head
 
+NaN: max/min fusion propagates a NaN head (torch.max/amax's rule) in every backend, and the selected head of the
+backward is torch.max/min(dim)'s index, the first NaN head where there is one, so the gradient reaches the head whose
+NaN the forward passed on. A NaN reaches the outputs the reference's full products reach: the kernels' first step
+reads row 0 of its map only (the reference selects row 0 of R), later steps every row, zero weight or not. Where
+the output depends on the NaN, gradients are NaN where the reference's are. A NaN in a row that first map never
+reads leaves the output finite everywhere; the backward then gives that row alone a NaN gradient in abnar (v / r =
+0 / NaN) and none in residual, while the reference's autograd, through its full products (0 * NaN), makes gradients NaN there and in
+every earlier layer of that instance: the one case where the backends' NaN differ from the reference's.
+
 Full matrix (``cls_only=False``): batched GEMMs (torch.bmm) layer by layer (:class:`RolloutFold`, which
 zslfast.nn's rollout of a running ViT folds with too), the same for every kernel backend.
 """
@@ -124,7 +133,8 @@ class _FusedHeadAttention(torch.autograd.Function):
     """(q, k) (B, H, N, d) -> fuse_h softmax((q_h * scale) k_h^T + mask_h) (B, N, N), one head's map at a time.
 
     Saves q, k (and the (B, N, N) winning-head index for max/min); the backward recomputes one head at a time.
-    Max/min route the gradient to the first head attaining the extremum, as torch.max/min(dim) do.
+    Max/min route the gradient to the first head attaining the extremum, as torch.max/min(dim) do: a NaN counts as
+    the extremum (the first NaN head is selected, its value NaN).
     """
 
     @staticmethod
@@ -141,8 +151,9 @@ class _FusedHeadAttention(torch.autograd.Function):
                     index = torch.zeros(p.shape, dtype=index_dtype, device=p.device)
             elif head_fusion in ("mean", "sum"):
                 fused += p
-            else:  # strict comparison: the first head attaining the extremum wins
+            else:  # strict comparison: the first head attaining the extremum wins; the first NaN beats any number
                 better = p > fused if head_fusion == "max" else p < fused
+                better |= p.isnan() & ~fused.isnan()  # torch.max/min(dim)'s value and index for a NaN
                 fused = torch.where(better, p, fused)
                 index.masked_fill_(better, h)
             del p
@@ -240,7 +251,9 @@ def _backward(ctx, grad_out, _grad_states):
     for l in (range(L) if abnar else range(L - 1, -1, -1)):  # the forward's steps in reverse
         fused, index = fuse_heads(attns[l].to(states.dtype), ctx.head_fusion)
         v_in = states[l]
-        f_g = torch.bmm(fused, g[:, :, None]).squeeze(-1)
+        # F g as a product and a row sum, not torch.bmm: a multithreaded GEMV (MKL's at B = 1, N = 577) splits its
+        # reduction by thread count, a row sum over N with more than one row never does.
+        f_g = (fused * g[:, None, :]).sum(-1)
         if abnar:
             r = fused.sum(-1) + 1
             m_g = (f_g + g) / r

@@ -60,6 +60,27 @@ def mm(a, b, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def sqrt_acc(sq, ACC_DTYPE: tl.constexpr):
+    """sqrt in ACC_DTYPE, round-to-nearest in fp32 (Triton's default sqrt is the approximate one)."""
+    if ACC_DTYPE == tl.float64:
+        return tl.sqrt(sq)
+    else:
+        return tl.sqrt_rn(sq)
+
+
+@triton.jit
+def inv_clamped(norm, eps, ACC_DTYPE: tl.constexpr):
+    """1 / max(norm, eps) in ACC_DTYPE: ``inv_norm`` of a norm already taken (eps as there)."""
+    if ACC_DTYPE == tl.float64:
+        bound = tl.full([], eps, tl.float64)
+        return 1.0 / tl.maximum(norm, bound)
+    else:
+        bound = tl.full([], eps, tl.float32)
+        denominator = tl.maximum(norm, bound)
+        return tl.math.div_rn(tl.full(denominator.shape, 1.0, tl.float32), denominator)
+
+
+@triton.jit
 def inv_norm(sq, eps, ACC_DTYPE: tl.constexpr):
     """1 / max(sqrt(sq), eps), the clamp of F.normalize / F.cosine_similarity, in ACC_DTYPE.
 

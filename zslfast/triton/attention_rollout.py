@@ -14,8 +14,13 @@ fuses the H heads of each block on the fly, takes the row sums (abnar), and accu
     partial[s, b, j] = sum_{i in chunk s} coef_i * (F[i, j] + IDENTITY * delta_ij),
     coef_i = v_t[b, i] / r_i (abnar) or v_t[b, i] (residual),  IDENTITY = abnar, or residual past its first layer
 
-in registers, so each map is read once and nothing (B, N, N) is written; the partials are then summed over s in
+in registers, so each map is read once and nothing (B, N, N) is written (the first step, v_0 = e_0, reads row 0
+only: FIRST); the partials are then summed over s in
 chunk order by torch (deterministic, no atomics) into v_{t+1}.
+
+NaN (issue 16): max/min fusion propagates a NaN head (propagate_nan=ALL, as torch.max/amax), and a NaN reaches
+exactly the outputs the reference's full products reach: every row is read past the first step, zero weight or not
+(0 * NaN is NaN there too); the first step reads row 0 alone (the reference's selection of row 0). As the C++ kernel.
 
 Shapes: A (B, H, N, N) one layer, read through its strides; vectors (L, B, N), row t the vector v_t entering step
 t (row 0 = e_0); partial (S, B, N); result v_L (B, N). All in the accumulator dtype (fp32, fp64 for fp64). forward
@@ -38,13 +43,15 @@ def _rollout_step_kernel(
     a_ptr, v_in_ptr, partial_ptr,
     B, H, N, rows_per_chunk,
     stride_ab, stride_ah, stride_ai, stride_aj,
-    FUSION: tl.constexpr, ABNAR: tl.constexpr, IDENTITY: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    FUSION: tl.constexpr, ABNAR: tl.constexpr, IDENTITY: tl.constexpr, FIRST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     row_start = chunk * rows_per_chunk
     row_end = tl.minimum(row_start + rows_per_chunk, N)
+    if FIRST:  # v = e_0: row 0 alone is read, so a NaN elsewhere in this map reaches no output (as in the reference)
+        row_end = tl.minimum(row_end, 1)
     cols = tl.arange(0, BLOCK_N)
     mask_j = cols < N
     acc = tl.zeros([BLOCK_N], dtype=ACC_DTYPE)
@@ -57,10 +64,10 @@ def _rollout_step_kernel(
         fused = tl.load(tile, mask=mask, other=0.0).to(ACC_DTYPE)
         for h in range(1, H):
             x = tl.load(tile + h * stride_ah, mask=mask, other=0.0).to(ACC_DTYPE)
-            if FUSION == 2:
-                fused = tl.maximum(fused, x)
+            if FUSION == 2:  # a NaN head wins, as in torch.max (the default maximum drops NaN)
+                fused = tl.maximum(fused, x, propagate_nan=tl.PropagateNan.ALL)
             elif FUSION == 3:
-                fused = tl.minimum(fused, x)
+                fused = tl.minimum(fused, x, propagate_nan=tl.PropagateNan.ALL)
             else:
                 fused += x
         if FUSION == 0:
@@ -99,7 +106,7 @@ def plan_forward(attns, mode: str, fusion: int):
         steps.append(Launch(
             _rollout_step_kernel, (B, chunks),
             (a, vectors[t], partial, B, H, N, rows_per_chunk, *a.stride()),
-            dict(FUSION=fusion, ABNAR=mode == "abnar", IDENTITY=mode == "abnar" or l > 0,
+            dict(FUSION=fusion, ABNAR=mode == "abnar", IDENTITY=mode == "abnar" or l > 0, FIRST=t == 0,
                  ACC_DTYPE=tl_accumulator_dtype(acc_dtype), BLOCK_I=block_i, BLOCK_N=block_n),
             flops=B * N * N * (H + 2), label=f"layer {l}",
         ))

@@ -4,12 +4,14 @@
 
     forward   one kernel, grid (N / BLOCK_N, C / BLOCK_C): the D loop accumulates x @ protos.T with tl.dot and, from
               the same loaded tiles, the squared norms of the block's x rows and protos rows; the epilogue applies
-              ix = 1 / max(|x|, eps), ip = 1 / max(|p|, eps) and scale. Every program computes the norms of its
+              ix = 1 / max(|x|, eps), ip = 1 / max(|p|, eps) and scale. A sum of squares overflows fp32 for
+              |v| beyond ~1.8e19 (issue 16): a program that finds one inf among its sums reads those rows again
+              (max |v_d| first, then sum (v / max)^2), a rare branch that leaves every other result bit-identical. Every program computes the norms of its
               rows; those with pid_c == 0 store ix, those with pid_n == 0 store ip, so none waits on another.
     backward  grad_x, grid (N / BLOCK_N, D / BLOCK_D), loop over class blocks:
                   G[n, d] = sum_c g[n, c] * ip[c] * p[c, d]          tl.dot(g, p * ip)
                   r[n]    = sum_c g[n, c] * out[n, c]                  (= scale * sum_c g * cos, no division)
-                  grad_x  = scale * ix * G - [|x| > eps] * x * ix^2 * r
+                  grad_x  = scale * ix * G - [|x| > eps] * (x * ix) * (ix * r)   (ix^2 underflows for |x| ~ 1e30)
                   and, when scale needs a gradient, partial sums of ix * x * G per (D block, n): sum g * cos
                   reduced from G, so scale == 0 needs no special case
               grad_protos, grid (C / BLOCK_C, D / BLOCK_D), loop over row blocks: the same with x and protos swapped
@@ -30,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreted
-from ._common import accumulator_dtype, block_size, dot_precision, inv_norm, mm, tl_accumulator_dtype
+from ._common import accumulator_dtype, block_size, dot_precision, inv_clamped, inv_norm, mm, sqrt_acc, tl_accumulator_dtype
 from ._launch import Launch, run
 
 
@@ -42,10 +44,46 @@ def _not_clamped(inverse_norm, EPS: tl.constexpr, ACC_DTYPE: tl.constexpr):
 
 @triton.jit
 def _normalised_grad(G, rows, inverse_norm, r, scale, EPS: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """The gradient of the rows of one side: scale * i * G - [|row| > eps] * row * i^2 * r, i = the rows' inverse
-    norms, G the other side's normalised rows weighted by g, r = sum g * out per row (grad_x; grad_protos alike)."""
-    norm_term = tl.where(_not_clamped(inverse_norm, EPS, ACC_DTYPE), inverse_norm * inverse_norm * r, 0.0)
-    return G * (scale * inverse_norm)[:, None] - rows * norm_term[:, None]
+    """The gradient of the rows of one side: scale * i * G - [|row| > eps] * (row * i) * (i * r), i = the rows'
+    inverse norms, G the other side's normalised rows weighted by g, r = sum g * out per row (grad_x; grad_protos
+    alike). i^2 is never formed: it underflows to 0 for |row| ~ 1e30 (issue 16), where row * i and i * r do not."""
+    norm_term = tl.where(_not_clamped(inverse_norm, EPS, ACC_DTYPE), inverse_norm * r, 0.0)
+    return G * (scale * inverse_norm)[:, None] - (rows * inverse_norm[:, None]) * norm_term[:, None]
+
+
+@triton.jit
+def _rescaled_norms(rows_ptr, mask_rows, stride_d, D, ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """|v[r]| = m * |v[r] / m|, m = max_d |v[r, d]|, of the (BLOCK_R,) rows at rows_ptr (pointers (BLOCK_R, 1)),
+    read again in D tiles: the norms of the rows whose sum of squares overflowed (inv_norm.h rescaled_norm; an inf
+    element gives NaN)."""
+    m = tl.zeros([BLOCK_R], dtype=ACC_DTYPE)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        v = tl.load(rows_ptr + offs_d[None, :] * stride_d, mask=mask_rows[:, None] & (offs_d < D)[None, :], other=0.0)
+        m = tl.maximum(m, tl.max(tl.abs(v.to(ACC_DTYPE)), axis=1))
+    m = tl.where(m > 0, m, 1.0).to(ACC_DTYPE)
+    sum_sq = tl.zeros([BLOCK_R], dtype=ACC_DTYPE)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        v = tl.load(rows_ptr + offs_d[None, :] * stride_d, mask=mask_rows[:, None] & (offs_d < D)[None, :], other=0.0)
+        scaled = v.to(ACC_DTYPE) / m[:, None]
+        sum_sq += tl.sum(scaled * scaled, axis=1)
+    return m * sqrt_acc(sum_sq, ACC_DTYPE)
+
+
+@triton.jit
+def _row_norms(sum_sq, rows_ptr, mask_rows, stride_d, D, ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """The norms of a block's rows from their plain sums of squares: sqrt(sum_sq) (bit-identical to it wherever it
+    is finite) and, only in a block where some sum overflowed (a rare branch, taken by the whole program), those
+    rows' norms again by _rescaled_norms."""
+    norm = sqrt_acc(sum_sq, ACC_DTYPE)
+    overflowed = sum_sq == float("inf")
+    if tl.sum(overflowed.to(tl.int32), axis=0) > 0:  # a count, not max(sum_sq): max may drop NaN on a GPU
+        norm = tl.where(overflowed, _rescaled_norms(rows_ptr, mask_rows, stride_d, D, ACC_DTYPE, BLOCK_R, BLOCK_D),
+                        norm)
+    return norm
 
 
 @triton.jit
@@ -77,8 +115,9 @@ def _forward_kernel(
         x_sq += tl.sum(xf * xf, axis=1)
         p_sq += tl.sum(pf * pf, axis=1)
         acc += mm(x, tl.trans(p), ACC_DTYPE, DOT_PRECISION)
-    ix = inv_norm(x_sq, EPS, ACC_DTYPE)
-    ip = inv_norm(p_sq, EPS, ACC_DTYPE)
+    # ix = 1 / max(|x|, eps) as inv_norm(x_sq) would give it, without overflow (issue 16)
+    ix = inv_clamped(_row_norms(x_sq, x_rows, mask_n, stride_xd, D, ACC_DTYPE, BLOCK_N, BLOCK_D), EPS, ACC_DTYPE)
+    ip = inv_clamped(_row_norms(p_sq, p_rows, mask_c, stride_pd, D, ACC_DTYPE, BLOCK_C, BLOCK_D), EPS, ACC_DTYPE)
     scale = tl.load(scale_ptr).to(ACC_DTYPE)
     out = acc * (scale * ix)[:, None] * ip[None, :]
     tl.store(
