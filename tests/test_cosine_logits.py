@@ -103,19 +103,21 @@ def test_matches_reference(device, backend, lead, C, D, scale_kind, generator):
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
-@pytest.mark.parametrize("scale", [0.0, "zero-tensor"])
-def test_scale_zero(device, backend, scale, generator):
-    """scale == 0: out and grad_x/grad_protos are 0, and a tensor scale still gets sum(g * cos) (no 0/0)."""
+def test_scale_zero(device, backend, generator):
+    """A Python scale of 0 is refused (issue 16: it zeroes every logit); a learnable tensor scale that reaches 0 is
+    the model's own: out and grad_x/grad_protos are 0, and the scale still gets sum(g * cos) (no 0/0)."""
+    x, p = make_inputs((9,), 13, 40, torch.float64, device, generator)
+    with pytest.raises(ValueError, match="cosine_logits: scale must be finite and > 0, got 0.0"):
+        zslfast.cosine_logits(x, p, 0.0, backend=backend)
     for dtype in (torch.float64, torch.float32):
         x, p = make_inputs((9,), 13, 40, dtype, device, generator)
-        s = torch.zeros((), dtype=scale_dtype(dtype), device=device) if scale == "zero-tensor" else scale
+        s = torch.zeros((), dtype=scale_dtype(dtype), device=device)
         assert_matches_reference(x, p, s, backend, dtype, generator)
         grad_out = torch.randn(9, 13, generator=generator, dtype=torch.float64).to(device, dtype)
         out, grads = run(lambda *a: zslfast.cosine_logits(*a, backend=backend), x, p, s, grad_out)
         assert not out.any() and not grads[0].any() and not grads[1].any()
-        if scale == "zero-tensor":
-            cos = reference.cosine_logits(x.double(), p.double())
-            torch.testing.assert_close(grads[2].double(), (grad_out.double() * cos).sum(), rtol=1e-5, atol=1e-5)
+        cos = reference.cosine_logits(x.double(), p.double())
+        torch.testing.assert_close(grads[2].double(), (grad_out.double() * cos).sum(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)

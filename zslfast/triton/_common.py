@@ -70,32 +70,25 @@ def sqrt_acc(sq, ACC_DTYPE: tl.constexpr):
 
 @triton.jit
 def inv_clamped(norm, eps, ACC_DTYPE: tl.constexpr):
-    """1 / max(norm, eps) in ACC_DTYPE: ``inv_norm`` of a norm already taken (eps as there)."""
+    """1 / max(norm, eps) in ACC_DTYPE, round-to-nearest division in fp32 (Triton's default is the approximate one).
+
+    eps is a compile-time float or a runtime scalar loaded from a tensor of the accumulator dtype. The bound is built
+    in ACC_DTYPE: an fp64 op must not see it rounded to fp32 (a plain float *argument* would arrive as fp32 and move
+    the clamp of zero rows, and their 1/eps-sized gradients, off the reference's by ~1e-8 relative). A NaN norm
+    stays NaN, as in clamp_min (tl.maximum alone would return eps and hide it)."""
+    bound = tl.full([], eps, ACC_DTYPE)
+    denominator = tl.maximum(norm, bound, propagate_nan=tl.PropagateNan.ALL)
     if ACC_DTYPE == tl.float64:
-        bound = tl.full([], eps, tl.float64)
-        return 1.0 / tl.maximum(norm, bound)
+        return 1.0 / denominator
     else:
-        bound = tl.full([], eps, tl.float32)
-        denominator = tl.maximum(norm, bound)
+        # div_rn does not broadcast, hence the numerator of the denominator's shape.
         return tl.math.div_rn(tl.full(denominator.shape, 1.0, tl.float32), denominator)
 
 
 @triton.jit
 def inv_norm(sq, eps, ACC_DTYPE: tl.constexpr):
-    """1 / max(sqrt(sq), eps), the clamp of F.normalize / F.cosine_similarity, in ACC_DTYPE.
-
-    eps is a compile-time float or a runtime scalar loaded from a tensor of the accumulator dtype. The bound is built
-    in ACC_DTYPE: an fp64 op must not see it rounded to fp32 (a plain float *argument* would arrive as fp32 and move
-    the clamp of zero rows, and their 1/eps-sized gradients, off the reference's by ~1e-8 relative)."""
-    if ACC_DTYPE == tl.float64:
-        bound = tl.full([], eps, tl.float64)
-        return 1.0 / tl.maximum(tl.sqrt(sq), bound)
-    else:
-        # Round-to-nearest sqrt and division: Triton's defaults are the approximate ones. div_rn does not
-        # broadcast, hence the numerator of the denominator's shape.
-        bound = tl.full([], eps, tl.float32)
-        denominator = tl.maximum(tl.sqrt_rn(sq), bound)
-        return tl.math.div_rn(tl.full(denominator.shape, 1.0, tl.float32), denominator)
+    """1 / max(sqrt(sq), eps), the clamp of F.normalize / F.cosine_similarity, in ACC_DTYPE (see inv_clamped)."""
+    return inv_clamped(sqrt_acc(sq, ACC_DTYPE), eps, ACC_DTYPE)
 
 
 @triton.jit
