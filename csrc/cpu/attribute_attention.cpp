@@ -290,7 +290,7 @@ struct Forward {
   Dims d;
   int64_t mode;
   acc_t scale, eps;
-  at::Tensor q, k, v;  // acc_t, contiguous
+  at::Tensor q, k, v;  // acc_t, contiguous; k, v with masked rows 0 (to_acc_kept)
   const acc_t* ref;    // (K, Dv) or (B, K, Dv); null for mode 0
   const bool* keep;    // mask (B, R), or null
   acc_t* lse;          // (B, K)
@@ -405,7 +405,7 @@ struct Backward {
   int64_t mode;
   acc_t scale, eps;
   bool need_q, need_k, need_v, need_ref;
-  at::Tensor q, k, v;       // the forward's inputs
+  at::Tensor q, k, v;       // the forward's inputs (k, v with masked rows 0, to_acc_kept)
   at::Tensor g;             // dL/dout: (B, K) for the scores, (B, K, Dv) = dE for mode 0
   const acc_t* g_data;      // g's data
   const acc_t* e;           // E (B, K, Dv)
