@@ -351,3 +351,207 @@ def test_scores_without_grad_do_not_write_e(device, backend, generator):
         reference.attribute_attention(q.double(), k.double(), v.double(), ref.double()),
         rtol=1e-5, atol=1e-5,
     )
+
+
+# ------------------------------------------------------------------------------------------------ issue 16
+# Every backend that runs on CPU: the reference itself (its masking and norms are part of the contract) and the
+# kernels (the Triton ones through the interpreter where there is no GPU).
+ALL_BACKENDS = [pytest.param("cpu", "reference", id="cpu-reference"), *DEVICE_BACKENDS]
+
+
+def outputs_and_grads(backend, q, k, v, ref, grad_out, *, mask=None, score="cosine", scale=None, grad_attn=None):
+    """[out, (attn,) grad_q, grad_k, grad_v(, grad_ref)] of ``backend`` ("eager" = reference.attribute_attention
+    called directly, in the inputs' dtype)."""
+    kwargs = dict(mask=mask, score=score, scale=scale, return_attention=grad_attn is not None)
+    if backend == "eager":
+        fn = lambda *a: reference.attribute_attention(*a, **kwargs)  # noqa: E731
+    else:
+        fn = lambda *a: zslfast.attribute_attention(*a, backend=backend, **kwargs)  # noqa: E731
+    out, attn, grads = run(fn, q, k, v, ref, grad_out, grad_attn)
+    return [out] + ([attn] if attn is not None else []) + grads
+
+
+def assert_same_nan_and_close(got, want, names, dtype):
+    """Same NaN positions as the float64 reference (NaN goes exactly where it depends, nowhere else), and the
+    other values within the dtype's tolerance."""
+    rtol, atol = TOLERANCES[dtype]
+    for name, g, w in zip(names, got, want):
+        assert g.shape == w.shape, name
+        assert torch.equal(g.isnan(), w.isnan()), (
+            f"{name}: NaN at {g.isnan().nonzero().tolist()}, the reference at {w.isnan().nonzero().tolist()}")
+        assert g.isfinite().eq(w.isfinite()).all(), f"{name}: inf where the reference has none (or the reverse)"
+        fin = w.isfinite()
+        if fin.any():
+            err = (g.double()[fin] - w[fin]).abs().max().item()
+            assert err <= atol * (w[fin].abs().max().item() + 1.0), f"{name} off by {err:.3g}"
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("where", ["q_row", "q_row_masked", "per_q_row", "k_token", "v_token"])
+def test_nan_propagates_to_exactly_its_rows(device, backend, where, generator):
+    """A NaN input makes exactly the outputs and gradients that depend on it NaN, as the float64 reference does:
+    q[i] -> row i of every sample (not a fully masked sample's), k[b, r] or v[b, r] kept -> sample b; everything
+    else stays finite and exact. The CPU kernel used to return 0 for a row of NaN logits."""
+    B, K, R, D, Dv = 3, 4, 6, 5, 7
+    i, b, r = 2, 1, 3
+    for dtype in (torch.float64, torch.float32):
+        q_kind = "per" if where == "per_q_row" else "shared"
+        q, k, v, ref = make_inputs(B, K, R, D, Dv, q_kind, "shared", dtype, device, generator)
+        mask = None
+        if where in ("q_row", "q_row_masked"):
+            q[i, 1] = float("nan")
+        elif where == "per_q_row":
+            q[b, i, 0] = float("nan")
+        elif where == "k_token":
+            k[b, r, 2] = float("nan")
+        else:
+            v[b, r, 4] = float("nan")
+        if where == "q_row_masked":
+            mask = torch.ones(B, R, dtype=torch.bool, device=device)
+            mask[0, 1] = False
+            mask[2] = False  # sample 2 fully masked: its E = 0 and score 0 do not depend on q
+        grad_out = torch.randn(B, K, generator=generator, dtype=torch.float64).to(device)
+        names = ["out", "grad_q", "grad_k", "grad_v", "grad_ref"]
+        got = outputs_and_grads(backend, q, k, v, ref, grad_out, mask=mask)
+        want = outputs_and_grads("eager", *(t.double() for t in (q, k, v, ref)), grad_out, mask=mask)
+        out_nan = torch.zeros(B, K, dtype=torch.bool)
+        if where.startswith("q_row"):
+            out_nan[:, i] = True
+            if mask is not None:
+                out_nan[2] = False
+        elif where == "per_q_row":
+            out_nan[b, i] = True
+        else:
+            out_nan[b] = True
+        assert torch.equal(want[0].isnan().cpu(), out_nan)  # the rule itself, on the reference
+        assert_same_nan_and_close(got, want, names, dtype)
+        if mask is not None:  # masked tokens: exactly zero gradients, NaN query row or not
+            assert not got[2][~mask].any() and not got[3][~mask].any()
+
+
+def dirty_masked(t, mask, values):
+    """t with its masked tokens' rows (mask False) filled with NaN / inf / -inf in turn."""
+    t = t.clone()
+    idx = (~mask).nonzero().tolist()
+    for n, (b, r) in enumerate(idx):
+        t[b, r] = values[n % len(values)]
+    return t
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("q_kind,ref_kind,score,attention", [("shared", "shared", "cosine", False),
+                                                             ("per", "per", "dot", True),
+                                                             ("shared", None, None, False)])
+def test_nonfinite_in_masked_tokens_never_leaks(device, backend, q_kind, ref_kind, score, attention, generator,
+                                                monkeypatch):
+    """NaN or inf in masked-out k and v (padding) changes nothing: outputs and gradients equal those of the same
+    inputs with ordinary values there (the float64 reference on clean inputs), the gradients of masked k and v
+    are exactly 0, and a fully masked sample keeps E = 0 / score 0 with no NaN anywhere. Also over R tiles."""
+    B, K, R, D, Dv = 3, 5, 40, 6, 7
+    for tiled in (False, True):
+        if tiled and backend != "triton":
+            continue
+        if backend == "triton":
+            from zslfast.triton import attribute_attention as triton_module
+
+            monkeypatch.setattr(triton_module, "MAX_BLOCK_R", 16 if tiled else 256)
+        for dtype in (torch.float64, torch.float32):
+            q, k, v, ref = make_inputs(B, K, R, D, Dv, q_kind, ref_kind, dtype, device, generator)
+            mask = (torch.rand(B, R, generator=generator) > 0.4).to(device)
+            mask[:, 0] = True
+            mask[1, 16:32] = False  # a whole R tile masked
+            mask[2] = False  # sample 2 fully masked
+            nonfinite = [float("nan"), float("inf"), float("-inf")]
+            k_dirty = dirty_masked(k, mask, nonfinite)
+            v_dirty = dirty_masked(v, mask, nonfinite[::-1])
+            shape = (B, K) if score is not None else (B, K, Dv)
+            grad_out = torch.randn(shape, generator=generator, dtype=torch.float64).to(device)
+            grad_attn = torch.randn(B, K, R, generator=generator, dtype=torch.float64).to(device) if attention else None
+            got = outputs_and_grads(backend, q, k_dirty, v_dirty, ref, grad_out, mask=mask, score=score,
+                                    grad_attn=grad_attn)
+            want = outputs_and_grads("eager", *(t if t is None else t.double() for t in (q, k, v, ref)), grad_out,
+                                     mask=mask, score=score, grad_attn=grad_attn)
+            names = ["out"] + (["attn"] if attention else []) + ["grad_q", "grad_k", "grad_v", "grad_ref"]
+            for name, g in zip(names, got):
+                assert g.isfinite().all(), f"{name} has non-finite values (tiled={tiled}, {dtype})"
+            assert_same_nan_and_close(got, want, names, dtype)
+            grad_k, grad_v = got[-3:-1] if ref is not None and score is not None else got[-2:]
+            assert not grad_k[~mask].any() and not grad_v[~mask].any()
+            assert not got[0][2].any()
+
+
+def assert_relative(got, want, names, rtol):
+    for name, g, w in zip(names, got, want):
+        size = w.abs().max().item()
+        err = (g.double() - w).abs().max().item()
+        assert g.isfinite().all() and err <= rtol * size, f"{name} off by {err:.3g} (|{name}| up to {size:.3g})"
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("huge", ["v_and_ref", "v_only"])
+def test_cosine_at_1e30_float32(device, backend, huge, generator, monkeypatch):
+    """|E| ~ 1e30 (and |ref| ~ 1e30) in float32: |E|^2 overflows, but the cosines (O(0.3)) and every gradient
+    (down to ~1e-30) match the float64 reference to float32 accuracy, on the one-tile and the R-tiled paths.
+    Shared and per-sample ref: the shared one's gradient sums over b."""
+    B, K, R, D, Dv = 3, 4, 40, 6, 24
+    for tiled in (False, True):
+        if tiled and backend != "triton":
+            continue
+        if backend == "triton":
+            from zslfast.triton import attribute_attention as triton_module
+
+            monkeypatch.setattr(triton_module, "MAX_BLOCK_R", 16 if tiled else 256)
+        for ref_kind in ("shared", "per"):
+            q, k, v, ref = make_inputs(B, K, R, D, Dv, "shared", ref_kind, torch.float32, device, generator)
+            v = v * 1e30
+            if huge == "v_and_ref":
+                ref = ref * 1e30
+            grad_out = torch.randn(B, K, generator=generator, dtype=torch.float64).to(device)
+            got = outputs_and_grads(backend, q, k, v, ref, grad_out)
+            want = outputs_and_grads("eager", q.double(), k.double(), v.double(), ref.double(), grad_out)
+            assert want[0].abs().max() > 0.05  # true cosines are O(0.3), not 0
+            assert_relative(got, want, ["out", "grad_q", "grad_k", "grad_v", "grad_ref"], 1e-4)
+
+
+def saturated_inputs(generator, device, B=2, K=4, R=9, D=8, Dv=40, min_gap=40.0):
+    """q, k with whole-number entries ~ 20 (unscaled attention over unnormalised features): logits in the
+    hundreds to thousands, every row's top two at least min_gap apart, so P is one-hot to float64's eye (true q/k gradients
+    ~ e^-min_gap relative). Drawn again until that holds."""
+    for _ in range(200):
+        q, k, v, ref = make_inputs(B, K, R, D, Dv, "shared", "shared", torch.float64, device, generator)
+        # whole numbers: every backend's logits are then exact (any summation order), so that the comparison with
+        # eager is about the softmax backward, not about which GEMM rounded a logit ~1e3 by its ulp (~6e-5)
+        q, k = (q * 20).round(), (k * 20).round()
+        top2 = torch.topk(q @ k.transpose(1, 2), 2, dim=-1).values
+        if (top2[..., 0] - top2[..., 1]).min() >= min_gap:
+            return q.float(), k.float(), v.float(), ref.float()
+    raise AssertionError("no saturated draw")
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("score", ["cosine", None])
+def test_saturated_softmax_gradients(device, backend, score, generator):
+    """Near one-hot rows (scale 1, logits ~ 1e2-1e3): the float32 q/k gradients are no noisier than eager
+    float32's: max |kernel - fp64| <= 2 max |eager fp32 - fp64| + 1e-30. Delta = <dE, E> cancelled to ~1e-6
+    there (true gradients ~1e-17); Delta = sum_r P dP from the row does not."""
+    q, k, v, ref = saturated_inputs(generator, device)
+    B, K, Dv = k.shape[0], q.shape[0], v.shape[-1]
+    ref = ref if score is not None else None
+    shape = (B, K) if score is not None else (B, K, Dv)
+    grad_out = torch.randn(shape, generator=generator, dtype=torch.float64).to(device)
+    names = ["out", "grad_q", "grad_k", "grad_v", "grad_ref"]
+    exact = outputs_and_grads("eager", *(t if t is None else t.double() for t in (q, k, v, ref)), grad_out,
+                              score=score, scale=1.0)
+    eager = outputs_and_grads("eager", q, k, v, ref, grad_out, score=score, scale=1.0)
+    got = outputs_and_grads(backend, q, k, v, ref, grad_out, score=score, scale=1.0)
+    rtol, atol = TOLERANCES[torch.float32]
+    for name, g, e, w in zip(names, got, eager, exact):
+        if name not in ("grad_q", "grad_k"):  # no softmax backward in these: the usual float32 tolerance
+            err = (g.double() - w).abs().max().item()
+            assert err <= atol * (w.abs().max().item() + 1.0), f"{name} off by {err:.3g}"
+            continue
+        kernel_err = (g.double() - w).abs().max().item()
+        bound = 2 * (e.double() - w).abs().max().item() + 1e-30
+        assert kernel_err <= bound, (
+            f"{name}: error {kernel_err:.3g} > 2x eager float32's + 1e-30 ({bound:.3g}); |exact| up to "
+            f"{w.abs().max().item():.3g}")

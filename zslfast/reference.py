@@ -105,17 +105,26 @@ def attribute_attention(q, k, v, ref=None, *, scale=None, mask=None, score="cosi
 
     q (K, D) or (B, K, D), k (B, R, D), v (B, R, Dv), ref None | (K, Dv) | (B, K, Dv), mask None | (B, R) bool
     (True = token kept). E = softmax(q k^T * scale over R) v (B, K, Dv), scale = D^-0.5 by default; a row with
-    every token masked gets no weight anywhere (E = 0). ref None -> E; score "cosine" -> F.cosine_similarity(E, ref,
-    eps=eps) (B, K); "dot" -> <E, ref> (B, K); score None -> E. return_attention also returns P (B, K, R).
+    every token masked gets no weight anywhere (E = 0). Masked tokens are selected away whatever their k and v hold
+    (NaN, inf): nothing of them reaches the outputs or the other gradients, and their own gradients are 0.
+    ref None -> E; score "cosine" -> F.cosine_similarity(E, ref, eps=eps) (B, K), its norms without overflow
+    (``normalize``); "dot" -> <E, ref> (B, K); score None -> E. return_attention also returns P (B, K, R).
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    if mask is not None:
+        # Masked tokens are selected away, never multiplied by 0: a NaN or inf there (padding) would survive a
+        # product (0 * inf = NaN) in the forward or in a gradient. Their k and v never reach a product, and the
+        # gradients of k and v there are exactly 0 (torch.where's backward selects, too).
+        token_kept = mask[:, :, None]
+        k = torch.where(token_kept, k, 0)
+        v = torch.where(token_kept, v, 0)
     logits = torch.matmul(q, k.transpose(-1, -2)) * scale
     if mask is not None:
         keep = mask[:, None, :]
-        # finfo.min, not -inf: a fully masked row stays finite (uniform), then the mask zeroes it and its gradient.
+        # finfo.min, not -inf: a fully masked row stays finite (uniform), then the select zeroes it and its gradient.
         logits = logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
-        attn = torch.softmax(logits, dim=-1) * keep
+        attn = torch.where(keep, torch.softmax(logits, dim=-1), 0)
     else:
         attn = torch.softmax(logits, dim=-1)
     e = attn @ v

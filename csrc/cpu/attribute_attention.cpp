@@ -5,9 +5,17 @@
 //   S = scale * q k[b]^T (K, R),  P = softmax of S over the kept r (a row with none kept is all 0),  E = P v[b] (K, Dv)
 //   out[b, i] = E[b, i]                                          score_mode 0        out (B, K, Dv)
 //             = <E[b, i], ref[i]>                                score_mode 1 (dot)  out (B, K)
-//             = <E, ref> * inv_norm(|E|^2, eps) * inv_norm(|ref|^2, eps)   2 (cosine), inv_norm.h: F.cosine_similarity
+//             = <E, ref> iE iR, iE = 1 / max(|E|, eps), iR likewise  2 (cosine), F.cosine_similarity's clamp
 //   also e = E (B, K, Dv) for the backward, lse (B, K) = log sum_{kept r} exp(S) (0 for a fully masked row), and
 //   attn = P (B, K, R) only when asked for.
+//
+//   Masked tokens are selected away, never multiplied by 0 (a NaN or inf in padding would survive 0 * x): k and v
+//   are read with their masked rows zeroed, P and dS are 0 there by a select, and dk, dv rows of masked tokens are
+//   set to 0 after their GEMMs (a NaN query row would otherwise reach them as 0 * NaN). A NaN logit makes its row
+//   NaN (softmax_row does not take an all-NaN row for a fully masked one).
+//   The cosine's norms and <E, ref> never overflow (issue 16): plain sums where finite, rescaled by the rows' largest
+//   |x_d| where one overflowed (cosine_row); its gradient never forms iE iR or iE^2 (they underflow for |E| ~ 1e30 in
+//   float), see score_grad.
 //
 //   forward, one work unit per (b, tile of query rows), at::parallel_for over the units (forward_unit):
 //       S = q_tile @ k[b]^T                      at::mm into a (rows x R) scratch tile (single-threaded inside the
@@ -15,8 +23,10 @@
 //       E_tile = P @ v[b]                        at::mm straight into E (or a scratch tile when no backward comes),
 //       out[b, i] = score(E[b, i], ref[i])       then the cosine/dot epilogue per row.
 //   backward, one work unit per b (its dk[b], dv[b] need every query row; backward_sample):
-//       dE from the epilogue's gradient, Delta[i] = <dE[i], E[i]>, P recomputed from lse,
-//       dP = dE @ v[b]^T (+ grad_attn), dS = scale * P * (dP - Delta),
+//       dE from the epilogue's gradient, P recomputed as the softmax of the whole row (self-normalised, as eager's:
+//       the saved lse is not read), dP = dE @ v[b]^T (+ grad_attn), Delta[i] = sum_r P dP from the row (eager's
+//       softmax backward; <dE, E> cancels catastrophically where P is near one-hot: ~1e-6 noise where the true
+//       gradient is ~1e-14), dS = scale * P * (dP - Delta),
 //       dv[b] = P^T @ dE, dk[b] = dS^T @ q_b, dq[b] = dS @ k[b] (per-sample q).
 //   Shared q: each unit writes its dS into a (K, B, R) buffer, then one GEMM dq = buf (K, B*R) @ k (B*R, D) sums
 //   over b; shared ref: per-row coefficients, then a pass over rows that sums over b in order. No atomics, every
@@ -74,15 +84,21 @@ acc_t row_dot(const acc_t* a, const acc_t* b, int64_t n) {
 }
 
 // Softmax of scale * s over the kept entries of one row, in place; returns the row's log-sum-exp (0 when no entry
-// is kept: the row is all zeros then). Masked entries become exactly 0.
+// is kept: the row is all zeros then). Masked entries become exactly 0, whatever their scores; a NaN kept score
+// makes the kept entries and the lse NaN (std::max skips NaN, so an all-NaN row must not pass for a fully masked
+// one).
 template <typename acc_t>
 acc_t softmax_row(acc_t* s, const bool* keep, int64_t R, acc_t scale) {
   acc_t m = -std::numeric_limits<acc_t>::infinity();
+  bool nan = false;
   for (int64_t r = 0; r < R; ++r) {
     s[r] *= scale;
-    if (keep == nullptr || keep[r]) m = std::max(m, s[r]);
+    if (keep == nullptr || keep[r]) {
+      m = std::max(m, s[r]);
+      nan |= std::isnan(s[r]);
+    }
   }
-  if (m == -std::numeric_limits<acc_t>::infinity()) {
+  if (m == -std::numeric_limits<acc_t>::infinity() && !nan) {
     std::fill(s, s + R, acc_t(0));
     return acc_t(0);
   }
@@ -91,24 +107,19 @@ acc_t softmax_row(acc_t* s, const bool* keep, int64_t R, acc_t scale) {
   acc_t sum = 0;
   for (int64_t r = 0; r < R; ++r) sum += s[r];
   const acc_t inv = acc_t(1) / sum;
-  for (int64_t r = 0; r < R; ++r) s[r] *= inv;
+  if (keep == nullptr) {
+    for (int64_t r = 0; r < R; ++r) s[r] *= inv;
+  } else {
+    for (int64_t r = 0; r < R; ++r) s[r] = keep[r] ? s[r] * inv : acc_t(0);  // 0, not 0 * a NaN inv
+  }
   return m + std::log(sum);
 }
 
-// P recomputed from the saved log-sum-exp: p = exp(scale * s - lse) on kept entries, 0 elsewhere.
+// out[j] = s * (a * x[j] - c * y[j])
 template <typename acc_t>
-void recompute_row(acc_t* s, const bool* keep, int64_t R, acc_t scale, acc_t lse) {
-  for (int64_t r = 0; r < R; ++r) {
-    s[r] = (keep == nullptr || keep[r]) ? s[r] * scale - lse : -std::numeric_limits<acc_t>::infinity();
-  }
-  exp_rows(s, R);
-}
-
-// out[j] = a * x[j] - c * y[j]
-template <typename acc_t>
-void combine_rows(acc_t* out, acc_t a, const acc_t* x, acc_t c, const acc_t* y, int64_t n) {
+void combine_rows(acc_t* out, acc_t s, acc_t a, const acc_t* x, acc_t c, const acc_t* y, int64_t n) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) out[j] = a * x[j] - c * y[j];
+  for (int64_t j = 0; j < n; ++j) out[j] = s * (a * x[j] - c * y[j]);
 }
 
 // out[j] += a * x[j]
@@ -118,45 +129,100 @@ void axpy_row(acc_t* out, acc_t a, const acc_t* x, int64_t n) {
   for (int64_t j = 0; j < n; ++j) out[j] += a * x[j];
 }
 
-// dS row in place over dP: ds[r] = scale * p[r] * (dp[r] + ga[r] - delta), ga optional
+// dP row in place: dp[r] += ga[r] (the returned attention's gradient), and Delta = sum_r p[r] dp[r] returned.
 template <typename acc_t>
-void softmax_grad_row(acc_t* dp, const acc_t* p, const acc_t* ga, acc_t scale, acc_t delta, int64_t R) {
+acc_t grad_probs_row(acc_t* dp, const acc_t* p, const acc_t* ga, int64_t R) {
   if (ga != nullptr) {
 #pragma omp simd
-    for (int64_t r = 0; r < R; ++r) dp[r] = scale * p[r] * (dp[r] + ga[r] - delta);
-  } else {
+    for (int64_t r = 0; r < R; ++r) dp[r] += ga[r];
+  }
+  return row_dot(p, dp, R);
+}
+
+// dS row in place over dP: ds[r] = scale * p[r] * (dp[r] - delta) on kept r, and 0 (a select: delta may be NaN)
+// on masked ones.
+template <typename acc_t>
+void softmax_grad_row(acc_t* dp, const acc_t* p, const bool* keep, acc_t scale, acc_t delta, int64_t R) {
+  if (keep == nullptr) {
 #pragma omp simd
     for (int64_t r = 0; r < R; ++r) dp[r] = scale * p[r] * (dp[r] - delta);
+  } else {
+    for (int64_t r = 0; r < R; ++r) dp[r] = keep[r] ? scale * p[r] * (dp[r] - delta) : acc_t(0);
+  }
+}
+
+// Rows of masked tokens set to 0 in a (R, n) gradient: exact zeros even where a NaN query row met them in a GEMM.
+template <typename acc_t>
+void zero_masked_rows(acc_t* grad, const bool* keep, int64_t R, int64_t n) {
+  if (keep == nullptr) return;
+  for (int64_t r = 0; r < R; ++r) {
+    if (!keep[r]) std::fill(grad + r * n, grad + (r + 1) * n, acc_t(0));
   }
 }
 
 // ------------------------------------------------------------------------------------------------- the epilogue
 
-// The score of one row: <E, ref> (dot) or <E, ref> iE iR (cosine), iE = inv_norm(|E|^2, eps), iR likewise.
+// The cosine of one row and its clamped inverse norms iE = 1 / max(|E|, eps), iR = 1 / max(|ref|, eps), without
+// overflow: the plain sums |E|^2, |ref|^2, <E, ref> where all are finite (the common case, no extra cost); where
+// one overflowed (|x| beyond ~1.8e19 in float), the sums of x / max|x_d| instead, so |E| = m_e |E / m_e| and
+// cos = <E/m_e, ref/m_r> (m_e iE) (m_r iR). A NaN in either row makes the cosine NaN.
 template <typename acc_t>
-acc_t score_row(const acc_t* e_row, const acc_t* r_row, int64_t Dv, int64_t mode, acc_t eps) {
-  const acc_t dot = row_dot(e_row, r_row, Dv);
-  if (mode != kCosine) return dot;
-  return dot * inv_norm(row_dot(e_row, e_row, Dv), eps) * inv_norm(row_dot(r_row, r_row, Dv), eps);
+struct Cosine {
+  acc_t cos, ie, ir;
+};
+
+template <typename acc_t>
+acc_t row_abs_max(const acc_t* x, int64_t n) {
+  acc_t m = 0;
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, std::abs(x[j]));
+  return m > 0 ? m : acc_t(1);  // (1 for a zero row; a NaN row stays NaN through its sums)
 }
 
-// The score's gradient for one row as two linear combinations of E and ref, g = dL/dout:
-//   dE = a_e ref - c_e E,   dref = a_r E - c_r ref
-//   dot     a_e = a_r = g,  c_e = c_r = 0
-//   cosine  a_e = a_r = g iE iR,  c_e = [|E| > eps] g cos iE^2,  c_r = [|ref| > eps] g cos iR^2
-// (a clamped norm is the constant eps: it has no derivative, hence the indicators).
+template <typename acc_t>
+Cosine<acc_t> cosine_row(const acc_t* e_row, const acc_t* r_row, int64_t Dv, acc_t eps) {
+  constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
+  const acc_t e_sq = row_dot(e_row, e_row, Dv), r_sq = row_dot(r_row, r_row, Dv), dot = row_dot(e_row, r_row, Dv);
+  if (e_sq != inf && r_sq != inf && std::abs(dot) != inf) {
+    const acc_t ie = inv_norm(e_sq, eps), ir = inv_norm(r_sq, eps);
+    return {dot * ie * ir, ie, ir};
+  }
+  const acc_t m_e = row_abs_max(e_row, Dv), m_r = row_abs_max(r_row, Dv);
+  acc_t se = 0, sr = 0, sd = 0;
+  for (int64_t j = 0; j < Dv; ++j) {
+    const acc_t x = e_row[j] / m_e, y = r_row[j] / m_r;
+    se += x * x;
+    sr += y * y;
+    sd += x * y;
+  }
+  const acc_t ie = inv_clamped(m_e * std::sqrt(se), eps), ir = inv_clamped(m_r * std::sqrt(sr), eps);
+  return {sd * (m_e * ie) * (m_r * ir), ie, ir};
+}
+
+// The score of one row: <E, ref> (dot) or cos(E, ref) (cosine_row).
+template <typename acc_t>
+acc_t score_row(const acc_t* e_row, const acc_t* r_row, int64_t Dv, int64_t mode, acc_t eps) {
+  if (mode != kCosine) return row_dot(e_row, r_row, Dv);
+  return cosine_row(e_row, r_row, Dv, eps).cos;
+}
+
+// The score's gradient for one row as linear combinations of E and ref, g = dL/dout:
+//   dE = s_e (a_e ref - c_e E),   dref = n_r (a_r E - c_r ref)
+//   dot     s_e = a_r = g,  a_e = n_r = 1,  c_e = c_r = 0
+//   cosine  s_e = g iE, a_e = iR, c_e = [|E| > eps] cos iE;   n_r = iR, a_r = g iE, c_r = [|ref| > eps] g cos iR
+// (a clamped norm is the constant eps: it has no derivative, hence the indicators). Neither iE iR nor iE^2 is ever
+// formed: for |E| ~ |ref| ~ 1e30 they underflow float while every factor above stays in range. n_r is the part
+// of dref common to every b for a shared ref (its iR), which shared_ref_grad applies once after the sum over b.
 template <typename acc_t>
 struct ScoreGrad {
-  acc_t a_e, c_e, a_r, c_r;
+  acc_t s_e, a_e, c_e, n_r, a_r, c_r;
 };
 
 template <typename acc_t>
 ScoreGrad<acc_t> score_grad(const acc_t* e_row, const acc_t* r_row, int64_t Dv, int64_t mode, acc_t g, acc_t eps) {
-  if (mode == kDot) return {g, acc_t(0), g, acc_t(0)};
-  const acc_t ie = inv_norm(row_dot(e_row, e_row, Dv), eps), ir = inv_norm(row_dot(r_row, r_row, Dv), eps);
-  const acc_t cos = row_dot(e_row, r_row, Dv) * ie * ir;
-  const acc_t a = g * ie * ir;
-  return {a, norm_clamped(ie, eps) ? acc_t(0) : g * cos * ie * ie, a, norm_clamped(ir, eps) ? acc_t(0) : g * cos * ir * ir};
+  if (mode == kDot) return {g, acc_t(1), acc_t(0), acc_t(1), g, acc_t(0)};
+  const Cosine<acc_t> c = cosine_row(e_row, r_row, Dv, eps);
+  return {g * c.ie, c.ir, norm_clamped(c.ie, eps) ? acc_t(0) : c.cos * c.ie,
+          c.ir, g * c.ie, norm_clamped(c.ir, eps) ? acc_t(0) : g * c.cos * c.ir};
 }
 
 // ------------------------------------------------------------------------------------------------------- checks
@@ -208,6 +274,13 @@ void check_backward_inputs(const Dims& d, int64_t mode, const at::Tensor& grad, 
 // The inputs in the accumulator type, contiguous: the kernels read raw rows and run at::mm in acc_t.
 at::Tensor to_acc(const at::Tensor& t, at::ScalarType acc_type) { return t.to(acc_type).contiguous(); }
 
+// k or v (B, R, n) in acc_t with the rows of masked tokens selected to 0: whatever padding holds (NaN, inf) then
+// never reaches a GEMM, where a 0 weight would not stop it (0 * NaN = NaN).
+at::Tensor to_acc_kept(const at::Tensor& t, const at::Tensor& mask, at::ScalarType acc_type) {
+  if (!mask.defined()) return to_acc(t, acc_type);
+  return at::where(mask.unsqueeze(-1), t.to(acc_type), at::zeros({}, t.options().dtype(acc_type))).contiguous();
+}
+
 // ------------------------------------------------------------------------------------------------------ forward
 
 // What every forward work unit reads and writes.
@@ -217,7 +290,7 @@ struct Forward {
   Dims d;
   int64_t mode;
   acc_t scale, eps;
-  at::Tensor q, k, v;  // acc_t, contiguous
+  at::Tensor q, k, v;  // acc_t, contiguous; k, v with masked rows 0 (to_acc_kept)
   const acc_t* ref;    // (K, Dv) or (B, K, Dv); null for mode 0
   const bool* keep;    // mask (B, R), or null
   acc_t* lse;          // (B, K)
@@ -309,8 +382,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attribute_attention_f
                               static_cast<acc_t>(scale),
                               static_cast<acc_t>(eps),
                               to_acc(q_in, acc_type),
-                              to_acc(k_in, acc_type),
-                              to_acc(v_in, acc_type),
+                              to_acc_kept(k_in, mask, acc_type),
+                              to_acc_kept(v_in, mask, acc_type),
                               ref.defined() ? ref.data_ptr<acc_t>() : nullptr,
                               mask.defined() ? mask.data_ptr<bool>() : nullptr,
                               lse.data_ptr<acc_t>(),
@@ -332,58 +405,53 @@ struct Backward {
   int64_t mode;
   acc_t scale, eps;
   bool need_q, need_k, need_v, need_ref;
-  at::Tensor q, k, v;       // the forward's inputs
+  at::Tensor q, k, v;       // the forward's inputs (k, v with masked rows 0, to_acc_kept)
   at::Tensor g;             // dL/dout: (B, K) for the scores, (B, K, Dv) = dE for mode 0
   const acc_t* g_data;      // g's data
   const acc_t* e;           // E (B, K, Dv)
-  const acc_t* lse;         // (B, K)
+  const acc_t* lse;         // (B, K): not read (P is recomputed as a whole-row softmax, softmax_backward)
   const acc_t* ref;         // (K, Dv) or (B, K, Dv); null for mode 0
   const bool* keep;         // mask (B, R), or null
   const acc_t* grad_attn;   // (B, K, R), or null
   at::Tensor grad_q, grad_k, grad_v;  // like q, k, v; undefined when not needed
   acc_t* grad_ref;          // like ref when needed; a shared ref's is written after the units (shared_ref_grad)
-  acc_t* coef_a;            // shared ref: a_r, c_r of every (b, i), (B, K) each
+  acc_t* coef_a;            // shared ref: a_r, c_r of every (b, i), (B, K) each (score_grad)
   acc_t* coef_c;
   at::Tensor ds_all;        // shared q and need_q: every b's dS, (K, B, R)
 };
 
-// Row i of sample b of a score: dE[i] = a_e ref - c_e E into de_row, and its share of the ref gradient (the row of
-// grad_ref for a per-sample ref; the coefficients, summed over b later, for a shared one).
+// Row i of sample b of a score: dE[i] = s_e (a_e ref - c_e E) into de_row, and its share of the ref gradient (the
+// row of grad_ref for a per-sample ref; the coefficients, summed over b later, for a shared one).
 template <typename acc_t>
 void score_backward_row(const Backward<acc_t>& w, int64_t b, int64_t i, const acc_t* e_row, acc_t* de_row) {
   const Dims& d = w.d;
   const int64_t row = b * d.K + i;
   const acc_t* r_row = w.ref + ((d.shared_ref ? 0 : b * d.K) + i) * d.Dv;
   const ScoreGrad<acc_t> c = score_grad(e_row, r_row, d.Dv, w.mode, w.g_data[row], w.eps);
-  combine_rows(de_row, c.a_e, r_row, c.c_e, e_row, d.Dv);
+  combine_rows(de_row, c.s_e, c.a_e, r_row, c.c_e, e_row, d.Dv);
   if (!w.need_ref) return;
   if (d.shared_ref) {
     w.coef_a[row] = c.a_r;
     w.coef_c[row] = c.c_r;
   } else {
-    combine_rows(w.grad_ref + row * d.Dv, c.a_r, e_row, c.c_r, r_row, d.Dv);
+    combine_rows(w.grad_ref + row * d.Dv, c.n_r, c.a_r, e_row, c.c_r, r_row, d.Dv);
   }
 }
 
-// dE of sample b into de (for mode 0 de is the incoming grad itself, left as is) and Delta[i] = <dE[i], E[i]>, the
-// softmax backward's row term.
+// dE of sample b into de (for mode 0 de is the incoming grad itself, left as is).
 template <typename acc_t>
-void epilogue_backward(const Backward<acc_t>& w, int64_t b, acc_t* de, acc_t* delta) {
+void epilogue_backward(const Backward<acc_t>& w, int64_t b, acc_t* de) {
   const Dims& d = w.d;
-  for (int64_t i = 0; i < d.K; ++i) {
-    const acc_t* e_row = w.e + (b * d.K + i) * d.Dv;
-    acc_t* de_row = de + i * d.Dv;
-    if (w.mode != kNone) score_backward_row(w, b, i, e_row, de_row);
-    delta[i] = row_dot(de_row, e_row, d.Dv);
-  }
+  if (w.mode == kNone) return;
+  for (int64_t i = 0; i < d.K; ++i) score_backward_row(w, b, i, w.e + (b * d.K + i) * d.Dv, de + i * d.Dv);
 }
 
-// dS of sample b, written over dp: P recomputed from lse into p (K, R), dP = dE @ v[b]^T, and
-// dS = scale * P * (dP + grad_attn - Delta - <P, grad_attn>): grad_attn enters dP, and Delta gains the softmax
-// Jacobian's row term for it.
+// dS of sample b, written over dp: P recomputed into p (K, R) as the softmax of each whole row (self-normalised
+// like eager's, so that a near one-hot row's P is exactly 1 where eager's is), dP = dE @ v[b]^T + grad_attn,
+// Delta = sum_r P dP from the same row (eager's softmax backward: it carries no cancellation where <dE, E> would),
+// dS = scale * P * (dP - Delta) on the kept r.
 template <typename acc_t>
-void softmax_backward(const Backward<acc_t>& w, int64_t b, const at::Tensor& de, const acc_t* delta, at::Tensor& p,
-                      at::Tensor& dp) {
+void softmax_backward(const Backward<acc_t>& w, int64_t b, const at::Tensor& de, at::Tensor& p, at::Tensor& dp) {
   const Dims& d = w.d;
   at::mm_out(p, d.shared_q ? w.q : w.q.select(0, b), w.k.select(0, b).t());
   at::mm_out(dp, de, w.v.select(0, b).t());
@@ -392,10 +460,11 @@ void softmax_backward(const Backward<acc_t>& w, int64_t b, const at::Tensor& de,
   const bool* keep = w.keep != nullptr ? w.keep + b * d.R : nullptr;
   for (int64_t i = 0; i < d.K; ++i) {
     acc_t* p_row = p_data + i * d.R;
-    recompute_row<acc_t>(p_row, keep, d.R, w.scale, w.lse[b * d.K + i]);
+    acc_t* dp_row = dp_data + i * d.R;
+    softmax_row<acc_t>(p_row, keep, d.R, w.scale);
     const acc_t* ga = w.grad_attn != nullptr ? w.grad_attn + (b * d.K + i) * d.R : nullptr;
-    const acc_t extra = ga != nullptr ? row_dot(p_row, ga, d.R) : acc_t(0);
-    softmax_grad_row(dp_data + i * d.R, p_row, ga, w.scale, delta[i] + extra, d.R);
+    const acc_t delta = grad_probs_row(dp_row, p_row, ga, d.R);
+    softmax_grad_row(dp_row, p_row, keep, w.scale, delta, d.R);
   }
 }
 
@@ -405,13 +474,16 @@ template <typename acc_t>
 void attention_input_grads(const Backward<acc_t>& w, int64_t b, const at::Tensor& p, const at::Tensor& ds,
                            const at::Tensor& de) {
   const Dims& d = w.d;
+  const bool* keep = w.keep != nullptr ? w.keep + b * d.R : nullptr;
   if (w.need_v) {
     at::Tensor gv = w.grad_v.select(0, b);
     at::mm_out(gv, p.t(), de);
+    zero_masked_rows(gv.data_ptr<acc_t>(), keep, d.R, d.Dv);
   }
   if (w.need_k) {
     at::Tensor gk = w.grad_k.select(0, b);
     at::mm_out(gk, ds.t(), d.shared_q ? w.q : w.q.select(0, b));
+    zero_masked_rows(gk.data_ptr<acc_t>(), keep, d.R, d.D);
   }
   if (!w.need_q) return;
   if (d.shared_q) {
@@ -425,24 +497,22 @@ void attention_input_grads(const Backward<acc_t>& w, int64_t b, const at::Tensor
 }
 
 // Per-thread scratch of the backward units, reused from one sample to the next.
-template <typename acc_t>
 struct BackwardScratch {
   at::Tensor de, p, dp;  // dE (K, Dv) (scores only), P and dP/dS (K, R)
-  std::vector<acc_t> delta;
 };
 
 // One backward unit, sample b.
 template <typename acc_t>
-void backward_sample(const Backward<acc_t>& w, int64_t b, BackwardScratch<acc_t>& s) {
+void backward_sample(const Backward<acc_t>& w, int64_t b, BackwardScratch& s) {
   const at::Tensor de = w.mode == kNone ? w.g.select(0, b) : s.de;
-  epilogue_backward(w, b, de.data_ptr<acc_t>(), s.delta.data());
+  epilogue_backward(w, b, de.data_ptr<acc_t>());
   if (!(w.need_q || w.need_k || w.need_v)) return;
-  softmax_backward(w, b, de, s.delta.data(), s.p, s.dp);
+  softmax_backward(w, b, de, s.p, s.dp);
   attention_input_grads(w, b, s.p, s.dp, de);
 }
 
-// A shared ref's gradient: grad_ref[i] = sum_b (a_r[b, i] E[b, i] - c_r[b, i] ref[i]), the b sum in order
-// (deterministic without atomics), parallel over the rows i.
+// A shared ref's gradient: grad_ref[i] = n_r[i] sum_b (a_r[b, i] E[b, i] - c_r[b, i] ref[i]) (score_grad; n_r = iR
+// for the cosine, 1 for dot), the b sum in order (deterministic without atomics), parallel over the rows i.
 template <typename acc_t>
 void shared_ref_grad(const Backward<acc_t>& w) {
   const Dims& d = w.d;
@@ -454,6 +524,10 @@ void shared_ref_grad(const Backward<acc_t>& w) {
       for (int64_t b = 0; b < d.B; ++b) c_total += w.coef_c[b * d.K + i];
       for (int64_t j = 0; j < d.Dv; ++j) gr[j] = -c_total * r_row[j];
       for (int64_t b = 0; b < d.B; ++b) axpy_row(gr, w.coef_a[b * d.K + i], w.e + (b * d.K + i) * d.Dv, d.Dv);
+      if (w.mode == kCosine) {
+        const acc_t ir = inv_clamped(row_norm(r_row, d.Dv, row_dot(r_row, r_row, d.Dv)), w.eps);
+        for (int64_t j = 0; j < d.Dv; ++j) gr[j] *= ir;
+      }
     }
   });
 }
@@ -465,9 +539,8 @@ void run_backward(const Backward<acc_t>& w) {
   const auto acc_opts = w.q.options();
   at::parallel_for(0, d.B, 1, [&](int64_t begin, int64_t end) {
     const at::NoGradGuard worker_no_grad;
-    BackwardScratch<acc_t> s{w.mode != kNone ? at::empty({d.K, d.Dv}, acc_opts) : at::Tensor(),
-                             at::empty({d.K, d.R}, acc_opts), at::empty({d.K, d.R}, acc_opts),
-                             std::vector<acc_t>(d.K)};
+    BackwardScratch s{w.mode != kNone ? at::empty({d.K, d.Dv}, acc_opts) : at::Tensor(),
+                      at::empty({d.K, d.R}, acc_opts), at::empty({d.K, d.R}, acc_opts)};
     for (int64_t b = begin; b < end; ++b) backward_sample(w, b, s);
   });
   if (w.need_q && d.shared_q) {
@@ -489,9 +562,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attribute_attention_b
   const auto in_opts = q_in.options();
   const auto acc_type = at::toOpMathType(q_in.scalar_type());
   const auto acc_opts = in_opts.dtype(acc_type);
-  const at::Tensor q = to_acc(q_in, acc_type), k = to_acc(k_in, acc_type), v = to_acc(v_in, acc_type);
-  const at::Tensor ref = mode != kNone ? to_acc(*ref_in, acc_type) : at::Tensor();
   const at::Tensor mask = mask_in.has_value() ? mask_in->to(at::kBool).contiguous() : at::Tensor();
+  const at::Tensor q = to_acc(q_in, acc_type), k = to_acc_kept(k_in, mask, acc_type), v = to_acc_kept(v_in, mask, acc_type);
+  const at::Tensor ref = mode != kNone ? to_acc(*ref_in, acc_type) : at::Tensor();
   const at::Tensor e = to_acc(e_in, acc_type), lse = to_acc(lse_in, acc_type), g = to_acc(grad_in, acc_type);
   const at::Tensor grad_attn =
       grad_attn_in.has_value() && grad_attn_in->numel() > 0 ? to_acc(*grad_attn_in, acc_type) : at::Tensor();

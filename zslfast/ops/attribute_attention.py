@@ -19,6 +19,18 @@ Backward, g = dL/dout, iE = 1 / max(|E|, eps), iR = 1 / max(|ref|, eps), cos = o
     dS          = P (dP - Delta),  Delta[b, i] = sum_r P dP = <dE, E> (+ <P, dL/dattn>)
     dq = scale dS k (summed over b for a shared q (K, D)), dk = scale dS^T q, dv = P^T dE
 
+Numerics every backend keeps (issue 16; tests/test_attribute_attention.py):
+    masks       masked tokens are selected away (torch.where / tl.where / masked loads), never weighted by 0: a NaN
+                or inf in masked k or v reaches no output and no gradient, their dk, dv are exactly 0, and a fully
+                masked row keeps E = 0, score 0
+    NaN         a NaN input makes NaN exactly the outputs and gradients that depend on it (q[i]: row i of every
+                sample that keeps a token; a kept k[b, r] or v[b, r]: sample b), and nothing else
+    overflow    the cosine's norms and <E, ref> are plain sums where finite, rescaled where they overflowed; its
+                gradient is written so that neither iE iR nor iE^2 is formed (both underflow fp32 at |E| ~ 1e30)
+    saturation  Delta is taken as sum_r P dP from the row with P its own softmax, as eager's softmax backward
+                (CPU: always; Triton: R <= 256, one tile), not as <dE, E>, which cancels catastrophically when P
+                is near one-hot (~1e-6 noise on ~1e-14 gradients); Triton's R-tiled path keeps <dE, E>
+
 Shapes: q (K, D) attribute queries shared by the batch (ILPG: Q = A W_q) or (B, K, D); k (B, R, D), v (B, R, Dv)
 from R image tokens; ref None, (K, Dv) or (B, K, Dv); mask None or (B, R) bool. Autograd keeps q, k, v, ref, mask,
 E (B, K, Dv) and lse (B, K): O(B·K·Dv), never the (B, K, R) attention (only return_attention materialises it).

@@ -12,18 +12,27 @@ The math, for each sample b and query row i (r runs over the R tokens, kept r: m
     eps: F.cosine_similarity's, the launchers' argument (1e-8 by default, as the papers' code calls it)
 
     backward, g = dL/dout, iE = 1 / max(|E|, eps), iR = 1 / max(|ref|, eps), cos = out:
-    dE         = g | g ref | a ref - c_E E,  a = g iE iR,  c_E = [|E| > eps] g cos iE^2     (MODE 0 | 1 | 2)
-    dref       = a E - c_R ref,  c_R = [|ref| > eps] g cos iR^2 (MODE 2; a = g, c_R = 0 for MODE 1), summed over b
-                 by torch for a shared ref, from the coefficients a and c_R the rows kernel stores
-    P          = exp(S - lse) on the kept r (recomputed), dP = dE v^T (+ dL/dattn when the attention is returned)
-    Delta[b, i] = <dE, E> (+ <P, dL/dattn>),  dS = P (dP - Delta)
+    dE         = g | g ref | s_E (a_E ref - c_E E)                                          (MODE 0 | 1 | 2)
+                 s_E = g iE, a_E = iR, c_E = [|E| > eps] cos iE
+    dref       = n_R (a_R E - c_R ref),  n_R = iR, a_R = g iE, c_R = [|ref| > eps] g cos iR (MODE 2; n_R = 1,
+                 a_R = g, c_R = 0 for MODE 1), summed over b by torch for a shared ref, from the coefficients the
+                 rows kernel stores. (iE iR and iE^2 are never formed: they underflow fp32 at |E| ~ |ref| ~ 1e30.)
+    P          = the kept r's softmax (recomputed), dP = dE v^T (+ dL/dattn when the attention is returned)
+    Delta[b, i] = sum_r P dP (R in one tile: from the row in registers, P its own softmax, as eager's softmax
+                 backward) or <dE, E> + <P, dL/dattn> (R-tiled), dS = P (dP - Delta)
     dq = scale dS k (summed over b for a shared q),  dk = scale dS^T q,  dv = P^T dE
+
+Masked tokens are selected away (tl.where, masked loads), never multiplied by 0: whatever k and v hold there (NaN,
+inf) reaches neither the outputs nor any gradient, and dk, dv of masked tokens are exactly 0 (never written into
+zero-filled buffers). A NaN score makes its row NaN (lse included), as in eager code.
+The cosine's |E|^2, |ref|^2 and <E, ref> are plain sums where finite, and where they overflowed (|x| beyond ~1.8e19
+in fp32) the same sums of E and ref scaled by a power of two, taken alongside from the same tiles (_add_sums).
 
 Shapes: q (K, D) shared by the batch or (B, K, D); k (B, R, D); v (B, R, Dv); ref (K, Dv) or (B, K, Dv) (MODE 1, 2);
 mask (B, R) as uint8; scale and eps one-element tensors in the accumulator dtype (a Python float argument would be
 typed fp32 by compiled Triton and round an fp64 op's values). Forward: E (B, K, Dv), lse (B, K) in the accumulator
 dtype; out (B, K) (MODE 1, 2; MODE 0 returns E) and P (B, K, R) (when asked for) in q's dtype. Backward: grad (B, K) or
-(B, K, Dv) (MODE 0), dL/dattn (B, K, R) or none; dE (B, K, Dv), Delta, a, c_R (B, K); dq partials (S, K, D) for a
+(B, K, Dv) (MODE 0), dL/dattn (B, K, R) or none; dE (B, K, Dv), Delta, a_R, c_R, n_R (B, K); dq partials (S, K, D) for a
 shared q (S batch splits, summed by torch in split order) or (B, K, D); dk (B, R, D), dv (B, R, Dv); all in the
 accumulator dtype, cast to the inputs' dtype at the end.
 
@@ -35,10 +44,12 @@ accumulator dtype, cast to the inputs' dtype at the end.
               R: an online max/sum pass over R tiles gives lse, a second pass adds P_tile @ v into E in memory (the
               program's own rows; barriers order its reads after its writes), then the epilogue reads E back.
     backward  rows kernel, grid (K / BLOCK_K, splits of the batch): per (b, query rows): dE from the epilogue's
-              gradient (stored), Delta, the coefficients a and c_R of dref, then dq = scale dS k over R tiles,
-              added into the program's own rows of dq (a shared q sums its b's in order into its split's partial).
+              gradient (stored), the coefficients of dref, Delta (R <= BLOCK_R: from the S and dP tiles of the
+              whole row, also when only dk needs it), then dq = scale dS k over R tiles, added into the
+              program's own rows of dq (a shared q sums its b's in order into its split's partial).
               columns kernel, grid (R / BLOCK_R, B): loops over query-row tiles, recomputes P from lse and
-              dS = P (dE v^T + dL/dattn - Delta), adds P^T dE into dv and scale dS^T q into dk (own rows).
+              dS = P (dE v^T + dL/dattn - Delta), adds P^T dE into dv and scale dS^T q into dk (own rows). Its
+              dP is summed over the rows kernel's Dv tiles, so that it equals the rows kernel's bit for bit.
 No atomics anywhere: deterministic. Inputs are addressed through their strides (transposed views are read in
 place). Accumulation in fp32 (fp64 for fp64, where tl.dot is replaced by broadcast products: ACC_DTYPE, see
 _common.py); fp32 tl.dot runs "ieee" unless torch.backends.cuda.matmul.allow_tf32 is on.
@@ -48,7 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import H200_SMS, accumulator_dtype, block_size, dot_precision, inv_norm, mm, split, tl_accumulator_dtype
+from ._common import H200_SMS, accumulator_dtype, block_size, dot_precision, mm, split, tl_accumulator_dtype
 from ._launch import Launch, run
 
 MAX_BLOCK_R = 256  # R up to this takes the single-tile exact softmax (tests lower it to reach the R-tiled path)
@@ -88,18 +99,20 @@ def _scores(
 
 @triton.jit
 def _log_total(m, total):
-    """lse from the running max m and sum of exp(S - m): 0 for a row with nothing kept (total 0)."""
-    return tl.where(total > 0, m + tl.log(tl.where(total > 0, total, 1.0)), 0.0)
+    """lse from the running max m and sum of exp(S - m): 0 for a row with nothing kept (total 0), NaN for a row
+    with a NaN score (total NaN: the test is == 0, which NaN fails, so it is not taken for a fully masked row)."""
+    return tl.where(total == 0, 0.0, m + tl.log(tl.where(total == 0, 1.0, total)))
 
 
 @triton.jit
 def _softmax(s):
-    """(P, lse) of one S tile holding whole rows: the exact softmax, all zeros for a fully masked row."""
+    """(P, lse) of one S tile holding whole rows: the exact softmax, all zeros for a fully masked row (masked
+    scores are -inf: exp gives exactly 0 there even in a NaN row)."""
     m = tl.maximum(tl.max(s, axis=1), -1e30)  # finite for a fully masked row, so exp(s - m) = 0, not NaN
     p = tl.exp(s - m[:, None])
     total = tl.sum(p, axis=1)
     lse = _log_total(m, total)
-    return p / tl.where(total > 0, total, 1.0)[:, None], lse
+    return p / tl.where(total == 0, 1.0, total)[:, None], lse
 
 
 @triton.jit
@@ -124,15 +137,15 @@ def _online_lse(
 
 @triton.jit
 def _probs(
-    q_rows, k_b, mask_ptr, b, offs_r, rows_ok, lse, R, D, sq_d, sk_r, sk_d, scale,
-    HAS_MASK: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    q_rows, k_b, keep, offs_r, rows_ok, lse, D, sq_d, sk_r, sk_d, scale,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """P = exp(S - lse) on the tile of tokens offs_r (BLOCK_K, BLOCK_R), recomputed from the saved lse."""
-    keep = _keep(mask_ptr, b, offs_r, R, HAS_MASK)
+    """P = exp(S - lse) on the tile of tokens offs_r (BLOCK_K, BLOCK_R), recomputed from the saved lse; 0 where
+    the token is not kept, by a select (exp(-inf - lse) would be NaN for a NaN row's lse)."""
     s = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
                 ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
-    return tl.exp(s - lse[:, None])
+    return tl.where(keep[None, :], tl.exp(s - lse[:, None]), 0.0)
 
 
 @triton.jit
@@ -162,94 +175,158 @@ def _add_product(
 
 
 # -------------------------------------------------------------------------------- the score and its gradient
+# The cosine's sums never overflow (issue 16). Next to the plain |E|^2, |ref|^2 and <E, ref>, the same sums of
+# E * SCALE and ref * SCALE (SCALE a power of two, 2^-80 in fp32: exact, and no finite value overflows them) are
+# taken from the same tiles (ref's in a loop of its own); a row uses the plain sums where they are finite (bit-identical to before) and the
+# scaled ones where they overflowed (|x| beyond ~1.8e19 in fp32). No branch and no second pass: a few FMAs per
+# element of the epilogue, against the BLOCK_R of the P @ v product that made it. Values the scaling underflows
+# are below 2^-100 of such a row's norm.
 @triton.jit
-def _add_sums(e, rf, e_sq, r_sq, e_dot_r):
-    """The score's row sums |E|^2, |ref|^2, <E, ref>, with one (BLOCK_K, BLOCK_DV) tile of E and ref added."""
-    return e_sq + tl.sum(e * e, axis=1), r_sq + tl.sum(rf * rf, axis=1), e_dot_r + tl.sum(e * rf, axis=1)
+def _norm_scale(ACC_DTYPE: tl.constexpr):
+    if ACC_DTYPE == tl.float64:
+        return 2.0 ** -600
+    else:
+        return 2.0 ** -80
+
+
+@triton.jit
+def _add_sums(e, rf, e_sq, e_dot_r, se, sd, SCALED: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """The score's row sums |E|^2 and <E, ref> with one (BLOCK_K, BLOCK_DV) tile of E and ref added, and (SCALED,
+    the cosine) |E * SCALE|^2 and <E * SCALE, ref * SCALE>."""
+    e_sq += tl.sum(e * e, axis=1)
+    e_dot_r += tl.sum(e * rf, axis=1)
+    if SCALED:
+        es = e * _norm_scale(ACC_DTYPE)
+        se += tl.sum(es * es, axis=1)
+        sd += tl.sum(es * (rf * _norm_scale(ACC_DTYPE)), axis=1)
+    return e_sq, e_dot_r, se, sd
+
+
+@triton.jit
+def _ref_sums(
+    ref_rows, rows_ok, Dv, sr_d,
+    ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """(|ref|^2, |ref * SCALE|^2) of the program's rows, a loop of its own: kept out of the loops that make E,
+    whose registers are the kernels' peak (ref is (K, Dv), shared by the batch: L2-resident)."""
+    r_sq = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
+    sr = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
+    for dv0 in range(0, Dv, BLOCK_DV):
+        offs_dv = dv0 + tl.arange(0, BLOCK_DV)
+        tile_ok = rows_ok[:, None] & (offs_dv < Dv)[None, :]
+        rf = tl.load(ref_rows + offs_dv[None, :] * sr_d, mask=tile_ok, other=0.0).to(ACC_DTYPE)
+        r_sq += tl.sum(rf * rf, axis=1)
+        rs = rf * _norm_scale(ACC_DTYPE)
+        sr += tl.sum(rs * rs, axis=1)
+    return r_sq, sr
 
 
 @triton.jit
 def _attend(
-    p, v_b, e_rows, ref_rows, offs_r, rows_ok, R, Dv, sv_r, sv_d, sr_d,
-    STORE_E: tl.constexpr, SUMS: tl.constexpr,
+    p, v_b, e_rows, ref_rows, keep, rows_ok, Dv, sv_r, sv_d, sr_d, offs_r,
+    STORE_E: tl.constexpr, SUMS: tl.constexpr, SCALED: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """E = p @ v_b[offs_r] Dv chunk by Dv chunk, written when STORE_E; with SUMS the score's row sums
-    (|E|^2, |ref|^2, <E, ref>) taken from the same chunks, else zeros."""
+    """E = p @ v_b[offs_r] Dv chunk by Dv chunk, written when STORE_E; with SUMS the score's row sums of E
+    (_add_sums) taken from the same chunks, else zeros. v is read on kept tokens only: p is 0 elsewhere, and
+    0 * (a NaN or inf there) is not."""
     e_sq = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
-    r_sq = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
     e_dot_r = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
+    se = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
+    sd = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
     for dv0 in range(0, Dv, BLOCK_DV):
         offs_dv = dv0 + tl.arange(0, BLOCK_DV)
         dv_ok = offs_dv < Dv
         vt = tl.load(v_b + offs_r.to(tl.int64)[:, None] * sv_r + offs_dv[None, :] * sv_d,
-                     mask=(offs_r < R)[:, None] & dv_ok[None, :], other=0.0)
+                     mask=keep[:, None] & dv_ok[None, :], other=0.0)
         e = mm(p, vt, ACC_DTYPE, DOT_PRECISION)
         tile_ok = rows_ok[:, None] & dv_ok[None, :]
         if STORE_E:
             tl.store(e_rows + offs_dv[None, :], e, mask=tile_ok)
         if SUMS:
             rf = tl.load(ref_rows + offs_dv[None, :] * sr_d, mask=tile_ok, other=0.0).to(ACC_DTYPE)
-            e_sq, r_sq, e_dot_r = _add_sums(e, rf, e_sq, r_sq, e_dot_r)
-    return e_sq, r_sq, e_dot_r
+            e_sq, e_dot_r, se, sd = _add_sums(e, rf, e_sq, e_dot_r, se, sd, SCALED, ACC_DTYPE)
+    return e_sq, e_dot_r, se, sd
 
 
 @triton.jit
 def _stored_sums(
-    e_rows, ref_rows, rows_ok, Dv, sr_d,
+    e_rows, ref_rows, rows_ok, Dv, sr_d, SCALED: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """The score's row sums (|E|^2, |ref|^2, <E, ref>) read from E in memory."""
+    """The score's row sums of E (_add_sums) read from E in memory."""
     e_sq = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
-    r_sq = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
     e_dot_r = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
+    se = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
+    sd = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
     for dv0 in range(0, Dv, BLOCK_DV):
         offs_dv = dv0 + tl.arange(0, BLOCK_DV)
         tile_ok = rows_ok[:, None] & (offs_dv < Dv)[None, :]
         e = tl.load(e_rows + offs_dv[None, :], mask=tile_ok, other=0.0)
         rf = tl.load(ref_rows + offs_dv[None, :] * sr_d, mask=tile_ok, other=0.0).to(ACC_DTYPE)
-        e_sq, r_sq, e_dot_r = _add_sums(e, rf, e_sq, r_sq, e_dot_r)
-    return e_sq, r_sq, e_dot_r
+        e_sq, e_dot_r, se, sd = _add_sums(e, rf, e_sq, e_dot_r, se, sd, SCALED, ACC_DTYPE)
+    return e_sq, e_dot_r, se, sd
 
 
 @triton.jit
-def _store_score(out_ptr, row_ids, rows_ok, e_sq, r_sq, e_dot_r, eps_ptr, MODE: tl.constexpr,
-                 ACC_DTYPE: tl.constexpr):
-    """out = <E, ref> (MODE 1) or <E, ref> / (max(|E|, eps) max(|ref|, eps)) (MODE 2); nothing for MODE 0."""
-    if MODE == 1:
-        tl.store(out_ptr + row_ids, e_dot_r.to(out_ptr.dtype.element_ty), mask=rows_ok)
-    if MODE == 2:
-        eps = tl.load(eps_ptr)
-        cos = e_dot_r * inv_norm(e_sq, eps, ACC_DTYPE) * inv_norm(r_sq, eps, ACC_DTYPE)
-        tl.store(out_ptr + row_ids, cos.to(out_ptr.dtype.element_ty), mask=rows_ok)
+def _sqrt(x, ACC_DTYPE: tl.constexpr):
+    if ACC_DTYPE == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
 
 
 @triton.jit
-def _cosine_coefficients(g, e_sq, r_sq, e_dot_r, eps, ACC_DTYPE: tl.constexpr):
-    """(a, c_E, c_R) of the cosine's gradient dE = a ref - c_E E, dref = a E - c_R ref: a = g iE iR,
-    c_E = [|E| > eps] g cos iE^2, c_R = [|ref| > eps] g cos iR^2 (a clamped norm has no derivative)."""
-    ie = inv_norm(e_sq, eps, ACC_DTYPE)
-    ir = inv_norm(r_sq, eps, ACC_DTYPE)
-    cos = e_dot_r * ie * ir
-    eps_sq = eps * eps
-    c_e = tl.where(e_sq > eps_sq, g * cos * ie * ie, 0.0)
-    c_r = tl.where(r_sq > eps_sq, g * cos * ir * ir, 0.0)
-    return g * ie * ir, c_e, c_r
+def _inv_clamped(norm, eps, ACC_DTYPE: tl.constexpr):
+    """1 / max(norm, eps) in ACC_DTYPE, round-to-nearest (as _common.inv_norm, from a norm instead of its square).
+    A NaN norm stays NaN (tl.maximum would return eps): a NaN row's gradient must be NaN in every element."""
+    if ACC_DTYPE == tl.float64:
+        bound = tl.full([], eps, tl.float64)
+        return 1.0 / tl.where(norm < bound, bound, norm)
+    else:
+        bound = tl.full([], eps, tl.float32)
+        denominator = tl.where(norm < bound, bound, norm)
+        return tl.math.div_rn(tl.full(denominator.shape, 1.0, tl.float32), denominator)
+
+
+@triton.jit
+def _cosine(e_sq, r_sq, e_dot_r, se, sr, sd, eps, ACC_DTYPE: tl.constexpr):
+    """(cos, iE, iR, |E|, |ref|) per row, iE = 1 / max(|E|, eps), from the plain sums where finite and from the
+    scaled ones (_add_sums) where they overflowed: |E| = sqrt(se) / SCALE, cos = sd (iE / SCALE) (iR / SCALE)."""
+    inf = float("inf")
+    unscale = 1.0 / _norm_scale(ACC_DTYPE)
+    ne = tl.where(e_sq == inf, _sqrt(se, ACC_DTYPE) * unscale, _sqrt(e_sq, ACC_DTYPE))
+    nr = tl.where(r_sq == inf, _sqrt(sr, ACC_DTYPE) * unscale, _sqrt(r_sq, ACC_DTYPE))
+    ie = _inv_clamped(ne, eps, ACC_DTYPE)
+    ir = _inv_clamped(nr, eps, ACC_DTYPE)
+    # The plain dot where it is finite; where it is not (inf, or NaN from partial sums that overflowed with both
+    # signs) while neither norm is NaN (a NaN input), the scaled one.
+    scaled_dot = ~(tl.abs(e_dot_r) < inf) & (e_sq == e_sq) & (r_sq == r_sq)
+    cos = tl.where(scaled_dot, sd * (ie * unscale) * (ir * unscale), e_dot_r * ie * ir)
+    return cos, ie, ir, ne, nr
+
+
+@triton.jit
+def _store_score(out_ptr, row_ids, rows_ok, score, MODE: tl.constexpr):
+    """out = the row's score (MODE 1, 2); nothing for MODE 0."""
+    if MODE != 0:
+        tl.store(out_ptr + row_ids, score.to(out_ptr.dtype.element_ty), mask=rows_ok)
 
 
 @triton.jit
 def _write_grad_e(
-    de_rows, e_rows, ref_rows, a, c_e, rows_ok, Dv, sr_d,
+    de_rows, e_rows, ref_rows, s_e, a_e, c_e, rows_ok, Dv, sr_d,
     ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """Writes dE = a ref - c_E E Dv chunk by Dv chunk and returns Delta's first term <dE, E>."""
+    """Writes dE = s_E (a_E ref - c_E E) Dv chunk by Dv chunk and returns <dE, E> (Delta's first term on the
+    R-tiled path)."""
     delta = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
     for dv0 in range(0, Dv, BLOCK_DV):
         offs_dv = dv0 + tl.arange(0, BLOCK_DV)
         tile_ok = rows_ok[:, None] & (offs_dv < Dv)[None, :]
         e = tl.load(e_rows + offs_dv[None, :], mask=tile_ok, other=0.0)
         rf = tl.load(ref_rows + offs_dv[None, :] * sr_d, mask=tile_ok, other=0.0).to(ACC_DTYPE)
-        de = a[:, None] * rf - c_e[:, None] * e
+        de = s_e[:, None] * (a_e[:, None] * rf - c_e[:, None] * e)
         tl.store(de_rows + offs_dv[None, :], de, mask=tile_ok)
         delta += tl.sum(de * e, axis=1)
     return delta
@@ -280,31 +357,34 @@ def _add_attention_delta(
     """Delta + <P, dL/dattn> over the R tiles: the returned attention's gradient's term."""
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
-        p = _probs(q_rows, k_b, mask_ptr, b, offs_r, rows_ok, lse, R, D, sq_d, sk_r, sk_d, scale,
-                   HAS_MASK, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
+        keep = _keep(mask_ptr, b, offs_r, R, HAS_MASK)
+        p = _probs(q_rows, k_b, keep, offs_r, rows_ok, lse, D, sq_d, sk_r, sk_d, scale,
+                   ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
         ga = tl.load(ga_ptr + row_ids[:, None] * R + offs_r[None, :],
-                     mask=rows_ok[:, None] & (offs_r < R)[None, :], other=0.0)
+                     mask=rows_ok[:, None] & keep[None, :], other=0.0)
         delta += tl.sum(p * ga, axis=1)
     return delta
 
 
 @triton.jit
 def _grad_probs(
-    de_rows, v_b, ga_ptr, offs_r, r_in, rows_ok, row_ids, R, Dv, sv_r, sv_d,
+    de_rows, v_b, ga_ptr, offs_r, keep, rows_ok, row_ids, R, Dv, sv_r, sv_d,
     HAS_GA: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """dP (BLOCK_K, BLOCK_R) = dE vᵀ over Dv tiles, plus the attention's own gradient when it was returned."""
+    """dP (BLOCK_K, BLOCK_R) = dE vᵀ over Dv tiles, plus the attention's own gradient when it was returned; read
+    on kept tokens only (0 elsewhere). The rows and columns kernels get bit-identical dP from the same BLOCK_DV
+    (plan_backward), which the row-wise Delta needs: dP - Delta cancels exactly where eager's does."""
     dp = tl.zeros([BLOCK_K, BLOCK_R], dtype=ACC_DTYPE)
     for dv0 in range(0, Dv, BLOCK_DV):
         offs_dv = dv0 + tl.arange(0, BLOCK_DV)
         dv_ok = offs_dv < Dv
         de = tl.load(de_rows + offs_dv[None, :], mask=rows_ok[:, None] & dv_ok[None, :], other=0.0)
         vt = tl.load(v_b + offs_r.to(tl.int64)[None, :] * sv_r + offs_dv[:, None] * sv_d,
-                     mask=dv_ok[:, None] & r_in[None, :], other=0.0)
+                     mask=dv_ok[:, None] & keep[None, :], other=0.0)
         dp += mm(de.to(vt.dtype), vt, ACC_DTYPE, DOT_PRECISION)
     if HAS_GA:
-        dp += tl.load(ga_ptr + row_ids[:, None] * R + offs_r[None, :], mask=rows_ok[:, None] & r_in[None, :], other=0.0)
+        dp += tl.load(ga_ptr + row_ids[:, None] * R + offs_r[None, :], mask=rows_ok[:, None] & keep[None, :], other=0.0)
     return dp
 
 
@@ -339,39 +419,48 @@ def _forward_kernel(
                                   ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D))
         if STORE_ATTN:
             _store_attention(attn_ptr, p, row_ids, offs_r, rows_ok, R)
-        e_sq, r_sq, e_dot_r = _attend(p.to(v_ptr.dtype.element_ty), v_b, e_rows, ref_rows, offs_r, rows_ok, R, Dv,
-                                      sv_r, sv_d, sr_d, STORE_E, MODE != 0,
-                                      ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_DV)
+        e_sq, e_dot_r, se, sd = _attend(p.to(v_ptr.dtype.element_ty), v_b, e_rows, ref_rows, keep, rows_ok, Dv,
+                                        sv_r, sv_d, sr_d, offs_r, STORE_E, MODE != 0, MODE == 2,
+                                        ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_DV)
     else:
         # R tiles: lse first, then E accumulated in memory tile by tile, then the score's sums read back.
         lse = _online_lse(q_rows, k_b, mask_ptr, b, rows_ok, R, D, sq_d, sk_r, sk_d, scale,
                           HAS_MASK, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
-            p = _probs(q_rows, k_b, mask_ptr, b, offs_r, rows_ok, lse, R, D, sq_d, sk_r, sk_d, scale,
-                       HAS_MASK, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
+            keep = _keep(mask_ptr, b, offs_r, R, HAS_MASK)
+            p = _probs(q_rows, k_b, keep, offs_r, rows_ok, lse, D, sq_d, sk_r, sk_d, scale,
+                       ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
             if STORE_ATTN:
                 _store_attention(attn_ptr, p, row_ids, offs_r, rows_ok, R)
             _add_product(e_rows, rows_ok, p.to(v_ptr.dtype.element_ty), v_b + offs_r.to(tl.int64)[:, None] * sv_r,
-                         offs_r < R, sv_d, Dv, r0 > 0, ACC_DTYPE, DOT_PRECISION, BLOCK_DV)
+                         keep, sv_d, Dv, r0 > 0, ACC_DTYPE, DOT_PRECISION, BLOCK_DV)
             tl.debug_barrier()
         e_sq = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)  # (unused without a score)
-        r_sq = e_sq
         e_dot_r = e_sq
+        se = e_sq
+        sd = e_sq
         if MODE != 0:
-            e_sq, r_sq, e_dot_r = _stored_sums(e_rows, ref_rows, rows_ok, Dv, sr_d, ACC_DTYPE, BLOCK_K, BLOCK_DV)
+            e_sq, e_dot_r, se, sd = _stored_sums(e_rows, ref_rows, rows_ok, Dv, sr_d, MODE == 2,
+                                                 ACC_DTYPE, BLOCK_K, BLOCK_DV)
     tl.store(lse_ptr + row_ids, lse, mask=rows_ok)
-    _store_score(out_ptr, row_ids, rows_ok, e_sq, r_sq, e_dot_r, eps_ptr, MODE, ACC_DTYPE)
+    if MODE == 1:
+        _store_score(out_ptr, row_ids, rows_ok, e_dot_r, MODE)
+    if MODE == 2:
+        r_sq, sr = _ref_sums(ref_rows, rows_ok, Dv, sr_d, ACC_DTYPE, BLOCK_K, BLOCK_DV)
+        cos, _, _, _, _ = _cosine(e_sq, r_sq, e_dot_r, se, sr, sd, tl.load(eps_ptr), ACC_DTYPE)
+        _store_score(out_ptr, row_ids, rows_ok, cos, MODE)
 
 
 @triton.jit
 def _rows_backward_kernel(
     g_ptr, ga_ptr, q_ptr, k_ptr, v_ptr, ref_ptr, mask_ptr, e_ptr, lse_ptr,
-    de_ptr, delta_ptr, coef_a_ptr, coef_c_ptr, dq_ptr,
+    de_ptr, delta_ptr, coef_a_ptr, coef_c_ptr, coef_r_ptr, dq_ptr,
     B, K, R, D, Dv, scale_ptr, eps_ptr, b_per_split,
     sq_b, sq_k, sq_d, sk_b, sk_r, sk_d, sv_b, sv_r, sv_d, sr_b, sr_k, sr_d,
     HAS_MASK: tl.constexpr, HAS_GA: tl.constexpr, MODE: tl.constexpr, NEED_Q: tl.constexpr,
-    SHARED_Q: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NEED_DELTA: tl.constexpr, SHARED_Q: tl.constexpr, SINGLE_R: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     scale = tl.load(scale_ptr)
@@ -389,46 +478,86 @@ def _rows_backward_kernel(
         ref_rows = ref_ptr + b * sr_b + offs_k.to(tl.int64)[:, None] * sr_k
         lse = tl.load(lse_ptr + row_ids, mask=rows_ok, other=0.0)
         if MODE != 0:
-            # dE from the score's gradient, stored; dref's coefficients a and c_R, for torch.
+            # dE = s_E (a_E ref - c_E E) from the score's gradient, stored; dref = n_R (a_R E - c_R ref): its
+            # coefficients a_R, c_R, n_R for torch (no product of two inverse norms: it underflows at |E| ~ 1e30).
             g = tl.load(g_ptr + row_ids, mask=rows_ok, other=0.0).to(ACC_DTYPE)
             if MODE == 2:
-                e_sq, r_sq, e_dot_r = _stored_sums(e_rows, ref_rows, rows_ok, Dv, sr_d, ACC_DTYPE, BLOCK_K, BLOCK_DV)
-                a, c_e, c_r = _cosine_coefficients(g, e_sq, r_sq, e_dot_r, tl.load(eps_ptr), ACC_DTYPE)
+                e_sq, e_dot_r, se, sd = _stored_sums(e_rows, ref_rows, rows_ok, Dv, sr_d, True,
+                                                     ACC_DTYPE, BLOCK_K, BLOCK_DV)
+                r_sq, sr = _ref_sums(ref_rows, rows_ok, Dv, sr_d, ACC_DTYPE, BLOCK_K, BLOCK_DV)
+                eps = tl.load(eps_ptr)
+                cos, ie, ir, ne, nr = _cosine(e_sq, r_sq, e_dot_r, se, sr, sd, eps, ACC_DTYPE)
+                # a clamped norm is the constant eps: no derivative, hence the indicators
+                s_e = g * ie
+                a_e = ir
+                c_e = tl.where(ne > eps, cos * ie, 0.0)
+                a_r = s_e
+                c_r = tl.where(nr > eps, g * cos * ir, 0.0)
+                n_r = ir
             else:
-                a = g
+                s_e = g
+                a_e = tl.full([BLOCK_K], 1.0, dtype=ACC_DTYPE)
                 c_e = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
-                c_r = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
-            tl.store(coef_a_ptr + row_ids, a, mask=rows_ok)
+                a_r = g
+                c_r = c_e
+                n_r = a_e
+            tl.store(coef_a_ptr + row_ids, a_r, mask=rows_ok)
             tl.store(coef_c_ptr + row_ids, c_r, mask=rows_ok)
-            delta = _write_grad_e(de_rows, e_rows, ref_rows, a, c_e, rows_ok, Dv, sr_d, ACC_DTYPE, BLOCK_K, BLOCK_DV)
+            tl.store(coef_r_ptr + row_ids, n_r, mask=rows_ok)
+            delta = _write_grad_e(de_rows, e_rows, ref_rows, s_e, a_e, c_e, rows_ok, Dv, sr_d,
+                                  ACC_DTYPE, BLOCK_K, BLOCK_DV)
             tl.debug_barrier()
         else:
             delta = _stored_delta(de_rows, e_rows, rows_ok, Dv, ACC_DTYPE, BLOCK_K, BLOCK_DV)
         q_rows = q_ptr + b * sq_b + offs_k.to(tl.int64)[:, None] * sq_k
         k_b = k_ptr + b * sk_b
         v_b = v_ptr + b * sv_b
-        if HAS_GA:
-            delta = _add_attention_delta(delta, q_rows, k_b, mask_ptr, ga_ptr, b, row_ids, rows_ok, lse, R, D,
-                                         sq_d, sk_r, sk_d, scale,
-                                         HAS_MASK, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
-        tl.store(delta_ptr + row_ids, delta, mask=rows_ok)
-        if NEED_Q:
-            # dq = scale dS k, tile of tokens by tile, added into this program's rows (its split's, shared q).
-            if SHARED_Q:
-                dq_rows = dq_ptr + split.to(tl.int64) * K * D + offs_k.to(tl.int64)[:, None] * D
-            else:
-                dq_rows = dq_ptr + b * K * D + offs_k.to(tl.int64)[:, None] * D
-            for r0 in range(0, R, BLOCK_R):
-                offs_r = r0 + tl.arange(0, BLOCK_R)
-                r_in = offs_r < R
-                p = _probs(q_rows, k_b, mask_ptr, b, offs_r, rows_ok, lse, R, D, sq_d, sk_r, sk_d, scale,
-                           HAS_MASK, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
-                dp = _grad_probs(de_rows, v_b, ga_ptr, offs_r, r_in, rows_ok, row_ids, R, Dv, sv_r, sv_d,
+        if SHARED_Q:
+            dq_rows = dq_ptr + split.to(tl.int64) * K * D + offs_k.to(tl.int64)[:, None] * D
+        else:
+            dq_rows = dq_ptr + b * K * D + offs_k.to(tl.int64)[:, None] * D
+        if SINGLE_R:
+            if NEED_DELTA:
+                # The whole row in registers: P as its own softmax (self-normalised, like eager's) and
+                # Delta = sum_r P dP from it, as eager's softmax backward takes it. <dE, E> would cancel
+                # catastrophically where P is near one-hot (~1e-6 noise on a ~1e-14 gradient). dP includes
+                # dL/dattn, so Delta has its <P, dL/dattn> term too.
+                offs_r = tl.arange(0, BLOCK_R)
+                keep = _keep(mask_ptr, b, offs_r, R, HAS_MASK)
+                p, _ = _softmax(_scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
+                                        ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D))
+                dp = _grad_probs(de_rows, v_b, ga_ptr, offs_r, keep, rows_ok, row_ids, R, Dv, sv_r, sv_d,
                                  HAS_GA, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_DV)
-                ds = (p * (dp - delta[:, None]) * scale).to(k_ptr.dtype.element_ty)
-                _add_product(dq_rows, rows_ok, ds, k_b + offs_r.to(tl.int64)[:, None] * sk_r, r_in, sk_d, D, True,
-                             ACC_DTYPE, DOT_PRECISION, BLOCK_D)
-                tl.debug_barrier()
+                delta = tl.sum(p * dp, axis=1)
+                tl.store(delta_ptr + row_ids, delta, mask=rows_ok)
+                if NEED_Q:
+                    # dq = scale dS k, added into this program's rows (its split's, shared q)
+                    ds = tl.where(keep[None, :], p * (dp - delta[:, None]) * scale, 0.0).to(k_ptr.dtype.element_ty)
+                    _add_product(dq_rows, rows_ok, ds, k_b + offs_r.to(tl.int64)[:, None] * sk_r, keep, sk_d, D,
+                                 True, ACC_DTYPE, DOT_PRECISION, BLOCK_D)
+                    tl.debug_barrier()
+        else:
+            if HAS_GA:
+                delta = _add_attention_delta(delta, q_rows, k_b, mask_ptr, ga_ptr, b, row_ids, rows_ok, lse, R, D,
+                                             sq_d, sk_r, sk_d, scale,
+                                             HAS_MASK, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
+            tl.store(delta_ptr + row_ids, delta, mask=rows_ok)
+            if NEED_Q:
+                # dq = scale dS k, tile of tokens by tile, added into this program's rows (its split's, shared q).
+                for r0 in range(0, R, BLOCK_R):
+                    offs_r = r0 + tl.arange(0, BLOCK_R)
+                    keep = _keep(mask_ptr, b, offs_r, R, HAS_MASK)
+                    p = _probs(q_rows, k_b, keep, offs_r, rows_ok, lse, D, sq_d, sk_r, sk_d, scale,
+                               ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
+                    dp = _grad_probs(de_rows, v_b, ga_ptr, offs_r, keep, rows_ok, row_ids, R, Dv, sv_r, sv_d,
+                                     HAS_GA, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_DV)
+                    # P and dP are exactly 0 on masked tokens (selected, and v read as 0 there): so is dS, unless
+                    # the row's dE is not finite, and then its kept entries are not either. (No select here: its
+                    # registers spilled the bf16 rows kernel, sm_90, R = 577.)
+                    ds = (p * (dp - delta[:, None]) * scale).to(k_ptr.dtype.element_ty)
+                    _add_product(dq_rows, rows_ok, ds, k_b + offs_r.to(tl.int64)[:, None] * sk_r, keep, sk_d, D,
+                                 True, ACC_DTYPE, DOT_PRECISION, BLOCK_D)
+                    tl.debug_barrier()
 
 
 @triton.jit
@@ -444,7 +573,6 @@ def _columns_backward_kernel(
     pid_r = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_in = offs_r < R
     keep = _keep(mask_ptr, b, offs_r, R, HAS_MASK)
     k_b = k_ptr + b * sk_b
     v_b = v_ptr + b * sv_b
@@ -459,19 +587,22 @@ def _columns_backward_kernel(
         s = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
                     ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
         lse = tl.load(lse_ptr + row_ids, mask=rows_ok, other=0.0)
-        # Rows past K: s is 0 there (q loaded as 0) but lse too, so force P = 0.
-        p = tl.where(rows_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
+        # Rows past K: s is 0 there (q loaded as 0) but lse too, so force P = 0; masked tokens: 0 by a select.
+        p = tl.where(rows_ok[:, None] & keep[None, :], tl.exp(s - lse[:, None]), 0.0)
         p_op = p.to(v_ptr.dtype.element_ty)
+        # dk, dv rows of masked tokens are never written (the launcher zero-fills them): a NaN query row or dE row
+        # would reach them through a 0 weight.
         if NEED_K:
             # dk (+)= scale dS^T q over D chunks
             delta = tl.load(delta_ptr + row_ids, mask=rows_ok, other=0.0)
-            dp = _grad_probs(de_rows, v_b, ga_ptr, offs_r, r_in, rows_ok, row_ids, R, Dv, sv_r, sv_d,
+            dp = _grad_probs(de_rows, v_b, ga_ptr, offs_r, keep, rows_ok, row_ids, R, Dv, sv_r, sv_d,
                              HAS_GA, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_DV)
-            ds_t = tl.trans((p * (dp - delta[:, None]) * scale).to(q_ptr.dtype.element_ty))
-            _add_product(dk_rows, r_in, ds_t, q_rows, rows_ok, sq_d, D, k0 > 0, ACC_DTYPE, DOT_PRECISION, BLOCK_D)
+            ds = tl.where(keep[None, :], p * (dp - delta[:, None]) * scale, 0.0)
+            ds_t = tl.trans(ds.to(q_ptr.dtype.element_ty))
+            _add_product(dk_rows, keep, ds_t, q_rows, rows_ok, sq_d, D, k0 > 0, ACC_DTYPE, DOT_PRECISION, BLOCK_D)
         if NEED_V:
             # dv (+)= P^T dE over Dv chunks
-            _add_product(dv_rows, r_in, tl.trans(p_op), de_rows, rows_ok, 1, Dv, k0 > 0,
+            _add_product(dv_rows, keep, tl.trans(p_op), de_rows, rows_ok, 1, Dv, k0 > 0,
                          ACC_DTYPE, DOT_PRECISION, BLOCK_DV)
         tl.debug_barrier()
 
@@ -487,12 +618,14 @@ def _blocks(K, R, D, Dv):
     return block_size(K, cap), block_r, block_size(D, cap), block_size(Dv, cap)
 
 
-def _columns_blocks(B, K, R, D, Dv, block_r):
+def _columns_blocks(B, K, R, D, Dv, block_r, block_dv):
     """The columns kernel's tiles. Its R tile is the widest of 64, 32, 16 (at most the forward's) whose grid
     (R tiles, B) still gives every SM of an H200 a program (it only changes how programs share the work); its
-    (BLOCK_K x BLOCK_D) operand tiles are 32 x 16, which the audit finds spill-free at every R tile."""
+    (BLOCK_K x BLOCK_D) operand tiles are 32 x 16, which the audit finds spill-free at every R tile. Its Dv tile is
+    the rows kernel's (block_dv): both then sum dP = dE v^T in the same chunks, bit-identically, and the rows
+    kernel's Delta = sum_r P dP cancels against this kernel's dP exactly where eager's does."""
     col_r = next((c for c in (64, 32, 16) if c <= block_r and triton.cdiv(R, c) * B >= H200_SMS), 16)
-    return block_size(K, 32), col_r, block_size(D, 16), block_size(Dv, 16)
+    return block_size(K, 32), col_r, block_size(D, 16), block_dv
 
 
 def _launch_options(block_r):
@@ -579,7 +712,12 @@ def plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode
     delta = torch.empty(B, K, device=q.device, dtype=acc)
     coef_a = torch.empty(B, K, device=q.device, dtype=acc)
     coef_c = torch.empty(B, K, device=q.device, dtype=acc)
-    block_k, block_r, block_d, block_dv = _blocks(K, R, D, Dv)
+    coef_r = torch.empty(B, K, device=q.device, dtype=acc)
+    block_k, block_r, block_d, _ = _blocks(K, R, D, Dv)
+    # One Dv tile for the rows and columns kernels: both sum dP = dE v^T over it, bit-identically (the row-wise
+    # Delta needs that). 16, the columns kernel's spill-free tile (wider ones spill there: the audit, fp32 sm_80).
+    block_dv = block_size(Dv, 16)
+    single_r = R <= block_r
     if shared_q:
         # Batch chunks of the shared-q dq reduction, each a (K, D) partial summed afterwards in chunk order: as few
         # as give every SM a program (fewer partials to write), as many as the batch allows.
@@ -597,16 +735,19 @@ def plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode
                   BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_DV=block_dv)
     steps = [Launch(
         _rows_backward_kernel, (triton.cdiv(K, block_k), splits),
-        (g, ga, q, k, v, ref_t, mask_arg, e, lse, de, delta, coef_a, coef_c, dq,
+        (g, ga, q, k, v, ref_t, mask_arg, e, lse, de, delta, coef_a, coef_c, coef_r, dq,
          B, K, R, D, Dv, scale_t, eps_t, b_per_split,
          *q_strides, *k.stride(), *v.stride(), *_strides3(ref_t)),
-        dict(HAS_MASK=mask is not None, HAS_GA=has_ga, MODE=score_mode, NEED_Q=need_q, SHARED_Q=shared_q, **common),
+        dict(HAS_MASK=mask is not None, HAS_GA=has_ga, MODE=score_mode, NEED_Q=need_q, NEED_DELTA=need_q or need_k,
+             SHARED_Q=shared_q, SINGLE_R=single_r, **common),
         **_launch_options(block_r), flops=2 * B * K * R * (D + Dv) + (2 * B * K * R * D if need_q else 0),
     )]
-    grad_k = torch.empty((B, R, D) if need_k else (0,), device=q.device, dtype=acc)
-    grad_v = torch.empty((B, R, Dv) if need_v else (0,), device=q.device, dtype=acc)
+    # The columns kernel leaves the rows of masked tokens unwritten: they must read 0.
+    alloc = torch.zeros if mask is not None else torch.empty
+    grad_k = alloc((B, R, D) if need_k else (0,), device=q.device, dtype=acc)
+    grad_v = alloc((B, R, Dv) if need_v else (0,), device=q.device, dtype=acc)
     if need_k or need_v:
-        col_k, col_r, col_d, col_dv = _columns_blocks(B, K, R, D, Dv, block_r)
+        col_k, col_r, col_d, col_dv = _columns_blocks(B, K, R, D, Dv, block_r, block_dv)
         steps.append(Launch(
             _columns_backward_kernel, (triton.cdiv(R, col_r), B),
             (ga, q, k, v, mask_arg, lse, de, delta, grad_k, grad_v,
@@ -622,10 +763,13 @@ def plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode
     def finish():
         grad_q = dq.sum(0) if shared_q and need_q else dq
         if need_ref:
+            # dref = n_R (a_R E - c_R ref); n_R (iR for the cosine, 1 for dot) is the same for every b of a row
+            # of a shared ref, so it multiplies the sum over b.
             if ref.dim() == 2:
-                grad_ref = torch.einsum("bk,bkd->kd", coef_a, e) - coef_c.sum(0)[:, None] * ref.to(acc)
+                grad_ref = coef_r[0][:, None] * (torch.einsum("bk,bkd->kd", coef_a, e)
+                                                 - coef_c.sum(0)[:, None] * ref.to(acc))
             else:
-                grad_ref = coef_a[:, :, None] * e - coef_c[:, :, None] * ref.to(acc)
+                grad_ref = coef_r[:, :, None] * (coef_a[:, :, None] * e - coef_c[:, :, None] * ref.to(acc))
         else:
             grad_ref = q.new_empty((0,), dtype=acc)
         grads.extend(t.to(q.dtype) for t in (grad_q, grad_k, grad_v, grad_ref))
