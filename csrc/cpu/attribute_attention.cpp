@@ -46,6 +46,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/fixed_gemm.h"
 #include "cpu/simd.h"
 #include "inv_norm.h"
 
@@ -348,6 +349,7 @@ void run_forward(const Forward<scalar_t>& f, const at::Tensor& e) {
   const int64_t tile = query_tile(d), tiles = (d.K + tile - 1) / tile;
   at::parallel_for(0, d.B * tiles, 1, [&](int64_t begin, int64_t end) {
     const at::NoGradGuard worker_no_grad;  // grad mode is thread-local: on again in the pool's threads
+    const SequentialBlas sequential;       // a unit's GEMMs on one thread: results independent of the thread count
     const at::Tensor s_buf = at::empty({tile, d.R}, f.q.options());
     const at::Tensor e_buf = e.defined() ? at::Tensor() : at::empty({tile, d.Dv}, f.q.options());
     for (int64_t unit = begin; unit < end; ++unit) {
@@ -539,13 +541,14 @@ void run_backward(const Backward<acc_t>& w) {
   const auto acc_opts = w.q.options();
   at::parallel_for(0, d.B, 1, [&](int64_t begin, int64_t end) {
     const at::NoGradGuard worker_no_grad;
+    const SequentialBlas sequential;
     BackwardScratch s{w.mode != kNone ? at::empty({d.K, d.Dv}, acc_opts) : at::Tensor(),
                       at::empty({d.K, d.R}, acc_opts), at::empty({d.K, d.R}, acc_opts)};
     for (int64_t b = begin; b < end; ++b) backward_sample(w, b, s);
   });
   if (w.need_q && d.shared_q) {
     at::Tensor grad_q = w.grad_q;
-    at::mm_out(grad_q, w.ds_all.view({d.K, d.B * d.R}), w.k.view({d.B * d.R, d.D}));
+    mm_fixed(w.ds_all.view({d.K, d.B * d.R}), w.k.view({d.B * d.R, d.D}), grad_q);
   }
   if (w.need_ref && d.shared_ref) shared_ref_grad(w);
 }

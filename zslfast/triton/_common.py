@@ -12,9 +12,9 @@ it as the dtype of their accumulators, saved statistics and loaded-and-upcast op
 and lives in the helpers here: ``mm`` (tl.dot has no fp64) and ``inv_norm`` (whose fp32 branch asks for the
 round-to-nearest sqrt and division explicitly).
 
-Norms never overflow (issue 16): a sum of squares overflows fp32 for |v| beyond ~1.8e19. ``norm_rows`` computes the
-norms of a tile held in registers as the plain sqrt(sum v^2) where that is finite and as m * |v / m|, m = max |v_d|,
-where it overflowed; kernels that accumulate a sum of squares over D tiles carry (m, sum (v/m)^2) instead.
+Norms never overflow (issue 16): a sum of squares overflows fp32 for |v| beyond ~1.8e19. The kernels keep the plain
+sum (the result wherever it is finite, bit for bit) and take the norm of the rows where it came out inf again, scaled
+(cosine_logits: a rescan by the row's max; attribute_attention: sums of 2^-80-scaled values kept alongside).
 """
 
 import torch
@@ -89,19 +89,3 @@ def inv_clamped(norm, eps, ACC_DTYPE: tl.constexpr):
 def inv_norm(sq, eps, ACC_DTYPE: tl.constexpr):
     """1 / max(sqrt(sq), eps), the clamp of F.normalize / F.cosine_similarity, in ACC_DTYPE (see inv_clamped)."""
     return inv_clamped(sqrt_acc(sq, ACC_DTYPE), eps, ACC_DTYPE)
-
-
-@triton.jit
-def norm_rows(v, ACC_DTYPE: tl.constexpr):
-    """|v[r]| of every row of a (R, D) tile in registers, in ACC_DTYPE, without overflow.
-
-    The plain sum of squares where it is finite (bit-identical to sqrt(sum v^2)); where it overflowed, the sum
-    again scaled by the row's max |v_d|. A NaN in a row makes its norm NaN; an inf element makes it NaN
-    (inf / inf), as F.normalize's cosine of such a row is NaN."""
-    v = v.to(ACC_DTYPE)
-    sq = tl.sum(v * v, axis=1)
-    m = tl.max(tl.abs(v), axis=1)
-    safe_m = tl.where(m > 0, m, 1.0).to(ACC_DTYPE)
-    scaled = v / safe_m[:, None]
-    rescaled = safe_m * tl.sqrt(tl.sum(scaled * scaled, axis=1))
-    return tl.where(sq == float("inf"), rescaled, tl.sqrt(sq))

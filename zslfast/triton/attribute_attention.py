@@ -59,7 +59,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import H200_SMS, accumulator_dtype, block_size, dot_precision, mm, split, tl_accumulator_dtype
+from ._common import (
+    H200_SMS, accumulator_dtype, block_size, dot_precision, inv_clamped, mm, split, sqrt_acc, tl_accumulator_dtype,
+)
 from ._launch import Launch, run
 
 MAX_BLOCK_R = 256  # R up to this takes the single-tile exact softmax (tests lower it to reach the R-tiled path)
@@ -269,36 +271,15 @@ def _stored_sums(
 
 
 @triton.jit
-def _sqrt(x, ACC_DTYPE: tl.constexpr):
-    if ACC_DTYPE == tl.float64:
-        return tl.sqrt(x)
-    else:
-        return tl.sqrt_rn(x)
-
-
-@triton.jit
-def _inv_clamped(norm, eps, ACC_DTYPE: tl.constexpr):
-    """1 / max(norm, eps) in ACC_DTYPE, round-to-nearest (as _common.inv_norm, from a norm instead of its square).
-    A NaN norm stays NaN (tl.maximum would return eps): a NaN row's gradient must be NaN in every element."""
-    if ACC_DTYPE == tl.float64:
-        bound = tl.full([], eps, tl.float64)
-        return 1.0 / tl.where(norm < bound, bound, norm)
-    else:
-        bound = tl.full([], eps, tl.float32)
-        denominator = tl.where(norm < bound, bound, norm)
-        return tl.math.div_rn(tl.full(denominator.shape, 1.0, tl.float32), denominator)
-
-
-@triton.jit
 def _cosine(e_sq, r_sq, e_dot_r, se, sr, sd, eps, ACC_DTYPE: tl.constexpr):
     """(cos, iE, iR, |E|, |ref|) per row, iE = 1 / max(|E|, eps), from the plain sums where finite and from the
     scaled ones (_add_sums) where they overflowed: |E| = sqrt(se) / SCALE, cos = sd (iE / SCALE) (iR / SCALE)."""
     inf = float("inf")
     unscale = 1.0 / _norm_scale(ACC_DTYPE)
-    ne = tl.where(e_sq == inf, _sqrt(se, ACC_DTYPE) * unscale, _sqrt(e_sq, ACC_DTYPE))
-    nr = tl.where(r_sq == inf, _sqrt(sr, ACC_DTYPE) * unscale, _sqrt(r_sq, ACC_DTYPE))
-    ie = _inv_clamped(ne, eps, ACC_DTYPE)
-    ir = _inv_clamped(nr, eps, ACC_DTYPE)
+    ne = tl.where(e_sq == inf, sqrt_acc(se, ACC_DTYPE) * unscale, sqrt_acc(e_sq, ACC_DTYPE))
+    nr = tl.where(r_sq == inf, sqrt_acc(sr, ACC_DTYPE) * unscale, sqrt_acc(r_sq, ACC_DTYPE))
+    ie = inv_clamped(ne, eps, ACC_DTYPE)
+    ir = inv_clamped(nr, eps, ACC_DTYPE)
     # The plain dot where it is finite; where it is not (inf, or NaN from partial sums that overflowed with both
     # signs) while neither norm is NaN (a NaN input), the scaled one.
     scaled_dot = ~(tl.abs(e_dot_r) < inf) & (e_sq == e_sq) & (r_sq == r_sq)
