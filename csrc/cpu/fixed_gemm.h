@@ -32,10 +32,10 @@ struct SequentialBlas {
   }
 };
 
-// GEMM output blocks, a function of the shapes only: as many as the work allows at kGemmWork multiply-adds or more
+// GEMM output blocks, a function of the shapes only: as many as the work allows at kGemmWork (1M) multiply-adds or more
 // each (smaller ones cost more in calls and packing than they gain), kGemmBlocks at most (enough for the threads of a
 // large CPU), cut along the output's longer side first, no thinner than kGemmRows rows or kGemmCols columns.
-constexpr int64_t kGemmWork = int64_t(1) << 22;
+constexpr int64_t kGemmWork = int64_t(1) << 20;
 constexpr int64_t kGemmBlocks = 64;
 constexpr int64_t kGemmRows = 64;
 constexpr int64_t kGemmCols = 256;
