@@ -31,6 +31,18 @@ C10_HOST_DEVICE inline acc_t inv_clamped(acc_t norm, acc_t eps) {
   return acc_t(1) / (norm < eps ? eps : norm);
 }
 
+// 1 / (norm + eps): GEM-ZSL's and PSVMA's x / (|x| + eps), eps added rather than clamped (eps_mode "add")
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t inv_added(acc_t norm, acc_t eps) {
+  return acc_t(1) / (norm + eps);
+}
+
+// The inverse norm of eps_mode 0 (clamp, F.normalize's) or 1 (add).
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t inv_by_mode(acc_t norm, acc_t eps, int64_t eps_mode) {
+  return eps_mode == 1 ? inv_added(norm, eps) : inv_clamped(norm, eps);
+}
+
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t inv_norm(acc_t sum_sq, acc_t eps) {
   return inv_clamped(std::sqrt(sum_sq), eps);
@@ -62,6 +74,23 @@ inline acc_t row_norm(const T* v, int64_t D, acc_t sum_sq) {
 template <typename acc_t>
 C10_HOST_DEVICE inline bool norm_clamped(acc_t inv, acc_t eps) {
   return !(inv < inv_norm(acc_t(0), eps));
+}
+
+// c of a cosine gradient's projection term, grad_v = s * iv * (A - v * c), from the saved inverse norm iv and
+// r = iv * <v, A> (A the incoming gradient onto v's normalised row):
+//   clamp  c = [|v| > eps] * iv * r                     (iv = 1 / |v| where the norm is not clamped)
+//   add    c = r / |v| = iv * r / (1 - eps * iv)        (d/dv v / (|v| + eps) = (I - v v^T / (|v| (|v| + eps))) * iv)
+// The add mode reads |v| off iv: 1 - eps * iv = |v| / (|v| + eps), so no norm is saved beside iv. Where |v| << eps
+// that quotient loses its relative precision, but the term it scales is then O(|v| / eps) of A, so the absolute error
+// stays O(ulp * |A|). A zero row (share <= 0, where rounding may leave 1 - eps * (1 / eps) a hair off 0) gets c = 0,
+// its limit; a NaN row gets 0 too (its gradient is NaN through A). iv^2 is never formed: it underflows for |v| ~ 1e30.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t projection_coeff(acc_t iv, acc_t r, acc_t eps, int64_t eps_mode) {
+  if (eps_mode == 1) {
+    const acc_t share = acc_t(1) - eps * iv;
+    return share > acc_t(0) ? iv * r / share : acc_t(0);
+  }
+  return norm_clamped(iv, eps) ? acc_t(0) : iv * r;
 }
 
 }  // namespace zslfast

@@ -16,10 +16,12 @@ TORCH_LIBRARY(zslfast, m) {
   // cosine_logits: out[n, c] = scale * <x[n], p[c]> / (max(|x[n]|, eps) * max(|p[c]|, eps))
   //   x (N, D), protos (C, D), scale () a tensor (learnable, read on the device) -> out (N, C), x_inv_norm (N,),
   //   p_inv_norm (C,)   [inv_norm = 1 / max(|.|, eps), in float (double for double inputs)]
-  m.def("_cosine_logits_fwd(Tensor x, Tensor protos, Tensor scale, float eps) -> (Tensor, Tensor, Tensor)");
+  //   eps_mode 0 = clamp (as above, F.normalize's), 1 = add: <x, p> / ((|x| + eps) * (|p| + eps)), inv_norm =
+  //   1 / (|.| + eps) (GEM-ZSL's and PSVMA's x / (|x| + eps))
+  m.def("_cosine_logits_fwd(Tensor x, Tensor protos, Tensor scale, float eps, int eps_mode) -> (Tensor, Tensor, Tensor)");
   //   grad (N, C) -> grad_x (N, D), grad_protos (C, D), grad_scale () = sum(grad * cos); an output whose
   //   output_mask entry is false comes back empty. sum(grad * cos) is not derived from out / scale (scale may be 0).
-  m.def("_cosine_logits_bwd(Tensor grad, Tensor x, Tensor protos, Tensor x_inv_norm, Tensor p_inv_norm, Tensor scale, float eps, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def("_cosine_logits_bwd(Tensor grad, Tensor x, Tensor protos, Tensor x_inv_norm, Tensor p_inv_norm, Tensor scale, float eps, int eps_mode, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 
   // attention_rollout, CLS row: a vector-matrix chain over the layers, each layer's maps read once.
   //   attns: L tensors (B, H, N, N); mode 0 = abnar (walk layers last to first: v <- v rownorm(fuse(A) + I)),

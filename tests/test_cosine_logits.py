@@ -1,7 +1,8 @@
 """cosine_logits against the float64 reference: outputs and gradients (x, protos, a tensor scale) for every backend
 available here, odd sizes, leading dims, non-contiguous inputs, large values, zero and sub-eps rows, scale float /
 tensor / 0; gradcheck, opcheck, torch.compile(fullgraph=True), autocast, determinism, what autograd keeps, and
-bad-input errors; norms past float32's squared range and thread-count independence (issue 16).
+bad-input errors; norms past float32's squared range and thread-count independence (issue 16); eps_mode="add"
+(GEM-ZSL's and PSVMA's x / (|x| + eps)) against the reference and the papers' eager formula (issue 17).
 
     out[..., c] = scale * cos(x[...], protos[c]);  x (..., D), protos (C, D), scale float | one-element tensor
 """
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import zslfast
-from zslfast import reference
+from zslfast import baselines, reference
 from zslfast.ops import cosine_logits as cl_module
 
 from conftest import DEVICE_BACKENDS, HAS_GPU, TOLERANCES, dtypes_for, low_precision_error_bound, require_backend
@@ -55,26 +56,34 @@ def run(fn, x, p, scale, grad_out):
     return out, torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
 
 
-def natural_sizes(x, p, scale, grad_out):
+def inverse_norms(v, eps=EPS, eps_mode="clamp"):
+    n = v.double().norm(dim=1)
+    return 1 / (n + eps) if eps_mode == "add" else 1 / n.clamp_min(eps)
+
+
+def natural_sizes(x, p, scale, grad_out, eps=EPS, eps_mode="clamp"):
     """What each result's rounding errors are relative to (cancellation-aware): |scale| * |cos| <= |scale| for out;
     |scale| ix[n] sum_c |g[n, c]| for grad_x[n] (and the like for grad_p[c]); sum |g| for grad_scale."""
     s = abs(float(scale))
     x2, g2 = x.double().reshape(-1, x.shape[-1]), grad_out.double().reshape(-1, p.shape[0]).abs()
-    ix = 1 / x2.norm(dim=1).clamp_min(EPS)
-    ip = 1 / p.double().norm(dim=1).clamp_min(EPS)
+    ix = inverse_norms(x2, eps, eps_mode)
+    ip = inverse_norms(p, eps, eps_mode)
     size_x = (s * ix * g2.sum(1)).reshape(*x.shape[:-1], 1)
     size_p = (s * ip * g2.sum(0))[:, None]
     return [torch.tensor(s, dtype=torch.float64, device=x.device), size_x, size_p, g2.sum()]
 
 
-def assert_matches_reference(x, p, scale, backend, dtype, generator):
+def assert_matches_reference(x, p, scale, backend, dtype, generator, eps=EPS, eps_mode="clamp"):
     exact_scale = scale.double() if isinstance(scale, torch.Tensor) else scale
     grad_out = torch.randn(*x.shape[:-1], p.shape[0], generator=generator, dtype=torch.float64).to(x.device)
-    exact_out, exact_grads = run(reference.cosine_logits, x.double(), p.double(), exact_scale, grad_out)
-    out, got_grads = run(lambda *a: zslfast.cosine_logits(*a, backend=backend), x, p, scale, grad_out)
+    reference_fn = lambda *a: reference.cosine_logits(*a, eps=eps, eps_mode=eps_mode)  # noqa: E731
+    exact_out, exact_grads = run(reference_fn, x.double(), p.double(), exact_scale, grad_out)
+    out, got_grads = run(
+        lambda *a: zslfast.cosine_logits(*a, eps=eps, eps_mode=eps_mode, backend=backend), x, p, scale, grad_out
+    )
     assert out.dtype == dtype and out.shape == exact_out.shape
     assert all(g.shape == w.shape and g.dtype == t.dtype for g, w, t in zip(got_grads, exact_grads, (x, p, scale)))
-    sizes = natural_sizes(x, p, scale, grad_out)
+    sizes = natural_sizes(x, p, scale, grad_out, eps, eps_mode)
     names = ["out", "grad_x", "grad_protos", "grad_scale"]
 
     if dtype in TOLERANCES:
@@ -86,7 +95,7 @@ def assert_matches_reference(x, p, scale, backend, dtype, generator):
 
     # fp16/bf16: no worse than twice the error of the same eager code run in that dtype, or than one unit of the
     # dtype's precision relative to the terms summed (eager can be exact by luck where the result is ~0, e.g. D=1)
-    low_out, low_grads = run(reference.cosine_logits, x, p, scale, grad_out)
+    low_out, low_grads = run(reference_fn, x, p, scale, grad_out)
     unit = torch.finfo(dtype).eps
     results = zip(names, (out, *got_grads), (low_out, *low_grads), (exact_out, *exact_grads), sizes)
     for name, got, low, want, size in results:
@@ -180,14 +189,17 @@ def test_opcheck(device, backend, generator):
     scale = torch.tensor(1.5, device=device)
     for requires_grad in (False, True):
         args = [t.clone().requires_grad_(requires_grad) for t in (x, p, scale)]
-        torch.library.opcheck(torch.ops.zslfast.cosine_logits.default, (*args, 1e-8, backend))
-    out, ix, ip = torch.ops.zslfast.cosine_logits(x, p, scale, 1e-8, backend)
+        for eps_mode in ("clamp", "add"):
+            torch.library.opcheck(torch.ops.zslfast.cosine_logits.default, (*args, 1e-8, eps_mode, backend))
     grad = torch.randn(3, 4, generator=generator).to(device)
-    saved_out = out if backend == "triton" else None
-    for mask in ([True, True, True], [True, False, False], [False, True, True]):
-        torch.library.opcheck(
-            torch.ops.zslfast.cosine_logits_backward.default, (grad, x, p, saved_out, ix, ip, scale, 1e-8, mask, backend)
-        )
+    for eps_mode in ("clamp", "add"):
+        out, ix, ip = torch.ops.zslfast.cosine_logits(x, p, scale, 1e-8, eps_mode, backend)
+        saved_out = out if backend == "triton" else None
+        for mask in ([True, True, True], [True, False, False], [False, True, True]):
+            torch.library.opcheck(
+                torch.ops.zslfast.cosine_logits_backward.default,
+                (grad, x, p, saved_out, ix, ip, scale, 1e-8, eps_mode, mask, backend),
+            )
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
@@ -472,3 +484,126 @@ def test_cpu_results_do_not_depend_on_thread_count(lead, C, D, dtype, generator)
     assert torch.equal(out1, out2)
     for name, a, b in zip(["grad_x", "grad_protos", "grad_scale"], grads1, grads2):
         assert torch.equal(a, b), f"{name} differs by {(a - b).abs().max().item():.3g} between 1 and 2 threads"
+
+
+# eps_mode="add" (issue 17): GEM-ZSL's base_module and PSVMA's compute_score normalise as x / (|x| + 1e-5).
+ADD_EPS = 1e-5
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("lead,C,D,scale_kind", CASES, ids=[f"x{c[0]}-C{c[1]}-D{c[2]}-{c[3]}" for c in CASES])
+def test_add_mode_matches_reference(device, backend, lead, C, D, scale_kind, generator):
+    """Outputs and the gradients of x, protos and a tensor scale, batch 1 and leading dims included; eps 1e-5 moves
+    every cosine by ~1e-5 relative from the clamped one, so a kernel that clamps instead fails at 1e-10 and 1e-5."""
+    for dtype in dtypes_for(device, backend):
+        x, p = make_inputs(lead, C, D, dtype, device, generator)
+        scale = make_scale(scale_kind, dtype, device, generator)
+        assert_matches_reference(x, p, scale, backend, dtype, generator, eps=ADD_EPS, eps_mode="add")
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_add_mode_small_norms_and_default_eps(device, backend, generator):
+    """Norms of the order of eps, where clamp and add differ most, and the default eps 1e-8 with add."""
+    for dtype in (torch.float64, torch.float32):
+        x, p = make_inputs((9,), 6, 20, dtype, device, generator, x_magnitude=1e-5, p_magnitude=3e-6)
+        scale = make_scale("tensor", dtype, device, generator)
+        assert_matches_reference(x, p, scale, backend, dtype, generator, eps=ADD_EPS, eps_mode="add")
+        x, p = make_inputs((9,), 6, 20, dtype, device, generator)
+        assert_matches_reference(x, p, scale, backend, dtype, generator, eps=EPS, eps_mode="add")
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_add_mode_zero_and_tiny_rows(device, backend, generator):
+    """A zero row gives 0 logits and the gradient A / eps (the projection term's limit is 0); rows far below eps
+    are scaled by ~1 / eps. Both match the reference, and every gradient is finite."""
+    for dtype in (torch.float64, torch.float32):
+        x, p = make_inputs((6,), 8, 33, dtype, device, generator)
+        x[1] = 0
+        x[4] *= 1e-11
+        p[2] = 0
+        p[5] *= 1e-11
+        scale = make_scale("tensor", dtype, device, generator)
+        assert_matches_reference(x, p, scale, backend, dtype, generator, eps=ADD_EPS, eps_mode="add")
+        grad_out = torch.randn(6, 8, generator=generator, dtype=torch.float64).to(device, dtype)
+        run_add = lambda *a: zslfast.cosine_logits(*a, eps=ADD_EPS, eps_mode="add", backend=backend)  # noqa: E731
+        out, grads = run(run_add, x, p, scale, grad_out)
+        assert not out[1].any() and not out[:, 2].any()
+        assert all(g.isfinite().all() for g in grads)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_add_mode_non_contiguous_and_transposed(device, backend, generator):
+    N, C, D = 6, 11, 40
+    for dtype in (torch.float64, torch.float32):
+        x = torch.randn(D, N, generator=generator, dtype=dtype).to(device).T
+        p = torch.randn(C, 2 * D, generator=generator, dtype=dtype).to(device)[:, ::2]
+        scale = make_scale("tensor", dtype, device, generator)
+        assert_matches_reference(x, p, scale, backend, dtype, generator, eps=ADD_EPS, eps_mode="add")
+        x3 = torch.randn(3, N, D, generator=generator, dtype=dtype).to(device).transpose(0, 1)
+        p_t = torch.randn(D, C, generator=generator, dtype=dtype).to(device).T
+        assert_matches_reference(x3, p_t, scale, backend, dtype, generator, eps=ADD_EPS, eps_mode="add")
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_add_mode_matches_gem_zsl_eager_code(device, backend, generator):
+    """The papers' own formula, x / (x.norm(dim=-1, keepdim=True) + 1e-5) (zslfast.baselines), to ~1e-15 in float64,
+    outputs and gradients; a zero row included (its eager norm's gradient is 0 as well)."""
+    x, p = make_inputs((2, 7), 9, 31, torch.float64, device, generator)
+    x[0, 3] = 0
+    scale = torch.tensor(12.5, dtype=torch.float64, device=device)
+    grad_out = torch.randn(2, 7, 9, generator=generator, dtype=torch.float64).to(device)
+    want_out, want_grads = run(baselines.cosine_logits_eps_added, x, p, scale, grad_out)
+    got_out, got_grads = run(
+        lambda *a: zslfast.cosine_logits(*a, eps=1e-5, eps_mode="add", backend=backend), x, p, scale, grad_out
+    )
+    torch.testing.assert_close(got_out, want_out, rtol=1e-14, atol=1e-14)
+    # The zero row's gradient is A / eps ~ 1e3: its GEMM's summation order leaves ~1e-13 relative (Triton's tiles).
+    for got, want in zip(got_grads, want_grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_add_mode_gradcheck(device, backend, generator):
+    x, p = make_inputs((3,), 4, 5, torch.float64, device, generator)
+    x[1] *= 1e-3  # |x| ~ 1e-3: the add mode's norm term matters (eps 1e-3 below)
+    scale = make_scale("tensor", torch.float64, device, generator)
+    inputs = [t.requires_grad_() for t in (x, p, scale)]
+    fn = lambda *a: zslfast.cosine_logits(*a, eps=1e-3, eps_mode="add", backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_add_mode_compile_fullgraph(generator):
+    torch._dynamo.reset()
+    x, p = make_inputs((2, 3), 5, 7, torch.float32, "cpu", generator)
+    scale = torch.tensor(4.0)
+    inputs = [t.requires_grad_() for t in (x, p, scale)]
+
+    def loss(fn, x, p, scale):
+        return (fn(x, p, scale, eps=ADD_EPS, eps_mode="add") ** 2).sum()
+
+    compiled = torch.compile(lambda *a: loss(zslfast.cosine_logits, *a), fullgraph=True)
+    got_loss = compiled(*inputs)
+    got = torch.autograd.grad(got_loss, inputs)
+    ref_leaves = [t.detach().requires_grad_() for t in inputs]
+    want_loss = loss(reference.cosine_logits, *ref_leaves)
+    want = torch.autograd.grad(want_loss, ref_leaves)
+    torch.testing.assert_close(got_loss, want_loss)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_clamp_mode_is_the_default(device, backend, generator):
+    x, p = make_inputs((5,), 4, 9, torch.float64, device, generator)
+    x[2] *= 1e-9
+    default = zslfast.cosine_logits(x, p, 2.0, backend=backend)
+    assert torch.equal(default, zslfast.cosine_logits(x, p, 2.0, eps_mode="clamp", backend=backend))
+    assert not torch.equal(default, zslfast.cosine_logits(x, p, 2.0, eps=EPS, eps_mode="add", backend=backend))
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("eps_mode", ["Add", "max", "", None, 1])
+def test_bad_eps_mode(device, backend, eps_mode):
+    x, p = torch.randn(3, 4, device=device), torch.randn(5, 4, device=device)
+    with pytest.raises(ValueError, match=r"cosine_logits: eps_mode must be one of \('clamp', 'add'\)"):
+        zslfast.cosine_logits(x, p, eps_mode=eps_mode, backend=backend)

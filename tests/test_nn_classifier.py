@@ -6,6 +6,8 @@ import torch.nn.functional as F
 
 from zslfast.nn import CosineClassifier, InstancePrototypeClassifier
 
+from conftest import backend_param
+
 BACKENDS = [None, "reference"]
 
 
@@ -30,6 +32,35 @@ def test_cosine_classifier_fixed_embeddings_are_a_buffer(generator):
     torch.testing.assert_close(head(x), 5.0 * F.normalize(x, dim=-1) @ F.normalize(emb, dim=-1).T, rtol=1e-5, atol=1e-5)
     other = torch.randn(3, 6, generator=generator)
     assert head(x, other).shape == (4, 3)
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, backend_param("cpu"), backend_param("triton")])
+def test_cosine_classifier_eps_mode_add_matches_gem_zsl(backend, generator):
+    """GEM-ZSL's head, x / (|x| + 1e-5) @ (p / (|p| + 1e-5)).T * scale, through the module, with its gradients."""
+    head = CosineClassifier(13, 7, scale=10.0, learnable_scale=True, eps=1e-5, eps_mode="add", backend=backend)
+    head = head.double()
+    assert "eps_mode='add'" in repr(head)
+    x = torch.randn(5, 13, dtype=torch.float64, generator=generator) * 1e-4  # |x| ~ 4e-4: eps's place matters
+    x.requires_grad_()
+    out = head(x)
+    p = head.prototypes
+    expected = x / (x.norm(dim=-1, keepdim=True) + 1e-5) @ (p / (p.norm(dim=-1, keepdim=True) + 1e-5)).T
+    expected = expected * head.log_scale.exp()
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    grads = torch.autograd.grad(out.square().sum(), (x, head.prototypes, head.log_scale))
+    grads_ref = torch.autograd.grad(expected.square().sum(), (x, head.prototypes, head.log_scale))
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    clamped = CosineClassifier(13, 7, scale=10.0, eps=1e-5, backend=backend).double()
+    clamped.prototypes.data.copy_(p.detach())
+    assert not torch.allclose(clamped(x.detach()), out.detach(), rtol=1e-6, atol=0)
+
+
+def test_cosine_classifier_bad_eps_mode():
+    with pytest.raises(ValueError, match=r"CosineClassifier: eps_mode must be one of \('clamp', 'add'\), got 'sum'"):
+        CosineClassifier(4, 3, eps_mode="sum")
+    with pytest.raises(ValueError, match="CosineClassifier: eps must be a finite float > 0"):
+        CosineClassifier(4, 3, eps=0.0)
 
 
 def test_cosine_classifier_bad_arguments():

@@ -72,7 +72,7 @@ def _cosine_logits(N, C, D, dtype):
     x, p, scale = _meta(N, D, dtype=dtype), _meta(C, D, dtype=dtype), _meta(dtype=dtype)
     (out, ix, ip), steps = kernels.plan_forward(x, p, scale, EPS)
     yield "forward", steps
-    yield "backward", kernels.plan_backward(_meta(N, C, dtype=dtype), x, p, out, ix, ip, scale, EPS,
+    yield "backward", kernels.plan_backward(_meta(N, C, dtype=dtype), x, p, out, ix, ip, scale, EPS, "clamp",
                                             (True, True, True))[1]
 
 

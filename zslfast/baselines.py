@@ -8,6 +8,7 @@ and loops, at the options the papers use, written the way their code writes them
     prototype_scores            ILPG IDPP + APC: S_W = W * S + S materialised, then a row-wise dot-sum
     prototype_scores_factored   the same after the generator's last linear layer: w formed by an einsum
     cosine_logits               SVIP/SAGE/GEM heads: scale * normalize(x) @ normalize(protos).T (F.normalize eps)
+    cosine_logits_eps_added     GEM-ZSL base_module / PSVMA compute_score: x / (|x| + 1e-5), eps added, not clamped
     attribute_attention         ILPG AVL / TransZero: softmax(q k^T / sqrt(D)) v, then the cosine with ref
     attribute_attention_sdpa    the same with PyTorch's fused scaled_dot_product_attention for the softmax part
     attention_rollout           SVIP / vit-explain: mean over heads, + I, rows normalised, bmm layer by layer
@@ -45,6 +46,12 @@ def prototype_scores_factored(e, s, h, u):
 
 def cosine_logits(x, protos, scale):
     return scale * F.normalize(x, dim=-1, eps=COSINE_EPS) @ F.normalize(protos, dim=-1, eps=COSINE_EPS).T
+
+
+def cosine_logits_eps_added(x, protos, scale, eps=1e-5):
+    x_n = x / (x.norm(dim=-1, keepdim=True) + eps)
+    p_n = protos / (protos.norm(dim=-1, keepdim=True) + eps)
+    return x_n @ p_n.T * scale
 
 
 def attribute_attention(q, k, v, ref):

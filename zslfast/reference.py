@@ -54,9 +54,14 @@ def normalize(v: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor
     return v / vector_norm(v, dim).clamp_min(eps)
 
 
-def cosine_logits(x: torch.Tensor, protos: torch.Tensor, scale=1.0, eps: float = 1e-8) -> torch.Tensor:
+def cosine_logits(
+    x: torch.Tensor, protos: torch.Tensor, scale=1.0, eps: float = 1e-8, eps_mode: str = "clamp"
+) -> torch.Tensor:
     """``scale * cos(x, protos[c])``: x (..., D), protos (C, D) -> (..., C), normalising as F.normalize(eps=eps)
-    (``normalize`` above: F.normalize's values without its overflow)."""
+    (``normalize`` above: F.normalize's values without its overflow) for eps_mode "clamp", or as GEM-ZSL's and
+    PSVMA's ``v / (|v| + eps)`` for "add" (with vector_norm, so |v| does not overflow either)."""
+    if eps_mode == "add":
+        return scale * ((x / (vector_norm(x) + eps)) @ (protos / (vector_norm(protos) + eps)).T)
     return scale * (normalize(x, -1, eps) @ normalize(protos, -1, eps).T)
 
 

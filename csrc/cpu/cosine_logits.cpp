@@ -1,10 +1,12 @@
 // cosine_logits on CPU: out = scale * cos(x, protos), with normalisation fused into the GEMM's epilogue.
 //
-//   x (N, D), protos (C, D), scale (), ix (N,) = 1 / max(|x|, eps), ip (C,) = 1 / max(|p|, eps)  (inv_norm.h)
+//   x (N, D), protos (C, D), scale (), ix (N,) = 1 / max(|x|, eps), ip (C,) = 1 / max(|p|, eps)  (inv_norm.h), or
+//   for eps_mode 1 ("add", GEM-ZSL's x / (|x| + eps)) ix = 1 / (|x| + eps), ip = 1 / (|p| + eps)
 //   forward   out[n, c] = scale * ix[n] * ip[c] * (x @ protos.T)[n, c]                          out (N, C)
 //   backward  W = g * ip[None, :],  A = W @ protos = g @ normalize(protos)                       W (N, C), temporary
 //             r[n]        = ix[n] * <x[n], A[n]> = sum_c g[n, c] cos[n, c]
 //             grad_x[n]   = scale * ix[n] * (A[n] - [|x_n| > eps] * x[n] * (ix[n] * r[n]))       grad_x (N, D)
+//                           (add mode: x[n] * (r[n] / |x_n|) instead, inv_norm.h projection_coeff)
 //             W = g * ix[:, None] (the same buffer),  B = W.T @ x = g.T @ normalize(x)
 //             q[c]        = ip[c] * <p[c], B[c]> = sum_n g[n, c] cos[n, c]
 //             grad_p[c]   = scale * ip[c] * (B[c] - [|p_c| > eps] * p[c] * (ip[c] * q[c]))       grad_p (C, D)
@@ -40,14 +42,14 @@ namespace {
 int64_t grain_for(int64_t row_length) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(row_length, 1)); }
 
 template <typename acc_t>
-void row_inv_norms(const acc_t* v, acc_t* inv, int64_t R, int64_t D, acc_t eps) {
+void row_inv_norms(const acc_t* v, acc_t* inv, int64_t R, int64_t D, acc_t eps, int64_t eps_mode) {
   at::parallel_for(0, R, grain_for(D), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const acc_t* row = v + r * D;
       acc_t sum_sq = 0;
 #pragma omp simd reduction(+ : sum_sq)
       for (int64_t d = 0; d < D; ++d) sum_sq += row[d] * row[d];
-      inv[r] = inv_clamped(row_norm(row, D, sum_sq), eps);
+      inv[r] = inv_by_mode(row_norm(row, D, sum_sq), eps, eps_mode);
     }
   });
 }
@@ -68,11 +70,11 @@ void scale_grad(const acc_t* g, const acc_t* ix, const acc_t* ip, acc_t* w, int6
   });
 }
 
-// out[r] = s * iv[r] * (a[r] - [clamped_r ? 0 : v[r] * (iv[r] * rowdot[r])]), rowdot[r] = iv[r] * <v[r], a[r]>.
+// out[r] = s * iv[r] * (a[r] - v[r] * projection_coeff(iv[r], rowdot[r])), rowdot[r] = iv[r] * <v[r], a[r]>.
 // out may alias a. iv^2 is never formed: it underflows for |v| ~ 1e30, where v * (iv * rowdot) is O(1).
 template <typename scalar_t, typename acc_t>
-void project_rows(const acc_t* a, const acc_t* v, const acc_t* iv, acc_t s, acc_t eps, scalar_t* out,
-                  acc_t* rowdot, int64_t R, int64_t D) {
+void project_rows(const acc_t* a, const acc_t* v, const acc_t* iv, acc_t s, acc_t eps, int64_t eps_mode,
+                  scalar_t* out, acc_t* rowdot, int64_t R, int64_t D) {
   at::parallel_for(0, R, grain_for(D), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const acc_t* a_row = a + r * D;
@@ -83,7 +85,7 @@ void project_rows(const acc_t* a, const acc_t* v, const acc_t* iv, acc_t s, acc_
       const acc_t normalised_dot = iv[r] * dot;
       if (rowdot != nullptr) rowdot[r] = normalised_dot;
       if (out == nullptr) continue;
-      const acc_t coeff = norm_clamped(iv[r], eps) ? acc_t(0) : iv[r] * normalised_dot;
+      const acc_t coeff = projection_coeff(iv[r], normalised_dot, eps, eps_mode);
       const acc_t row_scale = s * iv[r];
       scalar_t* out_row = out + r * D;
       for (int64_t d = 0; d < D; ++d) out_row[d] = static_cast<scalar_t>(row_scale * (a_row[d] - v_row[d] * coeff));
@@ -97,8 +99,10 @@ void check_2d(const at::Tensor& x, const at::Tensor& protos, const char* op) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_logits_fwd_cpu(const at::Tensor& x_in, const at::Tensor& p_in,
-                                                                     const at::Tensor& scale, double eps) {
+                                                                     const at::Tensor& scale, double eps,
+                                                                     int64_t eps_mode) {
   check_2d(x_in, p_in, "zslfast::_cosine_logits_fwd");
+  TORCH_CHECK(eps_mode == 0 || eps_mode == 1, "zslfast::_cosine_logits_fwd: eps_mode must be 0 or 1, got ", eps_mode);
   TORCH_CHECK(scale.numel() == 1, "zslfast::_cosine_logits_fwd: scale must have one element, got ", scale.sizes());
   const auto acc_type = at::toOpMathType(x_in.scalar_type());
   const at::Tensor x = x_in.to(acc_type).contiguous(), p = p_in.to(acc_type).contiguous();
@@ -113,8 +117,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_logits_fwd_cpu(const at::T
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* ix = x_inv_norm.data_ptr<acc_t>();
     acc_t* ip = p_inv_norm.data_ptr<acc_t>();
-    row_inv_norms<acc_t>(x.data_ptr<acc_t>(), ix, N, D, static_cast<acc_t>(eps));
-    row_inv_norms<acc_t>(p.data_ptr<acc_t>(), ip, C, D, static_cast<acc_t>(eps));
+    row_inv_norms<acc_t>(x.data_ptr<acc_t>(), ix, N, D, static_cast<acc_t>(eps), eps_mode);
+    row_inv_norms<acc_t>(p.data_ptr<acc_t>(), ip, C, D, static_cast<acc_t>(eps), eps_mode);
     const acc_t* dot_data = dot.data_ptr<acc_t>();
     scalar_t* out_data = out.data_ptr<scalar_t>();
     at::parallel_for(0, N, grain_for(C), [&](int64_t begin, int64_t end) {
@@ -132,8 +136,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_logits_fwd_cpu(const at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_logits_bwd_cpu(const at::Tensor& grad_in, const at::Tensor& x_in,
                                                                      const at::Tensor& p_in, const at::Tensor& ix_in,
                                                                      const at::Tensor& ip_in, const at::Tensor& scale,
-                                                                     double eps, std::array<bool, 3> output_mask) {
+                                                                     double eps, int64_t eps_mode,
+                                                                     std::array<bool, 3> output_mask) {
   check_2d(x_in, p_in, "zslfast::_cosine_logits_bwd");
+  TORCH_CHECK(eps_mode == 0 || eps_mode == 1, "zslfast::_cosine_logits_bwd: eps_mode must be 0 or 1, got ", eps_mode);
   const int64_t N = x_in.size(0), D = x_in.size(1), C = p_in.size(0);
   TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == N && grad_in.size(1) == C && ix_in.numel() == N &&
                   ip_in.numel() == C && scale.numel() == 1,
@@ -163,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_logits_bwd_cpu(const at::T
       mm_fixed(w, p, a);
       if (need_x) grad_x = same_type ? a : at::empty({N, D}, x_in.options());
       std::vector<acc_t> rowdot(need_scale ? N : 0);
-      project_rows<scalar_t, acc_t>(a.data_ptr<acc_t>(), x.data_ptr<acc_t>(), ix, static_cast<acc_t>(s), eps_acc,
+      project_rows<scalar_t, acc_t>(a.data_ptr<acc_t>(), x.data_ptr<acc_t>(), ix, static_cast<acc_t>(s), eps_acc, eps_mode,
                                     need_x ? grad_x.data_ptr<scalar_t>() : nullptr,
                                     need_scale ? rowdot.data() : nullptr, N, D);
       if (need_scale) {
@@ -177,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_logits_bwd_cpu(const at::T
       at::Tensor b = at::empty({C, D}, x.options());
       mm_fixed(w.t(), x, b);
       grad_p = same_type ? b : at::empty({C, D}, x_in.options());
-      project_rows<scalar_t, acc_t>(b.data_ptr<acc_t>(), p.data_ptr<acc_t>(), ip, static_cast<acc_t>(s), eps_acc,
+      project_rows<scalar_t, acc_t>(b.data_ptr<acc_t>(), p.data_ptr<acc_t>(), ip, static_cast<acc_t>(s), eps_acc, eps_mode,
                                     grad_p.data_ptr<scalar_t>(), nullptr, C, D);
     }
   });

@@ -1,7 +1,8 @@
 // cosine_logits on CUDA: out = scale * cos(x, protos) (the backward's derivation: csrc/cpu/cosine_logits.cpp).
 //
 //   x (N, D), protos (C, D), scale () read on the device, g (N, C) = dL/dout
-//   ix (N,) = 1 / max(|x[n]|, eps), ip (C,) = 1 / max(|p[c]|, eps)   (inv_norm.h), float (double for double)
+//   ix (N,) = 1 / max(|x[n]|, eps), ip (C,) = 1 / max(|p[c]|, eps)   (inv_norm.h), float (double for double);
+//   eps_mode 1 ("add"): ix = 1 / (|x[n]| + eps), ip = 1 / (|p[c]| + eps)
 //   forward   out[n, c] = scale * ix[n] * ip[c] * (x @ protos.T)[n, c]                             out (N, C)
 //   backward  grad_x (N, D), grad_protos (C, D), grad_scale () = sum(g * cos), by the kernels below
 // cuBLAS GEMMs through at::mm, fp16/bf16 ones with a float result (at::mm's out_dtype), and small kernels for the
@@ -11,7 +12,8 @@
 //   scale_logits   forward epilogue, out = scale * ix[n] * ip[c] * (x @ protos.T)[n, c]
 //   scale_rows     v_hat = v * iv, the backward's GEMM operands (values in [-1, 1]: safe in fp16, where scaling g
 //                  by 1 / (|x| |p|) instead could underflow)
-//   project_rows   one warp per row: grad = scale * iv * (A - [|v| > eps] * v * (iv * (iv * <v, A>))),
+//   project_rows   one warp per row: grad = scale * iv * (A - [|v| > eps] * v * (iv * (iv * <v, A>))), in the add
+//                  mode scale * iv * (A - v * (iv * <v, A>) / |v|) (inv_norm.h projection_coeff),
 //                  rowdot = iv * <v, A> (iv^2 alone would underflow for |v| ~ 1e30)
 //                  with A = g @ protos_hat (grad_x, v = x; A (N, D)) or g.T @ x_hat (grad_protos, v = protos; (C, D))
 // grad_scale = sum_n rowdot[n] (= sum(g * cos), so scale == 0 needs nothing special). scale is read on the device:
@@ -55,7 +57,7 @@ __device__ acc_t warp_max(acc_t v) {
 // the same reduced sum, so the branch is warp-uniform and rare) the sum again scaled by the row's max |v_d|.
 template <typename scalar_t>
 __global__ void inv_norms_kernel(const scalar_t* __restrict__ v, at::opmath_type<scalar_t>* __restrict__ inv,
-                                 int64_t R, int64_t D, double eps) {
+                                 int64_t R, int64_t D, double eps, int64_t eps_mode) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
   if (r >= R) return;
@@ -82,7 +84,7 @@ __global__ void inv_norms_kernel(const scalar_t* __restrict__ v, at::opmath_type
     }
     norm = m * std::sqrt(warp_sum(scaled_sq));
   }
-  if (lane == 0) inv[r] = inv_clamped(norm, static_cast<acc_t>(eps));
+  if (lane == 0) inv[r] = inv_by_mode(norm, static_cast<acc_t>(eps), eps_mode);
 }
 
 template <typename scalar_t>
@@ -105,7 +107,8 @@ __global__ void scale_rows_kernel(const scalar_t* __restrict__ v, const at::opma
 template <typename scalar_t>
 __global__ void project_rows_kernel(const at::opmath_type<scalar_t>* a, const scalar_t* __restrict__ v,
                                     const at::opmath_type<scalar_t>* __restrict__ iv,
-                                    const at::opmath_type<scalar_t>* __restrict__ scale, double eps, scalar_t* out,
+                                    const at::opmath_type<scalar_t>* __restrict__ scale, double eps,
+                                    int64_t eps_mode, scalar_t* out,
                                     at::opmath_type<scalar_t>* __restrict__ rowdot, int64_t R, int64_t D) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
@@ -120,7 +123,7 @@ __global__ void project_rows_kernel(const at::opmath_type<scalar_t>* a, const sc
   if (rowdot != nullptr && lane == 0) rowdot[r] = inv * dot;
   if (out == nullptr) return;
   // inv * (inv * dot), never inv^2: that underflows for |v| ~ 1e30 (issue 16), where v * coeff is O(1)
-  const acc_t coeff = norm_clamped(inv, static_cast<acc_t>(eps)) ? acc_t(0) : inv * (inv * dot);
+  const acc_t coeff = projection_coeff(inv, inv * dot, static_cast<acc_t>(eps), eps_mode);
   const acc_t row_scale = *scale * inv;
   for (int64_t d = lane; d < D; d += kWarp) {
     out[r * D + d] = static_cast<scalar_t>(row_scale * (a_row[d] - static_cast<acc_t>(v_row[d]) * coeff));
@@ -139,7 +142,8 @@ at::Tensor mm_acc(const at::Tensor& a, const at::Tensor& b) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_logits_fwd_cuda(const at::Tensor& x_in, const at::Tensor& p_in,
-                                                                      const at::Tensor& scale_in, double eps) {
+                                                                      const at::Tensor& scale_in, double eps,
+                                                                      int64_t eps_mode) {
   TORCH_CHECK(x_in.dim() == 2 && p_in.dim() == 2 && x_in.size(1) == p_in.size(1) && scale_in.numel() == 1,
               "zslfast::_cosine_logits_fwd: expected x (N, D), protos (C, D), scale (), got ", x_in.sizes(), ", ",
               p_in.sizes(), ", ", scale_in.sizes());
@@ -156,10 +160,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_logits_fwd_cuda(const at::
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cosine_logits_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     inv_norms_kernel<scalar_t><<<row_blocks_for(N), kThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), x_inv_norm.data_ptr<acc_t>(), N, D, eps);
+        x.data_ptr<scalar_t>(), x_inv_norm.data_ptr<acc_t>(), N, D, eps, eps_mode);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     inv_norms_kernel<scalar_t><<<row_blocks_for(C), kThreads, 0, stream>>>(
-        p.data_ptr<scalar_t>(), p_inv_norm.data_ptr<acc_t>(), C, D, eps);
+        p.data_ptr<scalar_t>(), p_inv_norm.data_ptr<acc_t>(), C, D, eps, eps_mode);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     scale_logits_kernel<scalar_t><<<blocks_for(N * C), kThreads, 0, stream>>>(
         dot.data_ptr<acc_t>(), x_inv_norm.data_ptr<acc_t>(), p_inv_norm.data_ptr<acc_t>(), scale.data_ptr<acc_t>(),
@@ -173,6 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_logits_bwd_cuda(const at::
                                                                       const at::Tensor& x_in, const at::Tensor& p_in,
                                                                       const at::Tensor& ix_in, const at::Tensor& ip_in,
                                                                       const at::Tensor& scale_in, double eps,
+                                                                      int64_t eps_mode,
                                                                       std::array<bool, 3> output_mask) {
   const int64_t N = x_in.size(0), D = x_in.size(1), C = p_in.size(0);
   TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == N && grad_in.size(1) == C && p_in.size(1) == D &&
@@ -200,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_logits_bwd_cuda(const at::
       if (need_x) grad_x = same_type ? a : at::empty({N, D}, x.options());
       at::Tensor rowdot = need_scale ? at::empty({N}, ix.options()) : at::Tensor();
       project_rows_kernel<scalar_t><<<row_blocks_for(N), kThreads, 0, stream>>>(
-          a.data_ptr<acc_t>(), x.data_ptr<scalar_t>(), ix.data_ptr<acc_t>(), scale.data_ptr<acc_t>(), eps,
+          a.data_ptr<acc_t>(), x.data_ptr<scalar_t>(), ix.data_ptr<acc_t>(), scale.data_ptr<acc_t>(), eps, eps_mode,
           need_x ? grad_x.data_ptr<scalar_t>() : nullptr, need_scale ? rowdot.data_ptr<acc_t>() : nullptr, N, D);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (need_scale) grad_scale = rowdot.sum().to(scale_in.scalar_type());
@@ -213,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_logits_bwd_cuda(const at::
       at::Tensor b = mm_acc(g.t(), x_hat);
       grad_p = same_type ? b : at::empty({C, D}, x.options());
       project_rows_kernel<scalar_t><<<row_blocks_for(C), kThreads, 0, stream>>>(
-          b.data_ptr<acc_t>(), p.data_ptr<scalar_t>(), ip.data_ptr<acc_t>(), scale.data_ptr<acc_t>(), eps,
+          b.data_ptr<acc_t>(), p.data_ptr<scalar_t>(), ip.data_ptr<acc_t>(), scale.data_ptr<acc_t>(), eps, eps_mode,
           grad_p.data_ptr<scalar_t>(), nullptr, C, D);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }

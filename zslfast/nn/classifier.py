@@ -1,6 +1,7 @@
 """CosineClassifier: the cosine classifier head of most ZSL models, over zslfast.cosine_logits.
 
     logits[n, c] = scale * <x[n], p[c]> / (max(|x[n]|, 1e-8) * max(|p[c]|, 1e-8))
+                   eps_mode="add": scale * <x[n], p[c]> / ((|x[n]| + eps) * (|p[c]| + eps))  (GEM-ZSL, PSVMA)
 
 Shapes: x (..., dim) features; prototypes p (C, dim), either learnable (``num_classes``), fixed
 (``class_embeddings``, a buffer: the projected attribute vectors of seen and unseen classes) or passed per call
@@ -15,8 +16,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops.cosine_logits import cosine_logits
-from ..validation import check_positive
+from ..ops._spec import choices
+from ..ops.cosine_logits import EPS, cosine_logits
+from ..validation import check_option, check_positive
 
 
 class CosineClassifier(nn.Module):
@@ -27,6 +29,8 @@ class CosineClassifier(nn.Module):
         num_classes: C learnable prototypes (initialised like nn.Linear's weight); or
         class_embeddings: a fixed (C, D) matrix (registered as a buffer, moved by ``.to()``, not trained).
         scale: the temperature; ``learnable_scale=True`` makes it a parameter (log-parametrised, stays positive).
+        eps, eps_mode: the normalisation, as ``zslfast.cosine_logits``'s: "clamp" (default, F.normalize's
+            ``x / max(|x|, eps)``, eps 1e-8) or "add" (GEM-ZSL's and PSVMA's ``x / (|x| + eps)``, which use 1e-5).
         backend: None (by device), "reference" (plain PyTorch) or a kernel backend; see ``zslfast.cosine_logits``.
     """
 
@@ -38,6 +42,8 @@ class CosineClassifier(nn.Module):
         class_embeddings: Optional[torch.Tensor] = None,
         scale: float = 16.0,
         learnable_scale: bool = False,
+        eps: float = EPS,
+        eps_mode: str = "clamp",
         backend: Optional[str] = None,
     ):
         super().__init__()
@@ -45,6 +51,10 @@ class CosineClassifier(nn.Module):
             raise ValueError("CosineClassifier: give exactly one of num_classes (learnable) or class_embeddings (fixed)")
         self.dim = dim
         self.backend = backend
+        # Checked here, so a bad setting fails at construction rather than at the first forward.
+        self.eps = check_positive("CosineClassifier", "eps", eps)
+        check_option("CosineClassifier", "eps_mode", eps_mode, choices("eps_mode"))
+        self.eps_mode = eps_mode
         if class_embeddings is not None:
             if class_embeddings.dim() != 2 or class_embeddings.shape[1] != dim:
                 raise ValueError(
@@ -69,7 +79,7 @@ class CosineClassifier(nn.Module):
     def forward(self, x: torch.Tensor, prototypes: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x (..., dim) -> (..., C) logits; ``prototypes`` (C, dim) replaces the module's own for this call."""
         protos = self.prototypes if prototypes is None else prototypes
-        return cosine_logits(x, protos, self.scale, backend=self.backend)
+        return cosine_logits(x, protos, self.scale, eps=self.eps, eps_mode=self.eps_mode, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_classes={self.prototypes.shape[0]}, scale={self.scale}, backend={self.backend}"
+        return f"dim={self.dim}, num_classes={self.prototypes.shape[0]}, scale={self.scale}, eps={self.eps}, eps_mode={self.eps_mode!r}, backend={self.backend}"

@@ -1,6 +1,7 @@
 """Triton kernels of cosine_logits (the op and its autograd: zslfast/ops/cosine_logits.py).
 
     out[n, c] = scale * <x[n], p[c]> * ix[n] * ip[c],   ix = 1 / max(|x|, eps), ip = 1 / max(|p|, eps)  (F.normalize's)
+                or, ADD_EPS (eps_mode "add", GEM-ZSL's x / (|x| + eps)), ix = 1 / (|x| + eps), ip = 1 / (|p| + eps)
 
     forward   one kernel, grid (N / BLOCK_N, C / BLOCK_C): the D loop accumulates x @ protos.T with tl.dot and, from
               the same loaded tiles, the squared norms of the block's x rows and protos rows; the epilogue applies
@@ -12,6 +13,7 @@
                   G[n, d] = sum_c g[n, c] * ip[c] * p[c, d]          tl.dot(g, p * ip)
                   r[n]    = sum_c g[n, c] * out[n, c]                  (= scale * sum_c g * cos, no division)
                   grad_x  = scale * ix * G - [|x| > eps] * (x * ix) * (ix * r)   (ix^2 underflows for |x| ~ 1e30)
+                            ADD_EPS: scale * ix * G - (x * ix) * (r / |x|), 1 / |x| = ix / (1 - eps * ix)
                   and, when scale needs a gradient, partial sums of ix * x * G per (D block, n): sum g * cos
                   reduced from G, so scale == 0 needs no special case
               grad_protos, grid (C / BLOCK_C, D / BLOCK_D), loop over row blocks: the same with x and protos swapped
@@ -24,7 +26,7 @@ fp32 tl.dot runs "ieee" (as torch.matmul without TF32), or "tf32" when torch.bac
 Shapes: x (N, D), protos (C, D), scale () -> out (N, C), ix (N,), ip (C,); backward g (N, C) -> grad_x (N, D),
 grad_protos (C, D), grad_scale () (from partials (D / BLOCK_D, N), summed by torch). out and the gradients in the
 inputs' dtype; ix, ip, the partials and the scale the kernels read in the accumulator dtype. eps is a compile-time
-constant (EPS; the op passes its EPS = 1e-8).
+constant (EPS; the op passes its EPS = 1e-8), and so is the eps mode (ADD_EPS).
 """
 
 import torch
@@ -33,6 +35,7 @@ import triton.language as tl
 
 from .._backend import triton_interpreted
 from ._common import accumulator_dtype, block_size, dot_precision, inv_clamped, inv_norm, mm, sqrt_acc, tl_accumulator_dtype
+from ..ops._spec import enum_id
 from ._launch import Launch, run
 
 
@@ -43,11 +46,38 @@ def _not_clamped(inverse_norm, EPS: tl.constexpr, ACC_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _normalised_grad(G, rows, inverse_norm, r, scale, EPS: tl.constexpr, ACC_DTYPE: tl.constexpr):
+def _div_acc(numerator, denominator, ACC_DTYPE: tl.constexpr):
+    """numerator / denominator (same shapes) in ACC_DTYPE, round-to-nearest in fp32 as the C++ kernels divide."""
+    if ACC_DTYPE == tl.float64:
+        return numerator / denominator
+    else:
+        return tl.math.div_rn(numerator, denominator)
+
+
+@triton.jit
+def _inv_by_mode(norm, EPS: tl.constexpr, ADD_EPS: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """1 / (norm + eps) for ADD_EPS, else 1 / max(norm, eps) (eps built in ACC_DTYPE: see _common.inv_clamped)."""
+    if ADD_EPS:
+        denominator = norm + tl.full([], EPS, ACC_DTYPE)
+        return _div_acc(tl.full(denominator.shape, 1.0, ACC_DTYPE), denominator, ACC_DTYPE)
+    else:
+        return inv_clamped(norm, EPS, ACC_DTYPE)
+
+
+@triton.jit
+def _normalised_grad(G, rows, inverse_norm, r, scale, EPS: tl.constexpr, ADD_EPS: tl.constexpr,
+                     ACC_DTYPE: tl.constexpr):
     """The gradient of the rows of one side: scale * i * G - [|row| > eps] * (row * i) * (i * r), i = the rows'
     inverse norms, G the other side's normalised rows weighted by g, r = sum g * out per row (grad_x; grad_protos
-    alike). i^2 is never formed: it underflows to 0 for |row| ~ 1e30 (issue 16), where row * i and i * r do not."""
-    norm_term = tl.where(_not_clamped(inverse_norm, EPS, ACC_DTYPE), inverse_norm * r, 0.0)
+    alike). i^2 is never formed: it underflows to 0 for |row| ~ 1e30 (issue 16), where row * i and i * r do not.
+    ADD_EPS: (row * i) * (r / |row|), |row| read off i as i / (1 - eps * i) (csrc/inv_norm.h projection_coeff: no
+    norm is saved beside i); a zero row, where 1 - eps * i rounds to ~0, gets 0, its limit."""
+    if ADD_EPS:
+        share = 1.0 - tl.full([], EPS, ACC_DTYPE) * inverse_norm
+        safe_share = tl.where(share > 0, share, 1.0).to(ACC_DTYPE)
+        norm_term = tl.where(share > 0, _div_acc(inverse_norm * r, safe_share, ACC_DTYPE), 0.0)
+    else:
+        norm_term = tl.where(_not_clamped(inverse_norm, EPS, ACC_DTYPE), inverse_norm * r, 0.0)
     return G * (scale * inverse_norm)[:, None] - (rows * inverse_norm[:, None]) * norm_term[:, None]
 
 
@@ -91,7 +121,7 @@ def _forward_kernel(
     x_ptr, p_ptr, scale_ptr, out_ptr, ix_ptr, ip_ptr,
     N, C, D,
     stride_xn, stride_xd, stride_pc, stride_pd, stride_on, stride_oc,
-    EPS: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EPS: tl.constexpr, ADD_EPS: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -116,8 +146,10 @@ def _forward_kernel(
         p_sq += tl.sum(pf * pf, axis=1)
         acc += mm(x, tl.trans(p), ACC_DTYPE, DOT_PRECISION)
     # ix = 1 / max(|x|, eps) as inv_norm(x_sq) would give it, without overflow (issue 16)
-    ix = inv_clamped(_row_norms(x_sq, x_rows, mask_n, stride_xd, D, ACC_DTYPE, BLOCK_N, BLOCK_D), EPS, ACC_DTYPE)
-    ip = inv_clamped(_row_norms(p_sq, p_rows, mask_c, stride_pd, D, ACC_DTYPE, BLOCK_C, BLOCK_D), EPS, ACC_DTYPE)
+    ix = _inv_by_mode(_row_norms(x_sq, x_rows, mask_n, stride_xd, D, ACC_DTYPE, BLOCK_N, BLOCK_D), EPS, ADD_EPS,
+                      ACC_DTYPE)
+    ip = _inv_by_mode(_row_norms(p_sq, p_rows, mask_c, stride_pd, D, ACC_DTYPE, BLOCK_C, BLOCK_D), EPS, ADD_EPS,
+                      ACC_DTYPE)
     scale = tl.load(scale_ptr).to(ACC_DTYPE)
     out = acc * (scale * ix)[:, None] * ip[None, :]
     tl.store(
@@ -137,7 +169,7 @@ def _grad_x_kernel(
     N, C, D,
     stride_gn, stride_gc, stride_on, stride_oc, stride_xn, stride_xd, stride_pc, stride_pd,
     STORE_GRAD: tl.constexpr, NEED_SCALE: tl.constexpr,
-    EPS: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EPS: tl.constexpr, ADD_EPS: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -171,7 +203,7 @@ def _grad_x_kernel(
     x = tl.load(x_ptr + rows64[:, None] * stride_xn + offs_d[None, :] * stride_xd, mask=mask_nd, other=0.0)
     x = x.to(ACC_DTYPE)
     if STORE_GRAD:
-        grad = _normalised_grad(G, x, ix, r, tl.load(scale_ptr).to(ACC_DTYPE), EPS, ACC_DTYPE)
+        grad = _normalised_grad(G, x, ix, r, tl.load(scale_ptr).to(ACC_DTYPE), EPS, ADD_EPS, ACC_DTYPE)
         tl.store(grad_x_ptr + rows64[:, None] * D + offs_d[None, :], grad.to(grad_x_ptr.dtype.element_ty), mask=mask_nd)
     if NEED_SCALE:
         tl.store(partial_ptr + pid_d.to(tl.int64) * N + offs_n, ix * tl.sum(x * G, axis=1), mask=mask_n)
@@ -182,7 +214,7 @@ def _grad_p_kernel(
     g_ptr, out_ptr, x_ptr, p_ptr, ix_ptr, ip_ptr, scale_ptr, grad_p_ptr,
     N, C, D,
     stride_gn, stride_gc, stride_on, stride_oc, stride_xn, stride_xd, stride_pc, stride_pd,
-    EPS: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EPS: tl.constexpr, ADD_EPS: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
@@ -214,7 +246,7 @@ def _grad_p_kernel(
     cols64 = offs_c.to(tl.int64)
     p = tl.load(p_ptr + cols64[:, None] * stride_pc + offs_d[None, :] * stride_pd, mask=mask_cd, other=0.0)
     p = p.to(ACC_DTYPE)
-    grad = _normalised_grad(H, p, ip, q, tl.load(scale_ptr).to(ACC_DTYPE), EPS, ACC_DTYPE)
+    grad = _normalised_grad(H, p, ip, q, tl.load(scale_ptr).to(ACC_DTYPE), EPS, ADD_EPS, ACC_DTYPE)
     tl.store(grad_p_ptr + cols64[:, None] * D + offs_d[None, :], grad.to(grad_p_ptr.dtype.element_ty), mask=mask_cd)
 
 
@@ -235,7 +267,7 @@ def _blocks(x: torch.Tensor, N: int, C: int, D: int, backward: bool = False):
 NUM_WARPS = 8
 
 
-def plan_forward(x: torch.Tensor, protos: torch.Tensor, scale: torch.Tensor, eps: float):
+def plan_forward(x: torch.Tensor, protos: torch.Tensor, scale: torch.Tensor, eps: float, eps_mode: str = "clamp"):
     """(out, x_inv_norm, p_inv_norm) and the launch that fills them."""
     N, D = x.shape
     C = protos.shape[0]
@@ -248,15 +280,15 @@ def plan_forward(x: torch.Tensor, protos: torch.Tensor, scale: torch.Tensor, eps
         _forward_kernel, (triton.cdiv(N, block_n), triton.cdiv(C, block_c)),
         (x, protos, scale.to(acc_dtype), out, x_inv_norm, p_inv_norm, N, C, D,
          *x.stride(), *protos.stride(), *out.stride()),
-        dict(EPS=eps, ACC_DTYPE=tl_accumulator_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
+        dict(EPS=eps, ADD_EPS=enum_id("eps_mode", eps_mode) == 1, ACC_DTYPE=tl_accumulator_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
              BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d),
         num_warps=NUM_WARPS, flops=2 * N * C * D,
     )
     return (out, x_inv_norm, p_inv_norm), [launch]
 
 
-def forward(x: torch.Tensor, protos: torch.Tensor, scale: torch.Tensor, eps: float):
-    outputs, steps = plan_forward(x, protos, scale, eps)
+def forward(x: torch.Tensor, protos: torch.Tensor, scale: torch.Tensor, eps: float, eps_mode: str = "clamp"):
+    outputs, steps = plan_forward(x, protos, scale, eps, eps_mode)
     run(steps)
     return outputs
 
@@ -270,6 +302,7 @@ def plan_backward(
     p_inv_norm: torch.Tensor,
     scale: torch.Tensor,
     eps: float,
+    eps_mode: str,
     output_mask,
 ):
     """(grad_x, grad_p, grad_scale) and the steps that fill them."""
@@ -280,7 +313,7 @@ def plan_backward(
     block_n, block_c, block_d = _blocks(x, N, C, D, backward=True)
     d_blocks = triton.cdiv(D, block_d)
     scale_acc = scale.to(acc_dtype)
-    common = dict(EPS=eps, ACC_DTYPE=tl_accumulator_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
+    common = dict(EPS=eps, ADD_EPS=enum_id("eps_mode", eps_mode) == 1, ACC_DTYPE=tl_accumulator_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
                   BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d)
     strides = (*grad.stride(), *out.stride(), *x.stride(), *protos.stride())
     empty = x.new_empty((0,))
@@ -309,7 +342,7 @@ def plan_backward(
     return (grad_x, grad_p, grad_scale), steps
 
 
-def backward(grad, x, protos, out, x_inv_norm, p_inv_norm, scale, eps, output_mask):
-    grads, steps = plan_backward(grad, x, protos, out, x_inv_norm, p_inv_norm, scale, eps, output_mask)
+def backward(grad, x, protos, out, x_inv_norm, p_inv_norm, scale, eps, eps_mode, output_mask):
+    grads, steps = plan_backward(grad, x, protos, out, x_inv_norm, p_inv_norm, scale, eps, eps_mode, output_mask)
     run(steps)
     return grads
