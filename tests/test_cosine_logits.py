@@ -607,3 +607,17 @@ def test_bad_eps_mode(device, backend, eps_mode):
     x, p = torch.randn(3, 4, device=device), torch.randn(5, 4, device=device)
     with pytest.raises(ValueError, match=r"cosine_logits: eps_mode must be one of \('clamp', 'add'\)"):
         zslfast.cosine_logits(x, p, eps_mode=eps_mode, backend=backend)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("x_magnitude,p_magnitude", HUGE, ids=[f"x{a:g}-p{b:g}" for a, b in HUGE])
+def test_add_mode_huge_values_do_not_overflow(device, backend, x_magnitude, p_magnitude, generator):
+    """The add mode keeps issue 16's care: norms past float32's squared range, and 1 / |x| read off ix ~ 1e-30
+    (1 - eps * ix rounds to 1 there, never to 0)."""
+    x, p = make_inputs((2, 25), 9, 64, torch.float32, device, generator, x_magnitude, p_magnitude)
+    x[0, 3] *= 1e-6
+    p[4] /= max(x_magnitude, p_magnitude)
+    scale = make_scale("tensor", torch.float32, device, generator)
+    assert_matches_reference(x, p, scale, backend, torch.float32, generator, eps=ADD_EPS, eps_mode="add")
+    out = zslfast.cosine_logits(x, p, scale, eps=ADD_EPS, eps_mode="add", backend=backend)
+    assert out.abs().max() > 0.1 * float(scale)
