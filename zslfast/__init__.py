@@ -3,7 +3,8 @@
 Ops (each takes ``backend=None | "reference" | "cpu" | "triton" | "cuda"``):
     prototype_scores(e, s, w=None)                  ILPG IDPP+APC logits, S_W = W*S + S never materialised
     prototype_scores_factored(e, s, h, u, bias=None) the same with w = h @ u (+ bias) fused in
-    cosine_logits(x, protos, scale=1.0)             scale * cos(x, protos[c]), normalisation fused into the matmul
+    cosine_logits(x, protos, scale=1.0, ...)        scale * cos(x, protos[c]), normalisation fused into the matmul
+                                                    (eps_mode="clamp" as F.normalize, "add": x / (|x| + eps), GEM-ZSL)
     attention_rollout(attns, mode="abnar", ...)     ViT attention rollout, CLS row as an O(L·N²) vector chain
     attribute_attention(q, k, v, ref=None, ...)     softmax(q k^T) v + cosine/dot score, flash-style (ILPG AVL)
     memory_bank_kl(z, protos, labels, active)       SAGE Eq. 9 KL to memory-bank prototypes, gather fused in
