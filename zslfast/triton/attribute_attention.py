@@ -282,7 +282,8 @@ def _cosine(e_sq, r_sq, e_dot_r, se, sr, sd, eps, ACC_DTYPE: tl.constexpr):
     ir = inv_clamped(nr, eps, ACC_DTYPE)
     # The plain dot where it is finite; where it is not (inf, or NaN from partial sums that overflowed with both
     # signs) while neither norm is NaN (a NaN input), the scaled one.
-    scaled_dot = ~(tl.abs(e_dot_r) < inf) & (e_sq == e_sq) & (r_sq == r_sq)
+    # (not ~(|dot| < inf): Triton 3.0's interpreter cannot invert a bool tensor)
+    scaled_dot = ((tl.abs(e_dot_r) == inf) | (e_dot_r != e_dot_r)) & (e_sq == e_sq) & (r_sq == r_sq)
     cos = tl.where(scaled_dot, sd * (ie * unscale) * (ir * unscale), e_dot_r * ie * ir)
     return cos, ie, ir, ne, nr
 
@@ -609,10 +610,11 @@ def _columns_blocks(B, K, R, D, Dv, block_r, block_dv):
     return block_size(K, 32), col_r, block_size(D, 16), block_dv
 
 
-def _launch_options(block_r):
-    """Eight warps (see _blocks). Two pipeline stages, one for a wide row tile, where the second stage's operand
-    buffers cost the registers that spilled 24 B in the rows kernel (bf16/fp16, sm_90, triton 3.9)."""
-    return dict(num_warps=8, num_stages=2 if block_r <= 64 else 1)
+def _launch_options(block_r, wide_warps=8):
+    """Eight warps (see _blocks), ``wide_warps`` for a wide row tile. Two pipeline stages, one for a wide row tile,
+    where the second stage's operand buffers cost the registers that spilled 24 B in the rows kernel (bf16/fp16,
+    sm_90, triton 3.9)."""
+    return dict(num_warps=8 if block_r <= 64 else wide_warps, num_stages=2 if block_r <= 64 else 1)
 
 
 def _mask_arg(mask, like):
@@ -656,7 +658,8 @@ def plan_forward(q, k, v, ref, mask, scale, score_mode, return_attention, save_e
         dict(HAS_MASK=mask is not None, MODE=score_mode, STORE_ATTN=return_attention, STORE_E=store_e,
              SINGLE_R=single_r, ACC_DTYPE=tl_accumulator_dtype(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
              BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_DV=block_dv),
-        **_launch_options(block_r), flops=2 * B * K * R * (D + Dv),
+        # Four warps for a wide row tile: eight spilled 8 B there (bf16/fp16, sm_80, triton 3.6; the audit).
+        **_launch_options(block_r, wide_warps=4), flops=2 * B * K * R * (D + Dv),
     )
     if score_mode == 0:
         return (e, e.new_empty((0,)), lse, attn), [launch]
@@ -721,7 +724,10 @@ def plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode
          *q_strides, *k.stride(), *v.stride(), *_strides3(ref_t)),
         dict(HAS_MASK=mask is not None, HAS_GA=has_ga, MODE=score_mode, NEED_Q=need_q, NEED_DELTA=need_q or need_k,
              SHARED_Q=shared_q, SINGLE_R=single_r, **common),
-        **_launch_options(block_r), flops=2 * B * K * R * (D + Dv) + (2 * B * K * R * D if need_q else 0),
+        # A wide row tile in 16-bit inputs: sixteen warps (eight spilled 32 B: sm_90, triton 3.6), fp32/fp64 eight
+        # (sixteen spilled 40 B there). The audit checks every case with the triton each stack installs.
+        **_launch_options(block_r, wide_warps=16 if q.dtype in (torch.float16, torch.bfloat16) else 8),
+        flops=2 * B * K * R * (D + Dv) + (2 * B * K * R * D if need_q else 0),
     )]
     # The columns kernel leaves the rows of masked tokens unwritten: they must read 0.
     alloc = torch.zeros if mask is not None else torch.empty
