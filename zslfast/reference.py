@@ -105,15 +105,25 @@ def attention_rollout(attns, mode: str = "abnar", head_fusion: str = "mean", sta
     return result[:, 0] if cls_only else result
 
 
-def attribute_attention(q, k, v, ref=None, *, scale=None, mask=None, score="cosine", eps=1e-8, return_attention=False):
-    """Attribute->region cross-attention, the eager way (ILPG AVL Eq. 2-4, TransZero, SAGE): materialises (B, K, R).
+def attribute_attention(
+    q, k, v, ref=None, *, scale=None, mask=None, score="cosine", eps=1e-8, return_attention=False,
+    softmax_over="keys", logit_activation=None, return_max=None,
+):
+    """Attribute->region cross-attention, the eager way (ILPG AVL Eq. 2-4, TransZero, SAGE, MSDN, PSVMA, GEM):
+    materialises (B, K, R).
 
     q (K, D) or (B, K, D), k (B, R, D), v (B, R, Dv), ref None | (K, Dv) | (B, K, Dv), mask None | (B, R) bool
-    (True = token kept). E = softmax(q k^T * scale over R) v (B, K, Dv), scale = D^-0.5 by default; a row with
-    every token masked gets no weight anywhere (E = 0). Masked tokens are selected away whatever their k and v hold
-    (NaN, inf): nothing of them reaches the outputs or the other gradients, and their own gradients are 0.
+    (True = token kept). S = act(q k^T) * scale, act = relu for logit_activation "relu" (PSVMA: before the
+    scale), scale = D^-0.5 by default. P = softmax of S over the kept tokens r (softmax_over "keys") or, for each
+    kept r, over the K queries (softmax_over "queries": MSDN V2A, SAGE SVA); a masked token gets no weight from any
+    query, and a row with every token masked none anywhere (E = 0). E = P v (B, K, Dv). Masked tokens are
+    selected away whatever their k and v hold (NaN, inf): nothing of them reaches the outputs or the other
+    gradients, and their own gradients are 0.
     ref None -> E; score "cosine" -> F.cosine_similarity(E, ref, eps=eps) (B, K), its norms without overflow
     (``normalize``); "dot" -> <E, ref> (B, K); score None -> E. return_attention also returns P (B, K, R).
+    return_max "attention" | "logits" also returns (B, K): the max over the kept r of P or of S (torch.max: the
+    gradient goes to its index), 0 for a row with every token masked.
+    Returns out, (out, P), (out, max) or (out, P, max).
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
@@ -124,14 +134,18 @@ def attribute_attention(q, k, v, ref=None, *, scale=None, mask=None, score="cosi
         token_kept = mask[:, :, None]
         k = torch.where(token_kept, k, 0)
         v = torch.where(token_kept, v, 0)
-    logits = torch.matmul(q, k.transpose(-1, -2)) * scale
+    logits = torch.matmul(q, k.transpose(-1, -2))
+    if logit_activation == "relu":
+        logits = torch.relu(logits)
+    logits = logits * scale
+    dim = -1 if softmax_over == "keys" else -2
     if mask is not None:
         keep = mask[:, None, :]
         # finfo.min, not -inf: a fully masked row stays finite (uniform), then the select zeroes it and its gradient.
-        logits = logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
-        attn = torch.where(keep, torch.softmax(logits, dim=-1), 0)
+        # (Over the queries, a masked column is all finfo.min: uniform, then selected to 0 alike.)
+        attn = torch.where(keep, torch.softmax(logits.masked_fill(~keep, torch.finfo(logits.dtype).min), dim=dim), 0)
     else:
-        attn = torch.softmax(logits, dim=-1)
+        attn = torch.softmax(logits, dim=dim)
     e = attn @ v
     if ref is None or score is None:
         out = e
@@ -143,7 +157,16 @@ def attribute_attention(q, k, v, ref=None, *, scale=None, mask=None, score="cosi
         out = (e * ref).sum(-1)
     else:
         raise ValueError(f"score must be 'cosine', 'dot' or None, got {score!r}")
-    return (out, attn) if return_attention else out
+    results = (out,) + ((attn,) if return_attention else ())
+    if return_max is not None:
+        pooled = attn if return_max == "attention" else logits
+        if mask is None:
+            best = pooled.max(dim=-1).values
+        else:
+            best = pooled.masked_fill(~keep, float("-inf")).max(dim=-1).values
+            best = torch.where(mask.any(dim=-1, keepdim=True), best, 0)
+        results += (best,)
+    return results if len(results) > 1 else out
 
 
 def memory_bank_update(features, confidences, counts, next_slot, z, y, conf, threshold: float, policy: str = "fifo"):

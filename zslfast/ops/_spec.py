@@ -46,6 +46,9 @@ ENUMS: dict[str, dict[Any, int]] = {
     "mode": {"abnar": 0, "residual": 1},
     "head_fusion": {"mean": 0, "sum": 1, "max": 2, "min": 3},
     "eps_mode": {"clamp": 0, "add": 1},
+    "softmax_over": {"keys": 0, "queries": 1},
+    "logit_activation": {None: 0, "relu": 1},
+    "return_max": {None: 0, "attention": 1, "logits": 2},
 }
 
 

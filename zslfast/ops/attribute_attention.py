@@ -19,6 +19,21 @@ Backward, g = dL/dout, iE = 1 / max(|E|, eps), iR = 1 / max(|ref|, eps), cos = o
     dS          = P (dP - Delta),  Delta[b, i] = sum_r P dP = <dE, E> (+ <P, dL/dattn>)
     dq = scale dS k (summed over b for a shared q (K, D)), dk = scale dS^T q, dv = P^T dE
 
+Options (issue 17: the variants of MSDN, SAGE, PSVMA and GEM-ZSL, one call each), T = q k^T:
+    logit_activation  None: S = scale T;  "relu": S = scale relu(T) (PSVMA's AnyAttention: before the scale)
+    softmax_over      "keys": P above.  "queries": for each kept r, P[b, :, r] = softmax over the K queries of
+                      S[b, :, r] (MSDN V2A, SAGE SVA), 0 on a masked r; its lse is then per token: lse[b, r] =
+                      log sum_i exp(S[b, i, r]) (B, R) (0 on a masked r). E and the score as above.
+    return_max        "attention": M[b, i] = max over kept r of P[b, i, r] (GEM-ZSL, SAGE Eq. 3);  "logits": of
+                      S[b, i, r] (PSVMA's max-pool). idx[b, i] = the first r reaching it (int32: saved for the
+                      backward, -1 and M = 0 for a row with no kept r). (B, K), kept in the accumulator dtype.
+    backward, gM = dL/dM:
+                      dP = dE v^T (+ dL/dattn) (+ gM at r = idx for "attention")
+                      keys:    dS = P (dP - Delta), Delta[b, i] = sum_r P dP  (= <dE, E> + <P, dL/dattn> + gM M)
+                      queries: dS = P (dP - Gamma), Gamma[b, r] = sum_i P dP  (a column sum over every query row)
+                      "logits": dS[b, i, idx] += gM
+                      dT = scale dS [T > 0 for "relu"];  dq = dT k, dk = dT^T q, dv = P^T dE (scale folded as above)
+
 Numerics every backend keeps (issue 16; tests/test_attribute_attention.py):
     masks       masked tokens are selected away (torch.where / tl.where / masked loads), never weighted by 0: a NaN
                 or inf in masked k or v reaches no output and no gradient, their dk, dv are exactly 0, and a fully
@@ -33,7 +48,8 @@ Numerics every backend keeps (issue 16; tests/test_attribute_attention.py):
 
 Shapes: q (K, D) attribute queries shared by the batch (ILPG: Q = A W_q) or (B, K, D); k (B, R, D), v (B, R, Dv)
 from R image tokens; ref None, (K, Dv) or (B, K, Dv); mask None or (B, R) bool. Autograd keeps q, k, v, ref, mask,
-E (B, K, Dv) and lse (B, K): O(B·K·Dv), never the (B, K, R) attention (only return_attention materialises it).
+E (B, K, Dv) and lse (B, K) ((B, R) over the queries), with return_max M and idx (B, K): O(B·K·Dv) + O(B·K) +
+O(B·R), never the (B, K, R) attention (only return_attention materialises it).
 Without a backward to come (no input requires grad, or grad mode off), E is not written at all for the scores.
 
     "cpu"     C++ (csrc/cpu/attribute_attention.cpp): at::parallel_for over (b, query tiles), at::mm per tile,
@@ -60,7 +76,9 @@ OP = "attribute_attention"
 EPS = 1e-8  # F.cosine_similarity's eps in the papers' code
 
 
-def _forward_fake(q, k, v, ref, mask, scale, score, eps, return_attention, save_e, backend):
+def _forward_fake(
+    q, k, v, ref, mask, scale, score, eps, return_attention, save_e, softmax_over, logit_activation, return_max, backend
+):
     acc = accumulator_dtype(q.dtype)
     B, R = k.shape[0], k.shape[1]
     K, Dv = q.shape[-2], v.shape[-1]
@@ -69,10 +87,15 @@ def _forward_fake(q, k, v, ref, mask, scale, score, eps, return_attention, save_
     else:
         out, e = q.new_empty((B, K)), q.new_empty((B, K, Dv) if save_e else (0,), dtype=acc)
     attn = q.new_empty((B, K, R) if return_attention else (0,))
-    return out, e, q.new_empty((B, K), dtype=acc), attn
+    lse = q.new_empty((B, K) if softmax_over == "keys" else (B, R), dtype=acc)
+    pooled = (B, K) if return_max is not None else (0,)
+    return out, e, lse, attn, q.new_empty(pooled, dtype=acc), q.new_empty(pooled, dtype=torch.int32)
 
 
-def _backward_fake(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score, eps, output_mask, backend):
+def _backward_fake(
+    grad, grad_attn, grad_max, q, k, v, ref, mask, e, lse, best, best_index, scale, score, eps, output_mask,
+    softmax_over, logit_activation, return_max, backend,
+):
     need_q, need_k, need_v, need_ref = output_mask
     need_ref = need_ref and score is not None
     return (
@@ -83,24 +106,41 @@ def _backward_fake(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score, ep
     )
 
 
-def _reference(q, k, v, ref, mask, scale, score, eps, return_attention, save_e):
+def _reference(q, k, v, ref, mask, scale, score, eps, return_attention, save_e, softmax_over, logit_activation,
+               return_max):
     result = reference.attribute_attention(
-        q, k, v, ref, scale=scale, mask=mask, score=score, eps=eps, return_attention=return_attention
+        q, k, v, ref, scale=scale, mask=mask, score=score, eps=eps, return_attention=return_attention,
+        softmax_over=softmax_over, logit_activation=logit_activation, return_max=return_max,
     )
-    out, attn = result if return_attention else (result, None)
-    return out, None, None, attn
+    result = list(result) if isinstance(result, tuple) else [result]
+    out = result.pop(0)
+    attn = result.pop(0) if return_attention else None
+    best = result.pop(0) if return_max is not None else None
+    return out, None, None, attn, best, None
 
 
-# The kernels take the score as its int id (ENUMS["score"]).
-def _cpp_forward(q, k, v, ref, mask, scale, score, eps, return_attention, save_e):
+def _options(score, softmax_over, logit_activation, return_max):
+    """The kernels' ints (ENUMS) for the string options."""
+    return (
+        enum_id("score", score), enum_id("softmax_over", softmax_over),
+        enum_id("logit_activation", logit_activation), enum_id("return_max", return_max),
+    )
+
+
+# The C++ kernels take the options as their int ids (ENUMS), after the arguments they had before the options came.
+def _cpp_forward(q, k, v, ref, mask, scale, score, eps, return_attention, save_e, *options):
+    score, *modes = _options(score, *options)
     return torch.ops.zslfast._attribute_attention_fwd(
-        q, k, v, ref, mask, scale, enum_id("score", score), return_attention, save_e, eps
+        q, k, v, ref, mask, scale, score, return_attention, save_e, eps, *modes
     )
 
 
-def _cpp_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score, eps, output_mask):
+def _cpp_backward(grad, grad_attn, grad_max, q, k, v, ref, mask, e, lse, best, best_index, scale, score, eps,
+                  output_mask, *options):
+    score, *modes = _options(score, *options)
     return torch.ops.zslfast._attribute_attention_bwd(
-        grad, grad_attn, q, k, v, ref, mask, e, lse, scale, enum_id("score", score), output_mask, eps
+        grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score, output_mask, eps, *modes, grad_max, best,
+        best_index,
     )
 
 
@@ -108,22 +148,25 @@ _TRITON_FORWARD = triton_kernel("attribute_attention", "forward")
 _TRITON_BACKWARD = triton_kernel("attribute_attention", "backward")
 
 
-def _triton_forward(q, k, v, ref, mask, scale, score, eps, return_attention, save_e):
-    return _TRITON_FORWARD(
-        q, k, v, ref, mask, scale, enum_id("score", score), return_attention, save_e, eps
-    )
+def _triton_forward(q, k, v, ref, mask, scale, score, eps, return_attention, save_e, *options):
+    score, *modes = _options(score, *options)
+    return _TRITON_FORWARD(q, k, v, ref, mask, scale, score, return_attention, save_e, eps, *modes)
 
 
-def _triton_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score, eps, output_mask):
+def _triton_backward(grad, grad_attn, grad_max, q, k, v, ref, mask, e, lse, best, best_index, scale, score, eps,
+                     output_mask, *options):
+    score, *modes = _options(score, *options)
     return _TRITON_BACKWARD(
-        grad, grad_attn, q, k, v, ref, mask, e, lse, scale, enum_id("score", score), output_mask, eps
+        grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score, output_mask, eps, *modes, grad_max, best,
+        best_index,
     )
 
 
 BACKWARD = define(OpSpec(
     name="attribute_attention_backward",
-    schema="(Tensor grad, Tensor? grad_attn, Tensor q, Tensor k, Tensor v, Tensor? ref, Tensor? mask, Tensor e,"
-    " Tensor lse, float scale, str? score, float eps, bool[4] output_mask, str backend)"
+    schema="(Tensor grad, Tensor? grad_attn, Tensor? grad_max, Tensor q, Tensor k, Tensor v, Tensor? ref,"
+    " Tensor? mask, Tensor e, Tensor lse, Tensor best, Tensor best_index, float scale, str? score, float eps,"
+    " bool[4] output_mask, str softmax_over, str? logit_activation, str? return_max, str backend)"
     " -> (Tensor, Tensor, Tensor, Tensor)",
     kernels={"cpu": _cpp_backward, "triton": _triton_backward},
     fake=_backward_fake,
@@ -132,36 +175,42 @@ BACKWARD = define(OpSpec(
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, ref, mask, scale, score, eps, return_attention, save_e, backend = inputs
-    out, e, lse, attn = output
-    ctx.mark_non_differentiable(e, lse)
+    q, k, v, ref, mask, scale, score, eps, return_attention, save_e, softmax_over, activation, return_max, _ = inputs
+    out, e, lse, attn, best, best_index = output
+    ctx.mark_non_differentiable(e, lse, best_index)
     # Unused output gradients stay None: materialised, the one for e would be a zero-filled (B, K, Dv) per backward.
     ctx.set_materialize_grads(False)
-    # Score None: the output is E itself, and the kernels return an empty e.
-    ctx.save_for_backward(q, k, v, ref, mask, out if score is None else e, lse)
-    ctx.scale, ctx.score, ctx.eps, ctx.return_attention, ctx.backend = scale, score, eps, return_attention, backend
+    # Score None: the output is E itself, and the kernels return an empty e. best and best_index are (B, K) or
+    # empty: with the lse, O(B·K) (O(B·R) for the lse over the queries) beside E's O(B·K·Dv).
+    ctx.save_for_backward(q, k, v, ref, mask, out if score is None else e, lse, best, best_index)
+    ctx.scale, ctx.score, ctx.eps, ctx.return_attention = scale, score, eps, return_attention
+    ctx.options, ctx.backend = (softmax_over, activation, return_max), inputs[-1]
 
 
-def _backward(ctx, grad, _grad_e, _grad_lse, grad_attn):
-    q, k, v, ref, mask, e, lse = ctx.saved_tensors
+def _backward(ctx, grad, _grad_e, _grad_lse, grad_attn, grad_max, _grad_index):
+    q, k, v, ref, mask, e, lse, best, best_index = ctx.saved_tensors
     output_mask = [bool(x) for x in ctx.needs_input_grad[:4]]
     if ref is None or ctx.score is None:  # score None: ref is not used
         output_mask[3] = False
     if grad is None:
-        grad = torch.zeros_like(e if ctx.score is None else lse, dtype=q.dtype)
+        grad = torch.zeros_like(e, dtype=q.dtype) if ctx.score is None else q.new_zeros((k.shape[0], q.shape[-2]))
     if not ctx.return_attention:
         grad_attn = None
+    if ctx.options[2] is None:
+        grad_max = None
     grads = BACKWARD(
-        ctx.backend, grad, grad_attn, q, k, v, ref, mask, e, lse, ctx.scale, ctx.score, ctx.eps, output_mask
+        ctx.backend, grad, grad_attn, grad_max, q, k, v, ref, mask, e, lse, best, best_index, ctx.scale, ctx.score,
+        ctx.eps, output_mask, *ctx.options,
     )
-    return (*(g if need else None for g, need in zip(grads, output_mask)), None, None, None, None, None, None, None)
+    return (*(g if need else None for g, need in zip(grads, output_mask)), *([None] * 10))
 
 
 # CUDA tensors always use Triton: there is no CUDA C++ kernel for this op.
 SPEC = define(OpSpec(
     name=OP,
     schema="(Tensor q, Tensor k, Tensor v, Tensor? ref, Tensor? mask, float scale, str? score, float eps,"
-    " bool return_attention, bool save_e, str backend) -> (Tensor, Tensor, Tensor, Tensor)",
+    " bool return_attention, bool save_e, str softmax_over, str? logit_activation, str? return_max, str backend)"
+    " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     kernels={"cpu": _cpp_forward, "triton": _triton_forward},
     reference=_reference,
     gpu_preference=("triton",),
@@ -172,7 +221,8 @@ SPEC = define(OpSpec(
 ))
 
 
-def _check_inputs(q, k, v, ref, mask, scale, score, eps, return_attention) -> None:
+def _check_inputs(q, k, v, ref, mask, scale, score, eps, return_attention, softmax_over, logit_activation,
+                  return_max) -> None:
     check_tensor(OP, "q", q, (2, 3), "(K, D) or (B, K, D)")
     check_tensor(OP, "k", k, (3,), "(B, R, D)")
     check_tensor(OP, "v", v, (3,), "(B, R, Dv)")
@@ -204,6 +254,9 @@ def _check_inputs(q, k, v, ref, mask, scale, score, eps, return_attention) -> No
         check_positive(OP, "scale", scale)
     check_positive(OP, "eps", eps)
     check_flag(OP, "return_attention", return_attention)
+    check_option(OP, "softmax_over", softmax_over, choices("softmax_over"))
+    check_option(OP, "logit_activation", logit_activation, choices("logit_activation"))
+    check_option(OP, "return_max", return_max, choices("return_max"))
 
 
 def attribute_attention(
@@ -217,6 +270,9 @@ def attribute_attention(
     score: Optional[str] = "cosine",
     eps: float = EPS,
     return_attention: bool = False,
+    softmax_over: str = "keys",
+    logit_activation: Optional[str] = None,
+    return_max: Optional[str] = None,
     backend: Optional[str] = None,
 ):
     """``E = softmax(q k^T * scale, over R) v`` and its cosine (or dot) score against ``ref``, without keeping the
@@ -232,12 +288,20 @@ def attribute_attention(
         score: "cosine" (``F.cosine_similarity(E, ref, dim=-1, eps=eps)``), "dot" (``<E, ref>``) or None (E).
         eps: the cosine score's norm clamp (default 1e-8, the papers' code).
         return_attention: also return the (B, K, R) probabilities (materialised only then; differentiable).
+        softmax_over: "keys" (each query's softmax over the R tokens) or "queries" (each token's softmax over the K
+            queries: MSDN's V2A branch, SAGE's SVA); a masked token gets no weight from any query either way.
+        logit_activation: None or "relu": ``relu(q k^T)`` before the scale (PSVMA's AnyAttention).
+        return_max: None, "attention" or "logits": also return the (B, K) max over the kept tokens of the
+            probabilities (GEM-ZSL, SAGE Eq. 3: ``MaxPool(W_s)``) or of the scaled, activated logits (PSVMA's
+            max-pool); its gradient goes to the arg-max (first among equals), and no (B, K, R) tensor is kept.
+            0 for a row with every token masked.
         backend: None (by device, or ``ZSLFAST_BACKEND``), "reference", "cpu" or "triton". CUDA tensors run the
             Triton kernels (no CUDA C++ kernel for this op).
     Returns:
-        (B, K) scores, or E (B, K, Dv) when ``ref`` or ``score`` is None; with return_attention, (that, attn).
+        (B, K) scores, or E (B, K, Dv) when ``ref`` or ``score`` is None; with return_attention, (that, attn);
+        with return_max, (that, max); with both, (that, attn, max).
     """
-    _check_inputs(q, k, v, ref, mask, scale, score, eps, return_attention)
+    _check_inputs(q, k, v, ref, mask, scale, score, eps, return_attention, softmax_over, logit_activation, return_max)
     if score is None or ref is None:
         ref, score = None, None
     device = check_same_device(OP, q=q, k=k, v=v, ref=ref, mask=mask)
@@ -246,5 +310,11 @@ def attribute_attention(
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     # E is kept only when a backward can follow; scores alone never write (B, K, Dv).
     save_e = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, ref))
-    out, _, _, attn = SPEC(which, q, k, v, ref, mask, scale, score, float(eps), return_attention, save_e)
-    return (out, attn) if return_attention else out
+    out, _, _, attn, best, _ = SPEC(
+        which, q, k, v, ref, mask, scale, score, float(eps), return_attention, save_e, softmax_over,
+        logit_activation, return_max,
+    )
+    results = (out,) + ((attn,) if return_attention else ())
+    if return_max is not None:
+        results += (best.to(q.dtype),)  # the kernels keep it in the accumulator dtype for the backward
+    return results if len(results) > 1 else out

@@ -1,0 +1,301 @@
+"""attribute_attention's drop-in options (issue 17) against the float64 reference, on every backend available here:
+softmax_over "queries" (MSDN V2A, SAGE SVA), logit_activation "relu" (PSVMA AnyAttention), return_max "attention"
+(GEM-ZSL, SAGE Eq. 3) and "logits" (PSVMA), alone and together, with return_attention; outputs and the gradients of
+q, k, v, ref and of a loss on the max and on the attention. Masks with fully masked samples, K=1, R=1, the R-tiled
+Triton path, non-contiguous inputs, gradcheck, opcheck, torch.compile(fullgraph=True), what autograd keeps, bad
+options; and the papers' own eager formulas (the README's before/after examples).
+
+    S = act(q k^T) * scale;  P = softmax(S) over the keys (r) or over the queries (i);  E = P v
+    max[b, i] = max over kept r of P[b, i, r] or S[b, i, r] (0 for a row with no kept r)
+"""
+
+import pytest
+import torch
+
+import zslfast
+from zslfast import reference
+
+from conftest import DEVICE_BACKENDS, TOLERANCES, dtypes_for, low_precision_error_bound
+from test_attribute_attention import make_inputs
+
+ALL_BACKENDS = [pytest.param("cpu", "reference", id="cpu-reference"), *DEVICE_BACKENDS]
+
+# (softmax_over, logit_activation, return_max, return_attention)
+OPTIONS = [
+    ("queries", None, None, False),          # MSDN V2A
+    ("queries", None, None, True),
+    ("keys", "relu", None, False),
+    ("keys", None, "attention", False),      # GEM-ZSL
+    ("keys", None, "logits", True),
+    ("keys", "relu", "logits", False),       # PSVMA
+    ("queries", None, "attention", False),   # SAGE SVA + Eq. 3's max
+    ("queries", "relu", "logits", True),
+    ("keys", "relu", "attention", True),
+]
+OPTION_IDS = ["-".join(str(x) for x in o) for o in OPTIONS]
+
+# (B, K, R, D, Dv, q kind, ref kind, score)
+CASES = [
+    (1, 1, 1, 1, 1, "shared", "shared", "cosine"),
+    (3, 5, 7, 37, 6, "shared", "shared", "cosine"),
+    (2, 9, 13, 37, 11, "per", "per", "dot"),
+    (2, 6, 1, 9, 4, "per", "shared", None),  # R = 1
+    (3, 1, 33, 16, 24, "per", "per", "cosine"),  # K = 1
+    (2, 70, 6, 5, 4, "shared", "shared", "dot"),  # K over two query-row tiles
+    (20, 3, 4, 5, 6, "shared", None, None),  # Triton's shared-q dq: two samples per batch split
+]
+
+
+def call(fn, q, k, v, ref, options, **kwargs):
+    """[out, (attn), (max)] of fn with the options."""
+    softmax_over, activation, return_max, attention = options
+    result = fn(q, k, v, ref, softmax_over=softmax_over, logit_activation=activation, return_max=return_max,
+                return_attention=attention, **kwargs)
+    return list(result) if isinstance(result, tuple) else [result]
+
+
+def outputs_and_grads(fn, q, k, v, ref, options, cotangents, **kwargs):
+    leaves = [t if t is None else t.detach().requires_grad_() for t in (q, k, v, ref)]
+    outs = call(fn, *leaves, options, **kwargs)
+    loss = sum((o * c.to(o.dtype)).sum() for o, c in zip(outs, cotangents))
+    grads = torch.autograd.grad(loss, [t for t in leaves if t is not None], allow_unused=True)
+    return outs + [g for g in grads]
+
+
+def cotangents_for(q, k, v, ref, options, score, generator):
+    B, R, K, Dv = k.shape[0], k.shape[1], q.shape[-2], v.shape[-1]
+    out_shape = (B, K) if ref is not None and score is not None else (B, K, Dv)
+    shapes = [out_shape] + ([(B, K, R)] if options[3] else []) + ([(B, K)] if options[2] else [])
+    return [torch.randn(s, generator=generator, dtype=torch.float64).to(q.device) for s in shapes]
+
+
+def assert_options_match(q, k, v, ref, backend, options, *, generator, mask=None, score="cosine", scale=None):
+    kwargs = dict(mask=mask, score=score, scale=scale)
+    cot = cotangents_for(q, k, v, ref, options, score, generator)
+    exact = outputs_and_grads(reference.attribute_attention, *(t if t is None else t.double() for t in (q, k, v, ref)),
+                              options, cot, **kwargs)
+    got = outputs_and_grads(lambda *a, **kw: zslfast.attribute_attention(*a, backend=backend, **kw), q, k, v, ref,
+                            options, cot, **kwargs)
+    assert len(got) == len(exact)
+    names = ["out"] + (["attn"] if options[3] else []) + (["max"] if options[2] else []) + ["dq", "dk", "dv", "dref"]
+    dtype = q.dtype
+    if dtype in TOLERANCES:
+        _, atol = TOLERANCES[dtype]
+        for name, g, w in zip(names, got, exact):
+            if w is None:
+                assert g is None or not g.any(), f"{name}: expected no gradient"
+                continue
+            assert g is not None and g.shape == w.shape and g.dtype == dtype, f"{name}: {None if g is None else g.shape}"
+            assert g.isfinite().all(), f"{name} has non-finite values"
+            size = w.abs().max().item() + 1.0
+            err = (g.double() - w).abs().max().item()
+            assert err <= atol * size, f"{name} off by {err:.3g} (tolerance {atol} x {size:.3g})"
+        return
+    low = outputs_and_grads(reference.attribute_attention, q, k, v, ref, options, cot, **kwargs)
+    for name, g, w, lw in zip(names, got, exact, low):
+        if w is not None:
+            err, bound = low_precision_error_bound(g, lw, w)
+            assert err <= bound, f"{dtype} {name} error {err:.3g} > 2x eager's ({bound:.3g})"
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
+@pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
+def test_options_match_reference(device, backend, options, case, generator):
+    *sizes, q_kind, ref_kind, score = case
+    for dtype in dtypes_for(device, backend):
+        q, k, v, ref = make_inputs(*sizes, q_kind, ref_kind, dtype, device, generator)
+        assert_options_match(q, k, v, ref, backend, options, score=score, generator=generator)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
+def test_options_with_masks(device, backend, options, generator):
+    """Masked tokens get no weight from any query and never win the max; a fully masked sample gives E = 0,
+    max 0 and zero gradients."""
+    B, K, R, D, Dv = 4, 6, 11, 13, 7
+    for dtype in (torch.float64, torch.float32):
+        q, k, v, ref = make_inputs(B, K, R, D, Dv, "shared", "shared", dtype, device, generator)
+        mask = torch.rand(B, R, generator=generator) > 0.5
+        mask[:, 0] = True
+        mask[2] = False
+        mask = mask.to(device)
+        assert_options_match(q, k, v, ref, backend, options, mask=mask, generator=generator)
+        leaves = [t.detach().requires_grad_() for t in (q, k, v, ref)]
+        outs = call(lambda *a, **kw: zslfast.attribute_attention(*a, backend=backend, **kw), *leaves, options,
+                    mask=mask)
+        assert all(o.isfinite().all() and not o[2].any() for o in outs)
+        if options[3]:
+            assert not outs[1].masked_select(~mask[:, None, :].expand_as(outs[1])).any()
+        grads = torch.autograd.grad(sum(o.sum() for o in outs), leaves)
+        assert not grads[1][2].any() and not grads[2][2].any()
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("options", [o for o in OPTIONS if o[0] == "queries" or o[2]], ids=lambda o: "-".join(map(str, o)))
+def test_tiled_r(device, backend, options, generator, monkeypatch):
+    """R over several tiles: the Triton kernels' R-tiled path (tile forced to 16 here), a whole tile masked."""
+    if backend == "triton":
+        from zslfast.triton import attribute_attention as triton_module
+
+        monkeypatch.setattr(triton_module, "MAX_BLOCK_R", 16)
+    B, K, R, D, Dv = 2, 5, 40, 10, 7
+    for dtype in (torch.float64, torch.float32):
+        for q_kind, score in (("shared", "cosine"), ("per", None)):
+            q, k, v, ref = make_inputs(B, K, R, D, Dv, q_kind, "shared", dtype, device, generator)
+            mask = (torch.rand(B, R, generator=generator) > 0.3).to(device)
+            mask[1, :20] = False
+            assert_options_match(q, k, v, ref, backend, options, mask=mask, score=score, generator=generator)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_options_non_contiguous(device, backend, generator):
+    B, K, R, D, Dv = 3, 7, 10, 12, 9
+    for dtype in (torch.float64, torch.float32):
+        k = torch.randn(B, D, R, generator=generator, dtype=dtype).to(device).transpose(1, 2)
+        v = torch.randn(R, B, Dv, generator=generator, dtype=dtype).to(device).transpose(0, 1)
+        q = torch.randn(D, K, generator=generator, dtype=dtype).to(device).T
+        ref = torch.randn(K, 2 * Dv, generator=generator, dtype=dtype).to(device)[:, ::2]
+        for options in (OPTIONS[1], OPTIONS[5], OPTIONS[7]):
+            assert_options_match(q, k, v, ref, backend, options, generator=generator)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_options_large_logits(device, backend, generator):
+    """Logits up to +-1e3: near one-hot softmaxes over either axis do not overflow."""
+    for options in (OPTIONS[0], OPTIONS[3], OPTIONS[6]):
+        q, k, v, ref = make_inputs(2, 5, 9, 8, 6, "shared", "shared", torch.float64, device, generator)
+        q = q / q.norm(dim=-1, keepdim=True)
+        k = k / k.norm(dim=-1, keepdim=True) * 1e3
+        assert_options_match(q, k, v, ref, backend, options, scale=1.0, generator=generator)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("options", [OPTIONS[0], OPTIONS[4], OPTIONS[5], OPTIONS[6]], ids=lambda o: "-".join(map(str, o)))
+def test_options_gradcheck(device, backend, options, generator):
+    q, k, v, ref = make_inputs(2, 3, 4, 4, 3, "shared", "shared", torch.float64, device, generator)
+    mask = torch.tensor([[True, False, True, True], [False, False, False, False]], device=device)
+    inputs = [t.requires_grad_() for t in (q, k, v, ref)]
+
+    def fn(*args):
+        return tuple(call(lambda *a, **kw: zslfast.attribute_attention(*a, backend=backend, **kw), *args, options,
+                          mask=mask))
+
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=backend == "triton")
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_options_opcheck(device, backend, generator):
+    q, k, v, ref = make_inputs(2, 3, 4, 5, 3, "shared", "shared", torch.float32, device, generator)
+    mask = torch.tensor([[True, False, True, True], [True, True, False, True]], device=device)
+    for softmax_over, activation, return_max, attention in OPTIONS[:6]:
+        for requires_grad in (False, True):
+            args = [t.clone().requires_grad_(requires_grad) for t in (q, k, v, ref)]
+            torch.library.opcheck(
+                torch.ops.zslfast.attribute_attention.default,
+                (*args, mask, 0.5, "cosine", 1e-8, attention, requires_grad, softmax_over, activation, return_max,
+                 backend),
+            )
+        out, e, lse, _, best, index = torch.ops.zslfast.attribute_attention(
+            q, k, v, ref, mask, 0.5, "cosine", 1e-8, False, True, softmax_over, activation, return_max, backend)
+        grad = torch.randn(2, 3, generator=generator).to(device)
+        grad_max = torch.randn(2, 3, generator=generator).to(device) if return_max else None
+        torch.library.opcheck(
+            torch.ops.zslfast.attribute_attention_backward.default,
+            (grad, None, grad_max, q, k, v, ref, mask, e, lse, best, index, 0.5, "cosine", 1e-8, [True] * 4,
+             softmax_over, activation, return_max, backend),
+        )
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_options_compile_fullgraph(device, backend, generator):
+    q, k, v, ref = make_inputs(2, 5, 6, 8, 4, "shared", "shared", torch.float32, device, generator)
+    mask = torch.ones(2, 6, dtype=torch.bool, device=device)
+    mask[0, 3:] = False
+
+    def fn(q, k, v, ref):
+        out, attn, best = zslfast.attribute_attention(
+            q, k, v, ref, mask=mask, softmax_over="queries", logit_activation="relu", return_max="attention",
+            return_attention=True, backend=backend)
+        return out.square().sum() + best.sum() + attn[..., 0].sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True)
+    leaves = [t.requires_grad_() for t in (q, k, v, ref)]
+    got = compiled(*leaves)
+    got_grads = torch.autograd.grad(got, leaves)
+    want = fn(*leaves)
+    want_grads = torch.autograd.grad(want, leaves)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("options", [("queries", None, None, False), ("keys", None, "attention", False),
+                                     ("queries", "relu", "logits", False)], ids=lambda o: "-".join(map(str, o)))
+def test_saved_memory_stays_linear(device, backend, options, generator):
+    """Autograd keeps O(B·K·Dv) + O(B·K) (+ O(B·R): the lse over the queries), never (B, K, R)."""
+    B, K, R, D, Dv = 2, 3, 64, 4, 5
+    q, k, v, ref = make_inputs(B, K, R, D, Dv, "shared", "shared", torch.float32, device, generator)
+    leaves = [t.requires_grad_() for t in (q, k, v, ref)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        outs = call(lambda *a, **kw: zslfast.attribute_attention(*a, backend=backend, **kw), *leaves, options)
+    own = {t.data_ptr() for t in leaves}
+    extra = [t for t in saved if t.data_ptr() not in own]
+    assert all(t.numel() <= max(B * K * Dv, B * R) for t in extra), [tuple(t.shape) for t in extra]
+    sum(o.sum() for o in outs).backward()
+
+
+def test_bad_options():
+    q, k, v, ref = torch.randn(4, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 6), torch.randn(4, 6)
+    for kwargs, name in (({"softmax_over": "rows"}, "softmax_over"), ({"softmax_over": None}, "softmax_over"),
+                         ({"logit_activation": "gelu"}, "logit_activation"), ({"return_max": True}, "return_max"),
+                         ({"return_max": "probs"}, "return_max")):
+        for backend in ("reference", None):
+            with pytest.raises(ValueError, match=f"{name} must be one of"):
+                zslfast.attribute_attention(q, k, v, ref, backend=backend, **kwargs)
+
+
+# ------------------------------------------------------------------------- the papers' code (README examples)
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_msdn_v2a_and_a2v(device, backend, generator):
+    """MSDN (core/MSDN.py): V2A's softmax over the attributes, A2V's over the regions, each scored with a dot."""
+    B, K, R, F_, Dw = 3, 7, 9, 12, 5
+    g = generator
+    Fs = torch.randn(B, F_, R, generator=g, dtype=torch.float64)
+    V = torch.randn(K, Dw, generator=g, dtype=torch.float64)
+    W_1, W_2 = torch.randn(Dw, F_, generator=g, dtype=torch.float64), torch.randn(Dw, F_, generator=g, dtype=torch.float64)
+    # MSDN's eager code, V2A
+    A = torch.softmax(torch.einsum("iv,vf,bfr->bir", V, W_2, Fs), dim=1)
+    S_p_eager = torch.einsum("bir,iv,vf,bfr->bi", A, V, W_1, Fs)
+    Fs_t = Fs.transpose(1, 2)
+    S_p = zslfast.attribute_attention(V @ W_2, Fs_t, Fs_t, ref=V @ W_1, scale=1.0, score="dot",
+                                      softmax_over="queries", backend=backend)
+    torch.testing.assert_close(S_p, S_p_eager, rtol=1e-10, atol=1e-10)
+    # A2V: the softmax over the regions (today's default)
+    A2 = torch.softmax(torch.einsum("iv,vf,bfr->bir", V, W_1, Fs), dim=-1)
+    S_v_eager = torch.einsum("bir,iv,vf,bfr->bi", A2, V, W_2, Fs)
+    S_v = zslfast.attribute_attention(V @ W_1, Fs_t, Fs_t, ref=V @ W_2, scale=1.0, score="dot", backend=backend)
+    torch.testing.assert_close(S_v, S_v_eager, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_psvma_relu_logits_and_gem_max(device, backend, generator):
+    """PSVMA AnyAttention: relu(q k^T) * dim^-0.5, softmax, and the max-pool of the pre-softmax logits; GEM-ZSL:
+    the max over regions of the attention map."""
+    B, K, R, D = 2, 6, 10, 16
+    g = generator
+    q = torch.randn(K, D, generator=g, dtype=torch.float64)
+    x = torch.randn(B, R, D, generator=g, dtype=torch.float64)
+    attn = torch.relu(torch.einsum("kd,brd->bkr", q, x)) * D ** -0.5
+    pooled_eager = torch.nn.functional.max_pool1d(attn, kernel_size=R).squeeze(-1)
+    out_eager = torch.softmax(attn, dim=-1) @ x
+    out, pooled = zslfast.attribute_attention(q, x, x, logit_activation="relu", return_max="logits", backend=backend)
+    torch.testing.assert_close(out, out_eager, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(pooled, pooled_eager, rtol=1e-10, atol=1e-10)
+    # GEM-ZSL: atten_map = softmax over regions; the attribute score is its max over the regions.
+    gem_eager = torch.softmax(torch.einsum("kd,brd->bkr", q, x), dim=-1).amax(dim=-1)
+    _, gem = zslfast.attribute_attention(q, x, x, scale=1.0, return_max="attention", backend=backend)
+    torch.testing.assert_close(gem, gem_eager, rtol=1e-10, atol=1e-10)
