@@ -35,11 +35,16 @@ TORCH_LIBRARY(zslfast, m) {
   //   clamp <E, ref> / (max(|E|, eps) * max(|ref|, eps)) (eps defaults to F.cosine_similarity's 1e-8)
   //   -> out ((B, K, Dv) for mode 0, else (B, K)), e (B, K, Dv) in float/double (empty for mode 0, where out is E),
   //      lse (B, K) float/double (0 for fully masked rows), attn (B, K, R) when return_attention, else empty;
-  //      save_e false (no backward to come): e comes back empty for modes 1 and 2, E is never written out
-  m.def("_attribute_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? ref, Tensor? mask, float scale, int score_mode, bool return_attention, bool save_e, float eps=1e-08) -> (Tensor, Tensor, Tensor, Tensor)");
+  //      save_e false (no backward to come): e comes back empty for modes 1 and 2, E is never written out;
+  //   options (zslfast/ops/attribute_attention.py): softmax_over 0 = over the keys r, 1 = over the queries i (lse is
+  //   then (B, R)); activation 0 = none, 1 = relu(q k^T) before the scale; max_mode 0 = none, 1 = the max over kept
+  //   r of P, 2 = of the scaled logits -> best (B, K) float/double and best_index (B, K) int32 (its first r, -1 for
+  //   a row with no kept r; 0 then for best), empty for max_mode 0
+  m.def("_attribute_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? ref, Tensor? mask, float scale, int score_mode, bool return_attention, bool save_e, float eps=1e-08, int softmax_over=0, int activation=0, int max_mode=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   //   grad (like out), grad_attn None/empty or (B, K, R), e = E (B, K, Dv) -> grad_q, grad_k, grad_v, grad_ref;
-  //   an output whose output_mask entry is false (or grad_ref for mode 0) comes back empty; eps as in the forward
-  m.def("_attribute_attention_bwd(Tensor grad, Tensor? grad_attn, Tensor q, Tensor k, Tensor v, Tensor? ref, Tensor? mask, Tensor e, Tensor lse, float scale, int score_mode, bool[4] output_mask, float eps=1e-08) -> (Tensor, Tensor, Tensor, Tensor)");
+  //   an output whose output_mask entry is false (or grad_ref for mode 0) comes back empty; eps and the options as
+  //   in the forward; grad_max (B, K) or None with best (B, K) and best_index (B, K) int32 from the forward
+  m.def("_attribute_attention_bwd(Tensor grad, Tensor? grad_attn, Tensor q, Tensor k, Tensor v, Tensor? ref, Tensor? mask, Tensor e, Tensor lse, float scale, int score_mode, bool[4] output_mask, float eps=1e-08, int softmax_over=0, int activation=0, int max_mode=0, Tensor? grad_max=None, Tensor? best=None, Tensor? best_index=None) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // memory_bank update, in place: features (C, M, K, D), confidences (C, M, K), counts (C, M) int64, next_slot
   //   (C, M) int64, stale (C, M) bool (set where a queue changed); offers z (N, M, D), y (N,) int64, conf (N, M);

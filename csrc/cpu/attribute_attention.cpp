@@ -44,6 +44,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu/fixed_gemm.h"
@@ -54,6 +55,20 @@ namespace zslfast {
 namespace {
 
 enum ScoreMode : int64_t { kNone = 0, kDot = 1, kCosine = 2 };
+enum SoftmaxOver : int64_t { kOverKeys = 0, kOverQueries = 1 };
+enum MaxMode : int64_t { kNoMax = 0, kMaxAttention = 1, kMaxLogits = 2 };
+
+// The options of issue 17 (ENUMS in zslfast/ops/_spec.py): softmax_over, logit_activation (0 none, 1 relu), return_max.
+struct Options {
+  int64_t over, activation, max_mode;
+};
+
+Options check_options(int64_t over, int64_t activation, int64_t max_mode, const char* op) {
+  TORCH_CHECK(over == kOverKeys || over == kOverQueries, op, ": softmax_over must be 0 or 1, got ", over);
+  TORCH_CHECK(activation == 0 || activation == 1, op, ": activation must be 0 or 1, got ", activation);
+  TORCH_CHECK(max_mode >= kNoMax && max_mode <= kMaxLogits, op, ": max_mode must be 0, 1 or 2, got ", max_mode);
+  return {over, activation, max_mode};
+}
 
 // ------------------------------------------------------------------------------------------------------ row loops
 
@@ -114,6 +129,67 @@ acc_t softmax_row(acc_t* s, const bool* keep, int64_t R, acc_t scale) {
     for (int64_t r = 0; r < R; ++r) s[r] = keep[r] ? s[r] * inv : acc_t(0);  // 0, not 0 * a NaN inv
   }
   return m + std::log(sum);
+}
+
+// relu in place, as torch.relu: NaN stays NaN (a select, not std::max, which would turn NaN into 0).
+template <typename acc_t>
+void relu_rows(acc_t* x, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) x[j] = x[j] < acc_t(0) ? acc_t(0) : x[j];
+}
+
+// The max over the kept entries of a row, times factor, and its index, as torch.max(dim) returns them: the first
+// index reaching it, a NaN winning (the first NaN). (0, -1) for a row with no kept entry.
+template <typename acc_t>
+std::pair<acc_t, int32_t> row_max(const acc_t* x, const bool* keep, int64_t R, acc_t factor) {
+  int64_t index = -1;
+  acc_t best = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    if (keep != nullptr && !keep[r]) continue;
+    if (std::isnan(x[r])) return {x[r], static_cast<int32_t>(r)};
+    if (index < 0 || x[r] > best) {
+      best = x[r];
+      index = r;
+    }
+  }
+  return {index < 0 ? acc_t(0) : best * factor, static_cast<int32_t>(index)};
+}
+
+// Softmax over the rows of each kept column of s (rows, R) (softmax_over "queries"), scale applied in place first;
+// lse[r] = log sum_i exp(s[i, r]) of each kept column, 0 for a masked one, whose entries become 0 (a select). A NaN
+// in a kept column makes that column and its lse NaN (the running max carries it).
+template <typename acc_t>
+void softmax_columns(acc_t* s, const bool* keep, int64_t rows, int64_t R, acc_t scale, acc_t* lse) {
+  constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
+  std::vector<acc_t> col_max(R, -inf), col_sum(R, acc_t(0));
+  for (int64_t i = 0; i < rows; ++i) {
+    acc_t* row = s + i * R;
+    for (int64_t r = 0; r < R; ++r) {
+      row[r] *= scale;
+      col_max[r] = (row[r] > col_max[r] || std::isnan(row[r])) ? row[r] : col_max[r];
+    }
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    acc_t* row = s + i * R;
+    for (int64_t r = 0; r < R; ++r) row[r] = (keep == nullptr || keep[r]) ? row[r] - col_max[r] : -inf;
+    exp_rows(row, R);
+    for (int64_t r = 0; r < R; ++r) col_sum[r] += row[r];
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    const bool kept = keep == nullptr || keep[r];
+    lse[r] = kept ? col_max[r] + std::log(col_sum[r]) : acc_t(0);
+    col_sum[r] = acc_t(1) / col_sum[r];
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    acc_t* row = s + i * R;
+    for (int64_t r = 0; r < R; ++r) row[r] = (keep == nullptr || keep[r]) ? row[r] * col_sum[r] : acc_t(0);
+  }
+}
+
+// sums[r] += p[r] * dp[r]: one row's share of the column sums Gamma (softmax over the queries), rows in order.
+template <typename acc_t>
+void axpy_columns(acc_t* sums, const acc_t* p, const acc_t* dp, int64_t R) {
+#pragma omp simd
+  for (int64_t r = 0; r < R; ++r) sums[r] += p[r] * dp[r];
 }
 
 // out[j] = s * (a * x[j] - c * y[j])
@@ -258,12 +334,13 @@ Dims check_dims(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
 }
 
 // The backward's own inputs: e (B, K, Dv), lse (B, K), grad like the forward's out.
-void check_backward_inputs(const Dims& d, int64_t mode, const at::Tensor& grad, const at::Tensor& e,
-                           const at::Tensor& lse, const char* op) {
+void check_backward_inputs(const Dims& d, int64_t mode, const Options& options, const at::Tensor& grad,
+                           const at::Tensor& e, const at::Tensor& lse, const char* op) {
   TORCH_CHECK(e.dim() == 3 && e.size(0) == d.B && e.size(1) == d.K && e.size(2) == d.Dv, op,
               ": e must be (B, K, Dv), got ", e.sizes());
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == d.B && lse.size(1) == d.K, op, ": lse must be (B, K), got ",
-              lse.sizes());
+  const int64_t lse_size = options.over == kOverQueries ? d.R : d.K;
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == d.B && lse.size(1) == lse_size, op, ": lse must be (B, ",
+              options.over == kOverQueries ? "R" : "K", "), got ", lse.sizes());
   if (mode == kNone) {
     TORCH_CHECK(grad.dim() == 3 && grad.sizes() == e.sizes(), op, ": grad must be (B, K, Dv), got ", grad.sizes());
   } else {
@@ -290,17 +367,32 @@ struct Forward {
   using acc_t = at::opmath_type<scalar_t>;
   Dims d;
   int64_t mode;
+  Options options;
   acc_t scale, eps;
   at::Tensor q, k, v;  // acc_t, contiguous; k, v with masked rows 0 (to_acc_kept)
   const acc_t* ref;    // (K, Dv) or (B, K, Dv); null for mode 0
   const bool* keep;    // mask (B, R), or null
-  acc_t* lse;          // (B, K)
+  acc_t* lse;          // (B, K), or (B, R) for the softmax over the queries
   scalar_t* out;       // the scores (B, K); null for mode 0, whose out is E
   scalar_t* attn;      // P (B, K, R) when return_attention, else null
+  acc_t* best;         // the max over kept r of P or S (B, K) when asked for (return_max), else null
+  int32_t* best_index; // its r (B, K), -1 for a row with no kept r
 };
 
-// P for query rows [i0, i0 + rows) of sample b, in place of their scores in s (rows, R); their lse saved, and P
-// written to attn when it is returned.
+// The max (return_max) of rows [i0, i0 + rows) of sample b over the kept r of x (rows, R), times factor.
+template <typename scalar_t>
+void store_row_max(const Forward<scalar_t>& f, int64_t b, int64_t i0, int64_t rows, const at::opmath_type<scalar_t>* x,
+                   const bool* keep, at::opmath_type<scalar_t> factor) {
+  const Dims& d = f.d;
+  for (int64_t i = 0; i < rows; ++i) {
+    const auto [best, index] = row_max(x + i * d.R, keep, d.R, factor);
+    f.best[b * d.K + i0 + i] = best;
+    f.best_index[b * d.K + i0 + i] = index;
+  }
+}
+
+// P for query rows [i0, i0 + rows) of sample b (every row for the softmax over the queries), in place of their
+// scores in s (rows, R); their lse saved, the max taken, and P written to attn when it is returned.
 template <typename scalar_t>
 void attention_tile(const Forward<scalar_t>& f, int64_t b, int64_t i0, int64_t rows, at::Tensor& s) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -308,7 +400,15 @@ void attention_tile(const Forward<scalar_t>& f, int64_t b, int64_t i0, int64_t r
   at::mm_out(s, (d.shared_q ? f.q : f.q.select(0, b)).narrow(0, i0, rows), f.k.select(0, b).t());
   acc_t* p = s.data_ptr<acc_t>();
   const bool* keep = f.keep != nullptr ? f.keep + b * d.R : nullptr;
-  for (int64_t i = 0; i < rows; ++i) f.lse[b * d.K + i0 + i] = softmax_row<acc_t>(p + i * d.R, keep, d.R, f.scale);
+  if (f.options.activation == 1) relu_rows(p, rows * d.R);
+  // The logits' max, scale * max(act(T)): the product the softmax forms next, bit for bit (scale > 0).
+  if (f.options.max_mode == kMaxLogits) store_row_max(f, b, i0, rows, p, keep, f.scale);
+  if (f.options.over == kOverQueries) {
+    softmax_columns<acc_t>(p, keep, rows, d.R, f.scale, f.lse + b * d.R);
+  } else {
+    for (int64_t i = 0; i < rows; ++i) f.lse[b * d.K + i0 + i] = softmax_row<acc_t>(p + i * d.R, keep, d.R, f.scale);
+  }
+  if (f.options.max_mode == kMaxAttention) store_row_max(f, b, i0, rows, p, keep, acc_t(1));
   if (f.attn != nullptr) {
     scalar_t* a = f.attn + (b * d.K + i0) * d.R;
     for (int64_t j = 0; j < rows * d.R; ++j) a[j] = static_cast<scalar_t>(p[j]);
@@ -335,7 +435,8 @@ void forward_unit(const Forward<scalar_t>& f, int64_t b, int64_t i0, int64_t row
 
 // Query rows per forward unit: whole rows of K when the batch alone keeps every thread busy, else K split so that
 // there are a few units per thread.
-int64_t query_tile(const Dims& d) {
+int64_t query_tile(const Dims& d, const Options& options) {
+  if (options.over == kOverQueries) return d.K;  // each token's softmax runs over every query row
   const int64_t threads = at::get_num_threads();
   const int64_t per_b = std::max<int64_t>(1, (4 * threads + d.B - 1) / d.B);
   return std::max<int64_t>(std::min<int64_t>(d.K, 16), (d.K + per_b - 1) / per_b);
@@ -346,7 +447,7 @@ int64_t query_tile(const Dims& d) {
 template <typename scalar_t>
 void run_forward(const Forward<scalar_t>& f, const at::Tensor& e) {
   const Dims& d = f.d;
-  const int64_t tile = query_tile(d), tiles = (d.K + tile - 1) / tile;
+  const int64_t tile = query_tile(d, f.options), tiles = (d.K + tile - 1) / tile;
   at::parallel_for(0, d.B * tiles, 1, [&](int64_t begin, int64_t end) {
     const at::NoGradGuard worker_no_grad;  // grad mode is thread-local: on again in the pool's threads
     const SequentialBlas sequential;       // a unit's GEMMs on one thread: results independent of the thread count
@@ -360,11 +461,13 @@ void run_forward(const Forward<scalar_t>& f, const at::Tensor& e) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attribute_attention_fwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attribute_attention_fwd_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const c10::optional<at::Tensor>& ref_in,
     const c10::optional<at::Tensor>& mask_in, double scale, int64_t mode, bool return_attention, bool save_e,
-    double eps) {
-  const Dims d = check_dims(q_in, k_in, v_in, ref_in, mask_in, mode, "zslfast::_attribute_attention_fwd");
+    double eps, int64_t softmax_over, int64_t activation, int64_t max_mode) {
+  const char* op = "zslfast::_attribute_attention_fwd";
+  const Dims d = check_dims(q_in, k_in, v_in, ref_in, mask_in, mode, op);
+  const Options options = check_options(softmax_over, activation, max_mode, op);
   const at::NoGradGuard no_grad;  // the at::mm_out calls reject inputs that require grad
   const auto acc_type = at::toOpMathType(q_in.scalar_type());
   const auto in_opts = q_in.options(), acc_opts = in_opts.dtype(acc_type);
@@ -373,7 +476,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attribute_attention_f
   // Scores without a backward to come: E lives in per-thread scratch tiles, never in a (B, K, Dv) tensor.
   const bool keep_e = mode == kNone || save_e;
   at::Tensor e = keep_e ? at::empty({d.B, d.K, d.Dv}, acc_opts) : at::Tensor();
-  at::Tensor lse = at::empty({d.B, d.K}, acc_opts);
+  at::Tensor lse = at::empty({d.B, options.over == kOverQueries ? d.R : d.K}, acc_opts);
+  const std::vector<int64_t> pooled_shape = max_mode != kNoMax ? std::vector<int64_t>{d.B, d.K} : std::vector<int64_t>{0};
+  at::Tensor best = at::empty(pooled_shape, acc_opts);
+  at::Tensor best_index = at::empty(best.sizes(), in_opts.dtype(at::kInt));
   at::Tensor attn = return_attention ? at::empty({d.B, d.K, d.R}, in_opts) : at::empty({0}, in_opts);
   at::Tensor out = mode != kNone ? at::empty({d.B, d.K}, in_opts) : at::Tensor();
 
@@ -381,6 +487,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attribute_attention_f
     using acc_t = at::opmath_type<scalar_t>;
     const Forward<scalar_t> f{d,
                               mode,
+                              options,
                               static_cast<acc_t>(scale),
                               static_cast<acc_t>(eps),
                               to_acc(q_in, acc_type),
@@ -390,12 +497,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attribute_attention_f
                               mask.defined() ? mask.data_ptr<bool>() : nullptr,
                               lse.data_ptr<acc_t>(),
                               out.defined() ? out.data_ptr<scalar_t>() : nullptr,
-                              return_attention ? attn.data_ptr<scalar_t>() : nullptr};
+                              return_attention ? attn.data_ptr<scalar_t>() : nullptr,
+                              max_mode != kNoMax ? best.data_ptr<acc_t>() : nullptr,
+                              max_mode != kNoMax ? best_index.data_ptr<int32_t>() : nullptr};
     run_forward(f, e);
   });
   if (mode == kNone) return {e.scalar_type() == q_in.scalar_type() ? e : e.to(q_in.scalar_type()),
-                             at::empty({0}, acc_opts), lse, attn};
-  return {out, e.defined() ? e : at::empty({0}, acc_opts), lse, attn};
+                             at::empty({0}, acc_opts), lse, attn, best, best_index};
+  return {out, e.defined() ? e : at::empty({0}, acc_opts), lse, attn, best, best_index};
 }
 
 // ----------------------------------------------------------------------------------------------------- backward
@@ -405,6 +514,7 @@ template <typename acc_t>
 struct Backward {
   Dims d;
   int64_t mode;
+  Options options;
   acc_t scale, eps;
   bool need_q, need_k, need_v, need_ref;
   at::Tensor q, k, v;       // the forward's inputs (k, v with masked rows 0, to_acc_kept)
@@ -420,6 +530,8 @@ struct Backward {
   acc_t* coef_a;            // shared ref: a_r, c_r of every (b, i), (B, K) each (score_grad)
   acc_t* coef_c;
   at::Tensor ds_all;        // shared q and need_q: every b's dS, (K, B, R)
+  const acc_t* grad_max;    // dL/dmax (B, K) (return_max), or null
+  const int32_t* best_index;  // the forward's arg-max r (B, K), -1 for a row with no kept r; null without return_max
 };
 
 // Row i of sample b of a score: dE[i] = s_e (a_e ref - c_e E) into de_row, and its share of the ref gradient (the
@@ -448,25 +560,68 @@ void epilogue_backward(const Backward<acc_t>& w, int64_t b, acc_t* de) {
   for (int64_t i = 0; i < d.K; ++i) score_backward_row(w, b, i, w.e + (b * d.K + i) * d.Dv, de + i * d.Dv);
 }
 
-// dS of sample b, written over dp: P recomputed into p (K, R) as the softmax of each whole row (self-normalised
-// like eager's, so that a near one-hot row's P is exactly 1 where eager's is), dP = dE @ v[b]^T + grad_attn,
-// Delta = sum_r P dP from the same row (eager's softmax backward: it carries no cancellation where <dE, E> would),
-// dS = scale * P * (dP - Delta) on the kept r.
+// dS (of the pre-activation logits T = q k^T) of sample b, written over dp: P recomputed into p (K, R) as the softmax
+// of each whole row (self-normalised like eager's, so that a near one-hot row's P is exactly 1 where eager's is)
+// or of each whole column (softmax over the queries), dP = dE @ v[b]^T + grad_attn (+ dL/dmax at the arg-max for the
+// attention's max), Delta = sum_r P dP from the same row (eager's softmax backward: it carries no cancellation where
+// <dE, E> would) or Gamma = sum_i P dP from the same column, dS = scale * P * (dP - Delta or Gamma) on the kept r,
+// + scale * dL/dmax at the arg-max for the logits' max, times [T > 0] for the relu.
 template <typename acc_t>
-void softmax_backward(const Backward<acc_t>& w, int64_t b, const at::Tensor& de, at::Tensor& p, at::Tensor& dp) {
+void softmax_backward(const Backward<acc_t>& w, int64_t b, const at::Tensor& de, at::Tensor& p, at::Tensor& dp,
+                      std::vector<uint8_t>& positive) {
   const Dims& d = w.d;
   at::mm_out(p, d.shared_q ? w.q : w.q.select(0, b), w.k.select(0, b).t());
   at::mm_out(dp, de, w.v.select(0, b).t());
   acc_t* p_data = p.data_ptr<acc_t>();
   acc_t* dp_data = dp.data_ptr<acc_t>();
   const bool* keep = w.keep != nullptr ? w.keep + b * d.R : nullptr;
-  for (int64_t i = 0; i < d.K; ++i) {
-    acc_t* p_row = p_data + i * d.R;
-    acc_t* dp_row = dp_data + i * d.R;
-    softmax_row<acc_t>(p_row, keep, d.R, w.scale);
-    const acc_t* ga = w.grad_attn != nullptr ? w.grad_attn + (b * d.K + i) * d.R : nullptr;
-    const acc_t delta = grad_probs_row(dp_row, p_row, ga, d.R);
-    softmax_grad_row(dp_row, p_row, keep, w.scale, delta, d.R);
+  const bool relu = w.options.activation == 1;
+  if (relu) {
+    for (int64_t j = 0; j < d.K * d.R; ++j) positive[j] = p_data[j] > acc_t(0);
+    relu_rows(p_data, d.K * d.R);
+  }
+  const int32_t* best_index = w.best_index != nullptr ? w.best_index + b * d.K : nullptr;
+  const acc_t* grad_max = w.grad_max != nullptr && best_index != nullptr ? w.grad_max + b * d.K : nullptr;
+  // dL/dmax of the attention's max: one more entry of dP, at the arg-max.
+  auto add_max_grad = [&](int64_t i, acc_t* dp_row) {
+    if (w.options.max_mode == kMaxAttention && grad_max != nullptr && best_index[i] >= 0)
+      dp_row[best_index[i]] += grad_max[i];
+  };
+  if (w.options.over == kOverQueries) {
+    std::vector<acc_t> column(d.R, acc_t(0));  // the lse (not kept), then Gamma
+    softmax_columns<acc_t>(p_data, keep, d.K, d.R, w.scale, column.data());
+    std::fill(column.begin(), column.end(), acc_t(0));
+    for (int64_t i = 0; i < d.K; ++i) {
+      acc_t* dp_row = dp_data + i * d.R;
+      const acc_t* ga = w.grad_attn != nullptr ? w.grad_attn + (b * d.K + i) * d.R : nullptr;
+      if (ga != nullptr) axpy_row(dp_row, acc_t(1), ga, d.R);
+      add_max_grad(i, dp_row);
+      axpy_columns(column.data(), p_data + i * d.R, dp_row, d.R);
+    }
+    for (int64_t i = 0; i < d.K; ++i) {
+      acc_t* dp_row = dp_data + i * d.R;
+      const acc_t* p_row = p_data + i * d.R;
+      for (int64_t r = 0; r < d.R; ++r)
+        dp_row[r] = (keep == nullptr || keep[r]) ? w.scale * p_row[r] * (dp_row[r] - column[r]) : acc_t(0);
+    }
+  } else {
+    for (int64_t i = 0; i < d.K; ++i) {
+      acc_t* p_row = p_data + i * d.R;
+      acc_t* dp_row = dp_data + i * d.R;
+      softmax_row<acc_t>(p_row, keep, d.R, w.scale);
+      add_max_grad(i, dp_row);
+      const acc_t* ga = w.grad_attn != nullptr ? w.grad_attn + (b * d.K + i) * d.R : nullptr;
+      const acc_t delta = grad_probs_row(dp_row, p_row, ga, d.R);
+      softmax_grad_row(dp_row, p_row, keep, w.scale, delta, d.R);
+    }
+  }
+  if (w.options.max_mode == kMaxLogits && grad_max != nullptr) {
+    for (int64_t i = 0; i < d.K; ++i) {
+      if (best_index[i] >= 0) dp_data[i * d.R + best_index[i]] += w.scale * grad_max[i];
+    }
+  }
+  if (relu) {
+    for (int64_t j = 0; j < d.K * d.R; ++j) dp_data[j] = positive[j] ? dp_data[j] : acc_t(0);
   }
 }
 
@@ -500,7 +655,8 @@ void attention_input_grads(const Backward<acc_t>& w, int64_t b, const at::Tensor
 
 // Per-thread scratch of the backward units, reused from one sample to the next.
 struct BackwardScratch {
-  at::Tensor de, p, dp;  // dE (K, Dv) (scores only), P and dP/dS (K, R)
+  at::Tensor de, p, dp;           // dE (K, Dv) (scores only), P and dP/dS (K, R)
+  std::vector<uint8_t> positive;  // [T > 0] (K, R) for the relu, else empty
 };
 
 // One backward unit, sample b.
@@ -509,7 +665,7 @@ void backward_sample(const Backward<acc_t>& w, int64_t b, BackwardScratch& s) {
   const at::Tensor de = w.mode == kNone ? w.g.select(0, b) : s.de;
   epilogue_backward(w, b, de.data_ptr<acc_t>());
   if (!(w.need_q || w.need_k || w.need_v)) return;
-  softmax_backward(w, b, de, s.p, s.dp);
+  softmax_backward(w, b, de, s.p, s.dp, s.positive);
   attention_input_grads(w, b, s.p, s.dp, de);
 }
 
@@ -543,7 +699,8 @@ void run_backward(const Backward<acc_t>& w) {
     const at::NoGradGuard worker_no_grad;
     const SequentialBlas sequential;
     BackwardScratch s{w.mode != kNone ? at::empty({d.K, d.Dv}, acc_opts) : at::Tensor(),
-                      at::empty({d.K, d.R}, acc_opts), at::empty({d.K, d.R}, acc_opts)};
+                      at::empty({d.K, d.R}, acc_opts), at::empty({d.K, d.R}, acc_opts),
+                      std::vector<uint8_t>(w.options.activation == 1 ? d.K * d.R : 0)};
     for (int64_t b = begin; b < end; ++b) backward_sample(w, b, s);
   });
   if (w.need_q && d.shared_q) {
@@ -557,10 +714,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attribute_attention_b
     const at::Tensor& grad_in, const c10::optional<at::Tensor>& grad_attn_in, const at::Tensor& q_in,
     const at::Tensor& k_in, const at::Tensor& v_in, const c10::optional<at::Tensor>& ref_in,
     const c10::optional<at::Tensor>& mask_in, const at::Tensor& e_in, const at::Tensor& lse_in, double scale,
-    int64_t mode, std::array<bool, 4> output_mask, double eps) {
+    int64_t mode, std::array<bool, 4> output_mask, double eps, int64_t softmax_over, int64_t activation,
+    int64_t max_mode, const c10::optional<at::Tensor>& grad_max_in, const c10::optional<at::Tensor>& best_in,
+    const c10::optional<at::Tensor>& best_index_in) {
   const char* op = "zslfast::_attribute_attention_bwd";
   const Dims d = check_dims(q_in, k_in, v_in, ref_in, mask_in, mode, op);
-  check_backward_inputs(d, mode, grad_in, e_in, lse_in, op);
+  const Options options = check_options(softmax_over, activation, max_mode, op);
+  check_backward_inputs(d, mode, options, grad_in, e_in, lse_in, op);
+  (void)best_in;  // P is recomputed here, so its max is too (the Triton kernels read it)
+  const bool has_grad_max = max_mode != kNoMax && grad_max_in.has_value() && grad_max_in->numel() > 0;
+  TORCH_CHECK(!has_grad_max || (grad_max_in->dim() == 2 && grad_max_in->size(0) == d.B && grad_max_in->size(1) == d.K),
+              op, ": grad_max must be (B, K), got ", grad_max_in->sizes());
+  TORCH_CHECK(!has_grad_max || (best_index_in.has_value() && best_index_in->scalar_type() == at::kInt &&
+                                best_index_in->dim() == 2 && best_index_in->size(0) == d.B &&
+                                best_index_in->size(1) == d.K),
+              op, ": best_index must be int32 (B, K) with grad_max");
   const at::NoGradGuard no_grad;
   const auto in_opts = q_in.options();
   const auto acc_type = at::toOpMathType(q_in.scalar_type());
@@ -583,19 +751,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attribute_attention_b
   at::Tensor grad_ref = need_ref ? at::empty(ref.sizes(), acc_opts) : at::Tensor();
   at::Tensor ds_all = need_q && d.shared_q ? at::empty({d.K, d.B, d.R}, acc_opts) : at::Tensor();
   at::Tensor coef = need_ref && d.shared_ref ? at::empty({2, d.B, d.K}, acc_opts) : at::Tensor();
+  const at::Tensor grad_max = has_grad_max ? to_acc(*grad_max_in, acc_type) : at::Tensor();
+  const at::Tensor best_index = has_grad_max ? best_index_in->contiguous() : at::Tensor();
 
   if (need_q || need_k || need_v || need_ref) {
     AT_DISPATCH_FLOATING_TYPES(acc_type, "attribute_attention_bwd_cpu", [&] {
       using acc_t = scalar_t;  // the kernels run in the accumulator type only
       auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<acc_t>() : nullptr; };
-      const Backward<acc_t> w{d, mode, static_cast<acc_t>(scale), static_cast<acc_t>(eps),
+      const Backward<acc_t> w{d, mode, options, static_cast<acc_t>(scale), static_cast<acc_t>(eps),
                               need_q, need_k, need_v, need_ref,
                               q, k, v, g, ptr(g),
                               ptr(e), ptr(lse), ptr(ref), mask.defined() ? mask.data_ptr<bool>() : nullptr,
                               ptr(grad_attn),
                               grad_q, grad_k, grad_v,
                               ptr(grad_ref), coef.defined() ? ptr(coef[0]) : nullptr,
-                              coef.defined() ? ptr(coef[1]) : nullptr, ds_all};
+                              coef.defined() ? ptr(coef[1]) : nullptr, ds_all,
+                              ptr(grad_max), best_index.defined() ? best_index.data_ptr<int32_t>() : nullptr};
       run_backward(w);
     });
   }
