@@ -299,3 +299,36 @@ def test_psvma_relu_logits_and_gem_max(device, backend, generator):
     gem_eager = torch.softmax(torch.einsum("kd,brd->bkr", q, x), dim=-1).amax(dim=-1)
     _, gem = zslfast.attribute_attention(q, x, x, scale=1.0, return_max="attention", backend=backend)
     torch.testing.assert_close(gem, gem_eager, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_benchmark_baselines_are_the_same_math(device, backend, generator):
+    """zslfast.baselines' MSDN and GEM-ZSL code (what benchmarks/bench_attention_variants.py times) against the
+    one-call forms, outputs and gradients, in float64."""
+    from zslfast import baselines
+
+    g, B, K, R, D, Dw = generator, 2, 5, 7, 9, 4
+    rand = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    V, Ws, Fs = rand(K, Dw), [rand(Dw, D) for _ in range(4)], rand(B, D, R)
+
+    def msdn_fused(V, W_1, W_2, W_3, W_4, Fs):
+        regions = Fs.transpose(1, 2)
+        S_p = zslfast.attribute_attention(V @ W_2, regions, regions, V @ W_1, scale=1.0, score="dot",
+                                          softmax_over="queries", backend=backend)
+        S_v = zslfast.attribute_attention(V @ W_3, regions, regions, V @ W_4, scale=1.0, score="dot", backend=backend)
+        return torch.stack((S_p, S_v))
+
+    def gem_fused(q, x, ref):
+        return torch.stack(zslfast.attribute_attention(q, x, x, ref, scale=1.0, return_max="attention",
+                                                       backend=backend))
+
+    for eager, fused, inputs in ((baselines.msdn_attention, msdn_fused, [V, *Ws, Fs]),
+                                 (baselines.gem_attention, gem_fused, [rand(K, D), rand(B, R, D), rand(K, D)])):
+        cot = rand(2, B, K)
+        results = []
+        for fn in (eager, fused):
+            leaves = [t.clone().requires_grad_() for t in inputs]
+            out = fn(*leaves)
+            results.append([out, *torch.autograd.grad((out * cot).sum(), leaves)])
+        for got, want in zip(results[1], results[0]):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

@@ -11,6 +11,10 @@ and loops, at the options the papers use, written the way their code writes them
     cosine_logits_eps_added     GEM-ZSL base_module / PSVMA compute_score: x / (|x| + 1e-5), eps added, not clamped
     attribute_attention         ILPG AVL / TransZero: softmax(q k^T / sqrt(D)) v, then the cosine with ref
     attribute_attention_sdpa    the same with PyTorch's fused scaled_dot_product_attention for the softmax part
+    msdn_attention              MSDN (core/MSDN.py): V2A (softmax over the attributes) and A2V (over the regions)
+                                attention, each einsum-chained and dot-scored against V W
+    gem_attention               GEM-ZSL: softmax attention maps of attribute prototypes over regions, the part
+                                features' cosine with the attributes, and each map's max over the regions
     attention_rollout           SVIP / vit-explain: mean over heads, + I, rows normalised, bmm layer by layer
     memory_bank_kl              SAGE Eq. 9 vectorised: log-softmaxes, KL(P || Q) per (b, m), mean over the active
     memory_bank_kl_loop         the same per (b, m) with F.kl_div, as research code loops it
@@ -22,7 +26,8 @@ and loops, at the options the papers use, written the way their code writes them
                                 code loops: zslfast.generative batches them
 
 Shapes: e (B, K), s (C, K), w (B, C, K), h (B, J), u (J, C, K) -> (B, C); x (N, D), protos (C, D) -> (N, C);
-q (K, D) or (B, K, D), k (B, R, D), v (B, R, Dv), ref (K, Dv) -> (B, K); attns L x (B, H, N, N) -> (B, N);
+q (K, D) or (B, K, D), k (B, R, D), v (B, R, Dv), ref (K, Dv) -> (B, K); MSDN V (K, Dw), W_* (Dw, F), Fs (B, F, R)
+-> (2, B, K); GEM q (K, D), x (B, R, D), ref (K, D) -> (2, B, K); attns L x (B, H, N, N) -> (B, N);
 z (B, M, D), protos (C, M, D), labels (B,), active (B, M) -> (); the bank: features (C, M, K, D),
 confidences (C, M, K), counts and next_slot (C, M), offers z (B, M, D), y (B,), conf (B, M).
 """
@@ -62,6 +67,25 @@ def attribute_attention(q, k, v, ref):
 def attribute_attention_sdpa(q, k, v, ref):
     e = F.scaled_dot_product_attention(q.expand(k.shape[0], *q.shape[-2:]), k, v)
     return F.cosine_similarity(e, ref.expand_as(e), dim=-1, eps=COSINE_EPS)
+
+
+def msdn_attention(V, W_1, W_2, W_3, W_4, Fs):
+    """MSDN's two branches as its code chains them: (S_p, S_v) stacked, (2, B, K)."""
+    A = torch.softmax(torch.einsum("iv,vf,bfr->bir", V, W_2, Fs), dim=1)  # V2A: over the attributes
+    F_p = torch.einsum("bir,bfr->bif", A, Fs)
+    S_p = torch.einsum("iv,vf,bif->bi", V, W_1, F_p)
+    A_v = torch.softmax(torch.einsum("iv,vf,bfr->bir", V, W_3, Fs), dim=-1)  # A2V: over the regions
+    F_v = torch.einsum("bir,bfr->bif", A_v, Fs)
+    S_v = torch.einsum("iv,vf,bif->bi", V, W_4, F_v)
+    return torch.stack((S_p, S_v))
+
+
+def gem_attention(q, x, ref):
+    """GEM-ZSL's attribute localisation: (cosine of the part features with ref, max of each attention map), (2, B, K)."""
+    attn = torch.softmax(torch.einsum("kd,brd->bkr", q, x), dim=-1)
+    parts = attn @ x
+    score = F.cosine_similarity(parts, ref.expand_as(parts), dim=-1, eps=COSINE_EPS)
+    return torch.stack((score, attn.amax(dim=-1)))
 
 
 def attention_rollout(attns):

@@ -1,0 +1,103 @@
+"""The attention variants of issue 17 at CUB's shapes: the papers' eager code, torch.compile of it, and zslfast.
+
+    MSDN (core/MSDN.py), both branches, dot-scored against V W:
+        V2A  A = softmax(V W_2 Fs, over the attributes),  S_p[b, i] = sum_r A[b, i, r] <Fs_r, (V W_1)_i>
+        A2V  A = softmax(V W_3 Fs, over the regions),     S_v[b, i] = sum_r A[b, i, r] <Fs_r, (V W_4)_i>
+        zslfast: attribute_attention(V W_2, Fs^T, Fs^T, ref=V W_1, scale=1, score="dot", softmax_over="queries"),
+        and the same with the default softmax over the keys for A2V.
+        V (K, Dw) attribute word vectors, W_* (Dw, F), Fs (B, F, R)  ->  (2, B, K)
+    GEM-ZSL: attention maps of attribute prototypes over regions (softmax over the regions), the part features'
+        cosine with the attributes, and each map's max over the regions (regressed to the attributes):
+        zslfast: attribute_attention(q, x, x, ref, scale=1, return_max="attention")
+        q (K, D), x (B, R, D), ref (K, D)  ->  (2, B, K)
+
+Shapes: CUB, B=50, K=312, R=196 (14 x 14 regions of a 448^2 ResNet-101 input), F = D = 2048, Dw = 300 (GloVe).
+Forward+backward (gradients of every input that is a parameter or a feature map). extra_info: saved_MiB (what
+autograd keeps beyond the inputs), peak_extra_MiB (see conftest.py).
+
+Interleaved A/B timing (the pytest-benchmark blocks drift on a shared machine):
+    python benchmarks/bench_attention_variants.py [msdn|gem] [rounds] [threads]
+"""
+
+import sys
+
+import pytest
+import torch
+
+import zslfast
+from zslfast import baselines, bench
+from zslfast.data import PRESETS
+from conftest import DEVICE, run_benchmark
+
+CUB = PRESETS["CUB"]
+B, K, R, D, DW = 50, CUB.num_attributes, 196, 2048, 300
+
+
+def msdn_attention_fused(V, W_1, W_2, W_3, W_4, Fs):
+    regions = Fs.transpose(1, 2)  # (B, R, F): a view, read in place
+    S_p = zslfast.attribute_attention(V @ W_2, regions, regions, V @ W_1, scale=1.0, score="dot",
+                                      softmax_over="queries")
+    S_v = zslfast.attribute_attention(V @ W_3, regions, regions, V @ W_4, scale=1.0, score="dot")
+    return torch.stack((S_p, S_v))
+
+
+def gem_attention_fused(q, x, ref):
+    score, best = zslfast.attribute_attention(q, x, x, ref, scale=1.0, return_max="attention")
+    return torch.stack((score, best))
+
+
+def make_msdn(device, batch=B):
+    g = torch.Generator(device=device).manual_seed(0)
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=device) * scale).requires_grad_()
+    # Scaled so the logits are O(1), as trained weights keep them (a saturated softmax would time the same).
+    return [randn(K, DW, scale=DW ** -0.5), *(randn(DW, D, scale=D ** -0.5) for _ in range(4)),
+            torch.relu(torch.randn(batch, D, R, generator=g, device=device)).requires_grad_()]
+
+
+def make_gem(device, batch=B):
+    g = torch.Generator(device=device).manual_seed(0)
+    q = (torch.randn(K, D, generator=g, device=device) * D ** -0.5).requires_grad_()
+    x = torch.relu(torch.randn(batch, R, D, generator=g, device=device)).requires_grad_()
+    ref = torch.randn(K, D, generator=g, device=device).requires_grad_()
+    return [q, x, ref]
+
+
+VARIANTS = {
+    "msdn": (make_msdn, baselines.msdn_attention, msdn_attention_fused),
+    "gem": (make_gem, baselines.gem_attention, gem_attention_fused),
+}
+
+
+def implementation(variant, name):
+    _, eager, fused = VARIANTS[variant]
+    return {"eager": eager, "compile": bench.compiled(eager), "zslfast": fused}[name]
+
+
+@pytest.mark.parametrize("impl", bench.IMPLEMENTATIONS)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_attention_variant(benchmark, variant, impl):
+    benchmark.group = f"{variant} attention CUB B,K,R,D={B},{K},{R},{D} fwd+bwd {DEVICE.type}"
+    inputs = VARIANTS[variant][0](DEVICE)
+    fn = implementation(variant, impl)
+    fn(*inputs)  # compiles outside the measurement
+    benchmark.extra_info["saved_MiB"] = round(bench.saved_mib(fn, inputs), 3)
+    run_benchmark(benchmark, bench.step(fn, inputs, True), rounds=None if DEVICE.type == "cuda" else 3, warmup=1)
+
+
+def run_interleaved(variant, rounds=5):
+    inputs = VARIANTS[variant][0](torch.device("cpu"))
+    fns = {name: implementation(variant, name) for name in bench.IMPLEMENTATIONS}
+    for name, fn in fns.items():
+        print(f"{variant} {name}: saved for backward {bench.saved_mib(fn, inputs):.1f} MiB")
+    steps = {name: bench.step(fn, inputs, True) for name, fn in fns.items()}
+    bench.interleaved(f"{variant} attention CUB B={B} K={K} R={R} D={D} fwd+bwd", steps, rounds, calls=1, warmup=1)
+
+
+if __name__ == "__main__":
+    which = sys.argv[1:2] or list(VARIANTS)
+    n = int(sys.argv[2]) if len(sys.argv) > 2 else 5
+    if len(sys.argv) > 3:
+        torch.set_num_threads(int(sys.argv[3]))
+    for variant in which:
+        run_interleaved(variant, n)
