@@ -332,3 +332,22 @@ def test_benchmark_baselines_are_the_same_math(device, backend, generator):
             results.append([out, *torch.autograd.grad((out * cot).sum(), leaves)])
         for got, want in zip(results[1], results[0]):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_module_passes_the_options(device, backend, generator):
+    """AttributeCrossAttention(softmax_over=, logit_activation=)(..., return_max=) is the op on its projections."""
+    from zslfast.nn import AttributeCrossAttention
+
+    torch.manual_seed(0)
+    avl = AttributeCrossAttention(12, 6, 8, softmax_over="queries", logit_activation="relu", backend=backend).double()
+    regions = torch.randn(3, 9, 12, generator=generator, dtype=torch.float64)
+    attrs = torch.randn(5, 6, generator=generator, dtype=torch.float64)
+    got = avl(regions, attrs, return_max="logits", return_attention=True)
+    want = reference.attribute_attention(avl.W_q(attrs), avl.W_k(regions), avl.W_v(regions), attrs,
+                                         softmax_over="queries", logit_activation="relu", return_max="logits",
+                                         return_attention=True)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="softmax_over must be one of"):
+        AttributeCrossAttention(12, 6, 8, softmax_over="attributes")

@@ -4,7 +4,8 @@ zslfast.attribute_attention.
     q = W_q(attributes)   (K, dim) or (B, K, dim)      attributes: (K, dim_attr) word vectors (GloVe: 300)
     k = W_k(regions)      (B, R, dim)                   regions: (B, R, dim_visual) features (ResNet101 7x7: 49 x 2048)
     v = W_v(regions)      (B, R, dim_attr)              V maps to the attributes' width: E is compared with them
-    E = softmax(q k^T / sqrt(dim)) v                    (B, K, dim_attr)
+    E = softmax(act(q k^T) / sqrt(dim)) v               (B, K, dim_attr); the softmax over the regions, or over the
+                                                        attributes (softmax_over="queries"); act: logit_activation
     out = cos(E[b, i], ref[i])                          (B, K), ref = attributes unless given; score="dot" -> <E, ref>;
                                                         score=None -> E
 """
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from ..ops.attribute_attention import attribute_attention
+from ..ops._spec import choices
 from ..validation import check_option, check_tensor
 
 
@@ -27,12 +29,17 @@ class AttributeCrossAttention(nn.Module):
         dim_visual: width of the region features.  dim_attr: width of the attribute vectors (and of E).
         dim: width of the query/key projections.  score: "cosine", "dot" or None (return E).
         bias: whether W_q, W_k, W_v have biases.  backend: passed to zslfast.attribute_attention.
+        softmax_over, logit_activation: zslfast.attribute_attention's ("keys" | "queries", None | "relu").
     """
 
     def __init__(self, dim_visual: int, dim_attr: int, dim: int, score: Optional[str] = "cosine", *,
-                 bias: bool = False, backend: Optional[str] = None):
+                 bias: bool = False, backend: Optional[str] = None, softmax_over: str = "keys",
+                 logit_activation: Optional[str] = None):
         super().__init__()
         check_option("AttributeCrossAttention", "score", score, ("cosine", "dot", None))
+        check_option("AttributeCrossAttention", "softmax_over", softmax_over, choices("softmax_over"))
+        check_option("AttributeCrossAttention", "logit_activation", logit_activation, choices("logit_activation"))
+        self.softmax_over, self.logit_activation = softmax_over, logit_activation
         self.W_q = nn.Linear(dim_attr, dim, bias=bias)
         self.W_k = nn.Linear(dim_visual, dim, bias=bias)
         self.W_v = nn.Linear(dim_visual, dim_attr, bias=bias)
@@ -40,15 +47,18 @@ class AttributeCrossAttention(nn.Module):
         self.backend = backend
 
     def forward(self, regions: torch.Tensor, attributes: torch.Tensor, *, ref: Optional[torch.Tensor] = None,
-                mask: Optional[torch.Tensor] = None, return_attention: bool = False):
+                mask: Optional[torch.Tensor] = None, return_attention: bool = False,
+                return_max: Optional[str] = None):
         """regions (B, R, dim_visual), attributes (K, dim_attr) or (B, K, dim_attr), ref (defaults to attributes)
         (K, dim_attr) or (B, K, dim_attr), mask (B, R) bool -> (B, K) scores, or E (B, K, dim_attr) for score None;
-        with return_attention also the (B, K, R) attention."""
+        with return_attention also the (B, K, R) attention, with return_max ("attention" | "logits") the (B, K)
+        max over the regions (zslfast.attribute_attention's order: out, attention, max)."""
         check_tensor("AttributeCrossAttention", "regions", regions, (3,), "(B, R, dim_visual)")
         q = self.W_q(attributes)
         k = self.W_k(regions)
         v = self.W_v(regions)
         return attribute_attention(
             q, k, v, attributes if ref is None else ref, mask=mask, score=self.score,
-            return_attention=return_attention, backend=self.backend,
+            return_attention=return_attention, softmax_over=self.softmax_over,
+            logit_activation=self.logit_activation, return_max=return_max, backend=self.backend,
         )
