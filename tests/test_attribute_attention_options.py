@@ -351,3 +351,33 @@ def test_module_passes_the_options(device, backend, generator):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="softmax_over must be one of"):
         AttributeCrossAttention(12, 6, 8, softmax_over="attributes")
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("options", [OPTIONS[1], OPTIONS[4], OPTIONS[5], OPTIONS[6]], ids=lambda o: "-".join(map(str, o)))
+@pytest.mark.parametrize("where", ["q_row", "k_token", "v_token", "masked_k_token"])
+def test_options_nan_goes_where_the_reference_puts_it(device, backend, options, where, generator):
+    """A NaN input makes NaN exactly the outputs and gradients the reference's are (the softmax over the queries
+    spreads a q row's NaN to its whole sample, as eager's does), and a NaN in a masked token reaches nothing."""
+    B, K, R, D, Dv = 3, 4, 6, 5, 3
+    q, k, v, ref = make_inputs(B, K, R, D, Dv, "shared", "shared", torch.float64, device, generator)
+    mask = torch.ones(B, R, dtype=torch.bool, device=device)
+    mask[:, 4] = False
+    mask[2] = False
+    if where == "q_row":
+        q[1, 2] = float("nan")
+    elif where == "k_token":
+        k[0, 3, 1] = float("nan")
+    elif where == "v_token":
+        v[1, 2, 0] = float("nan")
+    else:
+        k[0, 4] = float("nan")
+        v[1, 4] = float("inf")
+    cot = cotangents_for(q, k, v, ref, options, "cosine", generator)
+    want = outputs_and_grads(reference.attribute_attention, q, k, v, ref, options, cot, mask=mask)
+    got = outputs_and_grads(lambda *a, **kw: zslfast.attribute_attention(*a, backend=backend, **kw), q, k, v, ref,
+                            options, cot, mask=mask)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert torch.equal(g.isnan(), w.isnan()), (i, g.isnan().nonzero().tolist(), w.isnan().nonzero().tolist())
+        fin = w.isfinite()
+        torch.testing.assert_close(g[fin], w[fin], rtol=1e-10, atol=1e-10)

@@ -565,7 +565,7 @@ void epilogue_backward(const Backward<acc_t>& w, int64_t b, acc_t* de) {
 // or of each whole column (softmax over the queries), dP = dE @ v[b]^T + grad_attn (+ dL/dmax at the arg-max for the
 // attention's max), Delta = sum_r P dP from the same row (eager's softmax backward: it carries no cancellation where
 // <dE, E> would) or Gamma = sum_i P dP from the same column, dS = scale * P * (dP - Delta or Gamma) on the kept r,
-// + scale * dL/dmax at the arg-max for the logits' max, times [T > 0] for the relu.
+// + scale * dL/dmax at the arg-max for the logits' max, times [not T <= 0] for the relu (torch's rule: NaN passes).
 template <typename acc_t>
 void softmax_backward(const Backward<acc_t>& w, int64_t b, const at::Tensor& de, at::Tensor& p, at::Tensor& dp,
                       std::vector<uint8_t>& positive) {
@@ -577,7 +577,8 @@ void softmax_backward(const Backward<acc_t>& w, int64_t b, const at::Tensor& de,
   const bool* keep = w.keep != nullptr ? w.keep + b * d.R : nullptr;
   const bool relu = w.options.activation == 1;
   if (relu) {
-    for (int64_t j = 0; j < d.K * d.R; ++j) positive[j] = p_data[j] > acc_t(0);
+    // relu's backward as torch's threshold_backward: zero where T <= 0, so a NaN T passes its gradient on.
+    for (int64_t j = 0; j < d.K * d.R; ++j) positive[j] = !(p_data[j] <= acc_t(0));
     relu_rows(p_data, d.K * d.R);
   }
   const int32_t* best_index = w.best_index != nullptr ? w.best_index + b * d.K : nullptr;

@@ -32,7 +32,8 @@ Options (issue 17: the variants of MSDN, SAGE, PSVMA and GEM-ZSL, one call each)
                       keys:    dS = P (dP - Delta), Delta[b, i] = sum_r P dP  (= <dE, E> + <P, dL/dattn> + gM M)
                       queries: dS = P (dP - Gamma), Gamma[b, r] = sum_i P dP  (a column sum over every query row)
                       "logits": dS[b, i, idx] += gM
-                      dT = scale dS [T > 0 for "relu"];  dq = dT k, dk = dT^T q, dv = P^T dE (scale folded as above)
+                      dT = scale dS [not T <= 0 for "relu"] (torch's relu backward: a NaN T passes dS)
+                      dq = dT k, dk = dT^T q, dv = P^T dE
 
 Numerics every backend keeps (issue 16; tests/test_attribute_attention.py):
     masks       masked tokens are selected away (torch.where / tl.where / masked loads), never weighted by 0: a NaN
