@@ -58,7 +58,7 @@ import torch
 from .. import reference
 from ..reference import discard_lowest
 from ..validation import (
-    accumulator_dtype, check_flag, check_number, check_option, check_start_layer, promote, shape_str,
+    accumulator_dtype, check_flag, check_option, check_start_layer, promote, shape_str,
 )
 from ._spec import OpSpec, choices, define, enum_id, triton_kernel
 
@@ -79,10 +79,12 @@ def check_rollout_options(fn: str, mode, head_fusion, discard_ratio, normalize) 
             f"{fn}: normalize applies to mode 'abnar' only (mode 'residual' never normalises); leave it 'row', "
             f"got normalize={normalize!r}"
         )
-    ratio = check_number(fn, "discard_ratio", discard_ratio)
-    if not 0.0 <= ratio < 1.0:
+    if isinstance(discard_ratio, bool) or not isinstance(discard_ratio, (int, float)):
+        raise TypeError(f"{fn}: discard_ratio must be a Python number, got {type(discard_ratio).__name__}")
+    # comparisons only (no math.isfinite): torch.compile traces a Python float as a SymFloat; NaN fails both
+    if not 0.0 <= discard_ratio < 1.0:
         raise ValueError(f"{fn}: discard_ratio must be a finite number in [0, 1), got {discard_ratio!r}")
-    return ratio
+    return float(discard_ratio)
 
 
 # ----------------------------------------------------------------------------------------------------------------
