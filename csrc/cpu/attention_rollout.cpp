@@ -8,8 +8,8 @@
 //
 // Each step is v_out[j] = sum_i coef_i (F[i, j] + [abnar or l > 0] delta_ij), coef_i = v[i] / rowsum_i (abnar with
 // normalize 0) or v[i] (otherwise). The discard option of zslfast.attention_rollout never reaches this kernel: it
-// hands over maps already fused and discarded in PyTorch, as one "head" with fusion sum. The rows of F are formed one at a
-// time from the H heads (a buffer of N), so every map is read exactly once and nothing (B, N, N) is written.
+// hands over maps already fused and discarded in PyTorch, as one "head" with fusion sum. The rows of F are formed one
+// at a time from the H heads (a buffer of N), so every map is read exactly once and nothing (B, N, N) is written.
 // Parallel over b; within b the sums run in a fixed order (deterministic). Accumulation in float (double for double).
 //
 // NaN (issue 16): max/min fusion propagates a NaN head as torch.max/amax do (std::max and a plain compare-select

@@ -25,15 +25,16 @@ CLS row (``cls_only=True``, the registered op ``zslfast::attention_rollout_cls``
 matrices is a vector walked through them, ``v <- v M^l`` with ``v = e_0``, so no N x N product is ever formed:
 abnar walks the layers from last to first with ``M = A'``; residual walks first to last with ``M^1 = F^1`` and
 ``M^l = I + F^l``. Head fusion, identity and normalisation happen as each map is read, once (O(L·H·N²) reads,
-O(B·N) writes), in C++ (CPU) or Triton (GPU); normalize "none" is the kernels' flag dropping r. With discard_ratio > 0 the
-maps are fused and discarded in PyTorch first (the top-k is a data-dependent selection over the whole map) and reach
-the kernels as one head, (B, 1, N, N) with fusion "sum", so the kernels know nothing of it; autograd takes the
-gradient from the kernels' F back through the discard and the fusion. The vectors entering each step, states (L, B, N), are saved;
-the backward walks the steps in reverse with PyTorch ops, one layer's (B, N, N) at a time:
+O(B·N) writes), in C++ (CPU) or Triton (GPU); normalize "none" is the kernels' flag dropping r. With
+discard_ratio > 0 the maps are fused and discarded in PyTorch first (the top-k is a data-dependent selection over
+the whole map) and reach the kernels as one head, (B, 1, N, N) with fusion "sum", so the kernels know nothing of it;
+autograd takes the gradient from the kernels' F back through the discard and the fusion. The vectors entering each
+step, states (L, B, N), are saved; the backward walks the steps in reverse with PyTorch ops, one layer's (B, N, N)
+at a time:
 
     grad_v_in = M g,   grad_M[i, j] = v_in[i] g[j]
-    abnar:     grad_F[i, j] = v_in[i] / r_i * (g[j] - (M g)[i]),   r_i = 1 + sum_j F[i, j]
-    abnar, normalize "none", and residual:  grad_F[i, j] = v_in[i] g[j]   (M = F + I, or F: no r)
+    abnar ("row"):   grad_F[i, j] = v_in[i] / r_i * (g[j] - (M g)[i]),   r_i = 1 + sum_j F[i, j]
+    abnar ("none"), residual:  grad_F[i, j] = v_in[i] g[j]   (M = F + I, or F: no r)
     fusion:    mean -> grad_F / H to every head, sum -> grad_F, max/min -> grad_F to the selected head
 
 NaN: max/min fusion propagates a NaN head (torch.max/amax's rule) in every backend, and the selected head of the
@@ -57,9 +58,7 @@ import torch
 
 from .. import reference
 from ..reference import discard_lowest
-from ..validation import (
-    accumulator_dtype, check_flag, check_option, check_start_layer, promote, shape_str,
-)
+from ..validation import accumulator_dtype, check_flag, check_option, check_start_layer, promote, shape_str
 from ._spec import OpSpec, choices, define, enum_id, triton_kernel
 
 OP = "attention_rollout"
