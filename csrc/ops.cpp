@@ -26,8 +26,10 @@ TORCH_LIBRARY(zslfast, m) {
   // attention_rollout, CLS row: a vector-matrix chain over the layers, each layer's maps read once.
   //   attns: L tensors (B, H, N, N); mode 0 = abnar (walk layers last to first: v <- v rownorm(fuse(A) + I)),
   //   1 = residual (walk first to last: v <- v T for the first layer, v <- v + v T after); fusion 0 mean, 1 sum,
-  //   2 max, 3 min. Returns out (B, N) and states (L, B, N): the vector entering each layer's step (for backward).
-  m.def("_attention_rollout_cls_fwd(Tensor[] attns, int mode, int fusion) -> (Tensor, Tensor)");
+  //   2 max, 3 min; normalize 0 = row (abnar's division by the row sums of F + I), 1 = none (abnar walks the
+  //   plain products of F + I; residual ignores it). Returns out (B, N) and states (L, B, N): the vector entering
+  //   each layer's step (for backward).
+  m.def("_attention_rollout_cls_fwd(Tensor[] attns, int mode, int fusion, int normalize) -> (Tensor, Tensor)");
 
   // attribute_attention: E = softmax(q k^T * scale over kept r) v, then a cosine/dot score against ref per row.
   //   q (K, D) or (B, K, D), k (B, R, D), v (B, R, Dv), ref (K, Dv) | (B, K, Dv) (needed unless score_mode is 0),

@@ -1,7 +1,9 @@
 """attention_rollout against the reference (outputs and gradients): both modes x every head fusion x cls_only/full,
 list and tensor inputs, N = 2..577, L = 1..24, start_layer, float64/float32 on CPU, float32 Triton under the
 interpreter, fp16/bf16 on GPU; gradcheck, opcheck, torch.compile(fullgraph=True), bad input; NaN in a map and
-thread-count independence of the CPU backend (issue 16).
+thread-count independence of the CPU backend (issue 16). Issue 17's options: discard_ratio (against vit-explain's
+discard written out per instance) and normalize="none" (against Transformer-Explainability's compute_rollout_attention)
+on every backend, cls_only and full, non-contiguous input, bad values, opcheck and torch.compile.
 
     attns (L, B, H, N, N) or L x (B, H, N, N) -> (B, N) when cls_only, else (B, N, N)
 """
@@ -42,13 +44,14 @@ def rollout_and_grads(fn, maps, grad_out=None):
     return out, grads, grad_out
 
 
-def check(maps, backend, dtype, mode, fusion, start_layer=0, cls_only=True):
+def check(maps, backend, dtype, mode, fusion, start_layer=0, cls_only=True, discard_ratio=0.0, normalize="row"):
     exact, exact_grads, g = rollout_and_grads(
-        lambda m: reference.attention_rollout(m, mode, fusion, start_layer, cls_only), maps.double()
-        if isinstance(maps, torch.Tensor) else [m.double() for m in maps]
+        lambda m: reference.attention_rollout(m, mode, fusion, start_layer, cls_only, discard_ratio, normalize),
+        maps.double() if isinstance(maps, torch.Tensor) else [m.double() for m in maps]
     )
     out, grads, _ = rollout_and_grads(
-        lambda m: zslfast.attention_rollout(m, mode=mode, head_fusion=fusion, start_layer=start_layer, cls_only=cls_only, backend=backend),
+        lambda m: zslfast.attention_rollout(m, mode=mode, head_fusion=fusion, start_layer=start_layer, cls_only=cls_only,
+                                            discard_ratio=discard_ratio, normalize=normalize, backend=backend),
         maps,
         g,
     )
@@ -124,7 +127,11 @@ def test_gradcheck(device, backend, generator):
 def test_opcheck(device, backend, generator):
     maps = make_maps(2, 2, 2, 5, torch.float32, device, generator)
     for mode in MODES:
-        torch.library.opcheck(torch.ops.zslfast.attention_rollout_cls.default, ([m.requires_grad_() for m in maps], mode, "mean", backend))
+        for normalize in ("row", "none") if mode == "abnar" else ("row",):
+            torch.library.opcheck(
+                torch.ops.zslfast.attention_rollout_cls.default,
+                ([m.requires_grad_() for m in maps], mode, "mean", normalize, backend),
+            )
 
 
 def test_compile_fullgraph(generator):
@@ -169,6 +176,8 @@ def test_backend_without_kernel_is_refused(generator):
         ([torch.rand(1, 1, 2, 2)], {"mode": "chefer"}, ValueError, ["mode", "chefer"]),
         ([torch.rand(1, 1, 2, 2)], {"head_fusion": "median"}, ValueError, ["head_fusion", "median"]),
         ([torch.rand(1, 1, 2, 2)] * 3, {"start_layer": 3}, ValueError, ["start_layer", "L=3"]),
+        ([torch.rand(1, 1, 2, 2)], {"normalize": "col"}, ValueError, ["normalize", "col"]),
+        ([torch.rand(1, 1, 2, 2)], {"discard_ratio": 1.0}, ValueError, ["discard_ratio", "[0, 1)"]),
         ("maps", {}, TypeError, ["attns", "str"]),
     ],
 )
@@ -290,3 +299,201 @@ def test_cpu_results_do_not_depend_on_thread_count(dtype, generator):
             assert torch.equal(out1, out2), f"{mode} {fusion} output"
             for l, (a, b) in enumerate(zip(grads1, grads2)):
                 assert torch.equal(a, b), f"{mode} {fusion} gradient of layer {l}"
+
+
+# ------------------------------------------------------------------ issue 17: discard_ratio and normalize="none"
+RATIOS = [0.0, 0.5, 0.9]
+
+
+def _normalizes(mode):
+    return ("row", "none") if mode == "abnar" else ("row",)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("mode", MODES)
+def test_options_match_reference(device, backend, mode, fusion, generator):
+    """discard_ratio x normalize x cls_only, B = 1 and B > 1, odd N, float64 and float32: outputs and gradients."""
+    for dtype in dtypes_for(device, backend):
+        for L, B, H, N in [(2, 1, 2, 7), (3, 3, 3, 9)]:
+            maps = make_maps(L, B, H, N, dtype, device, generator)
+            for discard_ratio in RATIOS:
+                for normalize in _normalizes(mode):
+                    for cls_only in (True, False):
+                        check(maps, backend, dtype, mode, fusion, cls_only=cls_only, discard_ratio=discard_ratio,
+                              normalize=normalize)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_options_non_contiguous_and_start_layer(device, backend, generator):
+    """A transposed view (columns strided), an expanded batch (stride 0) and a 5-D tensor with start_layer."""
+    maps = make_maps(3, 2, 2, 11, torch.float64, device, generator, as_tensor=True)
+    transposed = maps.transpose(-1, -2).contiguous().transpose(-1, -2)
+    expanded = maps[:, :1].expand(3, 3, 2, 11, 11)
+    assert not transposed.is_contiguous() and not expanded.is_contiguous()
+    for mode in MODES:
+        for normalize in _normalizes(mode):
+            for cls_only in (True, False):
+                check(list(transposed.unbind(0)), backend, torch.float64, mode, "max", cls_only=cls_only,
+                      discard_ratio=0.9, normalize=normalize)
+                check(list(expanded.unbind(0)), backend, torch.float64, mode, "mean", cls_only=cls_only,
+                      discard_ratio=0.5, normalize=normalize)
+                check(maps, backend, torch.float64, mode, "min", start_layer=1, cls_only=cls_only,
+                      discard_ratio=0.5, normalize=normalize)
+
+
+def _vit_explain_rollout(maps, discard_ratio, head_fusion, first_instance_only=False, keep_cls=True):
+    """jacobgil/vit-explain's ``rollout`` written out, except that each instance is discarded with its own indices
+    (``first_instance_only`` is vit-explain's own: instance 0 zeroed with every instance's indices pooled) and rows
+    divided by their own sums (keepdim). ``keep_cls=False`` also drops flat index 0 (what zslfast must not do)."""
+    result = torch.eye(maps[0].shape[-1], dtype=maps[0].dtype).expand(maps[0].shape[0], -1, -1)
+    for attention in maps:
+        fused = getattr(attention, head_fusion)(dim=1)
+        fused = (fused.values if head_fusion in ("max", "min") else fused).clone()
+        flat = fused.view(fused.size(0), -1)
+        k = int(flat.size(-1) * discard_ratio)
+        if first_instance_only:
+            _, indices = flat.topk(k, -1, False)
+            indices = indices[indices != 0] if keep_cls else indices.flatten()
+            flat[0, indices] = 0
+        else:
+            for b in range(flat.size(0)):
+                _, indices = flat[b].topk(k, -1, False)
+                if keep_cls:
+                    indices = indices[indices != 0]
+                flat[b, indices] = 0
+        eye = torch.eye(fused.size(-1), dtype=fused.dtype)
+        a = (fused + 1.0 * eye) / 2
+        a = a / a.sum(dim=-1, keepdim=True)
+        result = torch.matmul(a, result)
+    return result[:, 0]
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("fusion", ["max", "mean"])
+def test_discard_matches_vit_explain_per_instance(device, backend, fusion, generator):
+    """vit-explain's discard (topk(largest=False) over the flattened fused map, flat index 0 dropped from it, the
+    rest zeroed), for every instance; the CLS->CLS entry is the smallest of every map here and is kept."""
+    maps = [m + 0.1 for m in make_maps(3, 3, 2, 9, torch.float64, device, generator, softmax=False)]
+    for m in maps:
+        m[:, :, 0, 0] = 0.05  # CLS->CLS the smallest entry of every fused map: topk selects it, zslfast keeps it
+    for ratio in (0.5, 0.9):
+        want = _vit_explain_rollout(maps, ratio, fusion)
+        got = zslfast.attention_rollout(maps, head_fusion=fusion, discard_ratio=ratio, backend=backend)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        # the checks above are sensitive to both properties
+        assert not torch.allclose(got, _vit_explain_rollout(maps, ratio, fusion, keep_cls=False))
+        only_first = _vit_explain_rollout(maps, ratio, fusion, first_instance_only=True)
+        assert not torch.allclose(got[1:], only_first[1:])
+    # fewer than k go when index 0 is among the k smallest: the fused map keeps N*N - k + 1 nonzeros
+    fused = reference.discard_lowest(reference.fuse_heads(maps[0], fusion), 0.5)
+    assert (fused.flatten(1) != 0).sum(1).tolist() == [81 - 40 + 1] * 3
+
+
+def test_discard_ties_follow_torch_topk():
+    """Ties: the entries discarded are torch.topk's choice, for every instance."""
+    fused = torch.tensor([[[0.5, 0.1, 0.1], [0.1, 0.1, 0.3], [0.2, 0.1, 0.4]]], dtype=torch.float64).repeat(2, 1, 1)
+    fused[1] = fused[1].flip(-1)
+    maps = [fused[:, None]]  # one head
+    ratio = 0.4  # k = int(9 * 0.4) = 3 of the five 0.1 entries
+    want = fused.clone()
+    for b in range(2):
+        idx = want[b].flatten().topk(3, largest=False).indices
+        want[b].view(-1)[idx[idx != 0]] = 0
+    assert torch.equal(reference.discard_lowest(fused, ratio), want)
+    for backend in ["reference", "cpu", "triton"]:
+        got = zslfast.attention_rollout(maps, head_fusion="sum", discard_ratio=ratio, cls_only=False, backend=backend)
+        want_full = reference.attention_rollout([want[:, None]], "abnar", "sum", 0, False)
+        torch.testing.assert_close(got, want_full, rtol=0, atol=1e-15)
+
+
+def _transformer_explainability_rollout(all_layer_matrices, start_layer=0):
+    """hila-chefer/Transformer-Explainability's ViT_LRP ``compute_rollout_attention`` (of the head-averaged maps)."""
+    num_tokens = all_layer_matrices[0].shape[1]
+    batch_size = all_layer_matrices[0].shape[0]
+    eye = torch.eye(num_tokens).expand(batch_size, num_tokens, num_tokens).to(all_layer_matrices[0])
+    all_layer_matrices = [all_layer_matrices[i] + eye for i in range(len(all_layer_matrices))]
+    joint_attention = all_layer_matrices[start_layer]
+    for i in range(start_layer + 1, len(all_layer_matrices)):
+        joint_attention = all_layer_matrices[i].bmm(joint_attention)
+    return joint_attention
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_normalize_none_matches_transformer_explainability(device, backend, generator):
+    """normalize="none": products of (mean_h A + I) with bmm, no row normalisation, on relevance maps whose rows do
+    not sum to 1 (outputs and gradients), start_layer included."""
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        maps = [m * 0.2 for m in make_maps(4, 2, 3, 9, dtype, device, generator, softmax=False)]
+        for start_layer in (0, 2):
+            for cls_only in (True, False):
+                leaves = [m.clone().requires_grad_() for m in maps]
+                joint = _transformer_explainability_rollout([m.sum(dim=1) / m.shape[1] for m in leaves], start_layer)
+                want = joint[:, 0] if cls_only else joint
+                want_grads = torch.autograd.grad(want[..., 1:].sum(), leaves, allow_unused=True)
+                leaves = [m.clone().requires_grad_() for m in maps]
+                got = zslfast.attention_rollout(leaves, start_layer=start_layer, cls_only=cls_only, normalize="none",
+                                                backend=backend)
+                got_grads = torch.autograd.grad(got[..., 1:].sum(), leaves, allow_unused=True)
+                torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+                for g, w in zip(got_grads, want_grads):
+                    if w is None:
+                        assert g is None or not g.any()
+                    else:
+                        torch.testing.assert_close(g, w, rtol=tol, atol=tol)
+                # not the row-normalised rollout: the flag reached the kernel
+                assert not torch.allclose(got, zslfast.attention_rollout(maps, start_layer=start_layer,
+                                                                         cls_only=cls_only, backend=backend))
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize(
+    "kwargs,error,words",
+    [
+        ({"normalize": "col"}, ValueError, ["normalize", "'row', 'none'", "'col'"]),
+        ({"normalize": None}, ValueError, ["normalize"]),
+        ({"mode": "residual", "normalize": "none"}, ValueError, ["normalize", "abnar", "residual"]),
+        ({"discard_ratio": 1.0}, ValueError, ["discard_ratio", "[0, 1)"]),
+        ({"discard_ratio": -0.1}, ValueError, ["discard_ratio", "[0, 1)"]),
+        ({"discard_ratio": float("nan")}, ValueError, ["discard_ratio", "finite"]),
+        ({"discard_ratio": float("inf")}, ValueError, ["discard_ratio", "finite"]),
+        ({"discard_ratio": True}, TypeError, ["discard_ratio", "bool"]),
+        ({"discard_ratio": "0.9"}, TypeError, ["discard_ratio", "str"]),
+        ({"discard_ratio": torch.tensor(0.9)}, TypeError, ["discard_ratio", "Tensor"]),
+    ],
+)
+def test_bad_options_same_error_on_every_backend(device, backend, kwargs, error, words):
+    with pytest.raises(error) as info:
+        zslfast.attention_rollout([torch.rand(1, 1, 3, 3, device=device)], backend=backend, **kwargs)
+    for word in words:
+        assert word in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_gradcheck_options(device, backend, generator):
+    maps = [m.requires_grad_() for m in make_maps(2, 2, 2, 4, torch.float64, device, generator)]
+    for mode, normalize in (("abnar", "none"), ("abnar", "row"), ("residual", "row")):
+        for cls_only in (True, False):
+            assert torch.autograd.gradcheck(
+                lambda *m: zslfast.attention_rollout(list(m), mode=mode, head_fusion="max", discard_ratio=0.5,
+                                                     normalize=normalize, cls_only=cls_only, backend=backend), maps
+            )
+
+
+@pytest.mark.parametrize("cls_only", [True, False])
+def test_compile_fullgraph_options(cls_only, generator):
+    """torch.compile(fullgraph=True) through the discard (topk, scatter) and the kernels' normalize flag."""
+    torch._dynamo.reset()
+    maps = [m.requires_grad_() for m in make_maps(3, 2, 2, 7, torch.float32, "cpu", generator)]
+    for normalize, ratio, fusion in (("none", 0.0, "mean"), ("row", 0.9, "max"), ("none", 0.5, "sum")):
+
+        @torch.compile(fullgraph=True)
+        def patch_scores(maps):
+            return zslfast.attention_rollout(maps, head_fusion=fusion, discard_ratio=ratio, normalize=normalize,
+                                             cls_only=cls_only)[..., 1:].sum()
+
+        got = torch.autograd.grad(patch_scores(maps), maps)
+        want_out = reference.attention_rollout(maps, "abnar", fusion, 0, cls_only, ratio, normalize)[..., 1:].sum()
+        want = torch.autograd.grad(want_out, maps)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)

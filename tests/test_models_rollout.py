@@ -2,7 +2,8 @@
 values (float64 and float32, both modes x four head fusions x cls_only x start_layer), the model output left
 bit-for-bit unchanged, attention forwards restored (also after an error), the model zoo's variants (class token,
 registers, no class token, DINOv2, qk_norm), gradients (images and parameters; gradcheck of the per-head op), attention
-masks, peak memory against a store-all-maps baseline, and bad-input errors. Models are random (pretrained=False).
+masks, peak memory against a store-all-maps baseline, bad-input errors, and issue 17's discard_ratio / normalize
+(values and gradients, fold and stored-maps paths). Models are random (pretrained=False).
 
     A^l = softmax(q k^T * d^-0.5) (B, H, N, N)
     vit_attention_rollout(model, images, ...)[1] == reference.attention_rollout([A^0..A^(L-1)], mode, fusion, s, cls)
@@ -223,6 +224,55 @@ def test_gradients_match_reference(mode, head_fusion):
         close(g, e, torch.float64)
 
 
+# Issue 17's options: discard_ratio and normalize="none".
+OPTIONS = [("abnar", "max", 0.9, "row"), ("abnar", "mean", 0.5, "none"), ("residual", "sum", 0.5, "row"),
+           ("abnar", "min", 0.0, "none")]
+
+
+@pytest.mark.parametrize("cls_only", [True, False], ids=["cls", "full"])
+@pytest.mark.parametrize("mode,head_fusion,discard_ratio,normalize", OPTIONS)
+def test_options_match_reference(small_vit, mode, head_fusion, discard_ratio, normalize, cls_only):
+    """The fold (backend None) and the stored-maps path (backend "reference") against the reference rollout of the
+    captured maps, B = 2 (every instance discarded on its own)."""
+    model, images, plain, maps = small_vit
+    expected = reference.attention_rollout(maps, mode, head_fusion, 1, cls_only, discard_ratio, normalize)
+    for backend in (None, "reference"):
+        with torch.no_grad():
+            output, rollout = vit_attention_rollout(
+                model, images, mode=mode, head_fusion=head_fusion, start_layer=1, cls_only=cls_only,
+                discard_ratio=discard_ratio, normalize=normalize, backend=backend,
+            )
+        close(rollout, expected, images.dtype)
+        if backend is None:  # the fold runs the model's own (fused SDPA) forward; "reference" its non-fused one
+            assert torch.equal(output, plain)
+        assert_restored(model)
+    if discard_ratio > 0:  # the option reached the fold
+        assert not torch.allclose(rollout, reference.attention_rollout(maps, mode, head_fusion, 1, cls_only, 0.0,
+                                                                       normalize))
+
+
+@pytest.mark.parametrize("mode,head_fusion,discard_ratio,normalize", OPTIONS[:3])
+def test_options_gradients_match_reference(mode, head_fusion, discard_ratio, normalize):
+    """Image and parameter gradients with discard / normalize="none": discarded entries pass no gradient."""
+    model = make_model(depth=3, img_size=48)
+    images = make_images(model, torch.float64)
+    params = [model.patch_embed.proj.weight] + [blk.attn.qkv.weight for blk in model.blocks]
+    weight = torch.randn(B, model.num_prefix_tokens + model.patch_embed.num_patches, dtype=torch.float64)
+    options = dict(mode=mode, head_fusion=head_fusion, discard_ratio=discard_ratio, normalize=normalize)
+
+    x = images.clone().requires_grad_()
+    _, rollout = vit_attention_rollout(model, x, **options)
+    got = torch.autograd.grad((rollout * weight).sum(), [x] + params)
+
+    x = images.clone().requires_grad_()
+    _, maps = captured_attention(model, x)
+    expected_rollout = reference.attention_rollout(maps, mode, head_fusion, 0, True, discard_ratio, normalize)
+    expected = torch.autograd.grad((expected_rollout * weight).sum(), [x] + params)
+    for g, e in zip(got, expected):
+        assert e.abs().max() > 0
+        close(g, e, torch.float64)
+
+
 def test_sum_backward_image_gradient_and_grad_checkpointing():
     """rollout.sum().backward() (as SVIP does) gives the reference's image gradient, also with timm grad
     checkpointing switched on (turned off for the call, restored after)."""
@@ -396,6 +446,15 @@ def test_bad_arguments():
             vit_attention_rollout(model, images, start_layer=bad)
     with pytest.raises(TypeError, match="start_layer must be an int"):
         vit_attention_rollout(model, images, start_layer=1.0)
+    with pytest.raises(ValueError, match=r"normalize must be one of \('row', 'none'\), got 'col'"):
+        vit_attention_rollout(model, images, normalize="col")
+    with pytest.raises(ValueError, match="normalize applies to mode 'abnar' only"):
+        vit_attention_rollout(model, images, mode="residual", normalize="none", backend="reference")
+    for bad in (1.0, -0.5, float("nan")):
+        with pytest.raises(ValueError, match=r"discard_ratio must be a finite number in \[0, 1\)"):
+            vit_attention_rollout(model, images, discard_ratio=bad)
+    with pytest.raises(TypeError, match="discard_ratio must be a Python number, got bool"):
+        vit_attention_rollout(model, images, discard_ratio=True, backend="reference")
     assert_restored(model)
 
 

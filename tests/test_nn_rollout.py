@@ -1,7 +1,8 @@
 """zslfast.nn.AttentionRollout against zslfast.reference.attention_rollout: forward over collected maps on every
 backend (values and gradients, fp64 / fp32, both modes, four head fusions, cls_only, start_layer), from_model on a
 tiny timm ViT (fused path = vit_attention_rollout, reference path = stored eager maps; both equal the reference on
-maps captured independently), the ``backend`` attribute really switching the path, and bad-input errors.
+maps captured independently), the ``backend`` attribute really switching the path, bad-input errors, and issue 17's
+discard_ratio / normalize options (forward and from_model).
 """
 
 import pytest
@@ -56,11 +57,47 @@ def test_forward_matches_reference_values_and_gradients(device, backend, dtype, 
             close(got.grad, want.grad.to(device), dtype)
 
 
+@pytest.mark.parametrize("device,backend", [pytest.param("cpu", "reference", id="reference"), *DEVICE_BACKENDS])
+@pytest.mark.parametrize("mode,normalize", [("abnar", "row"), ("abnar", "none"), ("residual", "row")])
+def test_forward_options_match_reference(device, backend, mode, normalize, generator):
+    """discard_ratio and normalize through the module, cls_only and full, fp64: values and gradients."""
+    maps = random_maps(3, 2, 3, 7, torch.float64, generator, device)
+    for cls_only, discard_ratio, fusion in ((True, 0.9, "max"), (False, 0.5, "mean"), (True, 0.5, "min")):
+        module = AttentionRollout(mode, fusion, cls_only=cls_only, discard_ratio=discard_ratio, normalize=normalize,
+                                  backend=backend)
+        leaves = [m.clone().requires_grad_() for m in maps]
+        out = module(leaves)
+        exact_leaves = [m.detach().clone().requires_grad_() for m in maps]
+        exact = reference.attention_rollout(exact_leaves, mode, fusion, 0, cls_only, discard_ratio, normalize)
+        close(out, exact, torch.float64)
+        weight = torch.randn(exact.shape, generator=generator, dtype=torch.float64).to(device)
+        (out * weight).sum().backward()
+        (exact * weight).sum().backward()
+        for got, want in zip(leaves, exact_leaves):
+            close(got.grad, want.grad, torch.float64)
+
+
+def test_from_model_options_match_captured_maps(generator):
+    model = tiny_vit(reg_tokens=1)
+    images = torch.randn(2, 3, 32, 32, generator=generator, dtype=torch.float64)
+    _, maps = captured_maps(model, images)
+    for head_fusion, discard_ratio, normalize in (("max", 0.9, "row"), ("mean", 0.5, "none")):
+        exact = reference.attention_rollout(maps, "abnar", head_fusion, 0, True, discard_ratio, normalize)
+        for backend in (None, "reference"):
+            module = AttentionRollout(head_fusion=head_fusion, discard_ratio=discard_ratio, normalize=normalize,
+                                      backend=backend)
+            with torch.no_grad():
+                _, rollout = module.from_model(model, images)
+            close(rollout, exact, torch.float64)
+
+
 def test_accepts_a_stacked_tensor_and_repr(generator):
     maps = random_maps(2, 1, 2, 5, torch.float64, generator)
     module = AttentionRollout(backend="reference")
     torch.testing.assert_close(module(torch.stack(maps)), module(maps), rtol=0, atol=0)
     assert "abnar" in repr(module) and "reference" in repr(module)
+    assert "discard_ratio=0, normalize='row'" in repr(module)
+    assert "discard_ratio=0.9, normalize='none'" in repr(AttentionRollout(discard_ratio=0.9, normalize="none"))
     assert list(module.parameters()) == []
 
 
@@ -162,6 +199,14 @@ def test_bad_arguments_raise_clear_errors(generator):
         AttentionRollout(head_fusion="median")
     with pytest.raises(TypeError, match="start_layer"):
         AttentionRollout(start_layer=1.0)
+    with pytest.raises(ValueError, match="normalize"):
+        AttentionRollout(normalize="col")
+    with pytest.raises(ValueError, match="normalize applies to mode 'abnar' only"):
+        AttentionRollout("residual", normalize="none")
+    with pytest.raises(ValueError, match="discard_ratio"):
+        AttentionRollout(discard_ratio=1.0)
+    with pytest.raises(TypeError, match="discard_ratio"):
+        AttentionRollout(discard_ratio="0.9")
     with pytest.raises(ValueError, match="backend"):
         AttentionRollout(backend="metal")
     module = AttentionRollout()

@@ -93,7 +93,7 @@ def _attention_rollout(L, B, H, N, dtype):
     from .triton import attention_rollout as kernels
 
     attns = [_meta(B, H, N, N, dtype=dtype) for _ in range(L)]
-    yield "forward", kernels.plan_forward(attns, "abnar", 0)[2]
+    yield "forward", kernels.plan_forward(attns, "abnar", 0, 0)[2]
 
 
 def _memory_bank_kl(B, M, D, C, dtype):

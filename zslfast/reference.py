@@ -78,27 +78,52 @@ def fuse_heads(attn: torch.Tensor, head_fusion: str) -> torch.Tensor:
     raise ValueError(f"head_fusion must be 'mean', 'sum', 'max' or 'min', got {head_fusion!r}")
 
 
-def attention_rollout(attns, mode: str = "abnar", head_fusion: str = "mean", start_layer: int = 0, cls_only: bool = True):
+def discard_lowest(fused: torch.Tensor, discard_ratio: float) -> torch.Tensor:
+    """vit-explain's discard, for every instance: (B, N, N) -> (B, N, N) with the int(N*N*discard_ratio) smallest
+    entries of each map (torch.topk(largest=False) over the flattened N*N, its tie-breaking) set to 0, except the
+    CLS->CLS entry (flat index 0), which is never discarded. The selection is a constant for autograd: discarded
+    entries get gradient 0, kept ones the gradient of the identity."""
+    B, N, _ = fused.shape
+    k = int(N * N * discard_ratio)
+    if k == 0:
+        return fused
+    flat = fused.reshape(B, N * N)
+    lowest = flat.topk(k, dim=-1, largest=False).indices
+    drop = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device).scatter_(1, lowest, True)
+    drop[:, 0] = False
+    return torch.where(drop, torch.zeros((), dtype=flat.dtype, device=flat.device), flat).reshape(B, N, N)
+
+
+def attention_rollout(attns, mode: str = "abnar", head_fusion: str = "mean", start_layer: int = 0, cls_only: bool = True,
+                      discard_ratio: float = 0.0, normalize: str = "row"):
     """Attention rollout across ViT layers, the eager way (full (B, N, N) products, layer by layer).
 
     attns: (L, B, H, N, N) or a sequence of L tensors (B, H, N, N), first layer first.
-    mode "abnar" (Abnar & Zuidema 2020, SVIP's released code): A'^l = rownorm(fuse(A^l) + I) with each row divided by
-        its own sum, R = A'^L ... A'^1 (``result = a @ result``).
-    mode "residual" (SVIP Eq. 4): T^l = fuse(A^l), W^1 = T^1, W^l = W^(l-1) + W^(l-1) T^l.
+    F^l = fuse(A^l), then, when discard_ratio > 0, ``discard_lowest(F^l, discard_ratio)`` (vit-explain's discard,
+        per instance, CLS->CLS kept).
+    mode "abnar" (Abnar & Zuidema 2020, SVIP's released code): A'^l = rownorm(F^l + I) with each row divided by
+        its own sum, R = A'^L ... A'^1 (``result = a @ result``); normalize "none": A'^l = F^l + I, no division
+        (Transformer-Explainability's ``compute_rollout_attention``).
+    mode "residual" (SVIP Eq. 4): W^1 = F^1, W^l = W^(l-1) + W^(l-1) F^l (normalize must be "row", ignored).
     Layers before ``start_layer`` are skipped. Returns R[:, 0] (B, N) when ``cls_only``, else R (B, N, N).
     """
     layers = list(attns)[start_layer:]
     if mode == "abnar":
         result = None
         for attn in layers:
-            fused = fuse_heads(attn, head_fusion)
+            fused = discard_lowest(fuse_heads(attn, head_fusion), discard_ratio)
             a = fused + torch.eye(fused.shape[-1], dtype=fused.dtype, device=fused.device)
-            a = a / a.sum(dim=-1, keepdim=True)
+            if normalize == "row":
+                a = a / a.sum(dim=-1, keepdim=True)
+            elif normalize != "none":
+                raise ValueError(f"normalize must be 'row' or 'none', got {normalize!r}")
             result = a if result is None else a @ result
     elif mode == "residual":
+        if normalize != "row":
+            raise ValueError(f"normalize applies to mode 'abnar' only; mode 'residual' takes 'row', got {normalize!r}")
         result = None
         for attn in layers:
-            t = fuse_heads(attn, head_fusion)
+            t = discard_lowest(fuse_heads(attn, head_fusion), discard_ratio)
             result = t if result is None else result + result @ t
     else:
         raise ValueError(f"mode must be 'abnar' or 'residual', got {mode!r}")

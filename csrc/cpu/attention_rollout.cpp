@@ -2,11 +2,14 @@
 //
 //   attns   L tensors (B, H, N, N), first layer first        F^l = fuse_h(A^l[b, h])  (B, N, N), never stored
 //   abnar     v = e_0;  for l = L-1 .. 0:  v <- v (F^l + I) / rowsum(F^l + I)      = row 0 of A'^L ... A'^1
+//             normalize 1 ("none"): v <- v (F^l + I), no division       (Transformer-Explainability's products)
 //   residual  v = e_0;  v <- v F^0;  for l = 1 .. L-1:  v <- v + v F^l              = row 0 of W^L (SVIP Eq. 4)
 //   out     (B, N) the final v;  states (L, B, N) the v entering layer l's step (what the backward needs)
 //
-// Each step is v_out[j] = sum_i coef_i (F[i, j] + [abnar or l > 0] delta_ij): the rows of F are formed one at a
-// time from the H heads (a buffer of N), so every map is read exactly once and nothing (B, N, N) is written.
+// Each step is v_out[j] = sum_i coef_i (F[i, j] + [abnar or l > 0] delta_ij), coef_i = v[i] / rowsum_i (abnar with
+// normalize 0) or v[i] (otherwise). The discard option of zslfast.attention_rollout never reaches this kernel: it
+// hands over maps already fused and discarded in PyTorch, as one "head" with fusion sum. The rows of F are formed one
+// at a time from the H heads (a buffer of N), so every map is read exactly once and nothing (B, N, N) is written.
 // Parallel over b; within b the sums run in a fixed order (deterministic). Accumulation in float (double for double).
 //
 // NaN (issue 16): max/min fusion propagates a NaN head as torch.max/amax do (std::max and a plain compare-select
@@ -30,6 +33,7 @@ namespace {
 
 enum Mode : int64_t { kAbnar = 0, kResidual = 1 };
 enum Fusion : int64_t { kMean = 0, kSum = 1, kMax = 2, kMin = 3 };
+enum Normalize : int64_t { kRow = 0, kNone = 1 };
 
 // max / min that return NaN when either argument is NaN (torch.max's rule; std::max(a, NaN) returns a). Plain
 // compare-selects, so that the loops calling them still vectorise.
@@ -98,9 +102,10 @@ acc_t fuse_row(const scalar_t* a, int64_t head_stride, int64_t H, int64_t N, int
 
 template <typename scalar_t>
 void rollout_kernel(const std::vector<const scalar_t*>& maps, scalar_t* out, at::opmath_type<scalar_t>* states,
-                    int64_t B, int64_t H, int64_t N, int64_t mode, int64_t fusion) {
+                    int64_t B, int64_t H, int64_t N, int64_t mode, int64_t fusion, int64_t normalize) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t L = static_cast<int64_t>(maps.size());
+  const bool row_norm = mode == kAbnar && normalize == kRow;  // residual never normalises
   at::parallel_for(0, B, 1, [&](int64_t b_begin, int64_t b_end) {
     std::vector<acc_t> v(N), v_next(N), row(N);
     for (int64_t b = b_begin; b < b_end; ++b) {
@@ -115,7 +120,7 @@ void rollout_kernel(const std::vector<const scalar_t*>& maps, scalar_t* out, at:
         for (int64_t i = 0; i < N; ++i) {
           if (step == 0 && i != 0) continue;  // v = e_0: the first step selects row 0 (see the header on NaN)
           const acc_t row_sum = fuse_row(a + i * N, N * N, H, N, fusion, row.data());
-          const acc_t coef = mode == kAbnar ? v[i] / (row_sum + acc_t(1)) : v[i];
+          const acc_t coef = row_norm ? v[i] / (row_sum + acc_t(1)) : v[i];
           axpy(coef, row.data(), v_next.data(), N);
           if (identity) v_next[i] += coef;
         }
@@ -127,10 +132,11 @@ void rollout_kernel(const std::vector<const scalar_t*>& maps, scalar_t* out, at:
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_rollout_cls_fwd_cpu(at::TensorList attns_in, int64_t mode,
-                                                                 int64_t fusion) {
+                                                                 int64_t fusion, int64_t normalize) {
   TORCH_CHECK(!attns_in.empty(), "zslfast::_attention_rollout_cls_fwd: no layers");
   TORCH_CHECK(mode == kAbnar || mode == kResidual, "zslfast::_attention_rollout_cls_fwd: bad mode");
   TORCH_CHECK(fusion >= kMean && fusion <= kMin, "zslfast::_attention_rollout_cls_fwd: bad fusion");
+  TORCH_CHECK(normalize == kRow || normalize == kNone, "zslfast::_attention_rollout_cls_fwd: bad normalize");
   std::vector<at::Tensor> attns;
   for (const auto& a : attns_in) attns.push_back(a.contiguous());
   const int64_t L = static_cast<int64_t>(attns.size());
@@ -147,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor> attention_rollout_cls_fwd_cpu(at::TensorList 
     std::vector<const scalar_t*> maps;
     for (const auto& a : attns) maps.push_back(a.data_ptr<scalar_t>());
     rollout_kernel<scalar_t>(maps, out.data_ptr<scalar_t>(), states.data_ptr<at::opmath_type<scalar_t>>(), B, H, N,
-                             mode, fusion);
+                             mode, fusion, normalize);
   });
   return {out, states};
 }

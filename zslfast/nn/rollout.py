@@ -1,6 +1,6 @@
 """Attention rollout as a module, and of a running timm VisionTransformer (SVIP's patch pseudo-labels).
 
-``AttentionRollout(mode, head_fusion, start_layer, cls_only, backend)``: ``forward(attns)`` rolls out maps the caller
+``AttentionRollout(mode, head_fusion, start_layer, cls_only, backend, discard_ratio, normalize)``: ``forward(attns)`` rolls out maps the caller
 collected (zslfast.attention_rollout); ``from_model(model, images)`` is ``vit_attention_rollout`` below.
 
 vit_attention_rollout: attention rollout of a timm VisionTransformer, folded in while the forward runs.
@@ -13,18 +13,24 @@ patches), block l (l = 0 .. L-1) gets x (B, N, D), projects qkv = attn.qkv(x) (B
                                                                               over the last dim, before attn_drop;
                                                                               mask only if the model is given one
     T^l        = fuse_h A^l[:, h]                               (B, N, N)     mean, sum, max or min over heads
+    T^l        <- discard(T^l)   when discard_ratio > 0         (B, N, N)     per instance, the int(N*N*ratio)
+                                                                              smallest entries (torch.topk over the
+                                                                              flattened map) set to 0, flat index 0
+                                                                              (CLS->CLS) kept: vit-explain's discard
 
 and the rollout over the layers l = s .. L-1 (s = start_layer; earlier layers are skipped entirely) is
 
     mode "abnar" (Abnar & Zuidema 2020; SVIP's released code):
         A'^l       = rownorm(T^l + I),  rownorm(a)[b, i, j] = a[b, i, j] / sum_j' a[b, i, j']    (B, N, N)
+                     (normalize "none": A'^l = T^l + I, Transformer-Explainability's products)
         R^s        = A'^s,   R^l = A'^l R^(l-1)                                                  (B, N, N)
     mode "residual" (SVIP Eq. 4):
         W^s        = T^s,    W^l = W^(l-1) + W^(l-1) T^l                                         (B, N, N)
         cls_only:  w^s = T^s[:, 0],  w^l = w^(l-1) + w^(l-1) T^l   (row 0 alone is closed)        (B, N)
 
     returns R[:, 0] / w (B, N) when cls_only, else R / W (B, N, N): equal (up to rounding) to
-    ``zslfast.reference.attention_rollout([A^0 .. A^(L-1)], mode, head_fusion, start_layer, cls_only)``.
+    ``zslfast.reference.attention_rollout([A^0 .. A^(L-1)], mode, head_fusion, start_layer, cls_only,
+    discard_ratio, normalize)``.
 
 Memory. timm's blocks run fused SDPA and never form A^l. While ``model(images)`` runs, each block's ``attn.forward``
 is replaced (and restored afterwards, also on error) by a wrapper that calls the original forward unchanged (so the
@@ -66,9 +72,11 @@ import torch
 from torch import nn
 
 from .. import _backend, reference
-from ..ops.attention_rollout import FUSIONS, MODES, SPEC as ROLLOUT, RolloutFold, attention_rollout, fused_head_attention
+from ..ops.attention_rollout import (
+    SPEC as ROLLOUT, RolloutFold, attention_rollout, check_rollout_options, fused_head_attention,
+)
 from ..ops._spec import check_module_backend
-from ..validation import check_flag, check_option, check_start_layer
+from ..validation import check_flag, check_start_layer
 
 _NAME = "vit_attention_rollout"
 
@@ -232,6 +240,8 @@ def vit_attention_rollout(
     start_layer: int = 0,
     cls_only: bool = True,
     backend: Optional[str] = None,
+    discard_ratio: float = 0.0,
+    normalize: str = "row",
 ):
     """Run ``model(images)`` and return ``(output, rollout)``, the rollout folded in while the forward runs.
 
@@ -247,6 +257,9 @@ def vit_attention_rollout(
         cls_only: return row 0 of the rollout (B, N) instead of the whole (B, N, N).
         backend: None or a kernel backend (the fold, one layer at a time), or "reference" (all maps stored, the
             eager rollout); see the module docstring.
+        discard_ratio: in [0, 1): per instance and layer, zero the int(N*N*discard_ratio) smallest entries of T^l
+            (vit-explain's discard, CLS->CLS kept); 0 (the default) discards nothing.
+        normalize: "row" (abnar's row normalisation) or "none" (plain products of T + I); "residual" takes "row".
 
     Returns:
         output: exactly ``model(images)`` (bit-for-bit: the original attention forward, fused SDPA included, runs).
@@ -256,7 +269,7 @@ def vit_attention_rollout(
             token, or the first patch when there are no registers either. Patch scores are
             ``rollout[..., model.num_prefix_tokens:]`` (reshape to ``model.patch_embed.grid_size``).
         Equal to ``zslfast.reference.attention_rollout([A^0 .. A^(L-1)], mode, head_fusion, start_layer,
-        cls_only)`` with A^l block l's softmax attention; differentiable w.r.t. images and parameters.
+        cls_only, discard_ratio, normalize)`` with A^l block l's softmax attention; differentiable w.r.t. images and parameters.
 
     Memory (backend other than "reference"): a few (B, N, N) maps beyond the forward itself (one (B, N, N) map and a (B, N) row for "residual" with
     ``cls_only``), independent of depth and heads; never (B, H, N, N) at once. timm grad checkpointing is switched
@@ -264,13 +277,13 @@ def vit_attention_rollout(
 
     Raises:
         TypeError: ``model`` lacks ``.blocks``, a block's ``.attn`` or its ``.qkv`` / ``.num_heads``.
-        ValueError: unknown ``mode`` / ``head_fusion`` / ``backend``, ``start_layer`` out of [-L, L) for L blocks.
+        ValueError: unknown ``mode`` / ``head_fusion`` / ``normalize`` / ``backend``, normalize "none" with mode
+            "residual", ``discard_ratio`` outside [0, 1), ``start_layer`` out of [-L, L) for L blocks.
         BackendUnavailableError: ``backend`` cannot run on ``images``' device.
         RuntimeError: the forward did not run each wrapped block's attention exactly once, in order.
     """
     blocks = _check_model(model)
-    check_option(_NAME, "mode", mode, MODES)
-    check_option(_NAME, "head_fusion", head_fusion, FUSIONS)
+    discard_ratio = check_rollout_options(_NAME, mode, head_fusion, discard_ratio, normalize)
     check_flag(_NAME, "cls_only", cls_only)
     L = len(blocks)
     start = check_start_layer(_NAME, start_layer, L)
@@ -279,9 +292,9 @@ def vit_attention_rollout(
     # not the fallback of a machine without the extension.
     asked = (backend, _backend.environ("ZSLFAST_BACKEND"))
     if ROLLOUT.resolve(backend, device) == "reference" and "reference" in asked:
-        return _stored_maps_rollout(model, images, mode, head_fusion, start, cls_only)
+        return _stored_maps_rollout(model, images, mode, head_fusion, start, cls_only, discard_ratio, normalize)
 
-    rollout = RolloutFold(mode, cls_only)
+    rollout = RolloutFold(mode, cls_only, discard_ratio, normalize)
     expected = [start]
 
     def on_layer(layer: int, fused: torch.Tensor) -> None:
@@ -302,14 +315,14 @@ def vit_attention_rollout(
     return output, rollout.result()
 
 
-def _stored_maps_rollout(model, images, mode, head_fusion, start, cls_only):
+def _stored_maps_rollout(model, images, mode, head_fusion, start, cls_only, discard_ratio, normalize):
     """The eager way: timm's non-fused attention stores every softmax map, then zslfast.reference rolls them out."""
     with _stored_attention_maps(model) as maps:
         output = model(images)
     depth = len(model.blocks)
     if len(maps) != depth:
         raise RuntimeError(f"{_NAME}: the forward ran {len(maps)} block attentions, expected one per block ({depth})")
-    return output, reference.attention_rollout(maps, mode, head_fusion, start, cls_only)
+    return output, reference.attention_rollout(maps, mode, head_fusion, start, cls_only, discard_ratio, normalize)
 
 
 class AttentionRollout(nn.Module):
@@ -323,6 +336,10 @@ class AttentionRollout(nn.Module):
         cls_only: return row 0 (B, N) (a vector chain, O(L N^2)) instead of the full (B, N, N).
         backend: None (by device), "reference" (plain PyTorch) or a kernel backend ("cpu", "triton"); an attribute,
             so a model's ``set_backend`` can switch it.
+        discard_ratio: in [0, 1): zero the int(N*N*discard_ratio) smallest entries of each fused map, per instance
+            (vit-explain's discard, CLS->CLS kept); 0 (the default) discards nothing.
+        normalize: "row" (abnar's row normalisation, the default) or "none" (plain products of fuse(A) + I);
+            mode "residual" takes "row" only.
 
     ``forward(attns)``: attns (L, B, H, N, N) or a sequence of L maps (B, H, N, N) -> (B, N) or (B, N, N),
     differentiable with respect to every map (zslfast.attention_rollout).
@@ -336,17 +353,20 @@ class AttentionRollout(nn.Module):
         start_layer: int = 0,
         cls_only: bool = True,
         backend: Optional[str] = None,
+        discard_ratio: float = 0.0,
+        normalize: str = "row",
     ):
         super().__init__()
         name = "AttentionRollout"
-        check_option(name, "mode", mode, MODES)
-        check_option(name, "head_fusion", head_fusion, FUSIONS)
+        discard_ratio = check_rollout_options(name, mode, head_fusion, discard_ratio, normalize)
         check_start_layer(name, start_layer, None)
         check_flag(name, "cls_only", cls_only)
         self.mode = mode
         self.head_fusion = head_fusion
         self.start_layer = start_layer
         self.cls_only = cls_only
+        self.discard_ratio = discard_ratio
+        self.normalize = normalize
         self.backend = backend
 
     @property
@@ -359,7 +379,8 @@ class AttentionRollout(nn.Module):
 
     def _settings(self) -> dict:
         return dict(mode=self.mode, head_fusion=self.head_fusion, start_layer=self.start_layer,
-                    cls_only=self.cls_only, backend=self.backend)
+                    cls_only=self.cls_only, discard_ratio=self.discard_ratio, normalize=self.normalize,
+                    backend=self.backend)
 
     def forward(self, attns: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Tensor:
         return attention_rollout(attns, **self._settings())
@@ -375,5 +396,6 @@ class AttentionRollout(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"mode={self.mode!r}, head_fusion={self.head_fusion!r}, start_layer={self.start_layer}, "
-            f"cls_only={self.cls_only}, backend={self.backend!r}"
+            f"cls_only={self.cls_only}, discard_ratio={self.discard_ratio:g}, normalize={self.normalize!r}, "
+            f"backend={self.backend!r}"
         )

@@ -45,6 +45,7 @@ ENUMS: dict[str, dict[Any, int]] = {
     "policy": {"fifo": 0, "min_conf": 1},
     "mode": {"abnar": 0, "residual": 1},
     "head_fusion": {"mean": 0, "sum": 1, "max": 2, "min": 3},
+    "normalize": {"row": 0, "none": 1},  # attention_rollout's abnar: rows of F + I divided by their sums, or not
     "eps_mode": {"clamp": 0, "add": 1},
     "softmax_over": {"keys": 0, "queries": 1},
     "logit_activation": {None: 0, "relu": 1},

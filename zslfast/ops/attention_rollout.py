@@ -2,9 +2,18 @@
 
     attns     (L, B, H, N, N) tensor, or a sequence of L tensors (B, H, N, N), first layer first
     F^l       = fuse_h(A^l)                       (B, N, N), head_fusion "mean" | "sum" | "max" | "min"
+    discard   (discard_ratio > 0) F^l <- F^l with, per instance b, the k = int(N*N*discard_ratio) smallest entries of
+              F^l[b] flattened to N*N (torch.topk(k, largest=False), its ties) set to 0, except flat index 0 (CLS->CLS,
+              never discarded, so fewer than k may go): vit-explain's ``rollout(discard_ratio=...)``, which zeroes
+              instance 0 alone with every instance's indices pooled; here each instance has its own. The selection is
+              not differentiated: discarded entries get gradient 0. discard_ratio in [0, 1), 0 = none (the default).
     abnar     A'^l = (F^l + I) / rowsum(F^l + I)  (each row divided by its own sum), R = A'^L ... A'^1
-              (Abnar & Zuidema 2020; SVIP's released code; Chefer et al.'s baseline: ``result = a @ result``)
+              (Abnar & Zuidema 2020; SVIP's released code; Chefer et al.'s baseline: ``result = a @ result``;
+              vit-explain's ``(A + I) / 2`` then row normalisation is the same map)
+              normalize "none": A'^l = F^l + I, no division (Transformer-Explainability's ``compute_rollout_attention``
+              on relevance maps whose rows do not sum to 1); "row" (the default) as above
     residual  W^1 = F^1, W^l = W^(l-1) + W^(l-1) F^l                                (SVIP paper Eq. 4)
+              never normalises: normalize must be "row" (the default); "none" is a ValueError, not a silent no-op
     out       row 0 of R (or W^L): (B, N), index 0 included, when cls_only; else the full (B, N, N)
 Layers before ``start_layer`` are skipped. Callers take ``out[:, 1:]`` (or ``[:, num_prefix_tokens:]``) for
 the patch scores.
@@ -16,12 +25,16 @@ CLS row (``cls_only=True``, the registered op ``zslfast::attention_rollout_cls``
 matrices is a vector walked through them, ``v <- v M^l`` with ``v = e_0``, so no N x N product is ever formed:
 abnar walks the layers from last to first with ``M = A'``; residual walks first to last with ``M^1 = F^1`` and
 ``M^l = I + F^l``. Head fusion, identity and normalisation happen as each map is read, once (O(L·H·N²) reads,
-O(B·N) writes), in C++ (CPU) or Triton (GPU). The vectors entering each step, states (L, B, N), are saved;
-the backward walks the steps in reverse with PyTorch ops, one layer's (B, N, N) at a time:
+O(B·N) writes), in C++ (CPU) or Triton (GPU); normalize "none" is the kernels' flag dropping r. With
+discard_ratio > 0 the maps are fused and discarded in PyTorch first (the top-k is a data-dependent selection over
+the whole map) and reach the kernels as one head, (B, 1, N, N) with fusion "sum", so the kernels know nothing of it;
+autograd takes the gradient from the kernels' F back through the discard and the fusion. The vectors entering each
+step, states (L, B, N), are saved; the backward walks the steps in reverse with PyTorch ops, one layer's (B, N, N)
+at a time:
 
     grad_v_in = M g,   grad_M[i, j] = v_in[i] g[j]
-    abnar:     grad_F[i, j] = v_in[i] / r_i * (g[j] - (M g)[i]),   r_i = 1 + sum_j F[i, j]
-    residual:  grad_F[i, j] = v_in[i] g[j]
+    abnar ("row"):   grad_F[i, j] = v_in[i] / r_i * (g[j] - (M g)[i]),   r_i = 1 + sum_j F[i, j]
+    abnar ("none"), residual:  grad_F[i, j] = v_in[i] g[j]   (M = F + I, or F: no r)
     fusion:    mean -> grad_F / H to every head, sum -> grad_F, max/min -> grad_F to the selected head
 
 NaN: max/min fusion propagates a NaN head (torch.max/amax's rule) in every backend, and the selected head of the
@@ -44,12 +57,33 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .. import reference
+from ..reference import discard_lowest
 from ..validation import accumulator_dtype, check_flag, check_option, check_start_layer, promote, shape_str
 from ._spec import OpSpec, choices, define, enum_id, triton_kernel
 
 OP = "attention_rollout"
 MODES = choices("mode")
 FUSIONS = choices("head_fusion")
+NORMALIZES = choices("normalize")
+
+
+def check_rollout_options(fn: str, mode, head_fusion, discard_ratio, normalize) -> float:
+    """The options every rollout entry point shares (the op, zslfast.nn's module and ViT rollout) -> discard_ratio."""
+    check_option(fn, "mode", mode, MODES)
+    check_option(fn, "head_fusion", head_fusion, FUSIONS)
+    check_option(fn, "normalize", normalize, NORMALIZES)
+    if mode == "residual" and normalize != "row":
+        # residual never divides by row sums, so "none" would be a silent no-op: refused rather than ignored
+        raise ValueError(
+            f"{fn}: normalize applies to mode 'abnar' only (mode 'residual' never normalises); leave it 'row', "
+            f"got normalize={normalize!r}"
+        )
+    if isinstance(discard_ratio, bool) or not isinstance(discard_ratio, (int, float)):
+        raise TypeError(f"{fn}: discard_ratio must be a Python number, got {type(discard_ratio).__name__}")
+    # comparisons only (no math.isfinite): torch.compile traces a Python float as a SymFloat; NaN fails both
+    if not 0.0 <= discard_ratio < 1.0:
+        raise ValueError(f"{fn}: discard_ratio must be a finite number in [0, 1), got {discard_ratio!r}")
+    return float(discard_ratio)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -79,24 +113,32 @@ def unfuse_heads(grad_fused: torch.Tensor, index, head_fusion: str, like: torch.
 
 class RolloutFold:
     """Folds the head-fused maps T^l (B, N, N), first layer first, into R (abnar), W or w (residual);
-    ``result()`` is what ``attention_rollout`` returns for them. Without autograd, abnar's identity and row
-    normalisation happen in place on T^l (the caller's fused map, which it no longer needs)."""
+    ``result()`` is what ``attention_rollout`` returns for them. Each T^l is discarded first when discard_ratio > 0
+    (the whole map: the top-k runs over all N*N entries, also for residual's cls_only row). Without autograd, abnar's
+    identity and row normalisation happen in place on T^l (the caller's fused map, which it no longer needs, or the
+    discard's new one)."""
 
-    def __init__(self, mode: str, cls_only: bool):
+    def __init__(self, mode: str, cls_only: bool, discard_ratio: float = 0.0, normalize: str = "row"):
         self.mode = mode
         self.cls_only = cls_only
+        self.discard_ratio = discard_ratio
+        self.row_norm = normalize == "row"
         self.state: Optional[torch.Tensor] = None
 
     def fold(self, t: torch.Tensor) -> None:
+        if self.discard_ratio > 0:
+            t = discard_lowest(t, self.discard_ratio)
         in_place = not (torch.is_grad_enabled() and t.requires_grad)
         if self.mode == "abnar":
             if in_place:  # same values as t + eye: off-diagonal entries + 0 are exact
                 a = t
                 a.diagonal(dim1=-2, dim2=-1).add_(1)
-                a /= a.sum(dim=-1, keepdim=True)
+                if self.row_norm:
+                    a /= a.sum(dim=-1, keepdim=True)
             else:
                 a = t + torch.eye(t.shape[-1], dtype=t.dtype, device=t.device)
-                a = a / a.sum(dim=-1, keepdim=True)
+                if self.row_norm:
+                    a = a / a.sum(dim=-1, keepdim=True)
             del t
             self.state = a if self.state is None else a @ self.state
         elif self.cls_only:  # residual, row 0 only: w <- w + w T
@@ -214,31 +256,34 @@ def fused_head_attention(q, k, scale, head_fusion, attn_mask=None, is_causal=Fal
 # The registered op: the CLS row as a vector chain.
 
 
-def _forward_fake(attns, mode, head_fusion, backend):
+def _forward_fake(attns, mode, head_fusion, normalize, backend):
     L = len(attns)
     B, _, N, _ = attns[0].shape
     return attns[0].new_empty((B, N)), attns[0].new_empty((L, B, N), dtype=accumulator_dtype(attns[0].dtype))
 
 
-def _reference(attns, mode, head_fusion):
-    return reference.attention_rollout(attns, mode, head_fusion, 0, True), None
+def _reference(attns, mode, head_fusion, normalize):
+    return reference.attention_rollout(attns, mode, head_fusion, 0, True, 0.0, normalize), None
 
 
-def _cpp_forward(attns, mode, head_fusion):
-    return torch.ops.zslfast._attention_rollout_cls_fwd(attns, enum_id("mode", mode), enum_id("head_fusion", head_fusion))
+def _cpp_forward(attns, mode, head_fusion, normalize):
+    return torch.ops.zslfast._attention_rollout_cls_fwd(
+        attns, enum_id("mode", mode), enum_id("head_fusion", head_fusion), enum_id("normalize", normalize)
+    )
 
 
 _TRITON_FORWARD = triton_kernel("attention_rollout", "forward")
 
 
-def _triton_forward(attns, mode, head_fusion):
-    return _TRITON_FORWARD(list(attns), mode, enum_id("head_fusion", head_fusion))
+def _triton_forward(attns, mode, head_fusion, normalize):
+    return _TRITON_FORWARD(list(attns), mode, enum_id("head_fusion", head_fusion), enum_id("normalize", normalize))
 
 
 def _setup_context(ctx, inputs, output):
-    attns, mode, head_fusion, _ = inputs
+    attns, mode, head_fusion, normalize, _ = inputs
     ctx.save_for_backward(*attns, output[1])
     ctx.mode, ctx.head_fusion = mode, head_fusion
+    ctx.row_norm = mode == "abnar" and normalize == "row"
     ctx.mark_non_differentiable(output[1])
 
 
@@ -254,21 +299,24 @@ def _backward(ctx, grad_out, _grad_states):
         # F g as a product and a row sum, not torch.bmm: a multithreaded GEMV (MKL's at B = 1, N = 577) splits its
         # reduction by thread count, a row sum over N with more than one row never does.
         f_g = (fused * g[:, None, :]).sum(-1)
-        if abnar:
+        if abnar and ctx.row_norm:
             r = fused.sum(-1) + 1
             m_g = (f_g + g) / r
             grad_fused = (v_in / r)[:, :, None] * (g[:, None, :] - m_g[:, :, None])
             g = m_g
+        elif abnar:  # M = F + I: residual's step with the identity in every layer
+            grad_fused = v_in[:, :, None] * g[:, None, :]
+            g = f_g + g
         else:
             grad_fused = v_in[:, :, None] * g[:, None, :]
             g = f_g + g if l > 0 else f_g
         grads[l] = unfuse_heads(grad_fused, index, ctx.head_fusion, attns[l])
-    return grads, None, None, None
+    return grads, None, None, None, None
 
 
 SPEC = define(OpSpec(
     name="attention_rollout_cls",
-    schema="(Tensor[] attns, str mode, str head_fusion, str backend) -> (Tensor, Tensor)",
+    schema="(Tensor[] attns, str mode, str head_fusion, str normalize, str backend) -> (Tensor, Tensor)",
     kernels={"cpu": _cpp_forward, "triton": _triton_forward},  # GPU: Triton (no CUDA C++ kernel)
     reference=_reference,
     gpu_preference=("triton",),
@@ -319,6 +367,8 @@ def attention_rollout(
     head_fusion: str = "mean",
     start_layer: int = 0,
     cls_only: bool = True,
+    discard_ratio: float = 0.0,
+    normalize: str = "row",
     backend: Optional[str] = None,
 ) -> torch.Tensor:
     """Attention rollout across ViT layers (see the module docstring for the math).
@@ -329,24 +379,32 @@ def attention_rollout(
         head_fusion: "mean", "sum", "max" or "min" over the heads.
         start_layer: the first layer rolled out, in [-L, L) (negative counts from the end); earlier ones are skipped.
         cls_only: return row 0, (B, N), computed as a vector chain in O(L·N²); else the full (B, N, N).
+        discard_ratio: in [0, 1): per instance and layer, zero the int(N*N*discard_ratio) smallest entries of the
+            fused map (vit-explain's discard; CLS->CLS is kept). 0 (the default) discards nothing.
+        normalize: "row" (abnar divides each row of fuse(A) + I by its sum) or "none" (plain products of
+            fuse(A) + I, Transformer-Explainability's). Mode "residual" never normalises and takes "row" only.
         backend: None (by device, or ZSLFAST_BACKEND), "reference", "cpu" or "triton".
     Returns:
         (B, N) or (B, N, N) in the maps' dtype, differentiable with respect to every map.
     """
     layers = _check_layers(attns)
-    check_option(OP, "mode", mode, MODES)
-    check_option(OP, "head_fusion", head_fusion, FUSIONS)
+    discard_ratio = check_rollout_options(OP, mode, head_fusion, discard_ratio, normalize)
     start = check_start_layer(OP, start_layer, len(layers))
     check_flag(OP, "cls_only", cls_only)
     layers = promote(*layers[start:])
     which = SPEC.resolve(backend, layers[0].device)
-    if cls_only or which == "reference":
-        if not cls_only:
-            return reference.attention_rollout(layers, mode, head_fusion, 0, False)
-        out, _ = SPEC(which, layers, mode, head_fusion)
+    if which == "reference":
+        return reference.attention_rollout(layers, mode, head_fusion, 0, cls_only, discard_ratio, normalize)
+    if cls_only:
+        if discard_ratio > 0:
+            # The top-k needs each whole fused map: fuse and discard in PyTorch (autograd differentiates both), then
+            # hand the kernels one "head" per layer, summed, i.e. read as it is.
+            layers = [discard_lowest(fuse_heads(a, head_fusion)[0], discard_ratio).unsqueeze(1) for a in layers]
+            head_fusion = "sum"
+        out, _ = SPEC(which, layers, mode, head_fusion, normalize)
         return out
     # The full matrix: batched GEMMs layer by layer (torch.bmm), the same on every kernel backend.
-    fold = RolloutFold(mode, cls_only=False)
+    fold = RolloutFold(mode, cls_only=False, discard_ratio=discard_ratio, normalize=normalize)
     for a in layers:
         fold.fold(fuse_heads(a, head_fusion)[0])
     return fold.result()

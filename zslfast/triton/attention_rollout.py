@@ -4,6 +4,7 @@ zslfast/ops/attention_rollout.py).
 The math: row 0 of a product of L per-layer matrices, walked as a vector, v_0 = e_0 (one-hot on the CLS token),
 
     v_{t+1}[j] = sum_i v_t[i] M[i, j],   M = (F + I) / r  with r_i = 1 + sum_j F[i, j]   abnar: layers L-1 .. 0
+                                         M = F + I        (normalize "none": r = 1)      abnar: layers L-1 .. 0
                                          M = F (first layer), I + F (the others)          residual: layers 0 .. L-1
     F[i, j]    = fuse_h A[h, i, j]       mean | sum | max | min over the H heads (fusion id 0 | 1 | 2 | 3)
 
@@ -12,11 +13,15 @@ in blocks of BLOCK_I rows (S fixed chunks of whole row blocks, enough for the gr
 fuses the H heads of each block on the fly, takes the row sums (abnar), and accumulates
 
     partial[s, b, j] = sum_{i in chunk s} coef_i * (F[i, j] + IDENTITY * delta_ij),
-    coef_i = v_t[b, i] / r_i (abnar) or v_t[b, i] (residual),  IDENTITY = abnar, or residual past its first layer
+    coef_i = v_t[b, i] / r_i (NORMALIZE: abnar with normalize "row") or v_t[b, i] (abnar with normalize "none",
+    residual),  IDENTITY = abnar, or residual past its first layer
 
 in registers, so each map is read once and nothing (B, N, N) is written (the first step, v_0 = e_0, reads row 0
 only: FIRST); the partials are then summed over s in
 chunk order by torch (deterministic, no atomics) into v_{t+1}.
+
+discard_ratio (zslfast.attention_rollout) never reaches this kernel: the op hands it maps already fused and
+discarded in PyTorch, as one head (H = 1) with fusion sum.
 
 NaN (issue 16): max/min fusion propagates a NaN head (propagate_nan=ALL, as torch.max/amax), and a NaN reaches
 exactly the outputs the reference's full products reach: every row is read past the first step, zero weight or not
@@ -43,7 +48,7 @@ def _rollout_step_kernel(
     a_ptr, v_in_ptr, partial_ptr,
     B, H, N, rows_per_chunk,
     stride_ab, stride_ah, stride_ai, stride_aj,
-    FUSION: tl.constexpr, ABNAR: tl.constexpr, IDENTITY: tl.constexpr, FIRST: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    FUSION: tl.constexpr, NORMALIZE: tl.constexpr, IDENTITY: tl.constexpr, FIRST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -74,7 +79,7 @@ def _rollout_step_kernel(
             fused = fused / H
         fused = tl.where(mask, fused, 0.0)
         coef = tl.load(v_in_ptr + b * N + rows, mask=mask_i, other=0.0).to(ACC_DTYPE)
-        if ABNAR:
+        if NORMALIZE:
             coef = coef / (tl.sum(fused, axis=1) + 1.0)
         acc += tl.sum(coef[:, None] * fused, axis=0)
         if IDENTITY:
@@ -82,11 +87,12 @@ def _rollout_step_kernel(
     tl.store(partial_ptr + (chunk * B + b) * N + cols, acc, mask=mask_j)
 
 
-def plan_forward(attns, mode: str, fusion: int):
+def plan_forward(attns, mode: str, fusion: int, normalize: int):
     """The vectors (L, B, N) and the result (B, N), in the accumulator dtype, and the steps that fill them: row t is
     the vector entering step t (layers last to first for abnar, first to last for residual), row 0 = e_0.
 
-    fusion is the head fusion's id: its position in zslfast.ops.attention_rollout.FUSIONS (mean, sum, max, min).
+    fusion is the head fusion's id: its position in zslfast.ops.attention_rollout.FUSIONS (mean, sum, max, min);
+    normalize the id of ENUMS["normalize"] (0 row, 1 none), which only abnar reads.
     """
     L = len(attns)
     B, H, N, _ = attns[0].shape
@@ -106,7 +112,7 @@ def plan_forward(attns, mode: str, fusion: int):
         steps.append(Launch(
             _rollout_step_kernel, (B, chunks),
             (a, vectors[t], partial, B, H, N, rows_per_chunk, *a.stride()),
-            dict(FUSION=fusion, ABNAR=mode == "abnar", IDENTITY=mode == "abnar" or l > 0, FIRST=t == 0,
+            dict(FUSION=fusion, NORMALIZE=mode == "abnar" and normalize == 0, IDENTITY=mode == "abnar" or l > 0, FIRST=t == 0,
                  ACC_DTYPE=tl_accumulator_dtype(acc_dtype), BLOCK_I=block_i, BLOCK_N=block_n),
             flops=B * N * N * (H + 2), label=f"layer {l}",
         ))
@@ -114,9 +120,9 @@ def plan_forward(attns, mode: str, fusion: int):
     return vectors, result, steps
 
 
-def forward(attns, mode: str, fusion: int):
+def forward(attns, mode: str, fusion: int, normalize: int):
     """out (B, N) in the maps' dtype and states (L, B, N) in the accumulator dtype, states[l] the vector entering
     layer l's step."""
-    vectors, result, steps = plan_forward(attns, mode, fusion)
+    vectors, result, steps = plan_forward(attns, mode, fusion, normalize)
     run(steps)
     return result.to(attns[0].dtype), vectors.flip(0) if mode == "abnar" else vectors
