@@ -66,9 +66,10 @@ def test_fused_and_reference_agree(dtype, inputs, generator):
     fused.set_backend("cpu")
     reference = copy.deepcopy(fused).set_backend("reference")
     assert reference.mbgf.backend == reference.mbgf.bank.backend == "reference" and fused.mbgf.backend == "cpu"
+    # step 2's inputs differ from step 1's (so do its features from the prototypes stored at step 1), its labels
+    # are the same (so every queue it reads is filled)
+    labels = torch.randint(0, C, (B,), generator=generator)
     for i, batch in enumerate(batches):
-        # step 2's batch differs from step 1's, so the prototypes stored at step 1 differ from its features
-        labels = torch.randint(0, C, (B,), generator=generator)
         out_f, grads_f = step(fused, batch, labels)
         out_r, grads_r = step(reference, batch, labels)
         close(out_f.logits, out_r.logits, dtype)
@@ -99,9 +100,9 @@ def test_fused_and_reference_agree(dtype, inputs, generator):
 
 def test_loss_is_eq11_of_its_parts(generator):
     model = make_model(generator, lambda_cont=0.3, lambda_attr=0.7, lambda_align=0.2, lambda_kl=1.5)
-    states, labels = make_states(generator, torch.float64), torch.randint(0, C, (B,), generator=generator)
-    model(hidden_states=states, labels=labels)  # fill the bank
-    out = model(hidden_states=states, labels=labels)
+    labels = torch.randint(0, C, (B,), generator=generator)
+    model(hidden_states=make_states(generator, torch.float64), labels=labels)  # fill the bank for these classes
+    out = model(hidden_states=make_states(generator, torch.float64), labels=labels)
     p = out.parts
     expected = p["cls"] + 0.3 * (p["cont_attr"] + p["cont_cls"]) + 0.7 * (p["attr_sem"] + p["attr_vis"])
     expected = expected + 0.2 * p["align"] + 1.5 * p["kl"]
@@ -163,6 +164,30 @@ def test_inference_leaves_the_bank_alone(generator):
     assert out.loss is not None and model.mbgf.bank.counts.sum() == 0
 
 
+@pytest.mark.parametrize("grid", [(4, 4), (3, 5)])
+def test_msfe_is_layernorm_linear_and_depthwise_convolutions(grid, generator):
+    """P⁻ / P⁺ equal nn.Conv2d / nn.ConvTranspose2d (groups=d, kernel 2, stride 2; P⁻ zero-pads an odd grid)."""
+    L, d = 2, 6
+    h, w = grid
+    msfe = sage_module.MultiScaleBranches(L, D, d).double()
+    with torch.no_grad():
+        for p in msfe.parameters():
+            p.normal_(generator=generator)
+    patches = torch.randn(L, B, h * w, D, generator=generator, dtype=torch.float64)
+    down, same, up = msfe(patches, grid)
+    for l in range(L):
+        x = F.layer_norm(patches[l], (D,), msfe.norm_weight[l], msfe.norm_bias[l]) @ msfe.proj_weight[l]
+        x = x + msfe.proj_bias[l]
+        torch.testing.assert_close(same.view(L, B, h * w, d)[l], x)
+        x_grid = x.transpose(1, 2).reshape(B, d, h, w)
+        conv = F.conv2d(F.pad(x_grid, (0, w % 2, 0, h % 2)), msfe.down_weight[l].permute(2, 0, 1)[:, None],
+                        msfe.down_bias[l], stride=2, groups=d)
+        tconv = F.conv_transpose2d(x_grid, msfe.up_weight[l].permute(2, 0, 1)[:, None], msfe.up_bias[l], stride=2,
+                                   groups=d)
+        torch.testing.assert_close(down.view(L, B, -1, d)[l], conv.flatten(2).transpose(1, 2))
+        torch.testing.assert_close(up.view(L, B, -1, d)[l], tconv.flatten(2).transpose(1, 2))
+
+
 def test_default_subsets_by_prevalence():
     # prevalence mean/max per column: 1.0, 0.25, 0.5, 0.75, 0.0 (all-zero column), 0.5
     s = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0, 2.0], [1.0, 0.0, 0.0, 1.0, 0.0, 0.0],
@@ -219,8 +244,6 @@ def test_bad_input(generator):
         SAGE(s, None, attribute_word_embeddings=w)
     with pytest.raises(ValueError, match="lambda_kl"):
         SAGE(s, None, attribute_word_embeddings=w, embed_dim=D, lambda_kl=-1)
-    with pytest.raises(ValueError, match="msfe_groups"):
-        SAGE(s, None, attribute_word_embeddings=w, embed_dim=D, dim=8, msfe_groups=3)
 
 
 def test_timm_vit_levels_and_frozen_backbone(generator):

@@ -8,9 +8,9 @@ of scale s (K_s attributes, a partition of the K), R_s the patches of scale s.
 
     H_l         (B, P+N, D)      hidden state of level l (a timm ViT's block output, or given precomputed)
     X_l         (B, d, h, w)     Linear_l(LayerNorm_l(H_l patches)): each level's patches at width d, as a grid
-    MSFE        F_{l,0} = Conv(X_l)            (B, R_0, d)  P⁻: k3 s2 p1 -> ceil(h/2) x ceil(w/2) (coarse)
+    MSFE        F_{l,0} = Conv(X_l)            (B, R_0, d)  P⁻: depthwise k2 s2 -> ceil(h/2) x ceil(w/2) (coarse)
                 F_{l,1} = X_l                  (B, R_1, d)  P:  identity, R_1 = N
-                F_{l,2} = ConvTranspose(X_l)   (B, R_2, d)  P⁺: k2 s2 -> 2h x 2w (fine)
+                F_{l,2} = ConvTranspose(X_l)   (B, R_2, d)  P⁺: depthwise k2 s2 -> 2h x 2w (fine)
     AMCL        A = φ(W)        (K, d)   φ = Linear(GELU(Linear(LayerNorm(.))))  (Dw -> expansion·Dw -> d),
                                          the attribute mixer on the attribute word vectors W (K, Dw)
                 a_y = S[y] A    (d,)     a class's attribute-level embedding (Eq. 1)
@@ -53,8 +53,10 @@ Choices where the paper is silent (documented, all constructor arguments):
   * λ: the paper's main text gives no values (its appendix is not part of the text we have), so there are no
     per-dataset presets; defaults λ_cont 0.1, λ_attr 1, λ_align 0.1, λ_kl 1, τ 0.1, α (Eq. 7) 10, bank capacity 8,
     threshold 0.5, FIFO ("dequeue the oldest entries", the paper's last word on the update).
-  * MSFE convolutions are depthwise by default (``msfe_groups=None``: groups = d), a full conv costing 4d² weights
-    per level and scale; the projection to d comes before MSFE so that the dense work is done once per level.
+  * MSFE: the paper names the operations (conv, identity, transposed conv), not their kernels. Here both are
+    depthwise 2x2 stride-2 (halving and doubling the grid: 14x14 -> 7x7 / 28x28 at ViT-B/16 224²), each level
+    with its own weights; the projection D -> d comes before them, so the dense work is done once per level
+    (a full conv would cost 4d² weights and B·R·4d² flops per level and scale).
   * the branch output Z_m averages the VSA and SVA scores (both streams feed the prediction).
 
 ``backend`` / ``set_backend``: None runs the fused kernels (by device); "reference" runs every op's plain PyTorch
@@ -153,22 +155,48 @@ class AttributeMixer(nn.Module):
 
 
 class MultiScaleBranches(nn.Module):
-    """MSFE for one level: patches (B, N, D) on an h x w grid -> [F_0 (B, R_0, d), F_1 (B, N, d), F_2 (B, 4N, d)]."""
+    """MSFE for all L levels at once, each level with its own weights:
+    hidden-state patches (L, B, N, D) on an h x w grid -> [F_0 (L·B, R_0, d), F_1 (L·B, N, d), F_2 (L·B, 4N, d)].
 
-    def __init__(self, embed_dim: int, dim: int, groups: int):
+        X   = LayerNorm_l(H) W_l + b_l                     (L, B, h, w, d)   a batched matmul over the levels
+        P⁻  F_0[i, j] = Σ_{p,q ∈ {0,1}} X[2i+p, 2j+q] ⊙ down_l[p, q] + down_bias_l     (ceil(h/2) x ceil(w/2))
+        P   F_1 = X
+        P⁺  F_2[2i+p, 2j+q] = X[i, j] ⊙ up_l[p, q] + up_bias_l                          (2h x 2w)
+
+    P⁻ and P⁺ are depthwise 2x2 stride-2 convolutions (nn.Conv2d / nn.ConvTranspose2d with groups=d, kernel 2,
+    stride 2; P⁻ zero-pads an odd grid at the bottom/right). Written as reshapes and broadcasts in the tokens' own
+    (…, d) layout: no (B, d, h, w) transposes, and no oneDNN depthwise backward (the step's slowest op on CPU).
+    """
+
+    def __init__(self, num_levels: int, embed_dim: int, dim: int):
         super().__init__()
-        self.norm = nn.LayerNorm(embed_dim)
-        self.project = nn.Linear(embed_dim, dim)
-        self.down = nn.Conv2d(dim, dim, kernel_size=3, stride=2, padding=1, groups=groups)  # P⁻
-        self.up = nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2, groups=groups)  # P⁺
+        L, D, d = num_levels, embed_dim, dim
+        self.norm_weight = nn.Parameter(torch.ones(L, D))
+        self.norm_bias = nn.Parameter(torch.zeros(L, D))
+        bound = D**-0.5  # nn.Linear's init
+        self.proj_weight = nn.Parameter(torch.empty(L, D, d).uniform_(-bound, bound))
+        self.proj_bias = nn.Parameter(torch.empty(L, d).uniform_(-bound, bound))
+        # nn.Conv2d's init for a depthwise 2x2 kernel (fan-in 4): U(-1/2, 1/2)
+        self.down_weight = nn.Parameter(torch.empty(L, 2, 2, d).uniform_(-0.5, 0.5))
+        self.down_bias = nn.Parameter(torch.empty(L, d).uniform_(-0.5, 0.5))
+        self.up_weight = nn.Parameter(torch.empty(L, 2, 2, d).uniform_(-0.5, 0.5))
+        self.up_bias = nn.Parameter(torch.empty(L, d).uniform_(-0.5, 0.5))
 
     def forward(self, patches: torch.Tensor, grid: tuple[int, int]) -> list[torch.Tensor]:
-        B, N, _ = patches.shape
-        x = self.project(self.norm(patches))  # (B, N, d)
-        x_grid = x.transpose(1, 2).reshape(B, -1, *grid)  # (B, d, h, w)
-        down = self.down(x_grid).flatten(2).transpose(1, 2)
-        up = self.up(x_grid).flatten(2).transpose(1, 2)
-        return [down, x, up]
+        L, B, N, D = patches.shape
+        h, w = grid
+        x = F.layer_norm(patches, (D,)) * self.norm_weight[:, None, None] + self.norm_bias[:, None, None]
+        x = torch.baddbmm(self.proj_bias[:, None], x.reshape(L, B * N, D), self.proj_weight)  # (L, B·N, d)
+        d = x.shape[-1]
+        grid_x = x.view(L, B, h, w, d)
+        padded = F.pad(grid_x, (0, 0, 0, w % 2, 0, h % 2)) if h % 2 or w % 2 else grid_x
+        h2, w2 = padded.shape[2] // 2, padded.shape[3] // 2
+        blocks = padded.view(L, B, h2, 2, w2, 2, d)
+        down = (blocks * self.down_weight[:, None, None, :, None, :, :]).sum(dim=(3, 5))
+        down = down + self.down_bias[:, None, None, None]
+        up = grid_x[:, :, :, None, :, None, :] * self.up_weight[:, None, None, :, None, :, :]
+        up = up + self.up_bias[:, None, None, None, None, None]
+        return [down.reshape(L * B, h2 * w2, d), x.view(L * B, N, d), up.reshape(L * B, 4 * N, d)]
 
 
 def _check_vit(model) -> nn.Module:
@@ -214,7 +242,6 @@ class SAGE(nn.Module):
         dim: d, the model width (attention, values, attribute embeddings).  mixer_expansion: φ's expansion.
         attribute_groups: None (the prevalence rule), (K,) ids in {0 Global, 1 Context, 2 Local}, or three index
             lists (global, context, local): a partition of the attributes.
-        msfe_groups: the MSFE convolutions' groups (None: depthwise, d).
         scale: σ of Eq. 10.  alpha: Eq. 7's temperature.  tau: Eq. 1-2's temperature.
         lambda_cont, lambda_attr, lambda_align, lambda_kl: Eq. 11's weights.
         bank_capacity, bank_threshold, bank_policy: the memory bank's queue length, confidence gate, policy.
@@ -237,7 +264,6 @@ class SAGE(nn.Module):
         dim: int = 256,
         mixer_expansion: int = 4,
         attribute_groups=None,
-        msfe_groups: Optional[int] = None,
         scale: float = 10.0,
         alpha: float = 10.0,
         tau: float = 0.1,
@@ -306,11 +332,6 @@ class SAGE(nn.Module):
                 raise ValueError(f"{_NAME}: levels {tuple(levels)} must be distinct blocks of the {depth}-block backbone")
             levels = resolved
         groups = default_attribute_groups(s) if attribute_groups is None else _as_groups(attribute_groups, K)
-        if msfe_groups is None:
-            msfe_groups = dim
-        check_int(_NAME, "msfe_groups", msfe_groups)
-        if dim % msfe_groups:
-            raise ValueError(f"{_NAME}: msfe_groups={msfe_groups} must divide dim={dim}")
         check_option(_NAME, "bank_policy", bank_policy, ("fifo", "min_conf"))
         self.scale = check_positive(_NAME, "scale", scale)
         self.tau = check_positive(_NAME, "tau", tau)
@@ -334,7 +355,7 @@ class SAGE(nn.Module):
         for g in range(3):
             self.register_buffer(f"_subset_{g}", torch.nonzero(groups == g).flatten(), persistent=False)
         self.mixer = AttributeMixer(w.shape[1], dim, mixer_expansion)
-        self.branches = nn.ModuleList(MultiScaleBranches(embed_dim, dim, msfe_groups) for _ in self.levels)
+        self.msfe = MultiScaleBranches(len(self.levels), embed_dim, dim)
         self.vsa_query = nn.Linear(dim, dim, bias=False)  # attribute queries of VSA (softmax over the patches)
         self.sva_query = nn.Linear(dim, dim, bias=False)  # attribute keys of SVA (softmax over the attributes)
         self.mbgf = MemoryBankGuidedFusion(
@@ -448,9 +469,8 @@ class SAGE(nn.Module):
         P = self.num_prefix_tokens
         grid = self._grid(states[0].shape[1] - P)
 
-        # MSFE per level, then the levels of each scale stacked along the batch: (L·B, R_s, d).
-        per_level = [branch(h[:, P:], grid) for branch, h in zip(self.branches, states)]
-        features = [torch.cat([level[scale] for level in per_level]) for scale in range(3)]
+        # MSFE, all levels at once; each scale's levels come stacked along the batch: (L·B, R_s, d).
+        features = self.msfe(torch.stack([h[:, P:] for h in states]), grid)  # per scale (L·B, R_s, d)
         attributes = self.mixer(self.attribute_word_embeddings.to(s.dtype))  # A (K, d)
         vsa_q, sva_q = self.vsa_query(attributes), self.sva_query(attributes)
 
