@@ -19,7 +19,8 @@ of scale s (K_s attributes, a partition of the K), R_s the patches of scale s.
                 u_{l,s}[b, i] = cos(P_vsa F, A_i),  P_vsa = softmax_r((A W_vsa)_i · F_r / √d)     i ∈ G_s
                 m^vsa_{l,s}[b, i] = max_r P_vsa[b, i, r]        (return_max="attention": Eq. 3's MaxPool(W_s))
     SVA         each patch's softmax over the attributes (softmax_over="queries"):
-                v_{l,s}[b, i] = cos(Σ_r P_sva[b, i, r] F_r, A_i),  P_sva[b, :, r] = softmax_i((A W_sva)_i · F_r / √d)
+                v_{l,s}[b, i] = cos(Σ_r P_sva[b, i, r] F_r, A_i),
+                P_sva[b, :, r] = softmax_i((A W_sva)_i · F_r / √d)
                 m^sva_{l,s}[b, i] = max_r P_sva[b, i, r]        (Eq. 4's softmax(W_v), pooled over the patches)
     Z_m         (B, K)   branch m = (l, s): ½(u + v) on the attributes of G_s, 0 elsewhere (the subset pairing)
     MBGF        zslfast.nn.MemoryBankGuidedFusion on Z (B, M, K) against the class attributes S (C, K):
@@ -32,8 +33,9 @@ Losses (labels y (B,) given; every term a mean over the batch):
     cont_cls    the same with c_y                                                      Eq. 2
     attr_sem    Σ_{l,s} Σ_{i ∈ G_s} (m^vsa_{l,s}[b, i] - S[y_b, i])²                   Eq. 3
     attr_vis    Σ_{l,s} Σ_{i ∈ G_s} (m^sva_{l,s}[b, i] - S[y_b, i])²                   Eq. 4
-    align       Σ_{l,s} KL(α || β) + KL(β || α) = Σ (α - β)(log α - log β), α = P_vsa / K_s and β = P_sva / R_s:
-                each branch's two maps normalised to distributions over its (attribute, patch) pairs       Eq. 5
+    align       Σ_{l,s} KL(α || β) + KL(β || α) = Σ (α - β)(log α - log β), α = P_vsa / K_s, β = P_sva / R_s:
+                each branch's two maps normalised to distributions over its (attribute, patch) pairs
+                (zslfast.losses.attention_alignment)                                   Eq. 5
     kl          MBGF's memory-bank KL                                                  Eq. 9
     loss = cls + λ_cont (cont_attr + cont_cls) + λ_attr (attr_sem + attr_vis) + λ_align align + λ_kl kl   Eq. 11
 
@@ -74,6 +76,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _backend
+from ..losses import attention_alignment
 from ..nn.memory_bank import MemoryBankGuidedFusion
 from ..ops.attribute_attention import attribute_attention
 from ..validation import check_int, check_labels, check_number, check_option, check_positive, shape_str
@@ -219,12 +222,6 @@ def _contrastive(emb: torch.Tensor, labels: torch.Tensor, tau: float) -> torch.T
     return -(log_p * positive).sum() / positive.sum()
 
 
-def _symmetric_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) + KL(q || p) = Σ (p - q)(log p - log q) over the last two dims: (n, K, R) -> (n,)."""
-    tiny = torch.finfo(p.dtype).tiny  # an underflowed probability: a finite log, no inf · 0
-    return ((p - q) * (p.clamp_min(tiny).log() - q.clamp_min(tiny).log())).sum(dim=(-1, -2))
-
-
 class SAGE(nn.Module):
     """SAGE on a timm ViT (see the module docstring for the math): forward(images | hidden_states=, labels=None).
 
@@ -329,7 +326,9 @@ class SAGE(nn.Module):
             depth = len(backbone.blocks)
             resolved = [level % depth if -depth <= level < depth else None for level in levels]
             if None in resolved or len(set(resolved)) != len(levels):
-                raise ValueError(f"{_NAME}: levels {tuple(levels)} must be distinct blocks of the {depth}-block backbone")
+                raise ValueError(
+                    f"{_NAME}: levels {tuple(levels)} must be distinct blocks of the {depth}-block backbone"
+                )
             levels = resolved
         groups = default_attribute_groups(s) if attribute_groups is None else _as_groups(attribute_groups, K)
         check_option(_NAME, "bank_policy", bank_policy, ("fifo", "min_conf"))
@@ -495,7 +494,7 @@ class SAGE(nn.Module):
             attr_sem = attr_sem + (vsa[-1].view(L, B, -1) - target).square().sum(dim=(0, 2)).mean()  # Eq. 3
             attr_vis = attr_vis + (sva[-1].view(L, B, -1) - target).square().sum(dim=(0, 2)).mean()  # Eq. 4
             if want_maps:  # Eq. 5: each map as a distribution over its (attribute, patch) pairs
-                kl = _symmetric_kl(vsa[1] / subset.numel(), sva[1] / R)  # (L·B,)
+                kl = attention_alignment(vsa[1], sva[1], 1.0 / subset.numel(), 1.0 / R)  # (L·B,)
                 align = align + kl.view(L, B).sum(dim=0).mean()
         branches = torch.stack(z, dim=2).transpose(0, 1).reshape(B, 3 * L, K)  # (B, M, K), m = 3 l + scale
         fused = self.mbgf(branches, s, labels)
