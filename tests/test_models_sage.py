@@ -166,7 +166,8 @@ def test_inference_leaves_the_bank_alone(generator):
 
 @pytest.mark.parametrize("grid", [(4, 4), (3, 5)])
 def test_msfe_is_layernorm_linear_and_depthwise_convolutions(grid, generator):
-    """P⁻ / P⁺ equal nn.Conv2d / nn.ConvTranspose2d (groups=d, kernel 2, stride 2; P⁻ zero-pads an odd grid)."""
+    """P⁻ / P⁺ equal nn.Conv2d / nn.ConvTranspose2d (groups=d, kernel 2, stride 2; P⁻ zero-pads an odd grid; P⁺'s
+    tokens in (p, q, i, j) order)."""
     L, d = 2, 6
     h, w = grid
     msfe = sage_module.MultiScaleBranches(L, D, d).double()
@@ -185,7 +186,9 @@ def test_msfe_is_layernorm_linear_and_depthwise_convolutions(grid, generator):
         tconv = F.conv_transpose2d(x_grid, msfe.up_weight[l].permute(2, 0, 1)[:, None], msfe.up_bias[l], stride=2,
                                    groups=d)
         torch.testing.assert_close(down.view(L, B, -1, d)[l], conv.flatten(2).transpose(1, 2))
-        torch.testing.assert_close(up.view(L, B, -1, d)[l], tconv.flatten(2).transpose(1, 2))
+        # P⁺'s tokens come in (p, q, i, j) order: the transposed conv's grid (2i+p, 2j+q) reordered
+        tconv = tconv.view(B, d, h, 2, w, 2).permute(0, 3, 5, 2, 4, 1).reshape(B, 4 * h * w, d)
+        torch.testing.assert_close(up.view(L, B, -1, d)[l], tconv)
 
 
 def test_default_subsets_by_prevalence():
