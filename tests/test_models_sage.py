@@ -16,7 +16,7 @@ from zslfast import _backend
 from zslfast.models import SAGE
 from zslfast.models import sage as sage_module
 
-B, C, K, DW, D, N = 6, 7, 9, 5, 16, 16
+B, C, K, DW, D, N = 16, 7, 9, 5, 16, 16
 CPU_MISSING = _backend.why_unavailable("cpu", torch.device("cpu"))
 needs_cpu = pytest.mark.skipif(CPU_MISSING is not None, reason=str(CPU_MISSING))
 
