@@ -31,8 +31,7 @@ def make(batch=B, lambda_align=0.1):
     s = torch.rand(C, K, generator=g)
     w = torch.randn(K, DW, generator=g)
     torch.manual_seed(0)
-    model = SAGE(s, None, attribute_word_embeddings=w, embed_dim=D, lambda_align=lambda_align,
-                 bank_threshold=0.0).to(DEVICE).train()
+    model = SAGE(s, None, attribute_word_embeddings=w, embed_dim=D, lambda_align=lambda_align).to(DEVICE).train()
     inputs = dict(
         hidden_states=[torch.randn(batch, 1 + N, D, generator=g).to(DEVICE) for _ in range(L)],
         labels=torch.randint(0, C - U, (batch,), generator=g).to(DEVICE),

@@ -199,6 +199,7 @@ def test_default_subsets_by_prevalence():
     # order: 0 (1.0), 3 (0.75), 2 (0.5), 5 (0.5, tie by index), 1 (0.25), 4 (0.0)
     assert groups.tolist() == [0, 2, 1, 0, 2, 1]
     model = SAGE(s, None, attribute_word_embeddings=torch.randn(6, 3), embed_dim=4, dim=4)
+    assert model.mbgf.bank.threshold == 2 / 4  # the default confidence gate: twice chance over the C=4 classes
     assert [g.tolist() for g in model.subsets()] == [[0, 3], [2, 5], [1, 4]]
 
 
