@@ -192,8 +192,11 @@ class MultiScaleBranches(nn.Module):
     def forward(self, patches: torch.Tensor, grid: tuple[int, int]) -> list[torch.Tensor]:
         L, B, N, D = patches.shape
         h, w = grid
-        x = F.layer_norm(patches, (D,)) * self.norm_weight[:, None, None] + self.norm_bias[:, None, None]
-        x = torch.baddbmm(self.proj_bias[:, None], x.reshape(L, B * N, D), self.proj_weight)  # (L, B·N, d)
+        # LayerNorm's affine folded into the projection: (x̂ γ + β) W + b = x̂ (γ W) + (β W + b), the same function
+        # without two passes (and their backward) over the (L, B, N, D) hidden states
+        weight = self.norm_weight[:, :, None] * self.proj_weight  # (L, D, d)
+        bias = torch.baddbmm(self.proj_bias[:, None], self.norm_bias[:, None], self.proj_weight)  # (L, 1, d)
+        x = torch.baddbmm(bias, F.layer_norm(patches, (D,)).reshape(L, B * N, D), weight)  # (L, B·N, d)
         d = x.shape[-1]
         grid_x = x.view(L, B, h, w, d)
         padded = F.pad(grid_x, (0, 0, 0, w % 2, 0, h % 2)) if h % 2 or w % 2 else grid_x
