@@ -246,6 +246,10 @@ def test_bad_input(generator):
         SAGE(s, None, attribute_word_embeddings=None, embed_dim=D)
     with pytest.raises(ValueError, match="embed_dim"):
         SAGE(s, None, attribute_word_embeddings=w)
+    with pytest.raises(ValueError, match="embed_dim"):  # a name without build_backbone: precomputed mode
+        SAGE(s, "vit_base_patch16_224", attribute_word_embeddings=w, build_backbone=False)
+    with pytest.raises(TypeError, match="levels"):
+        SAGE(s, None, attribute_word_embeddings=w, embed_dim=D, levels=3)
     with pytest.raises(ValueError, match="lambda_kl"):
         SAGE(s, None, attribute_word_embeddings=w, embed_dim=D, lambda_kl=-1)
 
