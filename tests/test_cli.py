@@ -38,6 +38,20 @@ def test_demo_tiny(capsys):
     assert results["reference"]["losses"][0] == pytest.approx(results["fused"]["losses"][0], rel=1e-5)
 
 
+def test_demo_sage_tiny(capsys):
+    from zslfast.demo import main as demo
+
+    require_backend("cpu")
+    results = demo(["--model", "sage", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "6",
+                    "--patches", "4", "--embed-dim", "8", "--hidden-dim", "4"])
+    out = capsys.readouterr().out
+    assert "model: SAGE" in out and "speed-up" in out and "U / S / H" in out
+    assert results["lockstep_max_rel_diff"] < 1e-5
+    for name in ("reference", "fused"):
+        assert len(results[name]["losses"]) == 2 and 0.0 <= results[name]["gzsl"].h <= 1.0
+    assert results["reference"]["losses"][0] == pytest.approx(results["fused"]["losses"][0], rel=1e-5)
+
+
 def test_demo_refuses_reference_against_reference(monkeypatch):
     """With the fused ops resolving to the reference (here: ZSLFAST_BACKEND=reference), the demo says so and stops
     instead of printing a "fused" row that is the reference again."""

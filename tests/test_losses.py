@@ -425,3 +425,26 @@ def test_patch_bce_large_logits_and_bad_input(generator):
         patch_bce_loss(logits, target[:, :4])
     with pytest.raises(ValueError, match="mask"):
         patch_bce_loss(logits, target, torch.ones(2, 4, dtype=torch.bool))
+
+
+def test_attention_alignment_matches_autograd_of_the_formula(generator):
+    """SAGE Eq. 5: value and gradients equal autograd of sum (p - q)(log p - log q), underflowed entries included."""
+    from zslfast.losses import attention_alignment
+
+    a = torch.rand(3, 4, 5, generator=generator, dtype=torch.float64).softmax(-1)
+    b = torch.rand(3, 4, 5, generator=generator, dtype=torch.float64).softmax(-2)
+    a[0, 0, 0] = 0.0  # an underflowed probability
+    a.requires_grad_(), b.requires_grad_()
+    tiny = torch.finfo(torch.float64).tiny
+    p, q = a / 4, b / 5
+    expected = ((p - q) * (p.clamp_min(tiny).log() - q.clamp_min(tiny).log())).sum(dim=(1, 2))
+    weights = torch.randn(3, generator=generator, dtype=torch.float64)
+    got = attention_alignment(a, b, 1 / 4, 1 / 5)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    for x, y in zip(torch.autograd.grad((got * weights).sum(), (a, b)),
+                    torch.autograd.grad((expected * weights).sum(), (a, b))):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+    inputs = (a.detach()[1:].requires_grad_(), b.detach()[1:].requires_grad_())
+    assert torch.autograd.gradcheck(lambda x, y: attention_alignment(x, y, 0.25, 0.2), inputs)
+    with pytest.raises(ValueError, match="one shape"):
+        attention_alignment(a, b[:, :2])

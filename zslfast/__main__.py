@@ -2,7 +2,8 @@
 
     info   (default) what was built and which backends run here
     demo   train ILPG twice, reference ops vs fused ops: step time, peak memory, loss difference, U/S/H
-           (zslfast.demo; ``--data DIR`` for a real xlsa17 folder, ``--device cuda`` on a GPU)
+           (zslfast.demo; ``--model sage`` for SAGE, ``--data DIR`` for a real xlsa17 folder, ``--device cuda``
+           on a GPU)
     bench  each op's forward+backward time and peak memory against the eager code on this device (zslfast.bench)
     audit  compile every Triton kernel for sm_80/sm_90 without a GPU: registers, spills, shared memory, occupancy,
            waves and the roofline floor (a model) at the papers' shapes (zslfast.audit)

@@ -18,6 +18,10 @@ The paper writes Eq. 7, 9 and 10 as sums over the training samples; here every l
 (so a loss value does not scale with the batch size, and Eq. 12's lambdas weight per-sample averages). Eq. 9 sums
 over the unseen classes, kept here (``sas_class_reduction="mean"`` divides by their number instead).
 
+SAGE:
+    attention_alignment(attn_a, attn_b, scale_a, scale_b)   Eq. 5 per row n: KL(p || q) + KL(q || p) =
+                                                    sum (p - q)(log p - log q), p = scale_a attn_a, q = scale_b attn_b
+
 SVIP:
     jsd_loss(logits_a, logits_b)                    Eq. 13  0.5 KL(p_a || p_b) + 0.5 KL(p_b || p_a), batch mean
     patch_bce_loss(patch_logits, pseudo_labels, mask=None)   Eq. 6   per-image mean BCE over patches, batch mean
@@ -277,6 +281,61 @@ class ILPGLoss(nn.Module):
             parts["pcr"] = _pcr(s, w, labels, self.tau)
             total = total + self.lambda_pcr * parts["pcr"]
         return total, parts
+
+
+# ----------------------------------------------------------------------------------------------------- SAGE
+
+
+class _AttentionAlignment(torch.autograd.Function):
+    """sum over all but dim 0 of (p - q)(log p - log q), p = sa·a, q = sb·b, logs of max(., tiny).
+
+    Autograd of the plain expression would keep five map-sized tensors (p, q, both logs, their difference) for the
+    backward; this keeps a and b only (the attention maps, alive anyway) and recomputes the rest:
+        d/dp = (log p - log q) + [p >= tiny] (p - q) / max(p, tiny)
+        d/dq = -(log p - log q) - [q >= tiny] (p - q) / max(q, tiny)      ([·] as clamp_min's own backward)"""
+
+    @staticmethod
+    def forward(ctx, a, b, scale_a, scale_b):
+        tiny = torch.finfo(a.dtype).tiny
+        p, q = a * scale_a, b * scale_b
+        log_ratio = p.clamp_min(tiny).log_().sub_(q.clamp_min(tiny).log_())
+        ctx.save_for_backward(a, b)
+        ctx.scales = (scale_a, scale_b)
+        return log_ratio.mul_(p - q).flatten(1).sum(dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        scale_a, scale_b = ctx.scales
+        tiny = torch.finfo(a.dtype).tiny
+        p, q = a * scale_a, b * scale_b
+        p_safe, q_safe = p.clamp_min(tiny), q.clamp_min(tiny)
+        log_ratio = p_safe.log().sub_(q_safe.log())
+        diff = p - q
+        g = grad.reshape(-1, *([1] * (a.dim() - 1)))
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_a = torch.where(p >= tiny, diff / p_safe, 0.0).add_(log_ratio).mul_(g * scale_a)
+        if ctx.needs_input_grad[1]:
+            grad_b = torch.where(q >= tiny, diff / q_safe, 0.0).add_(log_ratio).mul_(g * -scale_b)
+        return grad_a, grad_b, None, None
+
+
+def attention_alignment(attn_a: torch.Tensor, attn_b: torch.Tensor, scale_a: float = 1.0, scale_b: float = 1.0):
+    """SAGE Eq. 5 per row: the symmetric KL between p = scale_a·attn_a and q = scale_b·attn_b, distributions over
+    all their dims but the first: (n, ...) maps -> (n,). The scales normalise each map (SAGE: a VSA map sums to K
+    over its (attribute, patch) entries, an SVA map to R). Probabilities under the float's smallest normal count as
+    that (finite logs). Differentiable in both maps; keeps only the two maps for the backward."""
+    for name, t in (("attn_a", attn_a), ("attn_b", attn_b)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() < 2:
+            raise TypeError(f"attention_alignment: {name} must be a floating-point tensor (n, ...)")
+    if attn_a.shape != attn_b.shape:
+        raise ValueError(
+            f"attention_alignment: attn_a {shape_str(attn_a)} and attn_b {shape_str(attn_b)} must have one shape"
+        )
+    scale_a = check_positive("attention_alignment", "scale_a", scale_a)
+    scale_b = check_positive("attention_alignment", "scale_b", scale_b)
+    return _AttentionAlignment.apply(attn_a, attn_b, scale_a, scale_b)
 
 
 # ----------------------------------------------------------------------------------------------------- SVIP

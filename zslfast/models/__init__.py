@@ -6,13 +6,18 @@
         forward(images | regions=, signatures=, labels=None) -> ILPGOutput(logits, loss, parts, attribute_scores)
     SVIPHead(class_attributes, backbone="deit_base_patch16_224", num_keep=0.8, ...)
         forward(images, labels=None) -> SVIPOutput(logits, loss, parts, patch_mask)   SVIP patch selection on a ViT
+    SAGE(class_attributes, backbone="vit_base_patch16_224", attribute_word_embeddings=W, ...)
+        forward(images | hidden_states=, labels=None) -> SAGEOutput(logits, loss, parts, attribute_scores, kl_active)
 
-timm is imported only when a model builds its backbones (ILPG(build_backbones=True), SVIPHead from a name).
+timm is imported only when a model builds its backbones (ILPG(build_backbones=True), SVIPHead from a name, SAGE
+from a name with build_backbone=True).
 """
 
 from .ilpg import ILPG, ILPGOutput
 from .rollout import vit_attention_rollout
+from .sage import SAGE, SAGEOutput
 from .svip import SVIPHead, SVIPOutput
 
 __all__ = ["ILPG", "ILPGOutput", "vit_attention_rollout"]
 __all__ += ["SVIPHead", "SVIPOutput"]
+__all__ += ["SAGE", "SAGEOutput"]

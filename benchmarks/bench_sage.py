@@ -1,0 +1,98 @@
+"""SAGE training step at CUB: the same model (zslfast.models.SAGE) with the reference ops ("eager": the (B, K, R)
+attention maps materialised, the bank's Python-loop update), torch.compile of that, and the fused ops ("zslfast").
+
+    hidden states: L=3 levels of ViT-B/16 at 224² (B, 1+196, 768) precomputed (a frozen backbone, as ZSL code
+    trains on cached features) -> MSFE (d=256: 49 / 196 / 784 patches per scale) -> VSA + SVA per scale over the
+    Global / Context / Local subsets (K=312) -> MBGF over M=9 branches, C=200 classes -> Eq. 11; one step = forward,
+    backward and an SGD update of every trainable parameter. B=32, all losses on (λ_align > 0: the alignment loss
+    returns the attention maps on both paths).
+
+Interleaved timing (the three alternate each round; see zslfast.bench.interleaved) and peak memory:
+    python benchmarks/bench_sage.py [rounds] [--no-compile]
+Where the step's time goes (profiled, top ops of each path):
+    python benchmarks/bench_sage.py --profile
+"""
+
+import copy
+import sys
+
+import pytest
+import torch
+
+from conftest import DEVICE, run_benchmark
+from zslfast import bench
+from zslfast.models import SAGE
+
+B, C, K, U, L, N, D, DW = 32, 200, 312, 50, 3, 196, 768, 300  # CUB, ViT-B/16 hidden states, GloVe/Word2Vec 300
+
+
+def make(batch=B, lambda_align=0.1):
+    g = torch.Generator().manual_seed(0)
+    s = torch.rand(C, K, generator=g)
+    w = torch.randn(K, DW, generator=g)
+    torch.manual_seed(0)
+    model = SAGE(s, None, attribute_word_embeddings=w, embed_dim=D, lambda_align=lambda_align).to(DEVICE).train()
+    inputs = dict(
+        hidden_states=[torch.randn(batch, 1 + N, D, generator=g).to(DEVICE) for _ in range(L)],
+        labels=torch.randint(0, C - U, (batch,), generator=g).to(DEVICE),
+    )
+    return model, inputs
+
+
+def training_step(model, inputs, forward=None):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+    forward = model if forward is None else forward
+
+    def step():
+        loss = forward(**inputs).loss
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        return loss.detach()
+
+    return step
+
+
+@pytest.mark.parametrize("impl", ["eager", "compile", "zslfast"])
+def test_sage_training_step(benchmark, impl):
+    benchmark.group = f"SAGE training step CUB B={B} K={K} C={C} L={L} N={N} D={D} {DEVICE.type}"
+    model, inputs = make()
+    if impl != "zslfast":
+        model = copy.deepcopy(model).set_backend("reference")
+    forward = torch.compile(model) if impl == "compile" else None
+    run_benchmark(benchmark, training_step(model, inputs, forward), rounds=5)
+
+
+def run_interleaved(rounds=7, compile_too=True):
+    fused, inputs = make()
+    reference = copy.deepcopy(fused).set_backend("reference")
+    fns = {"eager": training_step(reference, inputs)}
+    if compile_too:
+        compiled = copy.deepcopy(reference)
+        fns["compile"] = training_step(compiled, inputs, torch.compile(compiled))
+    fns["zslfast"] = training_step(fused, inputs)
+    title = f"SAGE training step CUB B={B} K={K} C={C} L={L} N={N} D={D} d={fused.dim} {DEVICE.type}"
+    bench.interleaved(title, fns, rounds, calls=1, warmup=2)
+    for name, fn in fns.items():
+        print(f"  peak memory {name}: {bench.peak_mib(fn, DEVICE):.0f} MiB (beyond the inputs)")
+
+
+def profile(steps=3):
+    fused, inputs = make()
+    for name, model in (("reference", copy.deepcopy(fused).set_backend("reference")), ("fused", fused)):
+        step = training_step(model, inputs)
+        for _ in range(2):
+            step()
+        with torch.profiler.profile() as prof:
+            wall = 1e3 * sum(bench.call_seconds(step, steps)) / steps
+        print(f"\n{name}: {wall:.0f} ms per step (profiled)")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
+
+
+if __name__ == "__main__":
+    if "--profile" in sys.argv:
+        profile()
+    else:
+        numbers = [a for a in sys.argv[1:] if a.isdigit()]
+        run_interleaved(int(numbers[0]) if numbers else 7, compile_too="--no-compile" not in sys.argv)
