@@ -963,8 +963,10 @@ def plan_forward(q, k, v, ref, mask, scale, score_mode, return_attention, save_e
         dict(HAS_MASK=mask is not None, MODE=score_mode, STORE_ATTN=return_attention, STORE_E=store_e,
              SINGLE_R=single_r, OVER_QUERIES=bool(softmax_over), MAX_MODE=max_mode, **common,
              BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_DV=block_dv),
-        # Four warps for a wide row tile: eight spilled 8 B there (bf16/fp16, sm_80, triton 3.6; the audit).
-        **_launch_options(block_r, wide_warps=4), flops=2 * B * K * R * (D + Dv),
+        # Four warps for a wide row tile: eight spilled 8 B there (bf16/fp16, sm_80, triton 3.6; the audit). Over
+        # the queries with a max, R-tiled: eight (four spilled 8 B: bf16/fp16, sm_90, triton 3.6).
+        **_launch_options(block_r, wide_warps=8 if softmax_over and max_mode and not single_r else 4),
+        flops=2 * B * K * R * (D + Dv),
     ))
     if score_mode == 0:
         return (e, e.new_empty((0,)), lse, attn, best, best_index), steps
@@ -1064,6 +1066,8 @@ def plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode
     need_gamma = bool(softmax_over) and need_q
     if need_k or need_v or need_gamma:
         col_k, col_r, col_d, col_dv = _columns_blocks(B, K, R, D, Dv, block_r, block_dv)
+        if softmax_over:
+            col_k = 16  # 32 spilled 8-32 B (fp32, sm_80/sm_90, triton 3.6 and 3.9; the audit)
         steps.append(Launch(
             _columns_backward_kernel, (triton.cdiv(R, col_r), B),
             (ga, q, k, v, mask_arg, lse, de, delta, grad_k, grad_v, gm, index_t,
@@ -1072,8 +1076,13 @@ def plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode
             dict(HAS_MASK=mask is not None, HAS_GA=has_ga, NEED_K=need_k, NEED_V=need_v, **options,
                  NEED_GAMMA=need_gamma, ACC_DTYPE=common["ACC_DTYPE"], DOT_PRECISION=common["DOT_PRECISION"],
                  BLOCK_K=col_k, BLOCK_R=col_r, BLOCK_D=col_d, BLOCK_DV=col_dv),
-            # One pipeline stage with the options: two spilled 8-64 B (fp32, sm_80, triton 3.9; the audit).
-            **dict(_launch_options(col_r), **({"num_stages": 1} if softmax_over or activation or max_mode else {})),
+            # One pipeline stage with the options (two spilled 8-64 B: fp32, sm_80, triton 3.9; the audit), but for
+            # the queries' 16 x 64 tiles (one spilled 8-24 B there: fp32, B = 256, sm_90, triton 3.6 and 3.9).
+            # Over the queries with 16-token tiles, four warps (eight spilled 16 B: bf16/fp16, sm_90, triton 3.6).
+            **dict(_launch_options(col_r),
+                   **({"num_stages": 1} if (activation or max_mode or softmax_over)
+                      and not (softmax_over and col_r == 64) else {}),
+                   **({"num_warps": 4} if softmax_over and col_r == 16 else {})),
             flops=2 * B * K * R * (D + Dv) + 2 * B * K * R * ((D if need_k else 0) + (Dv if need_v else 0))
             + (2 * B * K * R * (D + Dv) if softmax_over and need_k else 0),
         ))
