@@ -204,14 +204,16 @@ def test_opcheck(device, backend, generator):
             args = [t.clone().requires_grad_(requires_grad) for t in (q, k, v, ref)]
             torch.library.opcheck(
                 torch.ops.zslfast.attribute_attention.default,
-                (*args, mask, 0.5, score, 1e-8, return_attention, requires_grad, backend),
+                (*args, mask, 0.5, score, 1e-8, return_attention, requires_grad, "keys", None, None, backend),
             )
-    out, e, lse, _ = torch.ops.zslfast.attribute_attention(q, k, v, ref, mask, 0.5, "cosine", 1e-8, False, True, backend)
+    out, e, lse, _, best, best_index = torch.ops.zslfast.attribute_attention(
+        q, k, v, ref, mask, 0.5, "cosine", 1e-8, False, True, "keys", None, None, backend)
     grad = torch.randn(2, 3, generator=generator).to(device)
     for output_mask in ([True, True, True, True], [False, True, False, True]):
         torch.library.opcheck(
             torch.ops.zslfast.attribute_attention_backward.default,
-            (grad, None, q, k, v, ref, mask, e, lse, 0.5, "cosine", 1e-8, output_mask, backend),
+            (grad, None, None, q, k, v, ref, mask, e, lse, best, best_index, 0.5, "cosine", 1e-8, output_mask,
+             "keys", None, None, backend),
         )
 
 
@@ -341,7 +343,8 @@ def test_scores_without_grad_do_not_write_e(device, backend, generator):
 
     B, K, R, D, Dv = 4, 16, 9, 8, 256
     q, k, v, ref = make_inputs(B, K, R, D, Dv, "shared", "shared", torch.float32, device, generator)
-    _, e, _, _ = torch.ops.zslfast.attribute_attention(q, k, v, ref, None, 0.3, "cosine", 1e-8, False, False, backend)
+    _, e, _, _, _, _ = torch.ops.zslfast.attribute_attention(q, k, v, ref, None, 0.3, "cosine", 1e-8, False, False,
+                                                             "keys", None, None, backend)
     assert e.numel() == 0
     zslfast.attribute_attention(q, k, v, ref, backend=backend)  # warm-up (Triton compiles, CPU pool starts)
     peak = peak_bytes(lambda: zslfast.attribute_attention(q, k, v, ref, backend=backend), torch.device(device))

@@ -53,6 +53,9 @@ TYPE_NAMES = {
 
 
 # ------------------------------------------------------------------------------------------------- the cases
+VARIANT_MARK = "["  # a pass of an op's non-default options is named "forward [variant]"
+
+
 def _meta(*shape, dtype=torch.float32):
     return torch.empty(shape, dtype=dtype, device="meta")
 
@@ -76,6 +79,17 @@ def _cosine_logits(N, C, D, dtype):
                                             (True, True, True))[1]
 
 
+# attribute_attention's options (issue 17) the audit compiles besides the default (ILPG's): (name, softmax_over,
+# logit_activation, return_max) as the kernels' ints (ENUMS). Each path of the kernels runs in one of them at least
+# (the softmax over the queries with either max, the relu on either axis, each max on the keys).
+ATTRIBUTE_ATTENTION_VARIANTS = (
+    ("queries+attention-max", "queries", None, "attention"),  # SAGE SVA + Eq. 3
+    ("relu+logits-max", "keys", "relu", "logits"),  # PSVMA
+    ("attention-max", "keys", None, "attention"),  # GEM-ZSL
+    ("queries+relu+logits-max", "queries", "relu", "logits"),
+)
+
+
 def _attribute_attention(B, K, R, D, Dv, dtype):
     from .ops._spec import enum_id
     from .triton import attribute_attention as kernels
@@ -83,10 +97,19 @@ def _attribute_attention(B, K, R, D, Dv, dtype):
     q, k, v, ref = _meta(K, D, dtype=dtype), _meta(B, R, D, dtype=dtype), _meta(B, R, Dv, dtype=dtype), \
         _meta(K, Dv, dtype=dtype)
     score_mode = enum_id("score", "cosine")  # ILPG's score (the id was 1, "dot", until the ops' enums were named)
-    (_, e, lse, _), steps = kernels.plan_forward(q, k, v, ref, None, D ** -0.5, score_mode, False)
+    (_, e, lse, _, _, _), steps = kernels.plan_forward(q, k, v, ref, None, D ** -0.5, score_mode, False)
     yield "forward", steps
     yield "backward", kernels.plan_backward(_meta(B, K, dtype=dtype), None, q, k, v, ref, None, e, lse, D ** -0.5,
                                             score_mode, (True, True, True, True))[1]
+    for name, softmax_over, activation, return_max in ATTRIBUTE_ATTENTION_VARIANTS:
+        modes = (enum_id("softmax_over", softmax_over), enum_id("logit_activation", activation),
+                 enum_id("return_max", return_max))
+        (_, e, lse, _, best, index), steps = kernels.plan_forward(q, k, v, ref, None, D ** -0.5, score_mode, False,
+                                                                  True, kernels.COSINE_EPS, *modes)
+        yield f"forward {VARIANT_MARK}{name}]", steps
+        yield f"backward {VARIANT_MARK}{name}]", kernels.plan_backward(
+            _meta(B, K, dtype=dtype), None, q, k, v, ref, None, e, lse, D ** -0.5, score_mode, (True, True, True, True),
+            kernels.COSINE_EPS, *modes, _meta(B, K, dtype=dtype), best, index)[1]
 
 
 def _attention_rollout(L, B, H, N, dtype):
@@ -326,9 +349,10 @@ def _launches(steps):
 
 
 def traffic(op: str, shape, dtype) -> dict:
-    """{pass: (bytes, FLOPs)} of ``op`` at ``shape``: its launches' sums, the model gpucheck measures against."""
+    """{pass: (bytes, FLOPs)} of ``op`` at ``shape``: its launches' sums, the model gpucheck measures against (the
+    default options' passes: the variants compiled besides them, named "pass [variant]", are left out)."""
     return {pass_name: (sum(l.bytes_moved() for l in _launches(steps)), sum(l.flops for l in _launches(steps)))
-            for pass_name, steps in CASES[op][0](*shape, dtype)}
+            for pass_name, steps in CASES[op][0](*shape, dtype) if VARIANT_MARK not in pass_name}
 
 
 def _signature_key(launch):

@@ -2,9 +2,15 @@
 
 The math, for each sample b and query row i (r runs over the R tokens, kept r: mask[b, r] True):
 
-    S[b, i, r] = scale <q[i], k[b, r]>                  (q[b, i] for per-sample queries)
+    T[b, i, r] = <q[i], k[b, r]>                        (q[b, i] for per-sample queries)
+    S[b, i, r] = scale T  |  scale relu(T)               (ACTIVATION 0 | 1: the relu before the scale)
     P[b, i, :] = softmax over the kept r of S[b, i, :]   a row with no kept r: P = 0, lse = 0
     lse[b, i]  = log sum_{kept r} exp(S[b, i, r])
+    OVER_QUERIES (softmax_over 1): for each kept r, P[b, :, r] = softmax over the K queries of S[b, :, r]
+               = exp(S - lse[b, r]), lse[b, r] = log sum_i exp(S[b, i, r]) (B, R); a masked r: P = 0, lse = 0
+    MAX_MODE 1 | 2: M[b, i] = max over kept r of P[b, i, r] | S[b, i, r], idx[b, i] its first r (int32; -1 and
+               M = 0 for a row with no kept r). The max of P is taken as that of log P (S over the keys,
+               S - lse[r] over the queries): M = exp(max S - lse[i]) | exp(max (S - lse[r])).
     E[b, i]    = sum_r P[b, i, r] v[b, r]
     out[b, i]  = E[b, i]                                               MODE 0 (no score)
                = <E, ref[i]>                                           MODE 1 ("dot")
@@ -18,9 +24,13 @@ The math, for each sample b and query row i (r runs over the R tokens, kept r: m
                  a_R = g, c_R = 0 for MODE 1), summed over b by torch for a shared ref, from the coefficients the
                  rows kernel stores. (iE iR and iE^2 are never formed: they underflow fp32 at |E| ~ |ref| ~ 1e30.)
     P          = the kept r's softmax (recomputed), dP = dE v^T (+ dL/dattn when the attention is returned)
+                 (+ gM = dL/dM at r = idx: MAX_MODE 1)
     Delta[b, i] = sum_r P dP (R in one tile: from the row in registers, P its own softmax, as eager's softmax
-                 backward) or <dE, E> + <P, dL/dattn> (R-tiled), dS = P (dP - Delta)
-    dq = scale dS k (summed over b for a shared q),  dk = scale dS^T q,  dv = P^T dE
+                 backward) or <dE, E> + <P, dL/dattn> (+ gM M) (R-tiled), dS = P (dP - Delta)
+    OVER_QUERIES: Gamma[b, r] = sum_i P dP (over every query row), dS = P (dP - Gamma)
+    MAX_MODE 2: dS[b, i, idx] += gM
+    dT = scale dS [T > 0: ACTIVATION 1; a select]
+    dq = dT k (summed over b for a shared q),  dk = dT^T q,  dv = P^T dE
 
 Masked tokens are selected away (tl.where, masked loads), never multiplied by 0: whatever k and v hold there (NaN,
 inf) reaches neither the outputs nor any gradient, and dk, dv of masked tokens are exactly 0 (never written into
@@ -30,11 +40,14 @@ in fp32) the same sums of E and ref scaled by a power of two, taken alongside fr
 
 Shapes: q (K, D) shared by the batch or (B, K, D); k (B, R, D); v (B, R, Dv); ref (K, Dv) or (B, K, Dv) (MODE 1, 2);
 mask (B, R) as uint8; scale and eps one-element tensors in the accumulator dtype (a Python float argument would be
-typed fp32 by compiled Triton and round an fp64 op's values). Forward: E (B, K, Dv), lse (B, K) in the accumulator
-dtype; out (B, K) (MODE 1, 2; MODE 0 returns E) and P (B, K, R) (when asked for) in q's dtype. Backward: grad (B, K) or
-(B, K, Dv) (MODE 0), dL/dattn (B, K, R) or none; dE (B, K, Dv), Delta, a_R, c_R, n_R (B, K); dq partials (S, K, D) for a
-shared q (S batch splits, summed by torch in split order) or (B, K, D); dk (B, R, D), dv (B, R, Dv); all in the
-accumulator dtype, cast to the inputs' dtype at the end.
+typed fp32 by compiled Triton and round an fp64 op's values). Forward: E (B, K, Dv), lse (B, K) ((B, R) over the
+queries) in the accumulator dtype; out (B, K) (MODE 1, 2; MODE 0 returns E) and P (B, K, R) (when asked for) in q's
+dtype; M (B, K) in the accumulator dtype and idx (B, K) int32 (MAX_MODE 1, 2; else empty). Backward: grad (B, K) or
+(B, K, Dv) (MODE 0), dL/dattn (B, K, R) or none, dL/dM (B, K) or none; dE (B, K, Dv), Delta (B, K) (Gamma (B, R) over
+the queries), a_R, c_R, n_R (B, K); dq partials (S, K, D) for a shared q (S batch splits, summed by torch in split
+order) or (B, K, D); dk (B, R, D), dv (B, R, Dv); all in the accumulator dtype, cast to the inputs' dtype at the end.
+The options are compile-time constants (OVER_QUERIES, ACTIVATION, MAX_MODE, HAS_GM): the default ones compile to the
+kernels as they were before the options came (the audit's default rows are unchanged).
 
     forward   grid (K / BLOCK_K, B). A program owns BLOCK_K query rows of one sample. S tiles (BLOCK_K x BLOCK_R)
               come from a loop over D in BLOCK_D chunks (masked, so D = 300, 768, 2048 need no padding copies).
@@ -43,6 +56,10 @@ accumulator dtype, cast to the inputs' dtype at the end.
               once per program, and E is written only when saved for the backward (or returned: MODE 0). Larger
               R: an online max/sum pass over R tiles gives lse, a second pass adds P_tile @ v into E in memory (the
               program's own rows; barriers order its reads after its writes), then the epilogue reads E back.
+              MAX_MODE: the running max and first arg-max over the tiles of S (or S - lse[r]), in registers.
+              OVER_QUERIES: _column_lse_kernel first, grid (R / BLOCK_R, B) (the columns kernel's tiles): an
+              online max/sum over the query-row tiles gives lse (B, R); the forward kernel then forms
+              P = exp(S - lse[r]) tile by tile (no row normalisation, no online pass), on either path.
     backward  rows kernel, grid (K / BLOCK_K, splits of the batch): per (b, query rows): dE from the epilogue's
               gradient (stored), the coefficients of dref, Delta (R <= BLOCK_R: from the S and dP tiles of the
               whole row, also when only dk needs it), then dq = scale dS k over R tiles, added into the
@@ -50,6 +67,11 @@ accumulator dtype, cast to the inputs' dtype at the end.
               columns kernel, grid (R / BLOCK_R, B): loops over query-row tiles, recomputes P from lse and
               dS = P (dE v^T + dL/dattn - Delta), adds P^T dE into dv and scale dS^T q into dk (own rows). Its
               dP is summed over the rows kernel's Dv tiles, so that it equals the rows kernel's bit for bit.
+    OVER_QUERIES backward: Gamma sums over every query row, so dq comes last. The rows kernel first writes dE and
+              dref's coefficients (WRITE_DE; not launched for MODE 0, where dE is the gradient), the columns
+              kernel loops twice over the query-row tiles of its tokens (Gamma and dv, then dk from dS) and writes
+              Gamma (B, R), then the rows kernel again (NEED_Q, no WRITE_DE): dq from P, dP and Gamma tile by
+              tile. dP is summed in the same Dv tiles in both kernels (bit-identical, as above).
 No atomics anywhere: deterministic. Inputs are addressed through their strides (transposed views are read in
 place). Accumulation in fp32 (fp64 for fp64, where tl.dot is replaced by broadcast products: ACC_DTYPE, see
 _common.py); fp32 tl.dot runs "ieee" unless torch.backends.cuda.matmul.allow_tf32 is on.
@@ -81,10 +103,11 @@ def _keep(mask_ptr, b, offs_r, R, HAS_MASK: tl.constexpr):
 @triton.jit
 def _scores(
     q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
-    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACTIVATION: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """scale * q_rows @ k_b[offs_r]^T (BLOCK_K, BLOCK_R), -inf where the token is masked or out of range."""
+    """scale * act(q_rows @ k_b[offs_r]^T) (BLOCK_K, BLOCK_R), -inf where the token is masked or out of range;
+    act = relu for ACTIVATION 1 (before the scale; a NaN stays NaN, as torch.relu's)."""
     acc = tl.zeros([BLOCK_K, BLOCK_R], dtype=ACC_DTYPE)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
@@ -96,6 +119,8 @@ def _scores(
             other=0.0,
         )
         acc += mm(qt, kt, ACC_DTYPE, DOT_PRECISION)
+    if ACTIVATION == 1:
+        acc = tl.where(acc < 0, 0.0, acc)
     return tl.where(keep[None, :], acc * scale, float("-inf"))
 
 
@@ -120,7 +145,7 @@ def _softmax(s):
 @triton.jit
 def _online_lse(
     q_rows, k_b, mask_ptr, b, rows_ok, R, D, sq_d, sk_r, sk_d, scale,
-    HAS_MASK: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, ACTIVATION: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """lse (BLOCK_K,) of rows longer than one tile: a running max and rescaled sum over the R tiles."""
@@ -130,7 +155,7 @@ def _online_lse(
         offs_r = r0 + tl.arange(0, BLOCK_R)
         keep = _keep(mask_ptr, b, offs_r, R, HAS_MASK)
         s = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
-                    ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
+                    ACTIVATION, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
         m_new = tl.maximum(m, tl.max(s, axis=1))
         total = total * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
         m = m_new
@@ -140,14 +165,79 @@ def _online_lse(
 @triton.jit
 def _probs(
     q_rows, k_b, keep, offs_r, rows_ok, lse, D, sq_d, sk_r, sk_d, scale,
-    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACTIVATION: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """P = exp(S - lse) on the tile of tokens offs_r (BLOCK_K, BLOCK_R), recomputed from the saved lse; 0 where
     the token is not kept, by a select (exp(-inf - lse) would be NaN for a NaN row's lse)."""
     s = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
-                ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
+                ACTIVATION, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
+    return _row_probs(s, keep, lse)
+
+
+@triton.jit
+def _row_probs(s, keep, lse):
+    """P = exp(S - lse[row]) of an S tile (the softmax over the keys), 0 where the token is not kept."""
     return tl.where(keep[None, :], tl.exp(s - lse[:, None]), 0.0)
+
+
+@triton.jit
+def _column_log_probs(s, lse_ptr, b, offs_r, keep, R):
+    """log P = S - lse[b, r] of an S tile (the softmax over the queries, lse per token from _column_lse_kernel)."""
+    lse = tl.load(lse_ptr + b * R + offs_r, mask=keep, other=0.0)
+    return s - lse[None, :]
+
+
+@triton.jit
+def _column_probs(s, lse_ptr, b, offs_r, keep, rows_ok, R):
+    """P = exp(S - lse[b, r]) of an S tile (the softmax over the queries), 0 where the token is not kept and on
+    rows past K (their S is 0, not -inf: q is read as 0 there)."""
+    return tl.where(rows_ok[:, None] & keep[None, :], tl.exp(_column_log_probs(s, lse_ptr, b, offs_r, keep, R)),
+                    0.0)
+
+
+@triton.jit
+def _pool(best, best_idx, x, keep, offs_r):
+    """The running (max, first arg-max) over the kept tokens of x (BLOCK_K, BLOCK_R), updated with one tile of
+    tokens offs_r: a later tile wins only if strictly greater (the first index among equals, as torch.max).
+    The max of P is pooled as that of log P (S over the keys, S - lse over the queries; P = exp of it is
+    monotone): pooling P itself, next to its use as the P @ v operand, spilled 1.7 KB (fp32, 16 x 256 tile, 4
+    warps, sm_90; the audit)."""
+    x = tl.where(keep[None, :], x, float("-inf"))
+    tile_best = tl.max(x, axis=1)
+    tile_idx = tl.min(tl.where(x == tile_best[:, None], offs_r[None, :], 2147483647), axis=1)
+    better = tile_best > best
+    return tl.where(better, tile_best, best), tl.where(better, tile_idx, best_idx)
+
+
+@triton.jit
+def _add_max_grad(x, offs_r, idx, gm):
+    """x + gM at r = idx (the max's gradient, to its arg-max); idx -1 (no kept token, rows past K) matches none."""
+    return x + tl.where(offs_r[None, :] == idx[:, None], gm[:, None], 0.0)
+
+
+@triton.jit
+def _grad_logits(
+    p, dp, delta, s, keep, offs_r, idx, gm, scale,
+    OVER_QUERIES: tl.constexpr, ACTIVATION: tl.constexpr, LOGITS_GRAD: tl.constexpr, SELECT: tl.constexpr,
+):
+    """dT = scale dS [T > 0 for relu] of an S tile, dS = P (dP - Delta[row]) (keys) or P (dP - Gamma[token])
+    (OVER_QUERIES), + gM at r = idx (LOGITS_GRAD: the max of the logits' gradient). SELECT: 0 on tokens not kept,
+    by a select (without: P and dP are 0 there, so is dS unless Delta is not finite). The default options give
+    the expression the kernels had before them, op for op."""
+    if OVER_QUERIES:
+        ds = p * (dp - delta[None, :])
+    else:
+        ds = p * (dp - delta[:, None])
+    if LOGITS_GRAD:
+        ds = _add_max_grad(ds, offs_r, idx, gm)
+    ds = ds * scale
+    if ACTIVATION == 1:
+        # relu's derivative: 0 where T <= 0 (S = scale relu(T) is 0 there, -inf on masked tokens), NaN kept
+        ds = tl.where(s <= 0, 0.0, ds)
+    if SELECT:
+        ds = tl.where(keep[None, :], ds, 0.0)
+    return ds
 
 
 @triton.jit
@@ -333,7 +423,7 @@ def _stored_delta(
 @triton.jit
 def _add_attention_delta(
     delta, q_rows, k_b, mask_ptr, ga_ptr, b, row_ids, rows_ok, lse, R, D, sq_d, sk_r, sk_d, scale,
-    HAS_MASK: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, ACTIVATION: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Delta + <P, dL/dattn> over the R tiles: the returned attention's gradient's term."""
@@ -341,7 +431,7 @@ def _add_attention_delta(
         offs_r = r0 + tl.arange(0, BLOCK_R)
         keep = _keep(mask_ptr, b, offs_r, R, HAS_MASK)
         p = _probs(q_rows, k_b, keep, offs_r, rows_ok, lse, D, sq_d, sk_r, sk_d, scale,
-                   ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
+                   ACTIVATION, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
         ga = tl.load(ga_ptr + row_ids[:, None] * R + offs_r[None, :],
                      mask=rows_ok[:, None] & keep[None, :], other=0.0)
         delta += tl.sum(p * ga, axis=1)
@@ -372,12 +462,43 @@ def _grad_probs(
 
 # ----------------------------------------------------------------------------------------------- the kernels
 @triton.jit
+def _column_lse_kernel(
+    q_ptr, k_ptr, mask_ptr, lse_ptr,
+    K, R, D, scale_ptr,
+    sq_b, sq_k, sq_d, sk_b, sk_r, sk_d,
+    HAS_MASK: tl.constexpr, ACTIVATION: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The softmax over the queries' lse (B, R): for BLOCK_R tokens of one sample, a running max and rescaled sum
+    over the query-row tiles. 0 on a masked token (nothing kept in its column)."""
+    scale = tl.load(scale_ptr)
+    pid_r = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    keep = _keep(mask_ptr, b, offs_r, R, HAS_MASK)
+    k_b = k_ptr + b * sk_b
+    m = tl.full([BLOCK_R], -1e30, dtype=ACC_DTYPE)
+    total = tl.zeros([BLOCK_R], dtype=ACC_DTYPE)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        rows_ok = offs_k < K
+        q_rows = q_ptr + b * sq_b + offs_k.to(tl.int64)[:, None] * sq_k
+        s = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
+                    ACTIVATION, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
+        s = tl.where(rows_ok[:, None], s, float("-inf"))  # rows past K: S is 0 there (q read as 0)
+        m_new = tl.maximum(m, tl.max(s, axis=0))
+        total = total * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[None, :]), axis=0)
+        m = m_new
+    tl.store(lse_ptr + b * R + offs_r, _log_total(m, total), mask=offs_r < R)
+
+
+@triton.jit
 def _forward_kernel(
-    q_ptr, k_ptr, v_ptr, ref_ptr, mask_ptr, out_ptr, e_ptr, lse_ptr, attn_ptr,
+    q_ptr, k_ptr, v_ptr, ref_ptr, mask_ptr, out_ptr, e_ptr, lse_ptr, attn_ptr, best_ptr, idx_ptr,
     K, R, D, Dv, scale_ptr, eps_ptr,
     sq_b, sq_k, sq_d, sk_b, sk_r, sk_d, sv_b, sv_r, sv_d, sr_b, sr_k, sr_d,
     HAS_MASK: tl.constexpr, MODE: tl.constexpr, STORE_ATTN: tl.constexpr, STORE_E: tl.constexpr,
-    SINGLE_R: tl.constexpr,
+    SINGLE_R: tl.constexpr, OVER_QUERIES: tl.constexpr, ACTIVATION: tl.constexpr, MAX_MODE: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -392,27 +513,61 @@ def _forward_kernel(
     row_ids = b * K + offs_k  # index into (B, K)
     e_rows = e_ptr + row_ids[:, None] * Dv
     ref_rows = ref_ptr + b * sr_b + offs_k.to(tl.int64)[:, None] * sr_k
+    if MAX_MODE != 0:
+        best = tl.full([BLOCK_K], float("-inf"), dtype=ACC_DTYPE)
+        best_idx = tl.full([BLOCK_K], -1, dtype=tl.int32)
 
     if SINGLE_R:
         # One S tile: exact softmax, then E and the score's sums from the same Dv chunks, E in registers.
         offs_r = tl.arange(0, BLOCK_R)
         keep = _keep(mask_ptr, b, offs_r, R, HAS_MASK)
-        p, lse = _softmax(_scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
-                                  ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D))
+        if OVER_QUERIES:
+            # Over the queries: P from the tokens' lse (_column_lse_kernel), no row normalisation.
+            s = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
+                        ACTIVATION, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
+            if MAX_MODE == 1:
+                best, best_idx = _pool(best, best_idx, _column_log_probs(s, lse_ptr, b, offs_r, keep, R), keep,
+                                       offs_r)
+            if MAX_MODE == 2:
+                best, best_idx = _pool(best, best_idx, s, keep, offs_r)
+            p = _column_probs(s, lse_ptr, b, offs_r, keep, rows_ok, R)
+        elif MAX_MODE != 0:
+            s = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
+                        ACTIVATION, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
+            best, best_idx = _pool(best, best_idx, s, keep, offs_r)
+            p, lse = _softmax(s)
+        else:
+            p, lse = _softmax(_scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
+                                      ACTIVATION, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D))
         if STORE_ATTN:
             _store_attention(attn_ptr, p, row_ids, offs_r, rows_ok, R)
         e_sq, e_dot_r, se, sd = _attend(p.to(v_ptr.dtype.element_ty), v_b, e_rows, ref_rows, keep, rows_ok, Dv,
                                         sv_r, sv_d, sr_d, offs_r, STORE_E, MODE != 0, MODE == 2,
                                         ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_DV)
     else:
-        # R tiles: lse first, then E accumulated in memory tile by tile, then the score's sums read back.
-        lse = _online_lse(q_rows, k_b, mask_ptr, b, rows_ok, R, D, sq_d, sk_r, sk_d, scale,
-                          HAS_MASK, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
+        # R tiles: lse first (over the queries: from _column_lse_kernel), then E accumulated in memory tile by
+        # tile, then the score's sums read back.
+        if not OVER_QUERIES:
+            lse = _online_lse(q_rows, k_b, mask_ptr, b, rows_ok, R, D, sq_d, sk_r, sk_d, scale,
+                              HAS_MASK, ACTIVATION, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             keep = _keep(mask_ptr, b, offs_r, R, HAS_MASK)
-            p = _probs(q_rows, k_b, keep, offs_r, rows_ok, lse, D, sq_d, sk_r, sk_d, scale,
-                       ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
+            if OVER_QUERIES or MAX_MODE != 0:
+                s = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
+                            ACTIVATION, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
+                if OVER_QUERIES and MAX_MODE == 1:
+                    best, best_idx = _pool(best, best_idx, _column_log_probs(s, lse_ptr, b, offs_r, keep, R), keep,
+                                           offs_r)
+                elif MAX_MODE != 0:
+                    best, best_idx = _pool(best, best_idx, s, keep, offs_r)
+                if OVER_QUERIES:
+                    p = _column_probs(s, lse_ptr, b, offs_r, keep, rows_ok, R)
+                else:
+                    p = _row_probs(s, keep, lse)
+            else:
+                p = _probs(q_rows, k_b, keep, offs_r, rows_ok, lse, D, sq_d, sk_r, sk_d, scale,
+                           ACTIVATION, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
             if STORE_ATTN:
                 _store_attention(attn_ptr, p, row_ids, offs_r, rows_ok, R)
             _add_product(e_rows, rows_ok, p.to(v_ptr.dtype.element_ty), v_b + offs_r.to(tl.int64)[:, None] * sv_r,
@@ -425,7 +580,18 @@ def _forward_kernel(
         if MODE != 0:
             e_sq, e_dot_r, se, sd = _stored_sums(e_rows, ref_rows, rows_ok, Dv, sr_d, MODE == 2,
                                                  ACC_DTYPE, BLOCK_K, BLOCK_DV)
-    tl.store(lse_ptr + row_ids, lse, mask=rows_ok)
+    if not OVER_QUERIES:
+        tl.store(lse_ptr + row_ids, lse, mask=rows_ok)
+    if MAX_MODE != 0:
+        # The max of P from that of log P: exp(max S - lse) over the keys, exp(max (S - lse)) over the queries. A
+        # row with no kept token: max 0, index -1.
+        if MAX_MODE == 1:
+            if OVER_QUERIES:
+                best = tl.exp(best)
+            else:
+                best = tl.exp(best - lse)
+        tl.store(best_ptr + row_ids, tl.where(best_idx >= 0, best, 0.0), mask=rows_ok)
+        tl.store(idx_ptr + row_ids, best_idx, mask=rows_ok)
     if MODE == 1:
         _store_score(out_ptr, row_ids, rows_ok, e_dot_r, MODE)
     if MODE == 2:
@@ -437,11 +603,13 @@ def _forward_kernel(
 @triton.jit
 def _rows_backward_kernel(
     g_ptr, ga_ptr, q_ptr, k_ptr, v_ptr, ref_ptr, mask_ptr, e_ptr, lse_ptr,
-    de_ptr, delta_ptr, coef_a_ptr, coef_c_ptr, coef_r_ptr, dq_ptr,
+    de_ptr, delta_ptr, coef_a_ptr, coef_c_ptr, coef_r_ptr, dq_ptr, gm_ptr, best_ptr, idx_ptr,
     B, K, R, D, Dv, scale_ptr, eps_ptr, b_per_split,
     sq_b, sq_k, sq_d, sk_b, sk_r, sk_d, sv_b, sv_r, sv_d, sr_b, sr_k, sr_d,
     HAS_MASK: tl.constexpr, HAS_GA: tl.constexpr, MODE: tl.constexpr, NEED_Q: tl.constexpr,
     NEED_DELTA: tl.constexpr, SHARED_Q: tl.constexpr, SINGLE_R: tl.constexpr,
+    OVER_QUERIES: tl.constexpr, ACTIVATION: tl.constexpr, MAX_MODE: tl.constexpr, HAS_GM: tl.constexpr,
+    WRITE_DE: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -458,39 +626,43 @@ def _rows_backward_kernel(
         e_rows = e_ptr + row_ids[:, None] * Dv
         de_rows = de_ptr + row_ids[:, None] * Dv
         ref_rows = ref_ptr + b * sr_b + offs_k.to(tl.int64)[:, None] * sr_k
-        lse = tl.load(lse_ptr + row_ids, mask=rows_ok, other=0.0)
+        if not OVER_QUERIES:
+            lse = tl.load(lse_ptr + row_ids, mask=rows_ok, other=0.0)
         if MODE != 0:
-            # dE = s_E (a_E ref - c_E E) from the score's gradient, stored; dref = n_R (a_R E - c_R ref): its
-            # coefficients a_R, c_R, n_R for torch (no product of two inverse norms: it underflows at |E| ~ 1e30).
-            g = tl.load(g_ptr + row_ids, mask=rows_ok, other=0.0).to(ACC_DTYPE)
-            if MODE == 2:
-                e_sq, e_dot_r, se, sd = _stored_sums(e_rows, ref_rows, rows_ok, Dv, sr_d, True,
-                                                     ACC_DTYPE, BLOCK_K, BLOCK_DV)
-                r_sq, sr = _ref_sums(ref_rows, rows_ok, Dv, sr_d, ACC_DTYPE, BLOCK_K, BLOCK_DV)
-                eps = tl.load(eps_ptr)
-                cos, ie, ir, ne, nr = _cosine(e_sq, r_sq, e_dot_r, se, sr, sd, eps, ACC_DTYPE)
-                # a clamped norm is the constant eps: no derivative, hence the indicators
-                s_e = g * ie
-                a_e = ir
-                c_e = tl.where(ne > eps, cos * ie, 0.0)
-                a_r = s_e
-                c_r = tl.where(nr > eps, g * cos * ir, 0.0)
-                n_r = ir
-            else:
-                s_e = g
-                a_e = tl.full([BLOCK_K], 1.0, dtype=ACC_DTYPE)
-                c_e = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
-                a_r = g
-                c_r = c_e
-                n_r = a_e
-            tl.store(coef_a_ptr + row_ids, a_r, mask=rows_ok)
-            tl.store(coef_c_ptr + row_ids, c_r, mask=rows_ok)
-            tl.store(coef_r_ptr + row_ids, n_r, mask=rows_ok)
-            delta = _write_grad_e(de_rows, e_rows, ref_rows, s_e, a_e, c_e, rows_ok, Dv, sr_d,
-                                  ACC_DTYPE, BLOCK_K, BLOCK_DV)
-            tl.debug_barrier()
+            if WRITE_DE:
+                # dE = s_E (a_E ref - c_E E) from the score's gradient, stored; dref = n_R (a_R E - c_R ref): its
+                # coefficients a_R, c_R, n_R for torch (no product of two inverse norms: it underflows at
+                # |E| ~ 1e30).
+                g = tl.load(g_ptr + row_ids, mask=rows_ok, other=0.0).to(ACC_DTYPE)
+                if MODE == 2:
+                    e_sq, e_dot_r, se, sd = _stored_sums(e_rows, ref_rows, rows_ok, Dv, sr_d, True,
+                                                         ACC_DTYPE, BLOCK_K, BLOCK_DV)
+                    r_sq, sr = _ref_sums(ref_rows, rows_ok, Dv, sr_d, ACC_DTYPE, BLOCK_K, BLOCK_DV)
+                    eps = tl.load(eps_ptr)
+                    cos, ie, ir, ne, nr = _cosine(e_sq, r_sq, e_dot_r, se, sr, sd, eps, ACC_DTYPE)
+                    # a clamped norm is the constant eps: no derivative, hence the indicators
+                    s_e = g * ie
+                    a_e = ir
+                    c_e = tl.where(ne > eps, cos * ie, 0.0)
+                    a_r = s_e
+                    c_r = tl.where(nr > eps, g * cos * ir, 0.0)
+                    n_r = ir
+                else:
+                    s_e = g
+                    a_e = tl.full([BLOCK_K], 1.0, dtype=ACC_DTYPE)
+                    c_e = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
+                    a_r = g
+                    c_r = c_e
+                    n_r = a_e
+                tl.store(coef_a_ptr + row_ids, a_r, mask=rows_ok)
+                tl.store(coef_c_ptr + row_ids, c_r, mask=rows_ok)
+                tl.store(coef_r_ptr + row_ids, n_r, mask=rows_ok)
+                delta = _write_grad_e(de_rows, e_rows, ref_rows, s_e, a_e, c_e, rows_ok, Dv, sr_d,
+                                      ACC_DTYPE, BLOCK_K, BLOCK_DV)
+                tl.debug_barrier()
         else:
-            delta = _stored_delta(de_rows, e_rows, rows_ok, Dv, ACC_DTYPE, BLOCK_K, BLOCK_DV)
+            if not OVER_QUERIES:
+                delta = _stored_delta(de_rows, e_rows, rows_ok, Dv, ACC_DTYPE, BLOCK_K, BLOCK_DV)
         q_rows = q_ptr + b * sq_b + offs_k.to(tl.int64)[:, None] * sq_k
         k_b = k_ptr + b * sk_b
         v_b = v_ptr + b * sv_b
@@ -498,56 +670,105 @@ def _rows_backward_kernel(
             dq_rows = dq_ptr + split.to(tl.int64) * K * D + offs_k.to(tl.int64)[:, None] * D
         else:
             dq_rows = dq_ptr + b * K * D + offs_k.to(tl.int64)[:, None] * D
-        if SINGLE_R:
+        # The max's gradient gM and its arg-max (placeholders without one: unused, compiled away).
+        if HAS_GM:
+            gm = tl.load(gm_ptr + row_ids, mask=rows_ok, other=0.0).to(ACC_DTYPE)
+            idx = tl.load(idx_ptr + row_ids, mask=rows_ok, other=-1)
+        else:
+            gm = scale
+            idx = offs_k
+        if OVER_QUERIES:
+            if NEED_Q:
+                # dq = scale dS k, dS = P (dP - Gamma[token]) from the columns kernel's Gamma (in delta_ptr: (B, R)),
+                # tile of tokens by tile, added into this program's rows (its split's, shared q).
+                for r0 in range(0, R, BLOCK_R):
+                    offs_r = r0 + tl.arange(0, BLOCK_R)
+                    keep = _keep(mask_ptr, b, offs_r, R, HAS_MASK)
+                    s = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
+                                ACTIVATION, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
+                    p = _column_probs(s, lse_ptr, b, offs_r, keep, rows_ok, R)
+                    dp = _grad_probs(de_rows, v_b, ga_ptr, offs_r, keep, rows_ok, row_ids, R, Dv, sv_r, sv_d,
+                                     HAS_GA, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_DV)
+                    if MAX_MODE == 1 and HAS_GM:
+                        dp = _add_max_grad(dp, offs_r, idx, gm)
+                    gamma = tl.load(delta_ptr + b * R + offs_r, mask=keep, other=0.0)
+                    ds = _grad_logits(p, dp, gamma, s, keep, offs_r, idx, gm, scale,
+                                      True, ACTIVATION, MAX_MODE == 2 and HAS_GM, True)
+                    _add_product(dq_rows, rows_ok, ds.to(k_ptr.dtype.element_ty),
+                                 k_b + offs_r.to(tl.int64)[:, None] * sk_r, keep, sk_d, D,
+                                 True, ACC_DTYPE, DOT_PRECISION, BLOCK_D)
+                    tl.debug_barrier()
+        elif SINGLE_R:
             if NEED_DELTA:
                 # The whole row in registers: P as its own softmax (self-normalised, like eager's) and
                 # Delta = sum_r P dP from it, as eager's softmax backward takes it. <dE, E> would cancel
                 # catastrophically where P is near one-hot (~1e-6 noise on a ~1e-14 gradient). dP includes
-                # dL/dattn, so Delta has its <P, dL/dattn> term too.
+                # dL/dattn (and the max's gM at its arg-max), so Delta has their terms too.
                 offs_r = tl.arange(0, BLOCK_R)
                 keep = _keep(mask_ptr, b, offs_r, R, HAS_MASK)
-                p, _ = _softmax(_scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
-                                        ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D))
+                s = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
+                            ACTIVATION, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
+                p, _ = _softmax(s)
                 dp = _grad_probs(de_rows, v_b, ga_ptr, offs_r, keep, rows_ok, row_ids, R, Dv, sv_r, sv_d,
                                  HAS_GA, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_DV)
+                if MAX_MODE == 1 and HAS_GM:
+                    dp = _add_max_grad(dp, offs_r, idx, gm)
                 delta = tl.sum(p * dp, axis=1)
                 tl.store(delta_ptr + row_ids, delta, mask=rows_ok)
                 if NEED_Q:
                     # dq = scale dS k, added into this program's rows (its split's, shared q)
-                    ds = tl.where(keep[None, :], p * (dp - delta[:, None]) * scale, 0.0).to(k_ptr.dtype.element_ty)
-                    _add_product(dq_rows, rows_ok, ds, k_b + offs_r.to(tl.int64)[:, None] * sk_r, keep, sk_d, D,
+                    ds = _grad_logits(p, dp, delta, s, keep, offs_r, idx, gm, scale,
+                                      False, ACTIVATION, MAX_MODE == 2 and HAS_GM, True)
+                    _add_product(dq_rows, rows_ok, ds.to(k_ptr.dtype.element_ty),
+                                 k_b + offs_r.to(tl.int64)[:, None] * sk_r, keep, sk_d, D,
                                  True, ACC_DTYPE, DOT_PRECISION, BLOCK_D)
                     tl.debug_barrier()
         else:
             if HAS_GA:
                 delta = _add_attention_delta(delta, q_rows, k_b, mask_ptr, ga_ptr, b, row_ids, rows_ok, lse, R, D,
                                              sq_d, sk_r, sk_d, scale,
-                                             HAS_MASK, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
+                                             HAS_MASK, ACTIVATION, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R,
+                                             BLOCK_D)
+            if MAX_MODE == 1 and HAS_GM:
+                # sum_r P gM [r = idx] = gM M
+                delta += gm * tl.load(best_ptr + row_ids, mask=rows_ok, other=0.0)
             tl.store(delta_ptr + row_ids, delta, mask=rows_ok)
             if NEED_Q:
                 # dq = scale dS k, tile of tokens by tile, added into this program's rows (its split's, shared q).
                 for r0 in range(0, R, BLOCK_R):
                     offs_r = r0 + tl.arange(0, BLOCK_R)
                     keep = _keep(mask_ptr, b, offs_r, R, HAS_MASK)
-                    p = _probs(q_rows, k_b, keep, offs_r, rows_ok, lse, D, sq_d, sk_r, sk_d, scale,
-                               ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
+                    if ACTIVATION == 1:
+                        s = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
+                                    ACTIVATION, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
+                        p = _row_probs(s, keep, lse)
+                    else:
+                        p = _probs(q_rows, k_b, keep, offs_r, rows_ok, lse, D, sq_d, sk_r, sk_d, scale,
+                                   ACTIVATION, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
+                        s = p  # (unused without the relu)
                     dp = _grad_probs(de_rows, v_b, ga_ptr, offs_r, keep, rows_ok, row_ids, R, Dv, sv_r, sv_d,
                                      HAS_GA, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_DV)
+                    if MAX_MODE == 1 and HAS_GM:
+                        dp = _add_max_grad(dp, offs_r, idx, gm)
                     # P and dP are exactly 0 on masked tokens (selected, and v read as 0 there): so is dS, unless
                     # the row's dE is not finite, and then its kept entries are not either. (No select here: its
                     # registers spilled the bf16 rows kernel, sm_90, R = 577.)
-                    ds = (p * (dp - delta[:, None]) * scale).to(k_ptr.dtype.element_ty)
-                    _add_product(dq_rows, rows_ok, ds, k_b + offs_r.to(tl.int64)[:, None] * sk_r, keep, sk_d, D,
+                    ds = _grad_logits(p, dp, delta, s, keep, offs_r, idx, gm, scale,
+                                      False, ACTIVATION, MAX_MODE == 2 and HAS_GM, False)
+                    _add_product(dq_rows, rows_ok, ds.to(k_ptr.dtype.element_ty),
+                                 k_b + offs_r.to(tl.int64)[:, None] * sk_r, keep, sk_d, D,
                                  True, ACC_DTYPE, DOT_PRECISION, BLOCK_D)
                     tl.debug_barrier()
 
 
 @triton.jit
 def _columns_backward_kernel(
-    ga_ptr, q_ptr, k_ptr, v_ptr, mask_ptr, lse_ptr, de_ptr, delta_ptr, dk_ptr, dv_ptr,
+    ga_ptr, q_ptr, k_ptr, v_ptr, mask_ptr, lse_ptr, de_ptr, delta_ptr, dk_ptr, dv_ptr, gm_ptr, idx_ptr,
     K, R, D, Dv, scale_ptr,
     sq_b, sq_k, sq_d, sk_b, sk_r, sk_d, sv_b, sv_r, sv_d,
     HAS_MASK: tl.constexpr, HAS_GA: tl.constexpr, NEED_K: tl.constexpr, NEED_V: tl.constexpr,
+    OVER_QUERIES: tl.constexpr, ACTIVATION: tl.constexpr, MAX_MODE: tl.constexpr, HAS_GM: tl.constexpr,
+    NEED_GAMMA: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -560,33 +781,98 @@ def _columns_backward_kernel(
     v_b = v_ptr + b * sv_b
     dk_rows = dk_ptr + (b * R + offs_r.to(tl.int64))[:, None] * D
     dv_rows = dv_ptr + (b * R + offs_r.to(tl.int64))[:, None] * Dv
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        rows_ok = offs_k < K
-        row_ids = b * K + offs_k
-        q_rows = q_ptr + b * sq_b + offs_k.to(tl.int64)[:, None] * sq_k
-        de_rows = de_ptr + row_ids[:, None] * Dv
-        s = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
-                    ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
-        lse = tl.load(lse_ptr + row_ids, mask=rows_ok, other=0.0)
-        # Rows past K: s is 0 there (q loaded as 0) but lse too, so force P = 0; masked tokens: 0 by a select.
-        p = tl.where(rows_ok[:, None] & keep[None, :], tl.exp(s - lse[:, None]), 0.0)
-        p_op = p.to(v_ptr.dtype.element_ty)
-        # dk, dv rows of masked tokens are never written (the launcher zero-fills them): a NaN query row or dE row
-        # would reach them through a 0 weight.
+    # dk, dv rows of masked tokens are never written (the launcher zero-fills them): a NaN query row or dE row
+    # would reach them through a 0 weight.
+    if OVER_QUERIES:
+        # The softmax over the queries: dS = P (dP - Gamma), Gamma[b, r] = sum_i P dP over every query row, so
+        # a first loop over the query tiles sums Gamma (and adds dv = P^T dE), a second adds dk = scale dS^T q.
+        # Gamma goes to delta_ptr ((B, R)) for the rows kernel's dq, launched after this one.
+        gamma = tl.zeros([BLOCK_R], dtype=ACC_DTYPE)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            rows_ok = offs_k < K
+            row_ids = b * K + offs_k
+            q_rows = q_ptr + b * sq_b + offs_k.to(tl.int64)[:, None] * sq_k
+            de_rows = de_ptr + row_ids[:, None] * Dv
+            s = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
+                        ACTIVATION, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
+            p = _column_probs(s, lse_ptr, b, offs_r, keep, rows_ok, R)
+            if NEED_K or NEED_GAMMA:
+                dp = _grad_probs(de_rows, v_b, ga_ptr, offs_r, keep, rows_ok, row_ids, R, Dv, sv_r, sv_d,
+                                 HAS_GA, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_DV)
+                if MAX_MODE == 1 and HAS_GM:
+                    gm = tl.load(gm_ptr + row_ids, mask=rows_ok, other=0.0).to(ACC_DTYPE)
+                    idx = tl.load(idx_ptr + row_ids, mask=rows_ok, other=-1)
+                    dp = _add_max_grad(dp, offs_r, idx, gm)
+                gamma += tl.sum(p * dp, axis=0)
+            if NEED_V:
+                # dv (+)= P^T dE over Dv chunks
+                _add_product(dv_rows, keep, tl.trans(p.to(v_ptr.dtype.element_ty)), de_rows, rows_ok, 1, Dv, k0 > 0,
+                             ACC_DTYPE, DOT_PRECISION, BLOCK_DV)
+            tl.debug_barrier()
+        if NEED_GAMMA:
+            tl.store(delta_ptr + b * R + offs_r, gamma, mask=offs_r < R)
         if NEED_K:
-            # dk (+)= scale dS^T q over D chunks
-            delta = tl.load(delta_ptr + row_ids, mask=rows_ok, other=0.0)
-            dp = _grad_probs(de_rows, v_b, ga_ptr, offs_r, keep, rows_ok, row_ids, R, Dv, sv_r, sv_d,
-                             HAS_GA, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_DV)
-            ds = tl.where(keep[None, :], p * (dp - delta[:, None]) * scale, 0.0)
-            ds_t = tl.trans(ds.to(q_ptr.dtype.element_ty))
-            _add_product(dk_rows, keep, ds_t, q_rows, rows_ok, sq_d, D, k0 > 0, ACC_DTYPE, DOT_PRECISION, BLOCK_D)
-        if NEED_V:
-            # dv (+)= P^T dE over Dv chunks
-            _add_product(dv_rows, keep, tl.trans(p_op), de_rows, rows_ok, 1, Dv, k0 > 0,
-                         ACC_DTYPE, DOT_PRECISION, BLOCK_DV)
-        tl.debug_barrier()
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                rows_ok = offs_k < K
+                row_ids = b * K + offs_k
+                q_rows = q_ptr + b * sq_b + offs_k.to(tl.int64)[:, None] * sq_k
+                de_rows = de_ptr + row_ids[:, None] * Dv
+                s = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
+                            ACTIVATION, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
+                p = _column_probs(s, lse_ptr, b, offs_r, keep, rows_ok, R)
+                dp = _grad_probs(de_rows, v_b, ga_ptr, offs_r, keep, rows_ok, row_ids, R, Dv, sv_r, sv_d,
+                                 HAS_GA, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_DV)
+                if HAS_GM:
+                    gm = tl.load(gm_ptr + row_ids, mask=rows_ok, other=0.0).to(ACC_DTYPE)
+                    idx = tl.load(idx_ptr + row_ids, mask=rows_ok, other=-1)
+                else:
+                    gm = scale
+                    idx = offs_k
+                if MAX_MODE == 1 and HAS_GM:
+                    dp = _add_max_grad(dp, offs_r, idx, gm)
+                ds = _grad_logits(p, dp, gamma, s, keep, offs_r, idx, gm, scale,
+                                  True, ACTIVATION, MAX_MODE == 2 and HAS_GM, True)
+                _add_product(dk_rows, keep, tl.trans(ds.to(q_ptr.dtype.element_ty)), q_rows, rows_ok, sq_d, D,
+                             k0 > 0, ACC_DTYPE, DOT_PRECISION, BLOCK_D)
+                tl.debug_barrier()
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            rows_ok = offs_k < K
+            row_ids = b * K + offs_k
+            q_rows = q_ptr + b * sq_b + offs_k.to(tl.int64)[:, None] * sq_k
+            de_rows = de_ptr + row_ids[:, None] * Dv
+            s = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
+                        ACTIVATION, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
+            lse = tl.load(lse_ptr + row_ids, mask=rows_ok, other=0.0)
+            # Rows past K: s is 0 there (q loaded as 0) but lse too, so force P = 0; masked tokens: 0 by a select.
+            p = tl.where(rows_ok[:, None] & keep[None, :], tl.exp(s - lse[:, None]), 0.0)
+            p_op = p.to(v_ptr.dtype.element_ty)
+            if NEED_K:
+                # dk (+)= scale dS^T q over D chunks
+                delta = tl.load(delta_ptr + row_ids, mask=rows_ok, other=0.0)
+                dp = _grad_probs(de_rows, v_b, ga_ptr, offs_r, keep, rows_ok, row_ids, R, Dv, sv_r, sv_d,
+                                 HAS_GA, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_DV)
+                if HAS_GM:
+                    gm = tl.load(gm_ptr + row_ids, mask=rows_ok, other=0.0).to(ACC_DTYPE)
+                    idx = tl.load(idx_ptr + row_ids, mask=rows_ok, other=-1)
+                else:
+                    gm = scale
+                    idx = offs_k
+                if MAX_MODE == 1 and HAS_GM:
+                    dp = _add_max_grad(dp, offs_r, idx, gm)
+                ds = _grad_logits(p, dp, delta, s, keep, offs_r, idx, gm, scale,
+                                  False, ACTIVATION, MAX_MODE == 2 and HAS_GM, True)
+                ds_t = tl.trans(ds.to(q_ptr.dtype.element_ty))
+                _add_product(dk_rows, keep, ds_t, q_rows, rows_ok, sq_d, D, k0 > 0, ACC_DTYPE, DOT_PRECISION,
+                             BLOCK_D)
+            if NEED_V:
+                # dv (+)= P^T dE over Dv chunks
+                _add_product(dv_rows, keep, tl.trans(p_op), de_rows, rows_ok, 1, Dv, k0 > 0,
+                             ACC_DTYPE, DOT_PRECISION, BLOCK_DV)
+            tl.debug_barrier()
 
 
 def _blocks(K, R, D, Dv):
@@ -633,15 +919,20 @@ def _strides3(t):
     return (0, *t.stride()) if t.dim() == 2 else t.stride()
 
 
-def plan_forward(q, k, v, ref, mask, scale, score_mode, return_attention, save_e=True, eps=COSINE_EPS):
-    """(out or E, saved E, lse, attention) and the launch that fills them. eps: the cosine score's (score_mode 2)
-    clamp of the norms, max(|E|, eps) max(|ref|, eps)."""
+def plan_forward(q, k, v, ref, mask, scale, score_mode, return_attention, save_e=True, eps=COSINE_EPS,
+                 softmax_over=0, activation=0, max_mode=0):
+    """(out or E, saved E, lse, attention, max, arg-max) and the launches that fill them. eps: the cosine score's
+    (score_mode 2) clamp of the norms, max(|E|, eps) max(|ref|, eps). softmax_over 1 (the queries) first runs
+    _column_lse_kernel for the tokens' lse (B, R); activation 1: relu; max_mode 1, 2: the max of P, S (B, K) in the
+    accumulator dtype and its first arg-max (int32), else both empty."""
     B, R, D = k.shape
     K, Dv = q.shape[-2], v.shape[-1]
     acc = accumulator_dtype(q.dtype)
-    lse = torch.empty(B, K, device=q.device, dtype=acc)
+    lse = torch.empty((B, R) if softmax_over else (B, K), device=q.device, dtype=acc)
     attn = torch.empty((B, K, R) if return_attention else (0,), device=q.device, dtype=q.dtype)
     out = torch.empty((B, K) if score_mode != 0 else (0,), device=q.device, dtype=q.dtype)
+    best = torch.empty((B, K) if max_mode else (0,), device=q.device, dtype=acc)
+    best_index = torch.empty((B, K) if max_mode else (0,), device=q.device, dtype=torch.int32)
     block_k, block_r, block_d, block_dv = _blocks(K, R, D, Dv)
     single_r = R <= block_r
     # Scores with no backward to come, one R tile: E stays in registers (the R-tiled path accumulates it in memory).
@@ -650,33 +941,55 @@ def plan_forward(q, k, v, ref, mask, scale, score_mode, return_attention, save_e
     ref_t = ref if ref is not None else e
     scale_t = _scalar_arg(scale, acc, q.device)
     eps_t = _scalar_arg(eps, acc, q.device) if score_mode == 2 else scale_t  # (a placeholder: read for cosine only)
-    launch = Launch(
+    mask_arg = _mask_arg(mask, lse)
+    common = dict(ACTIVATION=activation, ACC_DTYPE=tl_accumulator_dtype(q.dtype), DOT_PRECISION=dot_precision(q.dtype))
+    steps = []
+    if softmax_over:
+        # The tokens' lse over the K queries: the columns kernel's tiles (spill-free there, with more live tiles).
+        col_k, col_r, col_d, _ = _columns_blocks(B, K, R, D, Dv, block_r, block_dv)
+        steps.append(Launch(
+            _column_lse_kernel, (triton.cdiv(R, col_r), B),
+            (q, k, mask_arg, lse, K, R, D, scale_t, *_strides3(q), *k.stride()),
+            dict(HAS_MASK=mask is not None, **common, BLOCK_K=col_k, BLOCK_R=col_r, BLOCK_D=col_d),
+            # One pipeline stage: two spilled 24 B (fp32, sm_80, triton 3.9, B = 256; the audit).
+            **dict(_launch_options(col_r), num_stages=1), flops=2 * B * K * R * D,
+        ))
+    steps.append(Launch(
         _forward_kernel, (triton.cdiv(K, block_k), B),
-        (q, k, v, ref_t, _mask_arg(mask, lse), out, e, lse, attn,
+        (q, k, v, ref_t, mask_arg, out, e, lse, attn, best if max_mode else lse,
+         best_index if max_mode else lse,
          K, R, D, Dv, scale_t, eps_t,
          *_strides3(q), *k.stride(), *v.stride(), *_strides3(ref_t)),
         dict(HAS_MASK=mask is not None, MODE=score_mode, STORE_ATTN=return_attention, STORE_E=store_e,
-             SINGLE_R=single_r, ACC_DTYPE=tl_accumulator_dtype(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
+             SINGLE_R=single_r, OVER_QUERIES=bool(softmax_over), MAX_MODE=max_mode, **common,
              BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_DV=block_dv),
-        # Four warps for a wide row tile: eight spilled 8 B there (bf16/fp16, sm_80, triton 3.6; the audit).
-        **_launch_options(block_r, wide_warps=4), flops=2 * B * K * R * (D + Dv),
-    )
+        # Four warps for a wide row tile: eight spilled 8 B there (bf16/fp16, sm_80, triton 3.6; the audit). Over
+        # the queries with a max, R-tiled: eight (four spilled 8 B: bf16/fp16, sm_90, triton 3.6).
+        **_launch_options(block_r, wide_warps=8 if softmax_over and max_mode and not single_r else 4),
+        flops=2 * B * K * R * (D + Dv),
+    ))
     if score_mode == 0:
-        return (e, e.new_empty((0,)), lse, attn), [launch]
-    return (out, e if save_e else e.new_empty((0,)), lse, attn), [launch]
+        return (e, e.new_empty((0,)), lse, attn, best, best_index), steps
+    return (out, e if save_e else e.new_empty((0,)), lse, attn, best, best_index), steps
 
 
-def forward(q, k, v, ref, mask, scale, score_mode, return_attention, save_e=True, eps=COSINE_EPS):
-    (out, saved_e, lse, attn), steps = plan_forward(q, k, v, ref, mask, scale, score_mode, return_attention, save_e,
-                                                    eps)
+def forward(q, k, v, ref, mask, scale, score_mode, return_attention, save_e=True, eps=COSINE_EPS, softmax_over=0,
+            activation=0, max_mode=0):
+    """(out, saved E, lse, attention, max, arg-max): see plan_forward."""
+    (out, saved_e, lse, attn, best, best_index), steps = plan_forward(
+        q, k, v, ref, mask, scale, score_mode, return_attention, save_e, eps, softmax_over, activation, max_mode)
     run(steps)
-    return (out.to(q.dtype) if score_mode == 0 else out), saved_e, lse, attn
+    return (out.to(q.dtype) if score_mode == 0 else out), saved_e, lse, attn, best, best_index
 
 
-def plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode, output_mask, eps=COSINE_EPS):
+def plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode, output_mask, eps=COSINE_EPS,
+                  softmax_over=0, activation=0, max_mode=0, grad_max=None, best=None, best_index=None):
     """(grad_q, grad_k, grad_v, grad_ref) and the steps that fill them: the rows kernel (dq, Delta, the epilogue's
     coefficients), the columns kernel (dk, dv), then the fixed-order sums and dtype casts. eps: the forward's (the
-    cosine's clamp, and its gradient's indicators [|E| > eps], [|ref| > eps])."""
+    cosine's clamp, and its gradient's indicators [|E| > eps], [|ref| > eps]). softmax_over 1 (the queries): the
+    rows kernel writes dE (and the coefficients), the columns kernel sums Gamma and adds dk, dv, then the rows
+    kernel again for dq. grad_max (B, K) or None: the gradient of the max (max_mode 1, 2), with the forward's max
+    and arg-max."""
     need_q, need_k, need_v, need_ref = output_mask
     need_ref = need_ref and score_mode != 0
     B, R, D = k.shape
@@ -687,13 +1000,18 @@ def plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode
     shared_q = q.dim() == 2
     has_ga = grad_attn is not None and grad_attn.numel() > 0
     ga = grad_attn.to(acc).contiguous() if has_ga else lse
+    has_gm = bool(max_mode) and grad_max is not None and grad_max.numel() > 0
+    gm = grad_max.to(acc).contiguous() if has_gm else lse
+    best_t = best.to(acc).contiguous() if has_gm else lse
+    index_t = best_index.to(torch.int32).contiguous() if has_gm else lse
     if score_mode == 0:
         de = grad.to(acc).contiguous()
         g = lse
     else:
         de = torch.empty(B, K, Dv, device=q.device, dtype=acc)
         g = grad.to(acc).contiguous()
-    delta = torch.empty(B, K, device=q.device, dtype=acc)
+    # Delta (B, K) over the keys; Gamma (B, R) over the queries (the columns kernel's, for the rows kernel's dq)
+    delta = torch.empty((B, R) if softmax_over else (B, K), device=q.device, dtype=acc)
     coef_a = torch.empty(B, K, device=q.device, dtype=acc)
     coef_c = torch.empty(B, K, device=q.device, dtype=acc)
     coef_r = torch.empty(B, K, device=q.device, dtype=acc)
@@ -715,36 +1033,61 @@ def plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode
     scale_t = _scalar_arg(scale, acc, q.device)
     eps_t = _scalar_arg(eps, acc, q.device) if score_mode == 2 else scale_t  # (a placeholder: read for cosine only)
     q_strides = _strides3(q)
+    options = dict(OVER_QUERIES=bool(softmax_over), ACTIVATION=activation, MAX_MODE=max_mode, HAS_GM=has_gm)
     common = dict(ACC_DTYPE=tl_accumulator_dtype(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
                   BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_DV=block_dv)
-    steps = [Launch(
-        _rows_backward_kernel, (triton.cdiv(K, block_k), splits),
-        (g, ga, q, k, v, ref_t, mask_arg, e, lse, de, delta, coef_a, coef_c, coef_r, dq,
-         B, K, R, D, Dv, scale_t, eps_t, b_per_split,
-         *q_strides, *k.stride(), *v.stride(), *_strides3(ref_t)),
-        dict(HAS_MASK=mask is not None, HAS_GA=has_ga, MODE=score_mode, NEED_Q=need_q, NEED_DELTA=need_q or need_k,
-             SHARED_Q=shared_q, SINGLE_R=single_r, **common),
-        # A wide row tile in 16-bit inputs: sixteen warps (eight spilled 32 B: sm_90, triton 3.6), fp32/fp64 eight
-        # (sixteen spilled 40 B there). The audit checks every case with the triton each stack installs.
-        **_launch_options(block_r, wide_warps=16 if q.dtype in (torch.float16, torch.bfloat16) else 8),
-        flops=2 * B * K * R * (D + Dv) + (2 * B * K * R * D if need_q else 0),
-    )]
+
+    def rows(write_de, dq_too):
+        return Launch(
+            _rows_backward_kernel, (triton.cdiv(K, block_k), splits),
+            (g, ga, q, k, v, ref_t, mask_arg, e, lse, de, delta, coef_a, coef_c, coef_r, dq, gm, best_t, index_t,
+             B, K, R, D, Dv, scale_t, eps_t, b_per_split,
+             *q_strides, *k.stride(), *v.stride(), *_strides3(ref_t)),
+            dict(HAS_MASK=mask is not None, HAS_GA=has_ga, MODE=score_mode, NEED_Q=dq_too,
+                 NEED_DELTA=(need_q or need_k) and not softmax_over, SHARED_Q=shared_q, SINGLE_R=single_r,
+                 **options, WRITE_DE=write_de, **common),
+            # A wide row tile in 16-bit inputs: sixteen warps (eight spilled 32 B: sm_90, triton 3.6), fp32/fp64
+            # eight (sixteen spilled 40 B there). The audit checks every case with the triton each stack installs.
+            **_launch_options(block_r, wide_warps=16 if q.dtype in (torch.float16, torch.bfloat16) else 8),
+            flops=(2 * B * K * R * (D + Dv) + (2 * B * K * R * D if dq_too else 0)) if dq_too or not softmax_over
+            else 0,
+            label=("dE" if not dq_too else "dq") if softmax_over else "",
+        )
+
+    steps = []
+    if not softmax_over:
+        steps.append(rows(True, need_q))
+    elif score_mode != 0:
+        steps.append(rows(True, False))  # dE (and dref's coefficients) first: Gamma needs every row's
     # The columns kernel leaves the rows of masked tokens unwritten: they must read 0.
     alloc = torch.zeros if mask is not None else torch.empty
     grad_k = alloc((B, R, D) if need_k else (0,), device=q.device, dtype=acc)
     grad_v = alloc((B, R, Dv) if need_v else (0,), device=q.device, dtype=acc)
-    if need_k or need_v:
+    need_gamma = bool(softmax_over) and need_q
+    if need_k or need_v or need_gamma:
         col_k, col_r, col_d, col_dv = _columns_blocks(B, K, R, D, Dv, block_r, block_dv)
+        if softmax_over:
+            col_k = 16  # 32 spilled 8-32 B (fp32, sm_80/sm_90, triton 3.6 and 3.9; the audit)
         steps.append(Launch(
             _columns_backward_kernel, (triton.cdiv(R, col_r), B),
-            (ga, q, k, v, mask_arg, lse, de, delta, grad_k, grad_v,
+            (ga, q, k, v, mask_arg, lse, de, delta, grad_k, grad_v, gm, index_t,
              K, R, D, Dv, scale_t,
              *q_strides, *k.stride(), *v.stride()),
-            dict(HAS_MASK=mask is not None, HAS_GA=has_ga, NEED_K=need_k, NEED_V=need_v,
-                 ACC_DTYPE=common["ACC_DTYPE"], DOT_PRECISION=common["DOT_PRECISION"],
+            dict(HAS_MASK=mask is not None, HAS_GA=has_ga, NEED_K=need_k, NEED_V=need_v, **options,
+                 NEED_GAMMA=need_gamma, ACC_DTYPE=common["ACC_DTYPE"], DOT_PRECISION=common["DOT_PRECISION"],
                  BLOCK_K=col_k, BLOCK_R=col_r, BLOCK_D=col_d, BLOCK_DV=col_dv),
-            **_launch_options(col_r), flops=2 * B * K * R * (D + Dv) + 2 * B * K * R * ((D if need_k else 0) + (Dv if need_v else 0)),
+            # One pipeline stage with the options (two spilled 8-64 B: fp32, sm_80, triton 3.9; the audit), but for
+            # the queries' 16 x 64 tiles (one spilled 8-24 B there: fp32, B = 256, sm_90, triton 3.6 and 3.9).
+            # Over the queries with 16-token tiles, four warps (eight spilled 16 B: bf16/fp16, sm_90, triton 3.6).
+            **dict(_launch_options(col_r),
+                   **({"num_stages": 1} if (activation or max_mode or softmax_over)
+                      and not (softmax_over and col_r == 64) else {}),
+                   **({"num_warps": 4} if softmax_over and col_r == 16 else {})),
+            flops=2 * B * K * R * (D + Dv) + 2 * B * K * R * ((D if need_k else 0) + (Dv if need_v else 0))
+            + (2 * B * K * R * (D + Dv) if softmax_over and need_k else 0),
         ))
+    if need_gamma:
+        steps.append(rows(False, True))
     grads = []
 
     def finish():
@@ -764,7 +1107,9 @@ def plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode
     return grads, steps + [finish]
 
 
-def backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode, output_mask, eps=COSINE_EPS):
-    grads, steps = plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode, output_mask, eps)
+def backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode, output_mask, eps=COSINE_EPS,
+             softmax_over=0, activation=0, max_mode=0, grad_max=None, best=None, best_index=None):
+    grads, steps = plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode, output_mask, eps,
+                                 softmax_over, activation, max_mode, grad_max, best, best_index)
     run(steps)
     return tuple(grads)
