@@ -81,7 +81,10 @@ def _cosine_logits(N, C, D, dtype):
 
 # attribute_attention's options (issue 17) the audit compiles besides the default (ILPG's): (name, softmax_over,
 # logit_activation, return_max) as the kernels' ints (ENUMS). Each path of the kernels runs in one of them at least
-# (the softmax over the queries with either max, the relu on either axis, each max on the keys).
+# (the softmax over the queries with either max, the relu on either axis, each max on the keys). They are compiled
+# at CUB's K = 312 (R = 49, 197, 577: the single-tile, wide-tile and R-tiled paths; B = 256: the columns kernel's
+# wider R tile; AwA2's and SUN's K pick CUB's tiles) in fp32 and bf16 (fp16 takes bf16's tiles and registers):
+# every case and dtype tripled the audit's time (8 min a stack on 2 cores).
 ATTRIBUTE_ATTENTION_VARIANTS = (
     ("queries+attention-max", "queries", None, "attention"),  # SAGE SVA + Eq. 3
     ("relu+logits-max", "keys", "relu", "logits"),  # PSVMA
@@ -101,6 +104,8 @@ def _attribute_attention(B, K, R, D, Dv, dtype):
     yield "forward", steps
     yield "backward", kernels.plan_backward(_meta(B, K, dtype=dtype), None, q, k, v, ref, None, e, lse, D ** -0.5,
                                             score_mode, (True, True, True, True))[1]
+    if K != 312 or dtype == torch.float16:
+        return
     for name, softmax_over, activation, return_max in ATTRIBUTE_ATTENTION_VARIANTS:
         modes = (enum_id("softmax_over", softmax_over), enum_id("logit_activation", activation),
                  enum_id("return_max", return_max))

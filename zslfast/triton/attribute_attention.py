@@ -133,13 +133,14 @@ def _log_total(m, total):
 
 @triton.jit
 def _softmax(s):
-    """(P, lse) of one S tile holding whole rows: the exact softmax, all zeros for a fully masked row (masked
-    scores are -inf: exp gives exactly 0 there even in a NaN row)."""
+    """(P, lse) of one S tile holding whole rows: the exact softmax, all zeros for a fully masked row. Masked
+    scores are -inf and their P a select to 0: in a NaN row, exp(-inf - m) / total is NaN (m or total NaN), and
+    the returned attention must stay 0 there, as the reference's."""
     m = tl.maximum(tl.max(s, axis=1), -1e30)  # finite for a fully masked row, so exp(s - m) = 0, not NaN
     p = tl.exp(s - m[:, None])
     total = tl.sum(p, axis=1)
     lse = _log_total(m, total)
-    return p / tl.where(total == 0, 1.0, total)[:, None], lse
+    return tl.where(s == float("-inf"), 0.0, p / tl.where(total == 0, 1.0, total)[:, None]), lse
 
 
 @triton.jit
@@ -202,11 +203,18 @@ def _pool(best, best_idx, x, keep, offs_r):
     tokens offs_r: a later tile wins only if strictly greater (the first index among equals, as torch.max).
     The max of P is pooled as that of log P (S over the keys, S - lse over the queries; P = exp of it is
     monotone): pooling P itself, next to its use as the P @ v operand, spilled 1.7 KB (fp32, 16 x 256 tile, 4
-    warps, sm_90; the audit)."""
+    warps, sm_90; the audit). A NaN wins, at its first index, and stays (torch.max's rule); a kept -inf still
+    gives an index."""
+    none = 2147483647
     x = tl.where(keep[None, :], x, float("-inf"))
+    x_nan = x != x
+    nan_idx = tl.min(tl.where(x_nan, offs_r[None, :], none), axis=1)
     tile_best = tl.max(x, axis=1)
-    tile_idx = tl.min(tl.where(x == tile_best[:, None], offs_r[None, :], 2147483647), axis=1)
-    better = tile_best > best
+    tile_idx = tl.min(tl.where(keep[None, :] & (x == tile_best[:, None]), offs_r[None, :], none), axis=1)
+    tile_nan = nan_idx < none
+    tile_idx = tl.where(tile_nan, nan_idx, tile_idx)
+    tile_best = tl.where(tile_nan, float("nan"), tile_best)
+    better = (best == best) & (tile_nan | (tile_best > best) | ((best_idx < 0) & (tile_idx < none)))
     return tl.where(better, tile_best, best), tl.where(better, tile_idx, best_idx)
 
 
