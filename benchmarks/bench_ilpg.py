@@ -46,21 +46,6 @@ def make(shape_name):
     return model, batch
 
 
-def training_step(model, batch, forward=None):
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimiser = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
-    forward = model if forward is None else forward
-
-    def step():
-        loss = forward(**batch).loss
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        return loss.detach()
-
-    return step
-
-
 @pytest.mark.parametrize("impl", ["eager", "compile", "zslfast"])
 @pytest.mark.parametrize("shape_name", list(CASES.cases))
 def test_ilpg_training_step(benchmark, shape_name, impl):
@@ -71,16 +56,16 @@ def test_ilpg_training_step(benchmark, shape_name, impl):
     if impl != "zslfast":
         model = copy.deepcopy(model).set_backend("reference")
     forward = torch.compile(model) if impl == "compile" else None
-    run_benchmark(benchmark, training_step(model, batch, forward), rounds=None if shape_name != "large" else 5)
+    run_benchmark(benchmark, bench.training_step(model, batch, forward), rounds=None if shape_name != "large" else 5)
 
 
 def run_interleaved(shape_name, rounds=11):
     fused, batch = make(shape_name)
     reference = copy.deepcopy(fused).set_backend("reference")
     fns = {
-        "eager": training_step(reference, batch),
-        "compile": training_step(reference, batch, torch.compile(copy.deepcopy(reference))),
-        "zslfast": training_step(fused, batch),
+        "eager": bench.training_step(reference, batch),
+        "compile": bench.training_step(reference, batch, torch.compile(copy.deepcopy(reference))),
+        "zslfast": bench.training_step(fused, batch),
     }
     bench.interleaved(f"ILPG training step {shape_name} B,C,K={CASES[shape_name].on(DEVICE)[:3]} R={R}", fns, rounds,
                       calls=3)
@@ -92,7 +77,7 @@ def breakdown(shape_name, steps=5):
     B = batch["regions"].shape[0]
     projection_shapes = ([B * R, DV], [DA, B * R])  # forward I @ W (both projections), weight gradient g^T @ I
     for name, model in (("reference", copy.deepcopy(fused).set_backend("reference")), ("fused", fused)):
-        step = training_step(model, batch)
+        step = bench.training_step(model, batch)
         for _ in range(3):
             step()
         with torch.profiler.profile(record_shapes=True) as prof:

@@ -39,21 +39,6 @@ def make(batch=B, lambda_align=0.1):
     return model, inputs
 
 
-def training_step(model, inputs, forward=None):
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimiser = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
-    forward = model if forward is None else forward
-
-    def step():
-        loss = forward(**inputs).loss
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        return loss.detach()
-
-    return step
-
-
 @pytest.mark.parametrize("impl", ["eager", "compile", "zslfast"])
 def test_sage_training_step(benchmark, impl):
     benchmark.group = f"SAGE training step CUB B={B} K={K} C={C} L={L} N={N} D={D} {DEVICE.type}"
@@ -61,17 +46,17 @@ def test_sage_training_step(benchmark, impl):
     if impl != "zslfast":
         model = copy.deepcopy(model).set_backend("reference")
     forward = torch.compile(model) if impl == "compile" else None
-    run_benchmark(benchmark, training_step(model, inputs, forward), rounds=5)
+    run_benchmark(benchmark, bench.training_step(model, inputs, forward), rounds=5)
 
 
 def run_interleaved(rounds=7, compile_too=True):
     fused, inputs = make()
     reference = copy.deepcopy(fused).set_backend("reference")
-    fns = {"eager": training_step(reference, inputs)}
+    fns = {"eager": bench.training_step(reference, inputs)}
     if compile_too:
         compiled = copy.deepcopy(reference)
-        fns["compile"] = training_step(compiled, inputs, torch.compile(compiled))
-    fns["zslfast"] = training_step(fused, inputs)
+        fns["compile"] = bench.training_step(compiled, inputs, torch.compile(compiled))
+    fns["zslfast"] = bench.training_step(fused, inputs)
     title = f"SAGE training step CUB B={B} K={K} C={C} L={L} N={N} D={D} d={fused.dim} {DEVICE.type}"
     bench.interleaved(title, fns, rounds, calls=1, warmup=2)
     for name, fn in fns.items():
@@ -81,7 +66,7 @@ def run_interleaved(rounds=7, compile_too=True):
 def profile(steps=3):
     fused, inputs = make()
     for name, model in (("reference", copy.deepcopy(fused).set_backend("reference")), ("fused", fused)):
-        step = training_step(model, inputs)
+        step = bench.training_step(model, inputs)
         for _ in range(2):
             step()
         with torch.profiler.profile() as prof:

@@ -317,6 +317,23 @@ def step(fn: Callable, inputs: Sequence, backward: bool = True, more: Sequence[S
     return rotating
 
 
+def training_step(model: torch.nn.Module, inputs: Dict, forward: Optional[Callable] = None) -> Callable:
+    """One SGD step of a model whose output has ``.loss`` (ILPG, SAGE): ``forward(**inputs)`` (default the model;
+    torch.compile of it, or of a reference-ops copy sharing nothing), backward, update; returns the loss."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+    forward = model if forward is None else forward
+
+    def step():
+        loss = forward(**inputs).loss
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        return loss.detach()
+
+    return step
+
+
 def peak_mib(fn: Callable, device: torch.device = DEVICE) -> float:
     """Extra memory one call of ``fn`` needs at its peak, in MiB (zslfast._memory.peak_bytes)."""
     return peak_bytes(fn, device) / 2**20
