@@ -69,6 +69,20 @@ def dtypes_for(device: str, backend: str):
     return dtypes
 
 
+def assert_compiles_like_eager(fn, leaves):
+    """torch.compile(fn, fullgraph=True) (a fresh dynamo cache) gives fn's scalar loss and its gradients to leaves."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    got = torch.compile(fn, fullgraph=True)(*leaves)
+    got_grads = torch.autograd.grad(got, leaves)
+    want = fn(*leaves)
+    want_grads = torch.autograd.grad(want, leaves)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)
+
+
 def low_precision_error_bound(kernel_out, eager_low_out, exact):
     """Low-precision rule: the kernel's error may be at most 2x that of the eager code run in the same dtype."""
     kernel_err = (kernel_out.double() - exact).abs().max().item()

@@ -17,7 +17,9 @@ import zslfast
 from zslfast import reference
 from zslfast.nn import AttributeCrossAttention
 
-from conftest import DEVICE_BACKENDS, HAS_GPU, TOLERANCES, dtypes_for, low_precision_error_bound
+from conftest import (
+    DEVICE_BACKENDS, HAS_GPU, TOLERANCES, assert_compiles_like_eager, dtypes_for, low_precision_error_bound,
+)
 
 # (B, K, R, D, Dv, q kind, ref kind, score)
 CASES = [
@@ -226,16 +228,7 @@ def test_compile_fullgraph(device, backend, generator):
     def fn(q, k, v, ref):
         return zslfast.attribute_attention(q, k, v, ref, mask=mask, backend=backend).square().sum()
 
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, fullgraph=True)
-    leaves = [t.requires_grad_() for t in (q, k, v, ref)]
-    got = compiled(*leaves)
-    got_grads = torch.autograd.grad(got, leaves)
-    want = fn(*leaves)
-    want_grads = torch.autograd.grad(want, leaves)
-    torch.testing.assert_close(got, want)
-    for g, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g, w)
+    assert_compiles_like_eager(fn, [t.requires_grad_() for t in (q, k, v, ref)])
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)

@@ -15,7 +15,7 @@ import torch
 import zslfast
 from zslfast import reference
 
-from conftest import DEVICE_BACKENDS, TOLERANCES, dtypes_for, low_precision_error_bound
+from conftest import DEVICE_BACKENDS, TOLERANCES, assert_compiles_like_eager, dtypes_for, low_precision_error_bound
 from test_attribute_attention import make_inputs
 
 ALL_BACKENDS = [pytest.param("cpu", "reference", id="cpu-reference"), *DEVICE_BACKENDS]
@@ -221,16 +221,7 @@ def test_options_compile_fullgraph(device, backend, generator):
             return_attention=True, backend=backend)
         return out.square().sum() + best.sum() + attn[..., 0].sum()
 
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, fullgraph=True)
-    leaves = [t.requires_grad_() for t in (q, k, v, ref)]
-    got = compiled(*leaves)
-    got_grads = torch.autograd.grad(got, leaves)
-    want = fn(*leaves)
-    want_grads = torch.autograd.grad(want, leaves)
-    torch.testing.assert_close(got, want)
-    for g, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g, w)
+    assert_compiles_like_eager(fn, [t.requires_grad_() for t in (q, k, v, ref)])
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
