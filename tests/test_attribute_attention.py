@@ -155,9 +155,9 @@ def test_non_contiguous(device, backend, generator):
         assert_matches_reference(q3, k, v, ref, backend, score="dot", generator=generator)
 
 
-@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
-def test_tiled_r_online_softmax(device, backend, generator, monkeypatch):
-    """R larger than one tile: the Triton kernels take the online-softmax path (tile forced to 16 here)."""
+def tiled_r_cases(device, backend, generator, monkeypatch):
+    """(q, k, v, ref, mask, score) over R = 40 with Triton's R tile forced to 16 (its R-tiled, online-softmax
+    path), a whole tile of sample 1 masked: fp64 and fp32, shared q scored by cosine and per-sample q unscored."""
     if backend == "triton":
         from zslfast.triton import attribute_attention as triton_module
 
@@ -168,8 +168,14 @@ def test_tiled_r_online_softmax(device, backend, generator, monkeypatch):
             q, k, v, ref = make_inputs(B, K, R, D, Dv, q_kind, "shared", dtype, device, generator)
             mask = (torch.rand(B, R, generator=generator) > 0.3).to(device)
             mask[1, :20] = False  # a whole tile masked
-            assert_matches_reference(q, k, v, ref, backend, mask=mask, score=score, attention=True,
-                                     generator=generator)
+            yield q, k, v, ref, mask, score
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_tiled_r_online_softmax(device, backend, generator, monkeypatch):
+    """R larger than one tile: the Triton kernels take the online-softmax path (tile forced to 16 here)."""
+    for q, k, v, ref, mask, score in tiled_r_cases(device, backend, generator, monkeypatch):
+        assert_matches_reference(q, k, v, ref, backend, mask=mask, score=score, attention=True, generator=generator)
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)

@@ -16,7 +16,7 @@ import zslfast
 from zslfast import reference
 
 from conftest import DEVICE_BACKENDS, TOLERANCES, assert_compiles_like_eager, dtypes_for, low_precision_error_bound
-from test_attribute_attention import make_inputs
+from test_attribute_attention import make_inputs, tiled_r_cases
 
 ALL_BACKENDS = [pytest.param("cpu", "reference", id="cpu-reference"), *DEVICE_BACKENDS]
 
@@ -137,17 +137,8 @@ def test_options_with_masks(device, backend, options, generator):
 @pytest.mark.parametrize("options", [o for o in OPTIONS if o[0] == "queries" or o[2]], ids=lambda o: "-".join(map(str, o)))
 def test_tiled_r(device, backend, options, generator, monkeypatch):
     """R over several tiles: the Triton kernels' R-tiled path (tile forced to 16 here), a whole tile masked."""
-    if backend == "triton":
-        from zslfast.triton import attribute_attention as triton_module
-
-        monkeypatch.setattr(triton_module, "MAX_BLOCK_R", 16)
-    B, K, R, D, Dv = 2, 5, 40, 10, 7
-    for dtype in (torch.float64, torch.float32):
-        for q_kind, score in (("shared", "cosine"), ("per", None)):
-            q, k, v, ref = make_inputs(B, K, R, D, Dv, q_kind, "shared", dtype, device, generator)
-            mask = (torch.rand(B, R, generator=generator) > 0.3).to(device)
-            mask[1, :20] = False
-            assert_options_match(q, k, v, ref, backend, options, mask=mask, score=score, generator=generator)
+    for q, k, v, ref, mask, score in tiled_r_cases(device, backend, generator, monkeypatch):
+        assert_options_match(q, k, v, ref, backend, options, mask=mask, score=score, generator=generator)
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)

@@ -82,6 +82,7 @@ from .. import _backend
 from ..losses import attention_alignment
 from ..nn.memory_bank import MemoryBankGuidedFusion
 from ..ops.attribute_attention import attribute_attention
+from ._vit import check_vit
 from ..validation import check_int, check_labels, check_number, check_option, check_positive, shape_str
 
 _NAME = "SAGE"
@@ -213,15 +214,8 @@ class MultiScaleBranches(nn.Module):
 
 
 def _check_vit(model) -> nn.Module:
-    expected = "a timm VisionTransformer"
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{_NAME}: backbone must be a timm model name or {expected}, got {type(model).__name__}")
-    for attr in ("patch_embed", "_pos_embed", "patch_drop", "norm_pre", "blocks", "embed_dim", "num_prefix_tokens"):
-        if not hasattr(model, attr):
-            raise TypeError(f"{_NAME}: backbone must be {expected}; {type(model).__name__} has no .{attr}")
-    if getattr(model, "dynamic_img_size", False):
-        raise ValueError(f"{_NAME}: backbone with dynamic_img_size=True is not supported (a fixed patch grid)")
-    return model
+    return check_vit(_NAME, model, ("patch_embed", "_pos_embed", "patch_drop", "norm_pre", "blocks", "embed_dim",
+                                    "num_prefix_tokens"), "a fixed patch grid")
 
 
 def _contrastive(emb: torch.Tensor, labels: torch.Tensor, tau: float) -> torch.Tensor:

@@ -58,6 +58,7 @@ from ..losses import jsd_loss, patch_bce_loss
 from ..nn.rollout import AttentionRollout
 from ..ops.attention_rollout import FUSIONS, MODES
 from ..ops.attribute_attention import attribute_attention
+from ._vit import check_vit
 from ..validation import check_int, check_labels, check_number, check_option, check_positive, shape_str
 from ..ops.cosine_logits import cosine_logits
 
@@ -99,16 +100,8 @@ class _TokensFromPatchEmbeddings(nn.Module):
 
 
 def _check_vit(model) -> nn.Module:
-    expected = "a timm VisionTransformer"
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{_NAME}: backbone must be a timm model name or {expected}, got {type(model).__name__}")
-    for attr in ("patch_embed", "_pos_embed", "patch_drop", "norm_pre", "blocks", "norm", "embed_dim"):
-        if not hasattr(model, attr):
-            raise TypeError(f"{_NAME}: backbone must be {expected}; {type(model).__name__} has no .{attr}")
-    if getattr(model, "dynamic_img_size", False):
-        raise ValueError(
-            f"{_NAME}: backbone with dynamic_img_size=True is not supported (patch embeddings must be (B, N, D))"
-        )
+    model = check_vit(_NAME, model, ("patch_embed", "_pos_embed", "patch_drop", "norm_pre", "blocks", "norm",
+                                     "embed_dim"), "patch embeddings must be (B, N, D)")
     if getattr(model.patch_drop, "prob", 0.0):
         raise ValueError(
             f"{_NAME}: backbone with patch_drop_rate > 0 is not supported (it would drop patches after selection)"
