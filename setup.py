@@ -108,6 +108,20 @@ print(
     file=sys.stderr,
 )
 
+class BuildExtensionKeepingObjects(BuildExtension.with_options(use_ninja=True)):
+    """torch's ninja build, with its object files kept in build/ between builds.
+
+    pip's editable installs compile in a fresh temporary folder every time, so each `pip install -e .` (the README's
+    second command included) recompiled every source. In a folder that persists, ninja recompiles only the sources
+    (or headers) that changed. One folder per Python, torch and CUDA switch: objects of another torch never mix.
+    """
+
+    def build_extensions(self):
+        key = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}-{'cuda' if WITH_CUDA else 'cpu'}"
+        self.build_temp = str(ROOT / "build" / f"objects-{key}")
+        super().build_extensions()
+
+
 setup(
     name="zslfast",
     version="0.1.0",
@@ -119,6 +133,6 @@ setup(
     install_requires=["torch>=2.4", "numpy", "scipy", "triton>=3.0; platform_system == 'Linux'"],
     extras_require={"test": ["pytest", "pytest-benchmark", "timm"], "models": ["timm"]},
     ext_modules=[extension],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtensionKeepingObjects},
     zip_safe=False,
 )

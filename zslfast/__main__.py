@@ -1,22 +1,38 @@
-"""``python -m zslfast [info | demo | bench | audit | gpucheck]``.
+"""``python -m zslfast COMMAND``: info (the default), demo, bench, audit, gpucheck.
 
-    info   (default) what was built and which backends run here
-    demo   train ILPG twice, reference ops vs fused ops: step time, peak memory, loss difference, U/S/H
-           (zslfast.demo; ``--model sage`` for SAGE, ``--data DIR`` for a real xlsa17 folder, ``--device cuda``
-           on a GPU)
-    bench  each op's forward+backward time and peak memory against the eager code on this device (zslfast.bench)
-    audit  compile every Triton kernel for sm_80/sm_90 without a GPU: registers, spills, shared memory, occupancy,
-           waves and the roofline floor (a model) at the papers' shapes (zslfast.audit)
-    gpucheck  the GPU self-test: every op x GPU backend x dtype against the fp64 reference, then eager /
-           torch.compile / zslfast timings and memory, written to benchmarks/results (zslfast.gpucheck)
+Each command lives in its own module with ``add_arguments(parser)``, ``run(args)`` and a ``DESCRIPTION`` shown
+by ``--help``; only the chosen command's module is imported (each pulls in torch and, for some, triton).
 """
 
+import difflib
+import importlib
 import sys
 
 import torch
 
+from . import _cli
 
-def info() -> None:
+PROG = "python -m zslfast"
+
+# name -> (module, one-line summary for the list of commands)
+COMMANDS = {
+    "info": ("zslfast.__main__", "what was built and which backends run here (the default)"),
+    "demo": ("zslfast.demo", "train ILPG (or SAGE) with the reference ops and with the fused ops: time, memory, "
+                             "loss difference, GZSL U/S/H"),
+    "bench": ("zslfast.bench", "each op's forward+backward time and peak memory against the eager code, here"),
+    "audit": ("zslfast.audit", "compile every Triton kernel for sm_80/sm_90 without a GPU: registers, spills, "
+                               "occupancy"),
+    "gpucheck": ("zslfast.gpucheck", "the GPU self-test: every op against the fp64 reference, then timings"),
+}
+
+DESCRIPTION = "Say what zslfast was built with and which backends can run on this machine's tensors."
+
+
+def add_arguments(parser) -> None:
+    """``info`` takes no options."""
+
+
+def run(args=None) -> None:
     from . import _backend, available_backends
 
     built = _backend.BUILD_INFO
@@ -27,32 +43,44 @@ def info() -> None:
         print(f"extension: built for torch {built.TORCH_VERSION}, {'with' if built.WITH_CUDA else 'without'} CUDA kernels")
     else:
         print(f"extension: not loaded ({_backend.EXTENSION_ERROR})")
-    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-        print(f"backends for {device} tensors: {', '.join(available_backends(torch.device(device)))}")
-    print("\nrun `python -m zslfast demo` or `python -m zslfast bench` (add --help for their options)")
+    print(f"backends for cpu tensors: {', '.join(available_backends('cpu'))}")
+    cuda = available_backends("cuda")
+    print(f"backends for cuda tensors: {', '.join(cuda)}" if cuda else
+          f"cuda tensors: none here ({_backend.why_no_cuda_device()})")
+    print(f"\nrun `{PROG} demo` or `{PROG} bench` (add --help for their options; `{PROG} --help` lists the commands)")
 
 
-def main(argv=None) -> None:
+def _parser(command=None) -> _cli.Parser:
+    """The top-level parser; only ``command``'s module is imported to add its options."""
+    parser = _cli.Parser(PROG, f"zslfast's command-line tools. `{PROG} COMMAND --help` describes one command and "
+                               f"its options;\nwith no command, info.")
+    commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", parser_class=_cli.Parser)
+    for name, (module_name, summary) in COMMANDS.items():
+        if name == command:
+            module = importlib.import_module(module_name)
+            sub = commands.add_parser(name, help=summary, description=module.DESCRIPTION, prog=f"{PROG} {name}")
+            module.add_arguments(sub)
+            sub.set_defaults(run=module.run)
+        else:
+            commands.add_parser(name, help=summary, add_help=False)
+    return parser
+
+
+def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = argv[0] if argv and not argv[0].startswith("-") else "info"
-    rest = argv[1:] if argv and argv[0] == command else argv
-    if command == "demo":
-        from .demo import main as demo
-
-        demo(rest)
-    elif command == "bench":
-        from .bench import main as bench
-
-        bench(rest)
-    elif command in ("audit", "gpucheck"):
-        module = __import__(f"zslfast.{command}", fromlist=["main"])
-        sys.exit(module.main(rest))
-    elif command == "info" and not rest:
-        info()
-    else:
-        print(__doc__)
-        sys.exit(0 if command in ("-h", "--help") or rest in (["-h"], ["--help"]) else 2)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command is not None and command not in COMMANDS:
+        close = difflib.get_close_matches(command, COMMANDS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        sys.stderr.write(f"{PROG}: error: unknown command {command!r}{hint} The commands: {', '.join(COMMANDS)} "
+                         f"(see {PROG} --help)\n")
+        sys.exit(2)
+    args = _parser(command).parse_args(argv)
+    if args.command is None:  # no command: info
+        return run()
+    return _cli.run_command(f"{PROG} {args.command}", args.run, args)
 
 
 if __name__ == "__main__":
-    main()
+    status = main()  # a command returns its results (the demo's dict) or an exit status
+    sys.exit(status if isinstance(status, int) else 0)

@@ -159,8 +159,20 @@ def why_unavailable(backend: str, device: torch.device) -> Optional[str]:
     return f"unknown backend {backend!r}; choose one of {BACKENDS} or None"
 
 
+def why_no_cuda_device() -> Optional[str]:
+    """None when torch sees a CUDA device, else why not (a CPU-only torch, or no GPU/driver)."""
+    if torch.cuda.is_available():
+        return None
+    if torch.version.cuda is None:
+        return "this torch is a CPU-only build"
+    return "torch finds no NVIDIA GPU or driver"
+
+
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """The backends that can run on tensors of ``device`` here: none for CUDA tensors without a CUDA device."""
     device = torch.device(device)
+    if device.type == "cuda" and why_no_cuda_device():
+        return []
     return [b for b in BACKENDS if why_unavailable(b, device) is None]
 
 

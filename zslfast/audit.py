@@ -450,25 +450,45 @@ def _interpreted() -> bool:
     return triton_interpreted()
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m zslfast audit", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+DESCRIPTION = """\
+Compile every Triton kernel launch of zslfast at the papers' shapes, exactly as configured, for sm_80 and sm_90
+with the installed triton, without a GPU; read registers, spills and shared memory from the cubins, and print
+occupancy, waves on the H200's 132 SMs and the roofline floor (a model, never a measurement). The CUDA C++
+kernels of the built extension are read the same way. Exits 1 on a compile error, a spill, shared memory over
+the limit or an under-filled bandwidth-bound launch."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ops", nargs="*", help=f"only these ops (default: all of {list(CASES)})")
     parser.add_argument("--cases", nargs="*", help="only cases whose name contains one of these")
     parser.add_argument("--dtypes", nargs="*", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--archs", nargs="*", type=int, default=[80, 90], choices=sorted(ARCHS))
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--markdown", help="also write the markdown report to this file")
-    args = parser.parse_args(argv)
+
+
+def _argv(args: argparse.Namespace) -> List[str]:
+    """The command line that gives ``args`` again (for the rerun without the interpreter)."""
+    argv = []
+    for option in ("ops", "cases", "dtypes", "archs"):
+        if getattr(args, option) is not None:
+            argv += [f"--{option}", *map(str, getattr(args, option))]
+    for option in ("json", "markdown"):
+        if getattr(args, option):
+            argv += [f"--{option}", getattr(args, option)]
+    return argv
+
+
+def run(args: argparse.Namespace) -> int:
     if _interpreted():
         # Under TRITON_INTERPRET=1 @triton.jit makes interpreter functions, which do not compile: rerun without it.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        argv = sys.argv[1:] if argv is None else list(argv)
-        return subprocess.run([sys.executable, "-m", "zslfast.audit", *argv], env=env).returncode
+        return subprocess.run([sys.executable, "-m", "zslfast.audit", *_argv(args)], env=env).returncode
     problem = compiler_problem()
     if problem:
-        print(f"zslfast audit: cannot compile GPU kernels here: {problem}", file=sys.stderr)
-        return 2
+        from ._cli import UsageError
+
+        raise UsageError(f"cannot compile GPU kernels here: {problem}")
     start = time.perf_counter()
     rows = audit_triton(args.ops, tuple(args.archs), tuple(args.dtypes), args.cases)
     cuda_rows = audit_cuda_extension() if not args.ops else []
@@ -490,6 +510,12 @@ def main(argv=None) -> int:
               getattr(r, "dtype", ""), getattr(r, "kernel", ""), r.problems if isinstance(r, Row) else r["problems"],
               file=sys.stderr)
     return 1 if problems else 0
+
+
+def main(argv=None):
+    from . import _cli
+
+    return _cli.main("python -m zslfast audit", DESCRIPTION, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

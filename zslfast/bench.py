@@ -432,24 +432,39 @@ def cases(device: torch.device = DEVICE):
                 yield f"{op.name} {case.label(shape)}", op, case, shape
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m zslfast bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+DESCRIPTION = """\
+Time each op's forward+backward (the median of --repeats calls) and measure its peak extra memory at the papers'
+shapes (CUB, SUN, AwA2, ViT-B) on this machine's device, eager PyTorch code (the papers') against zslfast;
+--compile adds torch.compile of the eager code (its first call compiles, outside the timing). The timings state
+the threads and the machine's load: on a busy machine they are not reliable.
+The full suite, with every shape, the forward alone and the summary table: pytest benchmarks/ --benchmark-only"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ._cli import positive_int
+
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the eager code")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--only", default="", help="run only the cases whose title contains this text")
-    args = parser.parse_args(argv)
+    parser.add_argument("--repeats", type=positive_int, default=10, help="timed calls per case (their median)")
+    parser.add_argument("--only", default="", metavar="TEXT",
+                        help="run only the cases whose title contains TEXT, e.g. 'prototype_scores CUB'")
+
+
+def run(args: argparse.Namespace) -> None:
+    from ._cli import UsageError, timing_conditions
 
     device = DEVICE
+    selected = [c for c in cases(device) if args.only in c[0]]
+    if not selected:
+        raise UsageError(f"--only {args.only!r} matches no case; the cases: "
+                         + ", ".join(title for title, *_ in cases(device)))
     info = _backend.BUILD_INFO
     if _backend.extension_warning():
         print(_backend.extension_warning(), file=sys.stderr)
-    print(f"zslfast on torch {torch.__version__}, device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}"
-          f" ({torch.get_num_threads()} threads)")
+    print(f"zslfast on torch {torch.__version__}")
     print(f"extension: {'built for torch ' + info.TORCH_VERSION + (', with CUDA kernels' if info.WITH_CUDA else ', CPU only') if info else _backend.EXTENSION_ERROR}")
-    print(f"backends for {device.type} tensors: {', '.join(available_backends(device))}\n")
+    print(f"backends for {device.type} tensors: {', '.join(available_backends(device))}")
+    print(timing_conditions(device) + "\n")
 
-    selected = [c for c in cases(device) if args.only in c[0]]
     width = max([52] + [len(title) for title, *_ in selected])
     header = (f"{'forward+backward':{width}s} {'eager ms':>9s} " + (f"{'compile':>9s} " if args.compile else "")
               + f"{'zslfast':>9s} {'speed-up':>9s} {'eager MiB':>10s} {'zslfast MiB':>12s}")
@@ -465,3 +480,10 @@ def main(argv=None):
         fused_ms = median_ms(fused_step, args.repeats)
         eager_mib, fused_mib = (peak_mib(s, device) for s in (eager_step, fused_step))
         print(row + f"{fused_ms:9.3f} {eager_ms / fused_ms:8.2f}x {eager_mib:10.1f} {fused_mib:12.1f}", flush=True)
+    print("\n" + timing_conditions(device, busy_self=torch.get_num_threads() if device.type == "cpu" else 1))
+
+
+def main(argv=None):
+    from . import _cli
+
+    return _cli.main("python -m zslfast bench", DESCRIPTION, add_arguments, run, argv)

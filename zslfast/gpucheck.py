@@ -291,9 +291,14 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m zslfast gpucheck", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+DESCRIPTION = """\
+The GPU self-test: every op x GPU backend (triton, cuda) x fp32/bf16/fp16, forward and backward, against the
+fp64 reference on the same device, then eager / torch.compile / zslfast timings and peak memory at the papers'
+shapes, written to --out as JSON and markdown. Without a GPU it runs the same pipeline on CPU tensors at tiny
+shapes. Exits 1 when a check fails."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON and markdown reports")
     parser.add_argument("--ops", nargs="*", help="only these ops")
     parser.add_argument("--time-dtype", default="bf16", choices=["fp32", "bf16", "fp16"],
@@ -305,7 +310,9 @@ def main(argv=None) -> int:
                         help="compile the eager code at every timed shape (default: each op's first shape only)")
     parser.add_argument("--budget", type=float, default=330.0,
                         help="seconds after which no further shape is timed (the rest are listed as skipped)")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.type == "cuda"
     use_compile = on_gpu if args.compile is None else args.compile
@@ -354,6 +361,12 @@ def main(argv=None) -> int:
     failed = [c for c in report["checks"] if not c["passed"]]
     print(f"{len(report['checks'])} checks, {len(failed)} failed; reports in {out / stem}.json and .md")
     return 1 if failed else 0
+
+
+def main(argv=None):
+    from . import _cli
+
+    return _cli.main("python -m zslfast gpucheck", DESCRIPTION, add_arguments, run, argv)
 
 
 if __name__ == "__main__":
