@@ -14,7 +14,7 @@ the same model and parameters, for checking the fused path and for timing agains
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from .._backend import set_module_backend
 from ..losses import ILPGLoss
 from ..nn.attention import AttributeCrossAttention
 from ..nn.prototype import InstancePrototypeClassifier
+from ._weights import PathLike, check_pretrained, is_path, load_checkpoint, timm_backbone, unused_pretrained
 
 
 class ILPGOutput(NamedTuple):
@@ -39,6 +40,26 @@ def _frozen(model: nn.Module) -> nn.Module:
     return model
 
 
+def _pretrained_sources(pretrained) -> dict:
+    """ILPG's ``pretrained`` -> {"backbone": bool | path, "instance_encoder": bool | path}."""
+    names = ("backbone", "instance_encoder")
+    if isinstance(pretrained, dict):
+        extra = sorted(set(pretrained) - set(names), key=str)
+        if extra:
+            raise ValueError(f"ILPG: pretrained dict keys must be among {names}, got {extra}")
+        sources = {name: pretrained.get(name, False) for name in names}
+    elif is_path(pretrained):
+        raise ValueError(
+            f"ILPG: pretrained={str(pretrained)!r}: ILPG builds two timm models; give their checkpoints as "
+            f"pretrained={{'backbone': path_or_bool, 'instance_encoder': path_or_bool}}"
+        )
+    else:
+        sources = dict.fromkeys(names, pretrained)
+    for name, source in sources.items():
+        check_pretrained("ILPG", f"pretrained[{name!r}]", source)
+    return sources
+
+
 class ILPG(nn.Module):
     """ILPG: AVL (attribute cross-attention, cosine) -> Ẽ; IDPP instance prototypes -> APC logits; ILPG loss.
 
@@ -51,10 +72,16 @@ class ILPG(nn.Module):
             "factored"; see zslfast.nn.InstancePrototypeClassifier).
         loss: an ILPGLoss (default: ILPGLoss.from_preset(preset) when ``preset`` is given, else the CUB weights),
             ``unseen_classes`` (U,) for its SAS term.
-        backbone, instance_encoder: timm model names, built (frozen) only with ``build_backbones=True``;
-            ``pretrained`` is passed to timm (False by default here: no downloads).
+        backbone, instance_encoder: timm model names, built (frozen) only with ``build_backbones=True``.
+        pretrained: the two timm models' weights: False (random, the default here: no downloads), True (timm
+            downloads them), or a dict {"backbone": ..., "instance_encoder": ...} of False / True / the path of a
+            local timm checkpoint of that model (.pth/.bin/.safetensors; loaded through timm's
+            ``pretrained_cfg_overlay=dict(file=path)``, no network). A single path is an error (two models).
         image_size: the input resolution the instance encoder is built for.
         backend: None (fused ops, by device) or "reference".
+        checkpoint: None, or the path of a whole-model state dict (``torch.save(model.state_dict(), path)``),
+            loaded after the model is built (see zslfast.models.load_checkpoint); it must match this model's
+            sizes and whether its backbones are built.
     """
 
     def __init__(
@@ -73,9 +100,10 @@ class ILPG(nn.Module):
         build_backbones: bool = False,
         backbone: str = "resnet101",
         instance_encoder: str = "vit_small_patch14_dinov2",
-        pretrained: bool = False,
+        pretrained: Union[bool, dict] = False,
         image_size: int = 224,
         backend: Optional[str] = None,
+        checkpoint: Optional[PathLike] = None,
     ):
         super().__init__()
         if class_attributes.dim() != 2 or attribute_vectors.dim() != 2:
@@ -99,16 +127,23 @@ class ILPG(nn.Module):
         if loss is None:
             loss = ILPGLoss.from_preset(preset or "CUB", unseen_classes=unseen_classes)
         self.criterion = loss
+        sources = _pretrained_sources(pretrained)
         self.backbone = self.instance_encoder = None
         if build_backbones:
-            import timm
-
-            self.backbone = _frozen(timm.create_model(backbone, pretrained=pretrained, num_classes=0, global_pool=""))
+            self.backbone = _frozen(timm_backbone(
+                "ILPG", backbone, sources["backbone"], "pretrained['backbone']", num_classes=0, global_pool=""
+            ))
             kwargs = {"img_size": image_size} if "vit" in instance_encoder else {}
-            self.instance_encoder = _frozen(
-                timm.create_model(instance_encoder, pretrained=pretrained, num_classes=0, **kwargs)
-            )
+            self.instance_encoder = _frozen(timm_backbone(
+                "ILPG", instance_encoder, sources["instance_encoder"], "pretrained['instance_encoder']",
+                num_classes=0, **kwargs
+            ))
+        else:
+            for key, source in sources.items():
+                unused_pretrained("ILPG", f"pretrained[{key!r}]", source, "build_backbones=False")
         self.backend = backend  # the submodules were built with it; set_backend switches them all
+        if checkpoint is not None:
+            load_checkpoint(self, checkpoint)
 
     def set_backend(self, backend: Optional[str]) -> "ILPG":
         return set_module_backend(self, backend)

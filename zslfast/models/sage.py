@@ -83,6 +83,7 @@ from ..losses import attention_alignment
 from ..nn.memory_bank import MemoryBankGuidedFusion
 from ..ops.attribute_attention import attribute_attention
 from ._vit import check_vit
+from ._weights import PathLike, load_checkpoint, timm_backbone, unused_pretrained
 from ..validation import check_int, check_labels, check_number, check_option, check_positive, shape_str
 
 _NAME = "SAGE"
@@ -247,8 +248,16 @@ class SAGE(nn.Module):
         lambda_cont, lambda_attr, lambda_align, lambda_kl: Eq. 11's weights.
         bank_capacity, bank_threshold, bank_policy: the memory bank's queue length, confidence gate (None: 2/C,
             twice chance), policy.
-        pretrained, img_size, backbone_kwargs: for ``timm.create_model``.
+        pretrained: the named backbone's weights: False (random), True (timm downloads them) or the path of a local
+            timm checkpoint of it (.pth/.bin/.safetensors, loaded through timm's
+            ``pretrained_cfg_overlay=dict(file=path)``: no network; it must hold every weight of the backbone).
+            timm's own route works too (timm's checks only): ``pretrained=True,
+            backbone_kwargs=dict(pretrained_cfg_overlay=dict(file=path, custom_load=False))`` (custom_load=False:
+            timm < 1.0.31 otherwise reads the file as the registry's .npz).
+        img_size, backbone_kwargs: for ``timm.create_model``.
         backend: None (fused kernels by device) or "reference" (plain PyTorch) or a kernel backend; see set_backend.
+        checkpoint: None, or the path of a whole-model state dict (``torch.save(model.state_dict(), path)``),
+            loaded after the model is built (see zslfast.models.load_checkpoint); it must match this model's sizes.
     """
 
     def __init__(
@@ -276,10 +285,11 @@ class SAGE(nn.Module):
         bank_capacity: int = 8,
         bank_threshold: Optional[float] = None,
         bank_policy: str = "fifo",
-        pretrained: bool = False,
+        pretrained: Union[bool, PathLike] = False,
         img_size: int = 224,
         backbone_kwargs: Optional[dict] = None,
         backend: Optional[str] = None,
+        checkpoint: Optional[PathLike] = None,
     ):
         super().__init__()
         s = class_attributes
@@ -299,13 +309,12 @@ class SAGE(nn.Module):
                 f"class_attributes {shape_str(s)}, got {shape_str(w)}"
             )
         if isinstance(backbone, str) and build_backbone:
-            import timm
-
-            backbone = timm.create_model(
-                backbone, pretrained=pretrained, num_classes=0, img_size=img_size, **(backbone_kwargs or {})
+            backbone = timm_backbone(
+                _NAME, backbone, pretrained, num_classes=0, img_size=img_size, **(backbone_kwargs or {})
             )
-        elif isinstance(backbone, str):
-            backbone = None
+        else:
+            unused_pretrained(_NAME, "pretrained", pretrained, "no backbone is built from a name here")
+            backbone = None if isinstance(backbone, str) else backbone
         if backbone is not None:
             backbone = _check_vit(backbone)
             if embed_dim is not None and embed_dim != backbone.embed_dim:
@@ -367,6 +376,8 @@ class SAGE(nn.Module):
             threshold=2.0 / C if bank_threshold is None else check_number(_NAME, "bank_threshold", bank_threshold),
             alpha=check_number(_NAME, "alpha", alpha), scale=self.scale, policy=bank_policy, backend=backend,
         )
+        if checkpoint is not None:
+            load_checkpoint(self, checkpoint)
 
     # ------------------------------------------------------------------------------------------------------------
 

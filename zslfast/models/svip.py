@@ -59,6 +59,7 @@ from ..nn.rollout import AttentionRollout
 from ..ops.attention_rollout import FUSIONS, MODES
 from ..ops.attribute_attention import attribute_attention
 from ._vit import check_vit
+from ._weights import PathLike, load_checkpoint, timm_backbone, unused_pretrained
 from ..validation import check_int, check_labels, check_number, check_option, check_positive, shape_str
 from ..ops.cosine_logits import cosine_logits
 
@@ -129,8 +130,16 @@ class SVIPHead(nn.Module):
         pool: "attention" (soft max-pool through ``attribute_attention``) or "max" (hard max); pool_temperature τ.
         rollout_mode, head_fusion: the pseudo-labels' rollout ("abnar"/"mean": SVIP's code; "residual"/"sum": Eq. 4).
         num_prefix_tokens: P in the precomputed mode (default 1, the class token; the backbone's own otherwise).
-        pretrained, img_size, backbone_kwargs: for ``timm.create_model``.
+        pretrained: the named backbone's weights: False (random), True (timm downloads them) or the path of a local
+            timm checkpoint of it (.pth/.bin/.safetensors, loaded through timm's
+            ``pretrained_cfg_overlay=dict(file=path)``: no network; it must hold every weight of the backbone).
+            timm's own route works too (timm's checks only): ``pretrained=True,
+            backbone_kwargs=dict(pretrained_cfg_overlay=dict(file=path, custom_load=False))`` (custom_load=False:
+            timm < 1.0.31 otherwise reads the file as the registry's .npz).
+        img_size, backbone_kwargs: for ``timm.create_model``.
         backend: None (fused kernels by device) or "reference" (plain PyTorch) or a kernel backend; see set_backend.
+        checkpoint: None, or the path of a whole-model state dict (``torch.save(model.state_dict(), path)``),
+            loaded after the model is built (see zslfast.models.load_checkpoint); it must match this model's sizes.
     """
 
     def __init__(
@@ -151,10 +160,11 @@ class SVIPHead(nn.Module):
         rollout_mode: str = "abnar",
         head_fusion: str = "mean",
         num_prefix_tokens: int = 1,
-        pretrained: bool = False,
+        pretrained: Union[bool, PathLike] = False,
         img_size: int = 224,
         backbone_kwargs: Optional[dict] = None,
         backend: Optional[str] = None,
+        checkpoint: Optional[PathLike] = None,
     ):
         super().__init__()
         if not isinstance(class_attributes, torch.Tensor) or not class_attributes.is_floating_point():
@@ -165,11 +175,11 @@ class SVIPHead(nn.Module):
         num_attributes = class_attributes.shape[1]
 
         if isinstance(backbone, str):
-            import timm
-
-            backbone = timm.create_model(
-                backbone, pretrained=pretrained, num_classes=0, img_size=img_size, **(backbone_kwargs or {})
+            backbone = timm_backbone(
+                _NAME, backbone, pretrained, num_classes=0, img_size=img_size, **(backbone_kwargs or {})
             )
+        else:
+            unused_pretrained(_NAME, "pretrained", pretrained, "backbone is not a timm model name")
         if backbone is not None:
             backbone = _check_vit(backbone)
             if embed_dim is not None and embed_dim != backbone.embed_dim:
@@ -227,6 +237,8 @@ class SVIPHead(nn.Module):
             self.attribute_word_embeddings = None
             self.word_to_patch = None
             self.context = nn.Parameter(torch.randn(embed_dim) * 0.02)
+        if checkpoint is not None:
+            load_checkpoint(self, checkpoint)
 
     # ------------------------------------------------------------------------------------------------------------
 
