@@ -151,3 +151,28 @@ def test_demo_refuses_reference_against_reference(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         demo(["--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "4"])
     assert exit_info.value.code == 2 and "would compare the reference with itself" in capsys.readouterr().err
+
+
+def test_demo_saves_and_starts_from_weights(tmp_path, capsys):
+    """--save writes the fused run's trained weights; --weights starts both runs from them (with lr 0 they stay
+    exactly those weights); a missing file or another model's checkpoint is a one-line error, exit 2."""
+    from zslfast.demo import main as demo
+
+    require_backend("cpu")
+    tiny = ["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "6", "--regions", "3", "--hidden-dim", "4"]
+    saved = tmp_path / "ilpg.pth"
+    first = demo(tiny + ["--save", str(saved)])
+    trained = torch.load(saved, weights_only=True)
+    assert trained.keys() == first["fused"]["state_dict"].keys()
+    again = demo(tiny + ["--weights", str(saved), "--lr", "0"])
+    for name in ("reference", "fused"):
+        state = again[name]["state_dict"]
+        assert all(torch.equal(state[key], trained[key]) for key in trained)
+    assert again["reference"]["losses"][0] != first["reference"]["losses"][0]  # not the random start
+    capsys.readouterr()
+    for weights, message in ((tmp_path / "missing.pth", "no such file"),
+                             (saved, "does not match the model")):
+        with pytest.raises(SystemExit) as exit_info:
+            demo(tiny[:6] + ["--model", "sage", "--patches", "4", "--embed-dim", "8", "--weights", str(weights)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "--weights" in err and message in err and err.count("\n") == 1, err

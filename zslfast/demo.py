@@ -86,7 +86,8 @@ def _model_adapter(args, data, device):
         def build(backend):
             torch.manual_seed(args.seed)
             return SAGE(data.att.to(device), None, attribute_word_embeddings=standins.attribute_vectors,
-                        embed_dim=args.embed_dim, dim=args.hidden_dim, backend=backend).to(device)
+                        embed_dim=args.embed_dim, dim=args.hidden_dim, backend=backend,
+                        checkpoint=args.weights).to(device)
 
         return build, lambda features: dict(hidden_states=standins(features))
     standins = StandIns(data.features.shape[1], data.num_attributes, args.regions, 384, args.seed, device)
@@ -95,7 +96,7 @@ def _model_adapter(args, data, device):
         torch.manual_seed(args.seed)
         return ILPG(
             data.att.to(device), standins.attribute_vectors, region_dim=data.features.shape[1],
-            hidden_dim=args.hidden_dim, weights=args.weights,
+            hidden_dim=args.hidden_dim, weights=args.weight_form, checkpoint=args.weights,
             preset=args.preset if args.preset in ("CUB", "SUN", "AwA2") else None,
             unseen_classes=data.unseen_classes.to(device), backend=backend,
         ).to(device)
@@ -179,7 +180,10 @@ def run(args) -> dict:
 
     # Lock-step check during the fused run: before each step a reference-ops copy takes the fused model's weights
     # and computes the loss of the same batch (outside the timing), so the difference is the ops' alone.
-    shadow = build("reference")
+    try:
+        shadow = build("reference")
+    except (FileNotFoundError, ValueError) as err:  # --weights: a missing file, or one of another model
+        raise _cli.UsageError(f"--weights: {err}") from None
     lockstep = []
 
     results = {}
@@ -223,7 +227,7 @@ def run(args) -> dict:
         # the first steps include one-off warm-up (allocations, kernel compilation): time the rest
         timed = times[min(3, len(times) - 1):]
         results[name] = dict(step_ms=1e3 * statistics.median(timed), peak_mib=peak, losses=losses,
-                             gzsl=plain, calibrated=calibrated, gamma=gamma)
+                             gzsl=plain, calibrated=calibrated, gamma=gamma, state_dict=state)
 
     ref, fused = results["reference"], results["fused"]
     diffs = [abs(a - b) / max(abs(a), 1e-12) for a, b in zip(ref["losses"], fused["losses"])]
@@ -240,6 +244,11 @@ def run(args) -> dict:
           f"{max(diffs):.1e} (their weights drift apart by float rounding step after step, as any two float32 runs "
           f"that sum in different orders do; hence also their U/S/H differ)")
     results["lockstep_max_rel_diff"] = max(lockstep)
+    if args.save:
+        Path(args.save).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        torch.save(results["fused"]["state_dict"], Path(args.save).expanduser())
+        print(f"the fused run's trained weights: {args.save} (python -m zslfast demo --weights {args.save} ... "
+              f"starts from them)")
     return results
 
 
@@ -274,11 +283,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=50, help="images per step")
     parser.add_argument("--lr", type=float, default=3e-3, help="Adam's learning rate")
     parser.add_argument("--seed", type=int, default=0, help="seeds the data, the stand-ins and the weights")
+    parser.add_argument("--weights", metavar="PATH",
+                        help="start both runs from this checkpoint of the model (a state dict, e.g. from --save) "
+                             "instead of random weights; no download")
+    parser.add_argument("--save", metavar="PATH", help="write the fused run's trained weights here (a state dict)")
     parser.add_argument("--hidden-dim", type=positive_int, default=64,
                         help="ILPG: the instance semantic generator's width; SAGE: its width d")
     ilpg = parser.add_argument_group("ILPG (--model ilpg)")
     ilpg.add_argument("--regions", type=positive_int, default=49, help="R, the stand-in regions (ResNet 7x7: 49)")
-    ilpg.add_argument("--weights", default="full", choices=("full", "attribute", "factored"),
+    ilpg.add_argument("--weight-form", default="full", choices=("full", "attribute", "factored"),
                       help="the instance generator's weight form (zslfast.nn.InstancePrototypeClassifier)")
     sage = parser.add_argument_group("SAGE (--model sage)")
     sage.add_argument("--patches", type=positive_int, default=49, help="N, the stand-in patches per level")

@@ -317,6 +317,10 @@ def run(args: argparse.Namespace) -> int:
     on_gpu = device.type == "cuda"
     use_compile = on_gpu if args.compile is None else args.compile
     build = _build_lines(device)
+    if not args.no_timing:
+        from ._cli import timing_conditions
+
+        build.append(timing_conditions(device))
     print("\n".join(build))
     if _backend.extension_warning():
         print(_backend.extension_warning(), file=sys.stderr)
