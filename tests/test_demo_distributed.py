@@ -56,6 +56,10 @@ def worker(rank: int, world: int, port: int, argv: list, result_dir: str) -> Non
 
         results = demo(argv)
         keep = {name: {k: results[name][k] for k in ("losses", "state_dict")} for name in ("reference", "fused")}
+        for name in ("reference", "fused"):  # U / S / H: rank 0's from the gathered logits, None elsewhere
+            gzsl, calibrated = results[name]["gzsl"], results[name]["calibrated"]
+            keep[name]["uhs"] = None if gzsl is None else [*gzsl[:3], *calibrated[:3]]
+            keep[name]["scores"] = results[name]["scores"]
         keep.update(rank=results["rank"], world_size=results["world_size"])
         torch.save(keep, os.path.join(result_dir, f"rank{rank}.pt"))
     except BaseException:
@@ -114,8 +118,28 @@ def test_two_gloo_processes_follow_one_process(model, tmp_path, monkeypatch):
                                            msg=lambda m: f"{run} {key}: {m}")
             else:
                 assert torch.equal(r0["state_dict"][key], want), f"{run} {key} differs from one process"
+        # the test images split over the ranks, their logits gathered back to rank 0 in order: the one process's
+        # logits (float rounding), hence its accuracies (up to an argmax flipped by rounding: none seen)
+        assert r1["uhs"] is None and r1["scores"] is None
+        for split, (scores, labels) in one["scores"].items():
+            assert torch.equal(r0["scores"][split][1], labels)
+            scale = scores.abs().max().item()
+            torch.testing.assert_close(r0["scores"][split][0], scores, rtol=1e-5, atol=1e-5 * scale)
+        assert r0["uhs"] == pytest.approx([*one["gzsl"][:3], *one["calibrated"][:3]], abs=5e-3)
         if model == "sage":
             assert (one["state_dict"]["mbgf.bank.counts"] > 0).any()  # the bank holds entries to compare
+
+
+def test_shards():
+    from zslfast.distributed import Context
+
+    batch = torch.arange(12)
+    parts = [Context(r, 3).shard(batch) for r in range(3)]
+    assert torch.equal(torch.cat(parts), batch) and all(len(p) == 4 for p in parts)  # contiguous, in rank order
+    with pytest.raises(ValueError, match="does not split over 5"):
+        Context(0, 5).shard(batch)
+    assert [Context(r, 3).split(8) for r in range(3)] == [slice(0, 3), slice(3, 6), slice(6, 8)]
+    assert torch.equal(Context().shard(batch), batch) and Context().split(8) == slice(0, 8)
 
 
 def test_batch_that_does_not_split_exits_2(monkeypatch, capsys):

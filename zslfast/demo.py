@@ -122,8 +122,9 @@ def _model_adapter(args, data, device):
 
 
 def _evaluate(model, data, inputs, device, batch_size, ctx=None):
-    """GZSL U / S / H, plain and calibrated (best gamma). Under torchrun each rank scores its contiguous part of the
-    test images and rank 0 gathers the logits and computes the metrics (the other ranks get (None, None, None))."""
+    """GZSL U / S / H, plain and calibrated (best gamma), and the test logits {split: (scores, labels)}. Under
+    torchrun each rank scores its contiguous part of the test images and rank 0 gathers the logits and computes the
+    metrics (the other ranks get four Nones)."""
     from .metrics import gamma_sweep, gzsl_accuracy
 
     ctx = ctx or Context()
@@ -142,19 +143,19 @@ def _evaluate(model, data, inputs, device, batch_size, ctx=None):
             scores[split] = (local, labels)
     model.train()
     if not ctx.is_main:
-        return None, None, None
+        return None, None, None, None
     args = (*scores["test_seen"], *scores["test_unseen"], data.seen_classes, data.unseen_classes)
     plain = gzsl_accuracy(*args)
     spread = 2 * torch.cat([scores["test_seen"][0], scores["test_unseen"][0]]).std().item()
     best, gamma, _ = gamma_sweep(*args, gammas=torch.linspace(-spread, spread, 41).tolist())
-    return plain, best, gamma
+    return plain, best, gamma, scores
 
 
 def run(args) -> dict:
     """The demo (module docstring); under torchrun (WORLD_SIZE > 1) the data-parallel run described there.
 
     Returns, on every rank, {"reference": ..., "fused": ...} (each: step_ms, peak_mib, losses (the global batch's,
-    step by step), gzsl, calibrated, gamma (None but on rank 0), state_dict (the trained weights and buffers, SAGE's
+    step by step), gzsl, calibrated, gamma, scores (the test logits; these four None but on rank 0), state_dict (the trained weights and buffers, SAGE's
     bank included, on the CPU)), lockstep_max_rel_diff, rank and world_size."""
     _, world, _ = env_world()
     if world > 1 and args.batch_size % world:
@@ -250,11 +251,11 @@ def _run(args, ctx) -> dict:
         peak = peak_bytes(lambda: step(batches[0]), device) / 2**20
         model.load_state_dict(state)
         # (evaluation in larger chunks: the logits are per image, the chunking changes nothing but the time)
-        plain, calibrated, gamma = _evaluate(model, data, inputs, device, max(args.batch_size, 500), ctx)
+        plain, calibrated, gamma, scores = _evaluate(model, data, inputs, device, max(args.batch_size, 500), ctx)
         # the first steps include one-off warm-up (allocations, kernel compilation): time the rest
         timed = times[min(3, len(times) - 1):]
         results[name] = dict(step_ms=1e3 * statistics.median(timed), peak_mib=peak, losses=losses,
-                             gzsl=plain, calibrated=calibrated, gamma=gamma,
+                             gzsl=plain, calibrated=calibrated, gamma=gamma, scores=scores,
                              state_dict={k: v.detach().cpu() for k, v in state.items()})
     if not ctx.is_main:
         return dict(results, lockstep_max_rel_diff=max(lockstep), rank=ctx.rank, world_size=ctx.world_size)
