@@ -155,8 +155,8 @@ def run(args) -> dict:
     """The demo (module docstring); under torchrun (WORLD_SIZE > 1) the data-parallel run described there.
 
     Returns, on every rank, {"reference": ..., "fused": ...} (each: step_ms, peak_mib, losses (the global batch's,
-    step by step), gzsl, calibrated, gamma, scores (the test logits; these four None but on rank 0), state_dict (the trained weights and buffers, SAGE's
-    bank included, on the CPU)), lockstep_max_rel_diff, rank and world_size."""
+    step by step), gzsl, calibrated, gamma, scores (the test logits; these four None but on rank 0), state_dict
+    (the trained weights and buffers, SAGE's bank included, on the CPU)), lockstep_max_rel_diff, rank, world_size."""
     _, world, _ = env_world()
     if world > 1 and args.batch_size % world:
         print(f"zslfast demo: --batch-size {args.batch_size} does not split over {world} processes "
@@ -214,7 +214,8 @@ def _run(args, ctx) -> dict:
         model = build("reference" if name == "reference" else None)
         trainer = ctx.wrap(model)  # DistributedDataParallel under torchrun
         trained = [p for p in model.parameters() if p.requires_grad]
-        optimiser = (torch.optim.SGD if args.optimizer == "sgd" else torch.optim.Adam)(trained, lr=args.lr)
+        optimizer = torch.optim.SGD if getattr(args, "optimizer", "adam") == "sgd" else torch.optim.Adam
+        optimiser = optimizer(trained, lr=args.lr)
 
         def step(idx):
             idx = ctx.shard(idx)  # this process's part of the global batch
@@ -294,9 +295,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--optimizer", default="adam", choices=("adam", "sgd"),
-                        help="adam (default) or plain SGD: SGD's weights follow the gradients' float rounding linearly, "
-                             "where Adam's first steps (about lr times the gradient's sign) can turn a rounding-level "
-                             "gradient into a full step")
+                        help="adam (default) or plain SGD: SGD's weights follow the gradients' float rounding "
+                             "linearly, where Adam's first steps (about lr times the gradient's sign) can turn a "
+                             "rounding-level gradient into a full step")
 
 
 def main(argv=None):
