@@ -46,7 +46,9 @@ over every pair of the batch, the mean over its positive pairs) and kl (a mean o
 differs between ranks). So each rank computes the contrastive terms over the whole global batch's labels (they
 depend on the labels and the parameters only: every rank gets the same value and gradient) and reports kl as
 world · (its sum over its active pairs) / (the active pairs of all ranks). The mean of the ranks' losses, and of
-their gradients, is then the loss, and the gradient, of one process fed the global batch.
+their gradients, is then the loss, and the gradient, of one process fed the global batch. A forward with labels
+is therefore collective there (as the bank's update already was in training mode): every rank calls it together;
+without labels (inference) it is local.
 
 Memory: on the fused path the attention maps stay inside the kernels (Eq. 3-4 read the (B, K_s) max of each
 row); only L_align needs them (Eq. 5 compares whole maps), so they are returned (return_attention=True,
