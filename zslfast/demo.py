@@ -20,6 +20,19 @@ not have either. Stand-ins, fixed by the seed: level l's token t of image b is (
 P_l random 2048 x D / sqrt(2048), pattern_l (1+N, D) non-negative random of mean 1 (``--patches N``, a square,
 default 49 = 7x7; ``--embed-dim D``, default 128); attribute word vectors random (K, 300). SAGE's defaults
 otherwise (d = ``--hidden-dim``, the prevalence subsets, its λ defaults); the bank and Eq. 9 run in both runs.
+
+Under torchrun (``torchrun --nproc_per_node=N -m zslfast demo``: WORLD_SIZE > 1 in the environment) both runs,
+reference and fused, train data-parallel (zslfast.distributed): the process group is gloo on CPU, nccl on CUDA
+(each process on cuda:LOCAL_RANK); the model is wrapped in DistributedDataParallel; every process builds the same
+data, weights and batch order from the seed and trains on its contiguous 1/N of each global batch of
+``--batch-size`` (which must be a multiple of N: otherwise exit 2), a DistributedSampler-like split that keeps the
+rank order equal to the batch order, so that SAGE's bank, gathered in rank order, stays identical on every rank
+and equal to a one-process run's. The losses printed are the mean over the processes, the global batch's: ILPG's
+terms are all per-sample means, and SAGE computes its two batch-level terms (contrastive, bank KL) over the global
+batch (zslfast.models.sage), so N processes follow a one-process run at the same global batch up to float
+rounding. Each process scores its part of the test images, rank 0 gathers the logits and computes U / S / H;
+only rank 0 prints; step times and peak memory are rank 0's. The lock-step check runs as in one process (its
+loss, too, the mean over the processes).
 """
 
 from __future__ import annotations
@@ -35,6 +48,7 @@ import torch
 
 from . import _backend, _cli
 from ._memory import peak_bytes
+from .distributed import Context, all_gather_rows, env_world, init_from_env
 
 
 def _progress(prefix: str, done: int, total: int, extra: str = "") -> None:
@@ -108,24 +122,34 @@ def _model_adapter(args, data, device):
     return build, inputs
 
 
-def _evaluate(model, data, inputs, device, batch_size):
+def _evaluate(model, data, inputs, device, batch_size, ctx=None):
+    """GZSL U / S / H, plain and calibrated (best gamma), and the test logits {split: (scores, labels)}. Under
+    torchrun each rank scores its contiguous part of the test images and rank 0 gathers the logits and computes the
+    metrics (the other ranks get four Nones)."""
     from .metrics import gamma_sweep, gzsl_accuracy
 
+    ctx = ctx or Context()
     model.eval()
     scores = {}
     with torch.no_grad():
         for split in ("test_seen", "test_unseen"):
             features, labels = data.split(split)
-            chunks = []
-            for i in range(0, len(labels), batch_size):
+            features = features[ctx.split(len(labels))]
+            chunks = [torch.zeros(0, data.num_classes)]
+            for i in range(0, len(features), batch_size):
                 chunks.append(model(**inputs(features[i : i + batch_size].to(device))).logits.float().cpu())
-            scores[split] = (torch.cat(chunks), labels)
+            local = torch.cat(chunks)
+            if ctx.distributed:
+                local = all_gather_rows(local.to(device)).cpu()
+            scores[split] = (local, labels)
+    model.train()
+    if not ctx.is_main:
+        return None, None, None, None
     args = (*scores["test_seen"], *scores["test_unseen"], data.seen_classes, data.unseen_classes)
     plain = gzsl_accuracy(*args)
     spread = 2 * torch.cat([scores["test_seen"][0], scores["test_unseen"][0]]).std().item()
     best, gamma, _ = gamma_sweep(*args, gammas=torch.linspace(-spread, spread, 41).tolist())
-    model.train()
-    return plain, best, gamma
+    return plain, best, gamma, scores
 
 
 def _check_xlsa17_folder(root: Path) -> None:
@@ -141,12 +165,31 @@ def _check_xlsa17_folder(root: Path) -> None:
 
 
 def run(args) -> dict:
-    from .data import load_xlsa17, write_synthetic_xlsa17
+    """The demo (module docstring); under torchrun (WORLD_SIZE > 1) the data-parallel run described there.
 
-    device = _cli.device(args.device)
+    Returns, on every rank, {"reference": ..., "fused": ...} (each: step_ms, peak_mib, losses (the global batch's,
+    step by step), gzsl, calibrated, gamma, scores (the test logits; these four None but on rank 0), state_dict
+    (the trained weights and buffers, SAGE's bank included, on the CPU)), lockstep_max_rel_diff, rank, world_size."""
+    _, world, _ = env_world()
+    _cli.device(args.device)  # a device that exists here, before torchrun's process group is set up on it
     if args.data:
         _check_xlsa17_folder(Path(args.data).expanduser())
-    if _backend.extension_warning():
+    if world > 1 and args.batch_size % world:
+        raise _cli.UsageError(f"--batch-size {args.batch_size} does not split over {world} processes (the global "
+                              f"batch must be a multiple of the process count)")
+    ctx = init_from_env(args.device)
+    try:
+        return _run(args, ctx)
+    finally:
+        ctx.close()
+
+
+def _run(args, ctx) -> dict:
+    from .data import load_xlsa17, write_synthetic_xlsa17
+
+    device = ctx.device
+    say = print if ctx.is_main else (lambda *a, **k: None)
+    if _backend.extension_warning() and ctx.is_main:
         print(_backend.extension_warning(), file=sys.stderr)
     fused_backend = _backend.resolve("demo", None, device)
     if fused_backend == "reference":
@@ -173,10 +216,14 @@ def run(args) -> dict:
     if not batches:
         raise _cli.UsageError(f"--batch-size {args.batch_size} is larger than the {len(train_y)} training images")
     shape = f"R={args.regions}" if args.model == "ilpg" else f"N={args.patches} D={args.embed_dim} d={args.hidden_dim}"
-    print(f"model: {args.model.upper()}; data: {'synthetic ' + args.preset if not args.data else args.data}, "
-          f"{data.num_classes} classes ({len(data.unseen_classes)} unseen), {data.num_attributes} attributes, "
-          f"{len(train_y)} training images; B={args.batch_size}, {shape}, {len(batches)} steps x {args.epochs} "
-          f"epochs on {device}; fused = zslfast's {fused_backend!r} backend")
+    say(f"model: {args.model.upper()}; data: {'synthetic ' + args.preset if not args.data else args.data}, "
+        f"{data.num_classes} classes ({len(data.unseen_classes)} unseen), {data.num_attributes} attributes, "
+        f"{len(train_y)} training images; B={args.batch_size}, {shape}, {len(batches)} steps x {args.epochs} "
+        f"epochs on {device}; fused = zslfast's {fused_backend!r} backend")
+    if ctx.distributed:
+        say(f"torchrun: {ctx.world_size} processes ({ctx.backend}), DistributedDataParallel; each step's global batch "
+            f"of {args.batch_size} split into {ctx.world_size} x {args.batch_size // ctx.world_size}; losses: the "
+            f"mean over the processes (the global batch's); times and memory: rank 0's")
 
     # Lock-step check during the fused run: before each step a reference-ops copy takes the fused model's weights
     # and computes the loss of the same batch (outside the timing), so the difference is the ops' alone.
@@ -189,14 +236,18 @@ def run(args) -> dict:
     results = {}
     for name in ("reference", "fused"):
         model = build("reference" if name == "reference" else None)
-        optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+        trainer = ctx.wrap(model)  # DistributedDataParallel under torchrun
+        trained = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD if getattr(args, "optimizer", "adam") == "sgd" else torch.optim.Adam
+        optimiser = optimizer(trained, lr=args.lr)
 
         def step(idx):
-            out = model(**inputs(train_x[idx].to(device)), labels=train_y[idx].to(device))
+            idx = ctx.shard(idx)  # this process's part of the global batch
+            out = trainer(**inputs(train_x[idx].to(device)), labels=train_y[idx].to(device))
             optimiser.zero_grad(set_to_none=True)
             out.loss.backward()
             optimiser.step()
-            return out.loss.detach()
+            return ctx.mean(out.loss.detach())
 
         losses, times = [], []
         total = args.epochs * len(batches)
@@ -205,8 +256,9 @@ def run(args) -> dict:
                 if name == "fused":
                     shadow.load_state_dict(model.state_dict())
                     with torch.no_grad():
-                        batch = inputs(train_x[idx].to(device))
-                        shadow_loss = shadow(**batch, labels=train_y[idx].to(device)).loss.item()
+                        local = ctx.shard(idx)
+                        batch = inputs(train_x[local].to(device))
+                        shadow_loss = ctx.mean(shadow(**batch, labels=train_y[local].to(device)).loss).item()
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 start = time.perf_counter()
@@ -217,17 +269,21 @@ def run(args) -> dict:
                 losses.append(loss.item())
                 if name == "fused":
                     lockstep.append(abs(losses[-1] - shadow_loss) / max(abs(shadow_loss), 1e-12))
-                _progress(f"{name:9s} epoch {epoch + 1}/{args.epochs}", epoch * len(batches) + i + 1, total,
-                          f"loss {losses[-1]:.4f}")
+                if ctx.is_main:
+                    _progress(f"{name:9s} epoch {epoch + 1}/{args.epochs}", epoch * len(batches) + i + 1, total,
+                              f"loss {losses[-1]:.4f}")
         state = {k: v.clone() for k, v in model.state_dict().items()}
         peak = peak_bytes(lambda: step(batches[0]), device) / 2**20
         model.load_state_dict(state)
         # (evaluation in larger chunks: the logits are per image, the chunking changes nothing but the time)
-        plain, calibrated, gamma = _evaluate(model, data, inputs, device, max(args.batch_size, 500))
+        plain, calibrated, gamma, scores = _evaluate(model, data, inputs, device, max(args.batch_size, 500), ctx)
         # the first steps include one-off warm-up (allocations, kernel compilation): time the rest
         timed = times[min(3, len(times) - 1):]
         results[name] = dict(step_ms=1e3 * statistics.median(timed), peak_mib=peak, losses=losses,
-                             gzsl=plain, calibrated=calibrated, gamma=gamma, state_dict=state)
+                             gzsl=plain, calibrated=calibrated, gamma=gamma, scores=scores,
+                             state_dict={k: v.detach().cpu() for k, v in state.items()})
+    if not ctx.is_main:
+        return dict(results, lockstep_max_rel_diff=max(lockstep), rank=ctx.rank, world_size=ctx.world_size)
 
     ref, fused = results["reference"], results["fused"]
     diffs = [abs(a - b) / max(abs(a), 1e-12) for a, b in zip(ref["losses"], fused["losses"])]
@@ -243,7 +299,7 @@ def run(args) -> dict:
     print(f"the two independent runs: first step {diffs[0]:.1e}, first epoch {max(diffs[:len(batches)]):.1e}, all steps "
           f"{max(diffs):.1e} (their weights drift apart by float rounding step after step, as any two float32 runs "
           f"that sum in different orders do; hence also their U/S/H differ)")
-    results["lockstep_max_rel_diff"] = max(lockstep)
+    results.update(lockstep_max_rel_diff=max(lockstep), rank=ctx.rank, world_size=ctx.world_size)
     if args.save:
         Path(args.save).expanduser().parent.mkdir(parents=True, exist_ok=True)
         torch.save(results["fused"]["state_dict"], Path(args.save).expanduser())
@@ -281,7 +337,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps-per-epoch", type=non_negative_int, default=0,
                         help="cap the steps per epoch (0: every batch)")
     parser.add_argument("--batch-size", type=positive_int, default=50, help="images per step")
-    parser.add_argument("--lr", type=float, default=3e-3, help="Adam's learning rate")
+    parser.add_argument("--lr", type=float, default=3e-3, help="the optimizer's learning rate")
     parser.add_argument("--seed", type=int, default=0, help="seeds the data, the stand-ins and the weights")
     parser.add_argument("--weights", metavar="PATH",
                         help="start both runs from this checkpoint of the model (a state dict, e.g. from --save) "
@@ -296,6 +352,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sage = parser.add_argument_group("SAGE (--model sage)")
     sage.add_argument("--patches", type=positive_int, default=49, help="N, the stand-in patches per level")
     sage.add_argument("--embed-dim", type=positive_int, default=128, help="D, the stand-in hidden states' width")
+    parser.add_argument("--optimizer", default="adam", choices=("adam", "sgd"),
+                        help="Adam, or plain SGD: SGD's weights follow the gradients' float rounding linearly, "
+                             "where Adam's first steps (about lr times the gradient's sign) can turn a "
+                             "rounding-level gradient into a full step")
 
 
 def main(argv=None):

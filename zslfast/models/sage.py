@@ -39,6 +39,17 @@ Losses (labels y (B,) given; every term a mean over the batch):
     kl          MBGF's memory-bank KL                                                  Eq. 9
     loss = cls + λ_cont (cont_attr + cont_cls) + λ_attr (attr_sem + attr_vis) + λ_align align + λ_kl kl   Eq. 11
 
+Data-parallel (torch.distributed initialised with more than one rank, the bank's process group; DDP averages the
+ranks' gradients, every rank holding the same number of samples): cls, attr_sem, attr_vis and align are per-sample
+means, whose mean over the ranks is the global batch's. Two terms are not: cont_attr / cont_cls (the softmax runs
+over every pair of the batch, the mean over its positive pairs) and kl (a mean over the active (b, m), whose count
+differs between ranks). So each rank computes the contrastive terms over the whole global batch's labels (they
+depend on the labels and the parameters only: every rank gets the same value and gradient) and reports kl as
+world · (its sum over its active pairs) / (the active pairs of all ranks). The mean of the ranks' losses, and of
+their gradients, is then the loss, and the gradient, of one process fed the global batch. A forward with labels
+is therefore collective there (as the bank's update already was in training mode): every rank calls it together;
+without labels (inference) it is local.
+
 Memory: on the fused path the attention maps stay inside the kernels (Eq. 3-4 read the (B, K_s) max of each
 row); only L_align needs them (Eq. 5 compares whole maps), so they are returned (return_attention=True,
 (L·B, K_s, R_s) per scale) only when λ_align > 0 and labels are given. The levels of a scale share their queries
@@ -82,6 +93,7 @@ from .. import _backend
 from ..losses import attention_alignment
 from ..nn.memory_bank import MemoryBankGuidedFusion
 from ..ops.attribute_attention import attribute_attention
+from ..distributed import all_gather_rows, dist
 from ._vit import check_vit
 from ._weights import PathLike, load_checkpoint, timm_backbone, unused_pretrained
 from ..validation import check_int, check_labels, check_number, check_option, check_positive, shape_str
@@ -519,18 +531,28 @@ class SAGE(nn.Module):
             return SAGEOutput(fused.logits, None, {}, fused.fused, fused.active)
 
         cls = F.cross_entropy(fused.logits, labels)  # Eq. 10
-        s_batch = s[labels]  # (B, K)
-        cont_attr = _contrastive(s_batch @ attributes, labels, self.tau)  # Eq. 1: a_y = S[y] A
-        cont_cls = _contrastive(self.mixer(s_batch @ self.attribute_word_embeddings.to(s.dtype)), labels, self.tau)
+        kl, batch_labels = fused.kl_loss, labels
+        world = self.mbgf.bank._distributed_world()
+        if world > 1:  # data-parallel: the two batch-level terms over the global batch (module docstring)
+            group = self.mbgf.bank.process_group
+            batch_labels = all_gather_rows(labels, group)
+            active = fused.active.sum()
+            total = active.clone()
+            dist.all_reduce(total, group=group)
+            kl = kl * ((world * active).to(kl.dtype) / total.clamp_min(1).to(kl.dtype))
+        s_batch = s[batch_labels]  # (B, K)
+        cont_attr = _contrastive(s_batch @ attributes, batch_labels, self.tau)  # Eq. 1: a_y = S[y] A
+        cont_cls = _contrastive(self.mixer(s_batch @ self.attribute_word_embeddings.to(s.dtype)), batch_labels,
+                                self.tau)
         loss = (
             cls
             + self.lambda_cont * (cont_attr + cont_cls)
             + self.lambda_attr * (attr_sem + attr_vis)
             + self.lambda_align * align
-            + self.lambda_kl * fused.kl_loss
+            + self.lambda_kl * kl
         )
         parts = dict(cls=cls, cont_attr=cont_attr, cont_cls=cont_cls, attr_sem=attr_sem, attr_vis=attr_vis,
-                     align=align, kl=fused.kl_loss)
+                     align=align, kl=kl)
         return SAGEOutput(fused.logits, loss, {k: v.detach() for k, v in parts.items()}, fused.fused, fused.active)
 
     def extra_repr(self) -> str:
