@@ -13,7 +13,8 @@
 
 Shapes: zslfast.bench.SHAPES["generative"] (SUN's classes and attributes from zslfast.data.PRESETS).
 Forward only (these are preprocessing steps, run once per experiment). ``extra_info`` holds ``peak_extra_MiB``
-(see conftest.py). Run: ``pytest benchmarks/bench_generative.py --benchmark-only``; summarise with
+(see conftest.py). Run: ``pytest benchmarks/bench_generative.py --benchmark-only [--full]`` (the quick set leaves
+out the per-(u, λ) ridge loop and the CDP loop, the slow baselines); summarise with
 ``python benchmarks/summarize.py <json>``.
 """
 

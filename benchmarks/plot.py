@@ -27,12 +27,14 @@ def _pyplot():
         sys.exit("plot.py needs matplotlib: pip install 'zslfast[plot]'")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
-    return plt
+    return plt, FuncFormatter(lambda value, _: f"{value:g}")
 
 
-def _bars(ax, rows: List[Row], values: Dict[str, List], unit: str, log: bool, notes: List[str] = ()):
-    """Grouped bars, one group per row; ``notes`` go above zslfast's bars."""
+def _bars(ax, rows: List[Row], values: Dict[str, List], unit: str, log, notes: List[str] = ()):
+    """Grouped bars, one group per row; ``notes`` go above zslfast's bars; ``log``: a tick formatter for a log
+    scale (plain numbers), or None for a linear one."""
     width = 0.8 / len(MAIN)
     for i, impl in enumerate(MAIN):
         xs = [j + (i - (len(MAIN) - 1) / 2) * width for j in range(len(rows))]
@@ -44,8 +46,13 @@ def _bars(ax, rows: List[Row], values: Dict[str, List], unit: str, log: bool, no
                     ax.annotate(note, (bar.get_x() + width / 2, bar.get_height()), ha="center", va="bottom",
                                 fontsize=7)
     ax.set_ylabel(unit)
-    if log and any(v for vs in values.values() for v in vs):
+    shown = [v for vs in values.values() for v in vs if v]
+    if log and shown:
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(log)
+        if max(shown) / min(shown) < 20:  # within about a decade: label the minor ticks too
+            ax.yaxis.set_minor_formatter(log)
+            ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.set_xticks(range(len(rows)))
     tilt = len(rows) > 3
     ax.set_xticklabels([row.label for row in rows], rotation=20 if tilt else 0, ha="right" if tilt else "center",
@@ -55,18 +62,18 @@ def _bars(ax, rows: List[Row], values: Dict[str, List], unit: str, log: bool, no
 
 def plot_op(op: str, rows: List[Row], title: str, path: str, dpi: int = 100) -> str:
     """Write the chart of one op's rows to ``path``; returns ``path``."""
-    plt = _pyplot()
-    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(max(7.0, 1.6 * len(rows) + 3), 3.6))
+    plt, plain = _pyplot()
+    fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(max(8.0, 1.6 * len(rows) + 3), 3.8))
     notes = [f"{row.speedup('eager'):.1f}x" if row.speedup("eager") else "" for row in rows]
-    _bars(ax_time, rows, {impl: [row.ms.get(impl) for row in rows] for impl in MAIN}, "median time, ms (log)", True,
-          notes)
-    ax_time.set_title("time (lower is better; zslfast's speed-up over eager above its bar)", fontsize=9)
+    _bars(ax_time, rows, {impl: [row.ms.get(impl) for row in rows] for impl in MAIN}, "median time, ms (log scale)",
+          plain, notes)
+    ax_time.set_title("time: lower is better; above zslfast, its speed-up over eager", fontsize=8)
     _bars(ax_mem, rows, {impl: [row.peak.get(impl) for row in rows] for impl in MAIN}, "peak extra memory, MiB",
-          False)
-    ax_mem.set_title("peak memory beyond the inputs", fontsize=9)
-    ax_time.legend(fontsize=8)
+          None)
+    ax_mem.set_title("peak memory beyond the inputs: lower is better", fontsize=8)
+    fig.legend(*ax_time.get_legend_handles_labels(), loc="lower center", ncol=len(MAIN), fontsize=8, frameon=False)
     fig.suptitle(f"{op} — {title}", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
