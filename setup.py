@@ -131,7 +131,7 @@ setup(
     packages=find_packages(include=["zslfast", "zslfast.*"]),
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy", "scipy", "triton>=3.0; platform_system == 'Linux'"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "timm"], "models": ["timm"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "timm"], "models": ["timm"], "plot": ["matplotlib"]},
     ext_modules=[extension],
     cmdclass={"build_ext": BuildExtensionKeepingObjects},
     zip_safe=False,

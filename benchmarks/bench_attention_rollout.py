@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from zslfast import bench
-from conftest import DEVICE, ON_GPU, run_benchmark, shape_of
+from conftest import DEVICE, ON_GPU, cases, run_benchmark, shape_of
 
 OP = bench.OPS["attention_rollout"]
 
@@ -37,7 +37,7 @@ def maps_for(shape):
 
 
 @pytest.mark.parametrize("impl", [*bench.IMPLEMENTATIONS, "floor"])
-@pytest.mark.parametrize("shape_name", list(OP.cases))
+@pytest.mark.parametrize("shape_name", cases(OP.name, "ViT-B-224-B8"))
 def test_rollout_forward(benchmark, shape_name, impl):
     shape = shape_of(OP.name, shape_name)
     benchmark.group = f"attention_rollout {shape_name} L,B,H,N={shape} fwd {DEVICE.type}"
@@ -54,4 +54,5 @@ def test_rollout_forward_backward(benchmark, impl):
     shape = shape_of(OP.name, "ViT-B-224-B8")
     benchmark.group = f"attention_rollout ViT-B-224-B8 L,B,H,N={shape} fwd+bwd {DEVICE.type}"
     attns = [a.clone().requires_grad_() for a in maps_for(shape)]
-    run_benchmark(benchmark, bench.step(OP.implementation(impl), attns), rounds=None if ON_GPU else 3)
+    fn = OP.implementation(impl)
+    run_benchmark(benchmark, bench.step(fn, attns), rounds=None if ON_GPU else 3, saved=(fn, attns))

@@ -11,7 +11,8 @@
         zslfast: attribute_attention(q, x, x, ref, scale=1, return_max="attention")
         q (K, D), x (B, R, D), ref (K, D)  ->  (2, B, K)
 
-Shapes: CUB, B=50, K=312, R=196 (14 x 14 regions of a 448^2 ResNet-101 input), F = D = 2048, Dw = 300 (GloVe).
+Shapes: CUB, B=50, K=312, R=196 (14 x 14 regions of a 448^2 ResNet-101 input), F = D = 2048, Dw = 300 (GloVe);
+the quick set (without --full) runs GEM-ZSL's only, at B=8 on CPU tensors.
 Forward+backward (gradients of every input that is a parameter or a feature map). extra_info: saved_MiB (what
 autograd keeps beyond the inputs), peak_extra_MiB (see conftest.py).
 
@@ -27,10 +28,11 @@ import torch
 import zslfast
 from zslfast import baselines, bench
 from zslfast.data import PRESETS
-from conftest import DEVICE, run_benchmark
+from conftest import DEVICE, full_unless, quick, run_benchmark
 
 CUB = PRESETS["CUB"]
 B, K, R, D, DW = 50, CUB.num_attributes, 196, 2048, 300
+QUICK_B = 8  # the quick set's batch (a B=50 eager step takes 5-7 s on 2 CPU cores); --full runs B=50
 
 
 def msdn_attention_fused(V, W_1, W_2, W_3, W_4, Fs):
@@ -75,14 +77,14 @@ def implementation(variant, name):
 
 
 @pytest.mark.parametrize("impl", bench.IMPLEMENTATIONS)
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", full_unless(lambda v: v == "gem", *VARIANTS))
 def test_attention_variant(benchmark, variant, impl):
-    benchmark.group = f"{variant} attention CUB B,K,R,D={B},{K},{R},{D} fwd+bwd {DEVICE.type}"
-    inputs = VARIANTS[variant][0](DEVICE)
+    batch = QUICK_B if quick() and DEVICE.type == "cpu" else B
+    benchmark.group = f"{variant} attention CUB B,K,R,D={batch},{K},{R},{D} fwd+bwd {DEVICE.type}"
+    inputs = VARIANTS[variant][0](DEVICE, batch)
     fn = implementation(variant, impl)
-    fn(*inputs)  # compiles outside the measurement
-    benchmark.extra_info["saved_MiB"] = round(bench.saved_mib(fn, inputs), 3)
-    run_benchmark(benchmark, bench.step(fn, inputs, True), rounds=None if DEVICE.type == "cuda" else 3, warmup=1)
+    run_benchmark(benchmark, bench.step(fn, inputs, True), rounds=None if DEVICE.type == "cuda" else 3, warmup=1,
+                  saved=(fn, inputs))  # its first call compiles outside the measurement
 
 
 def run_interleaved(variant, rounds=5):

@@ -13,7 +13,8 @@
 
 Shapes: zslfast.bench.SHAPES["generative"] (SUN's classes and attributes from zslfast.data.PRESETS).
 Forward only (these are preprocessing steps, run once per experiment). ``extra_info`` holds ``peak_extra_MiB``
-(see conftest.py). Run: ``pytest benchmarks/bench_generative.py --benchmark-only``; summarise with
+(see conftest.py). Run: ``pytest benchmarks/bench_generative.py --benchmark-only [--full]`` (the quick set leaves
+out the per-(u, λ) ridge loop and the CDP loop, the slow baselines); summarise with
 ``python benchmarks/summarize.py <json>``.
 """
 
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 from zslfast import baselines, bench, generative
 from zslfast.bench import CLIP_DIM
-from conftest import DEVICE, ON_GPU, run_benchmark
+from conftest import DEVICE, ON_GPU, full_unless, run_benchmark
 
 SUN = bench.SHAPES["generative"]["SUN"].named(DEVICE)  # U, S, K, P, D
 CLASSES = SUN["U"] + SUN["S"]  # 717
@@ -58,7 +59,7 @@ RIDGE = {
 
 
 @pytest.mark.parametrize("impl", ["eager", "zslfast"])
-@pytest.mark.parametrize("baseline", list(RIDGE))
+@pytest.mark.parametrize("baseline", full_unless(lambda b: b != "loop", *RIDGE))  # the loop: a minute a call
 def test_ridge_prototypes(benchmark, baseline, impl):
     U, S, K, P, D = (SUN[n] for n in "USKPD")
     benchmark.group = f"ridge_prototypes SUN U,S,K,P,D={(U, S, K, P, D)} {baseline} {DEVICE.type}"
@@ -119,7 +120,7 @@ CDP = {
 
 
 @pytest.mark.parametrize("impl", ["eager", "zslfast"])
-@pytest.mark.parametrize("baseline", list(CDP))
+@pytest.mark.parametrize("baseline", full_unless(lambda b: b != "loop", *CDP))  # the loop: slow to profile
 def test_class_diversity_promotion(benchmark, baseline, impl):
     sem = clip_like(CLASSES, _gen())
     benchmark.group = f"class_diversity_promotion SUN C,K=({CLASSES}, {CLIP_DIM}) {baseline} {DEVICE.type}"

@@ -22,7 +22,7 @@ import sys
 import pytest
 import torch
 
-from conftest import DEVICE, ON_GPU, run_benchmark
+from conftest import DEVICE, ON_GPU, cases, run_benchmark
 from zslfast import bench
 from zslfast.models import ILPG
 
@@ -47,7 +47,7 @@ def make(shape_name):
 
 
 @pytest.mark.parametrize("impl", ["eager", "compile", "zslfast"])
-@pytest.mark.parametrize("shape_name", list(CASES.cases))
+@pytest.mark.parametrize("shape_name", cases("ilpg"))
 def test_ilpg_training_step(benchmark, shape_name, impl):
     if shape_name == "large" and impl == "compile" and not ON_GPU:
         pytest.skip("compile of the large case takes minutes on 2 CPU cores")

@@ -13,23 +13,25 @@ import pytest
 import torch
 
 from zslfast import bench
-from conftest import DEVICE, ON_GPU, run_benchmark, shape_of
+from conftest import DEVICE, FULL, ON_GPU, cases, run_benchmark, shape_of
 
 OP, FACTORED = bench.OPS["prototype_scores"], bench.OPS["prototype_scores_factored"]
 
 
 @pytest.mark.parametrize("impl", bench.IMPLEMENTATIONS)
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("shape_name", list(OP.cases))
+@pytest.mark.parametrize("shape_name", cases(OP.name))
 def test_prototype_scores(benchmark, shape_name, backward, impl):
     shape = shape_of(OP.name, shape_name)
     benchmark.group = f"prototype_scores {shape_name} B,C,K={shape} {'fwd+bwd' if backward else 'fwd'} {DEVICE.type}"
     inputs = OP.make(shape, DEVICE, backward)
     rounds = 5 if shape_name == "large" and not ON_GPU else None
     benchmark.extra_info["w_MB"] = inputs[2].numel() * inputs[2].element_size() / 1e6
-    run_benchmark(benchmark, bench.step(OP.implementation(impl), inputs, backward), rounds=rounds)
+    fn = OP.implementation(impl)
+    run_benchmark(benchmark, bench.step(fn, inputs, backward), rounds=rounds, saved=(fn, inputs) if backward else None)
 
 
+@FULL
 @pytest.mark.parametrize("impl", ["eager", "zslfast"])
 def test_dispatch_overhead(benchmark, impl):
     """Cost of the registered op on a tiny input (B=C=K=1): what an eager call pays for torch.library."""
@@ -41,7 +43,7 @@ def test_dispatch_overhead(benchmark, impl):
 
 @pytest.mark.parametrize("impl", bench.IMPLEMENTATIONS)
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("shape_name", list(FACTORED.cases))
+@pytest.mark.parametrize("shape_name", cases(FACTORED.name, "CUB-J64"))
 def test_prototype_scores_factored(benchmark, shape_name, backward, impl):
     B, C, K, J = shape = shape_of(FACTORED.name, shape_name)
     benchmark.group = f"prototype_scores_factored {shape_name} B,C,K,J={shape} {'fwd+bwd' if backward else 'fwd'} {DEVICE.type}"
@@ -53,5 +55,6 @@ def test_prototype_scores_factored(benchmark, shape_name, backward, impl):
         pytest.skip("forward+backward at 21K classes takes minutes on a 2-core CPU; run it on a GPU")
     inputs = FACTORED.make(shape, DEVICE, backward)
     rounds = 3 if shape_name == "21K-classes" else None
-    run_benchmark(benchmark, bench.step(FACTORED.implementation(impl), inputs, backward), rounds=rounds,
-                  warmup=1 if rounds else 2)
+    fn = FACTORED.implementation(impl)
+    run_benchmark(benchmark, bench.step(fn, inputs, backward), rounds=rounds, warmup=1 if rounds else 2,
+                  saved=(fn, inputs) if backward else None)

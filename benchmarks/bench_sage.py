@@ -5,7 +5,7 @@ attention maps materialised, the bank's Python-loop update), torch.compile of th
     trains on cached features) -> MSFE (d=256: 49 / 196 / 784 patches per scale) -> VSA + SVA per scale over the
     Global / Context / Local subsets (K=312) -> MBGF over M=9 branches, C=200 classes -> Eq. 11; one step = forward,
     backward and an SGD update of every trainable parameter. B=32, all losses on (λ_align > 0: the alignment loss
-    returns the attention maps on both paths).
+    returns the attention maps on both paths). The quick set (pytest without --full) runs B=8 on CPU tensors, without torch.compile.
 
 Interleaved timing (the three alternate each round; see zslfast.bench.interleaved) and peak memory:
     python benchmarks/bench_sage.py [rounds] [--no-compile]
@@ -19,11 +19,12 @@ import sys
 import pytest
 import torch
 
-from conftest import DEVICE, run_benchmark
+from conftest import DEVICE, full_unless, quick, run_benchmark
 from zslfast import bench
 from zslfast.models import SAGE
 
 B, C, K, U, L, N, D, DW = 32, 200, 312, 50, 3, 196, 768, 300  # CUB, ViT-B/16 hidden states, GloVe/Word2Vec 300
+QUICK_B = 8  # the quick set's batch on CPU tensors (a B=32 eager step takes ~3 s on 2 cores); --full runs B=32
 
 
 def make(batch=B, lambda_align=0.1):
@@ -39,10 +40,12 @@ def make(batch=B, lambda_align=0.1):
     return model, inputs
 
 
-@pytest.mark.parametrize("impl", ["eager", "compile", "zslfast"])
+# torch.compile of the whole SAGE step takes 30-100 s on 2 CPU cores (cold inductor cache): --full only.
+@pytest.mark.parametrize("impl", full_unless(lambda impl: impl != "compile", "eager", "compile", "zslfast"))
 def test_sage_training_step(benchmark, impl):
-    benchmark.group = f"SAGE training step CUB B={B} K={K} C={C} L={L} N={N} D={D} {DEVICE.type}"
-    model, inputs = make()
+    batch = QUICK_B if quick() and DEVICE.type == "cpu" else B
+    benchmark.group = f"SAGE training step CUB B={batch} K={K} C={C} L={L} N={N} D={D} {DEVICE.type}"
+    model, inputs = make(batch)
     if impl != "zslfast":
         model = copy.deepcopy(model).set_backend("reference")
     forward = torch.compile(model) if impl == "compile" else None

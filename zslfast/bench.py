@@ -20,8 +20,8 @@ What it measures, for everything that times zslfast (``python -m zslfast bench``
 
 ``python -m zslfast bench`` prints a table of each op's forward + backward time (median of ``--repeats`` calls) and
 peak extra memory at the papers' shapes on the current device, eager against zslfast; ``--compile`` adds
-torch.compile of the eager code (its first call compiles, outside the timing). The full suite is
-``pytest benchmarks/ --benchmark-only``.
+torch.compile of the eager code (its first call compiles, outside the timing). The benchmark suite is
+``pytest benchmarks/ --benchmark-only`` (a quick set, one paper shape per op; ``--full`` for every case).
 """
 
 import argparse
