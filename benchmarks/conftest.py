@@ -27,8 +27,8 @@ from zslfast import bench
 from zslfast.bench import DEVICE, ON_GPU
 
 QUICK_CASE = "CUB"  # the paper shape every op runs at in the quick set
-QUICK_SECONDS = 0.6  # in the quick set, a benchmark's timed rounds take about this long (at least one round)
-QUICK_MAX_TIME = "0.25"  # pytest-benchmark's --benchmark-max-time in the quick set (its default is 1.0)
+QUICK_SECONDS = 2.0  # in the quick set, a benchmark with fixed rounds times about this long (at least one round)
+QUICK_MAX_TIME = "0.5"  # pytest-benchmark's --benchmark-max-time in the quick set (its default is 1.0)
 FULL = pytest.mark.full
 _quick = {"on": True}  # set from --full in pytest_configure
 
