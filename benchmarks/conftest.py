@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import report
-from zslfast import bench
+from zslfast import _cli, bench
 from zslfast.bench import DEVICE, ON_GPU
 
 QUICK_CASE = "CUB"  # the paper shape every op runs at in the quick set
@@ -68,6 +68,9 @@ def pytest_terminal_summary(terminalreporter, config):
         terminalreporter.write_line(line)
     if _quick["on"]:
         terminalreporter.write_line("quick set (one paper shape per op); every shape and baseline: --full")
+    # the threads, cores and load the run had, and a warning when other processes competed (asked after timing:
+    # this process's own threads are part of the load average)
+    terminalreporter.write_line(_cli.timing_conditions(DEVICE, busy_self=torch.get_num_threads() if not ON_GPU else 1))
 
 
 def quick():
