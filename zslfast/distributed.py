@@ -100,6 +100,10 @@ class Context:
     def close(self) -> None:
         """Destroy the process group init_from_env created (all ranks must call it)."""
         if self.distributed and dist.is_initialized():
+            # Every rank enters the teardown together: rank 1 reaching it while rank 0 still printed its results,
+            # then rank 0 exiting (its TCPStore with it), left rank 1 in destroy_process_group for good (torch 2.4,
+            # gloo, about 1 run in 4)
+            dist.barrier()
             dist.destroy_process_group()
 
 
