@@ -7,6 +7,9 @@ from a saved state dict (``checkpoint=path``). The one loading code of ILPG, SVI
         pretrained_cfg_overlay=dict(file=path), **kwargs)`` (.pth / .bin / .safetensors as timm reads them; the
         classifier head of a checkpoint is dropped by timm when the model is built with num_classes=0), then every
         weight of the model must come from the file (timm alone loads non-strictly when it drops the head).
+        timm's own route works too, with timm's checks only: ``pretrained=True,
+        backbone_kwargs=dict(pretrained_cfg_overlay=dict(file=path, custom_load=False))`` (custom_load=False:
+        timm < 1.0.31 otherwise reads the file as the registry's .npz).
     load_checkpoint(model, path, strict=True) -> model
         a ``torch.save(model.state_dict(), path)`` file (or a dict holding it under "state_dict" or "model"; a
         "module." prefix of DistributedDataParallel is removed), read on the CPU with weights_only=True, checked

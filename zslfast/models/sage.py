@@ -260,16 +260,12 @@ class SAGE(nn.Module):
         lambda_cont, lambda_attr, lambda_align, lambda_kl: Eq. 11's weights.
         bank_capacity, bank_threshold, bank_policy: the memory bank's queue length, confidence gate (None: 2/C,
             twice chance), policy.
-        pretrained: the named backbone's weights: False (random), True (timm downloads them) or the path of a local
-            timm checkpoint of it (.pth/.bin/.safetensors, loaded through timm's
-            ``pretrained_cfg_overlay=dict(file=path)``: no network; it must hold every weight of the backbone).
-            timm's own route works too (timm's checks only): ``pretrained=True,
-            backbone_kwargs=dict(pretrained_cfg_overlay=dict(file=path, custom_load=False))`` (custom_load=False:
-            timm < 1.0.31 otherwise reads the file as the registry's .npz).
+        pretrained: the named backbone's weights: False (random), True (timm downloads them) or the path of a
+            local timm checkpoint of it, no network (zslfast.models._weights: both routes, timm's own included).
         img_size, backbone_kwargs: for ``timm.create_model``.
         backend: None (fused kernels by device) or "reference" (plain PyTorch) or a kernel backend; see set_backend.
-        checkpoint: None, or the path of a whole-model state dict (``torch.save(model.state_dict(), path)``),
-            loaded after the model is built (see zslfast.models.load_checkpoint); it must match this model's sizes.
+        checkpoint: None, or the path of a whole-model state dict loaded after the model is built
+            (zslfast.models.load_checkpoint).
     """
 
     def __init__(

@@ -130,16 +130,12 @@ class SVIPHead(nn.Module):
         pool: "attention" (soft max-pool through ``attribute_attention``) or "max" (hard max); pool_temperature τ.
         rollout_mode, head_fusion: the pseudo-labels' rollout ("abnar"/"mean": SVIP's code; "residual"/"sum": Eq. 4).
         num_prefix_tokens: P in the precomputed mode (default 1, the class token; the backbone's own otherwise).
-        pretrained: the named backbone's weights: False (random), True (timm downloads them) or the path of a local
-            timm checkpoint of it (.pth/.bin/.safetensors, loaded through timm's
-            ``pretrained_cfg_overlay=dict(file=path)``: no network; it must hold every weight of the backbone).
-            timm's own route works too (timm's checks only): ``pretrained=True,
-            backbone_kwargs=dict(pretrained_cfg_overlay=dict(file=path, custom_load=False))`` (custom_load=False:
-            timm < 1.0.31 otherwise reads the file as the registry's .npz).
+        pretrained: the named backbone's weights: False (random), True (timm downloads them) or the path of a
+            local timm checkpoint of it, no network (zslfast.models._weights: both routes, timm's own included).
         img_size, backbone_kwargs: for ``timm.create_model``.
         backend: None (fused kernels by device) or "reference" (plain PyTorch) or a kernel backend; see set_backend.
-        checkpoint: None, or the path of a whole-model state dict (``torch.save(model.state_dict(), path)``),
-            loaded after the model is built (see zslfast.models.load_checkpoint); it must match this model's sizes.
+        checkpoint: None, or the path of a whole-model state dict loaded after the model is built
+            (zslfast.models.load_checkpoint).
     """
 
     def __init__(
