@@ -110,3 +110,45 @@ def pytest_report_header(config):
         f"zslfast on torch {torch.__version__}, triton {triton_version}, numpy {numpy.__version__}, "
         f"python {sys.version.split()[0]}; extension: {extension}"
     )
+
+
+def free_port() -> int:
+    """A free local TCP port for a test's process group rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(worker, args: tuple, world: int, folder, result_name, timeout: float):
+    """Start ``world`` processes running ``worker(rank, *args)`` (torch.multiprocessing.spawn) and wait until each
+    rank has written ``folder / result_name(rank)`` or ``folder / f"error{rank}"`` (its traceback); then reap them.
+
+    The wait polls the files, not ProcessContext.join: join terminates the other ranks as soon as one exits
+    non-zero, and a gloo teardown can crash or hang at interpreter exit after a rank has written its result (torch
+    2.4). Bounded, so a hang fails the test instead of stalling the suite. Asserts no rank wrote an error and every
+    rank its result; returns the result paths, rank by rank.
+    """
+    import time
+
+    import torch.multiprocessing as mp
+
+    results = [folder / result_name(rank) for rank in range(world)]
+    errors = [folder / f"error{rank}" for rank in range(world)]
+    context = mp.spawn(worker, args=args, nprocs=world, join=False)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not all(r.exists() or e.exists() for r, e in zip(results, errors)):
+        if not any(process.is_alive() for process in context.processes):
+            break
+        time.sleep(0.2)
+    for process in context.processes:
+        process.join(20)
+        if process.is_alive():
+            process.terminate()
+            process.join(5)
+    failed = [e.read_text() for e in errors if e.exists()]
+    assert not failed, "rank failed:\n" + "\n".join(failed)
+    missing = [rank for rank, r in enumerate(results) if not r.exists()]
+    assert not missing, f"ranks {missing} wrote no result; exit codes {[p.exitcode for p in context.processes]}"
+    return results

@@ -12,16 +12,14 @@ demo``) and checks that only rank 0 prints; one that a global batch that does no
 import os
 import subprocess
 import sys
-import time
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from conftest import require_backend
+from conftest import free_port, require_backend, spawn_ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -37,14 +35,6 @@ ARGS = {
                    "--patches", "4", "--embed-dim", "8"],
 }
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker(rank: int, world: int, port: int, argv: list, result_dir: str) -> None:
@@ -70,35 +60,17 @@ def worker(rank: int, world: int, port: int, argv: list, result_dir: str) -> Non
         raise
 
 
-def spawn_ranks(argv: list, result_dir: Path) -> list:
-    ctx = mp.spawn(worker, args=(WORLD, free_port(), argv, str(result_dir)), nprocs=WORLD, join=False)
-    # Wait for every rank's result or error file, polling, not ProcessContext.join: when one rank exits non-zero
-    # (a gloo teardown can crash or hang at interpreter exit, after its results are saved), join terminates the
-    # others, possibly before they have saved theirs. Bounded either way.
-    def finished(rank):
-        return (result_dir / f"rank{rank}.pt").exists() or (result_dir / f"error{rank}").exists()
-
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not all(finished(r) for r in range(WORLD)):
-        if not any(process.is_alive() for process in ctx.processes):
-            break
-        time.sleep(0.2)
-    for process in ctx.processes:
-        process.join(20)
-        if process.is_alive():
-            process.terminate()
-            process.join(5)
-    errors = [p.read_text() for p in sorted(result_dir.glob("error*"))]
-    assert not errors, "rank failed:\n" + "\n".join(errors)
-    missing = [r for r in range(WORLD) if not (result_dir / f"rank{r}.pt").exists()]
-    assert not missing, f"ranks {missing} saved no results; exit codes {[p.exitcode for p in ctx.processes]}"
-    return [torch.load(result_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+def run_ranks(argv: list, result_dir: Path) -> list:
+    """What run() returned on each rank (worker's saved dict), rank by rank."""
+    paths = spawn_ranks(worker, (WORLD, free_port(), argv, str(result_dir)), WORLD, result_dir,
+                        lambda rank: f"rank{rank}.pt", timeout=240)
+    return [torch.load(path, weights_only=False) for path in paths]
 
 
 @pytest.mark.parametrize("model", ["ilpg", "sage"])
 def test_two_gloo_processes_follow_one_process(model, tmp_path, monkeypatch):
     require_backend("cpu")  # the demo refuses to compare the reference with itself
-    ranks = spawn_ranks(ARGS[model], tmp_path)
+    ranks = run_ranks(ARGS[model], tmp_path)
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == WORLD for r in ranks)
 
     from zslfast.demo import main as demo

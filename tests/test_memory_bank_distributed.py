@@ -7,27 +7,19 @@ first. Both policies; the value checks (a bad label on one rank) must raise on e
 
 import datetime
 import os
-import socket
-import time
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from conftest import free_port, spawn_ranks
 from zslfast.nn import MemoryBank
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 C, M, K, D = 6, 2, 3, 5
 BATCH_SIZES = [(7, 4), (0, 5), (9, 9), (3, 0)]  # per step: (rank 0, rank 1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def step_offers(step: int, rank: int, size: int):
@@ -85,22 +77,5 @@ def worker(rank: int, world: int, port: int, result_dir: str) -> None:
 
 def test_two_process_gloo_banks_stay_identical(tmp_path):
     world = 2
-    ctx = mp.spawn(worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=False)
-    # Wait for every rank's verdict file, not for the processes: torch 2.4's gloo teardown can leave a rank that
-    # passed hanging at exit. A bounded wait either way, so a hang fails the test instead of stalling the suite.
-    deadline = time.monotonic() + 180
-    try:
-        while len(list(tmp_path.iterdir())) < world and time.monotonic() < deadline:
-            if ctx.join(timeout=1):
-                break
-    except Exception:
-        pass  # a rank raised: its traceback is in its error file
-    finally:
-        for process in ctx.processes:
-            process.join(10)
-            if process.is_alive():
-                process.terminate()
-                process.join(5)
-    errors = [p.read_text() for p in sorted(tmp_path.glob("error*"))]
-    assert not errors, "worker failed:\n" + "\n".join(errors)
+    spawn_ranks(worker, (world, free_port(), str(tmp_path)), world, tmp_path, lambda rank: f"ok{rank}", timeout=180)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok0", "ok1"]
