@@ -6,6 +6,7 @@
     Context.wrap(model)          DistributedDataParallel around the model (the model itself in one process)
     Context.mean(t)              the mean over the ranks of a tensor (each step's loss: the global batch's)
     all_gather_rows(t, group)    every rank's rows, rank 0's first, for ranks holding different numbers of rows
+    all_gather_rows_of(ts, group)    the same for several tensors of equal row counts (one gather of the sizes)
 
 One process (no torchrun, or WORLD_SIZE=1) is a Context of world 1 whose methods do nothing: the code that uses it
 reads the same either way.
@@ -130,13 +131,21 @@ def init_from_env(device) -> Context:
 def all_gather_rows(t: torch.Tensor, group=None) -> torch.Tensor:
     """Every rank's ``t`` (n_r, ...) concatenated in rank order, on every rank; the n_r may differ (padded
     all_gathers: sizes first, then the rows). No gradient flows back through it."""
+    return all_gather_rows_of((t,), group)[0]
+
+
+def all_gather_rows_of(tensors, group=None) -> list:
+    """all_gather_rows of several tensors with the same row count on each rank, one all_gather of the sizes."""
     world = dist.get_world_size(group)
-    size = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
+    size = torch.tensor([tensors[0].shape[0]], dtype=torch.int64, device=tensors[0].device)
     sizes = [torch.empty_like(size) for _ in range(world)]
     dist.all_gather(sizes, size, group=group)
     sizes = [int(s) for s in sizes]
-    padded = t.detach().new_zeros((max(sizes), *t.shape[1:]))
-    padded[: t.shape[0]] = t.detach()
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded, group=group)
-    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+    gathered = []
+    for t in tensors:
+        padded = t.detach().new_zeros((max(sizes), *t.shape[1:]))
+        padded[: t.shape[0]] = t.detach()
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded, group=group)
+        gathered.append(torch.cat([part[:n] for part, n in zip(parts, sizes)]))
+    return gathered

@@ -121,20 +121,9 @@ class MemoryBank(nn.Module):
         world = self._distributed_world()
         if world == 1:
             return z, y, conf
-        group = self.process_group
-        size = torch.tensor([z.shape[0]], dtype=torch.int64, device=z.device)
-        sizes = [torch.empty_like(size) for _ in range(world)]
-        dist.all_gather(sizes, size, group=group)
-        sizes = [int(s) for s in sizes]
-        longest = max(sizes)
-        gathered = []
-        for t in (z, y, conf):
-            padded = t.new_zeros((longest, *t.shape[1:]))
-            padded[: t.shape[0]] = t
-            parts = [torch.empty_like(padded) for _ in range(world)]
-            dist.all_gather(parts, padded.contiguous(), group=group)
-            gathered.append(torch.cat([part[:n] for part, n in zip(parts, sizes)]))
-        return tuple(gathered)
+        from ..distributed import all_gather_rows_of
+
+        return tuple(all_gather_rows_of((z, y, conf), self.process_group))
 
     @torch.no_grad()
     def update(self, z: torch.Tensor, y: torch.Tensor, conf: torch.Tensor) -> None:
