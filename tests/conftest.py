@@ -2,15 +2,19 @@
 
 Without a GPU the Triton kernels run on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1, set here
 before any kernel is compiled); the interpreter computes bf16 wrong, so interpreted Triton is tested in fp32/fp64.
-GPU-only cases skip cleanly where no GPU is visible.
+GPU-only cases skip cleanly where no GPU is visible, and carry the ``gpu`` marker wherever they are (see
+pytest_collection_modifyitems): ``pytest -m gpu`` runs exactly them on a GPU machine (benchmarks/gpu_session.sh).
 """
 
 import os
+import time
 
 import pytest
 import torch
 
 HAS_GPU = torch.cuda.is_available()
+NO_GPU = "no GPU visible"  # the one skip reason of a GPU-only case: the gpu marker is derived from it
+requires_gpu = pytest.mark.skipif(not HAS_GPU, reason=NO_GPU)
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -26,7 +30,7 @@ def backend_param(backend: str, device: str = "cpu"):
     """``backend`` on ``device`` as a pytest param: skipped with the reason where it cannot run, unless CI requires
     it (then the test runs and fails with the BackendUnavailableError naming what is missing). No GPU always skips."""
     if device == "cuda" and not HAS_GPU:
-        reason = "no GPU visible"
+        reason = NO_GPU
     else:
         reason = _backend.why_unavailable(backend, torch.device(device))
         if reason and os.environ.get(REQUIRED_BY.get(backend, ""), "0") == "1":
@@ -88,6 +92,37 @@ def low_precision_error_bound(kernel_out, eager_low_out, exact):
     kernel_err = (kernel_out.double() - exact).abs().max().item()
     eager_err = (eager_low_out.double() - exact).abs().max().item()
     return kernel_err, max(2 * eager_err, 1e-6 * exact.abs().max().item())
+
+
+def _is_gpu_only(item) -> bool:
+    """A case that needs a GPU: a CUDA device among its parameters, or a skip whose reason is NO_GPU."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if any(v == "cuda" or (isinstance(v, torch.device) and v.type == "cuda") for v in params.values()):
+        return True
+    for mark in item.iter_markers():
+        if mark.name in ("skip", "skipif") and mark.kwargs.get("reason") == NO_GPU:
+            return True
+    return False
+
+
+# Epoch seconds after which the remaining cases skip (a GPU lease's time box: the summary still prints and counts).
+DEADLINE = float(os.environ.get("ZSLFAST_TEST_DEADLINE", "inf"))
+
+
+def pytest_runtest_setup(item):
+    if time.time() > DEADLINE:
+        pytest.skip("over the session's time budget (ZSLFAST_TEST_DEADLINE)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (derived in conftest; select with -m gpu)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every GPU-only case ``gpu``, so that one selection (-m gpu) stays right as tests are added."""
+    for item in items:
+        if _is_gpu_only(item):
+            item.add_marker(pytest.mark.gpu)
 
 
 @pytest.fixture

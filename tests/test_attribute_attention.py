@@ -18,7 +18,7 @@ from zslfast import reference
 from zslfast.nn import AttributeCrossAttention
 
 from conftest import (
-    DEVICE_BACKENDS, HAS_GPU, TOLERANCES, assert_compiles_like_eager, dtypes_for, low_precision_error_bound,
+    DEVICE_BACKENDS, TOLERANCES, assert_compiles_like_eager, dtypes_for, low_precision_error_bound, requires_gpu,
 )
 
 # (B, K, R, D, Dv, q kind, ref kind, score)
@@ -299,7 +299,7 @@ def test_bad_inputs():
             zslfast.attribute_attention(*args, **kwargs)
 
 
-@pytest.mark.skipif(not HAS_GPU, reason="no GPU visible")
+@requires_gpu
 def test_bf16_d300_on_gpu(generator):
     """D = 300 (GloVe) in bf16, where SDPA's fused backends do not apply: Triton within 2x eager's error."""
     q, k, v, ref = make_inputs(8, 312, 49, 300, 300, "shared", "shared", torch.bfloat16, "cuda", generator)

@@ -14,7 +14,7 @@ import zslfast
 from zslfast import baselines, reference
 from zslfast.ops import cosine_logits as cl_module
 
-from conftest import DEVICE_BACKENDS, HAS_GPU, TOLERANCES, dtypes_for, low_precision_error_bound, require_backend
+from conftest import DEVICE_BACKENDS, TOLERANCES, dtypes_for, low_precision_error_bound, require_backend, requires_gpu
 
 EPS = 1e-8
 
@@ -282,7 +282,7 @@ def test_compile_fullgraph_forward_backward(loss, generator):
 
 
 @pytest.mark.parametrize(
-    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_GPU, reason="no GPU visible"))]
+    "device", ["cpu", pytest.param("cuda", marks=requires_gpu)]
 )
 def test_autocast(device, generator):
     x, p = make_inputs((4,), 6, 32, torch.float32, device, generator)
@@ -394,7 +394,7 @@ def test_mixed_devices():
         zslfast.cosine_logits(torch.randn(2, 3), torch.randn(4, 3, device="meta"))
 
 
-@pytest.mark.skipif(not HAS_GPU, reason="no GPU visible")
+@requires_gpu
 def test_cpu_scalar_scale_with_cuda_tensors(generator):
     x, p = make_inputs((3,), 4, 5, torch.float32, "cuda", generator)
     scale = torch.tensor(2.0, requires_grad=True)

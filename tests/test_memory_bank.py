@@ -20,7 +20,7 @@ from zslfast import reference
 from zslfast.nn import MemoryBank, MemoryBankGuidedFusion
 
 from conftest import (
-    DEVICE_BACKENDS, HAS_GPU, TOLERANCES, backend_param, dtypes_for, low_precision_error_bound, require_backend,
+    DEVICE_BACKENDS, TOLERANCES, backend_param, dtypes_for, low_precision_error_bound, require_backend, requires_gpu,
 )
 
 UPDATE_BACKENDS = [p for p in DEVICE_BACKENDS if p.values[1] != "triton"]  # no Triton update kernel
@@ -519,7 +519,7 @@ def test_mbgf_bad_input():
         module(torch.randn(4, 2, 5), torch.randn(3, 5), torch.tensor([0, 1, 2, 3]))
 
 
-@pytest.mark.skipif(not HAS_GPU, reason="no GPU visible")
+@requires_gpu
 def test_gpu_bank_matches_cpu_bank(generator):
     for policy in ("fifo", "min_conf"):
         cpu_bank = MemoryBank(20, 3, 4, 16, threshold=0.2, policy=policy)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TOLERANCES
+from conftest import TOLERANCES, requires_gpu
 from zslfast import _backend, reference
 
 timm = pytest.importorskip("timm")
@@ -27,8 +27,7 @@ M = 10
 CPU_MISSING = _backend.why_unavailable("cpu", torch.device("cpu"))
 FUSED = [
     pytest.param("cpu", "cpu", id="cpu-cpu", marks=[pytest.mark.skip(reason=CPU_MISSING)] if CPU_MISSING else []),
-    pytest.param("cuda", None, id="cuda-default",
-                 marks=[] if torch.cuda.is_available() else [pytest.mark.skip(reason="no GPU visible")]),
+    pytest.param("cuda", None, id="cuda-default", marks=requires_gpu),
 ]
 
 

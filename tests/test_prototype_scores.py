@@ -12,7 +12,7 @@ import zslfast
 from zslfast import reference
 from zslfast.ops import prototype_scores as ps_module
 
-from conftest import DEVICE_BACKENDS, HAS_GPU, TOLERANCES, dtypes_for, low_precision_error_bound, require_backend
+from conftest import DEVICE_BACKENDS, TOLERANCES, dtypes_for, low_precision_error_bound, require_backend, requires_gpu
 
 SHAPES = [(1, 1, 1), (1, 7, 33), (4, 13, 129), (3, 37, 312)]  # (B, C, K): batch 1, one class, K=1/33/129/312
 W_MODES = [None, "bk", "bck"]
@@ -178,7 +178,7 @@ def test_compile_fullgraph_forward_backward(generator):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_GPU, reason="no GPU visible"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_gpu)])
 def test_autocast_casts_to_common_dtype(device, generator):
     require_backend("cpu" if device == "cpu" else "triton", device)  # the registered op's autocast rule
     e, s, w = make_inputs(3, 5, 16, "bck", torch.float32, device, generator)
@@ -240,7 +240,7 @@ def test_bad_types():
         zslfast.prototype_scores(torch.randn(2, 3), torch.randn(4, 3), backend="tpu")
 
 
-@pytest.mark.skipif(not HAS_GPU, reason="no GPU visible")
+@requires_gpu
 def test_mixed_devices():
     with pytest.raises(ValueError, match="one device"):
         zslfast.prototype_scores(torch.randn(2, 3), torch.randn(4, 3, device="cuda"))

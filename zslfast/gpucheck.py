@@ -306,6 +306,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="time torch.compile of the eager code (default: on a GPU only)")
     parser.add_argument("--no-timing", action="store_true", help="correctness only")
+    parser.add_argument("--no-check", action="store_true", help="timing only")
     parser.add_argument("--compile-all", action="store_true",
                         help="compile the eager code at every timed shape (default: each op's first shape only)")
     parser.add_argument("--budget", type=float, default=330.0,
@@ -332,8 +333,9 @@ def run(args: argparse.Namespace) -> int:
     report["skipped"] = []
     for op in ops:
         backends = [b for b in (op.backends if on_gpu else ("cpu", "triton")) if _backend.why_unavailable(b, device) is None]
-        case = exact_case(op, op.checked if on_gpu else op.tiny, device) if backends else None
-        for backend in backends:
+        checked = backends if not args.no_check else []
+        case = exact_case(op, op.checked if on_gpu else op.tiny, device) if checked else None
+        for backend in checked:
             for dtype in dtypes:
                 result = check_correctness(op, backend, dtype, case)
                 report["checks"].append(result)
