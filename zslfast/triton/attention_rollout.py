@@ -41,6 +41,9 @@ from ._common import H200_SMS, accumulator_dtype, split, tl_accumulator_dtype
 from ._launch import Launch, run
 
 TILE_ELEMENTS = 4096  # rows per block x padded columns
+# 16 tile elements per thread: at 4 warps (32 each) the step held 85-165 registers and spilled 8 B at N=577 in fp16
+# (sm_90, triton 3.8; the audit); 8 warps leave headroom on every triton from 3.6 to 3.9.
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -114,7 +117,7 @@ def plan_forward(attns, mode: str, fusion: int, normalize: int):
             (a, vectors[t], partial, B, H, N, rows_per_chunk, *a.stride()),
             dict(FUSION=fusion, NORMALIZE=mode == "abnar" and normalize == 0, IDENTITY=mode == "abnar" or l > 0, FIRST=t == 0,
                  ACC_DTYPE=tl_accumulator_dtype(acc_dtype), BLOCK_I=block_i, BLOCK_N=block_n),
-            flops=B * N * N * (H + 2), label=f"layer {l}",
+            num_warps=NUM_WARPS, flops=B * N * N * (H + 2), label=f"layer {l}",
         ))
         steps.append(lambda t=t: torch.sum(partial, 0, out=vectors[t + 1] if t + 1 < L else result))
     return vectors, result, steps
