@@ -1,12 +1,15 @@
 """Weights without a hub: a whole model from ``checkpoint=`` (a saved state dict) gives the saved model's outputs
 exactly; a timm backbone from ``pretrained=path`` (timm's local-file route) holds the file's weights; a missing file
 or a file of another architecture -> FileNotFoundError / ValueError naming the argument, the file and the keys.
+Every load is all or nothing: a bad argument or file (one battery over both routes) raises before any weight is
+copied, and a code-running pickle never runs.
 
 Tiny models: ILPG and SAGE on precomputed features (no timm), SVIPHead and the backbone routes on tiny timm ViTs
 (img 32, patch 8) and a ResNet-18 (random weights, saved here: nothing is downloaded).
 """
 
 import os
+import re
 
 import pytest
 import torch
@@ -75,12 +78,14 @@ def test_checkpoint_gives_the_saved_models_outputs(name, tmp_path):
         assert key == key_b and torch.equal(a, b), key
 
 
-@pytest.mark.parametrize("wrap", ["state_dict", "model", "module."])
+@pytest.mark.parametrize("wrap", ["state_dict", "model", "module.", "float64"])
 def test_checkpoint_in_a_training_scripts_dict(wrap, tmp_path):
     saved = _ilpg(seed=1)
     state = saved.state_dict()
     if wrap == "module.":  # DistributedDataParallel's prefix
         blob = {"module." + k: v for k, v in state.items()}
+    elif wrap == "float64":  # another floating dtype is cast to the model's (float32 -> float64 -> float32: exact)
+        blob = {k: v.double() for k, v in state.items()}
     else:
         blob = {wrap: state, "epoch": 3}
     torch.save(blob, tmp_path / "run.pth")
@@ -125,6 +130,103 @@ def test_checkpoint_of_another_architecture(tmp_path):
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(ValueError, match="holds a list, not a state dict"):
         _sage(seed=1, checkpoint=tmp_path / "list.pth")
+
+
+class _RunsCode:
+    """Unpickled by a full pickle load, it would create ``marker`` (builtins.open): weights-only loading refuses it."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+UNREADABLE = ["truncated .pth", "empty file", "garbage .safetensors", "code in the pickle", "not a path"]
+BAD = ["not a tensor", "wrong dtype", "wrong shape", "missing key", "unexpected key"] + UNREADABLE
+REFUSED = {  # what the message says after "SAGE: <argument>='<file>'" ({key}: where the good state was spoilt)
+    "not a tensor": r"not tensors \({key}: int",
+    "wrong dtype": r"dtype mismatches \({key}: checkpoint torch\.int64 vs model torch\.float32",
+    "wrong shape": r"{key}: checkpoint \(2, ",
+    "missing key": r"missing keys \({key}",
+    "unexpected key": r"unexpected keys \(extra\.weight",
+    "code in the pickle": r"could not be read as a weights-only checkpoint \(UnpicklingError",
+}
+
+
+def _bad_checkpoint(kind, state, key, tmp_path):
+    """The ``kind`` of bad argument made from a good ``state`` (spoilt at ``key``, the last one a load would copy)."""
+    if kind == "not a path":
+        return 123
+    path = tmp_path / ("bad.safetensors" if kind == "garbage .safetensors" else "bad.pth")
+    state = dict(state)
+    if kind == "not a tensor":
+        state[key] = 7
+    elif kind == "wrong dtype":
+        state[key] = state[key].to(torch.int64)
+    elif kind == "wrong shape":
+        state[key] = torch.stack([state[key], state[key]])
+    elif kind == "missing key":
+        del state[key]
+    elif kind == "unexpected key":
+        state["extra.weight"] = torch.zeros(2)
+    elif kind == "code in the pickle":
+        state[key] = _RunsCode(tmp_path / "ran")
+    torch.save(state, path)
+    if kind == "truncated .pth":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif kind == "empty file":
+        path.write_bytes(b"")
+    elif kind == "garbage .safetensors":
+        path.write_bytes(b"\xff" * 64)
+    return path
+
+
+def _bits(model):
+    """Every state-dict tensor of ``model`` (parameters and buffers) as its bytes, to compare bit for bit."""
+    state = model.state_dict()
+    return {k: (v.dtype, v.shape, v.detach().reshape(-1).view(torch.uint8).clone()) for k, v in state.items()}
+
+
+def _same_bits(a, b):
+    return a.keys() == b.keys() and all(a[k][:2] == b[k][:2] and torch.equal(a[k][2], b[k][2]) for k in a)
+
+
+@pytest.mark.parametrize("route", ["checkpoint", "pretrained"])
+@pytest.mark.parametrize("kind", BAD)
+def test_a_bad_argument_or_file_loads_nothing(kind, route, tmp_path, monkeypatch):
+    if route == "checkpoint":
+        state, key = _sage(seed=1).state_dict(), "mbgf.bank.means"  # the last key: torch would copy all others
+        def build(**kwargs):
+            return _sage(seed=2, **kwargs)
+    else:
+        vit, _ = _saved_vit(tmp_path)
+        state, key = vit.state_dict(), "norm.bias"  # the backbone's last (the head's are dropped)
+        def build(**kwargs):
+            return _sage(seed=2, backbone="vit_tiny_patch16_224", levels=(0, 1), **VIT, **kwargs)
+    assert list(state)[-1 if route == "checkpoint" else -3] == key
+    bad = _bad_checkpoint(kind, state, key, tmp_path)
+    if kind == "not a path":
+        expected, message = TypeError, rf"SAGE: {route} must be .*, got int"
+    else:
+        reason = REFUSED.get(kind, "could not be read as a weights-only checkpoint").format(key=re.escape(key))
+        expected, message = ValueError, rf"SAGE: {route}='.*{bad.name}'.*({reason})"
+    with pytest.raises(expected, match=message):
+        build(**{route: bad})
+    if route == "checkpoint":
+        model = build()
+        before = _bits(model)
+        with pytest.raises(expected, match=message):
+            load_checkpoint(model, bad)
+        assert _same_bits(_bits(model), before)  # nothing half-loaded
+        if kind in UNREADABLE:  # refused before the model is built: timm is never asked for a backbone
+            def build_nothing(*args, **kwargs):
+                raise AssertionError("a backbone was built before checkpoint= was read")
+
+            monkeypatch.setattr(pytest.importorskip("timm"), "create_model", build_nothing)
+            with pytest.raises(expected, match=message):
+                _sage(seed=2, backbone="vit_tiny_patch16_224", checkpoint=bad, **VIT)
+    assert not (tmp_path / "ran").exists()  # the pickle's code never ran
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -182,6 +284,10 @@ def test_ilpg_backbones_from_local_timm_checkpoints(tmp_path):
     with pytest.raises(ValueError, match=r"ILPG: pretrained\['instance_encoder'\]=.*resnet18\.pth.*'resnet10t'"):
         ILPG(s, a, region_dim=512, build_backbones=True, backbone="resnet18", instance_encoder="resnet10t",
              pretrained={"instance_encoder": tmp_path / "resnet18.pth"})
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"ILPG: pretrained\['backbone'\]=.*empty\.pth.*could not be read"):
+        ILPG(s, a, region_dim=512, build_backbones=True, backbone="resnet18", instance_encoder="resnet10t",
+             pretrained={"backbone": tmp_path / "empty.pth"})
 
 
 def test_backbone_file_missing_or_of_another_architecture(tmp_path):

@@ -9,8 +9,9 @@
     SAGE(class_attributes, backbone="vit_base_patch16_224", attribute_word_embeddings=W, ...)
         forward(images | hidden_states=, labels=None) -> SAGEOutput(logits, loss, parts, attribute_scores, kl_active)
     load_checkpoint(model, path, strict=True) -> model
-        a whole-model state dict (torch.save(model.state_dict(), path)) into model, checked first (keys, shapes);
-        the models' checkpoint= argument. Their pretrained= takes a local timm checkpoint path too (no hub).
+        a whole-model state dict (torch.save(model.state_dict(), path)) into model, all or nothing: checked first
+        (keys, values, shapes, dtypes); the models' checkpoint= argument. Their pretrained= takes a local timm
+        checkpoint path too (no hub).
 
 timm is imported only when a model builds its backbones (ILPG(build_backbones=True), SVIPHead from a name, SAGE
 from a name with build_backbone=True).

@@ -23,7 +23,9 @@ from .._backend import set_module_backend
 from ..losses import ILPGLoss
 from ..nn.attention import AttributeCrossAttention
 from ..nn.prototype import InstancePrototypeClassifier
-from ._weights import PathLike, check_pretrained, is_path, load_checkpoint, timm_backbone, unused_pretrained
+from ._weights import (
+    PathLike, apply_checkpoint, check_pretrained, is_path, read_checkpoint, timm_backbone, unused_pretrained,
+)
 
 
 class ILPGOutput(NamedTuple):
@@ -80,7 +82,7 @@ class ILPG(nn.Module):
         image_size: the input resolution the instance encoder is built for.
         backend: None (fused ops, by device) or "reference".
         checkpoint: None, or the path of a whole-model state dict (``torch.save(model.state_dict(), path)``),
-            loaded after the model is built (see zslfast.models.load_checkpoint); it must match this model's
+            read first and loaded once the model is built (see zslfast.models._weights); it must match this model's
             sizes and whether its backbones are built.
     """
 
@@ -106,6 +108,7 @@ class ILPG(nn.Module):
         checkpoint: Optional[PathLike] = None,
     ):
         super().__init__()
+        saved = None if checkpoint is None else read_checkpoint("ILPG", checkpoint)  # refused before anything is built
         if class_attributes.dim() != 2 or attribute_vectors.dim() != 2:
             raise ValueError(
                 f"ILPG: class_attributes must be (C, K) and attribute_vectors (K, Da), got "
@@ -142,8 +145,8 @@ class ILPG(nn.Module):
             for key, source in sources.items():
                 unused_pretrained("ILPG", f"pretrained[{key!r}]", source, "build_backbones=False")
         self.backend = backend  # the submodules were built with it; set_backend switches them all
-        if checkpoint is not None:
-            load_checkpoint(self, checkpoint)
+        if saved is not None:
+            apply_checkpoint(self, "ILPG", *saved)
 
     def set_backend(self, backend: Optional[str]) -> "ILPG":
         return set_module_backend(self, backend)

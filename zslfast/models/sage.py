@@ -95,7 +95,7 @@ from ..nn.memory_bank import MemoryBankGuidedFusion
 from ..ops.attribute_attention import attribute_attention
 from ..distributed import all_gather_rows, dist
 from ._vit import check_vit
-from ._weights import PathLike, load_checkpoint, timm_backbone, unused_pretrained
+from ._weights import PathLike, apply_checkpoint, read_checkpoint, timm_backbone, unused_pretrained
 from ..validation import check_int, check_labels, check_number, check_option, check_positive, shape_str
 
 _NAME = "SAGE"
@@ -264,8 +264,8 @@ class SAGE(nn.Module):
             local timm checkpoint of it, no network (zslfast.models._weights: both routes, timm's own included).
         img_size, backbone_kwargs: for ``timm.create_model``.
         backend: None (fused kernels by device) or "reference" (plain PyTorch) or a kernel backend; see set_backend.
-        checkpoint: None, or the path of a whole-model state dict loaded after the model is built
-            (zslfast.models.load_checkpoint).
+        checkpoint: None, or the path of a whole-model state dict, read first and loaded once the model is built
+            (all or nothing: zslfast.models._weights).
     """
 
     def __init__(
@@ -300,6 +300,7 @@ class SAGE(nn.Module):
         checkpoint: Optional[PathLike] = None,
     ):
         super().__init__()
+        saved = None if checkpoint is None else read_checkpoint(_NAME, checkpoint)  # refused before anything is built
         s = class_attributes
         if not isinstance(s, torch.Tensor) or not s.is_floating_point():
             got = getattr(s, "dtype", type(s).__name__)
@@ -384,8 +385,8 @@ class SAGE(nn.Module):
             threshold=2.0 / C if bank_threshold is None else check_number(_NAME, "bank_threshold", bank_threshold),
             alpha=check_number(_NAME, "alpha", alpha), scale=self.scale, policy=bank_policy, backend=backend,
         )
-        if checkpoint is not None:
-            load_checkpoint(self, checkpoint)
+        if saved is not None:
+            apply_checkpoint(self, _NAME, *saved)
 
     # ------------------------------------------------------------------------------------------------------------
 

@@ -59,7 +59,7 @@ from ..nn.rollout import AttentionRollout
 from ..ops.attention_rollout import FUSIONS, MODES
 from ..ops.attribute_attention import attribute_attention
 from ._vit import check_vit
-from ._weights import PathLike, load_checkpoint, timm_backbone, unused_pretrained
+from ._weights import PathLike, apply_checkpoint, read_checkpoint, timm_backbone, unused_pretrained
 from ..validation import check_int, check_labels, check_number, check_option, check_positive, shape_str
 from ..ops.cosine_logits import cosine_logits
 
@@ -134,8 +134,8 @@ class SVIPHead(nn.Module):
             local timm checkpoint of it, no network (zslfast.models._weights: both routes, timm's own included).
         img_size, backbone_kwargs: for ``timm.create_model``.
         backend: None (fused kernels by device) or "reference" (plain PyTorch) or a kernel backend; see set_backend.
-        checkpoint: None, or the path of a whole-model state dict loaded after the model is built
-            (zslfast.models.load_checkpoint).
+        checkpoint: None, or the path of a whole-model state dict, read first and loaded once the model is built
+            (all or nothing: zslfast.models._weights).
     """
 
     def __init__(
@@ -163,6 +163,7 @@ class SVIPHead(nn.Module):
         checkpoint: Optional[PathLike] = None,
     ):
         super().__init__()
+        saved = None if checkpoint is None else read_checkpoint(_NAME, checkpoint)  # refused before anything is built
         if not isinstance(class_attributes, torch.Tensor) or not class_attributes.is_floating_point():
             got = getattr(class_attributes, "dtype", type(class_attributes).__name__)
             raise TypeError(f"{_NAME}: class_attributes must be a floating-point tensor (C, K), got {got}")
@@ -233,8 +234,8 @@ class SVIPHead(nn.Module):
             self.attribute_word_embeddings = None
             self.word_to_patch = None
             self.context = nn.Parameter(torch.randn(embed_dim) * 0.02)
-        if checkpoint is not None:
-            load_checkpoint(self, checkpoint)
+        if saved is not None:
+            apply_checkpoint(self, _NAME, *saved)
 
     # ------------------------------------------------------------------------------------------------------------
 
