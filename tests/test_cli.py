@@ -1,5 +1,7 @@
 """python -m zslfast: info, bench and demo run end to end (tiny settings) and print what they promise."""
 
+import importlib
+import os
 import subprocess
 import sys
 
@@ -7,7 +9,8 @@ import pytest
 import torch
 
 import zslfast
-from zslfast.__main__ import main
+from zslfast import _cli
+from zslfast.__main__ import COMMANDS, main
 
 from conftest import require_backend
 
@@ -27,21 +30,76 @@ def test_unknown_command_is_one_line_with_exit_2():
     assert result.stderr.count("\n") == 1 and "unknown command 'benchh'; did you mean 'bench'?" in result.stderr
 
 
+# Tiny settings: were a bad value ever let through again, the demo would stop in seconds (and fail the test).
+TINY = ["--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "4", "--regions", "2", "--hidden-dim", "4",
+        "--embed-dim", "8", "--patches", "4"]
+NO_PROC = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="no /proc here")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["demo", "--data", "{missing}"], "no such folder"),
     (["demo", "--data", "{empty}"], "not an xlsa17 dataset folder (no res101.mat and no att_splits.mat"),
     (["demo", "--preset", "ImageNet"], "argument --preset: invalid choice: 'ImageNet'"),
     (["demo", "--epochs", "0"], "argument --epochs: must be at least 1, got 0"),
+    (["demo", "--epochs", "1.5"], "argument --epochs: must be a whole number, got '1.5'"),
     (["demo", "--device", "tpu"], "--device 'tpu' is not a device"),
-    (["bench", "--only", "no such case"], "--only 'no such case' matches no case"),
+    (["demo", *TINY, "--lr", "-1"], "argument --lr: must be a finite number >= 0, got '-1'"),
+    (["demo", *TINY, "--lr", "nan"], "argument --lr: must be a finite number >= 0, got 'nan'"),
+    (["demo", *TINY, "--lr", "inf"], "argument --lr: must be a finite number >= 0, got 'inf'"),
+    (["demo", *TINY, "--seed", "-1"], "argument --seed: must be in 0..4294967295, got -1"),
+    (["demo", *TINY, "--seed", "99999999999999999999999"], "argument --seed: must be in 0..4294967295"),
+    (["demo", *TINY, "--model", "sage", "--patches", "50"], "--patches 50 is not a square"),
+    (["demo", *TINY, "--save", "{blocker}/x.pth"], "argument --save: {blocker}/x.pth: {blocker} is a file, not a"),
+    (["demo", *TINY, "--save", "{empty}"], "argument --save: {empty} is a folder, not a file"),
+    pytest.param(["demo", *TINY, "--save", "/proc/nope/x.pth"], "argument --save: /proc/nope/x.pth: /proc is not "
+                 "writable", marks=NO_PROC),
+    (["demo", *TINY, "--weights", "{missing}"], "argument --weights: {missing}: no such file"),
+    (["bench", "--only", "no such case"], "argument --only: 'no such case' matches no case"),
+    (["audit", "--ops", "X"], "argument --ops: invalid choice: 'X'"),
+    (["audit", "--cases", "no such case"], "argument --cases: 'no such case' matches no case"),
+    (["audit", "--ops", "cosine_logits", "--cases", "ViT"], "--cases ViT matches no case of --ops cosine_logits"),
+    (["audit", "--ops", "cosine_logits", "--json", "{blocker}/rows.json"], "argument --json: {blocker}/rows.json"),
+    (["gpucheck", "--out", "{empty}", "--ops", "X"], "argument --ops: invalid choice: 'X'"),
+    (["gpucheck", "--out", "{empty}", "--ops", "cosine_logits", "--no-check", "--budget", "-1"],
+     "argument --budget: must be a finite number > 0, got '-1'"),
+    (["gpucheck", "--out", "{empty}", "--ops", "cosine_logits", "--no-check", "--budget", "nan"],
+     "argument --budget: must be a finite number > 0, got 'nan'"),
+    (["gpucheck", "--out", "{empty}", "--no-check", "--no-timing"], "not allowed with argument"),
+    (["gpucheck", "--out", "{blocker}", "--ops", "cosine_logits", "--no-timing"], "argument --out: {blocker} is a "
+     "file"),
     (["info", "--verbose"], "unrecognized arguments: --verbose"),
 ])
 def test_usage_errors_are_one_line_with_exit_2(argv, message, tmp_path, capsys):
-    argv = [a.format(missing=tmp_path / "missing", empty=tmp_path) for a in argv]
+    """One line on stderr naming the option, exit code 2, and nothing done: no output printed, no file written."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    paths = dict(missing=tmp_path / "missing", empty=tmp_path, blocker=blocker)
+    argv, message = [a.format(**paths) for a in argv], message.format(**paths)
+    before = sorted(tmp_path.rglob("*"))
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert exit_info.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert out == "" and sorted(tmp_path.rglob("*")) == before
+
+
+def test_every_option_is_read_by_the_one_rule():
+    """Every number of every command is read by one of zslfast._cli's types, never a bare int or float (a negative
+    seed, a NaN rate), or is a choice; and every default passes its own option's check."""
+    loose = []
+    for command, (module_name, _) in COMMANDS.items():
+        parser = _cli.Parser(command)
+        importlib.import_module(module_name).add_arguments(parser)
+        for action in parser._actions:
+            if not action.option_strings or action.nargs == 0:  # flags (--help, --compile, ...) take no value
+                continue
+            checked = action.choices is not None or getattr(action.type, "__module__", None) == _cli.__name__
+            numeric = isinstance(action.default, (int, float)) and not isinstance(action.default, bool)
+            if (action.type in (int, float) and action.choices is None) or (numeric and not checked):
+                loose.append(f"{command} {action.option_strings[0]}")
+            elif numeric and action.type(str(action.default)) != action.default:
+                loose.append(f"{command} {action.option_strings[0]} (its default)")
+    assert not loose, loose
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible here")

@@ -123,6 +123,25 @@ def test_to_moves_and_casts(tiny):
     assert ds.features.dtype == torch.float64 and ds.att.dtype == torch.float64 and ds.labels.dtype == torch.int64
 
 
+@pytest.mark.parametrize("call, error, message", [
+    (lambda root: load_xlsa17(root, dtype=torch.int64), TypeError,
+     "load_xlsa17: dtype must be a floating-point torch.dtype, got torch.int64"),
+    (lambda root: load_xlsa17(root, dtype="float32"), TypeError,
+     "load_xlsa17: dtype must be a floating-point torch.dtype, got str 'float32' (torch.float32?)"),
+    (lambda root: load_xlsa17(root).to(dtype=torch.int32), TypeError,
+     "XLSA17.to: dtype must be a floating-point torch.dtype, got torch.int32"),
+    (lambda root: load_xlsa17(None), TypeError, "load_xlsa17: root must be a path (str or os.PathLike), got NoneType"),
+    (lambda root: load_xlsa17(root, splits_file=None), TypeError, "load_xlsa17: splits_file must be a path"),
+    (lambda root: write_synthetic_xlsa17(None), TypeError, "write_synthetic_xlsa17: root must be a path"),
+], ids=["dtype int64", "dtype str", "to int32", "root None", "splits_file None", "writer root None"])
+def test_bad_arguments_are_named(tiny, call, error, message):
+    """A dtype that is not a floating torch.dtype, or a root that is not a path, is refused naming the argument:
+    never features truncated to integers, a string read as a device, or a TypeError from inside pathlib."""
+    with pytest.raises(error) as info:
+        call(tiny)
+    assert message in str(info.value), str(info.value)
+
+
 def test_writer_rejects_bad_counts(tmp_path):
     with pytest.raises(ValueError, match="num_unseen"):
         write_synthetic_xlsa17(tmp_path, num_classes=4, num_unseen=4)

@@ -2,6 +2,10 @@
 
 - ``Parser``: argparse with every option's default in its help, the description as written (plain text), and
   usage errors as one line (``python -m zslfast demo: error: ... (python -m zslfast demo --help)``), exit code 2.
+- the options' types (``integer``, ``real``, ``seed``, ``matching``, ``output_file``, ``output_folder``,
+  ``existing_file``): every number, path and filter of every command is read by one of them (or is a choice),
+  so a bad value is a one-line usage error, exit code 2, before any work (never NaN trained into a model, an
+  overflow deep in numpy or torch, or an output path that fails after the whole run); a test checks every option.
 - ``UsageError``: a problem the user fixes (a missing folder, no GPU for ``--device cuda``, a batch larger than
   the data): ``run_command`` prints it as one line and exits with 2, instead of a traceback from deep in torch.
 - ``timing_conditions``: the line every timing print starts with (torch's threads, the cores, the load average),
@@ -11,8 +15,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+import tempfile
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -43,19 +50,100 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer ≥ 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+# ------------------------------------------------------------------------------------ the options' one rule
 
 
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+def integer(minimum: int, maximum: Optional[int] = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [minimum, maximum] (no maximum: unbounded)."""
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            allowed = f"at least {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {value}")
+        return value
+
+    convert.__name__ = f"integer({minimum}, {maximum})"
+    return convert
+
+
+def real(minimum: float, *, above: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite float >= minimum (> minimum when ``above``); NaN and inf are refused."""
+
+    def convert(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (above and value == minimum):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if above else '>='} {minimum:g}, "
+                                             f"got {text!r}")
+        return value
+
+    convert.__name__ = f"real({minimum:g}, above={above})"
+    return convert
+
+
+positive_int = integer(1)
+non_negative_int = integer(0)
+# What every seed consumer accepts: numpy's legacy seeding stops at 2**32 - 1, torch's generators at 2**64 - 1.
+seed = integer(0, 2**32 - 1)
+non_negative_float = real(0.0)
+positive_float = real(0.0, above=True)
+
+
+def matching(names: Sequence[str], what: str) -> Callable[[str], str]:
+    """An argparse type: text found in at least one of ``names`` (a filter that selects nothing is a typo)."""
+
+    def convert(text: str) -> str:
+        if not any(text in name for name in names):
+            raise argparse.ArgumentTypeError(f"{text!r} matches no {what}; the {what}s: {', '.join(names)}")
+        return text
+
+    convert.__name__ = f"matching({what})"
+    return convert
+
+
+def _writable(text: str, folder: bool) -> str:
+    """``text`` if a file (or folder) can be written there: an existing one of the right kind, or a new one under
+    the nearest existing folder, where a probe file is created and removed (os.access says yes to root even in
+    /proc). The command creates the missing folders when it writes."""
+    path = Path(text).expanduser()
+    kind = "folder" if folder else "file"
+    if path.exists() and path.is_dir() != folder:
+        raise argparse.ArgumentTypeError(f"{text} is {'a file' if folder else 'a folder'}, not a {kind}")
+    if not folder and path.exists() and not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text}: the file is not writable")
+    start = path if folder else path.parent
+    existing = next(p for p in (start.absolute(), *start.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"{text}: {existing} is not writable ({err.strerror or err})") from None
+    return text
+
+
+def output_file(text: str) -> str:
+    """An argparse type: the path of a file that can be written (checked before the command runs)."""
+    return _writable(text, folder=False)
+
+
+def output_folder(text: str) -> str:
+    """An argparse type: a folder that exists and can be written in, or can be created."""
+    return _writable(text, folder=True)
+
+
+def existing_file(text: str) -> str:
+    """An argparse type: a file that exists."""
+    if not Path(text).expanduser().is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    return text
 
 
 def run_command(prog: str, run: Callable, args: argparse.Namespace):

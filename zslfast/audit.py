@@ -320,29 +320,30 @@ def audit_launch(op, case, dtype_name, pass_name, launch, arch, compile: bool = 
     return row
 
 
+def selected_cases(ops=None, cases=None) -> list:
+    """(op, case, shape) of CASES whose op is in ``ops`` and whose name contains one of ``cases`` (None: all)."""
+    return [(op, case, shape) for op, (_, shapes) in CASES.items() if not ops or op in ops
+            for case, shape in shapes.items() if not cases or any(c in case for c in cases)]
+
+
 def audit_triton(ops=None, archs=(80, 90), dtypes=tuple(DTYPES), cases=None) -> List[Row]:
     rows = []
-    for op, (planner, shapes) in CASES.items():
-        if ops and op not in ops:
-            continue
-        for case, shape in shapes.items():
-            if cases and not any(c in case for c in cases):
-                continue
-            for dtype_name in dtypes:
-                for pass_name, steps in planner(*shape, DTYPES[dtype_name]):
-                    # glue between launches (fixed-order sums) is plain torch ops; identical launches (the
-                    # rollout's per-layer steps) are audited once and counted
-                    launches, counts = {}, {}
-                    for launch in _launches(steps):
-                        key = (launch.name, tuple(launch.grid), _signature_key(launch))
-                        launches.setdefault(key, launch)
-                        counts[key] = counts.get(key, 0) + 1
-                    for key, launch in launches.items():
-                        for arch in archs:
-                            row = audit_launch(op, case, dtype_name, pass_name, launch, arch)
-                            if counts[key] > 1:
-                                row.kernel = f"{launch.name} x{counts[key]}"
-                            rows.append(row)
+    for op, case, shape in selected_cases(ops, cases):
+        for dtype_name in dtypes:
+            for pass_name, steps in CASES[op][0](*shape, DTYPES[dtype_name]):
+                # glue between launches (fixed-order sums) is plain torch ops; identical launches (the
+                # rollout's per-layer steps) are audited once and counted
+                launches, counts = {}, {}
+                for launch in _launches(steps):
+                    key = (launch.name, tuple(launch.grid), _signature_key(launch))
+                    launches.setdefault(key, launch)
+                    counts[key] = counts.get(key, 0) + 1
+                for key, launch in launches.items():
+                    for arch in archs:
+                        row = audit_launch(op, case, dtype_name, pass_name, launch, arch)
+                        if counts[key] > 1:
+                            row.kernel = f"{launch.name} x{counts[key]}"
+                        rows.append(row)
     return rows
 
 
@@ -459,12 +460,18 @@ the limit or an under-filled bandwidth-bound launch."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ops", nargs="*", help=f"only these ops (default: all of {list(CASES)})")
-    parser.add_argument("--cases", nargs="*", help="only cases whose name contains one of these")
-    parser.add_argument("--dtypes", nargs="*", default=list(DTYPES), choices=list(DTYPES))
-    parser.add_argument("--archs", nargs="*", type=int, default=[80, 90], choices=sorted(ARCHS))
-    parser.add_argument("--json", help="also write the rows to this JSON file")
-    parser.add_argument("--markdown", help="also write the markdown report to this file")
+    from ._cli import matching, output_file
+
+    parser.add_argument("--ops", nargs="+", choices=list(CASES), metavar="OP",
+                        help=f"only these ops (default: all of {', '.join(CASES)})")
+    parser.add_argument("--cases", nargs="+", metavar="TEXT",
+                        type=matching(list(dict.fromkeys(case for _, case, _ in selected_cases())), "case"),
+                        help="only cases whose name contains one of these")
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--archs", nargs="+", type=int, default=[80, 90], choices=sorted(ARCHS))
+    parser.add_argument("--json", metavar="PATH", type=output_file, help="also write the rows to this JSON file")
+    parser.add_argument("--markdown", metavar="PATH", type=output_file,
+                        help="also write the markdown report to this file")
 
 
 def _argv(args: argparse.Namespace) -> List[str]:
@@ -480,14 +487,17 @@ def _argv(args: argparse.Namespace) -> List[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ._cli import UsageError
+
+    if not selected_cases(args.ops, args.cases):
+        raise UsageError(f"--cases {' '.join(args.cases)} matches no case of --ops {' '.join(args.ops)}; their "
+                         f"cases: {', '.join(case for _, case, _ in selected_cases(args.ops))}")
     if _interpreted():
         # Under TRITON_INTERPRET=1 @triton.jit makes interpreter functions, which do not compile: rerun without it.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         return subprocess.run([sys.executable, "-m", "zslfast.audit", *_argv(args)], env=env).returncode
     problem = compiler_problem()
     if problem:
-        from ._cli import UsageError
-
         raise UsageError(f"cannot compile GPU kernels here: {problem}")
     start = time.perf_counter()
     rows = audit_triton(args.ops, tuple(args.archs), tuple(args.dtypes), args.cases)

@@ -441,22 +441,19 @@ The full suite, with every shape, the forward alone and the summary table: pytes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ._cli import positive_int
+    from ._cli import matching, positive_int
 
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the eager code")
     parser.add_argument("--repeats", type=positive_int, default=10, help="timed calls per case (their median)")
-    parser.add_argument("--only", default="", metavar="TEXT",
+    parser.add_argument("--only", default="", metavar="TEXT", type=matching([title for title, *_ in cases()], "case"),
                         help="run only the cases whose title contains TEXT, e.g. 'prototype_scores CUB'")
 
 
 def run(args: argparse.Namespace) -> None:
-    from ._cli import UsageError, timing_conditions
+    from ._cli import timing_conditions
 
     device = DEVICE
     selected = [c for c in cases(device) if args.only in c[0]]
-    if not selected:
-        raise UsageError(f"--only {args.only!r} matches no case; the cases: "
-                         + ", ".join(title for title, *_ in cases(device)))
     info = _backend.BUILD_INFO
     if _backend.extension_warning():
         print(_backend.extension_warning(), file=sys.stderr)

@@ -38,6 +38,7 @@ loss, too, the mean over the processes).
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import tempfile
@@ -164,6 +165,18 @@ def _check_xlsa17_folder(root: Path) -> None:
                               f"xlsa17/data/CUB and its siblings hold {FEATURES_FILE} and {SPLITS_FILE})")
 
 
+def _check_patches(num_patches: int) -> None:
+    """--patches for SAGE: a square, SAGE's grid for hidden states without a grid size (no option here gives one)."""
+    from .models.sage import patch_grid
+
+    try:
+        patch_grid(num_patches)
+    except ValueError:
+        side = math.isqrt(num_patches)
+        raise _cli.UsageError(f"--patches {num_patches} is not a square: SAGE lays the patches out on a square "
+                              f"grid (e.g. {side * side} or {(side + 1) ** 2})") from None
+
+
 def run(args) -> dict:
     """The demo (module docstring); under torchrun (WORLD_SIZE > 1) the data-parallel run described there.
 
@@ -171,6 +184,8 @@ def run(args) -> dict:
     step by step), gzsl, calibrated, gamma, scores (the test logits; these four None but on rank 0), state_dict
     (the trained weights and buffers, SAGE's bank included, on the CPU)), lockstep_max_rel_diff, rank, world_size."""
     _, world, _ = env_world()
+    if args.model == "sage":
+        _check_patches(args.patches)
     _cli.device(args.device)  # a device that exists here, before torchrun's process group is set up on it
     if args.data:
         _check_xlsa17_folder(Path(args.data).expanduser())
@@ -323,7 +338,7 @@ examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ._cli import non_negative_int, positive_int
+    from ._cli import existing_file, non_negative_float, non_negative_int, output_file, positive_int, seed
     from .data import PRESETS
 
     parser.add_argument("--model", default="ilpg", choices=("ilpg", "sage"), help="the model to train")
@@ -337,12 +352,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps-per-epoch", type=non_negative_int, default=0,
                         help="cap the steps per epoch (0: every batch)")
     parser.add_argument("--batch-size", type=positive_int, default=50, help="images per step")
-    parser.add_argument("--lr", type=float, default=3e-3, help="the optimizer's learning rate")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the data, the stand-ins and the weights")
-    parser.add_argument("--weights", metavar="PATH",
+    parser.add_argument("--lr", type=non_negative_float, default=3e-3,
+                        help="the optimizer's learning rate (0: the weights stay where they start)")
+    parser.add_argument("--seed", type=seed, default=0,
+                        help="seeds the data, the stand-ins and the weights (0 to 2**32 - 1)")
+    parser.add_argument("--weights", metavar="PATH", type=existing_file,
                         help="start both runs from this checkpoint of the model (a state dict, e.g. from --save) "
                              "instead of random weights; no download")
-    parser.add_argument("--save", metavar="PATH", help="write the fused run's trained weights here (a state dict)")
+    parser.add_argument("--save", metavar="PATH", type=output_file,
+                        help="write the fused run's trained weights here (a state dict)")
     parser.add_argument("--hidden-dim", type=positive_int, default=64,
                         help="ILPG: the instance semantic generator's width; SAGE: its width d")
     ilpg = parser.add_argument_group("ILPG (--model ilpg)")
@@ -350,7 +368,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ilpg.add_argument("--weight-form", default="full", choices=("full", "attribute", "factored"),
                       help="the instance generator's weight form (zslfast.nn.InstancePrototypeClassifier)")
     sage = parser.add_argument_group("SAGE (--model sage)")
-    sage.add_argument("--patches", type=positive_int, default=49, help="N, the stand-in patches per level")
+    sage.add_argument("--patches", type=positive_int, default=49,
+                      help="N, the stand-in patches per level: a square (SAGE lays them out on a square grid)")
     sage.add_argument("--embed-dim", type=positive_int, default=128, help="D, the stand-in hidden states' width")
     parser.add_argument("--optimizer", default="adam", choices=("adam", "sgd"),
                         help="Adam, or plain SGD: SGD's weights follow the gradients' float rounding linearly, "

@@ -299,17 +299,23 @@ shapes. Exits 1 when a check fails."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON and markdown reports")
-    parser.add_argument("--ops", nargs="*", help="only these ops")
+    from ._cli import output_folder, positive_float
+
+    parser.add_argument("--out", default="benchmarks/results", metavar="DIR", type=output_folder,
+                        help="folder for the JSON and markdown reports")
+    names = [op.name for op in OPS]
+    parser.add_argument("--ops", nargs="+", choices=names, metavar="OP",
+                        help=f"only these ops (default: all of {', '.join(names)})")
     parser.add_argument("--time-dtype", default="bf16", choices=["fp32", "bf16", "fp16"],
                         help="dtype of the timed runs on a GPU (the CPU check times fp32)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="time torch.compile of the eager code (default: on a GPU only)")
-    parser.add_argument("--no-timing", action="store_true", help="correctness only")
-    parser.add_argument("--no-check", action="store_true", help="timing only")
+    only = parser.add_mutually_exclusive_group()  # both would run nothing
+    only.add_argument("--no-timing", action="store_true", help="correctness only")
+    only.add_argument("--no-check", action="store_true", help="timing only")
     parser.add_argument("--compile-all", action="store_true",
                         help="compile the eager code at every timed shape (default: each op's first shape only)")
-    parser.add_argument("--budget", type=float, default=330.0,
+    parser.add_argument("--budget", type=positive_float, default=330.0,
                         help="seconds after which no further shape is timed (the rest are listed as skipped)")
 
 

@@ -7,12 +7,15 @@ or NaN. Value checks that need a host sync (labels in range) run in eager mode o
 would be data-dependent branches.
 
     check_tensor(fn, name, t, ranks, layout)   a floating tensor of one of ``ranks`` dims, none of them empty
+    check_width(fn, name, t, width, layout, dim)  t's last dimension (named dim in layout) is a module's width
     check_labels(fn, name, labels, B, C)       an integer (not bool) tensor (B,) with values in [0, C) -> int64
     check_option(fn, name, value, choices)     one of a set of strings (the Python API's enums)
     check_flag(fn, name, value)                a Python bool
     check_positive(fn, name, value)            a finite Python float > 0 (an eps, a temperature)
     check_int(fn, name, value, minimum)        a Python int (not a bool) >= minimum: sizes, counts
     check_number(fn, name, value, minimum)     a finite Python number (>= minimum when given): weights, gamma, a threshold
+    check_float_dtype(fn, name, dtype)         a floating-point torch.dtype (not a string, not an integer dtype)
+    check_path(fn, name, value)                a str or os.PathLike -> pathlib.Path
     check_scale(fn, name, scale, device)       a finite Python float > 0, or a one-element floating tensor
     check_class_ids(fn, name, ids, C)          a non-empty 1-D set of integer class ids in [0, C) -> int64 (lists too)
     check_finite(fn, name, t)                  no NaN or inf in t (before a solver that would fail deep inside torch)
@@ -27,6 +30,8 @@ would be data-dependent branches.
 from __future__ import annotations
 
 import math
+import os
+import pathlib
 from typing import Optional, Sequence
 
 import torch
@@ -52,6 +57,14 @@ def check_tensor(fn: str, name: str, t, ranks: Sequence[int], layout: str, *, al
         raise ValueError(f"{fn}: {name} must be {layout}, got a {t.dim()}-D tensor of shape {shape_str(t)}")
     if not allow_empty and 0 in t.shape:
         raise ValueError(f"{fn}: {name} {layout} is empty, got shape {shape_str(t)}")
+
+
+def check_width(fn: str, name: str, t: torch.Tensor, width: int, layout: str, dim: str) -> None:
+    """The last dimension of ``t`` (a tensor already checked by check_tensor), named ``dim`` in ``layout``, must be
+    ``width``: what a module was built for (its Linear layers' in_features, its prototypes' width)."""
+    if t.shape[-1] != width:
+        raise ValueError(f"{fn}: {name} {layout} must have {dim}={width}, got {dim}={t.shape[-1]} "
+                         f"(shape {shape_str(t)})")
 
 
 def check_labels(
@@ -114,6 +127,25 @@ def check_number(fn: str, name: str, value, minimum: Optional[float] = None) -> 
     if minimum is not None and value < minimum:
         raise ValueError(f"{fn}: {name} must be >= {minimum:g}, got {value!r}")
     return float(value)
+
+
+def check_float_dtype(fn: str, name: str, dtype) -> torch.dtype:
+    """A floating-point torch.dtype. A string ("float32") or an integer dtype would otherwise reach ``.to()``,
+    which reads a string as a device and silently truncates values to integers."""
+    if not isinstance(dtype, torch.dtype):
+        named = isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype)
+        raise TypeError(f"{fn}: {name} must be a floating-point torch.dtype, got {type(dtype).__name__} {dtype!r}"
+                        + (f" (torch.{dtype}?)" if named else ""))
+    if not dtype.is_floating_point:
+        raise TypeError(f"{fn}: {name} must be a floating-point torch.dtype, got {dtype}")
+    return dtype
+
+
+def check_path(fn: str, name: str, value) -> pathlib.Path:
+    """A path given as a str or an os.PathLike (pathlib.Path), as a pathlib.Path."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{fn}: {name} must be a path (str or os.PathLike), got {type(value).__name__}")
+    return pathlib.Path(value)
 
 
 def check_scale(fn: str, name: str, scale, device: Optional[torch.device] = None) -> None:

@@ -27,13 +27,16 @@ random projection, so a map from features to attributes learnt on seen classes t
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 from typing import Optional, Union
 
 import numpy as np
 import torch
 
-PathLike = Union[str, "pathlib.Path"]
+from ..validation import check_float_dtype, check_path
+
+PathLike = Union[str, "os.PathLike[str]"]
 
 FEATURES_FILE = "res101.mat"
 SPLITS_FILE = "att_splits.mat"
@@ -118,7 +121,10 @@ class XLSA17:
         return self.features[loc], self.labels[loc]
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "XLSA17":
-        """A copy with every tensor on ``device``; ``dtype`` casts the floating ones (features, att, original_att)."""
+        """A copy with every tensor on ``device``; ``dtype`` (a floating dtype) casts the floating ones (features, att,
+        original_att)."""
+        if dtype is not None:
+            check_float_dtype("XLSA17.to", "dtype", dtype)
         changes = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
@@ -221,12 +227,16 @@ def load_xlsa17(
     """Read ``root/res101.mat`` and ``root/att_splits.mat`` (xlsa17 format, see the module docstring).
 
     Everything comes back 0-based and row-major: features (N, Dfeat), att (C, K). ``dtype`` is the floating dtype
-    of features, att and original_att. Raises ValueError naming the file, key and what was found on any mismatch.
+    of features, att and original_att. Raises ValueError naming the file, key and what was found on any mismatch,
+    and TypeError naming the argument for a ``dtype`` that is not a floating torch.dtype or a path that is not a
+    str / os.PathLike, before any file is read.
     """
-    root = pathlib.Path(root)
+    root = check_path("load_xlsa17", "root", root)
+    check_float_dtype("load_xlsa17", "dtype", dtype)
+    feat_path = root / check_path("load_xlsa17", "features_file", features_file)
+    split_path = root / check_path("load_xlsa17", "splits_file", splits_file)
     if not root.is_dir():
         raise ValueError(f"xlsa17: dataset folder not found: {root}")
-    feat_path, split_path = root / features_file, root / splits_file
     feat_mat = _loadmat(feat_path)
     split_mat = _loadmat(split_path)
 
@@ -340,6 +350,7 @@ def write_synthetic_xlsa17(
     uncalibrated GZSL strongly biased to seen classes, as on the real data). Same seed, same arrays. Returns
     ``root``.
     """
+    root = check_path("write_synthetic_xlsa17", "root", root)
     base = get_preset(preset)
     C = base.num_classes if num_classes is None else int(num_classes)
     U = base.num_unseen if num_unseen is None else int(num_unseen)
@@ -398,7 +409,6 @@ def write_synthetic_xlsa17(
 
     import scipy.io
 
-    root = pathlib.Path(root)
     root.mkdir(parents=True, exist_ok=True)
     scipy.io.savemat(
         str(root / FEATURES_FILE),

@@ -23,6 +23,7 @@ from .._backend import set_module_backend
 from ..losses import ILPGLoss
 from ..nn.attention import AttributeCrossAttention
 from ..nn.prototype import InstancePrototypeClassifier
+from ..validation import check_width
 from ._weights import (
     PathLike, apply_checkpoint, check_pretrained, is_path, read_checkpoint, timm_backbone, unused_pretrained,
 )
@@ -187,6 +188,8 @@ class ILPG(nn.Module):
                 f"ILPG: regions must be (B, R, Dv) and signatures (B, Dg) with the same B, got "
                 f"{tuple(regions.shape)} and {tuple(signatures.shape)}"
             )
+        check_width("ILPG", "regions", regions, self.avl.W_k.in_features, "(B, R, Dv)", "Dv")
+        check_width("ILPG", "signatures", signatures, self.apc.hidden[0].in_features, "(B, Dg)", "Dg")
         s = self.class_attributes
         e = self.avl(regions, self.attribute_vectors)  # Ẽ (B, K)
         logits, hidden = self.apc(e, signatures, s)

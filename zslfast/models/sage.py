@@ -226,6 +226,18 @@ class MultiScaleBranches(nn.Module):
         return [down.reshape(L * B, h2 * w2, d), x.view(L * B, N, d), up.reshape(L * B, 4 * N, d)]
 
 
+def patch_grid(num_patches: int, grid_size: Optional[tuple] = None) -> tuple[int, int]:
+    """(h, w) of the N patches: ``grid_size`` when given (it must hold N), else a square; ValueError otherwise."""
+    if grid_size is not None:
+        if grid_size[0] * grid_size[1] != num_patches:
+            raise ValueError(f"{_NAME}: grid_size {grid_size} does not hold the N={num_patches} patches")
+        return grid_size
+    side = math.isqrt(num_patches)
+    if side * side != num_patches:
+        raise ValueError(f"{_NAME}: N={num_patches} patches is not a square grid; give grid_size=(h, w)")
+    return side, side
+
+
 def _check_vit(model) -> nn.Module:
     return check_vit(_NAME, model, ("patch_embed", "_pos_embed", "patch_drop", "norm_pre", "blocks", "embed_dim",
                                     "num_prefix_tokens"), "a fixed patch grid")
@@ -451,16 +463,6 @@ class SAGE(nn.Module):
                 )
         return list(hidden_states)
 
-    def _grid(self, num_patches: int) -> tuple[int, int]:
-        if self.grid_size is not None:
-            if self.grid_size[0] * self.grid_size[1] != num_patches:
-                raise ValueError(f"{_NAME}: grid_size {self.grid_size} does not hold the N={num_patches} patches")
-            return self.grid_size
-        side = math.isqrt(num_patches)
-        if side * side != num_patches:
-            raise ValueError(f"{_NAME}: N={num_patches} patches is not a square grid; give grid_size=(h, w)")
-        return side, side
-
     # ------------------------------------------------------------------------------------------------------------
 
     def forward(
@@ -492,7 +494,7 @@ class SAGE(nn.Module):
             labels = check_labels(_NAME, "labels", labels, B, C)
         s = self.class_attributes.to(states[0].dtype)
         P = self.num_prefix_tokens
-        grid = self._grid(states[0].shape[1] - P)
+        grid = patch_grid(states[0].shape[1] - P, self.grid_size)
 
         # MSFE, all levels at once; each scale's levels come stacked along the batch: (L·B, R_s, d).
         features = self.msfe(torch.stack([h[:, P:] for h in states]), grid)  # per scale (L·B, R_s, d)

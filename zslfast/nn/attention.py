@@ -19,7 +19,7 @@ from torch import nn
 
 from ..ops.attribute_attention import attribute_attention
 from ..ops._spec import choices
-from ..validation import check_option, check_tensor
+from ..validation import check_flag, check_int, check_option, check_tensor, check_width, shape_str
 
 
 class AttributeCrossAttention(nn.Module):
@@ -36,6 +36,9 @@ class AttributeCrossAttention(nn.Module):
                  bias: bool = False, backend: Optional[str] = None, softmax_over: str = "keys",
                  logit_activation: Optional[str] = None):
         super().__init__()
+        for name, value in (("dim_visual", dim_visual), ("dim_attr", dim_attr), ("dim", dim)):
+            check_int("AttributeCrossAttention", name, value)
+        check_flag("AttributeCrossAttention", "bias", bias)
         check_option("AttributeCrossAttention", "score", score, ("cosine", "dot", None))
         check_option("AttributeCrossAttention", "softmax_over", softmax_over, choices("softmax_over"))
         check_option("AttributeCrossAttention", "logit_activation", logit_activation, choices("logit_activation"))
@@ -53,7 +56,14 @@ class AttributeCrossAttention(nn.Module):
         (K, dim_attr) or (B, K, dim_attr), mask (B, R) bool -> (B, K) scores, or E (B, K, dim_attr) for score None;
         with return_attention also the (B, K, R) attention, with return_max ("attention" | "logits") the (B, K)
         max over the regions (zslfast.attribute_attention's order: out, attention, max)."""
-        check_tensor("AttributeCrossAttention", "regions", regions, (3,), "(B, R, dim_visual)")
+        fn, attributes_layout = "AttributeCrossAttention", "(K, dim_attr) or (B, K, dim_attr)"
+        check_tensor(fn, "regions", regions, (3,), "(B, R, dim_visual)")
+        check_width(fn, "regions", regions, self.W_k.in_features, "(B, R, dim_visual)", "dim_visual")
+        check_tensor(fn, "attributes", attributes, (2, 3), attributes_layout)
+        check_width(fn, "attributes", attributes, self.W_q.in_features, attributes_layout, "dim_attr")
+        if attributes.dim() == 3 and attributes.shape[0] != regions.shape[0]:
+            raise ValueError(f"{fn}: per-sample attributes (B, K, dim_attr) must have regions' batch size "
+                             f"B={regions.shape[0]}, got attributes {shape_str(attributes)}")
         q = self.W_q(attributes)
         k = self.W_k(regions)
         v = self.W_v(regions)

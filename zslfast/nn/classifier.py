@@ -18,7 +18,7 @@ from torch import nn
 
 from ..ops._spec import choices
 from ..ops.cosine_logits import EPS, cosine_logits
-from ..validation import check_option, check_positive
+from ..validation import check_int, check_option, check_positive, check_tensor, check_width
 
 
 class CosineClassifier(nn.Module):
@@ -49,20 +49,18 @@ class CosineClassifier(nn.Module):
         super().__init__()
         if (num_classes is None) == (class_embeddings is None):
             raise ValueError("CosineClassifier: give exactly one of num_classes (learnable) or class_embeddings (fixed)")
-        self.dim = dim
+        self.dim = check_int("CosineClassifier", "dim", dim)
         self.backend = backend
         # Checked here, so a bad setting fails at construction rather than at the first forward.
         self.eps = check_positive("CosineClassifier", "eps", eps)
         check_option("CosineClassifier", "eps_mode", eps_mode, choices("eps_mode"))
         self.eps_mode = eps_mode
         if class_embeddings is not None:
-            if class_embeddings.dim() != 2 or class_embeddings.shape[1] != dim:
-                raise ValueError(
-                    f"CosineClassifier: class_embeddings must be (C, dim={dim}), got {tuple(class_embeddings.shape)}"
-                )
+            check_tensor("CosineClassifier", "class_embeddings", class_embeddings, (2,), "(C, dim)")
+            check_width("CosineClassifier", "class_embeddings", class_embeddings, dim, "(C, dim)", "dim")
             self.register_buffer("prototypes", class_embeddings.detach().clone())
         else:
-            weight = torch.empty(num_classes, dim)
+            weight = torch.empty(check_int("CosineClassifier", "num_classes", num_classes), dim)
             nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
             self.prototypes = nn.Parameter(weight)
         scale = check_positive("CosineClassifier", "scale", scale)
@@ -78,6 +76,11 @@ class CosineClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor, prototypes: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x (..., dim) -> (..., C) logits; ``prototypes`` (C, dim) replaces the module's own for this call."""
+        check_tensor("CosineClassifier", "x", x, range(1, 1 << 16), "(..., dim)")
+        check_width("CosineClassifier", "x", x, self.dim, "(..., dim)", "dim")
+        if prototypes is not None:
+            check_tensor("CosineClassifier", "prototypes", prototypes, (2,), "(C, dim)")
+            check_width("CosineClassifier", "prototypes", prototypes, self.dim, "(C, dim)", "dim")
         protos = self.prototypes if prototypes is None else prototypes
         return cosine_logits(x, protos, self.scale, eps=self.eps, eps_mode=self.eps_mode, backend=self.backend)
 

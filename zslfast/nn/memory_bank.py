@@ -41,7 +41,9 @@ from ..ops.cosine_logits import cosine_logits
 from ..ops import cosine_logits as _cosine_spec, memory_bank as _bank_spec
 from ..ops._spec import check_module_backend, choices
 from ..ops.memory_bank import check_offers, memory_bank_kl, memory_bank_refresh, memory_bank_update
-from ..validation import check_int, check_labels, check_number, check_option, check_positive, check_tensor
+from ..validation import (
+    check_float_dtype, check_int, check_labels, check_number, check_option, check_positive, check_tensor,
+)
 
 try:
     import torch.distributed as dist
@@ -88,8 +90,7 @@ class MemoryBank(nn.Module):
         K = check_int("MemoryBank", "capacity", capacity)
         D = check_int("MemoryBank", "dim", dim)
         check_option("MemoryBank", "policy", policy, choices("policy"))
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"MemoryBank: dtype must be a floating-point torch.dtype, got {dtype!r}")
+        check_float_dtype("MemoryBank", "dtype", dtype)
         threshold = check_number("MemoryBank", "threshold", threshold)
         self.num_classes, self.num_branches, self.capacity, self.dim = C, M, K, D
         self.threshold = threshold

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..ops.prototype_scores import prototype_scores, prototype_scores_factored
+from ..validation import check_int, check_labels, check_option, check_tensor, check_width
 
 WEIGHT_FORMS = ("full", "attribute", "factored")
 
@@ -56,10 +57,13 @@ class InstancePrototypeClassifier(nn.Module):
         backend: Optional[str] = None,
     ):
         super().__init__()
-        if weights not in WEIGHT_FORMS:
-            raise ValueError(f"InstancePrototypeClassifier: weights must be one of {WEIGHT_FORMS}, got {weights!r}")
+        fn = "InstancePrototypeClassifier"
+        check_option(fn, "weights", weights, WEIGHT_FORMS)
         if weights != "attribute" and num_classes is None:
-            raise ValueError(f"InstancePrototypeClassifier: weights={weights!r} needs num_classes")
+            raise ValueError(f"{fn}: weights={weights!r} needs num_classes")
+        for name, value in (("signature_dim", signature_dim), ("num_attributes", num_attributes),
+                            ("hidden_dim", hidden_dim)) + ((("num_classes", num_classes),) if num_classes else ()):
+            check_int(fn, name, value)
         self.weights = weights
         self.num_attributes = num_attributes
         self.num_classes = num_classes
@@ -72,14 +76,13 @@ class InstancePrototypeClassifier(nn.Module):
 
     def forward(self, e: torch.Tensor, g: torch.Tensor, s: torch.Tensor) -> PrototypeScores:
         """e (B, K), g (B, Dg), s (C, K) -> PrototypeScores(logits (B, C), hidden (B, J))."""
-        if e.dim() != 2 or s.dim() != 2 or g.dim() != 2:
-            raise ValueError(
-                f"InstancePrototypeClassifier: e must be (B, K), g (B, Dg), s (C, K); got e {tuple(e.shape)}, "
-                f"g {tuple(g.shape)}, s {tuple(s.shape)}"
-            )
+        fn, K = "InstancePrototypeClassifier", self.num_attributes
+        for name, t, layout, dim, width in (("e", e, "(B, K)", "K", K), ("s", s, "(C, K)", "K", K),
+                                            ("g", g, "(B, Dg)", "Dg", self.hidden[0].in_features)):
+            check_tensor(fn, name, t, (2,), layout)
+            check_width(fn, name, t, width, layout, dim)
         if g.shape[0] != e.shape[0]:
-            raise ValueError(f"InstancePrototypeClassifier: g (B, Dg) must have B={e.shape[0]} rows, got {tuple(g.shape)}")
-        K = self.num_attributes
+            raise ValueError(f"{fn}: g (B, Dg) must have B={e.shape[0]} rows, got {tuple(g.shape)}")
         if self.weights != "attribute" and tuple(s.shape) != (self.num_classes, K):
             raise ValueError(
                 f"InstancePrototypeClassifier: s must be (C, K)={(self.num_classes, K)} for weights={self.weights!r}, "
@@ -100,7 +103,12 @@ class InstancePrototypeClassifier(nn.Module):
 
     def label_weights(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """w[b, labels[b]] (B, K) from the hidden features: only the label rows of the last layer are touched."""
-        K = self.num_attributes
+        fn, K = "InstancePrototypeClassifier.label_weights", self.num_attributes
+        check_tensor(fn, "hidden", hidden, (2,), "(B, J)")
+        check_width(fn, "hidden", hidden, self.last.in_features, "(B, J)", "J")
+        # "attribute" weights do not depend on the class: the labels' values are not read
+        labels = check_labels(fn, "labels", labels, hidden.shape[0], self.num_classes or 0,
+                              values=self.weights != "attribute")
         if self.weights == "attribute":
             return self.last(hidden)
         rows = (labels[:, None] * K + torch.arange(K, device=labels.device)).reshape(-1)  # (B*K,) output indices
