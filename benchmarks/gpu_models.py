@@ -10,7 +10,6 @@ that raises is recorded with its error instead of a time. On CPU tensors (no GPU
 bench.median_ms at the quick set's batch and without the CUDA-graph variants: a dry run, not a figure.
 """
 
-import argparse
 import copy
 import json
 import sys
@@ -25,7 +24,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]  # the benchmarks' modules, and zsl
 
 import bench_ilpg  # noqa: E402
 import bench_sage  # noqa: E402
-from zslfast import bench  # noqa: E402
+from zslfast import _cli, bench  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 
@@ -70,10 +69,11 @@ def time_model(name: str, fused, inputs, deadline: float) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", help="JSON file for the results")
-    parser.add_argument("--budget", type=float, default=240.0, help="seconds after which no variant is started")
-    parser.add_argument("--models", nargs="*", default=["ilpg", "sage"], choices=["ilpg", "sage"])
+    parser = _cli.Parser(prog="benchmarks/gpu_models.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=_cli.output_file, help="JSON file for the results")
+    parser.add_argument("--budget", type=_cli.positive_float, default=240.0,
+                        help="seconds after which no variant is started")
+    parser.add_argument("--models", nargs="+", default=["ilpg", "sage"], choices=["ilpg", "sage"])
     args = parser.parse_args(argv)
     deadline = time.monotonic() + args.budget
     results = dict(device=torch.cuda.get_device_name() if ON_GPU else "cpu", torch=torch.__version__, models=[])
