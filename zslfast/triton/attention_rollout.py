@@ -40,10 +40,9 @@ import triton.language as tl
 from ._common import H200_SMS, accumulator_dtype, split, tl_accumulator_dtype
 from ._launch import Launch, run
 
-TILE_ELEMENTS = 4096  # rows per block x padded columns
-# 16 tile elements per thread: at 4 warps (32 each) the step held 85-165 registers and spilled 8 B at N=577 in fp16
-# (sm_90, triton 3.8; the audit); 8 warps leave headroom on every triton from 3.6 to 3.9.
-NUM_WARPS = 8
+# Rows per block x padded columns, at 4 warps: 164-168 registers and no spill on triton 3.6-3.9 (sm_80/sm_90, every
+# dtype; the audit). 8 warps or 2048-element tiles spilled 8-16 B on one or another of those versions.
+TILE_ELEMENTS = 4096
 
 
 @triton.jit
@@ -81,12 +80,12 @@ def _rollout_step_kernel(
         if FUSION == 0:
             fused = fused / H
         fused = tl.where(mask, fused, 0.0)
+        if IDENTITY:  # F + I in the tile itself: one product and one column sum (NORMALIZE implies IDENTITY)
+            fused += tl.where(mask & (rows[:, None] == cols[None, :]), 1.0, 0.0)
         coef = tl.load(v_in_ptr + b * N + rows, mask=mask_i, other=0.0).to(ACC_DTYPE)
         if NORMALIZE:
-            coef = coef / (tl.sum(fused, axis=1) + 1.0)
+            coef = coef / tl.where(mask_i, tl.sum(fused, axis=1), 1.0)  # rows past the chunk: 0 / 1, not 0 / 0
         acc += tl.sum(coef[:, None] * fused, axis=0)
-        if IDENTITY:
-            acc += tl.sum(tl.where(rows[:, None] == cols[None, :], coef[:, None], 0.0), axis=0)
     tl.store(partial_ptr + (chunk * B + b) * N + cols, acc, mask=mask_j)
 
 
@@ -117,7 +116,7 @@ def plan_forward(attns, mode: str, fusion: int, normalize: int):
             (a, vectors[t], partial, B, H, N, rows_per_chunk, *a.stride()),
             dict(FUSION=fusion, NORMALIZE=mode == "abnar" and normalize == 0, IDENTITY=mode == "abnar" or l > 0, FIRST=t == 0,
                  ACC_DTYPE=tl_accumulator_dtype(acc_dtype), BLOCK_I=block_i, BLOCK_N=block_n),
-            num_warps=NUM_WARPS, flops=B * N * N * (H + 2), label=f"layer {l}",
+            flops=B * N * N * (H + 2), label=f"layer {l}",
         ))
         steps.append(lambda t=t: torch.sum(partial, 0, out=vectors[t + 1] if t + 1 < L else result))
     return vectors, result, steps
