@@ -3,7 +3,7 @@ softmax_over "queries" (MSDN V2A, SAGE SVA), logit_activation "relu" (PSVMA AnyA
 (GEM-ZSL, SAGE Eq. 3) and "logits" (PSVMA), alone and together, with return_attention; outputs and the gradients of
 q, k, v, ref and of a loss on the max and on the attention. Masks with fully masked samples, K=1, R=1, the R-tiled
 Triton path, non-contiguous inputs, gradcheck, opcheck, torch.compile(fullgraph=True), what autograd keeps, bad
-options; and the papers' own eager formulas (the README's before/after examples).
+options; and the papers' own eager formulas (docs/ops.md's before/after examples).
 
     S = act(q k^T) * scale;  P = softmax(S) over the keys (r) or over the queries (i);  E = P v
     max[b, i] = max over kept r of P[b, i, r] or S[b, i, r] (0 for a row with no kept r)
@@ -242,7 +242,7 @@ def test_bad_options():
                 zslfast.attribute_attention(q, k, v, ref, backend=backend, **kwargs)
 
 
-# ------------------------------------------------------------------------- the papers' code (README examples)
+# ------------------------------------------------------------------------- the papers' code (docs/ops.md examples)
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS)
 def test_msdn_v2a_and_a2v(device, backend, generator):
     """MSDN (core/MSDN.py): V2A's softmax over the attributes, A2V's over the regions, each scored with a dot."""
