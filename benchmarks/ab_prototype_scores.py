@@ -1,19 +1,19 @@
 """Interleaved A/B timing of prototype_scores forward+backward: eager vs torch.compile vs zslfast.
 
     python benchmarks/ab_prototype_scores.py B C K      e.g. 64 717 102 (ILPG's SUN shape at batch 64)
-    python benchmarks/ab_prototype_scores.py CUB        a case of zslfast.bench.SHAPES["prototype_scores"] by name
+    python benchmarks/ab_prototype_scores.py CUB        a case of zslfast.tools.bench.SHAPES["prototype_scores"] by name
 
 On a shared machine whose speed drifts between minutes, timing each implementation in its own block (as
 pytest-benchmark does) skews ratios; here the three alternate for 15 rounds (median of 10 calls each, 2 for
-large shapes) and the per-round ratios are reported (median, min, max) (zslfast.bench.interleaved). CPU tensors;
-gradients of e, s and w every call (zslfast.bench.step).
+large shapes) and the per-round ratios are reported (median, min, max) (zslfast.tools.bench.interleaved). CPU tensors;
+gradients of e, s and w every call (zslfast.tools.bench.step).
 """
 
 import sys
 
 import torch
 
-from zslfast import bench
+from zslfast.tools import bench
 
 OP = bench.OPS["prototype_scores"]
 

@@ -4,7 +4,7 @@
 
 The eager code (SVIP / vit-explain, rows normalised): mean over heads, + I, normalise, torch.bmm layer by layer,
 take row 0. The floor is one plain read of every map (``sum`` of each layer), which no method can beat.
-Shapes (L, B, H, N; zslfast.bench.SHAPES): ViT-B/16 (L=12, H=12) at 224^2 (N=197) batch 8 and 32 (64 on a GPU),
+Shapes (L, B, H, N; zslfast.tools.bench.SHAPES): ViT-B/16 (L=12, H=12) at 224^2 (N=197) batch 8 and 32 (64 on a GPU),
 at 384^2 (N=577) batch 8 (16 on a GPU), and on a GPU the large one, N=197 at batch 256. Forward at every shape;
 forward+backward (gradients of every map, as SVIP runs it) at N=197 batch 8.
 """
@@ -12,7 +12,7 @@ forward+backward (gradients of every map, as SVIP runs it) at N=197 batch 8.
 import pytest
 import torch
 
-from zslfast import bench
+from zslfast.tools import bench
 from conftest import DEVICE, ON_GPU, cases, run_benchmark, shape_of
 
 OP = bench.OPS["attention_rollout"]

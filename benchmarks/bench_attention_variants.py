@@ -26,7 +26,8 @@ import pytest
 import torch
 
 import zslfast
-from zslfast import baselines, bench
+from zslfast import baselines
+from zslfast.tools import bench
 from zslfast.data import PRESETS
 from conftest import DEVICE, full_unless, quick, run_benchmark
 

@@ -4,7 +4,7 @@ and zslfast.
     E = softmax(q k^T / sqrt(D)) v;  out = cos(E[b, i], ref[i])      q (K, D) shared attribute queries,
     k (B, R, D), v (B, R, Dv), ref (K, Dv)                           (ILPG AVL, Eq. 2-4)
 
-Shapes (B, K, R, D, Dv; zslfast.bench.SHAPES): ResNet101 7x7 regions (R=49) against GloVe attribute queries
+Shapes (B, K, R, D, Dv; zslfast.tools.bench.SHAPES): ResNet101 7x7 regions (R=49) against GloVe attribute queries
 (D=Dv=300) of CUB (K=312), AwA2 (K=85), SUN (K=102) at batch 64, and ViT-B tokens (R=197, D=Dv=768) against CUB's
 attributes; on a GPU also ViT-B at 384^2 (R=577, B=16) and CUB at batch 256 (the large one). Forward, and
 forward+backward (gradients of q, k, v and ref). extra_info: peak_extra_MiB (see conftest.py) and, for fwd+bwd,
@@ -19,7 +19,8 @@ import sys
 import pytest
 import torch
 
-from zslfast import baselines, bench
+from zslfast import baselines
+from zslfast.tools import bench
 from conftest import DEVICE, ON_GPU, cases, run_benchmark, shape_of
 
 OP = bench.OPS["attribute_attention"]

@@ -2,7 +2,7 @@
 
     out[n, c] = scale * cos(x[n], protos[c]);   x (N, D) visual features, protos (C, D), scale () learnable
 
-Shapes (N, C, D; zslfast.bench.SHAPES): ViT-B features (D=768) against the classes of CUB (C=200), SUN (C=717) and
+Shapes (N, C, D; zslfast.tools.bench.SHAPES): ViT-B features (D=768) against the classes of CUB (C=200), SUN (C=717) and
 AwA2 (C=50), as in SVIP/SAGE-style cosine heads at batch 64, and a large-vocabulary one: ImageNet-21K's 21841
 classes, at (256, 21841, 768) on a GPU, (256, 21841, 300) on a CPU. Forward, and forward+backward (gradients of
 x, protos and scale, as in training). Each result's ``extra_info`` holds ``peak_extra_MiB`` (see conftest.py) and
@@ -12,7 +12,7 @@ copies of x and protos; zslfast keeps inverse norms, and out for the Triton back
 
 import pytest
 
-from zslfast import bench
+from zslfast.tools import bench
 from conftest import DEVICE, ON_GPU, cases, run_benchmark, shape_of
 
 OP = bench.OPS["cosine_logits"]

@@ -5,12 +5,12 @@ code, S_W and the (B, K, R) attention materialised), torch.compile of that, and 
     -> IDPP (hidden J, weights "full" (B, C, K)) -> APC logits (B, C) -> ILPG loss; one step = forward, backward
     and an SGD update of every trainable parameter.
 
-Shapes (zslfast.bench.SHAPES["ilpg"]: B, C, K, unseen): CUB (B=50, C=200, K=312), SUN (C=717, K=102), AwA2
+Shapes (zslfast.tools.bench.SHAPES["ilpg"]: B, C, K, unseen): CUB (B=50, C=200, K=312), SUN (C=717, K=102), AwA2
 (C=50, K=85), with ResNet-101 regions (R=49, Dv=2048), GloVe attribute vectors (Da=300), DINOv2 ViT-S/14
 signatures (Dg=384), J=64; and a large one (B=128, C=1000, K=312). The region projections (B·R·Dv·(d + Da) flops each way) are the same work in every
 implementation, so they bound the model-level speed-up.
 
-Interleaved timing (the three alternate each round; see zslfast.bench.interleaved):
+Interleaved timing (the three alternate each round; see zslfast.tools.bench.interleaved):
     python benchmarks/bench_ilpg.py CUB [rounds]
 Where the step's time goes (profiled; region projections vs the rest):
     python benchmarks/bench_ilpg.py CUB --breakdown
@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, ON_GPU, cases, run_benchmark
-from zslfast import bench
+from zslfast.tools import bench
 from zslfast.models import ILPG
 
 CASES = bench.SHAPES["ilpg"]  # B, C, K, unseen

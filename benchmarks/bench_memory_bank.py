@@ -13,7 +13,7 @@ Implementations (the last test parameter, as benchmarks/summarize.py reads it):
     compile  torch.compile of the eager version (the update's boolean indexing makes it graph-break)
     zslfast  the update kernel (marks the changed queues stale; prototypes() re-averages those) / memory_bank_kl
 summarize.py's table shows eager / compile / zslfast; the loop rows are in the JSON (and in the report).
-Shapes (C, M, D, K, B; zslfast.bench.SHAPES["memory_bank_kl"] and bench.BANK_CAPACITY): CUB-like
+Shapes (C, M, D, K, B; zslfast.tools.bench.SHAPES["memory_bank_kl"] and bench.BANK_CAPACITY): CUB-like
 (200, 3, 768, 8, 128) and SUN-like (717, 3, 768, 8, 256); ViT-B features.
 """
 
@@ -23,8 +23,9 @@ import pytest
 import torch
 
 import zslfast
-from zslfast import baselines, bench
-from zslfast.bench import compiled
+from zslfast import baselines
+from zslfast.tools import bench
+from zslfast.tools.bench import compiled
 from zslfast.ops.memory_bank import memory_bank_update
 from conftest import DEVICE, cases, full_unless, run_benchmark, shape_of
 

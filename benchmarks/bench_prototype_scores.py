@@ -3,7 +3,7 @@
     logits[b, c] = sum_k e[b, k] * s[c, k] * (1 + w[b, c, k]);   e (B, K), s (C, K), w (B, C, K) -> (B, C)
     factored:    w[b, c, k] = sum_j h[b, j] * u[j, c, k];       h (B, J), u (J, C, K)
 
-Shapes (zslfast.bench.SHAPES): ILPG's CUB (B=50 C=200 K=312), SUN (B=64 C=717 K=102), AwA2 (B=50 C=50 K=85), a
+Shapes (zslfast.tools.bench.SHAPES): ILPG's CUB (B=50 C=200 K=312), SUN (B=64 C=717 K=102), AwA2 (B=50 C=50 K=85), a
 large one (B=256 C=1000 K=312), and for the factored form CUB at J=64 and the large-vocabulary shape (B=256
 C=21841 K=300 J=64). Forward and forward+backward (gradients of every input, as in training). Eager runs that
 would not fit in memory are skipped with the size they would need.
@@ -12,7 +12,7 @@ would not fit in memory are skipped with the size they would need.
 import pytest
 import torch
 
-from zslfast import bench
+from zslfast.tools import bench
 from conftest import DEVICE, FULL, ON_GPU, cases, run_benchmark, shape_of
 
 OP, FACTORED = bench.OPS["prototype_scores"], bench.OPS["prototype_scores_factored"]

@@ -7,7 +7,7 @@ attention maps materialised, the bank's Python-loop update), torch.compile of th
     backward and an SGD update of every trainable parameter. B=32, all losses on (λ_align > 0: the alignment loss
     returns the attention maps on both paths). The quick set (pytest without --full) runs B=8 on CPU tensors, without torch.compile.
 
-Interleaved timing (the three alternate each round; see zslfast.bench.interleaved) and peak memory:
+Interleaved timing (the three alternate each round; see zslfast.tools.bench.interleaved) and peak memory:
     python benchmarks/bench_sage.py [rounds] [--no-compile]
 Where the step's time goes (profiled, top ops of each path):
     python benchmarks/bench_sage.py --profile
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, full_unless, quick, run_benchmark
-from zslfast import bench
+from zslfast.tools import bench
 from zslfast.models import SAGE
 
 B, C, K, U, L, N, D, DW = 32, 200, 312, 50, 3, 196, 768, 300  # CUB, ViT-B/16 hidden states, GloVe/Word2Vec 300

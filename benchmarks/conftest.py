@@ -1,5 +1,5 @@
-"""pytest-benchmark glue over zslfast.bench, the one harness (its timer's synchronisation, peak and saved memory,
-train step, compile cache and the shapes of every op: see zslfast/bench.py).
+"""pytest-benchmark glue over zslfast.tools.bench, the one harness (its timer's synchronisation, peak and saved memory,
+train step, compile cache and the shapes of every op: see zslfast/tools/bench.py).
 
 Run: ``pytest benchmarks/ --benchmark-only`` (CUDA tensors when a GPU is visible, else CPU tensors): the quick set,
 each op and each model step at one paper shape (CUB), a few rounds each (≈ 2–3 minutes on 2 CPU cores).
@@ -23,8 +23,8 @@ import pytest
 import torch
 
 import report
-from zslfast import _cli, bench
-from zslfast.bench import DEVICE, ON_GPU
+from zslfast.tools import _cli, bench
+from zslfast.tools.bench import DEVICE, ON_GPU
 
 QUICK_CASE = "CUB"  # the paper shape every op runs at in the quick set
 QUICK_SECONDS = 2.0  # in the quick set, a benchmark with fixed rounds times about this long (at least one round)

@@ -24,7 +24,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]  # the benchmarks' modules, and zsl
 
 import bench_ilpg  # noqa: E402
 import bench_sage  # noqa: E402
-from zslfast import _cli, bench  # noqa: E402
+from zslfast.tools import _cli, bench  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 

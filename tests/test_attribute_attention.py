@@ -338,7 +338,7 @@ def test_module_matches_hand_written(device, backend, score, generator):
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_scores_without_grad_do_not_write_e(device, backend, generator):
     """Inference (no input requires grad): the scores come without any (B, K, Dv) tensor allocated."""
-    from zslfast._memory import peak_bytes
+    from zslfast.tools._memory import peak_bytes
 
     B, K, R, D, Dv = 4, 16, 9, 8, 256
     q, k, v, ref = make_inputs(B, K, R, D, Dv, "shared", "shared", torch.float32, device, generator)

@@ -12,7 +12,7 @@ from zslfast import _backend
 from conftest import require_backend
 
 triton = pytest.importorskip("triton")
-audit = pytest.importorskip("zslfast.audit")
+audit = pytest.importorskip("zslfast.tools.audit")
 from zslfast.triton import _launch, prototype_scores as ps_kernels  # noqa: E402
 
 needs_interpreter = pytest.mark.skipif(
@@ -100,7 +100,7 @@ def _some_kernel_backend():
 
 def test_gpucheck_pipeline_on_cpu(tmp_path):
     """gpucheck on CPU tensors at tiny shapes: every check passes and both reports are written."""
-    from zslfast import gpucheck
+    from zslfast.tools import gpucheck
 
     _some_kernel_backend()
     code = gpucheck.main(["--out", str(tmp_path)])
@@ -115,7 +115,7 @@ def test_gpucheck_pipeline_on_cpu(tmp_path):
 def test_gpucheck_catches_a_wrong_kernel(tmp_path, monkeypatch):
     """A kernel off by 1e-3 fails its check and the command's exit status."""
     import zslfast
-    from zslfast import gpucheck
+    from zslfast.tools import gpucheck
 
     _some_kernel_backend()
     real = zslfast.prototype_scores

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import zslfast
-from zslfast import _cli
+from zslfast.tools import _cli
 from zslfast.__main__ import COMMANDS, main
 
 from conftest import require_backend
@@ -84,7 +84,7 @@ def test_usage_errors_are_one_line_with_exit_2(argv, message, tmp_path, capsys):
 
 
 def test_every_option_is_read_by_the_one_rule():
-    """Every number of every command is read by one of zslfast._cli's types, never a bare int or float (a negative
+    """Every number of every command is read by one of zslfast.tools._cli's types, never a bare int or float (a negative
     seed, a NaN rate), or is a choice; and every default passes its own option's check."""
     loose = []
     for command, (module_name, _) in COMMANDS.items():
@@ -130,7 +130,7 @@ def test_top_level_help_lists_the_commands(capsys):
 
 
 def test_timing_conditions_warn_on_a_busy_machine(monkeypatch):
-    from zslfast import _cli
+    from zslfast.tools import _cli
 
     monkeypatch.setattr(_cli, "_cores", lambda: 2)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
@@ -146,7 +146,7 @@ def test_timing_conditions_warn_on_a_busy_machine(monkeypatch):
 def test_profiler_logs_are_filtered_and_the_rest_kept(capfd):
     """peak_cpu_bytes's profiler writes USDT/STAGE/ERROR lines and a CPUAllocator warning on stderr (C++ side);
     they go, what the measured code writes stays."""
-    from zslfast._memory import PROFILER_NOISE, peak_cpu_bytes
+    from zslfast.tools._memory import PROFILER_NOISE, peak_cpu_bytes
 
     held = [torch.randn(256, 256)]
 
@@ -176,7 +176,7 @@ def test_bench_one_case(capsys):
 
 
 def test_demo_tiny(capsys):
-    from zslfast.demo import main as demo
+    from zslfast.tools.demo import main as demo
 
     require_backend("cpu")  # the demo refuses to compare the reference with itself
     results = demo(["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "6", "--regions", "3", "--hidden-dim", "4"])
@@ -189,7 +189,7 @@ def test_demo_tiny(capsys):
 
 
 def test_demo_sage_tiny(capsys):
-    from zslfast.demo import main as demo
+    from zslfast.tools.demo import main as demo
 
     require_backend("cpu")
     results = demo(["--model", "sage", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "6",
@@ -205,7 +205,7 @@ def test_demo_sage_tiny(capsys):
 def test_demo_refuses_reference_against_reference(monkeypatch, capsys):
     """With the fused ops resolving to the reference (here: ZSLFAST_BACKEND=reference), the demo says so and stops
     instead of printing a "fused" row that is the reference again."""
-    from zslfast.demo import main as demo
+    from zslfast.tools.demo import main as demo
 
     monkeypatch.setenv("ZSLFAST_BACKEND", "reference")
     with pytest.raises(SystemExit) as exit_info:
@@ -216,7 +216,7 @@ def test_demo_refuses_reference_against_reference(monkeypatch, capsys):
 def test_demo_saves_and_starts_from_weights(tmp_path, capsys):
     """--save writes the fused run's trained weights; --weights starts both runs from them (with lr 0 they stay
     exactly those weights); a missing file or another model's checkpoint is a one-line error, exit 2."""
-    from zslfast.demo import main as demo
+    from zslfast.tools.demo import main as demo
 
     require_backend("cpu")
     tiny = ["--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "6", "--regions", "3", "--hidden-dim", "4"]

@@ -42,7 +42,7 @@ def worker(rank: int, world: int, port: int, argv: list, result_dir: str) -> Non
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     try:
-        from zslfast.demo import main as demo
+        from zslfast.tools.demo import main as demo
 
         results = demo(argv)
         keep = {name: {k: results[name][k] for k in ("losses", "state_dict")} for name in ("reference", "fused")}
@@ -73,7 +73,7 @@ def test_two_gloo_processes_follow_one_process(model, tmp_path, monkeypatch):
     ranks = run_ranks(ARGS[model], tmp_path)
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == WORLD for r in ranks)
 
-    from zslfast.demo import main as demo
+    from zslfast.tools.demo import main as demo
 
     for name in TORCHRUN_ENV:
         monkeypatch.delenv(name, raising=False)
@@ -121,7 +121,7 @@ def test_shards():
 
 
 def test_batch_that_does_not_split_exits_2(monkeypatch, capsys):
-    from zslfast.demo import main as demo
+    from zslfast.tools.demo import main as demo
 
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(SystemExit) as exit_info:

@@ -20,7 +20,7 @@ import torch.nn as nn
 timm = pytest.importorskip("timm")
 
 from zslfast import reference  # noqa: E402
-from zslfast._memory import peak_cpu_bytes  # noqa: E402
+from zslfast.tools._memory import peak_cpu_bytes  # noqa: E402
 from zslfast.models import vit_attention_rollout  # noqa: E402
 from zslfast.nn import rollout as rollout_module  # noqa: E402
 from zslfast.ops import attention_rollout as rollout_op  # noqa: E402

@@ -10,19 +10,19 @@ import sys
 
 import torch
 
-from . import _cli
+from .tools import _cli
 
 PROG = "python -m zslfast"
 
 # name -> (module, one-line summary for the list of commands)
 COMMANDS = {
     "info": ("zslfast.__main__", "what was built and which backends run here (the default)"),
-    "demo": ("zslfast.demo", "train ILPG (or SAGE) with the reference ops and with the fused ops: time, memory, "
-                             "loss difference, GZSL U/S/H"),
-    "bench": ("zslfast.bench", "each op's forward+backward time and peak memory against the eager code, here"),
-    "audit": ("zslfast.audit", "compile every Triton kernel for sm_80/sm_90 without a GPU: registers, spills, "
-                               "occupancy"),
-    "gpucheck": ("zslfast.gpucheck", "the GPU self-test: every op against the fp64 reference, then timings"),
+    "demo": ("zslfast.tools.demo", "train ILPG (or SAGE) with the reference ops and with the fused ops: time, "
+                                   "memory, loss difference, GZSL U/S/H"),
+    "bench": ("zslfast.tools.bench", "each op's forward+backward time and peak memory against the eager code, here"),
+    "audit": ("zslfast.tools.audit", "compile every Triton kernel for sm_80/sm_90 without a GPU: registers, "
+                                     "spills, occupancy"),
+    "gpucheck": ("zslfast.tools.gpucheck", "the GPU self-test: every op against the fp64 reference, then timings"),
 }
 
 DESCRIPTION = "Say what zslfast was built with and which backends can run on this machine's tensors."

@@ -47,9 +47,10 @@ from pathlib import Path
 
 import torch
 
-from . import _backend, _cli
+from .. import _backend
+from . import _cli
 from ._memory import peak_bytes
-from .distributed import Context, all_gather_rows, env_world, init_from_env
+from ..distributed import Context, all_gather_rows, env_world, init_from_env
 
 
 def _progress(prefix: str, done: int, total: int, extra: str = "") -> None:
@@ -92,7 +93,7 @@ class HiddenStateStandIns:
 
 def _model_adapter(args, data, device):
     """(build(backend) -> model, inputs(features) -> the model's keyword inputs) for ``--model``."""
-    from .models import ILPG, SAGE
+    from ..models import ILPG, SAGE
 
     if args.model == "sage":
         standins = HiddenStateStandIns(data.features.shape[1], data.num_attributes, args.patches, args.embed_dim,
@@ -127,7 +128,7 @@ def _evaluate(model, data, inputs, device, batch_size, ctx=None):
     """GZSL U / S / H, plain and calibrated (best gamma), and the test logits {split: (scores, labels)}. Under
     torchrun each rank scores its contiguous part of the test images and rank 0 gathers the logits and computes the
     metrics (the other ranks get four Nones)."""
-    from .metrics import gamma_sweep, gzsl_accuracy
+    from ..metrics import gamma_sweep, gzsl_accuracy
 
     ctx = ctx or Context()
     model.eval()
@@ -155,7 +156,7 @@ def _evaluate(model, data, inputs, device, batch_size, ctx=None):
 
 def _check_xlsa17_folder(root: Path) -> None:
     """--data: a folder holding both xlsa17 files, else a UsageError saying which are missing."""
-    from .data.xlsa17 import FEATURES_FILE, SPLITS_FILE
+    from ..data.xlsa17 import FEATURES_FILE, SPLITS_FILE
 
     if not root.is_dir():
         raise _cli.UsageError(f"--data {root}: no such folder (an xlsa17 dataset folder, e.g. xlsa17/data/CUB)")
@@ -167,7 +168,7 @@ def _check_xlsa17_folder(root: Path) -> None:
 
 def _check_patches(num_patches: int) -> None:
     """--patches for SAGE: a square, SAGE's grid for hidden states without a grid size (no option here gives one)."""
-    from .models.sage import patch_grid
+    from ..models.sage import patch_grid
 
     try:
         patch_grid(num_patches)
@@ -200,7 +201,7 @@ def run(args) -> dict:
 
 
 def _run(args, ctx) -> dict:
-    from .data import load_xlsa17, write_synthetic_xlsa17
+    from ..data import load_xlsa17, write_synthetic_xlsa17
 
     device = ctx.device
     say = print if ctx.is_main else (lambda *a, **k: None)
@@ -328,7 +329,7 @@ Train a ZSL model twice on the same batches, with zslfast's reference (plain PyT
 and print each run's median step time, peak memory and GZSL accuracies (U, S, H), and how far the two runs' losses
 differ. The default data is a synthetic CUB-shaped dataset in the xlsa17 format (written to a temporary folder,
 no download); --data reads a real xlsa17 folder. xlsa17 has pooled ResNet features only, so the region features,
-signatures, hidden states and word vectors the models read are stand-ins derived from them (zslfast/demo.py
+signatures, hidden states and word vectors the models read are stand-ins derived from them (zslfast/tools/demo.py
 documents how): the accuracies show that the model trains, not what the paper reaches.
 
 examples:
@@ -339,7 +340,7 @@ examples:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ._cli import existing_file, non_negative_float, non_negative_int, output_file, positive_int, seed
-    from .data import PRESETS
+    from ..data import PRESETS
 
     parser.add_argument("--model", default="ilpg", choices=("ilpg", "sage"), help="the model to train")
     parser.add_argument("--data", metavar="DIR",

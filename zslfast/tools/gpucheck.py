@@ -5,8 +5,8 @@
    reference (zslfast.reference) run in fp64 on the same device. An error must stay within 2x the error of the
    same eager code (the paper's) run in that dtype (and within 1e-5 relative in fp32).
 3. Speed: eager, torch.compile of the eager code and zslfast at the papers' shapes and the large ones (the GPU
-   shapes of zslfast.bench.SHAPES, which the audit compiles too), forward and forward+backward, with peak memory
-   (zslfast.bench: step, peak_mib). GPU times are triton.testing.do_bench medians (bench.cuda_median_ms) over
+   shapes of zslfast.tools.bench.SHAPES, which the audit compiles too), forward and forward+backward, with peak memory
+   (zslfast.tools.bench: step, peak_mib). GPU times are triton.testing.do_bench medians (bench.cuda_median_ms) over
    inputs rotated beyond the 60 MB L2; torch.compile's warm-up is excluded and reported on its own. For
    attribute_attention it also times SDPA + cosine, and records which SDPA backend runs at head dim 300 in bf16.
 4. Writes ``<out>/<gpu>-<date>.json`` and ``.md``: achieved GB/s and TFLOP/s against the audit's bytes and FLOPs
@@ -30,7 +30,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from . import _backend, audit, baselines, bench, reference
+from .. import _backend, baselines, reference
+from . import audit, bench
 
 L2_BYTES = 60 * 2**20  # H200's L2: inputs are rotated over at least twice this
 SCALE = 16.0  # cosine_logits' scale in every check (a SVIP/SAGE-like temperature)
@@ -39,7 +40,7 @@ SCALE = 16.0  # cosine_logits' scale in every check (a SVIP/SAGE-like temperatur
 # ----------------------------------------------------------------------------------------------- the ops
 @dataclass
 class OpCheck:
-    name: str  # also the key of its shapes in zslfast.bench.SHAPES and of its traffic model in zslfast.audit
+    name: str  # also the key of its shapes in zslfast.tools.bench.SHAPES and of its traffic model in zslfast.tools.audit
     make: Callable  # (shape, dtype, device, generator) -> inputs; the first num_grad are differentiated
     num_grad: Optional[int]  # None: every floating input
     fused: Callable  # backend -> fn(*inputs)
@@ -335,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
     dtypes = [torch.float32, torch.bfloat16, torch.float16] if on_gpu else [torch.float32]
     report = dict(device=torch.cuda.get_device_name(device) if on_gpu else "cpu",
                   date=datetime.date.today().isoformat(), build=build, checks=[], timings=[])
-    deadline = time.monotonic() + args.budget  # a time budget, not a measurement (those are zslfast.bench's)
+    deadline = time.monotonic() + args.budget  # a time budget, not a measurement (those are zslfast.tools.bench's)
     report["skipped"] = []
     for op in ops:
         backends = [b for b in (op.backends if on_gpu else ("cpu", "triton")) if _backend.why_unavailable(b, device) is None]

@@ -10,7 +10,7 @@ What it measures, for everything that times zslfast (``python -m zslfast bench``
 - a training step: ``step`` = forward, and with backward the gradients of every input that requires them for a fixed
   random output gradient made outside the timing;
 - memory: ``peak_mib`` (what one call allocates at its peak beyond its inputs: the CUDA allocator's statistics on a
-  GPU, the profiler's allocation events on CPU; zslfast._memory) and ``saved_mib`` (what autograd keeps for the
+  GPU, the profiler's allocation events on CPU; zslfast.tools._memory) and ``saved_mib`` (what autograd keeps for the
   backward beyond the inputs);
 - the cases: ``SHAPES``, the one table of shapes, per op the papers' shapes named by dataset (CUB C=200 K=312 at
   B=50, SUN C=717 K=102, AwA2 C=50 K=85, from zslfast.data.PRESETS; ViT-B/16 L=12 H=12 N=197 at 224^2, N=577 at
@@ -35,9 +35,9 @@ import torch
 
 import zslfast
 
-from . import _backend, available_backends, baselines
+from .. import _backend, available_backends, baselines
 from ._memory import peak_bytes
-from .data import PRESETS
+from ..data import PRESETS
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
@@ -335,7 +335,7 @@ def training_step(model: torch.nn.Module, inputs: Dict, forward: Optional[Callab
 
 
 def peak_mib(fn: Callable, device: torch.device = DEVICE) -> float:
-    """Extra memory one call of ``fn`` needs at its peak, in MiB (zslfast._memory.peak_bytes)."""
+    """Extra memory one call of ``fn`` needs at its peak, in MiB (zslfast.tools._memory.peak_bytes)."""
     return peak_bytes(fn, device) / 2**20
 
 

@@ -1,7 +1,7 @@
 """``python -m zslfast audit``: what every GPU kernel of zslfast costs on a real SM, found without a GPU.
 
 For each op at the papers' shapes (CUB, SUN, AwA2, ViT-B N=197/577) and its large ones (a 21K-class head, batch
-256): the GPU shapes of zslfast.bench.SHAPES, the table every benchmark times; and each dtype it supports on a
+256): the GPU shapes of zslfast.tools.bench.SHAPES, the table every benchmark times; and each dtype it supports on a
 GPU (fp32, bf16, fp16), the audit builds the inputs as meta tensors, asks the op's own Triton planners
 (zslfast/triton/*: ``plan_forward`` / ``plan_backward``) for their launches, and compiles each launch
 exactly as configured (grid, constants, num_warps, num_stages) for sm_80 and sm_90 with the installed triton and
@@ -33,7 +33,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import bench
-from .triton._common import H200_SMS as SMS
+from ..triton._common import H200_SMS as SMS
 
 BANDWIDTH = 4.3e12  # bytes/s, H200 copy bandwidth measured on the lent machine (H200.md / KINDS.md)
 # FLOP/s by operand dtype: bf16/fp16 is the measured dense matrix rate; fp32 (plain FMA, tl.dot in "ieee" precision,
@@ -61,7 +61,7 @@ def _meta(*shape, dtype=torch.float32):
 
 
 def _prototype_scores(B, C, K, dtype):
-    from .triton import prototype_scores as kernels
+    from ..triton import prototype_scores as kernels
 
     e, s, w = _meta(B, K, dtype=dtype), _meta(C, K, dtype=dtype), _meta(B, C, K, dtype=dtype)
     yield "forward", kernels.plan_forward(e, s, w)[1]
@@ -69,8 +69,8 @@ def _prototype_scores(B, C, K, dtype):
 
 
 def _cosine_logits(N, C, D, dtype):
-    from .ops.cosine_logits import EPS
-    from .triton import cosine_logits as kernels
+    from ..ops.cosine_logits import EPS
+    from ..triton import cosine_logits as kernels
 
     x, p, scale = _meta(N, D, dtype=dtype), _meta(C, D, dtype=dtype), _meta(dtype=dtype)
     (out, ix, ip), steps = kernels.plan_forward(x, p, scale, EPS)
@@ -94,8 +94,8 @@ ATTRIBUTE_ATTENTION_VARIANTS = (
 
 
 def _attribute_attention(B, K, R, D, Dv, dtype):
-    from .ops._spec import enum_id
-    from .triton import attribute_attention as kernels
+    from ..ops._spec import enum_id
+    from ..triton import attribute_attention as kernels
 
     q, k, v, ref = _meta(K, D, dtype=dtype), _meta(B, R, D, dtype=dtype), _meta(B, R, Dv, dtype=dtype), \
         _meta(K, Dv, dtype=dtype)
@@ -118,14 +118,14 @@ def _attribute_attention(B, K, R, D, Dv, dtype):
 
 
 def _attention_rollout(L, B, H, N, dtype):
-    from .triton import attention_rollout as kernels
+    from ..triton import attention_rollout as kernels
 
     attns = [_meta(B, H, N, N, dtype=dtype) for _ in range(L)]
     yield "forward", kernels.plan_forward(attns, "abnar", 0, 0)[2]
 
 
 def _memory_bank_kl(B, M, D, C, dtype):
-    from .triton import memory_bank as kernels
+    from ..triton import memory_bank as kernels
 
     z, protos = _meta(B, M, D, dtype=dtype), _meta(C, M, D, dtype=dtype)
     labels, active = _meta(B, dtype=torch.int64), _meta(B, M, dtype=torch.bool)
@@ -137,7 +137,7 @@ PLANNERS = {
     "attribute_attention": _attribute_attention, "attention_rollout": _attention_rollout,
     "memory_bank_kl": _memory_bank_kl,
 }
-# op -> (planner, {case: shape}), from the one shape table (zslfast.bench.SHAPES) at its GPU shapes: the papers'
+# op -> (planner, {case: shape}), from the one shape table (zslfast.tools.bench.SHAPES) at its GPU shapes: the papers'
 # shapes first, where the fill rule applies, then the large ones (LARGE_CASES), where it does not.
 CASES = {op: (planner, {case.label(): case.shape for case in bench.SHAPES[op].cases.values()})
          for op, planner in PLANNERS.items()}
@@ -349,7 +349,7 @@ def audit_triton(ops=None, archs=(80, 90), dtypes=tuple(DTYPES), cases=None) -> 
 
 def _launches(steps):
     """The kernel launches among a planner's steps (the rest is glue: fixed-order sums in torch)."""
-    from .triton._launch import Launch
+    from ..triton._launch import Launch
 
     return [step for step in steps if isinstance(step, Launch)]
 
@@ -369,7 +369,7 @@ def _signature_key(launch):
 
 def audit_cuda_extension() -> List[dict]:
     """Registers, spills and shared memory of the CUDA C++ kernels in zslfast._C, per architecture built."""
-    from . import _backend
+    from .. import _backend
 
     if not _backend.HAS_CUDA_KERNELS:
         return []
@@ -446,7 +446,7 @@ def versions() -> str:
 
 
 def _interpreted() -> bool:
-    from ._backend import triton_interpreted
+    from .._backend import triton_interpreted
 
     return triton_interpreted()
 
@@ -495,7 +495,7 @@ def run(args: argparse.Namespace) -> int:
     if _interpreted():
         # Under TRITON_INTERPRET=1 @triton.jit makes interpreter functions, which do not compile: rerun without it.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        return subprocess.run([sys.executable, "-m", "zslfast.audit", *_argv(args)], env=env).returncode
+        return subprocess.run([sys.executable, "-m", "zslfast.tools.audit", *_argv(args)], env=env).returncode
     problem = compiler_problem()
     if problem:
         raise UsageError(f"cannot compile GPU kernels here: {problem}")

@@ -24,7 +24,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from . import _backend
+from .. import _backend
 
 
 class UsageError(Exception):
@@ -159,7 +159,7 @@ def run_command(prog: str, run: Callable, args: argparse.Namespace):
 
 
 def main(prog: str, description: str, add_arguments: Callable, run: Callable, argv: Optional[Sequence[str]] = None):
-    """One command on its own (``python -m zslfast.audit``, ``zslfast.demo.main([...])``)."""
+    """One command on its own (``python -m zslfast.tools.audit``, ``zslfast.tools.demo.main([...])``)."""
     parser = Parser(prog, description)
     add_arguments(parser)
     return run_command(prog, run, parser.parse_args(argv))
