@@ -4,7 +4,7 @@
 
 The eager code (SVIP / vit-explain, rows normalised): mean over heads, + I, normalise, torch.bmm layer by layer,
 take row 0. The floor is one plain read of every map (``sum`` of each layer), which no method can beat.
-Shapes (L, B, H, N; zslfast.tools.bench.SHAPES): ViT-B/16 (L=12, H=12) at 224^2 (N=197) batch 8 and 32 (64 on a GPU),
+Shapes (L, B, H, N; zslfast.testing.SHAPES): ViT-B/16 (L=12, H=12) at 224^2 (N=197) batch 8 and 32 (64 on a GPU),
 at 384^2 (N=577) batch 8 (16 on a GPU), and on a GPU the large one, N=197 at batch 256. Forward at every shape;
 forward+backward (gradients of every map, as SVIP runs it) at N=197 batch 8.
 """
@@ -12,10 +12,11 @@ forward+backward (gradients of every map, as SVIP runs it) at N=197 batch 8.
 import pytest
 import torch
 
-from zslfast.tools import bench
+from zslfast import testing
+from zslfast.tools import timing
 from conftest import DEVICE, ON_GPU, cases, run_benchmark, shape_of
 
-OP = bench.OPS["attention_rollout"]
+OP = testing.RECORDS["attention_rollout"]
 
 
 def read_floor(*attns):
@@ -23,7 +24,7 @@ def read_floor(*attns):
 
 
 def implementation(name):
-    return read_floor if name == "floor" else OP.implementation(name)
+    return read_floor if name == "floor" else timing.implementation(OP, name)
 
 
 _maps = {}
@@ -32,11 +33,11 @@ _maps = {}
 def maps_for(shape):
     if shape not in _maps:
         _maps.clear()
-        _maps[shape] = OP.make(shape, DEVICE, False)
+        _maps[shape] = OP.make(shape, device=DEVICE, requires_grad=False)
     return _maps[shape]
 
 
-@pytest.mark.parametrize("impl", [*bench.IMPLEMENTATIONS, "floor"])
+@pytest.mark.parametrize("impl", [*timing.IMPLEMENTATIONS, "floor"])
 @pytest.mark.parametrize("shape_name", cases(OP.name, "ViT-B-224-B8"))
 def test_rollout_forward(benchmark, shape_name, impl):
     shape = shape_of(OP.name, shape_name)
@@ -48,11 +49,11 @@ def test_rollout_forward(benchmark, shape_name, impl):
         run_benchmark(benchmark, lambda: fn(*attns), rounds=None if ON_GPU else 5)
 
 
-@pytest.mark.parametrize("impl", bench.IMPLEMENTATIONS)
+@pytest.mark.parametrize("impl", timing.IMPLEMENTATIONS)
 def test_rollout_forward_backward(benchmark, impl):
     """SVIP runs rollout under autograd: gradients of every map."""
     shape = shape_of(OP.name, "ViT-B-224-B8")
     benchmark.group = f"attention_rollout ViT-B-224-B8 L,B,H,N={shape} fwd+bwd {DEVICE.type}"
     attns = [a.clone().requires_grad_() for a in maps_for(shape)]
-    fn = OP.implementation(impl)
-    run_benchmark(benchmark, bench.step(fn, attns), rounds=None if ON_GPU else 3, saved=(fn, attns))
+    fn = timing.implementation(OP, impl)
+    run_benchmark(benchmark, timing.step(fn, attns), rounds=None if ON_GPU else 3, saved=(fn, attns))

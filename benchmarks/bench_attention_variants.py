@@ -27,7 +27,7 @@ import torch
 
 import zslfast
 from zslfast import baselines
-from zslfast.tools import bench
+from zslfast.tools import timing
 from zslfast.data import PRESETS
 from conftest import DEVICE, full_unless, quick, run_benchmark
 
@@ -74,27 +74,27 @@ VARIANTS = {
 
 def implementation(variant, name):
     _, eager, fused = VARIANTS[variant]
-    return {"eager": eager, "compile": bench.compiled(eager), "zslfast": fused}[name]
+    return {"eager": eager, "compile": timing.compiled(eager), "zslfast": fused}[name]
 
 
-@pytest.mark.parametrize("impl", bench.IMPLEMENTATIONS)
+@pytest.mark.parametrize("impl", timing.IMPLEMENTATIONS)
 @pytest.mark.parametrize("variant", full_unless(lambda v: v == "gem", *VARIANTS))
 def test_attention_variant(benchmark, variant, impl):
     batch = QUICK_B if quick() and DEVICE.type == "cpu" else B
     benchmark.group = f"{variant} attention CUB B,K,R,D={batch},{K},{R},{D} fwd+bwd {DEVICE.type}"
     inputs = VARIANTS[variant][0](DEVICE, batch)
     fn = implementation(variant, impl)
-    run_benchmark(benchmark, bench.step(fn, inputs, True), rounds=None if DEVICE.type == "cuda" else 3, warmup=1,
+    run_benchmark(benchmark, timing.step(fn, inputs, True), rounds=None if DEVICE.type == "cuda" else 3, warmup=1,
                   saved=(fn, inputs))  # its first call compiles outside the measurement
 
 
 def run_interleaved(variant, rounds=5):
     inputs = VARIANTS[variant][0](torch.device("cpu"))
-    fns = {name: implementation(variant, name) for name in bench.IMPLEMENTATIONS}
+    fns = {name: implementation(variant, name) for name in timing.IMPLEMENTATIONS}
     for name, fn in fns.items():
-        print(f"{variant} {name}: saved for backward {bench.saved_mib(fn, inputs):.1f} MiB")
-    steps = {name: bench.step(fn, inputs, True) for name, fn in fns.items()}
-    bench.interleaved(f"{variant} attention CUB B={B} K={K} R={R} D={D} fwd+bwd", steps, rounds, calls=1, warmup=1)
+        print(f"{variant} {name}: saved for backward {timing.saved_mib(fn, inputs):.1f} MiB")
+    steps = {name: timing.step(fn, inputs, True) for name, fn in fns.items()}
+    timing.interleaved(f"{variant} attention CUB B={B} K={K} R={R} D={D} fwd+bwd", steps, rounds, calls=1, warmup=1)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ and zslfast.
     E = softmax(q k^T / sqrt(D)) v;  out = cos(E[b, i], ref[i])      q (K, D) shared attribute queries,
     k (B, R, D), v (B, R, Dv), ref (K, Dv)                           (ILPG AVL, Eq. 2-4)
 
-Shapes (B, K, R, D, Dv; zslfast.tools.bench.SHAPES): ResNet101 7x7 regions (R=49) against GloVe attribute queries
+Shapes (B, K, R, D, Dv; zslfast.testing.SHAPES): ResNet101 7x7 regions (R=49) against GloVe attribute queries
 (D=Dv=300) of CUB (K=312), AwA2 (K=85), SUN (K=102) at batch 64, and ViT-B tokens (R=197, D=Dv=768) against CUB's
 attributes; on a GPU also ViT-B at 384^2 (R=577, B=16) and CUB at batch 256 (the large one). Forward, and
 forward+backward (gradients of q, k, v and ref). extra_info: peak_extra_MiB (see conftest.py) and, for fwd+bwd,
@@ -19,15 +19,15 @@ import sys
 import pytest
 import torch
 
-from zslfast import baselines
-from zslfast.tools import bench
+from zslfast import baselines, testing
+from zslfast.tools import timing
 from conftest import DEVICE, ON_GPU, cases, run_benchmark, shape_of
 
-OP = bench.OPS["attribute_attention"]
+OP = testing.RECORDS["attribute_attention"]
 
 
 def implementation(name):
-    return baselines.attribute_attention_sdpa if name == "sdpa" else OP.implementation(name)
+    return baselines.attribute_attention_sdpa if name == "sdpa" else timing.implementation(OP, name)
 
 
 @pytest.mark.parametrize("impl", ["eager", "compile", "sdpa", "zslfast"])
@@ -36,21 +36,21 @@ def implementation(name):
 def test_attribute_attention(benchmark, shape_name, backward, impl):
     shape = shape_of(OP.name, shape_name)
     benchmark.group = f"attribute_attention {shape_name} B,K,R,D,Dv={shape} {'fwd+bwd' if backward else 'fwd'} {DEVICE.type}"
-    inputs = OP.make(shape, DEVICE, backward)
+    inputs = OP.make(shape, device=DEVICE, requires_grad=backward)
     fn = implementation(impl)
     large_on_cpu = shape_name == "ViT-CUB" and not ON_GPU
     run_benchmark(
-        benchmark, bench.step(fn, inputs, backward), rounds=5 if large_on_cpu else None,
+        benchmark, timing.step(fn, inputs, backward), rounds=5 if large_on_cpu else None,
         warmup=1 if large_on_cpu else 2, saved=(fn, inputs) if backward else None,  # compiles outside the timing
     )
 
 
 def run_interleaved(shape_name, rounds=11, backward=True):
     cpu = torch.device("cpu")
-    shape = OP.cases[shape_name].on(cpu)
-    inputs = OP.make(shape, cpu, backward)
-    fns = {name: bench.step(OP.implementation(name), inputs, backward) for name in bench.IMPLEMENTATIONS}
-    bench.interleaved(f"{shape_name} {shape} {'fwd+bwd' if backward else 'fwd'}", fns, rounds)
+    shape = OP.shapes[shape_name].on(cpu)
+    inputs = OP.make(shape, device=cpu, requires_grad=backward)
+    fns = {name: timing.step(timing.implementation(OP, name), inputs, backward) for name in timing.IMPLEMENTATIONS}
+    timing.interleaved(f"{shape_name} {shape} {'fwd+bwd' if backward else 'fwd'}", fns, rounds)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@
                        "eager" = per-class projection and per-class pairwise-cosine loop; group "vectorised
                        baseline": "eager" = the same math written with the full (C, C) cosine matrix.
 
-Shapes: zslfast.tools.bench.SHAPES["generative"] (SUN's classes and attributes from zslfast.data.PRESETS).
+Shapes: zslfast.testing.SHAPES["generative"] (SUN's classes and attributes from zslfast.data.PRESETS).
 Forward only (these are preprocessing steps, run once per experiment). ``extra_info`` holds ``peak_extra_MiB``
 (see conftest.py). Run: ``pytest benchmarks/bench_generative.py --benchmark-only [--full]`` (the quick set leaves
 out the per-(u, λ) ridge loop and the CDP loop, the slow baselines); summarise with
@@ -22,12 +22,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zslfast import baselines, generative
-from zslfast.tools import bench
-from zslfast.tools.bench import CLIP_DIM
+from zslfast import baselines, generative, testing
+from zslfast.testing import CLIP_DIM
 from conftest import DEVICE, ON_GPU, full_unless, run_benchmark
 
-SUN = bench.SHAPES["generative"]["SUN"].named(DEVICE)  # U, S, K, P, D
+SUN = testing.SHAPES["generative"]["SUN"].named(DEVICE)  # U, S, K, P, D
 CLASSES = SUN["U"] + SUN["S"]  # 717
 
 

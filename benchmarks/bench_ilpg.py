@@ -5,12 +5,12 @@ code, S_W and the (B, K, R) attention materialised), torch.compile of that, and 
     -> IDPP (hidden J, weights "full" (B, C, K)) -> APC logits (B, C) -> ILPG loss; one step = forward, backward
     and an SGD update of every trainable parameter.
 
-Shapes (zslfast.tools.bench.SHAPES["ilpg"]: B, C, K, unseen): CUB (B=50, C=200, K=312), SUN (C=717, K=102), AwA2
+Shapes (zslfast.testing.SHAPES["ilpg"]: B, C, K, unseen): CUB (B=50, C=200, K=312), SUN (C=717, K=102), AwA2
 (C=50, K=85), with ResNet-101 regions (R=49, Dv=2048), GloVe attribute vectors (Da=300), DINOv2 ViT-S/14
 signatures (Dg=384), J=64; and a large one (B=128, C=1000, K=312). The region projections (B·R·Dv·(d + Da) flops each way) are the same work in every
 implementation, so they bound the model-level speed-up.
 
-Interleaved timing (the three alternate each round; see zslfast.tools.bench.interleaved):
+Interleaved timing (the three alternate each round; see zslfast.tools.timing.interleaved):
     python benchmarks/bench_ilpg.py CUB [rounds]
 Where the step's time goes (profiled; region projections vs the rest):
     python benchmarks/bench_ilpg.py CUB --breakdown
@@ -23,11 +23,12 @@ import pytest
 import torch
 
 from conftest import DEVICE, ON_GPU, cases, run_benchmark
-from zslfast.tools import bench
+from zslfast import testing
+from zslfast.tools import timing
 from zslfast.models import ILPG
 
-CASES = bench.SHAPES["ilpg"]  # B, C, K, unseen
-R, DV, DA, DG, J = bench.REGIONS, bench.RESNET_DIM, bench.GLOVE_DIM, bench.DINO_DIM, bench.HIDDEN
+CASES = testing.SHAPES["ilpg"]  # B, C, K, unseen
+R, DV, DA, DG, J = testing.REGIONS, testing.RESNET_DIM, testing.GLOVE_DIM, testing.DINO_DIM, testing.HIDDEN
 
 
 def make(shape_name):
@@ -56,19 +57,19 @@ def test_ilpg_training_step(benchmark, shape_name, impl):
     if impl != "zslfast":
         model = copy.deepcopy(model).set_backend("reference")
     forward = torch.compile(model) if impl == "compile" else None
-    run_benchmark(benchmark, bench.training_step(model, batch, forward), rounds=None if shape_name != "large" else 5)
+    run_benchmark(benchmark, timing.training_step(model, batch, forward), rounds=None if shape_name != "large" else 5)
 
 
 def run_interleaved(shape_name, rounds=11):
     fused, batch = make(shape_name)
     reference = copy.deepcopy(fused).set_backend("reference")
     fns = {
-        "eager": bench.training_step(reference, batch),
-        "compile": bench.training_step(reference, batch, torch.compile(copy.deepcopy(reference))),
-        "zslfast": bench.training_step(fused, batch),
+        "eager": timing.training_step(reference, batch),
+        "compile": timing.training_step(reference, batch, torch.compile(copy.deepcopy(reference))),
+        "zslfast": timing.training_step(fused, batch),
     }
-    bench.interleaved(f"ILPG training step {shape_name} B,C,K={CASES[shape_name].on(DEVICE)[:3]} R={R}", fns, rounds,
-                      calls=3)
+    timing.interleaved(f"ILPG training step {shape_name} B,C,K={CASES[shape_name].on(DEVICE)[:3]} R={R}", fns, rounds,
+                       calls=3)
 
 
 def breakdown(shape_name, steps=5):
@@ -77,11 +78,11 @@ def breakdown(shape_name, steps=5):
     B = batch["regions"].shape[0]
     projection_shapes = ([B * R, DV], [DA, B * R])  # forward I @ W (both projections), weight gradient g^T @ I
     for name, model in (("reference", copy.deepcopy(fused).set_backend("reference")), ("fused", fused)):
-        step = bench.training_step(model, batch)
+        step = timing.training_step(model, batch)
         for _ in range(3):
             step()
         with torch.profiler.profile(record_shapes=True) as prof:
-            wall = 1e3 * sum(bench.call_seconds(step, steps)) / steps
+            wall = 1e3 * sum(timing.call_seconds(step, steps)) / steps
         projections = sum(
             e.cpu_time_total for e in prof.key_averages(group_by_input_shape=True)
             if e.key == "aten::mm" and e.input_shapes and e.input_shapes[0] in projection_shapes

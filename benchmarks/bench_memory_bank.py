@@ -13,7 +13,7 @@ Implementations (the last test parameter, as benchmarks/summarize.py reads it):
     compile  torch.compile of the eager version (the update's boolean indexing makes it graph-break)
     zslfast  the update kernel (marks the changed queues stale; prototypes() re-averages those) / memory_bank_kl
 summarize.py's table shows eager / compile / zslfast; the loop rows are in the JSON (and in the report).
-Shapes (C, M, D, K, B; zslfast.tools.bench.SHAPES["memory_bank_kl"] and bench.BANK_CAPACITY): CUB-like
+Shapes (C, M, D, K, B; zslfast.testing.SHAPES["memory_bank_kl"] and testing.BANK_CAPACITY): CUB-like
 (200, 3, 768, 8, 128) and SUN-like (717, 3, 768, 8, 256); ViT-B features.
 """
 
@@ -23,20 +23,20 @@ import pytest
 import torch
 
 import zslfast
-from zslfast import baselines
-from zslfast.tools import bench
-from zslfast.tools.bench import compiled
+from zslfast import baselines, testing
+from zslfast.tools import timing
+from zslfast.tools.timing import compiled
 from zslfast.ops.memory_bank import memory_bank_update
 from conftest import DEVICE, cases, full_unless, run_benchmark, shape_of
 
-KL = bench.OPS["memory_bank_kl"]
+KL = testing.RECORDS["memory_bank_kl"]
 THRESHOLD = 0.5
 
 
 def bank_shape(shape_name):
     """(C, M, D, K, B) of a memory_bank_kl case: its classes, slots, features, the bank capacity and its batch."""
     B, M, D, C = shape_of(KL.name, shape_name)
-    return C, M, D, bench.BANK_CAPACITY, B
+    return C, M, D, testing.BANK_CAPACITY, B
 
 
 # --- update -----------------------------------------------------------------------------------------------------
@@ -85,15 +85,15 @@ def test_memory_bank_update(benchmark, shape_name, policy, impl):
 # --- KL -----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("impl", ["loop", *bench.IMPLEMENTATIONS])
+@pytest.mark.parametrize("impl", ["loop", *timing.IMPLEMENTATIONS])
 @pytest.mark.parametrize("shape_name", cases(KL.name))
 def test_memory_bank_kl(benchmark, shape_name, impl):
     """Half the (b, m) active; the gradient of z."""
     B, M, D, C = shape = shape_of(KL.name, shape_name)
     benchmark.group = f"memory_bank_kl {shape_name} B,C,M,D={(B, C, M, D)} fwd+bwd {DEVICE.type}"
-    inputs = KL.make(shape, DEVICE, True)
-    fn = baselines.memory_bank_kl_loop if impl == "loop" else KL.implementation(impl)
-    run_benchmark(benchmark, bench.step(fn, inputs), rounds=5 if impl == "loop" else None,
+    inputs = KL.make(shape, device=DEVICE, requires_grad=True)
+    fn = baselines.memory_bank_kl_loop if impl == "loop" else timing.implementation(KL, impl)
+    run_benchmark(benchmark, timing.step(fn, inputs), rounds=5 if impl == "loop" else None,
                   warmup=1 if impl == "loop" else 2, saved=(fn, inputs))
 
 

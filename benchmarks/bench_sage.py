@@ -7,7 +7,7 @@ attention maps materialised, the bank's Python-loop update), torch.compile of th
     backward and an SGD update of every trainable parameter. B=32, all losses on (λ_align > 0: the alignment loss
     returns the attention maps on both paths). The quick set (pytest without --full) runs B=8 on CPU tensors, without torch.compile.
 
-Interleaved timing (the three alternate each round; see zslfast.tools.bench.interleaved) and peak memory:
+Interleaved timing (the three alternate each round; see zslfast.tools.timing.interleaved) and peak memory:
     python benchmarks/bench_sage.py [rounds] [--no-compile]
 Where the step's time goes (profiled, top ops of each path):
     python benchmarks/bench_sage.py --profile
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, full_unless, quick, run_benchmark
-from zslfast.tools import bench
+from zslfast.tools import timing
 from zslfast.models import SAGE
 
 B, C, K, U, L, N, D, DW = 32, 200, 312, 50, 3, 196, 768, 300  # CUB, ViT-B/16 hidden states, GloVe/Word2Vec 300
@@ -49,31 +49,31 @@ def test_sage_training_step(benchmark, impl):
     if impl != "zslfast":
         model = copy.deepcopy(model).set_backend("reference")
     forward = torch.compile(model) if impl == "compile" else None
-    run_benchmark(benchmark, bench.training_step(model, inputs, forward), rounds=5)
+    run_benchmark(benchmark, timing.training_step(model, inputs, forward), rounds=5)
 
 
 def run_interleaved(rounds=7, compile_too=True):
     fused, inputs = make()
     reference = copy.deepcopy(fused).set_backend("reference")
-    fns = {"eager": bench.training_step(reference, inputs)}
+    fns = {"eager": timing.training_step(reference, inputs)}
     if compile_too:
         compiled = copy.deepcopy(reference)
-        fns["compile"] = bench.training_step(compiled, inputs, torch.compile(compiled))
-    fns["zslfast"] = bench.training_step(fused, inputs)
+        fns["compile"] = timing.training_step(compiled, inputs, torch.compile(compiled))
+    fns["zslfast"] = timing.training_step(fused, inputs)
     title = f"SAGE training step CUB B={B} K={K} C={C} L={L} N={N} D={D} d={fused.dim} {DEVICE.type}"
-    bench.interleaved(title, fns, rounds, calls=1, warmup=2)
+    timing.interleaved(title, fns, rounds, calls=1, warmup=2)
     for name, fn in fns.items():
-        print(f"  peak memory {name}: {bench.peak_mib(fn, DEVICE):.0f} MiB (beyond the inputs)")
+        print(f"  peak memory {name}: {timing.peak_mib(fn, DEVICE):.0f} MiB (beyond the inputs)")
 
 
 def profile(steps=3):
     fused, inputs = make()
     for name, model in (("reference", copy.deepcopy(fused).set_backend("reference")), ("fused", fused)):
-        step = bench.training_step(model, inputs)
+        step = timing.training_step(model, inputs)
         for _ in range(2):
             step()
         with torch.profiler.profile() as prof:
-            wall = 1e3 * sum(bench.call_seconds(step, steps)) / steps
+            wall = 1e3 * sum(timing.call_seconds(step, steps)) / steps
         print(f"\n{name}: {wall:.0f} ms per step (profiled)")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
 

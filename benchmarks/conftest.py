@@ -8,9 +8,9 @@ ones, the Python-loop baselines that take seconds) with pytest-benchmark's usual
 ``-m full`` / ``-m "not full"`` select by the marker as usual.
 
 Each result's ``extra_info`` holds ``peak_extra_MiB``: what one call allocates at its peak beyond its inputs, from
-the CUDA allocator's statistics on GPU and from the profiler's allocation events on CPU (bench.peak_mib), and, for
+the CUDA allocator's statistics on GPU and from the profiler's allocation events on CPU (timing.peak_mib), and, for
 the forward+backward benchmarks, ``saved_MiB`` (what autograd keeps for the backward beyond the inputs;
-bench.saved_mib). A case with no shape on CPU tensors (bench.Case.cpu is None) is skipped there.
+timing.saved_mib). A case with no shape on CPU tensors (testing.Case.cpu is None) is skipped there.
 
 At the end of the session a compact summary (report.summary_table: per op, shape and pass the zslfast speed-up
 over eager and torch.compile and the memory figures) follows pytest-benchmark's own table, which shows only
@@ -23,8 +23,9 @@ import pytest
 import torch
 
 import report
-from zslfast.tools import _cli, bench
-from zslfast.tools.bench import DEVICE, ON_GPU
+from zslfast import testing
+from zslfast.tools import _cli, timing
+from zslfast.tools.timing import DEVICE, ON_GPU
 
 QUICK_CASE = "CUB"  # the paper shape every op runs at in the quick set
 QUICK_SECONDS = 2.0  # in the quick set, a benchmark with fixed rounds times about this long (at least one round)
@@ -79,8 +80,8 @@ def quick():
 
 
 def cases(op_name, quick_case=QUICK_CASE):
-    """bench.SHAPES[op_name]'s case names as pytest params, all but ``quick_case`` marked ``full``."""
-    return [pytest.param(name, marks=() if name == quick_case else FULL) for name in bench.SHAPES[op_name].cases]
+    """testing.SHAPES[op_name]'s case names as pytest params, all but ``quick_case`` marked ``full``."""
+    return [pytest.param(name, marks=() if name == quick_case else FULL) for name in testing.SHAPES[op_name].cases]
 
 
 def full_unless(condition, *values):
@@ -96,8 +97,8 @@ def run_benchmark(benchmark, fn, *, rounds=None, warmup=2, saved=None):
     In the quick set: one warm-up call; a benchmark with fixed ``rounds`` (a slow one) then runs as many of them as
     fit in about QUICK_SECONDS (at least one), the others pytest-benchmark's calibrated rounds (QUICK_MAX_TIME)."""
     if saved is not None:
-        benchmark.extra_info["saved_MiB"] = round(bench.saved_mib(*saved), 3)
-    timed = bench.synchronised(fn)
+        benchmark.extra_info["saved_MiB"] = round(timing.saved_mib(*saved), 3)
+    timed = timing.synchronised(fn)
     start = time.perf_counter()
     for _ in range(min(warmup, 1) if quick() else warmup):
         start = time.perf_counter()
@@ -106,7 +107,7 @@ def run_benchmark(benchmark, fn, *, rounds=None, warmup=2, saved=None):
     benchmark.extra_info["device"] = torch.cuda.get_device_name() if ON_GPU else "cpu"
     benchmark.extra_info["torch"] = torch.__version__
     benchmark.extra_info["threads"] = torch.get_num_threads()
-    benchmark.extra_info["peak_extra_MiB"] = round(bench.peak_mib(fn, DEVICE), 2)
+    benchmark.extra_info["peak_extra_MiB"] = round(timing.peak_mib(fn, DEVICE), 2)
     if quick() and rounds is not None:
         rounds = max(1, min(rounds, round(QUICK_SECONDS / max(call_s, 1e-9))))
     if rounds is not None:
@@ -115,10 +116,10 @@ def run_benchmark(benchmark, fn, *, rounds=None, warmup=2, saved=None):
 
 
 def shape_of(op_name, case_name):
-    """The shape of bench.SHAPES[op_name][case_name] on this device; skips the test where the case has none."""
-    shape = bench.SHAPES[op_name][case_name].on(DEVICE)
+    """The shape of testing.SHAPES[op_name][case_name] on this device; skips the test where the case has none."""
+    shape = testing.SHAPES[op_name][case_name].on(DEVICE)
     if shape is None:
-        pytest.skip(f"{op_name} {case_name} runs on a GPU only ({bench.SHAPES[op_name][case_name].label()})")
+        pytest.skip(f"{op_name} {case_name} runs on a GPU only ({testing.SHAPES[op_name][case_name].label()})")
     return shape
 
 

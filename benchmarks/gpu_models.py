@@ -5,9 +5,9 @@ ops must be capturable). Models and inputs are bench_ilpg.make / bench_sage.make
     python benchmarks/gpu_models.py OUT_JSON [--budget SECONDS] [--models ilpg sage]
 
 Each figure is triton's do_bench median of whole steps (forward, backward, SGD update) after warm-up steps that
-include the compile (its seconds reported as ``warmup_s``); peak memory is bench.peak_mib of one step. A variant
+include the compile (its seconds reported as ``warmup_s``); peak memory is timing.peak_mib of one step. A variant
 that raises is recorded with its error instead of a time. On CPU tensors (no GPU) it runs the same pipeline with
-bench.median_ms at the quick set's batch and without the CUDA-graph variants: a dry run, not a figure.
+timing.median_ms at the quick set's batch and without the CUDA-graph variants: a dry run, not a figure.
 """
 
 import copy
@@ -24,7 +24,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]  # the benchmarks' modules, and zsl
 
 import bench_ilpg  # noqa: E402
 import bench_sage  # noqa: E402
-from zslfast.tools import _cli, bench  # noqa: E402
+from zslfast.tools import _cli, timing  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 
@@ -51,14 +51,14 @@ def time_model(name: str, fused, inputs, deadline: float) -> dict:
             result["impls"][impl] = dict(skipped="over the time budget")
             continue
         try:
-            step = bench.training_step(model, inputs, forward)
+            step = timing.training_step(model, inputs, forward)
             start = time.perf_counter()
             for _ in range(3):
                 step()
-            bench.sync()
+            timing.sync()
             entry = dict(warmup_s=time.perf_counter() - start)
-            entry["step_ms"] = bench.cuda_median_ms(step) if ON_GPU else bench.median_ms(step, 3)
-            entry["peak_mib"] = bench.peak_mib(step)
+            entry["step_ms"] = timing.cuda_median_ms(step) if ON_GPU else timing.median_ms(step, 3)
+            entry["peak_mib"] = timing.peak_mib(step)
         except Exception as error:  # a variant that cannot run is a finding, not the end of the run
             entry = dict(error=f"{type(error).__name__}: {error}"[:2000], trace=traceback.format_exc()[-4000:])
         result["impls"][impl] = entry
@@ -80,7 +80,7 @@ def main(argv=None):
     for name in args.models:
         if name == "ilpg":
             model, inputs = bench_ilpg.make("CUB")
-            shape = dict(zip("BCKU", bench_ilpg.CASES["CUB"].on(bench.DEVICE)))
+            shape = dict(zip("BCKU", bench_ilpg.CASES["CUB"].on(timing.DEVICE)))
         else:
             batch = bench_sage.B if ON_GPU else bench_sage.QUICK_B
             model, inputs = bench_sage.make(batch)

@@ -114,12 +114,14 @@ def test_gpucheck_pipeline_on_cpu(tmp_path):
 
 def test_gpucheck_catches_a_wrong_kernel(tmp_path, monkeypatch):
     """A kernel off by 1e-3 fails its check and the command's exit status."""
-    import zslfast
+    import dataclasses
+
     from zslfast.tools import gpucheck
 
     _some_kernel_backend()
-    real = zslfast.prototype_scores
-    monkeypatch.setattr(zslfast, "prototype_scores", lambda *a, **k: real(*a, **k) * 1.001)
+    real = next(op for op in gpucheck.OPS if op.name == "prototype_scores")
+    wrong = dataclasses.replace(real, fused=lambda *a, **k: real.fused(*a, **k) * 1.001)
+    monkeypatch.setattr(gpucheck, "OPS", [wrong if op is real else op for op in gpucheck.OPS])
     assert gpucheck.main(["--out", str(tmp_path), "--ops", "prototype_scores", "--no-timing"]) == 1
 
 

@@ -1,12 +1,12 @@
 """``python -m zslfast audit``: what every GPU kernel of zslfast costs on a real SM, found without a GPU.
 
 For each op at the papers' shapes (CUB, SUN, AwA2, ViT-B N=197/577) and its large ones (a 21K-class head, batch
-256): the GPU shapes of zslfast.tools.bench.SHAPES, the table every benchmark times; and each dtype it supports on a
-GPU (fp32, bf16, fp16), the audit builds the inputs as meta tensors, asks the op's own Triton planners
-(zslfast/triton/*: ``plan_forward`` / ``plan_backward``) for their launches, and compiles each launch
-exactly as configured (grid, constants, num_warps, num_stages) for sm_80 and sm_90 with the installed triton and
-its own ptxas. Resource usage comes from the cubin (triton's bundled ``cuobjdump --dump-resource-usage``); the
-CUDA C++ kernels of the built extension are read the same way.
+256): the GPU shapes of its record (zslfast.testing), the cases every benchmark times; and each dtype it supports on
+a GPU (fp32, bf16, fp16), the audit runs the record's plan, which builds the inputs as meta tensors and asks the
+op's own Triton planners (zslfast/triton/*: ``plan_forward`` / ``plan_backward``) for their launches, and compiles
+each launch exactly as configured (grid, constants, num_warps, num_stages) for sm_80 and sm_90 with the installed
+triton and its own ptxas. Resource usage comes from the cubin (triton's bundled ``cuobjdump
+--dump-resource-usage``); the CUDA C++ kernels of the built extension are read the same way.
 
 Per kernel x shape x dtype x arch it reports registers per thread, spills, shared memory, theoretical occupancy,
 CTAs and waves on the H200's 132 SMs, the bytes that must move and the FLOPs, and the roofline floor at the H200's
@@ -32,7 +32,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import bench
+from ..testing import RECORDS, VARIANT_MARK
 from ..triton._common import H200_SMS as SMS
 
 BANDWIDTH = 4.3e12  # bytes/s, H200 copy bandwidth measured on the lent machine (H200.md / KINDS.md)
@@ -53,95 +53,12 @@ TYPE_NAMES = {
 
 
 # ------------------------------------------------------------------------------------------------- the cases
-VARIANT_MARK = "["  # a pass of an op's non-default options is named "forward [variant]"
-
-
-def _meta(*shape, dtype=torch.float32):
-    return torch.empty(shape, dtype=dtype, device="meta")
-
-
-def _prototype_scores(B, C, K, dtype):
-    from ..triton import prototype_scores as kernels
-
-    e, s, w = _meta(B, K, dtype=dtype), _meta(C, K, dtype=dtype), _meta(B, C, K, dtype=dtype)
-    yield "forward", kernels.plan_forward(e, s, w)[1]
-    yield "backward", kernels.plan_backward(_meta(B, C, dtype=dtype), e, s, w, True)[1]
-
-
-def _cosine_logits(N, C, D, dtype):
-    from ..ops.cosine_logits import EPS
-    from ..triton import cosine_logits as kernels
-
-    x, p, scale = _meta(N, D, dtype=dtype), _meta(C, D, dtype=dtype), _meta(dtype=dtype)
-    (out, ix, ip), steps = kernels.plan_forward(x, p, scale, EPS)
-    yield "forward", steps
-    yield "backward", kernels.plan_backward(_meta(N, C, dtype=dtype), x, p, out, ix, ip, scale, EPS, "clamp",
-                                            (True, True, True))[1]
-
-
-# attribute_attention's options (issue 17) the audit compiles besides the default (ILPG's): (name, softmax_over,
-# logit_activation, return_max) as the kernels' ints (ENUMS). Each path of the kernels runs in one of them at least
-# (the softmax over the queries with either max, the relu on either axis, each max on the keys). They are compiled
-# at CUB's K = 312 (R = 49, 197, 577: the single-tile, wide-tile and R-tiled paths; B = 256: the columns kernel's
-# wider R tile; AwA2's and SUN's K pick CUB's tiles) in fp32 and bf16 (fp16 takes bf16's tiles and registers):
-# every case and dtype tripled the audit's time (8 min a stack on 2 cores).
-ATTRIBUTE_ATTENTION_VARIANTS = (
-    ("queries+attention-max", "queries", None, "attention"),  # SAGE SVA + Eq. 3
-    ("relu+logits-max", "keys", "relu", "logits"),  # PSVMA
-    ("attention-max", "keys", None, "attention"),  # GEM-ZSL
-    ("queries+relu+logits-max", "queries", "relu", "logits"),
-)
-
-
-def _attribute_attention(B, K, R, D, Dv, dtype):
-    from ..ops._spec import enum_id
-    from ..triton import attribute_attention as kernels
-
-    q, k, v, ref = _meta(K, D, dtype=dtype), _meta(B, R, D, dtype=dtype), _meta(B, R, Dv, dtype=dtype), \
-        _meta(K, Dv, dtype=dtype)
-    score_mode = enum_id("score", "cosine")  # ILPG's score (the id was 1, "dot", until the ops' enums were named)
-    (_, e, lse, _, _, _), steps = kernels.plan_forward(q, k, v, ref, None, D ** -0.5, score_mode, False)
-    yield "forward", steps
-    yield "backward", kernels.plan_backward(_meta(B, K, dtype=dtype), None, q, k, v, ref, None, e, lse, D ** -0.5,
-                                            score_mode, (True, True, True, True))[1]
-    if K != 312 or dtype == torch.float16:
-        return
-    for name, softmax_over, activation, return_max in ATTRIBUTE_ATTENTION_VARIANTS:
-        modes = (enum_id("softmax_over", softmax_over), enum_id("logit_activation", activation),
-                 enum_id("return_max", return_max))
-        (_, e, lse, _, best, index), steps = kernels.plan_forward(q, k, v, ref, None, D ** -0.5, score_mode, False,
-                                                                  True, kernels.COSINE_EPS, *modes)
-        yield f"forward {VARIANT_MARK}{name}]", steps
-        yield f"backward {VARIANT_MARK}{name}]", kernels.plan_backward(
-            _meta(B, K, dtype=dtype), None, q, k, v, ref, None, e, lse, D ** -0.5, score_mode, (True, True, True, True),
-            kernels.COSINE_EPS, *modes, _meta(B, K, dtype=dtype), best, index)[1]
-
-
-def _attention_rollout(L, B, H, N, dtype):
-    from ..triton import attention_rollout as kernels
-
-    attns = [_meta(B, H, N, N, dtype=dtype) for _ in range(L)]
-    yield "forward", kernels.plan_forward(attns, "abnar", 0, 0)[2]
-
-
-def _memory_bank_kl(B, M, D, C, dtype):
-    from ..triton import memory_bank as kernels
-
-    z, protos = _meta(B, M, D, dtype=dtype), _meta(C, M, D, dtype=dtype)
-    labels, active = _meta(B, dtype=torch.int64), _meta(B, M, dtype=torch.bool)
-    yield "forward+grad", kernels.plan_kl_forward(z, protos, labels, active, True)[1]
-
-
-PLANNERS = {
-    "prototype_scores": _prototype_scores, "cosine_logits": _cosine_logits,
-    "attribute_attention": _attribute_attention, "attention_rollout": _attention_rollout,
-    "memory_bank_kl": _memory_bank_kl,
-}
-# op -> (planner, {case: shape}), from the one shape table (zslfast.tools.bench.SHAPES) at its GPU shapes: the papers'
-# shapes first, where the fill rule applies, then the large ones (LARGE_CASES), where it does not.
-CASES = {op: (planner, {case.label(): case.shape for case in bench.SHAPES[op].cases.values()})
-         for op, planner in PLANNERS.items()}
-LARGE_CASES = {case.label() for op in PLANNERS for case in bench.SHAPES[op].cases.values() if case.large}
+# op -> (its record's plan, {case: shape}) of every record with a Triton plan, at the GPU shapes of its cases: the
+# papers' shapes first, where the fill rule applies, then the large ones (LARGE_CASES), where it does not.
+CASES = {op.name: (op.plan, {case.label(): case.shape for case in op.shapes.cases.values()})
+         for op in RECORDS.values() if op.plan is not None}
+LARGE_CASES = {case.label() for op in RECORDS.values() if op.plan is not None for case in op.shapes.cases.values()
+               if case.large}
 
 
 # ---------------------------------------------------------------------------------------------- compiling

@@ -5,10 +5,11 @@
    reference (zslfast.reference) run in fp64 on the same device. An error must stay within 2x the error of the
    same eager code (the paper's) run in that dtype (and within 1e-5 relative in fp32).
 3. Speed: eager, torch.compile of the eager code and zslfast at the papers' shapes and the large ones (the GPU
-   shapes of zslfast.tools.bench.SHAPES, which the audit compiles too), forward and forward+backward, with peak memory
-   (zslfast.tools.bench: step, peak_mib). GPU times are triton.testing.do_bench medians (bench.cuda_median_ms) over
-   inputs rotated beyond the 60 MB L2; torch.compile's warm-up is excluded and reported on its own. For
-   attribute_attention it also times SDPA + cosine, and records which SDPA backend runs at head dim 300 in bf16.
+   shapes of the ops' records in zslfast.testing, which the audit compiles too), forward and forward+backward, with
+   peak memory (zslfast.tools.timing: step, peak_mib). GPU times are triton.testing.do_bench medians
+   (timing.cuda_median_ms) over inputs rotated beyond the 60 MB L2; torch.compile's warm-up is excluded and reported
+   on its own. For attribute_attention it also times SDPA + cosine, and records which SDPA backend runs at head dim
+   300 in bf16.
 4. Writes ``<out>/<gpu>-<date>.json`` and ``.md``: achieved GB/s and TFLOP/s against the audit's bytes and FLOPs
    (a model of the traffic floor) and the ceilings, ratios against eager and compile.
 
@@ -19,108 +20,41 @@ It needs nothing but this repository and the GPU machine's own torch, triton, nv
 
 import argparse
 import datetime
+import functools
 import json
 import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .. import _backend, baselines, reference
-from . import audit, bench
+from .. import _backend, baselines
+from ..testing import RECORDS, OpRecord
+from . import audit, timing
 
 L2_BYTES = 60 * 2**20  # H200's L2: inputs are rotated over at least twice this
-SCALE = 16.0  # cosine_logits' scale in every check (a SVIP/SAGE-like temperature)
 
 
 # ----------------------------------------------------------------------------------------------- the ops
-@dataclass
-class OpCheck:
-    name: str  # also the key of its shapes in zslfast.tools.bench.SHAPES and of its traffic model in zslfast.tools.audit
-    make: Callable  # (shape, dtype, device, generator) -> inputs; the first num_grad are differentiated
-    num_grad: Optional[int]  # None: every floating input
-    fused: Callable  # backend -> fn(*inputs)
-    eager: Callable  # the paper's code, fn(*inputs)
-    exact: Callable  # the reference, fn(*inputs)
-    backends: tuple  # the op's GPU backends
-    tiny: tuple  # the CPU self-check's shape
-    checked: tuple  # the GPU correctness check's shape (a papers' shape)
-
-
-def _randn(g, device, dtype, *shape, scale=1.0):
-    return (torch.randn(*shape, generator=g, dtype=torch.float64, device=device) * scale).to(dtype)
-
-
-def _make_prototype_scores(shape, dtype, device, g):
-    B, C, K = shape
-    return _randn(g, device, dtype, B, K), _randn(g, device, dtype, C, K), _randn(g, device, dtype, B, C, K, scale=0.1)
-
-
-def _make_cosine_logits(shape, dtype, device, g):
-    N, C, D = shape
-    return _randn(g, device, dtype, N, D), _randn(g, device, dtype, C, D)
-
-
-def _make_attribute_attention(shape, dtype, device, g):
-    B, K, R, D, Dv = shape
-    return (_randn(g, device, dtype, K, D), _randn(g, device, dtype, B, R, D), _randn(g, device, dtype, B, R, Dv),
-            _randn(g, device, dtype, K, Dv))
-
-
-def _make_attention_rollout(shape, dtype, device, g):
-    L, B, H, N = shape
-    return tuple(_randn(g, device, torch.float64, B, H, N, N, scale=2.0).softmax(-1).to(dtype) for _ in range(L))
-
-
-def _make_memory_bank_kl(shape, dtype, device, g):
-    B, M, D, C = shape
-    labels = torch.randint(0, C, (B,), generator=g, device=device)
-    active = torch.rand(B, M, generator=g, device=device) < 0.7
-    return _randn(g, device, dtype, B, M, D), _randn(g, device, dtype, C, M, D), labels, active
-
-
-def _fused(op_name):
-    import zslfast
-
-    def for_backend(backend):
-        if op_name == "cosine_logits":
-            return lambda x, p: zslfast.cosine_logits(x, p, SCALE, backend=backend)
-        if op_name == "attention_rollout":
-            return lambda *attns: zslfast.attention_rollout(list(attns), backend=backend)
-        return lambda *inputs: getattr(zslfast, op_name)(*inputs, backend=backend)
-
-    return for_backend
-
-
-OPS = [
-    OpCheck("prototype_scores", _make_prototype_scores, 3, _fused("prototype_scores"), baselines.prototype_scores,
-            reference.prototype_scores, ("triton", "cuda"), (5, 37, 70), (50, 200, 312)),
-    OpCheck("cosine_logits", _make_cosine_logits, 2, _fused("cosine_logits"),
-            lambda x, p: baselines.cosine_logits(x, p, SCALE),
-            lambda x, p: reference.cosine_logits(x, p, SCALE), ("triton", "cuda"), (6, 9, 40), (64, 200, 768)),
-    OpCheck("attribute_attention", _make_attribute_attention, 4, _fused("attribute_attention"),
-            baselines.attribute_attention, reference.attribute_attention, ("triton",), (3, 11, 7, 20, 20),
-            (64, 312, 49, 300, 300)),
-    OpCheck("attention_rollout", _make_attention_rollout, None, _fused("attention_rollout"),
-            lambda *attns: baselines.attention_rollout(attns),
-            lambda *attns: reference.attention_rollout(list(attns)), ("triton",), (3, 2, 2, 17), (12, 8, 12, 197)),
-    OpCheck("memory_bank_kl", _make_memory_bank_kl, 1, _fused("memory_bank_kl"), baselines.memory_bank_kl,
-            reference.memory_bank_kl, ("triton",), (4, 2, 33, 5), (128, 3, 768, 200)),
-]
+# The ops with GPU kernels of their own, from their records (zslfast.testing): inputs, the paper's code, the
+# reference, the GPU backends, the CPU self-check's shape (tiny) and the GPU correctness check's case (checked).
+OPS = [op for op in RECORDS.values() if op.tiny is not None]
 
 
 # --------------------------------------------------------------------------------------------- correctness
-def _differentiated(index, tensor, num_grad) -> bool:
-    return tensor.is_floating_point() and (num_grad is None or index < num_grad)
+def _differentiated(op: OpRecord, index: int, tensor: torch.Tensor) -> bool:
+    """The inputs checked and timed with their gradients: those the op differentiates, less one-element ones (a
+    temperature, held fixed here: its gradient is a sum whose relative error measures cancellation, not the kernel;
+    the op's tests check it against a cancellation-aware size)."""
+    return op.differentiates(index, tensor) and tensor.numel() > 1
 
 
-def _outputs_and_grads(fn, inputs, num_grad, grad_out=None):
-    """The output and the gradients of the first num_grad inputs for grad_out (rollout: of the output itself)."""
-    leaves = [t.detach().requires_grad_(_differentiated(i, t, num_grad)) for i, t in enumerate(inputs)]
+def _outputs_and_grads(op: OpRecord, fn, inputs, grad_out=None):
+    """The output and the gradients of the differentiated inputs, for grad_out."""
+    leaves = [t.detach().requires_grad_(_differentiated(op, i, t)) for i, t in enumerate(inputs)]
     out = fn(*leaves)
     wrt = [t for t in leaves if t.requires_grad]
     if grad_out is None:
@@ -134,19 +68,19 @@ def _relative_errors(values, exact):
     return [((v.double() - x).abs().max() / x.abs().max().clamp_min(1e-30)).item() for v, x in zip(values, exact)]
 
 
-def exact_case(op: OpCheck, shape, device):
+def exact_case(op: OpRecord, shape, device):
     """(fp64 inputs, the reference's output and gradients, the output gradient used) of one check."""
     inputs64 = op.make(shape, torch.float64, device, torch.Generator(device=device).manual_seed(0))
-    exact, grad_out = _outputs_and_grads(op.exact, inputs64, op.num_grad)
+    exact, grad_out = _outputs_and_grads(op, op.reference, inputs64)
     return inputs64, exact, grad_out
 
 
-def check_correctness(op: OpCheck, backend: str, dtype: torch.dtype, case) -> dict:
+def check_correctness(op: OpRecord, backend: str, dtype: torch.dtype, case) -> dict:
     inputs64, exact, grad_out = case
     shape = [list(t.shape) for t in inputs64]
     low = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs64)
-    kernel, _ = _outputs_and_grads(op.fused(backend), low, op.num_grad, grad_out)
-    eager, _ = _outputs_and_grads(op.eager, low, op.num_grad, grad_out)
+    kernel, _ = _outputs_and_grads(op, functools.partial(op.fused, backend=backend), low, grad_out)
+    eager, _ = _outputs_and_grads(op, op.eager, low, grad_out)
     kernel_err, eager_err = _relative_errors(kernel, exact), _relative_errors(eager, exact)
     floor = 1e-5 if dtype == torch.float32 else 1e-10 if dtype == torch.float64 else 1e-3
     bounds = [max(2 * e, floor) for e in eager_err]
@@ -160,10 +94,10 @@ def check_correctness(op: OpCheck, backend: str, dtype: torch.dtype, case) -> di
 # ------------------------------------------------------------------------------------------------- timing
 def _time_ms(fn, device) -> float:
     """do_bench's median on a GPU; on CPU the median of a few calls (the pipeline check, not a figure)."""
-    return bench.cuda_median_ms(fn) if device.type == "cuda" else bench.median_ms(fn, 3)
+    return timing.cuda_median_ms(fn) if device.type == "cuda" else timing.median_ms(fn, 3)
 
 
-def _rotated(op: OpCheck, shape, dtype, device):
+def _rotated(op: OpRecord, shape, dtype, device):
     """Enough copies of the inputs that one pass over them overflows the L2 twice (one on CPU)."""
     g = torch.Generator(device=device).manual_seed(2)
     first = op.make(shape, dtype, device, g)
@@ -172,13 +106,13 @@ def _rotated(op: OpCheck, shape, dtype, device):
     sets = [first] + [op.make(shape, dtype, device, g) for _ in range(copies - 1)]
     for inputs in sets:
         for i, t in enumerate(inputs):
-            t.requires_grad_(_differentiated(i, t, op.num_grad))
+            t.requires_grad_(_differentiated(op, i, t))
     return sets
 
 
 def _steps(fn, sets):
-    """(forward, forward+backward) callables cycling through the input sets (bench.step)."""
-    return bench.step(fn, sets[0], False, sets[1:]), bench.step(fn, sets[0], True, sets[1:])
+    """(forward, forward+backward) callables cycling through the input sets (timing.step)."""
+    return timing.step(fn, sets[0], False, sets[1:]), timing.step(fn, sets[0], True, sets[1:])
 
 
 def sdpa_backend_at(D: int, dtype, device) -> Optional[str]:
@@ -199,24 +133,24 @@ def sdpa_backend_at(D: int, dtype, device) -> Optional[str]:
     return None
 
 
-def time_case(op: OpCheck, case: str, shape, dtype, device, backends, use_compile: bool) -> dict:
+def time_case(op: OpRecord, case: str, shape, dtype, device, backends, use_compile: bool) -> dict:
     sets = _rotated(op, shape, dtype, device)
     impls = {"eager": op.eager}
     if op.name == "attribute_attention" and device.type == "cuda":
         impls["sdpa+cosine"] = baselines.attribute_attention_sdpa
     if use_compile:
         impls["compile"] = torch.compile(op.eager, dynamic=False)
-    impls.update({f"zslfast[{b}]": op.fused(b) for b in backends})
+    impls.update({f"zslfast[{b}]": functools.partial(op.fused, backend=b) for b in backends})
     traffic = audit.traffic(op.name, shape, dtype)
     result = dict(op=op.name, case=case, shape=list(shape), dtype=str(dtype).replace("torch.", ""), impls={})
     for name, fn in impls.items():
         forward, train = _steps(fn, sets)
         entry = {}
         if name == "compile":
-            entry["warmup_s"] = bench.call_seconds(lambda: (train(), forward()), 1)[0]
+            entry["warmup_s"] = timing.call_seconds(lambda: (train(), forward()), 1)[0]
         entry["forward_ms"] = _time_ms(forward, device)
         entry["train_ms"] = _time_ms(train, device)
-        entry["train_peak_mib"] = bench.peak_mib(train, device)
+        entry["train_peak_mib"] = timing.peak_mib(train, device)
         result["impls"][name] = entry
     fwd_bytes, fwd_flops = traffic.get("forward", (0, 0))
     bwd_bytes, bwd_flops = (sum(v[0] for v in traffic.values()), sum(v[1] for v in traffic.values()))
@@ -336,12 +270,13 @@ def run(args: argparse.Namespace) -> int:
     dtypes = [torch.float32, torch.bfloat16, torch.float16] if on_gpu else [torch.float32]
     report = dict(device=torch.cuda.get_device_name(device) if on_gpu else "cpu",
                   date=datetime.date.today().isoformat(), build=build, checks=[], timings=[])
-    deadline = time.monotonic() + args.budget  # a time budget, not a measurement (those are zslfast.tools.bench's)
+    deadline = time.monotonic() + args.budget  # a time budget, not a measurement (those are timing's)
     report["skipped"] = []
     for op in ops:
-        backends = [b for b in (op.backends if on_gpu else ("cpu", "triton")) if _backend.why_unavailable(b, device) is None]
+        backends = [b for b in (op.gpu_backends if on_gpu else ("cpu", "triton"))
+                    if _backend.why_unavailable(b, device) is None]
         checked = backends if not args.no_check else []
-        case = exact_case(op, op.checked if on_gpu else op.tiny, device) if checked else None
+        case = exact_case(op, op.shapes[op.checked].shape if on_gpu else op.tiny, device) if checked else None
         for backend in checked:
             for dtype in dtypes:
                 result = check_correctness(op, backend, dtype, case)
@@ -352,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
                       flush=True)
         if args.no_timing or not backends:
             continue
-        cases = [(c.label(), c.shape) for c in bench.SHAPES[op.name].cases.values()] if on_gpu else [("tiny", op.tiny)]
+        cases = [(c.label(), c.shape) for c in op.shapes.cases.values()] if on_gpu else [("tiny", op.tiny)]
         time_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.time_dtype]
         for i, (case, case_shape) in enumerate(cases):
             if time.monotonic() > deadline:
