@@ -1,9 +1,9 @@
-"""Shared test setup: which (device, backend) pairs run here, and tolerances per dtype.
+"""The suite's fixtures and hooks: the ``gpu`` marker, the session's time budget, the per-case seed, the header line.
 
-Without a GPU the Triton kernels run on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1, set here
-before any kernel is compiled); the interpreter computes bf16 wrong, so interpreted Triton is tested in fp32/fp64.
-GPU-only cases skip cleanly where no GPU is visible, and carry the ``gpu`` marker wherever they are (see
-pytest_collection_modifyitems): ``pytest -m gpu`` runs exactly them on a GPU machine (benchmarks/gpu_session.sh).
+The shared helpers (which (device, backend) pairs run here, tolerances, ...) are in helpers.py, imported first here
+because it sets TRITON_INTERPRET where there is no GPU before any kernel is compiled. GPU-only cases carry the
+``gpu`` marker wherever they are (see pytest_collection_modifyitems): ``pytest -m gpu`` runs exactly them on a GPU
+machine (benchmarks/gpu_session.sh).
 """
 
 import os
@@ -12,86 +12,9 @@ import time
 import pytest
 import torch
 
-HAS_GPU = torch.cuda.is_available()
-NO_GPU = "no GPU visible"  # the one skip reason of a GPU-only case: the gpu marker is derived from it
-requires_gpu = pytest.mark.skipif(not HAS_GPU, reason=NO_GPU)
-if not HAS_GPU:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from helpers import NO_GPU  # first: it sets TRITON_INTERPRET before zslfast loads
 
-from zslfast import _backend  # noqa: E402
-
-KERNEL_BACKENDS = ("cpu", "triton", "cuda")
-
-# CI sets these so that a backend that should have been built fails its tests instead of skipping them.
-REQUIRED_BY = {"cpu": "ZSLFAST_REQUIRE_EXTENSION", "cuda": "ZSLFAST_REQUIRE_CUDA_KERNELS", "triton": "ZSLFAST_REQUIRE_TRITON"}
-
-
-def backend_param(backend: str, device: str = "cpu"):
-    """``backend`` on ``device`` as a pytest param: skipped with the reason where it cannot run, unless CI requires
-    it (then the test runs and fails with the BackendUnavailableError naming what is missing). No GPU always skips."""
-    if device == "cuda" and not HAS_GPU:
-        reason = NO_GPU
-    else:
-        reason = _backend.why_unavailable(backend, torch.device(device))
-        if reason and os.environ.get(REQUIRED_BY.get(backend, ""), "0") == "1":
-            reason = None
-    marks = [pytest.mark.skip(reason=reason)] if reason else []
-    return pytest.param(backend, id=backend, marks=marks)
-
-
-def require_backend(backend: str, device: str = "cpu"):
-    """Inside a test that needs ``backend`` (the registered op's own behaviour, not the reference fallback): skip
-    with the reason where it cannot run, unless CI requires it (then the test goes on and fails)."""
-    marks = backend_param(backend, device).marks
-    if marks:
-        pytest.skip(marks[0].kwargs["reason"])
-
-
-def device_backend_pairs():
-    """Every (device, backend) a kernel can run on, as pytest params; unavailable ones skip with the reason."""
-    pairs = []
-    for device in ("cpu", "cuda"):
-        for backend in KERNEL_BACKENDS:
-            if (device, backend) in (("cpu", "cuda"), ("cuda", "cpu")):
-                continue
-            marks = backend_param(backend, device).marks
-            pairs.append(pytest.param(device, backend, id=f"{device}-{backend}", marks=marks))
-    return pairs
-
-
-DEVICE_BACKENDS = device_backend_pairs()
-
-# (rtol, atol) against the float64 reference.
-TOLERANCES = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5)}
-
-
-def dtypes_for(device: str, backend: str):
-    """fp64/fp32 everywhere; fp16/bf16 only on a real GPU (the Triton interpreter computes bf16 wrong)."""
-    dtypes = [torch.float64, torch.float32]
-    if device == "cuda":
-        dtypes += [torch.float16, torch.bfloat16]
-    return dtypes
-
-
-def assert_compiles_like_eager(fn, leaves):
-    """torch.compile(fn, fullgraph=True) (a fresh dynamo cache) gives fn's scalar loss and its gradients to leaves."""
-    import torch._dynamo
-
-    torch._dynamo.reset()
-    got = torch.compile(fn, fullgraph=True)(*leaves)
-    got_grads = torch.autograd.grad(got, leaves)
-    want = fn(*leaves)
-    want_grads = torch.autograd.grad(want, leaves)
-    torch.testing.assert_close(got, want)
-    for g, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g, w)
-
-
-def low_precision_error_bound(kernel_out, eager_low_out, exact):
-    """Low-precision rule: the kernel's error may be at most 2x that of the eager code run in the same dtype."""
-    kernel_err = (kernel_out.double() - exact).abs().max().item()
-    eager_err = (eager_low_out.double() - exact).abs().max().item()
-    return kernel_err, max(2 * eager_err, 1e-6 * exact.abs().max().item())
+from zslfast import _backend
 
 
 def _is_gpu_only(item) -> bool:
@@ -145,45 +68,3 @@ def pytest_report_header(config):
         f"zslfast on torch {torch.__version__}, triton {triton_version}, numpy {numpy.__version__}, "
         f"python {sys.version.split()[0]}; extension: {extension}"
     )
-
-
-def free_port() -> int:
-    """A free local TCP port for a test's process group rendezvous."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn_ranks(worker, args: tuple, world: int, folder, result_name, timeout: float):
-    """Start ``world`` processes running ``worker(rank, *args)`` (torch.multiprocessing.spawn) and wait until each
-    rank has written ``folder / result_name(rank)`` or ``folder / f"error{rank}"`` (its traceback); then reap them.
-
-    The wait polls the files, not ProcessContext.join: join terminates the other ranks as soon as one exits
-    non-zero, and a gloo teardown can crash or hang at interpreter exit after a rank has written its result (torch
-    2.4). Bounded, so a hang fails the test instead of stalling the suite. Asserts no rank wrote an error and every
-    rank its result; returns the result paths, rank by rank.
-    """
-    import time
-
-    import torch.multiprocessing as mp
-
-    results = [folder / result_name(rank) for rank in range(world)]
-    errors = [folder / f"error{rank}" for rank in range(world)]
-    context = mp.spawn(worker, args=args, nprocs=world, join=False)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not all(r.exists() or e.exists() for r, e in zip(results, errors)):
-        if not any(process.is_alive() for process in context.processes):
-            break
-        time.sleep(0.2)
-    for process in context.processes:
-        process.join(20)
-        if process.is_alive():
-            process.terminate()
-            process.join(5)
-    failed = [e.read_text() for e in errors if e.exists()]
-    assert not failed, "rank failed:\n" + "\n".join(failed)
-    missing = [rank for rank, r in enumerate(results) if not r.exists()]
-    assert not missing, f"ranks {missing} wrote no result; exit codes {[p.exitcode for p in context.processes]}"
-    return results

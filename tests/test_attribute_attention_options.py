@@ -2,8 +2,8 @@
 softmax_over "queries" (MSDN V2A, SAGE SVA), logit_activation "relu" (PSVMA AnyAttention), return_max "attention"
 (GEM-ZSL, SAGE Eq. 3) and "logits" (PSVMA), alone and together, with return_attention; outputs and the gradients of
 q, k, v, ref and of a loss on the max and on the attention. Masks with fully masked samples, K=1, R=1, the R-tiled
-Triton path, non-contiguous inputs, gradcheck, opcheck, torch.compile(fullgraph=True), what autograd keeps, bad
-options; and the papers' own eager formulas (docs/ops.md's before/after examples).
+Triton path, what autograd keeps, bad options; and the papers' own eager formulas (docs/ops.md's before/after
+examples). gradcheck, opcheck, torch.compile and layouts with the options: test_contract.py (the record's variants).
 
     S = act(q k^T) * scale;  P = softmax(S) over the keys (r) or over the queries (i);  E = P v
     max[b, i] = max over kept r of P[b, i, r] or S[b, i, r] (0 for a row with no kept r)
@@ -15,10 +15,10 @@ import torch
 import zslfast
 from zslfast import reference
 
-from conftest import DEVICE_BACKENDS, TOLERANCES, assert_compiles_like_eager, dtypes_for, low_precision_error_bound
-from test_attribute_attention import make_inputs, tiled_r_cases
-
-ALL_BACKENDS = [pytest.param("cpu", "reference", id="cpu-reference"), *DEVICE_BACKENDS]
+from helpers import (
+    ALL_BACKENDS, DEVICE_BACKENDS, TOLERANCES, attention_inputs as make_inputs, dtypes_for, low_precision_error_bound,
+    tiled_r_cases,
+)
 
 # (softmax_over, logit_activation, return_max, return_attention)
 OPTIONS = [
@@ -142,18 +142,6 @@ def test_tiled_r(device, backend, options, generator, monkeypatch):
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
-def test_options_non_contiguous(device, backend, generator):
-    B, K, R, D, Dv = 3, 7, 10, 12, 9
-    for dtype in (torch.float64, torch.float32):
-        k = torch.randn(B, D, R, generator=generator, dtype=dtype).to(device).transpose(1, 2)
-        v = torch.randn(R, B, Dv, generator=generator, dtype=dtype).to(device).transpose(0, 1)
-        q = torch.randn(D, K, generator=generator, dtype=dtype).to(device).T
-        ref = torch.randn(K, 2 * Dv, generator=generator, dtype=dtype).to(device)[:, ::2]
-        for options in (OPTIONS[1], OPTIONS[5], OPTIONS[7]):
-            assert_options_match(q, k, v, ref, backend, options, generator=generator)
-
-
-@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_options_large_logits(device, backend, generator):
     """Logits up to +-1e3: near one-hot softmaxes over either axis do not overflow."""
     for options in (OPTIONS[0], OPTIONS[3], OPTIONS[6]):
@@ -161,58 +149,6 @@ def test_options_large_logits(device, backend, generator):
         q = q / q.norm(dim=-1, keepdim=True)
         k = k / k.norm(dim=-1, keepdim=True) * 1e3
         assert_options_match(q, k, v, ref, backend, options, scale=1.0, generator=generator)
-
-
-@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
-@pytest.mark.parametrize("options", [OPTIONS[0], OPTIONS[4], OPTIONS[5], OPTIONS[6]], ids=lambda o: "-".join(map(str, o)))
-def test_options_gradcheck(device, backend, options, generator):
-    q, k, v, ref = make_inputs(2, 3, 4, 4, 3, "shared", "shared", torch.float64, device, generator)
-    mask = torch.tensor([[True, False, True, True], [False, False, False, False]], device=device)
-    inputs = [t.requires_grad_() for t in (q, k, v, ref)]
-
-    def fn(*args):
-        return tuple(call(lambda *a, **kw: zslfast.attribute_attention(*a, backend=backend, **kw), *args, options,
-                          mask=mask))
-
-    assert torch.autograd.gradcheck(fn, inputs, fast_mode=backend == "triton")
-
-
-@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
-def test_options_opcheck(device, backend, generator):
-    q, k, v, ref = make_inputs(2, 3, 4, 5, 3, "shared", "shared", torch.float32, device, generator)
-    mask = torch.tensor([[True, False, True, True], [True, True, False, True]], device=device)
-    for softmax_over, activation, return_max, attention in OPTIONS[:6]:
-        for requires_grad in (False, True):
-            args = [t.clone().requires_grad_(requires_grad) for t in (q, k, v, ref)]
-            torch.library.opcheck(
-                torch.ops.zslfast.attribute_attention.default,
-                (*args, mask, 0.5, "cosine", 1e-8, attention, requires_grad, softmax_over, activation, return_max,
-                 backend),
-            )
-        out, e, lse, _, best, index = torch.ops.zslfast.attribute_attention(
-            q, k, v, ref, mask, 0.5, "cosine", 1e-8, False, True, softmax_over, activation, return_max, backend)
-        grad = torch.randn(2, 3, generator=generator).to(device)
-        grad_max = torch.randn(2, 3, generator=generator).to(device) if return_max else None
-        torch.library.opcheck(
-            torch.ops.zslfast.attribute_attention_backward.default,
-            (grad, None, grad_max, q, k, v, ref, mask, e, lse, best, index, 0.5, "cosine", 1e-8, [True] * 4,
-             softmax_over, activation, return_max, backend),
-        )
-
-
-@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
-def test_options_compile_fullgraph(device, backend, generator):
-    q, k, v, ref = make_inputs(2, 5, 6, 8, 4, "shared", "shared", torch.float32, device, generator)
-    mask = torch.ones(2, 6, dtype=torch.bool, device=device)
-    mask[0, 3:] = False
-
-    def fn(q, k, v, ref):
-        out, attn, best = zslfast.attribute_attention(
-            q, k, v, ref, mask=mask, softmax_over="queries", logit_activation="relu", return_max="attention",
-            return_attention=True, backend=backend)
-        return out.square().sum() + best.sum() + attn[..., 0].sum()
-
-    assert_compiles_like_eager(fn, [t.requires_grad_() for t in (q, k, v, ref)])
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)

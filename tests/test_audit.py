@@ -9,7 +9,7 @@ import torch
 
 from zslfast import _backend
 
-from conftest import require_backend
+from helpers import require_backend
 
 triton = pytest.importorskip("triton")
 audit = pytest.importorskip("zslfast.tools.audit")

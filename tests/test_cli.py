@@ -12,7 +12,7 @@ import zslfast
 from zslfast.tools import _cli
 from zslfast.__main__ import COMMANDS, main
 
-from conftest import require_backend
+from helpers import require_backend
 
 
 def test_info(capsys):

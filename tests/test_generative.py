@@ -14,7 +14,7 @@ from zslfast.generative import (
     topk_similar_classes,
 )
 
-from conftest import backend_param
+from helpers import backend_param
 
 f64 = torch.float64
 

@@ -4,9 +4,10 @@ Update: every backend against the one-by-one Python loop (zslfast.reference.memo
 many repeats of one class in a batch, capacity 1, thresholds that admit none / all, tied confidences, non-finite
 features, several batches in a row; hand-worked FIFO and min_conf examples. KL: outputs and gradients of every
 backend against reference.memory_bank_kl in float64 / float32 (the Triton interpreter on CPU), the streaming
-(long-row) Triton path, all / none active, large logits, non-contiguous inputs, NaN prototypes of inactive rows;
-gradcheck, opcheck, torch.compile(fullgraph=True). MBGF against an eager re-implementation of SAGE Eqs. 6-9.
-State_dict round trip and bad input. The gloo 2-process test is tests/test_memory_bank_distributed.py.
+(long-row) Triton path, all / none active, large logits, NaN prototypes of inactive rows (the KL's gradcheck,
+opcheck, torch.compile, layouts and backends: test_contract.py); the update's opcheck. MBGF against an eager
+re-implementation of SAGE Eqs. 6-9. State_dict round trip and bad input. The gloo 2-process test is
+tests/test_memory_bank_distributed.py.
 
     KL loss = mean over active (b, m) of KL(softmax(z[b, m]) || softmax(protos[labels[b], m]))
 """
@@ -19,7 +20,7 @@ import zslfast
 from zslfast import reference
 from zslfast.nn import MemoryBank, MemoryBankGuidedFusion
 
-from conftest import (
+from helpers import (
     DEVICE_BACKENDS, TOLERANCES, backend_param, dtypes_for, low_precision_error_bound, require_backend, requires_gpu,
 )
 
@@ -271,18 +272,6 @@ def test_kl_inactive_nan_prototypes_do_not_leak(device, backend, generator):
     assert_kl_matches_reference(z, protos, labels, active, backend, generator)
 
 
-@pytest.mark.parametrize("device,backend", KL_BACKENDS)
-def test_kl_non_contiguous(device, backend, generator):
-    for dtype in (torch.float64, torch.float32):
-        z = torch.randn(20, 3, 5, generator=generator, dtype=dtype).to(device).permute(2, 1, 0)  # (5, 3, 20)
-        protos = torch.randn(4, 20, 6, generator=generator, dtype=dtype).to(device)[..., ::2].transpose(1, 2)
-        labels = torch.randint(0, 4, (10,), generator=generator).to(device)[::2]
-        active = torch.rand(3, 5, generator=generator).to(device).T > 0.3
-        active[0, 0] = True
-        assert not (z.is_contiguous() or protos.is_contiguous() or labels.is_contiguous() or active.is_contiguous())
-        assert_kl_matches_reference(z, protos, labels, active, backend, generator)
-
-
 def test_kl_direction_is_sage_eq9(generator):
     """KL(softmax(z) || softmax(proto)) = sum P (log P - log Q), P from z: F.kl_div(log Q, log P, log_target=True)."""
     z, protos, labels, active = kl_inputs(3, 2, 8, 2, torch.float64, "cpu", generator, p_active=1.0)
@@ -309,24 +298,6 @@ def test_kl_no_gradient_to_prototypes(device, backend, generator):
     assert grad_p is None and grad_z.abs().sum() > 0
 
 
-@pytest.mark.parametrize("device,backend", KL_BACKENDS)
-def test_kl_gradcheck(device, backend, generator):
-    z, protos, labels, active = kl_inputs(3, 2, 5, 3, torch.float64, device, generator)
-    active[0, 0] = True
-    z.requires_grad_()
-    assert torch.autograd.gradcheck(lambda z: zslfast.memory_bank_kl(z, protos, labels, active, backend=backend), (z,))
-
-
-@pytest.mark.parametrize("device,backend", KL_BACKENDS)
-def test_kl_opcheck(device, backend, generator):
-    z, protos, labels, active = kl_inputs(3, 2, 5, 3, torch.float32, device, generator)
-    active[1, 1] = True
-    for compute_grad in (False, True):
-        for requires_grad in (False, True):
-            args = (z.clone().requires_grad_(requires_grad), protos, labels, active, [compute_grad], backend)
-            torch.library.opcheck(torch.ops.zslfast.memory_bank_kl.default, args)
-
-
 @pytest.mark.parametrize("device,backend", UPDATE_BACKENDS)
 def test_update_opcheck(device, backend, generator):
     bank = MemoryBank(4, 2, 3, 5, threshold=0.2, device=device)
@@ -339,41 +310,6 @@ def test_update_opcheck(device, backend, generator):
     assert bank.stale.any()
     torch.library.opcheck(torch.ops.zslfast.memory_bank_refresh.default,
                           (bank.features, bank.counts, bank.stale, bank.means, backend), test_utils=checks)
-
-
-def test_kl_compile_fullgraph(generator):
-    torch._dynamo.reset()
-    z, protos, labels, active = kl_inputs(5, 3, 16, 4, torch.float32, "cpu", generator)
-    active[0, 0] = True
-    w = torch.randn(16, 16, generator=generator, requires_grad=True)
-
-    def loss(fn, z, w):
-        h = z @ w
-        return fn(h, protos, labels, active) + h.square().mean()
-
-    compiled = torch.compile(lambda z, w: loss(zslfast.memory_bank_kl, z, w), fullgraph=True)
-    z.requires_grad_()
-    got = compiled(z, w)
-    got_grads = torch.autograd.grad(got, (z, w))
-    z2, w2 = z.detach().requires_grad_(), w.detach().requires_grad_()
-    want = loss(reference.memory_bank_kl, z2, w2)
-    want_grads = torch.autograd.grad(want, (z2, w2))
-    torch.testing.assert_close(got, want)
-    for a, b in zip(got_grads, want_grads):
-        torch.testing.assert_close(a, b)
-
-
-def test_kl_backend_argument_is_honoured(monkeypatch, generator):
-    from zslfast.triton import memory_bank as triton_kernels
-
-    z, protos, labels, active = kl_inputs(2, 2, 4, 2, torch.float32, "cpu", generator, p_active=1.0)
-    monkeypatch.setattr(triton_kernels, "kl_forward", lambda *a: (torch.tensor(7.0), torch.zeros(0)))
-    if "triton" in zslfast.available_backends("cpu"):
-        assert zslfast.memory_bank_kl(z, protos, labels, active, backend="triton").item() == 7.0
-    if "cpu" in zslfast.available_backends("cpu"):
-        assert zslfast.memory_bank_kl(z, protos, labels, active, backend="cpu").item() != 7.0
-    with pytest.raises(zslfast.BackendUnavailableError, match="no 'cuda' kernel"):
-        zslfast.memory_bank_kl(z, protos, labels, active, backend="cuda")
 
 
 # --- MemoryBankGuidedFusion -----------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import free_port, spawn_ranks
+from helpers import free_port, spawn_ranks
 from zslfast.nn import MemoryBank
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TOLERANCES
+from helpers import TOLERANCES
 from zslfast import _backend
 from zslfast.models import SAGE
 from zslfast.models import sage as sage_module

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TOLERANCES, requires_gpu
+from helpers import TOLERANCES, requires_gpu
 from zslfast import _backend, reference
 
 timm = pytest.importorskip("timm")

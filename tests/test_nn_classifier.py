@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from zslfast.nn import CosineClassifier, InstancePrototypeClassifier
 
-from conftest import backend_param
+from helpers import backend_param
 
 BACKENDS = [None, "reference"]
 

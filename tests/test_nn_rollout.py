@@ -8,7 +8,7 @@ discard_ratio / normalize options (forward and from_model).
 import pytest
 import torch
 
-from conftest import DEVICE_BACKENDS, TOLERANCES
+from helpers import DEVICE_BACKENDS, TOLERANCES
 from zslfast import reference
 from zslfast.nn import rollout as nn_rollout
 from zslfast.nn import AttentionRollout

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import zslfast
-from conftest import DEVICE_BACKENDS
+from helpers import DEVICE_BACKENDS
 from zslfast import generative, losses, metrics
 from zslfast.nn import AttentionRollout, CosineClassifier, MemoryBankGuidedFusion
 
@@ -339,40 +339,3 @@ def test_memory_bank_kl_inactive_rows_never_reach_loss_or_gradient(backend, pois
     torch.testing.assert_close(got_out, want_out)
     torch.testing.assert_close(got_grad, want_grad)
     assert not got_grad[2, 1].any()
-
-
-# ------------------------------------------------------------------------------------------ 8. thread count
-
-
-def _attention_and_kl(threads):
-    torch.set_num_threads(threads)
-    g = torch.Generator().manual_seed(0)
-    B, K, R, D, Dv = 8, 312, 196, 300, 96  # CUB's attributes over ViT-B tokens: the shared-q GEMM reduces over B*R
-    q = torch.randn(K, D, generator=g, requires_grad=True)
-    k = torch.randn(B, R, D, generator=g, requires_grad=True)
-    v = torch.randn(B, R, Dv, generator=g, requires_grad=True)
-    ref = torch.randn(K, Dv, generator=g, requires_grad=True)
-    mask = torch.rand(B, R, generator=g) > 0.1
-    out = zslfast.attribute_attention(q, k, v, ref, mask=mask, backend="cpu")
-    out.backward(torch.randn(out.shape, generator=g))
-    z = torch.randn(64, 4, 512, generator=g, requires_grad=True)
-    protos = torch.randn(50, 4, 512, generator=g)
-    labels = torch.randint(0, 50, (64,), generator=g)
-    loss = zslfast.memory_bank_kl(z, protos, labels, torch.rand(64, 4, generator=g) > 0.3, backend="cpu")
-    loss.backward()
-    return [out.detach(), q.grad, k.grad, v.grad, ref.grad, loss.detach(), z.grad]
-
-
-def test_cpu_attention_and_kl_do_not_depend_on_the_thread_count():
-    """Bitwise the same with 1 and 2 threads (the other ops' tests: test_cosine_logits, test_attention_rollout,
-    test_prototype_scores). The shared q's gradient is one GEMM over B*R, which MKL split by thread count."""
-    pytest.importorskip("zslfast._C")
-    if zslfast._backend.why_unavailable("cpu", torch.device("cpu")):
-        pytest.skip("no compiled CPU kernels")
-    threads = torch.get_num_threads()
-    try:
-        one, two = _attention_and_kl(1), _attention_and_kl(2)
-    finally:
-        torch.set_num_threads(threads)
-    for a, b in zip(one, two):
-        assert torch.equal(a, b)

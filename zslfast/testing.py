@@ -186,7 +186,7 @@ PROTOTYPE_SCORES_FACTORED = OpRecord(
             ("CUB-J64", (50, CUB.num_classes, CUB.num_attributes, HIDDEN)),
             ("21K-classes", (256, IMAGENET21K_CLASSES, GLOVE_DIM, HIDDEN), SAME, True)),
     _prototype_scores_factored_inputs, baselines.prototype_scores_factored, zslfast.prototype_scores_factored,
-    reference.prototype_scores_factored, small=(2, 3, 4, 2),
+    reference.prototype_scores_factored, small=(3, 3, 4, 2),  # B > J: the factored form, never forming w
 )
 
 
