@@ -17,6 +17,8 @@ Modules:
     zslfast.generative  FSIGenZ/GenZSL, batched over classes and λ: msas, ridge_prototypes (one SVD for all (u, λ)),
                       class_diversity_promotion, topk_similar_classes, semantic_regularised_contrastive_loss (DPSR);
                       example: python -m zslfast.examples.fsigenz
+    zslfast.testing   one record per op (inputs, shapes, the papers' code, the reference, the audit plan), for tests
+                      of your own and for zslfast.tools (python -m zslfast bench, audit, gpucheck, demo)
 """
 
 from . import _backend, reference
