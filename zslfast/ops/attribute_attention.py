@@ -51,12 +51,12 @@ Numerics every backend keeps (issue 16; tests/test_attribute_attention.py):
                 float64), Delta = P_t dP_t + (terms ~e^-gap) rounds to dP_t in any precision, and dP_t - Delta keeps
                 nothing of the true dS_t = -sum_{r != t} P_r (dP_r - dP_t) (<dE, E> cancels worse still): the eager
                 softmax backward (the reference's), float64 included, loses the q and k gradients of such rows.
-                The kernels shift dP by c first: the arg-max's own dP - c is exactly 0 (a select in Triton, where c
-                may come from the other kernel), delta sums the small terms alone, and every dS keeps float32's
-                relative accuracy (tests: within float32's first-order rounding of dP, against 60-digit arithmetic).
-                Over R tiles (Triton, R > 256), and over query-row tiles for the queries, c follows the running
-                arg-max: delta += (c_old - c_new) (sum of the P seen so far), exact as that sum is tiny whenever it
-                matters.
+                The kernels shift dP by c first: the arg-max's own dP - c is exactly 0 (in Triton also a select
+                where P > 3/4, as c may be the other kernel's dP), delta sums the small terms alone, and every dS
+                keeps float32's relative accuracy (tests: within float32's first-order rounding of dP, against
+                60-digit arithmetic). Over R tiles (Triton, R > 256), and over query-row tiles for the queries, c
+                follows the running arg-max: delta += (c_old - c_new) (sum of the P seen so far), exact as that sum
+                is tiny whenever it matters.
 
 Shapes: q (K, D) attribute queries shared by the batch (ILPG: Q = A W_q) or (B, K, D); k (B, R, D), v (B, R, Dv)
 from R image tokens; ref None, (K, Dv) or (B, K, Dv); mask None or (B, R) bool. Autograd keeps q, k, v, ref, mask,
