@@ -615,14 +615,26 @@ def exact_outputs_and_grads(q, k, v, ref, grad_out, **kwargs):
         torch.softmax = _TORCH_SOFTMAX
 
 
-def float32_error_scale(q, k, v, ref, grad_out, grad_attn, score, dim):
-    """The first-order scale of float32's rounding in the shared q's gradient (K, D) and k's (B, R, D) for scale 1
-    and no mask: dP = dE v^T (+ dL/dattn) is a float32 sum, off by up to ~Dv eps sum_j |dE_j| |v_rj| (N below)
-    however it is summed. As dS_r = P_r ((dP_r - dP_top) - sum_j P_j (dP_j - dP_top)) (sum P = 1; top: the
-    arg-max), errors in dP move dS_r by at most P_r (M_r + sum_j P_j M_j), M_r = N_r + N_top and M_top = 0, and
-    that reaches dq = dS k and dk = dS^T q through |k| and |q| (in units of eps). Where dP_r - dP_top is itself
-    tiny (the cosine: dE is orthogonal to E ~ v_top), float32 cannot know dS_r better than this, whatever its
+def softmax_grad_error_scale(p, n, dim):
+    """The first-order scale (in units of float32's eps) of a float32 softmax backward's error in dS, for the
+    softmax P along dim and N, the scale of float32's rounding in each dP. As dS_r = P_r ((dP_r - dP_t) -
+    sum_j P_j (dP_j - dP_t)) (sum P = 1; t: the arg-max), errors in dP move dS_r by at most P_r (M_r + sum_j P_j M_j),
+    M_r = N_r + N_t and M_t = 0: no error of dP_t reaches dS_t. P's own rounding adds as much again (eps P, or
+    float32's smallest normal, below which a P may become 0 and no relative error covers it: P + tiny / eps here,
+    in both places). Where dP_r - dP_t is itself tiny, float32 cannot know dS_r better than this, whatever its
     softmax backward does."""
+    top = p.argmax(dim, keepdim=True)
+    m = (n + n.gather(dim, top)).scatter(dim, top, 0.0)
+    fp32 = torch.finfo(torch.float32)
+    p = p + fp32.tiny / fp32.eps
+    return p * (m + (p * m).sum(dim, keepdim=True))
+
+
+def float32_error_scale(q, k, v, ref, grad_out, grad_attn, score, dim):
+    """softmax_grad_error_scale carried to the shared q's gradient (K, D) and k's (B, R, D), for scale 1 and no
+    mask: dP = dE v^T (+ dL/dattn) is a float32 sum, off by up to ~Dv eps sum_j |dE_j| |v_rj| (N) however it is
+    summed, and dS reaches dq = dS k and dk = dS^T q through |k| and |q|. (The cosine's dE is orthogonal to
+    E ~ v_top, so dP_r - dP_top can be tiny by chance: this scale, not |exact|, is what float32 can promise.)"""
     q, k, v = q.double(), k.double(), v.double()
     p = _TORCH_SOFTMAX(q @ k.transpose(1, 2), dim)
     e = (p @ v).requires_grad_()
@@ -632,13 +644,7 @@ def float32_error_scale(q, k, v, ref, grad_out, grad_attn, score, dim):
         out = (reference.normalize(e, -1, EPS) * reference.normalize(ref.double().expand_as(e), -1, EPS)).sum(-1)
     (de,) = torch.autograd.grad(out, e, grad_out)
     n = de.abs() @ v.abs().transpose(1, 2) + (0 if grad_attn is None else grad_attn.abs())
-    top = p.argmax(dim, keepdim=True)
-    n = (n + n.gather(dim, top)).scatter(dim, top, 0.0)  # dP_top - dP_top is 0 whatever dP_top's error
-    # P's own rounding: eps P, or float32's smallest normal, below which a P may become 0 (no relative error covers
-    # that): P + tiny / eps in units of eps, in both places (a bound twice this covers both terms of the product)
-    fp32 = torch.finfo(torch.float32)
-    p = p + fp32.tiny / fp32.eps
-    ds = p * (n + (p * n).sum(dim, keepdim=True))
+    ds = softmax_grad_error_scale(p, n, dim)
     return (ds @ k.abs()).sum(0), ds.transpose(1, 2) @ q.abs()
 
 
