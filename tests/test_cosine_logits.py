@@ -594,9 +594,14 @@ def test_add_mode_matches_gem_zsl_eager_code(device, backend, generator):
         lambda *a: zslfast.cosine_logits(*a, eps=1e-5, eps_mode="add", backend=backend), x, p, scale, grad_out
     )
     torch.testing.assert_close(got_out, want_out, rtol=1e-14, atol=1e-14)
-    # The zero row's gradient is A / eps ~ 1e3: its GEMM's summation order leaves ~1e-13 relative (Triton's tiles).
-    for got, want in zip(got_grads, want_grads):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+    # Relative to each row's natural size (natural_sizes: scale ix sum_c |g|, ~1e7 for the zero row, whose gradient
+    # is scale A / eps): an entry of A = sum_c g ip p that cancels keeps only the sum's rounding. 10 float64 eps of
+    # it: the CPU kernel reached 0.9 eps over 1,000 seeds, Triton 0.7 over 300 (rtol 1e-12 of the entry itself
+    # failed the CPU kernel on 2 seeds of 1,000, e.g. 328).
+    sizes = natural_sizes(x, p, scale, grad_out, eps=1e-5, eps_mode="add")[1:]
+    for name, got, want, size in zip(["grad_x", "grad_protos", "grad_scale"], got_grads, want_grads, sizes):
+        err = (got - want).abs()
+        assert err.le(10 * torch.finfo(torch.float64).eps * size).all(), f"{name} off by {err.max().item():.3g}"
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
