@@ -48,10 +48,30 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.gpu)
 
 
+def _seeds(spec):
+    """ZSLFAST_TEST_SEEDS: unset (a fresh seed each case), "N" (that seed: re-run a failure) or "A:B" (every seed
+    of range(A, B), each its own case: a sweep outside CI, e.g. 0:1000)."""
+    if not spec:
+        return None
+    start, _, stop = spec.partition(":")
+    return [int(start)] if not stop else list(range(int(start), int(stop)))
+
+
+SEEDS = _seeds(os.environ.get("ZSLFAST_TEST_SEEDS", ""))
+
+
+def pytest_generate_tests(metafunc):
+    if SEEDS is not None and "generator" in metafunc.fixturenames:
+        metafunc.parametrize("generator", SEEDS, indirect=True, ids=[f"seed{s}" for s in SEEDS])
+
+
 @pytest.fixture
-def generator():
-    """A fresh seed each case: the inputs differ run to run, the seed is printed on failure."""
-    seed = int.from_bytes(os.urandom(4), "little")
+def generator(request):
+    """A fresh seed each case (or ZSLFAST_TEST_SEEDS'): the inputs differ run to run, the seed is printed on
+    failure."""
+    seed = getattr(request, "param", None)
+    if seed is None:
+        seed = int.from_bytes(os.urandom(4), "little")
     print(f"seed={seed}")
     return torch.Generator().manual_seed(seed)
 

@@ -190,3 +190,38 @@ def spawn_ranks(worker, args: tuple, world: int, folder, result_name, timeout: f
     missing = [rank for rank, r in enumerate(results) if not r.exists()]
     assert not missing, f"ranks {missing} wrote no result; exit codes {[p.exitcode for p in context.processes]}"
     return results
+
+
+def exact_softmax_grad(logits, grad, dim):
+    """P (dP - sum P dP) of P = softmax(logits) along dim, for float64 logits and dP, evaluated in 60-digit
+    arithmetic (mpmath, which torch installs with sympy) and rounded once to float64: the textbook formula, exact
+    where float64 itself loses the near one-hot rows (dP_top - sum P dP rounds to 0 for a top-two gap past ~37)."""
+    import mpmath
+
+    x, g = logits.movedim(dim, -1), grad.movedim(dim, -1)
+    out = []
+    with mpmath.workdps(60):
+        for row_s, row_g in zip(x.reshape(-1, x.shape[-1]).tolist(), g.reshape(-1, x.shape[-1]).tolist()):
+            top = max(row_s)
+            # e^-1000 of anything is far below float64's smallest number: 0 (finfo.min on masked entries, too)
+            e = [mpmath.exp(mpmath.mpf(s) - top) if s - top > -1000 else mpmath.mpf(0) for s in row_s]
+            total = mpmath.fsum(e)
+            p = [t / total for t in e]
+            delta = mpmath.fsum(pi * gi for pi, gi in zip(p, row_g))
+            out.append([float(pi * (gi - delta)) for pi, gi in zip(p, row_g)])
+    return torch.tensor(out, dtype=torch.float64).reshape(x.shape).movedim(-1, dim).to(logits.dtype)
+
+
+def softmax_grad_error_scale(p, n, dim):
+    """The first-order scale (in units of float32's eps) of a float32 softmax backward's error in dS, for the
+    softmax P along dim and N, the scale of float32's rounding in each dP. As dS_r = P_r ((dP_r - dP_t) -
+    sum_j P_j (dP_j - dP_t)) (sum P = 1; t: the arg-max), errors in dP move dS_r by at most P_r (M_r + sum_j P_j M_j),
+    M_r = N_r + N_t and M_t = 0: no error of dP_t reaches dS_t. P's own rounding adds as much again (eps P, or
+    float32's smallest normal, below which a P may become 0 and no relative error covers it: P + tiny / eps here,
+    in both places). Where dP_r - dP_t is itself tiny, float32 cannot know dS_r better than this, whatever its
+    softmax backward does."""
+    top = p.argmax(dim, keepdim=True)
+    m = (n + n.gather(dim, top)).scatter(dim, top, 0.0)
+    fp32 = torch.finfo(torch.float32)
+    p = p + fp32.tiny / fp32.eps
+    return p * (m + (p * m).sum(dim, keepdim=True))

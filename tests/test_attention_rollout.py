@@ -14,7 +14,9 @@ import torch
 import zslfast
 from zslfast import reference
 
-from helpers import ALL_BACKENDS, DEVICE_BACKENDS, dtypes_for, low_precision_error_bound
+from helpers import (
+    ALL_BACKENDS, DEVICE_BACKENDS, dtypes_for, exact_softmax_grad, low_precision_error_bound, softmax_grad_error_scale,
+)
 
 MODES = ["abnar", "residual"]
 FUSIONS = ["mean", "sum", "max", "min"]
@@ -230,6 +232,33 @@ def test_fused_head_attention_selects_nan_like_torch_max(fusion, generator):
         results.append((out, *torch.autograd.grad(out, leaves, g)))
     for name, got, want in zip(["fused", "grad_q", "grad_k"], results[1], results[0]):
         _same_nan(got, want, name)
+
+
+def test_fused_head_attention_saturated_gradients(generator):
+    """Near one-hot maps (whole-number q, k at scale 1: logits ~1e2-1e3, each row's top two >= 40 apart, the
+    closest <= 60): the float32 q and k gradients of zslfast.nn's head fusion are within 4x float32's own rounding
+    (helpers.softmax_grad_error_scale) of the softmax backward in 60-digit arithmetic; the
+    textbook dS = P (dP - rowsum(P dP)) loses them (its top entry rounds to 0)."""
+    from zslfast.ops.attention_rollout import fused_head_attention
+
+    B, H, N, d = 2, 2, 6, 8
+    for _ in range(400):
+        q = (torch.randn(B, H, N, d, generator=generator, dtype=torch.float64) * 20).round()
+        k = (torch.randn(B, H, N, d, generator=generator, dtype=torch.float64) * 20).round()
+        top2 = (q @ k.transpose(-2, -1)).topk(2, dim=-1).values
+        if 40 <= (top2[..., 0] - top2[..., 1]).min() <= 60:
+            break
+    g = torch.randn(B, N, N, generator=generator, dtype=torch.float64)
+    leaves = [q.float().requires_grad_(), k.float().requires_grad_()]
+    got = torch.autograd.grad(fused_head_attention(*leaves, 1.0, "sum"), leaves, g.float())
+    s = q @ k.transpose(-2, -1)
+    ds = exact_softmax_grad(s, g[:, None].expand_as(s), -1)  # "sum": every head gets dL/dfused
+    scale = softmax_grad_error_scale(s.softmax(-1), g.abs()[:, None].expand_as(s), -1)
+    t = lambda x: x.transpose(-2, -1)  # noqa: E731
+    for name, got_grad, exact, size in (("grad_q", got[0], ds @ k, scale @ k.abs()),
+                                        ("grad_k", got[1], t(ds) @ q, t(scale) @ q.abs())):
+        ratio = (got_grad.double() - exact).abs() / (torch.finfo(torch.float32).eps * size)
+        assert ratio.max() <= 4.0, f"{name}: {ratio.max():.3g} x float32's rounding scale"
 
 
 # ------------------------------------------------------------------ issue 17: discard_ratio and normalize="none"

@@ -22,6 +22,7 @@ from zslfast.nn import MemoryBank, MemoryBankGuidedFusion
 
 from helpers import (
     DEVICE_BACKENDS, TOLERANCES, backend_param, dtypes_for, low_precision_error_bound, require_backend, requires_gpu,
+    softmax_grad_error_scale,
 )
 
 UPDATE_BACKENDS = [p for p in DEVICE_BACKENDS if p.values[1] != "triton"]  # no Triton update kernel
@@ -248,6 +249,54 @@ def test_kl_streaming_rows(device, backend, monkeypatch, generator):
         z, protos, labels, active = kl_inputs(4, 2, 53, 3, dtype, device, generator, magnitude=5.0)
         active[0, 1] = True
         assert_kl_matches_reference(z, protos, labels, active, backend, generator)
+
+
+def exact_kl_grad(z, q):
+    """d KL(softmax(z) || softmax(q)) / dz = P (a - KL), a = log P - log Q, of each row (last dim) of float64 z and
+    q, in 60-digit arithmetic (mpmath) rounded once to float64."""
+    import mpmath
+
+    out = []
+    with mpmath.workdps(60):
+        for zr, qr in zip(z.reshape(-1, z.shape[-1]).tolist(), q.reshape(-1, q.shape[-1]).tolist()):
+            lse_z = mpmath.log(mpmath.fsum(mpmath.exp(mpmath.mpf(x)) for x in zr))
+            lse_q = mpmath.log(mpmath.fsum(mpmath.exp(mpmath.mpf(x)) for x in qr))
+            a = [(mpmath.mpf(x) - lse_z) - (mpmath.mpf(y) - lse_q) for x, y in zip(zr, qr)]
+            p = [mpmath.exp(mpmath.mpf(x) - lse_z) for x in zr]
+            kl = mpmath.fsum(pi * ai for pi, ai in zip(p, a))
+            out.append([float(pi * (ai - kl)) for pi, ai in zip(p, a)])
+    return torch.tensor(out, dtype=torch.float64).reshape(z.shape)
+
+
+@pytest.mark.parametrize("device,backend", KL_BACKENDS)
+def test_kl_saturated_gradient(device, backend, generator, monkeypatch):
+    """Near one-hot P (each row's top logit 40-60 above the rest): the float32 gradient P (a - KL) is within 4x
+    float32's own rounding (helpers.softmax_grad_error_scale, N = the rounding of a) of the
+    60-digit one, entry by entry; a - KL in float32 rounds to 0 (or noise) at the top, where the true gradient is
+    -P_t sum_d P_d (a_d - a_t) ~ e^-gap. One block and streamed rows (Triton's block lowered to 16)."""
+    if backend == "triton":
+        from zslfast.triton import memory_bank as triton_kernels
+
+        monkeypatch.setattr(triton_kernels, "MAX_SINGLE_BLOCK", 16)
+    for D in (12, 40):
+        B, M, C = 3, 2, 2
+        z, protos, labels, _ = kl_inputs(B, M, D, C, torch.float64, "cpu", generator, magnitude=3.0)
+        z = z.round()
+        top = torch.randint(0, D, (B, M, 1), generator=generator)
+        gap = torch.randint(40, 61, (B, M, 1), generator=generator).double()
+        z = z.scatter(-1, top, z.amax(-1, keepdim=True) + gap)
+        protos = protos.float().double()  # float32 values: the kernels' inputs exactly
+        active = torch.ones(B, M, dtype=torch.bool)
+        q = protos[labels]
+        exact = exact_kl_grad(z, q) / (B * M)
+        p = z.softmax(-1)
+        n = z.abs() + q.abs() + z.logsumexp(-1, keepdim=True).abs() + q.logsumexp(-1, keepdim=True).abs()
+        scale = softmax_grad_error_scale(p, n, -1) / (B * M)
+        _, got = run_kl(lambda *a: zslfast.memory_bank_kl(*a, backend=backend),
+                        *(t.to(device) for t in (z.float(), protos.float(), labels, active)),
+                        torch.tensor(1.0, device=device))
+        ratio = (got.cpu().double() - exact).abs() / (torch.finfo(torch.float32).eps * scale)
+        assert ratio.max() <= 4.0, f"D={D}: {ratio.max():.3g} x float32's rounding scale"
 
 
 @pytest.mark.parametrize("device,backend", KL_BACKENDS)

@@ -23,10 +23,10 @@
 //       E_tile = P @ v[b]                        at::mm straight into E (or a scratch tile when no backward comes),
 //       out[b, i] = score(E[b, i], ref[i])       then the cosine/dot epilogue per row.
 //   backward, one work unit per b (its dk[b], dv[b] need every query row; backward_sample):
-//       dE from the epilogue's gradient, P recomputed as the softmax of the whole row (self-normalised, as eager's:
-//       the saved lse is not read), dP = dE @ v[b]^T (+ grad_attn), Delta[i] = sum_r P dP from the row (eager's
-//       softmax backward; <dE, E> cancels catastrophically where P is near one-hot: ~1e-6 noise where the true
-//       gradient is ~1e-14), dS = scale * P * (dP - Delta),
+//       dE from the epilogue's gradient, P recomputed as the softmax of the whole row (the saved lse is not read),
+//       dP = dE @ v[b]^T (+ grad_attn), dS = scale * P * ((dP - shift) - delta) with shift = dP at the row's
+//       arg-max and delta = sum_r P (dP - shift) from the row (SoftmaxGrad: exact on near one-hot rows, where
+//       dP - sum_r P dP keeps nothing of the true gradient, in float or double; <dE, E> cancels worse still),
 //       dv[b] = P^T @ dE, dk[b] = dS^T @ q_b, dq[b] = dS @ k[b] (per-sample q).
 //   Shared q: each unit writes its dS into a (K, B, R) buffer, then one GEMM dq = buf (K, B*R) @ k (B*R, D) sums
 //   over b; shared ref: per-row coefficients, then a pass over rows that sums over b in order. No atomics, every
@@ -185,11 +185,12 @@ void softmax_columns(acc_t* s, const bool* keep, int64_t rows, int64_t R, acc_t 
   }
 }
 
-// sums[r] += p[r] * dp[r]: one row's share of the column sums Gamma (softmax over the queries), rows in order.
+// sums[r] += p[r] * (dp[r] - shift[r]): one row's share of the column sums delta (softmax over the queries, the
+// columns' SoftmaxGrad), rows in order.
 template <typename acc_t>
-void axpy_columns(acc_t* sums, const acc_t* p, const acc_t* dp, int64_t R) {
+void axpy_columns(acc_t* sums, const acc_t* p, const acc_t* dp, const acc_t* shift, int64_t R) {
 #pragma omp simd
-  for (int64_t r = 0; r < R; ++r) sums[r] += p[r] * dp[r];
+  for (int64_t r = 0; r < R; ++r) sums[r] += p[r] * (dp[r] - shift[r]);
 }
 
 // out[j] = s * (a * x[j] - c * y[j])
@@ -206,25 +207,52 @@ void axpy_row(acc_t* out, acc_t a, const acc_t* x, int64_t n) {
   for (int64_t j = 0; j < n; ++j) out[j] += a * x[j];
 }
 
-// dP row in place: dp[r] += ga[r] (the returned attention's gradient), and Delta = sum_r p[r] dp[r] returned.
+// The index of the largest kept p (the first among equals), -1 when none is kept: the softmax's dominant entry,
+// whose dP shifts the backward (SoftmaxGrad).
 template <typename acc_t>
-acc_t grad_probs_row(acc_t* dp, const acc_t* p, const acc_t* ga, int64_t R) {
+int64_t row_argmax(const acc_t* p, const bool* keep, int64_t R) {
+  int64_t top = -1;
+  for (int64_t r = 0; r < R; ++r) {
+    if ((keep == nullptr || keep[r]) && (top < 0 || p[r] > p[top])) top = r;
+  }
+  return top;
+}
+
+// The softmax backward dS = P (dP - Delta), Delta = sum_r P dP, taken as dS = P ((dP - shift) - delta) with
+// shift = dP at the arg-max of P and delta = sum_r P (dP - shift) (the same number, since sum_r P = 1). Where P is
+// near one-hot, Delta = P_top dP_top + (tiny terms) rounds to dP_top in any precision, and dP_top - Delta keeps
+// nothing of the true dS_top = -sum_{r != top} P_r (dP_r - dP_top); shifted, the top's own term is exactly 0 and
+// delta is a sum of the small terms alone, so every dS keeps its relative accuracy whatever the accumulator.
+template <typename acc_t>
+struct SoftmaxGrad {
+  acc_t shift, delta;
+};
+
+// dP row in place: dp[r] += ga[r] (the returned attention's gradient); then its shift and delta (SoftmaxGrad) for
+// the row's arg-max top (-1, none kept: shift 0).
+template <typename acc_t>
+SoftmaxGrad<acc_t> grad_probs_row(acc_t* dp, const acc_t* p, const acc_t* ga, int64_t top, int64_t R) {
   if (ga != nullptr) {
 #pragma omp simd
     for (int64_t r = 0; r < R; ++r) dp[r] += ga[r];
   }
-  return row_dot(p, dp, R);
+  const acc_t shift = top >= 0 ? dp[top] : acc_t(0);
+  acc_t delta = 0;
+#pragma omp simd reduction(+ : delta)
+  for (int64_t r = 0; r < R; ++r) delta += p[r] * (dp[r] - shift);
+  return {shift, delta};
 }
 
-// dS row in place over dP: ds[r] = scale * p[r] * (dp[r] - delta) on kept r, and 0 (a select: delta may be NaN)
-// on masked ones.
+// dS row in place over dP: ds[r] = scale * p[r] * ((dp[r] - shift) - delta) on kept r, and 0 (a select: delta may
+// be NaN) on masked ones.
 template <typename acc_t>
-void softmax_grad_row(acc_t* dp, const acc_t* p, const bool* keep, acc_t scale, acc_t delta, int64_t R) {
+void softmax_grad_row(acc_t* dp, const acc_t* p, const bool* keep, acc_t scale, SoftmaxGrad<acc_t> g, int64_t R) {
+  const acc_t shift = g.shift, delta = g.delta;
   if (keep == nullptr) {
 #pragma omp simd
-    for (int64_t r = 0; r < R; ++r) dp[r] = scale * p[r] * (dp[r] - delta);
+    for (int64_t r = 0; r < R; ++r) dp[r] = scale * p[r] * ((dp[r] - shift) - delta);
   } else {
-    for (int64_t r = 0; r < R; ++r) dp[r] = keep[r] ? scale * p[r] * (dp[r] - delta) : acc_t(0);
+    for (int64_t r = 0; r < R; ++r) dp[r] = keep[r] ? scale * p[r] * ((dp[r] - shift) - delta) : acc_t(0);
   }
 }
 
@@ -561,11 +589,10 @@ void epilogue_backward(const Backward<acc_t>& w, int64_t b, acc_t* de) {
 }
 
 // dS (of the pre-activation logits T = q k^T) of sample b, written over dp: P recomputed into p (K, R) as the softmax
-// of each whole row (self-normalised like eager's, so that a near one-hot row's P is exactly 1 where eager's is)
-// or of each whole column (softmax over the queries), dP = dE @ v[b]^T + grad_attn (+ dL/dmax at the arg-max for the
-// attention's max), Delta = sum_r P dP from the same row (eager's softmax backward: it carries no cancellation where
-// <dE, E> would) or Gamma = sum_i P dP from the same column, dS = scale * P * (dP - Delta or Gamma) on the kept r,
-// + scale * dL/dmax at the arg-max for the logits' max, times [not T <= 0] for the relu (torch's rule: NaN passes).
+// of each whole row or of each whole column (softmax over the queries), dP = dE @ v[b]^T + grad_attn (+ dL/dmax at
+// the arg-max for the attention's max), dS = scale * P * ((dP - shift) - delta) on the kept r with the row's (or
+// the column's) SoftmaxGrad, + scale * dL/dmax at the arg-max for the logits' max, times [not T <= 0] for the relu
+// (torch's rule: NaN passes).
 template <typename acc_t>
 void softmax_backward(const Backward<acc_t>& w, int64_t b, const at::Tensor& de, at::Tensor& p, at::Tensor& dp,
                       std::vector<uint8_t>& positive) {
@@ -589,21 +616,37 @@ void softmax_backward(const Backward<acc_t>& w, int64_t b, const at::Tensor& de,
       dp_row[best_index[i]] += grad_max[i];
   };
   if (w.options.over == kOverQueries) {
-    std::vector<acc_t> column(d.R, acc_t(0));  // the lse (not kept), then Gamma
+    std::vector<acc_t> column(d.R, acc_t(0));  // the lse (not kept), then the columns' delta
     softmax_columns<acc_t>(p_data, keep, d.K, d.R, w.scale, column.data());
-    std::fill(column.begin(), column.end(), acc_t(0));
     for (int64_t i = 0; i < d.K; ++i) {
       acc_t* dp_row = dp_data + i * d.R;
       const acc_t* ga = w.grad_attn != nullptr ? w.grad_attn + (b * d.K + i) * d.R : nullptr;
       if (ga != nullptr) axpy_row(dp_row, acc_t(1), ga, d.R);
       add_max_grad(i, dp_row);
-      axpy_columns(column.data(), p_data + i * d.R, dp_row, d.R);
+    }
+    // Each column's SoftmaxGrad: shift = dP at the column's arg-max row (the first among equals), then delta.
+    std::vector<acc_t> shift(d.R), top_p(d.R, acc_t(-1));
+    for (int64_t i = 0; i < d.K; ++i) {
+      const acc_t* p_row = p_data + i * d.R;
+      const acc_t* dp_row = dp_data + i * d.R;
+      for (int64_t r = 0; r < d.R; ++r) {
+        if (p_row[r] > top_p[r]) {
+          top_p[r] = p_row[r];
+          shift[r] = dp_row[r];
+        }
+      }
+    }
+    std::fill(column.begin(), column.end(), acc_t(0));
+    for (int64_t i = 0; i < d.K; ++i) {
+      axpy_columns(column.data(), p_data + i * d.R, dp_data + i * d.R, shift.data(), d.R);
     }
     for (int64_t i = 0; i < d.K; ++i) {
       acc_t* dp_row = dp_data + i * d.R;
       const acc_t* p_row = p_data + i * d.R;
-      for (int64_t r = 0; r < d.R; ++r)
-        dp_row[r] = (keep == nullptr || keep[r]) ? w.scale * p_row[r] * (dp_row[r] - column[r]) : acc_t(0);
+      for (int64_t r = 0; r < d.R; ++r) {
+        const bool kept = keep == nullptr || keep[r];
+        dp_row[r] = kept ? w.scale * p_row[r] * ((dp_row[r] - shift[r]) - column[r]) : acc_t(0);
+      }
     }
   } else {
     for (int64_t i = 0; i < d.K; ++i) {
@@ -612,8 +655,8 @@ void softmax_backward(const Backward<acc_t>& w, int64_t b, const at::Tensor& de,
       softmax_row<acc_t>(p_row, keep, d.R, w.scale);
       add_max_grad(i, dp_row);
       const acc_t* ga = w.grad_attn != nullptr ? w.grad_attn + (b * d.K + i) * d.R : nullptr;
-      const acc_t delta = grad_probs_row(dp_row, p_row, ga, d.R);
-      softmax_grad_row(dp_row, p_row, keep, w.scale, delta, d.R);
+      const SoftmaxGrad<acc_t> g = grad_probs_row(dp_row, p_row, ga, row_argmax(p_row, keep, d.R), d.R);
+      softmax_grad_row(dp_row, p_row, keep, w.scale, g, d.R);
     }
   }
   if (w.options.max_mode == kMaxLogits && grad_max != nullptr) {

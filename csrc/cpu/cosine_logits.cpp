@@ -4,11 +4,11 @@
 //   for eps_mode 1 ("add", GEM-ZSL's x / (|x| + eps)) ix = 1 / (|x| + eps), ip = 1 / (|p| + eps)
 //   forward   out[n, c] = scale * ix[n] * ip[c] * (x @ protos.T)[n, c]                          out (N, C)
 //   backward  W = g * ip[None, :],  A = W @ protos = g @ normalize(protos)                       W (N, C), temporary
-//             r[n]        = ix[n] * <x[n], A[n]> = sum_c g[n, c] cos[n, c]
+//             r[n]        = <x[n] ix[n], A[n]> = sum_c g[n, c] cos[n, c]
 //             grad_x[n]   = scale * ix[n] * (A[n] - [|x_n| > eps] * x[n] * (ix[n] * r[n]))       grad_x (N, D)
 //                           (add mode: x[n] * (r[n] / |x_n|) instead, inv_norm.h projection_coeff)
 //             W = g * ix[:, None] (the same buffer),  B = W.T @ x = g.T @ normalize(x)
-//             q[c]        = ip[c] * <p[c], B[c]> = sum_n g[n, c] cos[n, c]
+//             q[c]        = <p[c] ip[c], B[c]> = sum_n g[n, c] cos[n, c]
 //             grad_p[c]   = scale * ip[c] * (B[c] - [|p_c| > eps] * p[c] * (ip[c] * q[c]))       grad_p (C, D)
 //             grad_scale  = sum(g * cos) = sum_n r[n]                                           grad_scale ()
 // Scaling g rather than the operands keeps the temporary at N x C, smaller than normalised copies of x and protos
@@ -70,8 +70,10 @@ void scale_grad(const acc_t* g, const acc_t* ix, const acc_t* ip, acc_t* w, int6
   });
 }
 
-// out[r] = s * iv[r] * (a[r] - v[r] * projection_coeff(iv[r], rowdot[r])), rowdot[r] = iv[r] * <v[r], a[r]>.
-// out may alias a. iv^2 is never formed: it underflows for |v| ~ 1e30, where v * (iv * rowdot) is O(1).
+// out[r] = s * iv[r] * (a[r] - v[r] * projection_coeff(iv[r], rowdot[r])), rowdot[r] = <v[r] iv[r], a[r]>.
+// out may alias a. iv^2 is never formed: it underflows for |v| ~ 1e30, where v * (iv * rowdot) is O(1). The dot is
+// taken of v iv (entries in [-1, 1]), not of v: <v, a> overflows float for |v| ~ 1e37 (4e37 against |a| ~ 16, an
+// O(16) rowdot).
 template <typename scalar_t, typename acc_t>
 void project_rows(const acc_t* a, const acc_t* v, const acc_t* iv, acc_t s, acc_t eps, int64_t eps_mode,
                   scalar_t* out, acc_t* rowdot, int64_t R, int64_t D) {
@@ -79,10 +81,10 @@ void project_rows(const acc_t* a, const acc_t* v, const acc_t* iv, acc_t s, acc_
     for (int64_t r = begin; r < end; ++r) {
       const acc_t* a_row = a + r * D;
       const acc_t* v_row = v + r * D;
-      acc_t dot = 0;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t d = 0; d < D; ++d) dot += v_row[d] * a_row[d];
-      const acc_t normalised_dot = iv[r] * dot;
+      const acc_t iv_r = iv[r];
+      acc_t normalised_dot = 0;
+#pragma omp simd reduction(+ : normalised_dot)
+      for (int64_t d = 0; d < D; ++d) normalised_dot += (iv_r * v_row[d]) * a_row[d];
       if (rowdot != nullptr) rowdot[r] = normalised_dot;
       if (out == nullptr) continue;
       const acc_t coeff = projection_coeff(iv[r], normalised_dot, eps, eps_mode);

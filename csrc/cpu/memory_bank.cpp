@@ -285,36 +285,43 @@ void memory_bank_update_cpu(at::Tensor features, at::Tensor confidences, at::Ten
 
 // exp_poly (cpu/simd.h): a vectorisable e^x for the row passes.
 
-// The row passes, compiled per ISA for float and double (target_clones takes no templates).
+// The row passes, compiled per ISA for float and double (target_clones takes no templates). With a = log P - log Q
+// and t the arg-max of z (the first), a_d - a_t = (z_d - z_t) - (p_d - p_t), formed from the inputs alone:
 //   row_max      max_d v[d]
 //   exp_shifted  e[d] = exp(v[d] - shift), returns sum_d e[d]
-//   kl_row       P = e * inv_sum written over e, returns sum_d P_d (z_d - p_d - offset), offset = lse_z - lse_p
-//   grad_row     out[d] = P_d (z_d - p_d - offset) * inv_n, offset = lse_z - lse_p + kl
+//   kl_row       P = e * inv_sum written over e, returns sum_d P_d (a_d - a_t)  (KL = a_t + that, as sum P = 1)
+//   grad_row     out[d] = P_d ((a_d - a_t) - kl_t) * inv_n, kl_t = kl_row's sum: P (a - KL), the softmax backward
+//                shifted by its arg-max's term, exact where P is near one-hot (a - KL rounds to 0 at t there,
+//                where the true gradient is -P_t sum_{d != t} P_d (a_d - a_t): zslfast.ops.attribute_attention's
+//                docstring, "saturation")
 #define ZSLFAST_KL_ROWS(T)                                                                                            \
   ZSLFAST_SIMD_CLONES T row_max(const T* v, int64_t D) {                                                              \
     T best = -std::numeric_limits<T>::infinity();                                                                     \
-    _Pragma("omp simd reduction(max : best)") for (int64_t d = 0; d < D; ++d) best = v[d] > best ? v[d] : best;      \
+    _Pragma("omp simd reduction(max : best)") for (int64_t d = 0; d < D; ++d) best = v[d] > best ? v[d] : best;       \
     return best;                                                                                                      \
   }                                                                                                                   \
-  ZSLFAST_SIMD_CLONES T exp_shifted(const T* v, T shift, T* e, int64_t D) {                                          \
+  ZSLFAST_SIMD_CLONES T exp_shifted(const T* v, T shift, T* e, int64_t D) {                                           \
     T sum = 0;                                                                                                        \
-    _Pragma("omp simd reduction(+ : sum)") for (int64_t d = 0; d < D; ++d) {                                         \
+    _Pragma("omp simd reduction(+ : sum)") for (int64_t d = 0; d < D; ++d) {                                          \
       e[d] = exp_poly(v[d] - shift);                                                                                  \
       sum += e[d];                                                                                                    \
     }                                                                                                                 \
     return sum;                                                                                                       \
   }                                                                                                                   \
-  ZSLFAST_SIMD_CLONES T kl_row(const T* z, const T* p, T* e, T inv_sum, T offset, int64_t D) {                        \
+  ZSLFAST_SIMD_CLONES T kl_row(const T* z, const T* p, T* e, T inv_sum, T z_t, T p_t, int64_t D) {                    \
     T kl = 0;                                                                                                         \
-    _Pragma("omp simd reduction(+ : kl)") for (int64_t d = 0; d < D; ++d) {                                          \
+    _Pragma("omp simd reduction(+ : kl)") for (int64_t d = 0; d < D; ++d) {                                           \
       const T P = e[d] * inv_sum;                                                                                     \
       e[d] = P;                                                                                                       \
-      kl += P * (z[d] - p[d] - offset);                                                                               \
+      kl += P * ((z[d] - z_t) - (p[d] - p_t));                                                                        \
     }                                                                                                                 \
     return kl;                                                                                                        \
   }                                                                                                                   \
-  ZSLFAST_SIMD_CLONES void grad_row(const T* z, const T* p, const T* P, T offset, T inv_n, T* out, int64_t D) {       \
-    _Pragma("omp simd") for (int64_t d = 0; d < D; ++d) out[d] = P[d] * (z[d] - p[d] - offset) * inv_n;              \
+  ZSLFAST_SIMD_CLONES void grad_row(const T* z, const T* p, const T* P, T z_t, T p_t, T kl_t, T inv_n, T* out,        \
+                                    int64_t D) {                                                                      \
+    _Pragma("omp simd") for (int64_t d = 0; d < D; ++d) {                                                             \
+      out[d] = P[d] * (((z[d] - z_t) - (p[d] - p_t)) - kl_t) * inv_n;                                                 \
+    }                                                                                                                 \
   }
 ZSLFAST_KL_ROWS(float)
 ZSLFAST_KL_ROWS(double)
@@ -368,15 +375,16 @@ std::tuple<at::Tensor, at::Tensor> kl_impl(const at::Tensor& z, const at::Tensor
       const acc_t max_z = row_max(zr, D);
       const acc_t sum_z = exp_shifted(zr, max_z, ez, D);
       const acc_t lse_z = max_z + std::log(sum_z);
-      const acc_t offset = lse_z - lse_p;
-      const acc_t kl = kl_row(zr, pr, ez, acc_t(1) / sum_z, offset, D);
-      kl_rows[r] = kl;
+      int64_t t = 0;  // the arg-max of z (the first; 0 for a row without one: a NaN row, NaN throughout anyway)
+      while (t + 1 < D && !(zr[t] == max_z)) ++t;
+      const acc_t kl_t = kl_row(zr, pr, ez, acc_t(1) / sum_z, zr[t], pr[t], D);
+      kl_rows[r] = ((zr[t] - lse_z) - (pr[t] - lse_p)) + kl_t;
       if (!compute_grad) continue;
       if constexpr (same) {
-        grad_row(zr, pr, ez, offset + kl, inv_n, reinterpret_cast<acc_t*>(grad_data + r * D), D);
+        grad_row(zr, pr, ez, zr[t], pr[t], kl_t, inv_n, reinterpret_cast<acc_t*>(grad_data + r * D), D);
       } else {
         acc_t* g = buffer.data() + 3 * D;
-        grad_row(zr, pr, ez, offset + kl, inv_n, g, D);
+        grad_row(zr, pr, ez, zr[t], pr[t], kl_t, inv_n, g, D);
         for (int64_t d = 0; d < D; ++d) grad_data[r * D + d] = static_cast<scalar_t>(g[d]);
       }
     }

@@ -229,7 +229,11 @@ class _FusedHeadAttention(torch.autograd.Function):
         for h in range(num_heads):
             p = _head_probs(q, k, scale, attn_mask, ctx.is_causal, h)
             grad_p = grad if head_fusion in ("mean", "sum") else torch.where(index == h, grad, grad.new_zeros(()))
-            # softmax backward: dS = P * (dP - rowsum(dP * P)); S = (q_h * scale) k_h^T
+            # softmax backward: dS = P (dP - rowsum(P dP)), taken as P ((dP - c) - rowsum(P (dP - c))) with c = dP at
+            # the row's arg-max (sum P = 1): where a row is near one-hot, rowsum(P dP) rounds to dP there and the
+            # textbook form keeps nothing of dS (zslfast.ops.attribute_attention's docstring, "saturation").
+            # S = (q_h * scale) k_h^T
+            grad_p = grad_p - grad_p.gather(-1, p.argmax(dim=-1, keepdim=True))
             grad_s = p * (grad_p - (grad_p * p).sum(dim=-1, keepdim=True))
             del p, grad_p
             if need_q:

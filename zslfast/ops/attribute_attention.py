@@ -15,8 +15,10 @@ Backward, g = dL/dout, iE = 1 / max(|E|, eps), iR = 1 / max(|ref|, eps), cos = o
                 = g ref                                      (dot)
                 = g (iE iR ref - [|E| > eps] iE^2 cos E)     (cosine; the clamped norm has no derivative)
     dref        = g E (dot), g (iE iR E - [|ref| > eps] iR^2 cos ref) (cosine); summed over b for ref (K, Dv)
-    P           = exp(S - lse) on kept r, recomputed;  dP = dE v^T (+ dL/dattn when the attention is returned)
-    dS          = P (dP - Delta),  Delta[b, i] = sum_r P dP = <dE, E> (+ <P, dL/dattn>)
+    P           = the kept r's softmax, recomputed;  dP = dE v^T (+ dL/dattn when the attention is returned)
+    dS          = P (dP - Delta),  Delta[b, i] = sum_r P dP, taken as
+                = P ((dP - c) - delta),  c[b, i] = dP at the row's arg-max t (the first among equals),
+                  delta[b, i] = sum_r P (dP - c)  (= Delta - c, as sum_r P = 1; why: "saturation" below)
     dq = scale dS k (summed over b for a shared q (K, D)), dk = scale dS^T q, dv = P^T dE
 
 Options (issue 17: the variants of MSDN, SAGE, PSVMA and GEM-ZSL, one call each), T = q k^T:
@@ -29,8 +31,10 @@ Options (issue 17: the variants of MSDN, SAGE, PSVMA and GEM-ZSL, one call each)
                       backward, -1 and M = 0 for a row with no kept r). (B, K), kept in the accumulator dtype.
     backward, gM = dL/dM:
                       dP = dE v^T (+ dL/dattn) (+ gM at r = idx for "attention")
-                      keys:    dS = P (dP - Delta), Delta[b, i] = sum_r P dP  (= <dE, E> + <P, dL/dattn> + gM M)
+                      keys:    dS = P (dP - Delta), Delta[b, i] = sum_r P dP
                       queries: dS = P (dP - Gamma), Gamma[b, r] = sum_i P dP  (a column sum over every query row)
+                      each shifted as above: c, delta of the row (keys) or of the column (queries: c[b, r] = dP at
+                      the arg-max query row of token r)
                       "logits": dS[b, i, idx] += gM
                       dT = scale dS [not T <= 0 for "relu"] (torch's relu backward: a NaN T passes dS)
                       dq = dT k, dk = dT^T q, dv = P^T dE
@@ -38,14 +42,21 @@ Options (issue 17: the variants of MSDN, SAGE, PSVMA and GEM-ZSL, one call each)
 Numerics every backend keeps (issue 16; tests/test_attribute_attention.py):
     masks       masked tokens are selected away (torch.where / tl.where / masked loads), never weighted by 0: a NaN
                 or inf in masked k or v reaches no output and no gradient, their dk, dv are exactly 0, and a fully
-                masked row keeps E = 0, score 0
+                masked row keeps E = 0, score 0, and passes nothing to q, k, v even from a NaN or inf gradient
     NaN         a NaN input makes NaN exactly the outputs and gradients that depend on it (q[i]: row i of every
                 sample that keeps a token; a kept k[b, r] or v[b, r]: sample b), and nothing else
     overflow    the cosine's norms and <E, ref> are plain sums where finite, rescaled where they overflowed; its
                 gradient is written so that neither iE iR nor iE^2 is formed (both underflow fp32 at |E| ~ 1e30)
-    saturation  Delta is taken as sum_r P dP from the row with P its own softmax, as eager's softmax backward
-                (CPU: always; Triton: R <= 256, one tile), not as <dE, E>, which cancels catastrophically when P
-                is near one-hot (~1e-6 noise on ~1e-14 gradients); Triton's R-tiled path keeps <dE, E>
+    saturation  where a softmax is near one-hot (its top two logits more than ~17 apart in float32, ~37 in
+                float64), Delta = P_t dP_t + (terms ~e^-gap) rounds to dP_t in any precision, and dP_t - Delta keeps
+                nothing of the true dS_t = -sum_{r != t} P_r (dP_r - dP_t) (<dE, E> cancels worse still): the eager
+                softmax backward (the reference's), float64 included, loses the q and k gradients of such rows.
+                The kernels shift dP by c first: the arg-max's own dP - c is exactly 0 (in Triton also a select
+                where P > 3/4, as c may be the other kernel's dP), delta sums the small terms alone, and every dS
+                keeps float32's relative accuracy (tests: within float32's first-order rounding of dP, against
+                60-digit arithmetic). Over R tiles (Triton, R > 256), and over query-row tiles for the queries, c
+                follows the running arg-max: delta += (c_old - c_new) (sum of the P seen so far), exact as that sum
+                is tiny whenever it matters.
 
 Shapes: q (K, D) attribute queries shared by the batch (ILPG: Q = A W_q) or (B, K, D); k (B, R, D), v (B, R, Dv)
 from R image tokens; ref None, (K, Dv) or (B, K, Dv); mask None or (B, R) bool. Autograd keeps q, k, v, ref, mask,

@@ -28,6 +28,8 @@ memory_bank_kl(z (B, M, D), protos (C, M, D), labels (B,), active (B, M) bool) -
     KL(P || Q) = sum_d P_d (log P_d - log Q_d)
     loss = sum_{active (b, m)} KL(P || Q) / max(#active, 1)            (0, with a zero gradient, when none is active)
     grad_z[b, m] = P * (log P - log Q - KL(P || Q)) / #active for active (b, m), 0 elsewhere
+                   (a softmax backward: the kernels take it as P ((a - a_t) - sum_d P_d (a_d - a_t)), a = log P -
+                   log Q, t the arg-max of z, exact where P is near one-hot: attribute_attention's "saturation")
     The prototypes are a constant: no gradient flows to protos (they are detached). Note that the common idiom
     F.kl_div(F.log_softmax(z), F.softmax(proto)) computes the reverse direction, KL(Q || P); this op follows Eq. 9.
     Fused: each program/row reads protos[labels[b], m] in place (no (B, M, D) gathered copy), takes both

@@ -25,9 +25,11 @@ The math, for each sample b and query row i (r runs over the R tokens, kept r: m
                  rows kernel stores. (iE iR and iE^2 are never formed: they underflow fp32 at |E| ~ |ref| ~ 1e30.)
     P          = the kept r's softmax (recomputed), dP = dE v^T (+ dL/dattn when the attention is returned)
                  (+ gM = dL/dM at r = idx: MAX_MODE 1)
-    Delta[b, i] = sum_r P dP (R in one tile: from the row in registers, P its own softmax, as eager's softmax
-                 backward) or <dE, E> + <P, dL/dattn> (+ gM M) (R-tiled), dS = P (dP - Delta)
-    OVER_QUERIES: Gamma[b, r] = sum_i P dP (over every query row), dS = P (dP - Gamma)
+    shift[b, i] = dP at the row's arg-max of S (the first among equals), delta[b, i] = sum_r P (dP - shift),
+                 dS = P ((dP - shift) - delta): P (dP - sum_r P dP), exact where P is near one-hot (the op's
+                 docstring). R in one tile: from the row in registers; R-tiled: a first pass over the R tiles
+                 (_add_softmax_grad), P = exp(S - lse) from the saved lse either way in the columns kernel
+    OVER_QUERIES: shift[b, r], delta[b, r] likewise over the query rows i of token r (over every query tile)
     MAX_MODE 2: dS[b, i, idx] += gM
     dT = scale dS [T > 0: ACTIVATION 1; a select]
     dq = dT k (summed over b for a shared q),  dk = dT^T q,  dv = P^T dE
@@ -43,11 +45,11 @@ mask (B, R) as uint8; scale and eps one-element tensors in the accumulator dtype
 typed fp32 by compiled Triton and round an fp64 op's values). Forward: E (B, K, Dv), lse (B, K) ((B, R) over the
 queries) in the accumulator dtype; out (B, K) (MODE 1, 2; MODE 0 returns E) and P (B, K, R) (when asked for) in q's
 dtype; M (B, K) in the accumulator dtype and idx (B, K) int32 (MAX_MODE 1, 2; else empty). Backward: grad (B, K) or
-(B, K, Dv) (MODE 0), dL/dattn (B, K, R) or none, dL/dM (B, K) or none; dE (B, K, Dv), Delta (B, K) (Gamma (B, R) over
-the queries), a_R, c_R, n_R (B, K); dq partials (S, K, D) for a shared q (S batch splits, summed by torch in split
+(B, K, Dv) (MODE 0), dL/dattn (B, K, R) or none, dL/dM (B, K) or none; dE (B, K, Dv), shift and delta (B, K) ((B, R)
+over the queries), a_R, c_R, n_R (B, K); dq partials (S, K, D) for a shared q (S batch splits, summed by torch in split
 order) or (B, K, D); dk (B, R, D), dv (B, R, Dv); all in the accumulator dtype, cast to the inputs' dtype at the end.
-The options are compile-time constants (OVER_QUERIES, ACTIVATION, MAX_MODE, HAS_GM): the default ones compile to the
-kernels as they were before the options came (the audit's default rows are unchanged).
+The options are compile-time constants (OVER_QUERIES, ACTIVATION, MAX_MODE, HAS_GM): the default ones compile their
+code away.
 
     forward   grid (K / BLOCK_K, B). A program owns BLOCK_K query rows of one sample. S tiles (BLOCK_K x BLOCK_R)
               come from a loop over D in BLOCK_D chunks (masked, so D = 300, 768, 2048 need no padding copies).
@@ -61,17 +63,19 @@ kernels as they were before the options came (the audit's default rows are uncha
               online max/sum over the query-row tiles gives lse (B, R); the forward kernel then forms
               P = exp(S - lse[r]) tile by tile (no row normalisation, no online pass), on either path.
     backward  rows kernel, grid (K / BLOCK_K, splits of the batch): per (b, query rows): dE from the epilogue's
-              gradient (stored), the coefficients of dref, Delta (R <= BLOCK_R: from the S and dP tiles of the
-              whole row, also when only dk needs it), then dq = scale dS k over R tiles, added into the
-              program's own rows of dq (a shared q sums its b's in order into its split's partial).
+              gradient (stored), the coefficients of dref, the rows' (shift, delta) (R <= BLOCK_R: from the S and
+              dP tiles of the whole row; R-tiled: a first pass over the R tiles; also when only dk needs them),
+              then dq = scale dS k over R tiles, added into the program's own rows of dq (a shared q sums its b's
+              in order into its split's partial).
               columns kernel, grid (R / BLOCK_R, B): loops over query-row tiles, recomputes P from lse and
-              dS = P (dE v^T + dL/dattn - Delta), adds P^T dE into dv and scale dS^T q into dk (own rows). Its
-              dP is summed over the rows kernel's Dv tiles, so that it equals the rows kernel's bit for bit.
-    OVER_QUERIES backward: Gamma sums over every query row, so dq comes last. The rows kernel first writes dE and
-              dref's coefficients (WRITE_DE; not launched for MODE 0, where dE is the gradient), the columns
-              kernel loops twice over the query-row tiles of its tokens (Gamma and dv, then dk from dS) and writes
-              Gamma (B, R), then the rows kernel again (NEED_Q, no WRITE_DE): dq from P, dP and Gamma tile by
-              tile. dP is summed in the same Dv tiles in both kernels (bit-identical, as above).
+              dS = P ((dE v^T + dL/dattn - shift) - delta), adds P^T dE into dv and scale dS^T q into dk (own
+              rows). dP - shift is selected to 0 where P > 3/4 (_grad_logits): one kernel's shift is the other's dP
+              at the arg-max, which need not match bit for bit (tl.dot's rounding may depend on the tile shapes).
+    OVER_QUERIES backward: a token's (shift, delta) takes every query row, so dq comes last. The rows kernel first
+              writes dE and dref's coefficients (WRITE_DE; not launched for MODE 0, where dE is the gradient),
+              the columns kernel loops twice over the query-row tiles of its tokens ((shift, delta) and dv, then
+              dk from dS) and writes (shift, delta) (B, R), then the rows kernel again (NEED_Q, no WRITE_DE): dq
+              from P, dP and them tile by tile (the arg-max's dP - shift selected to 0, as above).
 No atomics anywhere: deterministic. Inputs are addressed through their strides (transposed views are read in
 place). Accumulation in fp32 (fp64 for fp64, where tl.dot is replaced by broadcast products: ACC_DTYPE, see
 _common.py); fp32 tl.dot runs "ieee" unless torch.backends.cuda.matmul.allow_tf32 is on.
@@ -226,17 +230,20 @@ def _add_max_grad(x, offs_r, idx, gm):
 
 @triton.jit
 def _grad_logits(
-    p, dp, delta, s, keep, offs_r, idx, gm, scale,
+    p, dp, shift, delta, s, keep, offs_r, idx, gm, scale,
     OVER_QUERIES: tl.constexpr, ACTIVATION: tl.constexpr, LOGITS_GRAD: tl.constexpr, SELECT: tl.constexpr,
 ):
-    """dT = scale dS [T > 0 for relu] of an S tile, dS = P (dP - Delta[row]) (keys) or P (dP - Gamma[token])
-    (OVER_QUERIES), + gM at r = idx (LOGITS_GRAD: the max of the logits' gradient). SELECT: 0 on tokens not kept,
-    by a select (without: P and dP are 0 there, so is dS unless Delta is not finite). The default options give
-    the expression the kernels had before them, op for op."""
+    """dT = scale dS [T > 0 for relu] of an S tile, dS = P ((dP - shift) - delta) with the (shift, delta) of each
+    row (keys) or token (OVER_QUERIES) (_shift_of), + gM at r = idx (LOGITS_GRAD: the max of the logits'
+    gradient). SELECT: 0 on tokens not kept, by a select (without: P and dP are 0 there, so is dS unless delta or
+    dP is not finite). dP - shift is exactly 0 at the arg-max, and selected so where P > 3/4 (only the arg-max can
+    be): the shift may be the other kernel's dP there, which need not be this one's bit for bit (tl.dot's rounding
+    may depend on the tile shape), and the near one-hot rows that need the 0 have P ~ 1 there. Where the arg-max
+    has P <= 3/4, an ulp of dP_top in dP - shift is far below what the others' P (>= 1/4) put into dS."""
     if OVER_QUERIES:
-        ds = p * (dp - delta[None, :])
+        ds = p * (tl.where(p > 0.75, 0.0, dp - shift[None, :]) - delta[None, :])
     else:
-        ds = p * (dp - delta[:, None])
+        ds = p * (tl.where(p > 0.75, 0.0, dp - shift[:, None]) - delta[:, None])
     if LOGITS_GRAD:
         ds = _add_max_grad(ds, offs_r, idx, gm)
     ds = ds * scale
@@ -246,6 +253,42 @@ def _grad_logits(
     if SELECT:
         ds = tl.where(keep[None, :], ds, 0.0)
     return ds
+
+
+@triton.jit
+def _shift_of(s, dp, offs, AXIS: tl.constexpr):
+    """(shift, max): dP at the arg-max of S along AXIS (1: each row's over the tokens offs; 0: each token's over
+    the query rows offs), the first among equals, and that max: the softmax backward's shift (the module
+    docstring)."""
+    best = tl.max(s, axis=AXIS)
+    none = 2147483647
+    if AXIS == 1:
+        top = tl.min(tl.where(s == best[:, None], offs[None, :], none), axis=1)
+        hit = offs[None, :] == top[:, None]
+    else:
+        top = tl.min(tl.where(s == best[None, :], offs[:, None], none), axis=0)
+        hit = offs[:, None] == top[None, :]
+    return tl.sum(tl.where(hit, dp, 0.0), axis=AXIS), best
+
+
+@triton.jit
+def _add_softmax_grad(best, shift, delta, psum, s, p, dp, offs, AXIS: tl.constexpr):
+    """The running (max of S, shift, delta, sum of P) of the softmax backward over tiles of one softmax's entries
+    (AXIS 1: tiles of tokens, keys; AXIS 0: tiles of query rows, OVER_QUERIES), with one tile added; P is final
+    (from the saved lse), only the shift moves. delta = sum P (dP - shift) over the entries so far: where a tile
+    holds a strictly larger S, the shift becomes its dP and delta gains (old shift - new shift) psum, psum the P
+    of the earlier entries, which is tiny when the softmax is near one-hot with its top here (the case the shift
+    is for): no cancellation against a large term."""
+    tile_shift, tile_best = _shift_of(s, dp, offs, AXIS)
+    moved = tile_best > best
+    delta = tl.where(moved, delta + (shift - tile_shift) * psum, delta)
+    shift = tl.where(moved, tile_shift, shift)
+    best = tl.where(moved, tile_best, best)
+    if AXIS == 1:
+        delta += tl.sum(p * (dp - shift[:, None]), axis=1)
+    else:
+        delta += tl.sum(p * (dp - shift[None, :]), axis=0)
+    return best, shift, delta, psum + tl.sum(p, axis=AXIS)
 
 
 @triton.jit
@@ -395,55 +438,15 @@ def _store_score(out_ptr, row_ids, rows_ok, score, MODE: tl.constexpr):
 
 @triton.jit
 def _write_grad_e(
-    de_rows, e_rows, ref_rows, s_e, a_e, c_e, rows_ok, Dv, sr_d,
-    ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
+    de_rows, e_rows, ref_rows, s_e, a_e, c_e, rows_ok, Dv, sr_d, ACC_DTYPE: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """Writes dE = s_E (a_E ref - c_E E) Dv chunk by Dv chunk and returns <dE, E> (Delta's first term on the
-    R-tiled path)."""
-    delta = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
+    """Writes dE = s_E (a_E ref - c_E E) Dv chunk by Dv chunk."""
     for dv0 in range(0, Dv, BLOCK_DV):
         offs_dv = dv0 + tl.arange(0, BLOCK_DV)
         tile_ok = rows_ok[:, None] & (offs_dv < Dv)[None, :]
         e = tl.load(e_rows + offs_dv[None, :], mask=tile_ok, other=0.0)
         rf = tl.load(ref_rows + offs_dv[None, :] * sr_d, mask=tile_ok, other=0.0).to(ACC_DTYPE)
-        de = s_e[:, None] * (a_e[:, None] * rf - c_e[:, None] * e)
-        tl.store(de_rows + offs_dv[None, :], de, mask=tile_ok)
-        delta += tl.sum(de * e, axis=1)
-    return delta
-
-
-@triton.jit
-def _stored_delta(
-    de_rows, e_rows, rows_ok, Dv,
-    ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
-):
-    """Delta's first term <dE, E>, both read from memory (MODE 0: dE is the incoming gradient)."""
-    delta = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
-    for dv0 in range(0, Dv, BLOCK_DV):
-        offs_dv = dv0 + tl.arange(0, BLOCK_DV)
-        tile_ok = rows_ok[:, None] & (offs_dv < Dv)[None, :]
-        e = tl.load(e_rows + offs_dv[None, :], mask=tile_ok, other=0.0)
-        de = tl.load(de_rows + offs_dv[None, :], mask=tile_ok, other=0.0)
-        delta += tl.sum(de * e, axis=1)
-    return delta
-
-
-@triton.jit
-def _add_attention_delta(
-    delta, q_rows, k_b, mask_ptr, ga_ptr, b, row_ids, rows_ok, lse, R, D, sq_d, sk_r, sk_d, scale,
-    HAS_MASK: tl.constexpr, ACTIVATION: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Delta + <P, dL/dattn> over the R tiles: the returned attention's gradient's term."""
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        keep = _keep(mask_ptr, b, offs_r, R, HAS_MASK)
-        p = _probs(q_rows, k_b, keep, offs_r, rows_ok, lse, D, sq_d, sk_r, sk_d, scale,
-                   ACTIVATION, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
-        ga = tl.load(ga_ptr + row_ids[:, None] * R + offs_r[None, :],
-                     mask=rows_ok[:, None] & keep[None, :], other=0.0)
-        delta += tl.sum(p * ga, axis=1)
-    return delta
+        tl.store(de_rows + offs_dv[None, :], s_e[:, None] * (a_e[:, None] * rf - c_e[:, None] * e), mask=tile_ok)
 
 
 @triton.jit
@@ -453,8 +456,7 @@ def _grad_probs(
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """dP (BLOCK_K, BLOCK_R) = dE vᵀ over Dv tiles, plus the attention's own gradient when it was returned; read
-    on kept tokens only (0 elsewhere). The rows and columns kernels get bit-identical dP from the same BLOCK_DV
-    (plan_backward), which the row-wise Delta needs: dP - Delta cancels exactly where eager's does."""
+    on kept tokens only (0 elsewhere)."""
     dp = tl.zeros([BLOCK_K, BLOCK_R], dtype=ACC_DTYPE)
     for dv0 in range(0, Dv, BLOCK_DV):
         offs_dv = dv0 + tl.arange(0, BLOCK_DV)
@@ -611,7 +613,7 @@ def _forward_kernel(
 @triton.jit
 def _rows_backward_kernel(
     g_ptr, ga_ptr, q_ptr, k_ptr, v_ptr, ref_ptr, mask_ptr, e_ptr, lse_ptr,
-    de_ptr, delta_ptr, coef_a_ptr, coef_c_ptr, coef_r_ptr, dq_ptr, gm_ptr, best_ptr, idx_ptr,
+    de_ptr, delta_ptr, shift_ptr, coef_a_ptr, coef_c_ptr, coef_r_ptr, dq_ptr, gm_ptr, idx_ptr,
     B, K, R, D, Dv, scale_ptr, eps_ptr, b_per_split,
     sq_b, sq_k, sq_d, sk_b, sk_r, sk_d, sv_b, sv_r, sv_d, sr_b, sr_k, sr_d,
     HAS_MASK: tl.constexpr, HAS_GA: tl.constexpr, MODE: tl.constexpr, NEED_Q: tl.constexpr,
@@ -665,12 +667,8 @@ def _rows_backward_kernel(
                 tl.store(coef_a_ptr + row_ids, a_r, mask=rows_ok)
                 tl.store(coef_c_ptr + row_ids, c_r, mask=rows_ok)
                 tl.store(coef_r_ptr + row_ids, n_r, mask=rows_ok)
-                delta = _write_grad_e(de_rows, e_rows, ref_rows, s_e, a_e, c_e, rows_ok, Dv, sr_d,
-                                      ACC_DTYPE, BLOCK_K, BLOCK_DV)
+                _write_grad_e(de_rows, e_rows, ref_rows, s_e, a_e, c_e, rows_ok, Dv, sr_d, ACC_DTYPE, BLOCK_DV)
                 tl.debug_barrier()
-        else:
-            if not OVER_QUERIES:
-                delta = _stored_delta(de_rows, e_rows, rows_ok, Dv, ACC_DTYPE, BLOCK_K, BLOCK_DV)
         q_rows = q_ptr + b * sq_b + offs_k.to(tl.int64)[:, None] * sq_k
         k_b = k_ptr + b * sk_b
         v_b = v_ptr + b * sv_b
@@ -687,8 +685,9 @@ def _rows_backward_kernel(
             idx = offs_k
         if OVER_QUERIES:
             if NEED_Q:
-                # dq = scale dS k, dS = P (dP - Gamma[token]) from the columns kernel's Gamma (in delta_ptr: (B, R)),
-                # tile of tokens by tile, added into this program's rows (its split's, shared q).
+                # dq = scale dS k, dS = P ((dP - shift) - delta) with the tokens' (shift, delta) from the columns
+                # kernel ((B, R) each), tile of tokens by tile, added into this program's rows (its split's, shared
+                # q).
                 for r0 in range(0, R, BLOCK_R):
                     offs_r = r0 + tl.arange(0, BLOCK_R)
                     keep = _keep(mask_ptr, b, offs_r, R, HAS_MASK)
@@ -699,8 +698,9 @@ def _rows_backward_kernel(
                                      HAS_GA, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_DV)
                     if MAX_MODE == 1 and HAS_GM:
                         dp = _add_max_grad(dp, offs_r, idx, gm)
-                    gamma = tl.load(delta_ptr + b * R + offs_r, mask=keep, other=0.0)
-                    ds = _grad_logits(p, dp, gamma, s, keep, offs_r, idx, gm, scale,
+                    shift = tl.load(shift_ptr + b * R + offs_r, mask=keep, other=0.0)
+                    delta = tl.load(delta_ptr + b * R + offs_r, mask=keep, other=0.0)
+                    ds = _grad_logits(p, dp, shift, delta, s, keep, offs_r, idx, gm, scale,
                                       True, ACTIVATION, MAX_MODE == 2 and HAS_GM, True)
                     _add_product(dq_rows, rows_ok, ds.to(k_ptr.dtype.element_ty),
                                  k_b + offs_r.to(tl.int64)[:, None] * sk_r, keep, sk_d, D,
@@ -708,10 +708,8 @@ def _rows_backward_kernel(
                     tl.debug_barrier()
         elif SINGLE_R:
             if NEED_DELTA:
-                # The whole row in registers: P as its own softmax (self-normalised, like eager's) and
-                # Delta = sum_r P dP from it, as eager's softmax backward takes it. <dE, E> would cancel
-                # catastrophically where P is near one-hot (~1e-6 noise on a ~1e-14 gradient). dP includes
-                # dL/dattn (and the max's gM at its arg-max), so Delta has their terms too.
+                # The whole row in registers: P as its own softmax, dP (with dL/dattn, and the max's gM at its
+                # arg-max), and the row's (shift, delta) from them, for this kernel's dS and the columns kernel's.
                 offs_r = tl.arange(0, BLOCK_R)
                 keep = _keep(mask_ptr, b, offs_r, R, HAS_MASK)
                 s = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
@@ -721,28 +719,44 @@ def _rows_backward_kernel(
                                  HAS_GA, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_DV)
                 if MAX_MODE == 1 and HAS_GM:
                     dp = _add_max_grad(dp, offs_r, idx, gm)
-                delta = tl.sum(p * dp, axis=1)
+                shift, _ = _shift_of(s, dp, offs_r, 1)
+                delta = tl.sum(p * (dp - shift[:, None]), axis=1)
+                tl.store(shift_ptr + row_ids, shift, mask=rows_ok)
                 tl.store(delta_ptr + row_ids, delta, mask=rows_ok)
                 if NEED_Q:
                     # dq = scale dS k, added into this program's rows (its split's, shared q)
-                    ds = _grad_logits(p, dp, delta, s, keep, offs_r, idx, gm, scale,
+                    ds = _grad_logits(p, dp, shift, delta, s, keep, offs_r, idx, gm, scale,
                                       False, ACTIVATION, MAX_MODE == 2 and HAS_GM, True)
                     _add_product(dq_rows, rows_ok, ds.to(k_ptr.dtype.element_ty),
                                  k_b + offs_r.to(tl.int64)[:, None] * sk_r, keep, sk_d, D,
                                  True, ACC_DTYPE, DOT_PRECISION, BLOCK_D)
                     tl.debug_barrier()
-        else:
-            if HAS_GA:
-                delta = _add_attention_delta(delta, q_rows, k_b, mask_ptr, ga_ptr, b, row_ids, rows_ok, lse, R, D,
-                                             sq_d, sk_r, sk_d, scale,
-                                             HAS_MASK, ACTIVATION, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R,
-                                             BLOCK_D)
-            if MAX_MODE == 1 and HAS_GM:
-                # sum_r P gM [r = idx] = gM M
-                delta += gm * tl.load(best_ptr + row_ids, mask=rows_ok, other=0.0)
+        elif NEED_DELTA:
+            # R tiles: a first pass for the rows' (shift, delta) (_add_softmax_grad), P from the saved lse.
+            best = tl.full([BLOCK_K], float("-inf"), dtype=ACC_DTYPE)
+            shift = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
+            delta = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
+            psum = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)
+            for r0 in range(0, R, BLOCK_R):
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                keep = _keep(mask_ptr, b, offs_r, R, HAS_MASK)
+                s = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
+                            ACTIVATION, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
+                p = _row_probs(s, keep, lse)
+                dp = _grad_probs(de_rows, v_b, ga_ptr, offs_r, keep, rows_ok, row_ids, R, Dv, sv_r, sv_d,
+                                 HAS_GA, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_DV)
+                if MAX_MODE == 1 and HAS_GM:
+                    dp = _add_max_grad(dp, offs_r, idx, gm)
+                best, shift, delta, psum = _add_softmax_grad(best, shift, delta, psum, s, p, dp, offs_r, 1)
+            tl.store(shift_ptr + row_ids, shift, mask=rows_ok)
             tl.store(delta_ptr + row_ids, delta, mask=rows_ok)
             if NEED_Q:
-                # dq = scale dS k, tile of tokens by tile, added into this program's rows (its split's, shared q).
+                # dq = scale dS k, tile of tokens by tile, added into this program's rows (its split's, shared q),
+                # but for rows with no kept token (sum P = 0; NaN for a NaN row, which must reach dq): their dS is
+                # 0, and a non-finite dE would make it NaN here (P and dP are 0 on masked tokens, but dE's NaN
+                # reaches dP through v's 0 there). Left out of the sums rather than selected tile by tile: a select
+                # on the tile spilled the bf16 rows kernel (sm_90, R = 577).
+                dq_ok = rows_ok & (psum != 0)
                 for r0 in range(0, R, BLOCK_R):
                     offs_r = r0 + tl.arange(0, BLOCK_R)
                     keep = _keep(mask_ptr, b, offs_r, R, HAS_MASK)
@@ -758,12 +772,9 @@ def _rows_backward_kernel(
                                      HAS_GA, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_DV)
                     if MAX_MODE == 1 and HAS_GM:
                         dp = _add_max_grad(dp, offs_r, idx, gm)
-                    # P and dP are exactly 0 on masked tokens (selected, and v read as 0 there): so is dS, unless
-                    # the row's dE is not finite, and then its kept entries are not either. (No select here: its
-                    # registers spilled the bf16 rows kernel, sm_90, R = 577.)
-                    ds = _grad_logits(p, dp, delta, s, keep, offs_r, idx, gm, scale,
+                    ds = _grad_logits(p, dp, shift, delta, s, keep, offs_r, idx, gm, scale,
                                       False, ACTIVATION, MAX_MODE == 2 and HAS_GM, False)
-                    _add_product(dq_rows, rows_ok, ds.to(k_ptr.dtype.element_ty),
+                    _add_product(dq_rows, dq_ok, ds.to(k_ptr.dtype.element_ty),
                                  k_b + offs_r.to(tl.int64)[:, None] * sk_r, keep, sk_d, D,
                                  True, ACC_DTYPE, DOT_PRECISION, BLOCK_D)
                     tl.debug_barrier()
@@ -771,12 +782,12 @@ def _rows_backward_kernel(
 
 @triton.jit
 def _columns_backward_kernel(
-    ga_ptr, q_ptr, k_ptr, v_ptr, mask_ptr, lse_ptr, de_ptr, delta_ptr, dk_ptr, dv_ptr, gm_ptr, idx_ptr,
+    ga_ptr, q_ptr, k_ptr, v_ptr, mask_ptr, lse_ptr, de_ptr, delta_ptr, shift_ptr, dk_ptr, dv_ptr, gm_ptr, idx_ptr,
     K, R, D, Dv, scale_ptr,
     sq_b, sq_k, sq_d, sk_b, sk_r, sk_d, sv_b, sv_r, sv_d,
     HAS_MASK: tl.constexpr, HAS_GA: tl.constexpr, NEED_K: tl.constexpr, NEED_V: tl.constexpr,
     OVER_QUERIES: tl.constexpr, ACTIVATION: tl.constexpr, MAX_MODE: tl.constexpr, HAS_GM: tl.constexpr,
-    NEED_GAMMA: tl.constexpr,
+    STORE_DELTA: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -792,10 +803,14 @@ def _columns_backward_kernel(
     # dk, dv rows of masked tokens are never written (the launcher zero-fills them): a NaN query row or dE row
     # would reach them through a 0 weight.
     if OVER_QUERIES:
-        # The softmax over the queries: dS = P (dP - Gamma), Gamma[b, r] = sum_i P dP over every query row, so
-        # a first loop over the query tiles sums Gamma (and adds dv = P^T dE), a second adds dk = scale dS^T q.
-        # Gamma goes to delta_ptr ((B, R)) for the rows kernel's dq, launched after this one.
-        gamma = tl.zeros([BLOCK_R], dtype=ACC_DTYPE)
+        # The softmax over the queries: dS = P ((dP - shift) - delta) with each token's (shift, delta) over every
+        # query row, so a first loop over the query tiles takes them (_add_softmax_grad; and adds dv = P^T dE), a
+        # second adds dk = scale dS^T q. They go to shift_ptr, delta_ptr ((B, R)) for the rows kernel's dq,
+        # launched after this one.
+        best = tl.full([BLOCK_R], float("-inf"), dtype=ACC_DTYPE)
+        shift = tl.zeros([BLOCK_R], dtype=ACC_DTYPE)
+        delta = tl.zeros([BLOCK_R], dtype=ACC_DTYPE)
+        psum = tl.zeros([BLOCK_R], dtype=ACC_DTYPE)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             rows_ok = offs_k < K
@@ -805,21 +820,24 @@ def _columns_backward_kernel(
             s = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
                         ACTIVATION, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
             p = _column_probs(s, lse_ptr, b, offs_r, keep, rows_ok, R)
-            if NEED_K or NEED_GAMMA:
+            if NEED_K or STORE_DELTA:
                 dp = _grad_probs(de_rows, v_b, ga_ptr, offs_r, keep, rows_ok, row_ids, R, Dv, sv_r, sv_d,
                                  HAS_GA, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_DV)
                 if MAX_MODE == 1 and HAS_GM:
                     gm = tl.load(gm_ptr + row_ids, mask=rows_ok, other=0.0).to(ACC_DTYPE)
                     idx = tl.load(idx_ptr + row_ids, mask=rows_ok, other=-1)
                     dp = _add_max_grad(dp, offs_r, idx, gm)
-                gamma += tl.sum(p * dp, axis=0)
+                # rows past K: S is 0 there (q read as 0), not -inf, and must not be the arg-max
+                best, shift, delta, psum = _add_softmax_grad(
+                    best, shift, delta, psum, tl.where(rows_ok[:, None], s, float("-inf")), p, dp, offs_k, 0)
             if NEED_V:
                 # dv (+)= P^T dE over Dv chunks
                 _add_product(dv_rows, keep, tl.trans(p.to(v_ptr.dtype.element_ty)), de_rows, rows_ok, 1, Dv, k0 > 0,
                              ACC_DTYPE, DOT_PRECISION, BLOCK_DV)
             tl.debug_barrier()
-        if NEED_GAMMA:
-            tl.store(delta_ptr + b * R + offs_r, gamma, mask=offs_r < R)
+        if STORE_DELTA:
+            tl.store(shift_ptr + b * R + offs_r, shift, mask=offs_r < R)
+            tl.store(delta_ptr + b * R + offs_r, delta, mask=offs_r < R)
         if NEED_K:
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -840,7 +858,7 @@ def _columns_backward_kernel(
                     idx = offs_k
                 if MAX_MODE == 1 and HAS_GM:
                     dp = _add_max_grad(dp, offs_r, idx, gm)
-                ds = _grad_logits(p, dp, gamma, s, keep, offs_r, idx, gm, scale,
+                ds = _grad_logits(p, dp, shift, delta, s, keep, offs_r, idx, gm, scale,
                                   True, ACTIVATION, MAX_MODE == 2 and HAS_GM, True)
                 _add_product(dk_rows, keep, tl.trans(ds.to(q_ptr.dtype.element_ty)), q_rows, rows_ok, sq_d, D,
                              k0 > 0, ACC_DTYPE, DOT_PRECISION, BLOCK_D)
@@ -860,6 +878,7 @@ def _columns_backward_kernel(
             p_op = p.to(v_ptr.dtype.element_ty)
             if NEED_K:
                 # dk (+)= scale dS^T q over D chunks
+                shift = tl.load(shift_ptr + row_ids, mask=rows_ok, other=0.0)
                 delta = tl.load(delta_ptr + row_ids, mask=rows_ok, other=0.0)
                 dp = _grad_probs(de_rows, v_b, ga_ptr, offs_r, keep, rows_ok, row_ids, R, Dv, sv_r, sv_d,
                                  HAS_GA, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_DV)
@@ -871,7 +890,7 @@ def _columns_backward_kernel(
                     idx = offs_k
                 if MAX_MODE == 1 and HAS_GM:
                     dp = _add_max_grad(dp, offs_r, idx, gm)
-                ds = _grad_logits(p, dp, delta, s, keep, offs_r, idx, gm, scale,
+                ds = _grad_logits(p, dp, shift, delta, s, keep, offs_r, idx, gm, scale,
                                   False, ACTIVATION, MAX_MODE == 2 and HAS_GM, True)
                 ds_t = tl.trans(ds.to(q_ptr.dtype.element_ty))
                 _add_product(dk_rows, keep, ds_t, q_rows, rows_ok, sq_d, D, k0 > 0, ACC_DTYPE, DOT_PRECISION,
@@ -898,8 +917,7 @@ def _columns_blocks(B, K, R, D, Dv, block_r, block_dv):
     """The columns kernel's tiles. Its R tile is the widest of 64, 32, 16 (at most the forward's) whose grid
     (R tiles, B) still gives every SM of an H200 a program (it only changes how programs share the work); its
     (BLOCK_K x BLOCK_D) operand tiles are 32 x 16, which the audit finds spill-free at every R tile. Its Dv tile is
-    the rows kernel's (block_dv): both then sum dP = dE v^T in the same chunks, bit-identically, and the rows
-    kernel's Delta = sum_r P dP cancels against this kernel's dP exactly where eager's does."""
+    the rows kernel's (block_dv)."""
     col_r = next((c for c in (64, 32, 16) if c <= block_r and triton.cdiv(R, c) * B >= H200_SMS), 16)
     return block_size(K, 32), col_r, block_size(D, 16), block_dv
 
@@ -992,12 +1010,13 @@ def forward(q, k, v, ref, mask, scale, score_mode, return_attention, save_e=True
 
 def plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode, output_mask, eps=COSINE_EPS,
                   softmax_over=0, activation=0, max_mode=0, grad_max=None, best=None, best_index=None):
-    """(grad_q, grad_k, grad_v, grad_ref) and the steps that fill them: the rows kernel (dq, Delta, the epilogue's
-    coefficients), the columns kernel (dk, dv), then the fixed-order sums and dtype casts. eps: the forward's (the
-    cosine's clamp, and its gradient's indicators [|E| > eps], [|ref| > eps]). softmax_over 1 (the queries): the
-    rows kernel writes dE (and the coefficients), the columns kernel sums Gamma and adds dk, dv, then the rows
-    kernel again for dq. grad_max (B, K) or None: the gradient of the max (max_mode 1, 2), with the forward's max
-    and arg-max."""
+    """(grad_q, grad_k, grad_v, grad_ref) and the steps that fill them: the rows kernel (dq, each row's (shift,
+    delta), the epilogue's coefficients), the columns kernel (dk, dv), then the fixed-order sums and dtype casts.
+    eps: the forward's (the cosine's clamp, and its gradient's indicators [|E| > eps], [|ref| > eps]).
+    softmax_over 1 (the queries): the rows kernel writes dE (and the coefficients), the columns kernel takes each
+    token's (shift, delta) and adds dk, dv, then the rows kernel again for dq. grad_max (B, K) or None: the
+    gradient of the max (max_mode 1, 2), with the forward's arg-max best_index (best, the max itself, is not
+    read: dP carries the max's gradient)."""
     need_q, need_k, need_v, need_ref = output_mask
     need_ref = need_ref and score_mode != 0
     B, R, D = k.shape
@@ -1010,7 +1029,6 @@ def plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode
     ga = grad_attn.to(acc).contiguous() if has_ga else lse
     has_gm = bool(max_mode) and grad_max is not None and grad_max.numel() > 0
     gm = grad_max.to(acc).contiguous() if has_gm else lse
-    best_t = best.to(acc).contiguous() if has_gm else lse
     index_t = best_index.to(torch.int32).contiguous() if has_gm else lse
     if score_mode == 0:
         de = grad.to(acc).contiguous()
@@ -1018,14 +1036,16 @@ def plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode
     else:
         de = torch.empty(B, K, Dv, device=q.device, dtype=acc)
         g = grad.to(acc).contiguous()
-    # Delta (B, K) over the keys; Gamma (B, R) over the queries (the columns kernel's, for the rows kernel's dq)
+    # The softmax backward's (shift, delta): (B, K) over the keys (the rows kernel's, for the columns kernel's dk);
+    # (B, R) over the queries (the columns kernel's, for the rows kernel's dq)
     delta = torch.empty((B, R) if softmax_over else (B, K), device=q.device, dtype=acc)
+    shift = torch.empty_like(delta)
     coef_a = torch.empty(B, K, device=q.device, dtype=acc)
     coef_c = torch.empty(B, K, device=q.device, dtype=acc)
     coef_r = torch.empty(B, K, device=q.device, dtype=acc)
     block_k, block_r, block_d, _ = _blocks(K, R, D, Dv)
-    # One Dv tile for the rows and columns kernels: both sum dP = dE v^T over it, bit-identically (the row-wise
-    # Delta needs that). 16, the columns kernel's spill-free tile (wider ones spill there: the audit, fp32 sm_80).
+    # One Dv tile for the rows and columns kernels: 16, the columns kernel's spill-free tile (wider ones spill
+    # there: the audit, fp32 sm_80).
     block_dv = block_size(Dv, 16)
     single_r = R <= block_r
     if shared_q:
@@ -1045,10 +1065,18 @@ def plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode
     common = dict(ACC_DTYPE=tl_accumulator_dtype(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
                   BLOCK_K=block_k, BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_DV=block_dv)
 
+    def rows_flops(dq_too):
+        """S and dP (2 B K R (D + Dv)), then dq (2 B K R D): over the keys R-tiled, S and dP once more (a first
+        pass for the rows' (shift, delta)); over the queries, dq's launch alone does the products."""
+        if softmax_over:
+            return 2 * B * K * R * (2 * D + Dv) if dq_too else 0
+        return 2 * B * K * R * (D + Dv) + (2 * B * K * R * D + (0 if single_r else 2 * B * K * R * (D + Dv))
+                                           if dq_too else 0)
+
     def rows(write_de, dq_too):
         return Launch(
             _rows_backward_kernel, (triton.cdiv(K, block_k), splits),
-            (g, ga, q, k, v, ref_t, mask_arg, e, lse, de, delta, coef_a, coef_c, coef_r, dq, gm, best_t, index_t,
+            (g, ga, q, k, v, ref_t, mask_arg, e, lse, de, delta, shift, coef_a, coef_c, coef_r, dq, gm, index_t,
              B, K, R, D, Dv, scale_t, eps_t, b_per_split,
              *q_strides, *k.stride(), *v.stride(), *_strides3(ref_t)),
             dict(HAS_MASK=mask is not None, HAS_GA=has_ga, MODE=score_mode, NEED_Q=dq_too,
@@ -1057,8 +1085,7 @@ def plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode
             # A wide row tile in 16-bit inputs: sixteen warps (eight spilled 32 B: sm_90, triton 3.6), fp32/fp64
             # eight (sixteen spilled 40 B there). The audit checks every case with the triton each stack installs.
             **_launch_options(block_r, wide_warps=16 if q.dtype in (torch.float16, torch.bfloat16) else 8),
-            flops=(2 * B * K * R * (D + Dv) + (2 * B * K * R * D if dq_too else 0)) if dq_too or not softmax_over
-            else 0,
+            flops=rows_flops(dq_too),
             label=("dE" if not dq_too else "dq") if softmax_over else "",
         )
 
@@ -1066,35 +1093,37 @@ def plan_backward(grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score_mode
     if not softmax_over:
         steps.append(rows(True, need_q))
     elif score_mode != 0:
-        steps.append(rows(True, False))  # dE (and dref's coefficients) first: Gamma needs every row's
+        steps.append(rows(True, False))  # dE (and dref's coefficients) first: the columns need every row's
     # The columns kernel leaves the rows of masked tokens unwritten: they must read 0.
     alloc = torch.zeros if mask is not None else torch.empty
     grad_k = alloc((B, R, D) if need_k else (0,), device=q.device, dtype=acc)
     grad_v = alloc((B, R, Dv) if need_v else (0,), device=q.device, dtype=acc)
-    need_gamma = bool(softmax_over) and need_q
-    if need_k or need_v or need_gamma:
+    store_delta = bool(softmax_over) and need_q
+    if need_k or need_v or store_delta:
         col_k, col_r, col_d, col_dv = _columns_blocks(B, K, R, D, Dv, block_r, block_dv)
         if softmax_over:
             col_k = 16  # 32 spilled 8-32 B (fp32, sm_80/sm_90, triton 3.6 and 3.9; the audit)
         steps.append(Launch(
             _columns_backward_kernel, (triton.cdiv(R, col_r), B),
-            (ga, q, k, v, mask_arg, lse, de, delta, grad_k, grad_v, gm, index_t,
+            (ga, q, k, v, mask_arg, lse, de, delta, shift, grad_k, grad_v, gm, index_t,
              K, R, D, Dv, scale_t,
              *q_strides, *k.stride(), *v.stride()),
             dict(HAS_MASK=mask is not None, HAS_GA=has_ga, NEED_K=need_k, NEED_V=need_v, **options,
-                 NEED_GAMMA=need_gamma, ACC_DTYPE=common["ACC_DTYPE"], DOT_PRECISION=common["DOT_PRECISION"],
+                 STORE_DELTA=store_delta, ACC_DTYPE=common["ACC_DTYPE"], DOT_PRECISION=common["DOT_PRECISION"],
                  BLOCK_K=col_k, BLOCK_R=col_r, BLOCK_D=col_d, BLOCK_DV=col_dv),
             # One pipeline stage with the options (two spilled 8-64 B: fp32, sm_80, triton 3.9; the audit), but for
-            # the queries' 16 x 64 tiles (one spilled 8-24 B there: fp32, B = 256, sm_90, triton 3.6 and 3.9).
-            # Over the queries with 16-token tiles, four warps (eight spilled 16 B: bf16/fp16, sm_90, triton 3.6).
+            # 64-token tiles over the queries (one spilled 8-24 B there: fp32, B = 256, sm_90, triton 3.6 and 3.9)
+            # and in 16-bit inputs (one spilled 8 B: bf16, sm_80, triton 3.6, ViT-CUB with relu and the logits'
+            # max). Over the queries with 16-token tiles, four warps (eight spilled 16 B: bf16/fp16, sm_90, 3.6).
             **dict(_launch_options(col_r),
                    **({"num_stages": 1} if (activation or max_mode or softmax_over)
-                      and not (softmax_over and col_r == 64) else {}),
+                      and not (col_r == 64 and (softmax_over or q.dtype in (torch.float16, torch.bfloat16)))
+                      else {}),
                    **({"num_warps": 4} if softmax_over and col_r == 16 else {})),
             flops=2 * B * K * R * (D + Dv) + 2 * B * K * R * ((D if need_k else 0) + (Dv if need_v else 0))
             + (2 * B * K * R * (D + Dv) if softmax_over and need_k else 0),
         ))
-    if need_gamma:
+    if store_delta:
         steps.append(rows(False, True))
     grads = []
 

@@ -14,7 +14,7 @@
                   r[n]    = sum_c g[n, c] * out[n, c]                  (= scale * sum_c g * cos, no division)
                   grad_x  = scale * ix * G - [|x| > eps] * (x * ix) * (ix * r)   (ix^2 underflows for |x| ~ 1e30)
                             ADD_EPS: scale * ix * G - (x * ix) * (r / |x|), 1 / |x| = ix / (1 - eps * ix)
-                  and, when scale needs a gradient, partial sums of ix * x * G per (D block, n): sum g * cos
+                  and, when scale needs a gradient, partial sums of (x ix) * G per (D block, n): sum g * cos
                   reduced from G, so scale == 0 needs no special case
               grad_protos, grid (C / BLOCK_C, D / BLOCK_D), loop over row blocks: the same with x and protos swapped
                   H[c, d] = sum_n g[n, c] * ix[n] * x[n, d]            tl.dot(g.T, x * ix)
@@ -206,7 +206,8 @@ def _grad_x_kernel(
         grad = _normalised_grad(G, x, ix, r, tl.load(scale_ptr).to(ACC_DTYPE), EPS, ADD_EPS, ACC_DTYPE)
         tl.store(grad_x_ptr + rows64[:, None] * D + offs_d[None, :], grad.to(grad_x_ptr.dtype.element_ty), mask=mask_nd)
     if NEED_SCALE:
-        tl.store(partial_ptr + pid_d.to(tl.int64) * N + offs_n, ix * tl.sum(x * G, axis=1), mask=mask_n)
+        # of x ix (entries in [-1, 1]): x * G itself overflows fp32 for |x| ~ 1e37 (the tests' aligned gradients)
+        tl.store(partial_ptr + pid_d.to(tl.int64) * N + offs_n, tl.sum((x * ix[:, None]) * G, axis=1), mask=mask_n)
 
 
 @triton.jit

@@ -7,6 +7,9 @@ The math, per row r = (b, m) with z = z[b, m], p = protos[labels[b], m] (the pro
     kl_row[r]  = sum_d P_d a_d                             KL(softmax(z) || softmax(p)); 0 for an inactive row
     grad_z[r]  = P * (a - kl_row[r]) / max(n_active, 1)    0 for an inactive row
     loss       = sum_r kl_row[r] / max(n_active, 1),  n_active = active.sum()
+    taken as a_t + kl_t and P ((a - a_t) - kl_t) / max(n_active, 1), t the arg-max of z (the first), kl_t =
+    sum_d P_d (a_d - a_t), a_d - a_t = (z_d - z_t) - (p_d - p_t): the softmax backward shifted by its arg-max's
+    term, exact where P is near one-hot (csrc/cpu/memory_bank.cpp's kl rows)
 
     grid (B * M,): program r handles one row; a row is inactive where active[b, m] is False or labels[b] is out of
     [0, C) (possible only under torch.compile, where the Python check does not run): it reads nothing. Active rows
@@ -53,56 +56,63 @@ def _kl_in_registers(
     sum_z = tl.sum(ez, axis=0)
     lse_z = max_z + tl.log(sum_z)
     lse_p = max_p + tl.log(tl.sum(tl.where(mask, tl.exp(p - max_p), 0.0), axis=0))
-    a = tl.where(mask, (z - lse_z) - (p - lse_p), 0.0)
+    top = tl.min(tl.where(mask & (z == max_z), offs, D), axis=0)  # the first arg-max (D: none, a NaN row)
+    z_t = tl.sum(tl.where(offs == top, z, 0.0), axis=0)
+    p_t = tl.sum(tl.where(offs == top, p, 0.0), axis=0)
+    a = tl.where(mask, (z - z_t) - (p - p_t), 0.0)  # a - a_t
     P = ez / sum_z
     kl = tl.sum(P * a, axis=0)
-    tl.store(kl_ptr + r, kl)
+    tl.store(kl_ptr + r, ((z_t - lse_z) - (p_t - lse_p)) + kl)
     if COMPUTE_GRAD:
         tl.store(grad_row + offs, (P * (a - kl) * inv_n).to(grad_row.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _streamed_lse(z_row, p_row, D, stride_zd, stride_pd, ACC_DTYPE: tl.constexpr, BLOCK_D: tl.constexpr):
-    """(lse_z, lse_p) of rows streamed in BLOCK_D chunks: running maxima and rescaled sums (the first read)."""
+    """(lse_z, lse_p, z_t, p_t) of rows streamed in BLOCK_D chunks: running maxima and rescaled sums (the first
+    read), z_t = max z and p_t = p at its first arg-max t."""
     offs = tl.arange(0, BLOCK_D)
     max_z = tl.full([], -float("inf"), ACC_DTYPE)
     max_p = tl.full([], -float("inf"), ACC_DTYPE)
     sum_z = tl.zeros([], ACC_DTYPE)
     sum_p = tl.zeros([], ACC_DTYPE)
+    p_t = tl.zeros([], ACC_DTYPE)
     for d0 in range(0, D, BLOCK_D):
         z, p, mask = _load_rows(z_row, p_row, d0 + offs, D, stride_zd, stride_pd, -float("inf"), ACC_DTYPE)
-        new_max_z = tl.maximum(max_z, tl.max(z, axis=0))
+        chunk_max = tl.max(z, axis=0)
+        chunk_top = tl.min(tl.where(mask & (z == chunk_max), offs, BLOCK_D), axis=0)
+        p_t = tl.where(chunk_max > max_z, tl.sum(tl.where(offs == chunk_top, p, 0.0), axis=0), p_t)
+        new_max_z = tl.maximum(max_z, chunk_max)
         new_max_p = tl.maximum(max_p, tl.max(p, axis=0))
         sum_z = sum_z * tl.exp(max_z - new_max_z) + tl.sum(tl.exp(z - new_max_z), axis=0)
         sum_p = sum_p * tl.exp(max_p - new_max_p) + tl.sum(tl.exp(p - new_max_p), axis=0)
         max_z = new_max_z
         max_p = new_max_p
-    return max_z + tl.log(sum_z), max_p + tl.log(sum_p)
+    return max_z + tl.log(sum_z), max_p + tl.log(sum_p), max_z, p_t
 
 
 @triton.jit
-def _streamed_kl(z_row, p_row, lse_z, lse_p, D, stride_zd, stride_pd, ACC_DTYPE: tl.constexpr, BLOCK_D: tl.constexpr):
-    """sum_d P_d a_d of streamed rows (the second read)."""
+def _streamed_kl(z_row, p_row, lse_z, z_t, p_t, D, stride_zd, stride_pd, ACC_DTYPE: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """kl_t = sum_d P_d (a_d - a_t) of streamed rows (the second read)."""
     offs = tl.arange(0, BLOCK_D)
     kl_acc = tl.zeros([BLOCK_D], ACC_DTYPE)
     for d0 in range(0, D, BLOCK_D):
         z, p, mask = _load_rows(z_row, p_row, d0 + offs, D, stride_zd, stride_pd, 0.0, ACC_DTYPE)
-        a = (z - lse_z) - (p - lse_p)
-        kl_acc += tl.where(mask, tl.exp(z - lse_z) * a, 0.0)
+        kl_acc += tl.where(mask, tl.exp(z - lse_z) * ((z - z_t) - (p - p_t)), 0.0)
     return tl.sum(kl_acc, axis=0)
 
 
 @triton.jit
 def _streamed_grad(
-    grad_row, z_row, p_row, lse_z, lse_p, kl, inv_n, D, stride_zd, stride_pd,
+    grad_row, z_row, p_row, lse_z, z_t, p_t, kl_t, inv_n, D, stride_zd, stride_pd,
     ACC_DTYPE: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """grad_z = P (a - kl) / max(n_active, 1) of streamed rows (the third read)."""
+    """grad_z = P ((a - a_t) - kl_t) / max(n_active, 1) of streamed rows (the third read)."""
     offs = tl.arange(0, BLOCK_D)
     for d0 in range(0, D, BLOCK_D):
         z, p, mask = _load_rows(z_row, p_row, d0 + offs, D, stride_zd, stride_pd, 0.0, ACC_DTYPE)
-        a = (z - lse_z) - (p - lse_p)
-        grad = tl.exp(z - lse_z) * (a - kl) * inv_n
+        grad = tl.exp(z - lse_z) * (((z - z_t) - (p - p_t)) - kl_t) * inv_n
         tl.store(grad_row + d0 + offs, grad.to(grad_row.dtype.element_ty), mask=mask)
 
 
@@ -130,11 +140,11 @@ def _kl_kernel(
             _kl_in_registers(z_row, p_row, kl_ptr, grad_row, r, offs, inv_n, D, stride_zd, stride_pd,
                              COMPUTE_GRAD, ACC_DTYPE)
         else:
-            lse_z, lse_p = _streamed_lse(z_row, p_row, D, stride_zd, stride_pd, ACC_DTYPE, BLOCK_D)
-            kl = _streamed_kl(z_row, p_row, lse_z, lse_p, D, stride_zd, stride_pd, ACC_DTYPE, BLOCK_D)
-            tl.store(kl_ptr + r, kl)
+            lse_z, lse_p, z_t, p_t = _streamed_lse(z_row, p_row, D, stride_zd, stride_pd, ACC_DTYPE, BLOCK_D)
+            kl_t = _streamed_kl(z_row, p_row, lse_z, z_t, p_t, D, stride_zd, stride_pd, ACC_DTYPE, BLOCK_D)
+            tl.store(kl_ptr + r, ((z_t - lse_z) - (p_t - lse_p)) + kl_t)
             if COMPUTE_GRAD:
-                _streamed_grad(grad_row, z_row, p_row, lse_z, lse_p, kl, inv_n, D, stride_zd, stride_pd,
+                _streamed_grad(grad_row, z_row, p_row, lse_z, z_t, p_t, kl_t, inv_n, D, stride_zd, stride_pd,
                                ACC_DTYPE, BLOCK_D)
     else:
         tl.store(kl_ptr + r, tl.zeros([], ACC_DTYPE))
