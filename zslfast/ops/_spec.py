@@ -21,8 +21,7 @@ Dispatch happens in two places, both here: :meth:`OpSpec.resolve` picks the back
 caller's choice, ``ZSLFAST_BACKEND``, then by device), and the op's CPU/CUDA implementation, registered by
 ``define``, hands the call to ``kernels[backend]``. No op module holds a backend switch of its own.
 
-The enums of the Python API are strings; :data:`ENUMS` is the one mapping to the ints the compiled and Triton
-kernels take (csrc/ops.cpp, zslfast/triton/).
+The enums of the Python API are strings; zslfast._enums maps them to the ints the compiled and Triton kernels take.
 """
 
 from __future__ import annotations
@@ -34,32 +33,11 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 
 from .. import _backend
+from .._enums import ENUMS, choices, enum_id  # noqa: F401  (the ops' option ids)
 
 # The compiled extension (csrc/ops.cpp) owns TORCH_LIBRARY(zslfast) with the raw kernels (``_<name>_fwd`` ...);
 # the public ops with their autograd and fake kernels are defined here, in a fragment of the same namespace.
 LIB = torch.library.Library("zslfast", "FRAGMENT")
-
-# Python API string -> the int the kernels take. The order is the kernels' (csrc/ops.cpp documents the ids).
-ENUMS: dict[str, dict[Any, int]] = {
-    "score": {None: 0, "dot": 1, "cosine": 2},
-    "policy": {"fifo": 0, "min_conf": 1},
-    "mode": {"abnar": 0, "residual": 1},
-    "head_fusion": {"mean": 0, "sum": 1, "max": 2, "min": 3},
-    "normalize": {"row": 0, "none": 1},  # attention_rollout's abnar: rows of F + I divided by their sums, or not
-    "eps_mode": {"clamp": 0, "add": 1},
-    "softmax_over": {"keys": 0, "queries": 1},
-    "logit_activation": {None: 0, "relu": 1},
-    "return_max": {None: 0, "attention": 1, "logits": 2},
-}
-
-
-def enum_id(kind: str, value) -> int:
-    """The kernels' int for the Python API's ``value`` of enum ``kind`` (already validated by the op)."""
-    return ENUMS[kind][value]
-
-
-def choices(kind: str) -> tuple:
-    return tuple(ENUMS[kind])
 
 
 def triton_kernel(module: str, function: str) -> Callable:
