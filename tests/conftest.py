@@ -35,6 +35,9 @@ DEADLINE = float(os.environ.get("ZSLFAST_TEST_DEADLINE", "inf"))
 def pytest_runtest_setup(item):
     if time.time() > DEADLINE:
         pytest.skip("over the session's time budget (ZSLFAST_TEST_DEADLINE)")
+    # torch 2.4's inductor loads CPU kernels built with -ffast-math, which sets flush-to-zero for the whole process
+    # at the first torch.compile; every test starts with float32's denormals, whatever ran before it.
+    torch.set_flush_denormal(False)
 
 
 def pytest_configure(config):
