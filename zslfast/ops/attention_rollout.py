@@ -59,7 +59,7 @@ import torch
 from .. import reference
 from ..reference import discard_lowest
 from ..validation import accumulator_dtype, check_flag, check_option, check_start_layer, promote, shape_str
-from ._spec import OpSpec, choices, define, enum_id, triton_kernel
+from ._spec import OpSpec, choices, compiled_kernel, define, triton_kernel
 
 OP = "attention_rollout"
 MODES = choices("mode")
@@ -270,19 +270,6 @@ def _reference(attns, mode, head_fusion, normalize):
     return reference.attention_rollout(attns, mode, head_fusion, 0, True, 0.0, normalize), None
 
 
-def _cpp_forward(attns, mode, head_fusion, normalize):
-    return torch.ops.zslfast._attention_rollout_cls_fwd(
-        attns, enum_id("mode", mode), enum_id("head_fusion", head_fusion), enum_id("normalize", normalize)
-    )
-
-
-_TRITON_FORWARD = triton_kernel("attention_rollout", "forward")
-
-
-def _triton_forward(attns, mode, head_fusion, normalize):
-    return _TRITON_FORWARD(list(attns), mode, enum_id("head_fusion", head_fusion), enum_id("normalize", normalize))
-
-
 def _setup_context(ctx, inputs, output):
     attns, mode, head_fusion, normalize, _ = inputs
     ctx.save_for_backward(*attns, output[1])
@@ -321,7 +308,10 @@ def _backward(ctx, grad_out, _grad_states):
 SPEC = define(OpSpec(
     name="attention_rollout_cls",
     schema="(Tensor[] attns, str mode, str head_fusion, str normalize, str backend) -> (Tensor, Tensor)",
-    kernels={"cpu": _cpp_forward, "triton": _triton_forward},  # GPU: Triton (no CUDA C++ kernel)
+    kernels={  # GPU: Triton (no CUDA C++ kernel)
+        "cpu": compiled_kernel("_attention_rollout_cls_fwd"),
+        "triton": triton_kernel("attention_rollout", "forward"),
+    },
     reference=_reference,
     gpu_preference=("triton",),
     fake=_forward_fake,

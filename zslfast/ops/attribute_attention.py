@@ -82,7 +82,8 @@ from .. import reference
 from ..validation import (
     accumulator_dtype, check_flag, check_option, check_positive, check_same_device, check_tensor, promote, shape_str,
 )
-from ._spec import OpSpec, choices, define, enum_id, triton_kernel
+from .._enums import choices
+from ._spec import OpSpec, compiled_kernel, define, triton_kernel
 
 OP = "attribute_attention"
 EPS = 1e-8  # F.cosine_similarity's eps in the papers' code
@@ -131,56 +132,16 @@ def _reference(q, k, v, ref, mask, scale, score, eps, return_attention, save_e, 
     return out, None, None, attn, best, None
 
 
-def _options(score, softmax_over, logit_activation, return_max):
-    """The kernels' ints (ENUMS) for the string options."""
-    return (
-        enum_id("score", score), enum_id("softmax_over", softmax_over),
-        enum_id("logit_activation", logit_activation), enum_id("return_max", return_max),
-    )
-
-
-# The C++ kernels take the options as their int ids (ENUMS), after the arguments they had before the options came.
-def _cpp_forward(q, k, v, ref, mask, scale, score, eps, return_attention, save_e, *options):
-    score, *modes = _options(score, *options)
-    return torch.ops.zslfast._attribute_attention_fwd(
-        q, k, v, ref, mask, scale, score, return_attention, save_e, eps, *modes
-    )
-
-
-def _cpp_backward(grad, grad_attn, grad_max, q, k, v, ref, mask, e, lse, best, best_index, scale, score, eps,
-                  output_mask, *options):
-    score, *modes = _options(score, *options)
-    return torch.ops.zslfast._attribute_attention_bwd(
-        grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score, output_mask, eps, *modes, grad_max, best,
-        best_index,
-    )
-
-
-_TRITON_FORWARD = triton_kernel("attribute_attention", "forward")
-_TRITON_BACKWARD = triton_kernel("attribute_attention", "backward")
-
-
-def _triton_forward(q, k, v, ref, mask, scale, score, eps, return_attention, save_e, *options):
-    score, *modes = _options(score, *options)
-    return _TRITON_FORWARD(q, k, v, ref, mask, scale, score, return_attention, save_e, eps, *modes)
-
-
-def _triton_backward(grad, grad_attn, grad_max, q, k, v, ref, mask, e, lse, best, best_index, scale, score, eps,
-                     output_mask, *options):
-    score, *modes = _options(score, *options)
-    return _TRITON_BACKWARD(
-        grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score, output_mask, eps, *modes, grad_max, best,
-        best_index,
-    )
-
-
 BACKWARD = define(OpSpec(
     name="attribute_attention_backward",
     schema="(Tensor grad, Tensor? grad_attn, Tensor? grad_max, Tensor q, Tensor k, Tensor v, Tensor? ref,"
     " Tensor? mask, Tensor e, Tensor lse, Tensor best, Tensor best_index, float scale, str? score, float eps,"
     " bool[4] output_mask, str softmax_over, str? logit_activation, str? return_max, str backend)"
     " -> (Tensor, Tensor, Tensor, Tensor)",
-    kernels={"cpu": _cpp_backward, "triton": _triton_backward},
+    kernels={
+        "cpu": compiled_kernel("_attribute_attention_bwd"),
+        "triton": triton_kernel("attribute_attention", "backward"),
+    },
     fake=_backward_fake,
     autocast=None,
 ))
@@ -223,7 +184,10 @@ SPEC = define(OpSpec(
     schema="(Tensor q, Tensor k, Tensor v, Tensor? ref, Tensor? mask, float scale, str? score, float eps,"
     " bool return_attention, bool save_e, str softmax_over, str? logit_activation, str? return_max, str backend)"
     " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-    kernels={"cpu": _cpp_forward, "triton": _triton_forward},
+    kernels={
+        "cpu": compiled_kernel("_attribute_attention_fwd"),
+        "triton": triton_kernel("attribute_attention", "forward"),
+    },
     reference=_reference,
     gpu_preference=("triton",),
     fake=_forward_fake,

@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreted
+from .._enums import EpsMode
 from ._common import accumulator_dtype, block_size, dot_precision, inv_clamped, inv_norm, mm, sqrt_acc, tl_accumulator_dtype
-from ..ops._spec import enum_id
 from ._launch import Launch, run
 
 
@@ -268,7 +268,7 @@ def _blocks(x: torch.Tensor, N: int, C: int, D: int, backward: bool = False):
 NUM_WARPS = 8
 
 
-def plan_forward(x: torch.Tensor, protos: torch.Tensor, scale: torch.Tensor, eps: float, eps_mode: str = "clamp"):
+def plan_forward(x: torch.Tensor, protos: torch.Tensor, scale: torch.Tensor, eps: float, eps_mode: int):
     """(out, x_inv_norm, p_inv_norm) and the launch that fills them."""
     N, D = x.shape
     C = protos.shape[0]
@@ -281,14 +281,14 @@ def plan_forward(x: torch.Tensor, protos: torch.Tensor, scale: torch.Tensor, eps
         _forward_kernel, (triton.cdiv(N, block_n), triton.cdiv(C, block_c)),
         (x, protos, scale.to(acc_dtype), out, x_inv_norm, p_inv_norm, N, C, D,
          *x.stride(), *protos.stride(), *out.stride()),
-        dict(EPS=eps, ADD_EPS=enum_id("eps_mode", eps_mode) == 1, ACC_DTYPE=tl_accumulator_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
-             BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d),
+        dict(EPS=eps, ADD_EPS=eps_mode == EpsMode.ADD, ACC_DTYPE=tl_accumulator_dtype(x.dtype),
+             DOT_PRECISION=dot_precision(x.dtype), BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d),
         num_warps=NUM_WARPS, flops=2 * N * C * D,
     )
     return (out, x_inv_norm, p_inv_norm), [launch]
 
 
-def forward(x: torch.Tensor, protos: torch.Tensor, scale: torch.Tensor, eps: float, eps_mode: str = "clamp"):
+def forward(x: torch.Tensor, protos: torch.Tensor, scale: torch.Tensor, eps: float, eps_mode: int):
     outputs, steps = plan_forward(x, protos, scale, eps, eps_mode)
     run(steps)
     return outputs
@@ -303,7 +303,7 @@ def plan_backward(
     p_inv_norm: torch.Tensor,
     scale: torch.Tensor,
     eps: float,
-    eps_mode: str,
+    eps_mode: int,
     output_mask,
 ):
     """(grad_x, grad_p, grad_scale) and the steps that fill them."""
@@ -314,8 +314,8 @@ def plan_backward(
     block_n, block_c, block_d = _blocks(x, N, C, D, backward=True)
     d_blocks = triton.cdiv(D, block_d)
     scale_acc = scale.to(acc_dtype)
-    common = dict(EPS=eps, ADD_EPS=enum_id("eps_mode", eps_mode) == 1, ACC_DTYPE=tl_accumulator_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
-                  BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d)
+    common = dict(EPS=eps, ADD_EPS=eps_mode == EpsMode.ADD, ACC_DTYPE=tl_accumulator_dtype(x.dtype),
+                  DOT_PRECISION=dot_precision(x.dtype), BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d)
     strides = (*grad.stride(), *out.stride(), *x.stride(), *protos.stride())
     empty = x.new_empty((0,))
     grad_x = torch.empty((N, D), dtype=x.dtype, device=x.device) if need_x else empty
