@@ -212,7 +212,7 @@ def test_nan_reaches_what_depends_on_it(device, backend, mode, fusion, generator
 def test_fused_head_attention_selects_nan_like_torch_max(fusion, generator):
     """zslfast.nn's head fusion of softmax(q k^T) maps (one head at a time) picks the first NaN head as torch.max /
     min(dim) do: the same NaN values as reference.fuse_heads, and the gradient routed to the same head."""
-    from zslfast.ops.attention_rollout import fused_head_attention
+    from zslfast.nn.rollout import fused_head_attention
 
     B, H, N, d = 2, 4, 5, 8
     q = torch.randn(B, H, N, d, generator=generator, dtype=torch.float64)
@@ -239,7 +239,7 @@ def test_fused_head_attention_saturated_gradients(generator):
     closest <= 60): the float32 q and k gradients of zslfast.nn's head fusion are within 4x float32's own rounding
     (helpers.softmax_grad_error_scale) of the softmax backward in 60-digit arithmetic; the
     textbook dS = P (dP - rowsum(P dP)) loses them (its top entry rounds to 0)."""
-    from zslfast.ops.attention_rollout import fused_head_attention
+    from zslfast.nn.rollout import fused_head_attention
 
     B, H, N, d = 2, 2, 6, 8
     for _ in range(400):

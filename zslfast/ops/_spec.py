@@ -36,7 +36,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 
 from .. import _backend
-from .._enums import ENUMS, choices, enum_id  # noqa: F401  (the ops' option ids)
+from .._enums import ENUMS, enum_id
 
 # The compiled extension (csrc/ops.cpp) owns TORCH_LIBRARY(zslfast) with the raw kernels (``_<name>_fwd`` ...);
 # the public ops with their autograd and fake kernels are defined here, in a fragment of the same namespace.
@@ -171,20 +171,3 @@ def _register_autocast(spec: OpSpec) -> None:
                 return op(*cast)
 
         LIB.impl(spec.name, kernel, key.name)
-
-
-def check_module_backend(owner: str, backend: Optional[str], specs: Sequence[OpSpec]) -> Optional[str]:
-    """A module's ``backend`` setting: None, "reference", or a kernel backend every op the module runs has.
-
-    Checked when it is set, so ``MemoryBank(backend="triton")`` fails at once (the bank update has no Triton
-    kernel) rather than at its first update."""
-    _backend.check_backend(owner, backend)
-    if backend is None:
-        return None
-    lacking = [spec.name for spec in specs if backend not in spec.backends]
-    if lacking:
-        raise _backend.BackendUnavailableError(
-            f"{owner}: backend {backend!r} has no kernel for {', '.join(lacking)}; "
-            f"choose one of {tuple(b for b in _backend.BACKENDS if all(b in s.backends for s in specs))} or None"
-        )
-    return backend
