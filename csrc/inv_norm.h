@@ -8,7 +8,7 @@
 // norm is then a constant with no derivative: backwards tell such rows apart from their saved inverse norm alone,
 // with norm_clamped below.
 //
-// Norms never overflow (issue 16): |v|^2 overflows acc_t for |v| beyond ~1.8e19 in float (F.normalize then returns
+// Norms never overflow: |v|^2 overflows acc_t for |v| beyond ~1.8e19 in float (F.normalize then returns
 // 0 for a row whose true cosines are O(1)). row_norm takes the plain sum of squares and only when that is inf
 // (a rare branch: the common case costs nothing more) takes it again scaled by the row's largest |v_d|:
 // |v| = m * |v / m|. A NaN anywhere in the row still makes the norm NaN, and an inf element makes it inf.

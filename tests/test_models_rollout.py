@@ -2,7 +2,7 @@
 values (float64 and float32, both modes x four head fusions x cls_only x start_layer), the model output left
 bit-for-bit unchanged, attention forwards restored (also after an error), the model zoo's variants (class token,
 registers, no class token, DINOv2, qk_norm), gradients (images and parameters; gradcheck of the per-head op), attention
-masks, peak memory against a store-all-maps baseline, bad-input errors, and issue 17's discard_ratio / normalize
+masks, peak memory against a store-all-maps baseline, bad-input errors, and the discard_ratio / normalize options
 (values and gradients, fold and stored-maps paths). Models are random (pretrained=False).
 
     A^l = softmax(q k^T * d^-0.5) (B, H, N, N)

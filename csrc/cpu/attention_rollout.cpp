@@ -12,7 +12,7 @@
 // at a time from the H heads (a buffer of N), so every map is read exactly once and nothing (B, N, N) is written.
 // Parallel over b; within b the sums run in a fixed order (deterministic). Accumulation in float (double for double).
 //
-// NaN (issue 16): max/min fusion propagates a NaN head as torch.max/amax do (std::max and a plain compare-select
+// NaN: max/min fusion propagates a NaN head as torch.max/amax do (std::max and a plain compare-select
 // drop it), and a NaN reaches exactly the outputs the reference's full products reach: the first step reads row 0
 // of its map only (v = e_0, the reference's selection of row 0), later steps read every row, zero weight or not
 // (the reference's GEMMs multiply 0 * NaN too).

@@ -13,7 +13,7 @@
 //   are read with their masked rows zeroed, P and dS are 0 there by a select, and dk, dv rows of masked tokens are
 //   set to 0 after their GEMMs (a NaN query row would otherwise reach them as 0 * NaN). A NaN logit makes its row
 //   NaN (softmax_row does not take an all-NaN row for a fully masked one).
-//   The cosine's norms and <E, ref> never overflow (issue 16): plain sums where finite, rescaled by the rows' largest
+//   The cosine's norms and <E, ref> never overflow: plain sums where finite, rescaled by the rows' largest
 //   |x_d| where one overflowed (cosine_row); its gradient never forms iE iR or iE^2 (they underflow for |E| ~ 1e30 in
 //   float), see score_grad.
 //

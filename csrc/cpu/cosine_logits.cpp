@@ -14,10 +14,10 @@
 // Scaling g rather than the operands keeps the temporary at N x C, smaller than normalised copies of x and protos
 // ((N + C) x D) at ZSL shapes. g is scaled by one side's inverse norms only, and the other side's is applied after
 // the GEMM: ix * ip can leave float's normal range when both |x| and |p| are ~1e19, and ix^2 underflows to 0 for
-// |x| ~ 1e30 (issue 16), so it is never formed; the norms themselves never overflow (inv_norm.h row_norm).
+// |x| ~ 1e30, so it is never formed; the norms themselves never overflow (inv_norm.h row_norm).
 // grad_scale is reduced from A, never as sum(g * out) / scale, so scale == 0 is no special case.
 //
-// Results do not depend on the thread count (issue 16): a multithreaded GEMM may split its reduction over threads
+// Results do not depend on the thread count: a multithreaded GEMM may split its reduction over threads
 // (MKL does for W.T @ x at N = 1024), so every GEMM runs as fixed blocks of its output (a function of the shapes
 // only), each block one GEMM over the whole reduction with MKL held to one thread (SequentialBlas), and row sums run
 // in a fixed order in one thread each. Accumulation is in float for half/bfloat16/float inputs and in double for

@@ -122,7 +122,7 @@ __global__ void project_rows_kernel(const at::opmath_type<scalar_t>* a, const sc
   const acc_t inv = iv[r];
   if (rowdot != nullptr && lane == 0) rowdot[r] = inv * dot;
   if (out == nullptr) return;
-  // inv * (inv * dot), never inv^2: that underflows for |v| ~ 1e30 (issue 16), where v * coeff is O(1)
+  // inv * (inv * dot), never inv^2: that underflows for |v| ~ 1e30, where v * coeff is O(1)
   const acc_t coeff = projection_coeff(inv, inv * dot, static_cast<acc_t>(eps), eps_mode);
   const acc_t row_scale = *scale * inv;
   for (int64_t d = lane; d < D; d += kWarp) {

@@ -21,7 +21,7 @@ Backward, g = dL/dout, iE = 1 / max(|E|, eps), iR = 1 / max(|ref|, eps), cos = o
                   delta[b, i] = sum_r P (dP - c)  (= Delta - c, as sum_r P = 1; why: "saturation" below)
     dq = scale dS k (summed over b for a shared q (K, D)), dk = scale dS^T q, dv = P^T dE
 
-Options (issue 17: the variants of MSDN, SAGE, PSVMA and GEM-ZSL, one call each), T = q k^T:
+Options (the variants of MSDN, SAGE, PSVMA and GEM-ZSL, one call each), T = q k^T:
     logit_activation  None: S = scale T;  "relu": S = scale relu(T) (PSVMA's AnyAttention: before the scale)
     softmax_over      "keys": P above.  "queries": for each kept r, P[b, :, r] = softmax over the K queries of
                       S[b, :, r] (MSDN V2A, SAGE SVA), 0 on a masked r; its lse is then per token: lse[b, r] =
@@ -39,7 +39,7 @@ Options (issue 17: the variants of MSDN, SAGE, PSVMA and GEM-ZSL, one call each)
                       dT = scale dS [not T <= 0 for "relu"] (torch's relu backward: a NaN T passes dS)
                       dq = dT k, dk = dT^T q, dv = P^T dE
 
-Numerics every backend keeps (issue 16; tests/test_attribute_attention.py):
+Numerics every backend keeps (tests/test_attribute_attention.py):
     masks       masked tokens are selected away (torch.where / tl.where / masked loads), never weighted by 0: a NaN
                 or inf in masked k or v reaches no output and no gradient, their dk, dv are exactly 0, and a fully
                 masked row keeps E = 0, score 0, and passes nothing to q, k, v even from a NaN or inf gradient
@@ -68,7 +68,7 @@ Without a backward to come (no input requires grad, or grad mode off), E is not 
               softmax and the cosine/dot epilogue and their gradients fused in row loops
     "triton"  Triton forward and backward (zslfast/triton/attribute_attention.py); CUDA tensors, or CPU tensors
               under TRITON_INTERPRET=1. CUDA tensors always use Triton: there is no CUDA C++ kernel for this op
-              (the issue asks for one only if it beats Triton, and no GPU was at hand to measure that).
+              (one would earn its upkeep only by beating Triton on a GPU, which has not been measured).
 Sums over b (shared q, shared ref) run in a fixed order, without atomics: deterministic.
 """
 

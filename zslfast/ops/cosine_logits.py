@@ -29,7 +29,7 @@ inverse norms ix (N,) and ip (C,) (float, double for double inputs), and, for th
               (zslfast/triton/cosine_logits.py); reads out instead of repeating the forward's D loop
 The default GPU backend is Triton, except in fp64, where tl.dot cannot run and cuBLAS's DGEMM wins. sum(g * cos)
 is never taken as sum(g * out) / scale, so scale == 0 works (grad_x = grad_p = 0, grad_scale = sum(g * cos)).
-|x| and |p| never overflow (issue 16): where a sum of squares is inf (|v| beyond ~1.8e19 in float32, where
+|x| and |p| never overflow: where a sum of squares is inf (|v| beyond ~1.8e19 in float32, where
 F.normalize returns 0) every backend takes the norm again as m * |v / m|, m = max |v_d| (reference.vector_norm,
 csrc/inv_norm.h, zslfast/triton/_common.py), and the backwards never form ix^2 (0 for |x| ~ 1e30) or ix * ip. The
 CPU backend's results do not depend on the thread count (its GEMMs run in fixed single-threaded blocks).

@@ -23,7 +23,7 @@ chunk order by torch (deterministic, no atomics) into v_{t+1}.
 discard_ratio (zslfast.attention_rollout) never reaches this kernel: the op hands it maps already fused and
 discarded in PyTorch, as one head (H = 1) with fusion sum.
 
-NaN (issue 16): max/min fusion propagates a NaN head (propagate_nan=ALL, as torch.max/amax), and a NaN reaches
+NaN: max/min fusion propagates a NaN head (propagate_nan=ALL, as torch.max/amax), and a NaN reaches
 exactly the outputs the reference's full products reach: every row is read past the first step, zero weight or not
 (0 * NaN is NaN there too); the first step reads row 0 alone (the reference's selection of row 0). As the C++ kernel.
 

@@ -6,7 +6,7 @@
     forward   one kernel, grid (N / BLOCK_N, C / BLOCK_C): the D loop accumulates x @ protos.T with tl.dot and, from
               the same loaded tiles, the squared norms of the block's x rows and protos rows; the epilogue applies
               ix = 1 / max(|x|, eps), ip = 1 / max(|p|, eps) and scale. A sum of squares overflows fp32 for
-              |v| beyond ~1.8e19 (issue 16): a program that finds one inf among its sums reads those rows again
+              |v| beyond ~1.8e19: a program that finds one inf among its sums reads those rows again
               (max |v_d| first, then sum (v / max)^2), a rare branch that leaves every other result bit-identical. Every program computes the norms of its
               rows; those with pid_c == 0 store ix, those with pid_n == 0 store ip, so none waits on another.
     backward  grad_x, grid (N / BLOCK_N, D / BLOCK_D), loop over class blocks:
@@ -69,7 +69,7 @@ def _normalised_grad(G, rows, inverse_norm, r, scale, EPS: tl.constexpr, ADD_EPS
                      ACC_DTYPE: tl.constexpr):
     """The gradient of the rows of one side: scale * i * G - [|row| > eps] * (row * i) * (i * r), i = the rows'
     inverse norms, G the other side's normalised rows weighted by g, r = sum g * out per row (grad_x; grad_protos
-    alike). i^2 is never formed: it underflows to 0 for |row| ~ 1e30 (issue 16), where row * i and i * r do not.
+    alike). i^2 is never formed: it underflows to 0 for |row| ~ 1e30, where row * i and i * r do not.
     ADD_EPS: (row * i) * (r / |row|), |row| read off i as i / (1 - eps * i) (csrc/inv_norm.h projection_coeff: no
     norm is saved beside i); a zero row, where 1 - eps * i rounds to ~0, gets 0, its limit."""
     if ADD_EPS:
@@ -145,7 +145,7 @@ def _forward_kernel(
         x_sq += tl.sum(xf * xf, axis=1)
         p_sq += tl.sum(pf * pf, axis=1)
         acc += mm(x, tl.trans(p), ACC_DTYPE, DOT_PRECISION)
-    # ix = 1 / max(|x|, eps) as inv_norm(x_sq) would give it, without overflow (issue 16)
+    # ix = 1 / max(|x|, eps) as inv_norm(x_sq) would give it, without overflow
     ix = _inv_by_mode(_row_norms(x_sq, x_rows, mask_n, stride_xd, D, ACC_DTYPE, BLOCK_N, BLOCK_D), EPS, ADD_EPS,
                       ACC_DTYPE)
     ip = _inv_by_mode(_row_norms(p_sq, p_rows, mask_c, stride_pd, D, ACC_DTYPE, BLOCK_C, BLOCK_D), EPS, ADD_EPS,
