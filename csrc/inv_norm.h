@@ -8,7 +8,7 @@
 // norm is then a constant with no derivative: backwards tell such rows apart from their saved inverse norm alone,
 // with norm_clamped below.
 //
-// Norms never overflow (issue 16): |v|^2 overflows acc_t for |v| beyond ~1.8e19 in float (F.normalize then returns
+// Norms never overflow: |v|^2 overflows acc_t for |v| beyond ~1.8e19 in float (F.normalize then returns
 // 0 for a row whose true cosines are O(1)). row_norm takes the plain sum of squares and only when that is inf
 // (a rare branch: the common case costs nothing more) takes it again scaled by the row's largest |v_d|:
 // |v| = m * |v / m|. A NaN anywhere in the row still makes the norm NaN, and an inf element makes it inf.
@@ -20,6 +20,8 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+
+#include "enums.h"
 
 namespace zslfast {
 
@@ -37,10 +39,10 @@ C10_HOST_DEVICE inline acc_t inv_added(acc_t norm, acc_t eps) {
   return acc_t(1) / (norm + eps);
 }
 
-// The inverse norm of eps_mode 0 (clamp, F.normalize's) or 1 (add).
+// The inverse norm of eps_mode EpsMode::kClamp (F.normalize's) or EpsMode::kAdd.
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t inv_by_mode(acc_t norm, acc_t eps, int64_t eps_mode) {
-  return eps_mode == 1 ? inv_added(norm, eps) : inv_clamped(norm, eps);
+  return eps_mode == EpsMode::kAdd ? inv_added(norm, eps) : inv_clamped(norm, eps);
 }
 
 template <typename acc_t>
@@ -86,7 +88,7 @@ C10_HOST_DEVICE inline bool norm_clamped(acc_t inv, acc_t eps) {
 // its limit; a NaN row gets 0 too (its gradient is NaN through A). iv^2 is never formed: it underflows for |v| ~ 1e30.
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t projection_coeff(acc_t iv, acc_t r, acc_t eps, int64_t eps_mode) {
-  if (eps_mode == 1) {
+  if (eps_mode == EpsMode::kAdd) {
     const acc_t share = acc_t(1) - eps * iv;
     return share > acc_t(0) ? iv * r / share : acc_t(0);
   }

@@ -1,6 +1,6 @@
 """attention_rollout against the reference (outputs and gradients): both modes x every head fusion x cls_only/full,
 list and tensor inputs, N = 2..577, L = 1..24, start_layer, float64/float32 on CPU, float32 Triton under the
-interpreter, fp16/bf16 on GPU; bad input; NaN in a map (issue 16). Issue 17's options: discard_ratio (against
+interpreter, fp16/bf16 on GPU; bad input; NaN in a map. The papers' options: discard_ratio (against
 vit-explain's discard written out per instance) and normalize="none" (against Transformer-Explainability's
 compute_rollout_attention) on every backend, cls_only and full, non-contiguous and expanded input, bad values.
 gradcheck, opcheck, torch.compile, layouts, determinism, thread counts and backends: test_contract.py.
@@ -149,7 +149,7 @@ def test_bad_input(maps, kwargs, error, words):
         assert word in str(info.value), str(info.value)
 
 
-# ------------------------------------------------------------------------------------------------ issue 16: NaN
+# ----------------------------------------------------------------------------------------------------- NaN in a map
 # (layer, instance, head, row, column) of the NaN in L=3, B=2, H=3, N=7 maps. The kernels walk abnar's layers 2, 1, 0
 # and residual's 0, 1, 2, from v = e_0, so the first map they read is only read in row 0. The output depends on each
 # of these (the last one per mode: a row other than 0 of the map that mode reads last).
@@ -212,7 +212,7 @@ def test_nan_reaches_what_depends_on_it(device, backend, mode, fusion, generator
 def test_fused_head_attention_selects_nan_like_torch_max(fusion, generator):
     """zslfast.nn's head fusion of softmax(q k^T) maps (one head at a time) picks the first NaN head as torch.max /
     min(dim) do: the same NaN values as reference.fuse_heads, and the gradient routed to the same head."""
-    from zslfast.ops.attention_rollout import fused_head_attention
+    from zslfast.nn.rollout import fused_head_attention
 
     B, H, N, d = 2, 4, 5, 8
     q = torch.randn(B, H, N, d, generator=generator, dtype=torch.float64)
@@ -239,7 +239,7 @@ def test_fused_head_attention_saturated_gradients(generator):
     closest <= 60): the float32 q and k gradients of zslfast.nn's head fusion are within 4x float32's own rounding
     (helpers.softmax_grad_error_scale) of the softmax backward in 60-digit arithmetic; the
     textbook dS = P (dP - rowsum(P dP)) loses them (its top entry rounds to 0)."""
-    from zslfast.ops.attention_rollout import fused_head_attention
+    from zslfast.nn.rollout import fused_head_attention
 
     B, H, N, d = 2, 2, 6, 8
     for _ in range(400):
@@ -261,7 +261,7 @@ def test_fused_head_attention_saturated_gradients(generator):
         assert ratio.max() <= 4.0, f"{name}: {ratio.max():.3g} x float32's rounding scale"
 
 
-# ------------------------------------------------------------------ issue 17: discard_ratio and normalize="none"
+# ----------------------------------------------------------------------------- discard_ratio and normalize="none"
 RATIOS = [0.0, 0.5, 0.9]
 
 

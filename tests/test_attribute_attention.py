@@ -260,7 +260,7 @@ def test_scores_without_grad_do_not_write_e(device, backend, generator):
     )
 
 
-# ------------------------------------------------------------------------------------------------ issue 16
+# ----------------------------------------------------------------------------------- masks, NaN, inf, overflow
 # Every backend that runs on CPU: the reference itself (its masking and norms are part of the contract) and the
 # kernels (the Triton ones through the interpreter where there is no GPU).
 ALL_BACKENDS = [pytest.param("cpu", "reference", id="cpu-reference"), *DEVICE_BACKENDS]
@@ -299,7 +299,7 @@ def assert_same_nan_and_close(got, want, names, dtype):
 def test_nan_propagates_to_exactly_its_rows(device, backend, where, generator):
     """A NaN input makes exactly the outputs and gradients that depend on it NaN, as the float64 reference does:
     q[i] -> row i of every sample (not a fully masked sample's), k[b, r] or v[b, r] kept -> sample b; everything
-    else stays finite and exact. The CPU kernel used to return 0 for a row of NaN logits."""
+    else stays finite and exact (a row of NaN logits must not pass for a fully masked row, whose output is 0)."""
     B, K, R, D, Dv = 3, 4, 6, 5, 7
     i, b, r = 2, 1, 3
     for dtype in (torch.float64, torch.float32):

@@ -1,9 +1,10 @@
-"""attribute_attention's drop-in options (issue 17) against the float64 reference, on every backend available here:
-softmax_over "queries" (MSDN V2A, SAGE SVA), logit_activation "relu" (PSVMA AnyAttention), return_max "attention"
-(GEM-ZSL, SAGE Eq. 3) and "logits" (PSVMA), alone and together, with return_attention; outputs and the gradients of
-q, k, v, ref and of a loss on the max and on the attention. Masks with fully masked samples, K=1, R=1, the R-tiled
-Triton path, what autograd keeps, bad options; and the papers' own eager formulas (docs/ops.md's before/after
-examples). gradcheck, opcheck, torch.compile and layouts with the options: test_contract.py (the record's variants).
+"""attribute_attention's drop-in options (the papers' variants, one call each) against the float64 reference, on every
+backend available here: softmax_over "queries" (MSDN V2A, SAGE SVA), logit_activation "relu" (PSVMA AnyAttention),
+return_max "attention" (GEM-ZSL, SAGE Eq. 3) and "logits" (PSVMA), alone and together, with return_attention; outputs
+and the gradients of q, k, v, ref and of a loss on the max and on the attention. Masks with fully masked samples,
+K=1, R=1, the R-tiled Triton path, what autograd keeps, bad options; and the papers' own eager formulas
+(docs/ops.md's before/after examples). gradcheck, opcheck, torch.compile and layouts with the options:
+test_contract.py (the record's variants).
 
     S = act(q k^T) * scale;  P = softmax(S) over the keys (r) or over the queries (i);  E = P v
     max[b, i] = max over kept r of P[b, i, r] or S[b, i, r] (0 for a row with no kept r)

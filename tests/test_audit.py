@@ -37,10 +37,10 @@ def test_launchers_run_what_the_planners_plan(monkeypatch):
     monkeypatch.setattr(_launch.Launch, "__call__", record)
     B, C, K = 9, 130, 33
     e, s, w = torch.randn(B, K), torch.randn(C, K), torch.randn(B, C, K)
-    ps_kernels.backward(torch.randn(B, C), e, s, w, True)
+    ps_kernels.backward(torch.randn(B, C), e, s, w, (True, True, True))
     meta = [t.to("meta") for t in (torch.empty(B, C), e, s, w)]
     planned = [(st.name, tuple(st.grid), tuple(sorted((k, str(v)) for k, v in st.constexprs.items())))
-               for st in ps_kernels.plan_backward(*meta, True)[1] if isinstance(st, _launch.Launch)]
+               for st in ps_kernels.plan_backward(*meta, (True, True, True))[1] if isinstance(st, _launch.Launch)]
     assert launched == planned and planned[0][1][2] > 1  # the batch is split: more than one chunk
 
 
@@ -48,7 +48,7 @@ def test_backward_fills_the_gpu_at_the_papers_shapes():
     """prototype_scores' backward cuts the batch so that CUB and SUN launch at least one CTA per H200 SM."""
     for B, C, K in [(50, 200, 312), (64, 717, 102), (256, 1000, 312)]:
         meta = [torch.empty(*shape, device="meta") for shape in ((B, C), (B, K), (C, K), (B, C, K))]
-        launch = ps_kernels.plan_backward(*meta, True)[1][0]
+        launch = ps_kernels.plan_backward(*meta, (True, True, True))[1][0]
         ctas = launch.grid[0] * launch.grid[1] * launch.grid[2]
         assert ctas >= audit.SMS, (B, C, K, launch.grid)
 

@@ -1,7 +1,7 @@
 """cosine_logits against the float64 reference: outputs and gradients (x, protos, a tensor scale) for every backend
 available here, odd sizes, leading dims (permuted ones too), large values, zero and sub-eps rows, scale float /
-tensor / 0; what autograd keeps, and bad-input errors; norms past float32's squared range (issue 16); eps_mode="add"
-(GEM-ZSL's and PSVMA's x / (|x| + eps)) against the reference and the papers' eager formula (issue 17). gradcheck,
+tensor / 0; what autograd keeps, and bad-input errors; norms past float32's squared range; eps_mode="add"
+(GEM-ZSL's and PSVMA's x / (|x| + eps)) against the reference and the papers' eager formula. gradcheck,
 opcheck, torch.compile, autocast, layouts, determinism, thread counts and backends: test_contract.py.
 
     out[..., c] = scale * cos(x[...], protos[c]);  x (..., D), protos (C, D), scale float | one-element tensor
@@ -112,7 +112,7 @@ def test_matches_reference(device, backend, lead, C, D, scale_kind, generator):
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_scale_zero(device, backend, generator):
-    """A Python scale of 0 is refused (issue 16: it zeroes every logit); a learnable tensor scale that reaches 0 is
+    """A Python scale of 0 is refused (it would zero every logit); a learnable tensor scale that reaches 0 is
     the model's own: out and grad_x/grad_protos are 0, and the scale still gets sum(g * cos) (no 0/0)."""
     x, p = make_inputs((9,), 13, 40, torch.float64, device, generator)
     with pytest.raises(ValueError, match="cosine_logits: scale must be finite and > 0, got 0.0"):
@@ -290,7 +290,7 @@ def test_cpu_scalar_scale_with_cuda_tensors(generator):
     torch.testing.assert_close(out, reference.cosine_logits(x, p, 2.0))
 
 
-# ------------------------------------------------------------------------------------------------ issue 16
+# ---------------------------------------------------------------------------- norms past float32's squared range
 # (x magnitude, protos magnitude) per element, D = 64: a sum of squares overflows float32 beyond |v| ~ 1.8e19 (F.normalize
 # then gives 0 where the cosines are O(1)). 2.4e18 * sqrt(64) ~ 1.9e19: most rows' squares overflow on both sides
 # while <x, p> = |x| |p| cos stays finite for |cos| < ~0.9 (checked below); 1e30 overflows the square, not the dot.
@@ -363,7 +363,7 @@ def test_huge_row_leaves_other_rows_bit_identical(device, backend, generator):
         assert torch.equal(a, b)
 
 
-# eps_mode="add" (issue 17): GEM-ZSL's base_module and PSVMA's compute_score normalise as x / (|x| + 1e-5).
+# eps_mode="add": GEM-ZSL's base_module and PSVMA's compute_score normalise as x / (|x| + 1e-5).
 ADD_EPS = 1e-5
 
 
@@ -451,7 +451,7 @@ def test_bad_eps_mode(device, backend, eps_mode):
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS)
 @pytest.mark.parametrize("x_magnitude,p_magnitude", HUGE, ids=[f"x{a:g}-p{b:g}" for a, b in HUGE])
 def test_add_mode_huge_values_do_not_overflow(device, backend, x_magnitude, p_magnitude, generator):
-    """The add mode keeps issue 16's care: norms past float32's squared range, and 1 / |x| read off ix ~ 1e-30
+    """The add mode keeps the clamp mode's care: norms past float32's squared range, and 1 / |x| read off ix ~ 1e-30
     (1 - eps * ix rounds to 1 there, never to 0)."""
     x, p = make_inputs((2, 25), 9, 64, torch.float32, device, generator, x_magnitude, p_magnitude)
     x[0, 3] *= 1e-6

@@ -2,7 +2,7 @@
 values (float64 and float32, both modes x four head fusions x cls_only x start_layer), the model output left
 bit-for-bit unchanged, attention forwards restored (also after an error), the model zoo's variants (class token,
 registers, no class token, DINOv2, qk_norm), gradients (images and parameters; gradcheck of the per-head op), attention
-masks, peak memory against a store-all-maps baseline, bad-input errors, and issue 17's discard_ratio / normalize
+masks, peak memory against a store-all-maps baseline, bad-input errors, and the discard_ratio / normalize options
 (values and gradients, fold and stored-maps paths). Models are random (pretrained=False).
 
     A^l = softmax(q k^T * d^-0.5) (B, H, N, N)
@@ -23,7 +23,6 @@ from zslfast import reference  # noqa: E402
 from zslfast.tools._memory import peak_cpu_bytes  # noqa: E402
 from zslfast.models import vit_attention_rollout  # noqa: E402
 from zslfast.nn import rollout as rollout_module  # noqa: E402
-from zslfast.ops import attention_rollout as rollout_op  # noqa: E402
 
 MODES = ("abnar", "residual")
 FUSIONS = ("mean", "sum", "max", "min")
@@ -297,7 +296,7 @@ def test_fused_head_attention_gradcheck(head_fusion):
     q = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
     k = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(2, 1, 5, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    fn = rollout_op.fused_head_attention
+    fn = rollout_module.fused_head_attention
     torch.autograd.gradcheck(lambda q, k, m: fn(q, k, 0.5, head_fusion, m), (q, k, bias))
     torch.autograd.gradcheck(lambda q, k: fn(q, k, 0.5, head_fusion, is_causal=True), (q, k))
     keep = torch.rand(5, 5, generator=g) > 0.3
@@ -323,7 +322,7 @@ def test_attention_mask_passed_by_the_model():
     keep |= torch.eye(N, dtype=torch.bool)
     with torch.no_grad():
         _, maps = captured_attention(model, images, attn_mask=keep)
-        state = rollout_op.RolloutFold("abnar", False)
+        state = rollout_module.RolloutFold("abnar", False)
         with rollout_module._patched_attention(model.blocks, 0, lambda _l, t: state.fold(t), "min"):
             model(images, attn_mask=keep)
     close(state.result(), reference.attention_rollout(maps, "abnar", "min", 0, False), torch.float64)

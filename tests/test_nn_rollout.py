@@ -1,7 +1,7 @@
 """zslfast.nn.AttentionRollout against zslfast.reference.attention_rollout: forward over collected maps on every
 backend (values and gradients, fp64 / fp32, both modes, four head fusions, cls_only, start_layer), from_model on a
 tiny timm ViT (fused path = vit_attention_rollout, reference path = stored eager maps; both equal the reference on
-maps captured independently), the ``backend`` attribute really switching the path, bad-input errors, and issue 17's
+maps captured independently), the ``backend`` attribute really switching the path, bad-input errors, and the
 discard_ratio / normalize options (forward and from_model).
 """
 

@@ -1,23 +1,27 @@
 """One op, one spec: what every op shares through zslfast/ops/_spec.py, checked op by op.
 
 The registry (each op's backends and autocast rule), the one backend choice for modules (a module rejects a backend
-one of its ops lacks), and the arguments every op takes the same way (eps, start_layer, output_mask). What every op
-record keeps (the reference and baselines as oracles, each backend running its own kernel, ...): test_contract.py.
+one of its ops lacks), the kernels' contract (every kernel takes its op's own arguments, the options as the ids of
+zslfast/_enums.py, which csrc/enums.h copies), and the arguments every op takes the same way (eps, start_layer,
+output_mask). What every op record keeps (the reference and baselines as oracles, each backend running its own
+kernel, ...): test_contract.py.
 """
+
+import importlib
+import inspect
+import pathlib
+import pkgutil
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import importlib
-import pkgutil
-
 import zslfast
-from helpers import DEVICE_BACKENDS
-from zslfast import ops, reference
+from helpers import DEVICE_BACKENDS, require_backend
+from zslfast import _enums, ops, reference
 from zslfast.nn import AttentionRollout, MemoryBank, MemoryBankGuidedFusion
 from zslfast.ops import _spec
-from zslfast.ops import attention_rollout as rollout_op
 
 CPU_BACKENDS = [p for p in DEVICE_BACKENDS if p.values[0] == "cpu"]
 
@@ -66,9 +70,55 @@ def test_unknown_backend_or_autocast_in_a_spec_is_refused():
 
 
 def test_enums_map_python_strings_to_kernel_ids():
-    assert _spec.enum_id("score", None) == 0 and _spec.enum_id("score", "cosine") == 2
-    assert rollout_op.MODES == ("abnar", "residual") and rollout_op.FUSIONS == ("mean", "sum", "max", "min")
-    assert _spec.choices("policy") == ("fifo", "min_conf")
+    assert _enums.enum_id("score", None) == 0 and _enums.enum_id("score", "cosine") == 2
+    assert _enums.choices("mode") == ("abnar", "residual")
+    assert _enums.choices("head_fusion") == ("mean", "sum", "max", "min")
+    assert _enums.choices("policy") == ("fifo", "min_conf")
+
+
+def test_csrc_enums_copy_zslfast_enums():
+    """csrc/enums.h, the compiled kernels' ids, holds each IntEnum of zslfast/_enums.py under its name, each member
+    as k + its name in CamelCase with the same value, and nothing else: a new or renumbered id that reaches one side
+    only fails here rather than as a wrong branch inside a kernel."""
+    header = (pathlib.Path(__file__).resolve().parents[1] / "csrc" / "enums.h").read_text()
+    structs = re.findall(r"struct (\w+) \{[^{}]*enum : int64_t \{([^}]*)\};", header)
+    cpp = {name: dict((m, int(v)) for m, v in re.findall(r"(k\w+) = (\d+)", body)) for name, body in structs}
+    python = {
+        kind.__name__: {"k" + m.name.title().replace("_", ""): int(m) for m in kind}
+        for kind in {type(member) for values in _enums.ENUMS.values() for member in values.values()}
+    }
+    assert cpp == python
+
+
+def _op_arguments(spec):
+    """The op's (name, type) arguments minus backend, the options typed as the kernels take them (int ids)."""
+    options = dict(_spec.enum_arguments(spec.op._schema))
+    return [(a.name, "int" if i in options else str(a.type))
+            for i, a in enumerate(spec.op._schema.arguments) if a.name != "backend"]
+
+
+KERNELS = [
+    pytest.param(name, backend, id=f"{name}-{backend}")
+    for name, spec in SPECS.items() for backend in spec.kernels
+]
+
+
+@pytest.mark.parametrize("name,backend", KERNELS)
+def test_each_kernel_takes_its_ops_arguments(name, backend):
+    """No adapter between an op and its kernels: each raw C++ schema (csrc/ops.cpp) lists the op's arguments under
+    their names and in their order, the options as ints, none defaulted; each Triton entry point takes the same
+    names in the same order."""
+    spec = SPECS[name]
+    kernel = spec.kernels[backend]
+    if backend == "triton":
+        module, function = kernel.target
+        parameters = list(inspect.signature(getattr(importlib.import_module(module), function)).parameters)
+        assert parameters == [a for a, _ in _op_arguments(spec)]
+        return
+    require_backend("cpu")
+    raw = getattr(torch.ops.zslfast, kernel.__name__).default._schema
+    assert [(a.name, str(a.type)) for a in raw.arguments] == _op_arguments(spec)
+    assert not any(a.has_default_value() for a in raw.arguments)
 
 
 def test_modules_reject_a_backend_one_of_their_ops_lacks():

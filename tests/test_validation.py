@@ -1,4 +1,4 @@
-"""Reliability under bad and extreme input, the Python layer (issue 16): one validation module for every op,
+"""Reliability under bad and extreme input, the Python layer: one validation module for every op,
 module, loss, metric and generative function, checked the same way whatever the backend.
 
     1  every backend accepts and refuses the same input, with the same message, and returns the same shape
@@ -96,7 +96,7 @@ def test_every_backend_refuses_bad_input_alike(case):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
 def test_integer_labels_of_any_width_give_the_int64_result(backend, dtype):
-    """uint8 labels are class ids, never a boolean mask (the reference used to index with them as one)."""
+    """uint8 labels are class ids, never a boolean mask (indexing with a uint8 tensor would read it as one)."""
     g = torch.Generator().manual_seed(1)
     z, protos = torch.randn(6, 3, 8, generator=g), torch.randn(5, 3, 8, generator=g)
     labels = torch.tensor([0, 1, 2, 3, 4, 1])
@@ -199,7 +199,9 @@ def test_mbgf_drops_the_offer_of_a_nan_branch_and_trains_on(backend):
     z = torch.randn(6, 3, 8)
     z[1, 2, 3] = NAN
     z.requires_grad_(True)
-    out = module(z, a, y)  # used to raise "conf (6, 3) holds NaN confidences"
+    # no ValueError: the NaN branch's offer (its confidence is NaN too) is dropped before the bank update, which
+    # refuses NaN confidences
+    out = module(z, a, y)
     # sample 1 depends on the NaN (its fusion weights do), every other sample does not
     assert out.logits[1].isnan().all() and out.logits[[0, 2, 3, 4, 5]].isfinite().all()
     out.kl_loss.backward()

@@ -193,6 +193,24 @@ def set_module_backend(module, backend: Optional[str]):
     return module
 
 
+def check_module_backend(owner: str, backend: Optional[str], specs: Sequence) -> Optional[str]:
+    """A module's ``backend`` setting: None, "reference", or a kernel backend every op the module runs has (``specs``:
+    the ops' OpSpecs, zslfast/ops/, each with its ``name`` and ``backends``).
+
+    Checked when it is set, so ``MemoryBank(backend="triton")`` fails at once (the bank update has no Triton
+    kernel) rather than at its first update."""
+    check_backend(owner, backend)
+    if backend is None:
+        return None
+    lacking = [spec.name for spec in specs if backend not in spec.backends]
+    if lacking:
+        raise BackendUnavailableError(
+            f"{owner}: backend {backend!r} has no kernel for {', '.join(lacking)}; "
+            f"choose one of {tuple(b for b in BACKENDS if all(b in s.backends for s in specs))} or None"
+        )
+    return backend
+
+
 def resolve(
     op: str,
     backend: Optional[str],

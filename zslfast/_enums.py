@@ -1,6 +1,8 @@
 """The ids of the string options, for every layer: the Python API takes the strings, the compiled (csrc/) and Triton
 kernels take these ints. This module is a leaf (it imports nothing of zslfast, nor torch or triton), so the kernels
-and the ops both take their ids from here; csrc/ops.cpp's schemas name the same ids in their comments.
+and the ops both take their ids from here: zslfast/ops/_spec.py converts an op's options on the way to its kernels,
+zslfast/triton/ compares against these members, and csrc/enums.h copies them for the C++ kernels (the schemas in
+csrc/ops.cpp name those structs; tests/test_spec.py checks that the copy agrees).
 
 Each option is an ``IntEnum`` whose members are named after its values; :data:`ENUMS` maps the Python API's values
 to them, in id order.

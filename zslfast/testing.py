@@ -32,6 +32,7 @@ import torch
 import zslfast
 
 from . import baselines, reference
+from ._enums import EpsMode, HeadFusion, Mode, Normalize
 from .data import PRESETS
 from .ops import attention_rollout as _rollout_op
 from .ops import attribute_attention as _attention_op
@@ -158,7 +159,7 @@ def _prototype_scores_plan(B, C, K, dtype):
 
     e, s, w = _meta(B, K, dtype=dtype), _meta(C, K, dtype=dtype), _meta(B, C, K, dtype=dtype)
     yield "forward", kernels.plan_forward(e, s, w)[1]
-    yield "backward", kernels.plan_backward(_meta(B, C, dtype=dtype), e, s, w, True)[1]
+    yield "backward", kernels.plan_backward(_meta(B, C, dtype=dtype), e, s, w, (True, True, True))[1]
 
 
 PROTOTYPE_SCORES = OpRecord(
@@ -201,10 +202,11 @@ def _cosine_logits_plan(N, C, D, dtype):
     from .triton import cosine_logits as kernels
 
     x, p, scale = _meta(N, D, dtype=dtype), _meta(C, D, dtype=dtype), _meta(dtype=dtype)
-    (out, ix, ip), steps = kernels.plan_forward(x, p, scale, _cosine_op.EPS)
+    clamp = EpsMode.CLAMP  # the default eps_mode
+    (out, ix, ip), steps = kernels.plan_forward(x, p, scale, _cosine_op.EPS, clamp)
     yield "forward", steps
     yield "backward", kernels.plan_backward(_meta(N, C, dtype=dtype), x, p, out, ix, ip, scale, _cosine_op.EPS,
-                                            "clamp", (True, True, True))[1]
+                                            clamp, (True, True, True))[1]
 
 
 COSINE_LOGITS = OpRecord(
@@ -216,7 +218,7 @@ COSINE_LOGITS = OpRecord(
             ("21K-classes", (256, IMAGENET21K_CLASSES, VIT_DIM), (256, IMAGENET21K_CLASSES, GLOVE_DIM), True)),
     _cosine_logits_inputs, baselines.cosine_logits, zslfast.cosine_logits, reference.cosine_logits,
     plan=_cosine_logits_plan, small=(3, 4, 5),
-    # a multithreaded GEMM splits its reduction: grad_protos at N=1024, C=100, D=64 once differed by 7.6e-6
+    # a multithreaded GEMM splits its reduction: grad_protos at N=1024, C=100, D=64 differs by ~7.6e-6 across threads
     threads=((1024, 100, 64), (900, 7, 33), (1, 1, 200), (1, 50, 64), (4096, 5, 16)),
     variants=({"eps": 1e-3, "eps_mode": "add"},), tiny=(6, 9, 40), checked="CUB",
 )
@@ -244,7 +246,7 @@ VARIANT_MARK = "["  # a pass of an op's non-default options is named "forward [v
 
 
 def _attribute_attention_plan(B, K, R, D, Dv, dtype):
-    from .ops._spec import enum_id
+    from ._enums import enum_id
     from .triton import attribute_attention as kernels
 
     q, k, v, ref = _meta(K, D, dtype=dtype), _meta(B, R, D, dtype=dtype), _meta(B, R, Dv, dtype=dtype), \
@@ -301,7 +303,7 @@ def _attention_rollout_plan(L, B, H, N, dtype):
     from .triton import attention_rollout as kernels
 
     attns = [_meta(B, H, N, N, dtype=dtype) for _ in range(L)]
-    yield "forward", kernels.plan_forward(attns, "abnar", 0, 0)[2]
+    yield "forward", kernels.plan_forward(attns, Mode.ABNAR, HeadFusion.MEAN, Normalize.ROW)[2]  # the defaults
 
 
 ATTENTION_ROLLOUT = OpRecord(
@@ -338,7 +340,7 @@ def _memory_bank_kl_plan(B, M, D, C, dtype):
 
     z, protos = _meta(B, M, D, dtype=dtype), _meta(C, M, D, dtype=dtype)
     labels, active = _meta(B, dtype=torch.int64), _meta(B, M, dtype=torch.bool)
-    yield "forward+grad", kernels.plan_kl_forward(z, protos, labels, active, True)[1]
+    yield "forward+grad", kernels.plan_kl_forward(z, protos, labels, active, (True,))[1]
 
 
 MEMORY_BANK_KL = OpRecord(

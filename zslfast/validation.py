@@ -22,6 +22,7 @@ would be data-dependent branches.
     as_integer_tensor(fn, name, value, ndim)   a tensor, numpy array or list of integer ids -> an int64 tensor
     as_scores(fn, name, value)                 (N, C) scores as a floating tensor, no NaN (-inf allowed: a masked class)
     check_start_layer(fn, start_layer, L)      an int in [-L, L) (negative counts from the end) -> in [0, L)
+    check_rollout_options(fn, mode, head_fusion, discard_ratio, normalize)  a rollout's options -> discard_ratio
     check_same_device(fn, **tensors)           one device for all tensors given -> that device
     promote(*tensors)                          mixed floating dtypes cast to their common dtype
     accumulator_dtype(dtype)                   what kernels accumulate in: fp64 for fp64, else fp32
@@ -35,6 +36,8 @@ import pathlib
 from typing import Optional, Sequence
 
 import torch
+
+from ._enums import choices
 
 
 def compiling() -> bool:
@@ -211,6 +214,26 @@ def check_start_layer(fn: str, start_layer, num_layers: Optional[int]) -> Option
             f"(negative counts from the end), got {start_layer}"
         )
     return start_layer % num_layers
+
+
+def check_rollout_options(fn: str, mode, head_fusion, discard_ratio, normalize) -> float:
+    """The options every attention rollout shares (zslfast.attention_rollout, zslfast.nn's module and ViT rollout)
+    -> discard_ratio as a float."""
+    check_option(fn, "mode", mode, choices("mode"))
+    check_option(fn, "head_fusion", head_fusion, choices("head_fusion"))
+    check_option(fn, "normalize", normalize, choices("normalize"))
+    if mode == "residual" and normalize != "row":
+        # residual never divides by row sums, so "none" would be a silent no-op: refused rather than ignored
+        raise ValueError(
+            f"{fn}: normalize applies to mode 'abnar' only (mode 'residual' never normalises); leave it 'row', "
+            f"got normalize={normalize!r}"
+        )
+    if isinstance(discard_ratio, bool) or not isinstance(discard_ratio, (int, float)):
+        raise TypeError(f"{fn}: discard_ratio must be a Python number, got {type(discard_ratio).__name__}")
+    # comparisons only (no math.isfinite): torch.compile traces a Python float as a SymFloat; NaN fails both
+    if not 0.0 <= discard_ratio < 1.0:
+        raise ValueError(f"{fn}: discard_ratio must be a finite number in [0, 1), got {discard_ratio!r}")
+    return float(discard_ratio)
 
 
 def check_same_device(fn: str, **tensors: Optional[torch.Tensor]) -> torch.device:

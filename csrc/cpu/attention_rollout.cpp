@@ -12,7 +12,7 @@
 // at a time from the H heads (a buffer of N), so every map is read exactly once and nothing (B, N, N) is written.
 // Parallel over b; within b the sums run in a fixed order (deterministic). Accumulation in float (double for double).
 //
-// NaN (issue 16): max/min fusion propagates a NaN head as torch.max/amax do (std::max and a plain compare-select
+// NaN: max/min fusion propagates a NaN head as torch.max/amax do (std::max and a plain compare-select
 // drop it), and a NaN reaches exactly the outputs the reference's full products reach: the first step reads row 0
 // of its map only (v = e_0, the reference's selection of row 0), later steps read every row, zero weight or not
 // (the reference's GEMMs multiply 0 * NaN too).
@@ -27,13 +27,10 @@
 #include <vector>
 
 #include "cpu/simd.h"
+#include "enums.h"
 
 namespace zslfast {
 namespace {
-
-enum Mode : int64_t { kAbnar = 0, kResidual = 1 };
-enum Fusion : int64_t { kMean = 0, kSum = 1, kMax = 2, kMin = 3 };
-enum Normalize : int64_t { kRow = 0, kNone = 1 };
 
 // max / min that return NaN when either argument is NaN (torch.max's rule; std::max(a, NaN) returns a). Plain
 // compare-selects, so that the loops calling them still vectorise.
@@ -48,7 +45,7 @@ inline T nan_min(T a, T b) { return (b < a || b != b) ? b : a; }
   ZSLFAST_SIMD_CLONES T fuse_row_simd(const T* a, int64_t head_stride, int64_t H, int64_t N, int64_t fusion, T* row) { \
     _Pragma("omp simd") for (int64_t j = 0; j < N; ++j) row[j] = a[j];                                                \
     int64_t h = 1;                                                                                                     \
-    if (fusion == kMean || fusion == kSum) {                                                                           \
+    if (fusion == HeadFusion::kMean || fusion == HeadFusion::kSum) {                                                   \
       for (; h + 4 <= H; h += 4) { /* four heads per pass: a quarter of the row's read-modify-writes */              \
         const T *s0 = a + h * head_stride, *s1 = s0 + head_stride, *s2 = s1 + head_stride, *s3 = s2 + head_stride;     \
         _Pragma("omp simd") for (int64_t j = 0; j < N; ++j) row[j] += (s0[j] + s1[j]) + (s2[j] + s3[j]);              \
@@ -56,15 +53,15 @@ inline T nan_min(T a, T b) { return (b < a || b != b) ? b : a; }
     }                                                                                                                  \
     for (; h < H; ++h) {                                                                                               \
       const T* src = a + h * head_stride;                                                                              \
-      if (fusion == kMax) {                                                                                            \
+      if (fusion == HeadFusion::kMax) {                                                                                \
         _Pragma("omp simd") for (int64_t j = 0; j < N; ++j) row[j] = nan_max(row[j], src[j]);                         \
-      } else if (fusion == kMin) {                                                                                     \
+      } else if (fusion == HeadFusion::kMin) {                                                                         \
         _Pragma("omp simd") for (int64_t j = 0; j < N; ++j) row[j] = nan_min(row[j], src[j]);                         \
       } else {                                                                                                         \
         _Pragma("omp simd") for (int64_t j = 0; j < N; ++j) row[j] += src[j];                                         \
       }                                                                                                                \
     }                                                                                                                  \
-    const T scale = fusion == kMean ? T(1) / static_cast<T>(H) : T(1);                                                 \
+    const T scale = fusion == HeadFusion::kMean ? T(1) / static_cast<T>(H) : T(1);                                     \
     T total = 0;                                                                                                       \
     _Pragma("omp simd reduction(+ : total)") for (int64_t j = 0; j < N; ++j) {                                         \
       row[j] *= scale;                                                                                                 \
@@ -90,9 +87,11 @@ acc_t fuse_row(const scalar_t* a, int64_t head_stride, int64_t H, int64_t N, int
       acc_t value = static_cast<acc_t>(a[j]);
       for (int64_t h = 1; h < H; ++h) {
         const acc_t x = static_cast<acc_t>(a[h * head_stride + j]);
-        value = fusion == kMax ? nan_max(value, x) : fusion == kMin ? nan_min(value, x) : value + x;
+        value = fusion == HeadFusion::kMax   ? nan_max(value, x)
+                : fusion == HeadFusion::kMin ? nan_min(value, x)
+                                             : value + x;
       }
-      if (fusion == kMean) value /= static_cast<acc_t>(H);
+      if (fusion == HeadFusion::kMean) value /= static_cast<acc_t>(H);
       row[j] = value;
       total += value;
     }
@@ -105,16 +104,16 @@ void rollout_kernel(const std::vector<const scalar_t*>& maps, scalar_t* out, at:
                     int64_t B, int64_t H, int64_t N, int64_t mode, int64_t fusion, int64_t normalize) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t L = static_cast<int64_t>(maps.size());
-  const bool row_norm = mode == kAbnar && normalize == kRow;  // residual never normalises
+  const bool row_norm = mode == Mode::kAbnar && normalize == Normalize::kRow;  // residual never normalises
   at::parallel_for(0, B, 1, [&](int64_t b_begin, int64_t b_end) {
     std::vector<acc_t> v(N), v_next(N), row(N);
     for (int64_t b = b_begin; b < b_end; ++b) {
       std::fill(v.begin(), v.end(), acc_t(0));
       v[0] = acc_t(1);
       for (int64_t step = 0; step < L; ++step) {
-        const int64_t l = mode == kAbnar ? L - 1 - step : step;
+        const int64_t l = mode == Mode::kAbnar ? L - 1 - step : step;
         std::copy(v.begin(), v.end(), states + (l * B + b) * N);
-        const bool identity = mode == kAbnar || l > 0;
+        const bool identity = mode == Mode::kAbnar || l > 0;
         std::fill(v_next.begin(), v_next.end(), acc_t(0));
         const scalar_t* a = maps[l] + b * H * N * N;
         for (int64_t i = 0; i < N; ++i) {
@@ -132,11 +131,13 @@ void rollout_kernel(const std::vector<const scalar_t*>& maps, scalar_t* out, at:
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_rollout_cls_fwd_cpu(at::TensorList attns_in, int64_t mode,
-                                                                 int64_t fusion, int64_t normalize) {
+                                                                 int64_t head_fusion, int64_t normalize) {
   TORCH_CHECK(!attns_in.empty(), "zslfast::_attention_rollout_cls_fwd: no layers");
-  TORCH_CHECK(mode == kAbnar || mode == kResidual, "zslfast::_attention_rollout_cls_fwd: bad mode");
-  TORCH_CHECK(fusion >= kMean && fusion <= kMin, "zslfast::_attention_rollout_cls_fwd: bad fusion");
-  TORCH_CHECK(normalize == kRow || normalize == kNone, "zslfast::_attention_rollout_cls_fwd: bad normalize");
+  TORCH_CHECK(mode == Mode::kAbnar || mode == Mode::kResidual, "zslfast::_attention_rollout_cls_fwd: bad mode");
+  TORCH_CHECK(head_fusion >= HeadFusion::kMean && head_fusion <= HeadFusion::kMin,
+              "zslfast::_attention_rollout_cls_fwd: bad head_fusion");
+  TORCH_CHECK(normalize == Normalize::kRow || normalize == Normalize::kNone,
+              "zslfast::_attention_rollout_cls_fwd: bad normalize");
   std::vector<at::Tensor> attns;
   for (const auto& a : attns_in) attns.push_back(a.contiguous());
   const int64_t L = static_cast<int64_t>(attns.size());
@@ -153,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor> attention_rollout_cls_fwd_cpu(at::TensorList 
     std::vector<const scalar_t*> maps;
     for (const auto& a : attns) maps.push_back(a.data_ptr<scalar_t>());
     rollout_kernel<scalar_t>(maps, out.data_ptr<scalar_t>(), states.data_ptr<at::opmath_type<scalar_t>>(), B, H, N,
-                             mode, fusion, normalize);
+                             mode, head_fusion, normalize);
   });
   return {out, states};
 }

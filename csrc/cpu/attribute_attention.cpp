@@ -3,9 +3,9 @@
 //
 //   q (K, D) shared or (B, K, D), k (B, R, D), v (B, R, Dv), ref (K, Dv) | (B, K, Dv) | none, mask (B, R) bool | none
 //   S = scale * q k[b]^T (K, R),  P = softmax of S over the kept r (a row with none kept is all 0),  E = P v[b] (K, Dv)
-//   out[b, i] = E[b, i]                                          score_mode 0        out (B, K, Dv)
-//             = <E[b, i], ref[i]>                                score_mode 1 (dot)  out (B, K)
-//             = <E, ref> iE iR, iE = 1 / max(|E|, eps), iR likewise  2 (cosine), F.cosine_similarity's clamp
+//   out[b, i] = E[b, i]                                          Score::kNone        out (B, K, Dv)
+//             = <E[b, i], ref[i]>                                Score::kDot         out (B, K)
+//             = <E, ref> iE iR, iE = 1 / max(|E|, eps), iR likewise  Score::kCosine, F.cosine_similarity's clamp
 //   also e = E (B, K, Dv) for the backward, lse (B, K) = log sum_{kept r} exp(S) (0 for a fully masked row), and
 //   attn = P (B, K, R) only when asked for.
 //
@@ -13,7 +13,7 @@
 //   are read with their masked rows zeroed, P and dS are 0 there by a select, and dk, dv rows of masked tokens are
 //   set to 0 after their GEMMs (a NaN query row would otherwise reach them as 0 * NaN). A NaN logit makes its row
 //   NaN (softmax_row does not take an all-NaN row for a fully masked one).
-//   The cosine's norms and <E, ref> never overflow (issue 16): plain sums where finite, rescaled by the rows' largest
+//   The cosine's norms and <E, ref> never overflow: plain sums where finite, rescaled by the rows' largest
 //   |x_d| where one overflowed (cosine_row); its gradient never forms iE iR or iE^2 (they underflow for |E| ~ 1e30 in
 //   float), see score_grad.
 //
@@ -49,25 +49,25 @@
 
 #include "cpu/fixed_gemm.h"
 #include "cpu/simd.h"
+#include "enums.h"
 #include "inv_norm.h"
 
 namespace zslfast {
 namespace {
 
-enum ScoreMode : int64_t { kNone = 0, kDot = 1, kCosine = 2 };
-enum SoftmaxOver : int64_t { kOverKeys = 0, kOverQueries = 1 };
-enum MaxMode : int64_t { kNoMax = 0, kMaxAttention = 1, kMaxLogits = 2 };
-
-// The options of issue 17 (ENUMS in zslfast/ops/_spec.py): softmax_over, logit_activation (0 none, 1 relu), return_max.
+// The options' ids (csrc/enums.h): SoftmaxOver, LogitActivation, ReturnMax.
 struct Options {
-  int64_t over, activation, max_mode;
+  int64_t softmax_over, logit_activation, return_max;
 };
 
-Options check_options(int64_t over, int64_t activation, int64_t max_mode, const char* op) {
-  TORCH_CHECK(over == kOverKeys || over == kOverQueries, op, ": softmax_over must be 0 or 1, got ", over);
-  TORCH_CHECK(activation == 0 || activation == 1, op, ": activation must be 0 or 1, got ", activation);
-  TORCH_CHECK(max_mode >= kNoMax && max_mode <= kMaxLogits, op, ": max_mode must be 0, 1 or 2, got ", max_mode);
-  return {over, activation, max_mode};
+Options check_options(int64_t softmax_over, int64_t logit_activation, int64_t return_max, const char* op) {
+  TORCH_CHECK(softmax_over == SoftmaxOver::kKeys || softmax_over == SoftmaxOver::kQueries, op,
+              ": bad softmax_over id ", softmax_over);
+  TORCH_CHECK(logit_activation == LogitActivation::kNone || logit_activation == LogitActivation::kRelu, op,
+              ": bad logit_activation id ", logit_activation);
+  TORCH_CHECK(return_max >= ReturnMax::kNone && return_max <= ReturnMax::kLogits, op, ": bad return_max id ",
+              return_max);
+  return {softmax_over, logit_activation, return_max};
 }
 
 // ------------------------------------------------------------------------------------------------------ row loops
@@ -306,7 +306,7 @@ Cosine<acc_t> cosine_row(const acc_t* e_row, const acc_t* r_row, int64_t Dv, acc
 // The score of one row: <E, ref> (dot) or cos(E, ref) (cosine_row).
 template <typename acc_t>
 acc_t score_row(const acc_t* e_row, const acc_t* r_row, int64_t Dv, int64_t mode, acc_t eps) {
-  if (mode != kCosine) return row_dot(e_row, r_row, Dv);
+  if (mode != Score::kCosine) return row_dot(e_row, r_row, Dv);
   return cosine_row(e_row, r_row, Dv, eps).cos;
 }
 
@@ -324,7 +324,7 @@ struct ScoreGrad {
 
 template <typename acc_t>
 ScoreGrad<acc_t> score_grad(const acc_t* e_row, const acc_t* r_row, int64_t Dv, int64_t mode, acc_t g, acc_t eps) {
-  if (mode == kDot) return {g, acc_t(1), acc_t(0), acc_t(1), g, acc_t(0)};
+  if (mode == Score::kDot) return {g, acc_t(1), acc_t(0), acc_t(1), g, acc_t(0)};
   const Cosine<acc_t> c = cosine_row(e_row, r_row, Dv, eps);
   return {g * c.ie, c.ir, norm_clamped(c.ie, eps) ? acc_t(0) : c.cos * c.ie,
           c.ir, g * c.ie, norm_clamped(c.ir, eps) ? acc_t(0) : g * c.cos * c.ir};
@@ -345,9 +345,9 @@ Dims check_dims(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
   Dims d{k.size(0), q.size(-2), k.size(1), k.size(2), v.size(2), q.dim() == 2, true};
   TORCH_CHECK(v.size(0) == d.B && v.size(1) == d.R && q.size(-1) == d.D && (q.dim() == 2 || q.size(0) == d.B), op,
               ": shapes do not match: q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
-  TORCH_CHECK(mode == kNone || mode == kDot || mode == kCosine, op, ": score_mode must be 0, 1 or 2, got ", mode);
-  if (mode != kNone) {
-    TORCH_CHECK(ref.has_value(), op, ": score_mode ", mode, " needs ref");
+  TORCH_CHECK(mode == Score::kNone || mode == Score::kDot || mode == Score::kCosine, op, ": bad score id ", mode);
+  if (mode != Score::kNone) {
+    TORCH_CHECK(ref.has_value(), op, ": score id ", mode, " needs ref");
     const auto& r = *ref;
     TORCH_CHECK((r.dim() == 2 && r.size(0) == d.K && r.size(1) == d.Dv) ||
                     (r.dim() == 3 && r.size(0) == d.B && r.size(1) == d.K && r.size(2) == d.Dv),
@@ -366,10 +366,10 @@ void check_backward_inputs(const Dims& d, int64_t mode, const Options& options, 
                            const at::Tensor& e, const at::Tensor& lse, const char* op) {
   TORCH_CHECK(e.dim() == 3 && e.size(0) == d.B && e.size(1) == d.K && e.size(2) == d.Dv, op,
               ": e must be (B, K, Dv), got ", e.sizes());
-  const int64_t lse_size = options.over == kOverQueries ? d.R : d.K;
+  const int64_t lse_size = options.softmax_over == SoftmaxOver::kQueries ? d.R : d.K;
   TORCH_CHECK(lse.dim() == 2 && lse.size(0) == d.B && lse.size(1) == lse_size, op, ": lse must be (B, ",
-              options.over == kOverQueries ? "R" : "K", "), got ", lse.sizes());
-  if (mode == kNone) {
+              options.softmax_over == SoftmaxOver::kQueries ? "R" : "K", "), got ", lse.sizes());
+  if (mode == Score::kNone) {
     TORCH_CHECK(grad.dim() == 3 && grad.sizes() == e.sizes(), op, ": grad must be (B, K, Dv), got ", grad.sizes());
   } else {
     TORCH_CHECK(grad.dim() == 2 && grad.size(0) == d.B && grad.size(1) == d.K, op, ": grad must be (B, K), got ",
@@ -398,10 +398,10 @@ struct Forward {
   Options options;
   acc_t scale, eps;
   at::Tensor q, k, v;  // acc_t, contiguous; k, v with masked rows 0 (to_acc_kept)
-  const acc_t* ref;    // (K, Dv) or (B, K, Dv); null for mode 0
+  const acc_t* ref;    // (K, Dv) or (B, K, Dv); null for Score::kNone
   const bool* keep;    // mask (B, R), or null
   acc_t* lse;          // (B, K), or (B, R) for the softmax over the queries
-  scalar_t* out;       // the scores (B, K); null for mode 0, whose out is E
+  scalar_t* out;       // the scores (B, K); null for Score::kNone, whose out is E
   scalar_t* attn;      // P (B, K, R) when return_attention, else null
   acc_t* best;         // the max over kept r of P or S (B, K) when asked for (return_max), else null
   int32_t* best_index; // its r (B, K), -1 for a row with no kept r
@@ -428,15 +428,15 @@ void attention_tile(const Forward<scalar_t>& f, int64_t b, int64_t i0, int64_t r
   at::mm_out(s, (d.shared_q ? f.q : f.q.select(0, b)).narrow(0, i0, rows), f.k.select(0, b).t());
   acc_t* p = s.data_ptr<acc_t>();
   const bool* keep = f.keep != nullptr ? f.keep + b * d.R : nullptr;
-  if (f.options.activation == 1) relu_rows(p, rows * d.R);
+  if (f.options.logit_activation == LogitActivation::kRelu) relu_rows(p, rows * d.R);
   // The logits' max, scale * max(act(T)): the product the softmax forms next, bit for bit (scale > 0).
-  if (f.options.max_mode == kMaxLogits) store_row_max(f, b, i0, rows, p, keep, f.scale);
-  if (f.options.over == kOverQueries) {
+  if (f.options.return_max == ReturnMax::kLogits) store_row_max(f, b, i0, rows, p, keep, f.scale);
+  if (f.options.softmax_over == SoftmaxOver::kQueries) {
     softmax_columns<acc_t>(p, keep, rows, d.R, f.scale, f.lse + b * d.R);
   } else {
     for (int64_t i = 0; i < rows; ++i) f.lse[b * d.K + i0 + i] = softmax_row<acc_t>(p + i * d.R, keep, d.R, f.scale);
   }
-  if (f.options.max_mode == kMaxAttention) store_row_max(f, b, i0, rows, p, keep, acc_t(1));
+  if (f.options.return_max == ReturnMax::kAttention) store_row_max(f, b, i0, rows, p, keep, acc_t(1));
   if (f.attn != nullptr) {
     scalar_t* a = f.attn + (b * d.K + i0) * d.R;
     for (int64_t j = 0; j < rows * d.R; ++j) a[j] = static_cast<scalar_t>(p[j]);
@@ -453,7 +453,7 @@ void forward_unit(const Forward<scalar_t>& f, int64_t b, int64_t i0, int64_t row
   at::Tensor s = s_buf.narrow(0, 0, rows);
   attention_tile(f, b, i0, rows, s);
   at::mm_out(e_tile, s, f.v.select(0, b));
-  if (f.mode == kNone) return;
+  if (f.mode == Score::kNone) return;
   const acc_t* e_rows = e_tile.data_ptr<acc_t>();
   for (int64_t i = 0; i < rows; ++i) {
     const acc_t* r_row = f.ref + ((d.shared_ref ? 0 : b * d.K) + i0 + i) * d.Dv;
@@ -464,7 +464,7 @@ void forward_unit(const Forward<scalar_t>& f, int64_t b, int64_t i0, int64_t row
 // Query rows per forward unit: whole rows of K when the batch alone keeps every thread busy, else K split so that
 // there are a few units per thread.
 int64_t query_tile(const Dims& d, const Options& options) {
-  if (options.over == kOverQueries) return d.K;  // each token's softmax runs over every query row
+  if (options.softmax_over == SoftmaxOver::kQueries) return d.K;  // each token's softmax runs over every query row
   const int64_t threads = at::get_num_threads();
   const int64_t per_b = std::max<int64_t>(1, (4 * threads + d.B - 1) / d.B);
   return std::max<int64_t>(std::min<int64_t>(d.K, 16), (d.K + per_b - 1) / per_b);
@@ -491,25 +491,26 @@ void run_forward(const Forward<scalar_t>& f, const at::Tensor& e) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attribute_attention_fwd_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const c10::optional<at::Tensor>& ref_in,
-    const c10::optional<at::Tensor>& mask_in, double scale, int64_t mode, bool return_attention, bool save_e,
-    double eps, int64_t softmax_over, int64_t activation, int64_t max_mode) {
+    const c10::optional<at::Tensor>& mask_in, double scale, int64_t mode, double eps, bool return_attention,
+    bool save_e, int64_t softmax_over, int64_t logit_activation, int64_t return_max) {
   const char* op = "zslfast::_attribute_attention_fwd";
   const Dims d = check_dims(q_in, k_in, v_in, ref_in, mask_in, mode, op);
-  const Options options = check_options(softmax_over, activation, max_mode, op);
+  const Options options = check_options(softmax_over, logit_activation, return_max, op);
   const at::NoGradGuard no_grad;  // the at::mm_out calls reject inputs that require grad
   const auto acc_type = at::toOpMathType(q_in.scalar_type());
   const auto in_opts = q_in.options(), acc_opts = in_opts.dtype(acc_type);
-  const at::Tensor ref = mode != kNone ? to_acc(*ref_in, acc_type) : at::Tensor();
+  const at::Tensor ref = mode != Score::kNone ? to_acc(*ref_in, acc_type) : at::Tensor();
   const at::Tensor mask = mask_in.has_value() ? mask_in->to(at::kBool).contiguous() : at::Tensor();
   // Scores without a backward to come: E lives in per-thread scratch tiles, never in a (B, K, Dv) tensor.
-  const bool keep_e = mode == kNone || save_e;
+  const bool keep_e = mode == Score::kNone || save_e;
   at::Tensor e = keep_e ? at::empty({d.B, d.K, d.Dv}, acc_opts) : at::Tensor();
-  at::Tensor lse = at::empty({d.B, options.over == kOverQueries ? d.R : d.K}, acc_opts);
-  const std::vector<int64_t> pooled_shape = max_mode != kNoMax ? std::vector<int64_t>{d.B, d.K} : std::vector<int64_t>{0};
+  at::Tensor lse = at::empty({d.B, options.softmax_over == SoftmaxOver::kQueries ? d.R : d.K}, acc_opts);
+  const bool pooled = return_max != ReturnMax::kNone;
+  const std::vector<int64_t> pooled_shape = pooled ? std::vector<int64_t>{d.B, d.K} : std::vector<int64_t>{0};
   at::Tensor best = at::empty(pooled_shape, acc_opts);
   at::Tensor best_index = at::empty(best.sizes(), in_opts.dtype(at::kInt));
   at::Tensor attn = return_attention ? at::empty({d.B, d.K, d.R}, in_opts) : at::empty({0}, in_opts);
-  at::Tensor out = mode != kNone ? at::empty({d.B, d.K}, in_opts) : at::Tensor();
+  at::Tensor out = mode != Score::kNone ? at::empty({d.B, d.K}, in_opts) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q_in.scalar_type(), "attribute_attention_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -526,11 +527,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                               lse.data_ptr<acc_t>(),
                               out.defined() ? out.data_ptr<scalar_t>() : nullptr,
                               return_attention ? attn.data_ptr<scalar_t>() : nullptr,
-                              max_mode != kNoMax ? best.data_ptr<acc_t>() : nullptr,
-                              max_mode != kNoMax ? best_index.data_ptr<int32_t>() : nullptr};
+                              pooled ? best.data_ptr<acc_t>() : nullptr,
+                              pooled ? best_index.data_ptr<int32_t>() : nullptr};
     run_forward(f, e);
   });
-  if (mode == kNone) return {e.scalar_type() == q_in.scalar_type() ? e : e.to(q_in.scalar_type()),
+  if (mode == Score::kNone) return {e.scalar_type() == q_in.scalar_type() ? e : e.to(q_in.scalar_type()),
                              at::empty({0}, acc_opts), lse, attn, best, best_index};
   return {out, e.defined() ? e : at::empty({0}, acc_opts), lse, attn, best, best_index};
 }
@@ -546,11 +547,11 @@ struct Backward {
   acc_t scale, eps;
   bool need_q, need_k, need_v, need_ref;
   at::Tensor q, k, v;       // the forward's inputs (k, v with masked rows 0, to_acc_kept)
-  at::Tensor g;             // dL/dout: (B, K) for the scores, (B, K, Dv) = dE for mode 0
+  at::Tensor g;             // dL/dout: (B, K) for the scores, (B, K, Dv) = dE for Score::kNone
   const acc_t* g_data;      // g's data
   const acc_t* e;           // E (B, K, Dv)
   const acc_t* lse;         // (B, K): not read (P is recomputed as a whole-row softmax, softmax_backward)
-  const acc_t* ref;         // (K, Dv) or (B, K, Dv); null for mode 0
+  const acc_t* ref;         // (K, Dv) or (B, K, Dv); null for Score::kNone
   const bool* keep;         // mask (B, R), or null
   const acc_t* grad_attn;   // (B, K, R), or null
   at::Tensor grad_q, grad_k, grad_v;  // like q, k, v; undefined when not needed
@@ -580,11 +581,11 @@ void score_backward_row(const Backward<acc_t>& w, int64_t b, int64_t i, const ac
   }
 }
 
-// dE of sample b into de (for mode 0 de is the incoming grad itself, left as is).
+// dE of sample b into de (for Score::kNone de is the incoming grad itself, left as is).
 template <typename acc_t>
 void epilogue_backward(const Backward<acc_t>& w, int64_t b, acc_t* de) {
   const Dims& d = w.d;
-  if (w.mode == kNone) return;
+  if (w.mode == Score::kNone) return;
   for (int64_t i = 0; i < d.K; ++i) score_backward_row(w, b, i, w.e + (b * d.K + i) * d.Dv, de + i * d.Dv);
 }
 
@@ -602,7 +603,7 @@ void softmax_backward(const Backward<acc_t>& w, int64_t b, const at::Tensor& de,
   acc_t* p_data = p.data_ptr<acc_t>();
   acc_t* dp_data = dp.data_ptr<acc_t>();
   const bool* keep = w.keep != nullptr ? w.keep + b * d.R : nullptr;
-  const bool relu = w.options.activation == 1;
+  const bool relu = w.options.logit_activation == LogitActivation::kRelu;
   if (relu) {
     // relu's backward as torch's threshold_backward: zero where T <= 0, so a NaN T passes its gradient on.
     for (int64_t j = 0; j < d.K * d.R; ++j) positive[j] = !(p_data[j] <= acc_t(0));
@@ -612,10 +613,10 @@ void softmax_backward(const Backward<acc_t>& w, int64_t b, const at::Tensor& de,
   const acc_t* grad_max = w.grad_max != nullptr && best_index != nullptr ? w.grad_max + b * d.K : nullptr;
   // dL/dmax of the attention's max: one more entry of dP, at the arg-max.
   auto add_max_grad = [&](int64_t i, acc_t* dp_row) {
-    if (w.options.max_mode == kMaxAttention && grad_max != nullptr && best_index[i] >= 0)
+    if (w.options.return_max == ReturnMax::kAttention && grad_max != nullptr && best_index[i] >= 0)
       dp_row[best_index[i]] += grad_max[i];
   };
-  if (w.options.over == kOverQueries) {
+  if (w.options.softmax_over == SoftmaxOver::kQueries) {
     std::vector<acc_t> column(d.R, acc_t(0));  // the lse (not kept), then the columns' delta
     softmax_columns<acc_t>(p_data, keep, d.K, d.R, w.scale, column.data());
     for (int64_t i = 0; i < d.K; ++i) {
@@ -659,7 +660,7 @@ void softmax_backward(const Backward<acc_t>& w, int64_t b, const at::Tensor& de,
       softmax_grad_row(dp_row, p_row, keep, w.scale, g, d.R);
     }
   }
-  if (w.options.max_mode == kMaxLogits && grad_max != nullptr) {
+  if (w.options.return_max == ReturnMax::kLogits && grad_max != nullptr) {
     for (int64_t i = 0; i < d.K; ++i) {
       if (best_index[i] >= 0) dp_data[i * d.R + best_index[i]] += w.scale * grad_max[i];
     }
@@ -706,7 +707,7 @@ struct BackwardScratch {
 // One backward unit, sample b.
 template <typename acc_t>
 void backward_sample(const Backward<acc_t>& w, int64_t b, BackwardScratch& s) {
-  const at::Tensor de = w.mode == kNone ? w.g.select(0, b) : s.de;
+  const at::Tensor de = w.mode == Score::kNone ? w.g.select(0, b) : s.de;
   epilogue_backward(w, b, de.data_ptr<acc_t>());
   if (!(w.need_q || w.need_k || w.need_v)) return;
   softmax_backward(w, b, de, s.p, s.dp, s.positive);
@@ -726,7 +727,7 @@ void shared_ref_grad(const Backward<acc_t>& w) {
       for (int64_t b = 0; b < d.B; ++b) c_total += w.coef_c[b * d.K + i];
       for (int64_t j = 0; j < d.Dv; ++j) gr[j] = -c_total * r_row[j];
       for (int64_t b = 0; b < d.B; ++b) axpy_row(gr, w.coef_a[b * d.K + i], w.e + (b * d.K + i) * d.Dv, d.Dv);
-      if (w.mode == kCosine) {
+      if (w.mode == Score::kCosine) {
         const acc_t ir = inv_clamped(row_norm(r_row, d.Dv, row_dot(r_row, r_row, d.Dv)), w.eps);
         for (int64_t j = 0; j < d.Dv; ++j) gr[j] *= ir;
       }
@@ -742,9 +743,9 @@ void run_backward(const Backward<acc_t>& w) {
   at::parallel_for(0, d.B, 1, [&](int64_t begin, int64_t end) {
     const at::NoGradGuard worker_no_grad;
     const SequentialBlas sequential;
-    BackwardScratch s{w.mode != kNone ? at::empty({d.K, d.Dv}, acc_opts) : at::Tensor(),
+    BackwardScratch s{w.mode != Score::kNone ? at::empty({d.K, d.Dv}, acc_opts) : at::Tensor(),
                       at::empty({d.K, d.R}, acc_opts), at::empty({d.K, d.R}, acc_opts),
-                      std::vector<uint8_t>(w.options.activation == 1 ? d.K * d.R : 0)};
+                      std::vector<uint8_t>(w.options.logit_activation == LogitActivation::kRelu ? d.K * d.R : 0)};
     for (int64_t b = begin; b < end; ++b) backward_sample(w, b, s);
   });
   if (w.need_q && d.shared_q) {
@@ -755,23 +756,22 @@ void run_backward(const Backward<acc_t>& w) {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attribute_attention_bwd_cpu(
-    const at::Tensor& grad_in, const c10::optional<at::Tensor>& grad_attn_in, const at::Tensor& q_in,
-    const at::Tensor& k_in, const at::Tensor& v_in, const c10::optional<at::Tensor>& ref_in,
-    const c10::optional<at::Tensor>& mask_in, const at::Tensor& e_in, const at::Tensor& lse_in, double scale,
-    int64_t mode, std::array<bool, 4> output_mask, double eps, int64_t softmax_over, int64_t activation,
-    int64_t max_mode, const c10::optional<at::Tensor>& grad_max_in, const c10::optional<at::Tensor>& best_in,
-    const c10::optional<at::Tensor>& best_index_in) {
+    const at::Tensor& grad_in, const c10::optional<at::Tensor>& grad_attn_in,
+    const c10::optional<at::Tensor>& grad_max_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const c10::optional<at::Tensor>& ref_in, const c10::optional<at::Tensor>& mask_in,
+    const at::Tensor& e_in, const at::Tensor& lse_in, const at::Tensor& best_in, const at::Tensor& best_index_in,
+    double scale, int64_t mode, double eps, std::array<bool, 4> output_mask, int64_t softmax_over,
+    int64_t logit_activation, int64_t return_max) {
   const char* op = "zslfast::_attribute_attention_bwd";
   const Dims d = check_dims(q_in, k_in, v_in, ref_in, mask_in, mode, op);
-  const Options options = check_options(softmax_over, activation, max_mode, op);
+  const Options options = check_options(softmax_over, logit_activation, return_max, op);
   check_backward_inputs(d, mode, options, grad_in, e_in, lse_in, op);
   (void)best_in;  // P is recomputed here, so its max is too (the Triton kernels read it)
-  const bool has_grad_max = max_mode != kNoMax && grad_max_in.has_value() && grad_max_in->numel() > 0;
+  const bool has_grad_max = return_max != ReturnMax::kNone && grad_max_in.has_value() && grad_max_in->numel() > 0;
   TORCH_CHECK(!has_grad_max || (grad_max_in->dim() == 2 && grad_max_in->size(0) == d.B && grad_max_in->size(1) == d.K),
               op, ": grad_max must be (B, K), got ", grad_max_in->sizes());
-  TORCH_CHECK(!has_grad_max || (best_index_in.has_value() && best_index_in->scalar_type() == at::kInt &&
-                                best_index_in->dim() == 2 && best_index_in->size(0) == d.B &&
-                                best_index_in->size(1) == d.K),
+  TORCH_CHECK(!has_grad_max || (best_index_in.scalar_type() == at::kInt && best_index_in.dim() == 2 &&
+                                best_index_in.size(0) == d.B && best_index_in.size(1) == d.K),
               op, ": best_index must be int32 (B, K) with grad_max");
   const at::NoGradGuard no_grad;
   const auto in_opts = q_in.options();
@@ -779,7 +779,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attribute_attention_b
   const auto acc_opts = in_opts.dtype(acc_type);
   const at::Tensor mask = mask_in.has_value() ? mask_in->to(at::kBool).contiguous() : at::Tensor();
   const at::Tensor q = to_acc(q_in, acc_type), k = to_acc_kept(k_in, mask, acc_type), v = to_acc_kept(v_in, mask, acc_type);
-  const at::Tensor ref = mode != kNone ? to_acc(*ref_in, acc_type) : at::Tensor();
+  const at::Tensor ref = mode != Score::kNone ? to_acc(*ref_in, acc_type) : at::Tensor();
   const at::Tensor e = to_acc(e_in, acc_type), lse = to_acc(lse_in, acc_type), g = to_acc(grad_in, acc_type);
   const at::Tensor grad_attn =
       grad_attn_in.has_value() && grad_attn_in->numel() > 0 ? to_acc(*grad_attn_in, acc_type) : at::Tensor();
@@ -788,7 +788,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attribute_attention_b
               op, ": grad_attn must be (B, K, R), got ", grad_attn.sizes());
 
   const bool need_q = output_mask[0], need_k = output_mask[1], need_v = output_mask[2];
-  const bool need_ref = output_mask[3] && mode != kNone;
+  const bool need_ref = output_mask[3] && mode != Score::kNone;
   at::Tensor grad_q = need_q ? at::empty(q.sizes(), acc_opts) : at::Tensor();
   at::Tensor grad_k = need_k ? at::empty(k.sizes(), acc_opts) : at::Tensor();
   at::Tensor grad_v = need_v ? at::empty(v.sizes(), acc_opts) : at::Tensor();
@@ -796,7 +796,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attribute_attention_b
   at::Tensor ds_all = need_q && d.shared_q ? at::empty({d.K, d.B, d.R}, acc_opts) : at::Tensor();
   at::Tensor coef = need_ref && d.shared_ref ? at::empty({2, d.B, d.K}, acc_opts) : at::Tensor();
   const at::Tensor grad_max = has_grad_max ? to_acc(*grad_max_in, acc_type) : at::Tensor();
-  const at::Tensor best_index = has_grad_max ? best_index_in->contiguous() : at::Tensor();
+  const at::Tensor best_index = has_grad_max ? best_index_in.contiguous() : at::Tensor();
 
   if (need_q || need_k || need_v || need_ref) {
     AT_DISPATCH_FLOATING_TYPES(acc_type, "attribute_attention_bwd_cpu", [&] {

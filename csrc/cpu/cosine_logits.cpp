@@ -1,7 +1,7 @@
 // cosine_logits on CPU: out = scale * cos(x, protos), with normalisation fused into the GEMM's epilogue.
 //
 //   x (N, D), protos (C, D), scale (), ix (N,) = 1 / max(|x|, eps), ip (C,) = 1 / max(|p|, eps)  (inv_norm.h), or
-//   for eps_mode 1 ("add", GEM-ZSL's x / (|x| + eps)) ix = 1 / (|x| + eps), ip = 1 / (|p| + eps)
+//   for eps_mode EpsMode::kAdd ("add", GEM-ZSL's x / (|x| + eps)) ix = 1 / (|x| + eps), ip = 1 / (|p| + eps)
 //   forward   out[n, c] = scale * ix[n] * ip[c] * (x @ protos.T)[n, c]                          out (N, C)
 //   backward  W = g * ip[None, :],  A = W @ protos = g @ normalize(protos)                       W (N, C), temporary
 //             r[n]        = <x[n] ix[n], A[n]> = sum_c g[n, c] cos[n, c]
@@ -14,10 +14,10 @@
 // Scaling g rather than the operands keeps the temporary at N x C, smaller than normalised copies of x and protos
 // ((N + C) x D) at ZSL shapes. g is scaled by one side's inverse norms only, and the other side's is applied after
 // the GEMM: ix * ip can leave float's normal range when both |x| and |p| are ~1e19, and ix^2 underflows to 0 for
-// |x| ~ 1e30 (issue 16), so it is never formed; the norms themselves never overflow (inv_norm.h row_norm).
+// |x| ~ 1e30, so it is never formed; the norms themselves never overflow (inv_norm.h row_norm).
 // grad_scale is reduced from A, never as sum(g * out) / scale, so scale == 0 is no special case.
 //
-// Results do not depend on the thread count (issue 16): a multithreaded GEMM may split its reduction over threads
+// Results do not depend on the thread count: a multithreaded GEMM may split its reduction over threads
 // (MKL does for W.T @ x at N = 1024), so every GEMM runs as fixed blocks of its output (a function of the shapes
 // only), each block one GEMM over the whole reduction with MKL held to one thread (SequentialBlas), and row sums run
 // in a fixed order in one thread each. Accumulation is in float for half/bfloat16/float inputs and in double for
@@ -104,7 +104,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_logits_fwd_cpu(const at::T
                                                                      const at::Tensor& scale, double eps,
                                                                      int64_t eps_mode) {
   check_2d(x_in, p_in, "zslfast::_cosine_logits_fwd");
-  TORCH_CHECK(eps_mode == 0 || eps_mode == 1, "zslfast::_cosine_logits_fwd: eps_mode must be 0 or 1, got ", eps_mode);
+  TORCH_CHECK(eps_mode == EpsMode::kClamp || eps_mode == EpsMode::kAdd, "zslfast::_cosine_logits_fwd: bad eps_mode id ",
+              eps_mode);
   TORCH_CHECK(scale.numel() == 1, "zslfast::_cosine_logits_fwd: scale must have one element, got ", scale.sizes());
   const auto acc_type = at::toOpMathType(x_in.scalar_type());
   const at::Tensor x = x_in.to(acc_type).contiguous(), p = p_in.to(acc_type).contiguous();
@@ -135,13 +136,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_logits_fwd_cpu(const at::T
   return {out, x_inv_norm, p_inv_norm};
 }
 
+// out (the forward's, which the Triton backward reads) is not read: the GEMMs here reduce over all of D.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_logits_bwd_cpu(const at::Tensor& grad_in, const at::Tensor& x_in,
-                                                                     const at::Tensor& p_in, const at::Tensor& ix_in,
-                                                                     const at::Tensor& ip_in, const at::Tensor& scale,
-                                                                     double eps, int64_t eps_mode,
+                                                                     const at::Tensor& p_in,
+                                                                     const c10::optional<at::Tensor>& out,
+                                                                     const at::Tensor& ix_in, const at::Tensor& ip_in,
+                                                                     const at::Tensor& scale, double eps,
+                                                                     int64_t eps_mode,
                                                                      std::array<bool, 3> output_mask) {
+  (void)out;
   check_2d(x_in, p_in, "zslfast::_cosine_logits_bwd");
-  TORCH_CHECK(eps_mode == 0 || eps_mode == 1, "zslfast::_cosine_logits_bwd: eps_mode must be 0 or 1, got ", eps_mode);
+  TORCH_CHECK(eps_mode == EpsMode::kClamp || eps_mode == EpsMode::kAdd, "zslfast::_cosine_logits_bwd: bad eps_mode id ",
+              eps_mode);
   const int64_t N = x_in.size(0), D = x_in.size(1), C = p_in.size(0);
   TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == N && grad_in.size(1) == C && ix_in.numel() == N &&
                   ip_in.numel() == C && scale.numel() == 1,

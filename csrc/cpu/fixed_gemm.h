@@ -1,8 +1,8 @@
-// GEMMs whose result does not depend on the thread count (issue 16), shared by the CPU kernels.
+// GEMMs whose result does not depend on the thread count, shared by the CPU kernels.
 //
 // torch.set_num_threads(n) sets MKL's thread count for the calling thread (MKL_Set_Num_Threads_Local) with MKL's
 // dynamic adjustment off, so an MKL GEMM may split its reduction n ways, even inside a parallel region, and its
-// result then depends on n (cosine_logits' W.T @ x at N = 1024 did). mm_fixed runs a GEMM as fixed blocks of its
+// result then depends on n (cosine_logits' W.T @ x does at N = 1024). mm_fixed runs a GEMM as fixed blocks of its
 // output (a function of the shapes only), each block one GEMM over the whole reduction with MKL held to one thread
 // (SequentialBlas); the blocks run in parallel. With another BLAS (OpenBLAS and the like, single-threaded inside an
 // OpenMP parallel region on their own) the weak reference is null and SequentialBlas does nothing.

@@ -30,6 +30,7 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -38,12 +39,10 @@
 #include <vector>
 
 #include "cpu/simd.h"
+#include "enums.h"
 
 namespace zslfast {
 namespace {
-
-constexpr int64_t kFifo = 0;
-constexpr int64_t kMinConf = 1;
 
 // ---------------------------------------------------------------------------------------------------------- update
 
@@ -195,7 +194,7 @@ void update_impl(at::Tensor& features, at::Tensor& confidences, at::Tensor& coun
       const int64_t L = seg.start[q + 1] - seg.start[q];
       const Queue<scalar_t> queue{feat + q * K * D, confs + q * K, count + q, head + q};
       bool changed = true;
-      if (policy == kFifo) {
+      if (policy == Policy::kFifo) {
         fifo_insert(queue, entries, L, z_data, conf_data, K, D);
       } else {
         changed = min_conf_insert(queue, entries, L, z_data, conf_data, K, D);
@@ -258,6 +257,7 @@ void memory_bank_update_cpu(at::Tensor features, at::Tensor confidences, at::Ten
               features.sizes());
   const int64_t C = features.size(0), M = features.size(1), K = features.size(2), D = features.size(3);
   TORCH_CHECK(K >= 1, op, ": capacity must be >= 1");
+  TORCH_CHECK(policy == Policy::kFifo || policy == Policy::kMinConf, op, ": bad policy id ", policy);
   TORCH_CHECK(confidences.sizes() == at::IntArrayRef({C, M, K}) && confidences.is_contiguous() &&
                   confidences.scalar_type() == features.scalar_type(),
               op, ": confidences must be contiguous (C, M, K) of the features' dtype, got ", confidences.sizes());
@@ -395,9 +395,11 @@ std::tuple<at::Tensor, at::Tensor> kl_impl(const at::Tensor& z, const at::Tensor
   return {loss, grad};
 }
 
+// output_mask[0]: also return d loss / dz (z is the only differentiable input), else an empty grad_z.
 std::tuple<at::Tensor, at::Tensor> memory_bank_kl_cpu(const at::Tensor& z_in, const at::Tensor& protos_in,
                                                       const at::Tensor& labels_in, const at::Tensor& active_in,
-                                                      bool compute_grad) {
+                                                      std::array<bool, 1> output_mask) {
+  const bool compute_grad = output_mask[0];
   constexpr const char* op = "zslfast::_memory_bank_kl";
   TORCH_CHECK(z_in.dim() == 3 && protos_in.dim() == 3 && protos_in.size(1) == z_in.size(1) &&
                   protos_in.size(2) == z_in.size(2) && protos_in.scalar_type() == z_in.scalar_type(),

@@ -20,6 +20,7 @@
 #include <torch/types.h>
 
 #include <algorithm>
+#include <array>
 #include <type_traits>
 #include <vector>
 
@@ -271,7 +272,10 @@ at::Tensor prototype_scores_fwd_cpu(const at::Tensor& e_in, const at::Tensor& s_
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prototype_scores_bwd_cpu(const at::Tensor& grad_in,
                                                                         const at::Tensor& e_in,
                                                                         const at::Tensor& s_in,
-                                                                        const at::Tensor& w_in, bool need_grad_w) {
+                                                                        const at::Tensor& w_in,
+                                                                        std::array<bool, 3> output_mask) {
+  // grad_e and grad_s come out of the pass that forms grad_w, so only grad_w is skipped when not asked for.
+  const bool need_grad_w = output_mask[2];
   const at::Tensor grad = grad_in.contiguous(), e = e_in.contiguous(), s = s_in.contiguous(), w = w_in.contiguous();
   const int64_t B = e.size(0), K = e.size(1), C = s.size(0);
   TORCH_CHECK(grad.size(0) == B && grad.size(1) == C && w.size(0) == B && w.size(1) == C && w.size(2) == K,
@@ -284,7 +288,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototype_scores_bwd_cpu(const at
                               w.data_ptr<scalar_t>(), grad_e.data_ptr<scalar_t>(), grad_s.data_ptr<scalar_t>(),
                               need_grad_w ? grad_w.data_ptr<scalar_t>() : nullptr, B, C, K);
   });
-  return {grad_e, grad_s, grad_w};
+  auto requested = [&](const at::Tensor& g, bool need) { return need ? g : at::empty({0}, e.options()); };
+  return {requested(grad_e, output_mask[0]), requested(grad_s, output_mask[1]), grad_w};
 }
 
 }  // namespace

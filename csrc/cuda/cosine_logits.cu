@@ -2,7 +2,7 @@
 //
 //   x (N, D), protos (C, D), scale () read on the device, g (N, C) = dL/dout
 //   ix (N,) = 1 / max(|x[n]|, eps), ip (C,) = 1 / max(|p[c]|, eps)   (inv_norm.h), float (double for double);
-//   eps_mode 1 ("add"): ix = 1 / (|x[n]| + eps), ip = 1 / (|p[c]| + eps)
+//   eps_mode EpsMode::kAdd ("add"): ix = 1 / (|x[n]| + eps), ip = 1 / (|p[c]| + eps)
 //   forward   out[n, c] = scale * ix[n] * ip[c] * (x @ protos.T)[n, c]                             out (N, C)
 //   backward  grad_x (N, D), grad_protos (C, D), grad_scale () = sum(g * cos), by the kernels below
 // cuBLAS GEMMs through at::mm, fp16/bf16 ones with a float result (at::mm's out_dtype), and small kernels for the
@@ -122,7 +122,7 @@ __global__ void project_rows_kernel(const at::opmath_type<scalar_t>* a, const sc
   const acc_t inv = iv[r];
   if (rowdot != nullptr && lane == 0) rowdot[r] = inv * dot;
   if (out == nullptr) return;
-  // inv * (inv * dot), never inv^2: that underflows for |v| ~ 1e30 (issue 16), where v * coeff is O(1)
+  // inv * (inv * dot), never inv^2: that underflows for |v| ~ 1e30, where v * coeff is O(1)
   const acc_t coeff = projection_coeff(inv, inv * dot, static_cast<acc_t>(eps), eps_mode);
   const acc_t row_scale = *scale * inv;
   for (int64_t d = lane; d < D; d += kWarp) {
@@ -175,10 +175,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_logits_fwd_cuda(const at::
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cosine_logits_bwd_cuda(const at::Tensor& grad_in,
                                                                       const at::Tensor& x_in, const at::Tensor& p_in,
+                                                                      const c10::optional<at::Tensor>& out,
                                                                       const at::Tensor& ix_in, const at::Tensor& ip_in,
                                                                       const at::Tensor& scale_in, double eps,
                                                                       int64_t eps_mode,
                                                                       std::array<bool, 3> output_mask) {
+  (void)out;  // the GEMMs reduce over all of D: the forward's out (the Triton backward's input) is not read
   const int64_t N = x_in.size(0), D = x_in.size(1), C = p_in.size(0);
   TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == N && grad_in.size(1) == C && p_in.size(1) == D &&
                   ix_in.numel() == N && ip_in.numel() == C && scale_in.numel() == 1,

@@ -18,6 +18,8 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include "enums.h"
+
 namespace zslfast {
 namespace {
 
@@ -129,6 +131,7 @@ void memory_bank_update_cuda(at::Tensor features, at::Tensor confidences, at::Te
                   stale.scalar_type() == at::kBool && counts.scalar_type() == at::kLong &&
                   next_slot.scalar_type() == at::kLong && confidences.scalar_type() == features.scalar_type(),
               op, ": expected the contiguous bank state of zslfast.MemoryBank");
+  TORCH_CHECK(policy == Policy::kFifo || policy == Policy::kMinConf, op, ": bad policy id ", policy);
   const int64_t C = features.size(0), M = features.size(1), K = features.size(2), D = features.size(3), Q = C * M;
   TORCH_CHECK(z_in.dim() == 3 && z_in.size(1) == M && z_in.size(2) == D && conf_in.dim() == 2 &&
                   conf_in.size(0) == z_in.size(0) && conf_in.size(1) == M && y_in.numel() == z_in.size(0),
@@ -155,7 +158,7 @@ void memory_bank_update_cuda(at::Tensor features, at::Tensor confidences, at::Te
     update_kernel<scalar_t><<<blocks_for(Q), kThreads, 0, stream>>>(
         features.data_ptr<scalar_t>(), confidences.data_ptr<scalar_t>(), counts.data_ptr<int64_t>(),
         next_slot.data_ptr<int64_t>(), stale.data_ptr<bool>(), z.data_ptr<scalar_t>(), conf.data_ptr<scalar_t>(),
-        order.data_ptr<int64_t>(), start.data_ptr<int64_t>(), Q, K, D, policy == 0);
+        order.data_ptr<int64_t>(), start.data_ptr<int64_t>(), Q, K, D, policy == Policy::kFifo);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

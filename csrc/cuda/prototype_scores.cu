@@ -1,6 +1,6 @@
 // prototype_scores on CUDA (the method: csrc/cpu/prototype_scores.cpp):
 //   e (B, K), s (C, K), w (B, C, K), g (B, C) = dL/dout -> out (B, C); grad_e (B, K), grad_s (C, K), grad_w (B, C, K)
-//   (empty when need_grad_w is false)
+//   (each empty where its output_mask entry is false; grad_e and grad_s are formed in any case)
 //   forward   out[b, c]     = sum_k e[b, k] * s[c, k] * (1 + w[b, c, k])                one warp per (b, c) row
 //   backward  grad_s[c, k]  = sum_b g[b, c] * e[b, k] * (1 + w[b, c, k]),  and grad_w   one thread per (c, k), loop b
 //             grad_e[b, k]  = sum_c g[b, c] * s[c, k] * (1 + w[b, c, k])                one thread per (b, k), loop c
@@ -13,6 +13,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 #include <torch/types.h>
+
+#include <array>
 
 namespace zslfast {
 namespace {
@@ -97,7 +99,9 @@ at::Tensor prototype_scores_fwd_cuda(const at::Tensor& e_in, const at::Tensor& s
 std::tuple<at::Tensor, at::Tensor, at::Tensor> prototype_scores_bwd_cuda(const at::Tensor& grad_in,
                                                                          const at::Tensor& e_in,
                                                                          const at::Tensor& s_in,
-                                                                         const at::Tensor& w_in, bool need_grad_w) {
+                                                                         const at::Tensor& w_in,
+                                                                         std::array<bool, 3> output_mask) {
+  const bool need_grad_w = output_mask[2];
   const c10::cuda::CUDAGuard guard(e_in.device());
   const at::Tensor grad = grad_in.contiguous(), e = e_in.contiguous(), s = s_in.contiguous(), w = w_in.contiguous();
   const int64_t B = e.size(0), K = e.size(1), C = s.size(0);
@@ -115,7 +119,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prototype_scores_bwd_cuda(const a
         K);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {grad_e, grad_s, grad_w};
+  auto requested = [&](const at::Tensor& g, bool need) { return need ? g : at::empty({0}, e.options()); };
+  return {requested(grad_e, output_mask[0]), requested(grad_s, output_mask[1]), grad_w};
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
 """``zslfast.models.vit_attention_rollout``: kept here for code written against it; it lives in zslfast.nn.rollout
-(the fold and head fusion it uses: zslfast.ops.attention_rollout)."""
+(the fold it uses: zslfast.ops.attention_rollout's RolloutFold)."""
 
 from ..nn.rollout import vit_attention_rollout
 

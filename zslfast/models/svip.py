@@ -54,9 +54,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _backend
+from .._enums import choices
 from ..losses import jsd_loss, patch_bce_loss
 from ..nn.rollout import AttentionRollout
-from ..ops.attention_rollout import FUSIONS, MODES
 from ..ops.attribute_attention import attribute_attention
 from ._vit import check_vit
 from ._weights import PathLike, apply_checkpoint, read_checkpoint, timm_backbone, unused_pretrained
@@ -199,8 +199,8 @@ class SVIPHead(nn.Module):
         pool_temperature = check_positive(_NAME, "pool_temperature", pool_temperature)
         lambda_jsd = check_number(_NAME, "lambda_jsd", lambda_jsd, minimum=0)
         lambda_patch = check_number(_NAME, "lambda_patch", lambda_patch, minimum=0)
-        check_option(_NAME, "rollout_mode", rollout_mode, MODES)
-        check_option(_NAME, "head_fusion", head_fusion, FUSIONS)
+        check_option(_NAME, "rollout_mode", rollout_mode, choices("mode"))
+        check_option(_NAME, "head_fusion", head_fusion, choices("head_fusion"))
 
         self.backbone = backbone
         self.embed_dim = embed_dim

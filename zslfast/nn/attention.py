@@ -17,8 +17,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .._enums import choices
 from ..ops.attribute_attention import attribute_attention
-from ..ops._spec import choices
 from ..validation import check_flag, check_int, check_option, check_tensor, check_width, shape_str
 
 

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops._spec import choices
+from .._enums import choices
 from ..ops.cosine_logits import EPS, cosine_logits
 from ..validation import check_int, check_option, check_positive, check_tensor, check_width
 

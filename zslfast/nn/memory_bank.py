@@ -36,13 +36,13 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from ..validation import shape_str
-from ..ops.cosine_logits import cosine_logits
+from .._backend import check_module_backend
+from .._enums import choices
 from ..ops import cosine_logits as _cosine_spec, memory_bank as _bank_spec
-from ..ops._spec import check_module_backend, choices
+from ..ops.cosine_logits import cosine_logits
 from ..ops.memory_bank import check_offers, memory_bank_kl, memory_bank_refresh, memory_bank_update
 from ..validation import (
-    check_float_dtype, check_int, check_labels, check_number, check_option, check_positive, check_tensor,
+    check_float_dtype, check_int, check_labels, check_number, check_option, check_positive, check_tensor, shape_str,
 )
 
 try:

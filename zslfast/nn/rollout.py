@@ -56,9 +56,10 @@ column j of every map by row j's sum of map j). zslfast divides each row by its 
 SVIP's code and the reference do.
 
 Backends. Any kernel backend (or None) runs the fold above: head fusion and products in PyTorch ops, one layer's
-map at a time, the same on every device (zslfast.ops.attention_rollout owns both: ``fused_head_attention`` and
-``RolloutFold``); the backend is still checked, so one that cannot run here raises BackendUnavailableError, and
-without the compiled extension the fold still runs. ``backend="reference"`` (or ``ZSLFAST_BACKEND=reference``) runs the eager code the papers run instead: the blocks switch to timm's non-fused
+map at a time, the same on every device (``fused_head_attention`` below, and ``RolloutFold``, the fold that
+zslfast.attention_rollout's full matrix runs too); the backend is still checked, so one that cannot run here raises
+BackendUnavailableError, and without the compiled extension the fold still runs. ``backend="reference"`` (or
+``ZSLFAST_BACKEND=reference``) runs the eager code the papers run instead: the blocks switch to timm's non-fused
 attention, every softmax map (B, H, N, N) is stored from a hook on ``attn.attn_drop``, and
 ``zslfast.reference.attention_rollout`` rolls them out.
 """
@@ -72,11 +73,9 @@ import torch
 from torch import nn
 
 from .. import _backend, reference
-from ..ops.attention_rollout import (
-    SPEC as ROLLOUT, RolloutFold, attention_rollout, check_rollout_options, fused_head_attention,
-)
-from ..ops._spec import check_module_backend
-from ..validation import check_flag, check_start_layer
+from .._backend import check_module_backend
+from ..ops.attention_rollout import SPEC as ROLLOUT, RolloutFold, attention_rollout
+from ..validation import check_flag, check_rollout_options, check_start_layer
 
 _NAME = "vit_attention_rollout"
 
@@ -109,6 +108,107 @@ def _q_k(attn: nn.Module, x: torch.Tensor, qkv: torch.Tensor):
     if scale is None:
         scale = head_dim**-0.5
     return q, k, scale
+
+
+def _head_probs(q: torch.Tensor, k: torch.Tensor, scale: float, attn_mask, is_causal: bool, h: int) -> torch.Tensor:
+    """softmax((q_h * scale) k_h^T + mask_h) for one head: (B, N, N). Mirrors timm's non-fused Attention path."""
+    scores = (q[:, h] * scale) @ k[:, h].transpose(-2, -1)
+    n = scores.shape[-1]
+    if is_causal:  # timm: is_causal takes precedence over attn_mask
+        upper = torch.ones(n, n, dtype=torch.bool, device=scores.device).triu_(1)
+        scores = scores.masked_fill(upper, float("-inf"))
+    elif attn_mask is not None:
+        m = attn_mask
+        while m.dim() < 4:  # an SDPA-style mask, broadcastable to (B, H, N, N): head h's slice (B|1, N, N)
+            m = m.unsqueeze(0)
+        m = m[:, h if m.shape[1] != 1 else 0]
+        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m
+    return scores.softmax(dim=-1)
+
+
+class _FusedHeadAttention(torch.autograd.Function):
+    """(q, k) (B, H, N, d) -> fuse_h softmax((q_h * scale) k_h^T + mask_h) (B, N, N), one head's map at a time.
+
+    Saves q, k (and the (B, N, N) winning-head index for max/min); the backward recomputes one head at a time.
+    Max/min route the gradient to the first head attaining the extremum, as torch.max/min(dim) do: a NaN counts as
+    the extremum (the first NaN head is selected, its value NaN).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, scale, attn_mask, is_causal, head_fusion):
+        num_heads = q.shape[1]
+        fused = None
+        index = None
+        for h in range(num_heads):
+            p = _head_probs(q, k, scale, attn_mask, is_causal, h)
+            if fused is None:
+                fused = p
+                if head_fusion in ("max", "min"):
+                    index_dtype = torch.uint8 if num_heads <= 256 else torch.int32
+                    index = torch.zeros(p.shape, dtype=index_dtype, device=p.device)
+            elif head_fusion in ("mean", "sum"):
+                fused += p
+            else:  # strict comparison: the first head attaining the extremum wins; the first NaN beats any number
+                better = p > fused if head_fusion == "max" else p < fused
+                better |= p.isnan() & ~fused.isnan()  # torch.max/min(dim)'s value and index for a NaN
+                fused = torch.where(better, p, fused)
+                index.masked_fill_(better, h)
+            del p
+        if head_fusion == "mean":
+            fused /= num_heads
+        mask_tensor = attn_mask if isinstance(attn_mask, torch.Tensor) else None
+        ctx.save_for_backward(q, k, mask_tensor, index)
+        ctx.scale = scale
+        ctx.is_causal = is_causal
+        ctx.head_fusion = head_fusion
+        return fused
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        q, k, attn_mask, index = ctx.saved_tensors
+        head_fusion, scale = ctx.head_fusion, ctx.scale
+        num_heads = q.shape[1]
+        need_q, need_k, need_mask = (ctx.needs_input_grad[i] for i in (0, 1, 3))
+        grad_q = torch.zeros_like(q) if need_q else None
+        grad_k = torch.zeros_like(k) if need_k else None
+        grad_mask = None
+        if need_mask:
+            mask4 = attn_mask
+            while mask4.dim() < 4:
+                mask4 = mask4.unsqueeze(0)
+            grad_mask4 = torch.zeros(mask4.shape, dtype=grad.dtype, device=grad.device)
+        grad = grad.to(q.dtype)
+        if head_fusion == "mean":
+            grad = grad / num_heads
+        for h in range(num_heads):
+            p = _head_probs(q, k, scale, attn_mask, ctx.is_causal, h)
+            grad_p = grad if head_fusion in ("mean", "sum") else torch.where(index == h, grad, grad.new_zeros(()))
+            # softmax backward: dS = P (dP - rowsum(P dP)), taken as P ((dP - c) - rowsum(P (dP - c))) with c = dP at
+            # the row's arg-max (sum P = 1): where a row is near one-hot, rowsum(P dP) rounds to dP there and the
+            # textbook form keeps nothing of dS (zslfast.ops.attribute_attention's docstring, "saturation").
+            # S = (q_h * scale) k_h^T
+            grad_p = grad_p - grad_p.gather(-1, p.argmax(dim=-1, keepdim=True))
+            grad_s = p * (grad_p - (grad_p * p).sum(dim=-1, keepdim=True))
+            del p, grad_p
+            if need_q:
+                grad_q[:, h] = (grad_s @ k[:, h]) * scale
+            if need_k:
+                grad_k[:, h] = grad_s.transpose(-2, -1) @ (q[:, h] * scale)
+            if need_mask:
+                g = grad_s if mask4.shape[0] != 1 else grad_s.sum(dim=0, keepdim=True)
+                grad_mask4[:, h if mask4.shape[1] != 1 else 0] += g
+        if need_mask:
+            grad_mask = grad_mask4.reshape(attn_mask.shape)
+        return grad_q, grad_k, None, grad_mask, None, None
+
+
+def fused_head_attention(q, k, scale, head_fusion, attn_mask=None, is_causal=False):
+    """fuse_h softmax(q_h k_h^T * scale + mask_h): q, k (B, H, N, d) -> (B, N, N), one head's map alive at a time.
+
+    Equals ``reference.fuse_heads(softmax((q * scale) @ k^T + mask), head_fusion)`` without forming (B, H, N, N).
+    """
+    return _FusedHeadAttention.apply(q, k, float(scale), attn_mask, bool(is_causal), head_fusion)
 
 
 def _make_forward(attn: nn.Module, original: Callable, layer: int, on_layer: Callable[[int, torch.Tensor], None],

@@ -3,7 +3,9 @@
 An :class:`OpSpec` names, for one registered op ``zslfast::<name>``:
 
     schema          its arguments and results; the last argument is always ``str backend``
-    kernels         backend -> the kernel that runs it, called with the schema's arguments minus ``backend``
+    kernels         backend -> the kernel that runs it, called with the schema's arguments minus ``backend``, in
+                    the schema's order, each string option (an argument named in zslfast._enums.ENUMS) as its int
+                    id: ``define`` converts them, so a kernel takes the op's own contract and needs no adapter
                     ("cpu" and "cuda" name the compiled kernels of zslfast._C, "triton" those of zslfast/triton/)
     composite       instead of kernels: one implementation in PyTorch ops that serves every device and backend
                     (registered as CompositeExplicitAutograd; its schema has no ``backend`` argument)
@@ -21,19 +23,20 @@ Dispatch happens in two places, both here: :meth:`OpSpec.resolve` picks the back
 caller's choice, ``ZSLFAST_BACKEND``, then by device), and the op's CPU/CUDA implementation, registered by
 ``define``, hands the call to ``kernels[backend]``. No op module holds a backend switch of its own.
 
-The enums of the Python API are strings; zslfast._enums maps them to the ints the compiled and Triton kernels take.
+The options of the Python API are strings; zslfast._enums maps them to the ints the compiled and Triton kernels
+take, and ``define`` converts them on the way to ``kernels[backend]``, the one place that does.
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
 from .. import _backend
-from .._enums import ENUMS, choices, enum_id  # noqa: F401  (the ops' option ids)
+from .._enums import ENUMS, enum_id
 
 # The compiled extension (csrc/ops.cpp) owns TORCH_LIBRARY(zslfast) with the raw kernels (``_<name>_fwd`` ...);
 # the public ops with their autograd and fake kernels are defined here, in a fragment of the same namespace.
@@ -48,6 +51,7 @@ def triton_kernel(module: str, function: str) -> Callable:
         return getattr(importlib.import_module(f"zslfast.triton.{module}"), function)(*args)
 
     kernel.__name__ = f"triton_{module}_{function}"
+    kernel.target = (f"zslfast.triton.{module}", function)
     return kernel
 
 
@@ -106,13 +110,28 @@ class OpSpec:
         return self.op(*args, backend)
 
 
+def enum_arguments(schema) -> tuple:
+    """(position, option name) of each string option of a torch schema: the arguments named in ENUMS, whose values
+    the kernels take as ids."""
+    options = []
+    for position, argument in enumerate(schema.arguments):
+        if argument.name in ENUMS:
+            if str(argument.type) not in ("str", "Optional[str]"):
+                raise TypeError(f"{schema.name}: option {argument.name} must be a str, got {argument.type}")
+            options.append((position, argument.name))
+    return tuple(options)
+
+
 def define(spec: OpSpec) -> OpSpec:
     """Register ``spec`` with torch.library: schema, CPU and CUDA implementations (by backend), fake kernel,
     autograd and autocast."""
     LIB.define(spec.name + spec.schema)
+    options = enum_arguments(spec.op._schema)
 
     def implementation(*args):
         *inputs, backend = args
+        for position, name in options:
+            inputs[position] = enum_id(name, inputs[position])
         return spec.kernels[backend](*inputs)
 
     implementation.__name__ = f"{spec.name}_by_backend"
@@ -152,20 +171,3 @@ def _register_autocast(spec: OpSpec) -> None:
                 return op(*cast)
 
         LIB.impl(spec.name, kernel, key.name)
-
-
-def check_module_backend(owner: str, backend: Optional[str], specs: Sequence[OpSpec]) -> Optional[str]:
-    """A module's ``backend`` setting: None, "reference", or a kernel backend every op the module runs has.
-
-    Checked when it is set, so ``MemoryBank(backend="triton")`` fails at once (the bank update has no Triton
-    kernel) rather than at its first update."""
-    _backend.check_backend(owner, backend)
-    if backend is None:
-        return None
-    lacking = [spec.name for spec in specs if backend not in spec.backends]
-    if lacking:
-        raise _backend.BackendUnavailableError(
-            f"{owner}: backend {backend!r} has no kernel for {', '.join(lacking)}; "
-            f"choose one of {tuple(b for b in _backend.BACKENDS if all(b in s.backends for s in specs))} or None"
-        )
-    return backend

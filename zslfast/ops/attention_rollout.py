@@ -58,37 +58,15 @@ import torch
 
 from .. import reference
 from ..reference import discard_lowest
-from ..validation import accumulator_dtype, check_flag, check_option, check_start_layer, promote, shape_str
-from ._spec import OpSpec, choices, define, enum_id, triton_kernel
+from ..validation import accumulator_dtype, check_flag, check_rollout_options, check_start_layer, promote, shape_str
+from ._spec import OpSpec, compiled_kernel, define, triton_kernel
 
 OP = "attention_rollout"
-MODES = choices("mode")
-FUSIONS = choices("head_fusion")
-NORMALIZES = choices("normalize")
-
-
-def check_rollout_options(fn: str, mode, head_fusion, discard_ratio, normalize) -> float:
-    """The options every rollout entry point shares (the op, zslfast.nn's module and ViT rollout) -> discard_ratio."""
-    check_option(fn, "mode", mode, MODES)
-    check_option(fn, "head_fusion", head_fusion, FUSIONS)
-    check_option(fn, "normalize", normalize, NORMALIZES)
-    if mode == "residual" and normalize != "row":
-        # residual never divides by row sums, so "none" would be a silent no-op: refused rather than ignored
-        raise ValueError(
-            f"{fn}: normalize applies to mode 'abnar' only (mode 'residual' never normalises); leave it 'row', "
-            f"got normalize={normalize!r}"
-        )
-    if isinstance(discard_ratio, bool) or not isinstance(discard_ratio, (int, float)):
-        raise TypeError(f"{fn}: discard_ratio must be a Python number, got {type(discard_ratio).__name__}")
-    # comparisons only (no math.isfinite): torch.compile traces a Python float as a SymFloat; NaN fails both
-    if not 0.0 <= discard_ratio < 1.0:
-        raise ValueError(f"{fn}: discard_ratio must be a finite number in [0, 1), got {discard_ratio!r}")
-    return float(discard_ratio)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Head fusion and the fold: the one implementation, used by the op's backward and full-matrix path and by
-# zslfast.nn.rollout's rollout of a running ViT.
+# zslfast.nn.rollout's rollout of a running ViT (which fuses the heads of each block as it runs).
 
 
 def fuse_heads(a: torch.Tensor, head_fusion: str):
@@ -155,107 +133,6 @@ class RolloutFold:
         return self.state
 
 
-def _head_probs(q: torch.Tensor, k: torch.Tensor, scale: float, attn_mask, is_causal: bool, h: int) -> torch.Tensor:
-    """softmax((q_h * scale) k_h^T + mask_h) for one head: (B, N, N). Mirrors timm's non-fused Attention path."""
-    scores = (q[:, h] * scale) @ k[:, h].transpose(-2, -1)
-    n = scores.shape[-1]
-    if is_causal:  # timm: is_causal takes precedence over attn_mask
-        upper = torch.ones(n, n, dtype=torch.bool, device=scores.device).triu_(1)
-        scores = scores.masked_fill(upper, float("-inf"))
-    elif attn_mask is not None:
-        m = attn_mask
-        while m.dim() < 4:  # an SDPA-style mask, broadcastable to (B, H, N, N): head h's slice (B|1, N, N)
-            m = m.unsqueeze(0)
-        m = m[:, h if m.shape[1] != 1 else 0]
-        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m
-    return scores.softmax(dim=-1)
-
-
-class _FusedHeadAttention(torch.autograd.Function):
-    """(q, k) (B, H, N, d) -> fuse_h softmax((q_h * scale) k_h^T + mask_h) (B, N, N), one head's map at a time.
-
-    Saves q, k (and the (B, N, N) winning-head index for max/min); the backward recomputes one head at a time.
-    Max/min route the gradient to the first head attaining the extremum, as torch.max/min(dim) do: a NaN counts as
-    the extremum (the first NaN head is selected, its value NaN).
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, scale, attn_mask, is_causal, head_fusion):
-        num_heads = q.shape[1]
-        fused = None
-        index = None
-        for h in range(num_heads):
-            p = _head_probs(q, k, scale, attn_mask, is_causal, h)
-            if fused is None:
-                fused = p
-                if head_fusion in ("max", "min"):
-                    index_dtype = torch.uint8 if num_heads <= 256 else torch.int32
-                    index = torch.zeros(p.shape, dtype=index_dtype, device=p.device)
-            elif head_fusion in ("mean", "sum"):
-                fused += p
-            else:  # strict comparison: the first head attaining the extremum wins; the first NaN beats any number
-                better = p > fused if head_fusion == "max" else p < fused
-                better |= p.isnan() & ~fused.isnan()  # torch.max/min(dim)'s value and index for a NaN
-                fused = torch.where(better, p, fused)
-                index.masked_fill_(better, h)
-            del p
-        if head_fusion == "mean":
-            fused /= num_heads
-        mask_tensor = attn_mask if isinstance(attn_mask, torch.Tensor) else None
-        ctx.save_for_backward(q, k, mask_tensor, index)
-        ctx.scale = scale
-        ctx.is_causal = is_causal
-        ctx.head_fusion = head_fusion
-        return fused
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        q, k, attn_mask, index = ctx.saved_tensors
-        head_fusion, scale = ctx.head_fusion, ctx.scale
-        num_heads = q.shape[1]
-        need_q, need_k, need_mask = (ctx.needs_input_grad[i] for i in (0, 1, 3))
-        grad_q = torch.zeros_like(q) if need_q else None
-        grad_k = torch.zeros_like(k) if need_k else None
-        grad_mask = None
-        if need_mask:
-            mask4 = attn_mask
-            while mask4.dim() < 4:
-                mask4 = mask4.unsqueeze(0)
-            grad_mask4 = torch.zeros(mask4.shape, dtype=grad.dtype, device=grad.device)
-        grad = grad.to(q.dtype)
-        if head_fusion == "mean":
-            grad = grad / num_heads
-        for h in range(num_heads):
-            p = _head_probs(q, k, scale, attn_mask, ctx.is_causal, h)
-            grad_p = grad if head_fusion in ("mean", "sum") else torch.where(index == h, grad, grad.new_zeros(()))
-            # softmax backward: dS = P (dP - rowsum(P dP)), taken as P ((dP - c) - rowsum(P (dP - c))) with c = dP at
-            # the row's arg-max (sum P = 1): where a row is near one-hot, rowsum(P dP) rounds to dP there and the
-            # textbook form keeps nothing of dS (zslfast.ops.attribute_attention's docstring, "saturation").
-            # S = (q_h * scale) k_h^T
-            grad_p = grad_p - grad_p.gather(-1, p.argmax(dim=-1, keepdim=True))
-            grad_s = p * (grad_p - (grad_p * p).sum(dim=-1, keepdim=True))
-            del p, grad_p
-            if need_q:
-                grad_q[:, h] = (grad_s @ k[:, h]) * scale
-            if need_k:
-                grad_k[:, h] = grad_s.transpose(-2, -1) @ (q[:, h] * scale)
-            if need_mask:
-                g = grad_s if mask4.shape[0] != 1 else grad_s.sum(dim=0, keepdim=True)
-                grad_mask4[:, h if mask4.shape[1] != 1 else 0] += g
-        if need_mask:
-            grad_mask = grad_mask4.reshape(attn_mask.shape)
-        return grad_q, grad_k, None, grad_mask, None, None
-
-
-def fused_head_attention(q, k, scale, head_fusion, attn_mask=None, is_causal=False):
-    """fuse_h softmax(q_h k_h^T * scale + mask_h): q, k (B, H, N, d) -> (B, N, N), one head's map alive at a time.
-
-    Equals ``reference.fuse_heads(softmax((q * scale) @ k^T + mask), head_fusion)`` without forming (B, H, N, N).
-    """
-    return _FusedHeadAttention.apply(q, k, float(scale), attn_mask, bool(is_causal), head_fusion)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The registered op: the CLS row as a vector chain.
 
@@ -268,19 +145,6 @@ def _forward_fake(attns, mode, head_fusion, normalize, backend):
 
 def _reference(attns, mode, head_fusion, normalize):
     return reference.attention_rollout(attns, mode, head_fusion, 0, True, 0.0, normalize), None
-
-
-def _cpp_forward(attns, mode, head_fusion, normalize):
-    return torch.ops.zslfast._attention_rollout_cls_fwd(
-        attns, enum_id("mode", mode), enum_id("head_fusion", head_fusion), enum_id("normalize", normalize)
-    )
-
-
-_TRITON_FORWARD = triton_kernel("attention_rollout", "forward")
-
-
-def _triton_forward(attns, mode, head_fusion, normalize):
-    return _TRITON_FORWARD(list(attns), mode, enum_id("head_fusion", head_fusion), enum_id("normalize", normalize))
 
 
 def _setup_context(ctx, inputs, output):
@@ -321,7 +185,10 @@ def _backward(ctx, grad_out, _grad_states):
 SPEC = define(OpSpec(
     name="attention_rollout_cls",
     schema="(Tensor[] attns, str mode, str head_fusion, str normalize, str backend) -> (Tensor, Tensor)",
-    kernels={"cpu": _cpp_forward, "triton": _triton_forward},  # GPU: Triton (no CUDA C++ kernel)
+    kernels={  # GPU: Triton (no CUDA C++ kernel)
+        "cpu": compiled_kernel("_attention_rollout_cls_fwd"),
+        "triton": triton_kernel("attention_rollout", "forward"),
+    },
     reference=_reference,
     gpu_preference=("triton",),
     fake=_forward_fake,

@@ -21,7 +21,7 @@ Backward, g = dL/dout, iE = 1 / max(|E|, eps), iR = 1 / max(|ref|, eps), cos = o
                   delta[b, i] = sum_r P (dP - c)  (= Delta - c, as sum_r P = 1; why: "saturation" below)
     dq = scale dS k (summed over b for a shared q (K, D)), dk = scale dS^T q, dv = P^T dE
 
-Options (issue 17: the variants of MSDN, SAGE, PSVMA and GEM-ZSL, one call each), T = q k^T:
+Options (the variants of MSDN, SAGE, PSVMA and GEM-ZSL, one call each), T = q k^T:
     logit_activation  None: S = scale T;  "relu": S = scale relu(T) (PSVMA's AnyAttention: before the scale)
     softmax_over      "keys": P above.  "queries": for each kept r, P[b, :, r] = softmax over the K queries of
                       S[b, :, r] (MSDN V2A, SAGE SVA), 0 on a masked r; its lse is then per token: lse[b, r] =
@@ -39,7 +39,7 @@ Options (issue 17: the variants of MSDN, SAGE, PSVMA and GEM-ZSL, one call each)
                       dT = scale dS [not T <= 0 for "relu"] (torch's relu backward: a NaN T passes dS)
                       dq = dT k, dk = dT^T q, dv = P^T dE
 
-Numerics every backend keeps (issue 16; tests/test_attribute_attention.py):
+Numerics every backend keeps (tests/test_attribute_attention.py):
     masks       masked tokens are selected away (torch.where / tl.where / masked loads), never weighted by 0: a NaN
                 or inf in masked k or v reaches no output and no gradient, their dk, dv are exactly 0, and a fully
                 masked row keeps E = 0, score 0, and passes nothing to q, k, v even from a NaN or inf gradient
@@ -68,7 +68,7 @@ Without a backward to come (no input requires grad, or grad mode off), E is not 
               softmax and the cosine/dot epilogue and their gradients fused in row loops
     "triton"  Triton forward and backward (zslfast/triton/attribute_attention.py); CUDA tensors, or CPU tensors
               under TRITON_INTERPRET=1. CUDA tensors always use Triton: there is no CUDA C++ kernel for this op
-              (the issue asks for one only if it beats Triton, and no GPU was at hand to measure that).
+              (one would earn its upkeep only by beating Triton on a GPU, which has not been measured).
 Sums over b (shared q, shared ref) run in a fixed order, without atomics: deterministic.
 """
 
@@ -82,7 +82,8 @@ from .. import reference
 from ..validation import (
     accumulator_dtype, check_flag, check_option, check_positive, check_same_device, check_tensor, promote, shape_str,
 )
-from ._spec import OpSpec, choices, define, enum_id, triton_kernel
+from .._enums import choices
+from ._spec import OpSpec, compiled_kernel, define, triton_kernel
 
 OP = "attribute_attention"
 EPS = 1e-8  # F.cosine_similarity's eps in the papers' code
@@ -131,56 +132,16 @@ def _reference(q, k, v, ref, mask, scale, score, eps, return_attention, save_e, 
     return out, None, None, attn, best, None
 
 
-def _options(score, softmax_over, logit_activation, return_max):
-    """The kernels' ints (ENUMS) for the string options."""
-    return (
-        enum_id("score", score), enum_id("softmax_over", softmax_over),
-        enum_id("logit_activation", logit_activation), enum_id("return_max", return_max),
-    )
-
-
-# The C++ kernels take the options as their int ids (ENUMS), after the arguments they had before the options came.
-def _cpp_forward(q, k, v, ref, mask, scale, score, eps, return_attention, save_e, *options):
-    score, *modes = _options(score, *options)
-    return torch.ops.zslfast._attribute_attention_fwd(
-        q, k, v, ref, mask, scale, score, return_attention, save_e, eps, *modes
-    )
-
-
-def _cpp_backward(grad, grad_attn, grad_max, q, k, v, ref, mask, e, lse, best, best_index, scale, score, eps,
-                  output_mask, *options):
-    score, *modes = _options(score, *options)
-    return torch.ops.zslfast._attribute_attention_bwd(
-        grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score, output_mask, eps, *modes, grad_max, best,
-        best_index,
-    )
-
-
-_TRITON_FORWARD = triton_kernel("attribute_attention", "forward")
-_TRITON_BACKWARD = triton_kernel("attribute_attention", "backward")
-
-
-def _triton_forward(q, k, v, ref, mask, scale, score, eps, return_attention, save_e, *options):
-    score, *modes = _options(score, *options)
-    return _TRITON_FORWARD(q, k, v, ref, mask, scale, score, return_attention, save_e, eps, *modes)
-
-
-def _triton_backward(grad, grad_attn, grad_max, q, k, v, ref, mask, e, lse, best, best_index, scale, score, eps,
-                     output_mask, *options):
-    score, *modes = _options(score, *options)
-    return _TRITON_BACKWARD(
-        grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score, output_mask, eps, *modes, grad_max, best,
-        best_index,
-    )
-
-
 BACKWARD = define(OpSpec(
     name="attribute_attention_backward",
     schema="(Tensor grad, Tensor? grad_attn, Tensor? grad_max, Tensor q, Tensor k, Tensor v, Tensor? ref,"
     " Tensor? mask, Tensor e, Tensor lse, Tensor best, Tensor best_index, float scale, str? score, float eps,"
     " bool[4] output_mask, str softmax_over, str? logit_activation, str? return_max, str backend)"
     " -> (Tensor, Tensor, Tensor, Tensor)",
-    kernels={"cpu": _cpp_backward, "triton": _triton_backward},
+    kernels={
+        "cpu": compiled_kernel("_attribute_attention_bwd"),
+        "triton": triton_kernel("attribute_attention", "backward"),
+    },
     fake=_backward_fake,
     autocast=None,
 ))
@@ -223,7 +184,10 @@ SPEC = define(OpSpec(
     schema="(Tensor q, Tensor k, Tensor v, Tensor? ref, Tensor? mask, float scale, str? score, float eps,"
     " bool return_attention, bool save_e, str softmax_over, str? logit_activation, str? return_max, str backend)"
     " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-    kernels={"cpu": _cpp_forward, "triton": _triton_forward},
+    kernels={
+        "cpu": compiled_kernel("_attribute_attention_fwd"),
+        "triton": triton_kernel("attribute_attention", "forward"),
+    },
     reference=_reference,
     gpu_preference=("triton",),
     fake=_forward_fake,

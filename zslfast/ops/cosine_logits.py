@@ -29,7 +29,7 @@ inverse norms ix (N,) and ip (C,) (float, double for double inputs), and, for th
               (zslfast/triton/cosine_logits.py); reads out instead of repeating the forward's D loop
 The default GPU backend is Triton, except in fp64, where tl.dot cannot run and cuBLAS's DGEMM wins. sum(g * cos)
 is never taken as sum(g * out) / scale, so scale == 0 works (grad_x = grad_p = 0, grad_scale = sum(g * cos)).
-|x| and |p| never overflow (issue 16): where a sum of squares is inf (|v| beyond ~1.8e19 in float32, where
+|x| and |p| never overflow: where a sum of squares is inf (|v| beyond ~1.8e19 in float32, where
 F.normalize returns 0) every backend takes the norm again as m * |v / m|, m = max |v_d| (reference.vector_norm,
 csrc/inv_norm.h, zslfast/triton/_common.py), and the backwards never form ix^2 (0 for |x| ~ 1e30) or ix * ip. The
 CPU backend's results do not depend on the thread count (its GEMMs run in fixed single-threaded blocks).
@@ -42,10 +42,11 @@ from typing import Optional, Union
 import torch
 
 from .. import reference
+from .._enums import choices
 from ..validation import (
     accumulator_dtype, check_option, check_positive, check_same_device, check_scale, check_tensor, promote, shape_str,
 )
-from ._spec import OpSpec, choices, define, enum_id, triton_kernel
+from ._spec import OpSpec, compiled_kernel, define, triton_kernel
 
 OP = "cosine_logits"
 EPS = 1e-8  # F.normalize's eps in the papers' code
@@ -71,22 +72,15 @@ def _reference(x, protos, scale, eps, eps_mode):
     return reference.cosine_logits(x, protos, scale, eps, eps_mode), None, None
 
 
-def _cpp_forward(x, protos, scale, eps, eps_mode):
-    return torch.ops.zslfast._cosine_logits_fwd(x, protos, scale, eps, enum_id("eps_mode", eps_mode))
-
-
-def _cpp_backward(grad, x, protos, out, x_inv_norm, p_inv_norm, scale, eps, eps_mode, output_mask):
-    # The C++ backward reduces <x, G> over all of D itself; it never reads out.
-    return torch.ops.zslfast._cosine_logits_bwd(
-        grad, x, protos, x_inv_norm, p_inv_norm, scale, eps, enum_id("eps_mode", eps_mode), output_mask
-    )
-
-
 BACKWARD = define(OpSpec(
     name="cosine_logits_backward",
     schema="(Tensor grad, Tensor x, Tensor protos, Tensor? out, Tensor x_inv_norm, Tensor p_inv_norm, Tensor scale,"
     " float eps, str eps_mode, bool[3] output_mask, str backend) -> (Tensor, Tensor, Tensor)",
-    kernels={"cpu": _cpp_backward, "cuda": _cpp_backward, "triton": triton_kernel("cosine_logits", "backward")},
+    kernels={
+        "cpu": compiled_kernel("_cosine_logits_bwd"),
+        "cuda": compiled_kernel("_cosine_logits_bwd"),
+        "triton": triton_kernel("cosine_logits", "backward"),
+    },
     fake=_backward_fake,
     autocast=None,
 ))
@@ -123,8 +117,8 @@ SPEC = define(OpSpec(
     name=OP,
     schema="(Tensor x, Tensor protos, Tensor scale, float eps, str eps_mode, str backend) -> (Tensor, Tensor, Tensor)",
     kernels={
-        "cpu": _cpp_forward,
-        "cuda": _cpp_forward,
+        "cpu": compiled_kernel("_cosine_logits_fwd"),
+        "cuda": compiled_kernel("_cosine_logits_fwd"),
         "triton": triton_kernel("cosine_logits", "forward"),
     },
     reference=_reference,

@@ -45,8 +45,9 @@ from typing import Optional
 import torch
 
 from .. import reference
+from .._enums import choices
 from ..validation import check_labels, check_number, check_option, check_same_device, check_tensor, promote, shape_str
-from ._spec import OpSpec, choices, compiled_kernel, define, enum_id, triton_kernel
+from ._spec import OpSpec, compiled_kernel, define, triton_kernel
 
 OP_UPDATE = "memory_bank_update"
 OP_KL = "memory_bank_kl"
@@ -57,11 +58,6 @@ def _update_reference(features, confidences, counts, next_slot, stale, z, y, con
     stale.fill_(True)
 
 
-def _cpp_update(features, confidences, counts, next_slot, stale, z, y, conf, threshold, policy):
-    state = (features, confidences, counts, next_slot, stale)
-    torch.ops.zslfast._memory_bank_update(*state, z, y, conf, threshold, enum_id("policy", policy))
-
-
 def _update_fake(features, confidences, counts, next_slot, stale, z, y, conf, threshold, policy, backend):
     return None
 
@@ -70,7 +66,7 @@ UPDATE = define(OpSpec(
     name=OP_UPDATE,
     schema="(Tensor(a!) features, Tensor(b!) confidences, Tensor(c!) counts, Tensor(d!) next_slot,"
     " Tensor(e!) stale, Tensor z, Tensor y, Tensor conf, float threshold, str policy, str backend) -> ()",
-    kernels={"cpu": _cpp_update, "cuda": _cpp_update},  # no Triton kernel
+    kernels={"cpu": compiled_kernel("_memory_bank_update"), "cuda": compiled_kernel("_memory_bank_update")},
     reference=_update_reference,
     gpu_preference=("cuda",),
     fake=_update_fake,
@@ -107,18 +103,6 @@ def _kl_reference(z, protos, labels, active, output_mask):
     return reference.memory_bank_kl(z, protos, labels, active), None
 
 
-# The kernels take "also return d loss / dz" as one flag: output_mask[0] (z is the only differentiable input).
-def _cpp_kl(z, protos, labels, active, output_mask):
-    return torch.ops.zslfast._memory_bank_kl(z, protos, labels, active, output_mask[0])
-
-
-_TRITON_KL = triton_kernel("memory_bank", "kl_forward")
-
-
-def _triton_kl(z, protos, labels, active, output_mask):
-    return _TRITON_KL(z, protos, labels, active, output_mask[0])
-
-
 def _kl_setup_context(ctx, inputs, output):
     z, protos, labels, active, output_mask, backend = inputs
     _, grad_z = output
@@ -144,7 +128,8 @@ KL = define(OpSpec(
     name=OP_KL,
     schema="(Tensor z, Tensor protos, Tensor labels, Tensor active, bool[1] output_mask, str backend)"
     " -> (Tensor, Tensor)",
-    kernels={"cpu": _cpp_kl, "triton": _triton_kl},  # GPU: Triton (no CUDA C++ kernel)
+    # output_mask[0]: the kernels also return d loss / dz (z is the only differentiable input)
+    kernels={"cpu": compiled_kernel("_memory_bank_kl"), "triton": triton_kernel("memory_bank", "kl_forward")},
     reference=_kl_reference,
     gpu_preference=("triton",),
     fake=_kl_fake,

@@ -45,27 +45,13 @@ def _backward_fake(grad, e, s, w, output_mask, backend):
     return tuple(t.new_empty(t.shape if need else (0,)) for t, need in ((e, need_e), (s, need_s), (w, need_w)))
 
 
-def _requested(kernel):
-    """The kernels always form grad_e and grad_s (same pass as grad_w) and grad_w only on request: output_mask
-    selects what is returned (an unrequested gradient comes back empty, as for every op)."""
-
-    def backward(grad, e, s, w, output_mask):
-        grads = kernel(grad, e, s, w, output_mask[2])
-        return tuple(g if need else g.new_empty((0,)) for g, need in zip(grads, output_mask))
-
-    backward.__name__ = f"requested_{kernel.__name__}"
-    return backward
-
-
-_cpp_backward = _requested(compiled_kernel("_prototype_scores_bwd"))
-
 BACKWARD = define(OpSpec(
     name="prototype_scores_backward",
     schema="(Tensor grad, Tensor e, Tensor s, Tensor w, bool[3] output_mask, str backend) -> (Tensor, Tensor, Tensor)",
     kernels={
-        "cpu": _cpp_backward,
-        "cuda": _cpp_backward,
-        "triton": _requested(triton_kernel("prototype_scores", "backward")),
+        "cpu": compiled_kernel("_prototype_scores_bwd"),
+        "cuda": compiled_kernel("_prototype_scores_bwd"),
+        "triton": triton_kernel("prototype_scores", "backward"),
     },
     fake=_backward_fake,
     autocast=None,

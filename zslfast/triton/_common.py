@@ -12,7 +12,7 @@ it as the dtype of their accumulators, saved statistics and loaded-and-upcast op
 and lives in the helpers here: ``mm`` (tl.dot has no fp64) and ``inv_norm`` (whose fp32 branch asks for the
 round-to-nearest sqrt and division explicitly).
 
-Norms never overflow (issue 16): a sum of squares overflows fp32 for |v| beyond ~1.8e19. The kernels keep the plain
+Norms never overflow: a sum of squares overflows fp32 for |v| beyond ~1.8e19. The kernels keep the plain
 sum (the result wherever it is finite, bit for bit) and take the norm of the rows where it came out inf again, scaled
 (cosine_logits: a rescan by the row's max; attribute_attention: sums of 2^-80-scaled values kept alongside).
 """

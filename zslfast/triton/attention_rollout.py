@@ -6,7 +6,7 @@ The math: row 0 of a product of L per-layer matrices, walked as a vector, v_0 = 
     v_{t+1}[j] = sum_i v_t[i] M[i, j],   M = (F + I) / r  with r_i = 1 + sum_j F[i, j]   abnar: layers L-1 .. 0
                                          M = F + I        (normalize "none": r = 1)      abnar: layers L-1 .. 0
                                          M = F (first layer), I + F (the others)          residual: layers 0 .. L-1
-    F[i, j]    = fuse_h A[h, i, j]       mean | sum | max | min over the H heads (fusion id 0 | 1 | 2 | 3)
+    F[i, j]    = fuse_h A[h, i, j]       mean | sum | max | min over the H heads (FUSION: zslfast._enums.HeadFusion)
 
 One launch per layer step, grid (B, S): the program (b, s) walks its own chunk of the rows i of instance b's map
 in blocks of BLOCK_I rows (S fixed chunks of whole row blocks, enough for the grid to fill the GPU at small B),
@@ -23,7 +23,7 @@ chunk order by torch (deterministic, no atomics) into v_{t+1}.
 discard_ratio (zslfast.attention_rollout) never reaches this kernel: the op hands it maps already fused and
 discarded in PyTorch, as one head (H = 1) with fusion sum.
 
-NaN (issue 16): max/min fusion propagates a NaN head (propagate_nan=ALL, as torch.max/amax), and a NaN reaches
+NaN: max/min fusion propagates a NaN head (propagate_nan=ALL, as torch.max/amax), and a NaN reaches
 exactly the outputs the reference's full products reach: every row is read past the first step, zero weight or not
 (0 * NaN is NaN there too); the first step reads row 0 alone (the reference's selection of row 0). As the C++ kernel.
 
@@ -37,8 +37,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .._enums import HeadFusion, Mode, Normalize
 from ._common import H200_SMS, accumulator_dtype, split, tl_accumulator_dtype
 from ._launch import Launch, run
+
+# The head fusions' ids (FUSION), as the kernel compares them at compile time.
+FUSION_MEAN: tl.constexpr = tl.constexpr(int(HeadFusion.MEAN))
+FUSION_MAX: tl.constexpr = tl.constexpr(int(HeadFusion.MAX))
+FUSION_MIN: tl.constexpr = tl.constexpr(int(HeadFusion.MIN))
 
 # Rows per block x padded columns, at 4 warps: 164-168 registers and no spill on triton 3.6-3.9 (sm_80/sm_90, every
 # dtype; the audit). 8 warps or 2048-element tiles spilled 8-16 B on one or another of those versions.
@@ -71,13 +77,13 @@ def _rollout_step_kernel(
         fused = tl.load(tile, mask=mask, other=0.0).to(ACC_DTYPE)
         for h in range(1, H):
             x = tl.load(tile + h * stride_ah, mask=mask, other=0.0).to(ACC_DTYPE)
-            if FUSION == 2:  # a NaN head wins, as in torch.max (the default maximum drops NaN)
+            if FUSION == FUSION_MAX:  # a NaN head wins, as in torch.max (the default maximum drops NaN)
                 fused = tl.maximum(fused, x, propagate_nan=tl.PropagateNan.ALL)
-            elif FUSION == 3:
+            elif FUSION == FUSION_MIN:
                 fused = tl.minimum(fused, x, propagate_nan=tl.PropagateNan.ALL)
             else:
                 fused += x
-        if FUSION == 0:
+        if FUSION == FUSION_MEAN:
             fused = fused / H
         fused = tl.where(mask, fused, 0.0)
         if IDENTITY:  # F + I in the tile itself: one product and one column sum (NORMALIZE implies IDENTITY)
@@ -89,13 +95,14 @@ def _rollout_step_kernel(
     tl.store(partial_ptr + (chunk * B + b) * N + cols, acc, mask=mask_j)
 
 
-def plan_forward(attns, mode: str, fusion: int, normalize: int):
+def plan_forward(attns, mode: int, head_fusion: int, normalize: int):
     """The vectors (L, B, N) and the result (B, N), in the accumulator dtype, and the steps that fill them: row t is
     the vector entering step t (layers last to first for abnar, first to last for residual), row 0 = e_0.
 
-    fusion is the head fusion's id: its position in zslfast.ops.attention_rollout.FUSIONS (mean, sum, max, min);
-    normalize the id of ENUMS["normalize"] (0 row, 1 none), which only abnar reads.
+    mode, head_fusion and normalize are the options' ids (zslfast._enums: Mode, HeadFusion, Normalize); only abnar
+    reads normalize.
     """
+    abnar = mode == Mode.ABNAR
     L = len(attns)
     B, H, N, _ = attns[0].shape
     acc_dtype = accumulator_dtype(attns[0].dtype)
@@ -107,24 +114,24 @@ def plan_forward(attns, mode: str, fusion: int, normalize: int):
     # two programs per SM: each instance's rows are cut into chunks of whole row blocks to reach them
     chunks, rows_per_chunk = split(N, B, 2 * H200_SMS, granule=block_i)
     partial = torch.empty((chunks, B, N), dtype=acc_dtype, device=device)
-    order = range(L - 1, -1, -1) if mode == "abnar" else range(L)
+    order = range(L - 1, -1, -1) if abnar else range(L)
     steps = [lambda: vectors[0, :, 0].fill_(1)]
     for t, l in enumerate(order):
         a = attns[l]
         steps.append(Launch(
             _rollout_step_kernel, (B, chunks),
             (a, vectors[t], partial, B, H, N, rows_per_chunk, *a.stride()),
-            dict(FUSION=fusion, NORMALIZE=mode == "abnar" and normalize == 0, IDENTITY=mode == "abnar" or l > 0, FIRST=t == 0,
-                 ACC_DTYPE=tl_accumulator_dtype(acc_dtype), BLOCK_I=block_i, BLOCK_N=block_n),
+            dict(FUSION=int(head_fusion), NORMALIZE=abnar and normalize == Normalize.ROW, IDENTITY=abnar or l > 0,
+                 FIRST=t == 0, ACC_DTYPE=tl_accumulator_dtype(acc_dtype), BLOCK_I=block_i, BLOCK_N=block_n),
             flops=B * N * N * (H + 2), label=f"layer {l}",
         ))
         steps.append(lambda t=t: torch.sum(partial, 0, out=vectors[t + 1] if t + 1 < L else result))
     return vectors, result, steps
 
 
-def forward(attns, mode: str, fusion: int, normalize: int):
+def forward(attns, mode: int, head_fusion: int, normalize: int):
     """out (B, N) in the maps' dtype and states (L, B, N) in the accumulator dtype, states[l] the vector entering
     layer l's step."""
-    vectors, result, steps = plan_forward(attns, mode, fusion, normalize)
+    vectors, result, steps = plan_forward(attns, mode, head_fusion, normalize)
     run(steps)
-    return result.to(attns[0].dtype), vectors.flip(0) if mode == "abnar" else vectors
+    return result.to(attns[0].dtype), vectors.flip(0) if mode == Mode.ABNAR else vectors

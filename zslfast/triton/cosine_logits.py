@@ -6,7 +6,7 @@
     forward   one kernel, grid (N / BLOCK_N, C / BLOCK_C): the D loop accumulates x @ protos.T with tl.dot and, from
               the same loaded tiles, the squared norms of the block's x rows and protos rows; the epilogue applies
               ix = 1 / max(|x|, eps), ip = 1 / max(|p|, eps) and scale. A sum of squares overflows fp32 for
-              |v| beyond ~1.8e19 (issue 16): a program that finds one inf among its sums reads those rows again
+              |v| beyond ~1.8e19: a program that finds one inf among its sums reads those rows again
               (max |v_d| first, then sum (v / max)^2), a rare branch that leaves every other result bit-identical. Every program computes the norms of its
               rows; those with pid_c == 0 store ix, those with pid_n == 0 store ip, so none waits on another.
     backward  grad_x, grid (N / BLOCK_N, D / BLOCK_D), loop over class blocks:
@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreted
+from .._enums import EpsMode
 from ._common import accumulator_dtype, block_size, dot_precision, inv_clamped, inv_norm, mm, sqrt_acc, tl_accumulator_dtype
-from ..ops._spec import enum_id
 from ._launch import Launch, run
 
 
@@ -69,7 +69,7 @@ def _normalised_grad(G, rows, inverse_norm, r, scale, EPS: tl.constexpr, ADD_EPS
                      ACC_DTYPE: tl.constexpr):
     """The gradient of the rows of one side: scale * i * G - [|row| > eps] * (row * i) * (i * r), i = the rows'
     inverse norms, G the other side's normalised rows weighted by g, r = sum g * out per row (grad_x; grad_protos
-    alike). i^2 is never formed: it underflows to 0 for |row| ~ 1e30 (issue 16), where row * i and i * r do not.
+    alike). i^2 is never formed: it underflows to 0 for |row| ~ 1e30, where row * i and i * r do not.
     ADD_EPS: (row * i) * (r / |row|), |row| read off i as i / (1 - eps * i) (csrc/inv_norm.h projection_coeff: no
     norm is saved beside i); a zero row, where 1 - eps * i rounds to ~0, gets 0, its limit."""
     if ADD_EPS:
@@ -145,7 +145,7 @@ def _forward_kernel(
         x_sq += tl.sum(xf * xf, axis=1)
         p_sq += tl.sum(pf * pf, axis=1)
         acc += mm(x, tl.trans(p), ACC_DTYPE, DOT_PRECISION)
-    # ix = 1 / max(|x|, eps) as inv_norm(x_sq) would give it, without overflow (issue 16)
+    # ix = 1 / max(|x|, eps) as inv_norm(x_sq) would give it, without overflow
     ix = _inv_by_mode(_row_norms(x_sq, x_rows, mask_n, stride_xd, D, ACC_DTYPE, BLOCK_N, BLOCK_D), EPS, ADD_EPS,
                       ACC_DTYPE)
     ip = _inv_by_mode(_row_norms(p_sq, p_rows, mask_c, stride_pd, D, ACC_DTYPE, BLOCK_C, BLOCK_D), EPS, ADD_EPS,
@@ -268,7 +268,7 @@ def _blocks(x: torch.Tensor, N: int, C: int, D: int, backward: bool = False):
 NUM_WARPS = 8
 
 
-def plan_forward(x: torch.Tensor, protos: torch.Tensor, scale: torch.Tensor, eps: float, eps_mode: str = "clamp"):
+def plan_forward(x: torch.Tensor, protos: torch.Tensor, scale: torch.Tensor, eps: float, eps_mode: int):
     """(out, x_inv_norm, p_inv_norm) and the launch that fills them."""
     N, D = x.shape
     C = protos.shape[0]
@@ -281,14 +281,14 @@ def plan_forward(x: torch.Tensor, protos: torch.Tensor, scale: torch.Tensor, eps
         _forward_kernel, (triton.cdiv(N, block_n), triton.cdiv(C, block_c)),
         (x, protos, scale.to(acc_dtype), out, x_inv_norm, p_inv_norm, N, C, D,
          *x.stride(), *protos.stride(), *out.stride()),
-        dict(EPS=eps, ADD_EPS=enum_id("eps_mode", eps_mode) == 1, ACC_DTYPE=tl_accumulator_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
-             BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d),
+        dict(EPS=eps, ADD_EPS=eps_mode == EpsMode.ADD, ACC_DTYPE=tl_accumulator_dtype(x.dtype),
+             DOT_PRECISION=dot_precision(x.dtype), BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d),
         num_warps=NUM_WARPS, flops=2 * N * C * D,
     )
     return (out, x_inv_norm, p_inv_norm), [launch]
 
 
-def forward(x: torch.Tensor, protos: torch.Tensor, scale: torch.Tensor, eps: float, eps_mode: str = "clamp"):
+def forward(x: torch.Tensor, protos: torch.Tensor, scale: torch.Tensor, eps: float, eps_mode: int):
     outputs, steps = plan_forward(x, protos, scale, eps, eps_mode)
     run(steps)
     return outputs
@@ -303,7 +303,7 @@ def plan_backward(
     p_inv_norm: torch.Tensor,
     scale: torch.Tensor,
     eps: float,
-    eps_mode: str,
+    eps_mode: int,
     output_mask,
 ):
     """(grad_x, grad_p, grad_scale) and the steps that fill them."""
@@ -314,8 +314,8 @@ def plan_backward(
     block_n, block_c, block_d = _blocks(x, N, C, D, backward=True)
     d_blocks = triton.cdiv(D, block_d)
     scale_acc = scale.to(acc_dtype)
-    common = dict(EPS=eps, ADD_EPS=enum_id("eps_mode", eps_mode) == 1, ACC_DTYPE=tl_accumulator_dtype(x.dtype), DOT_PRECISION=dot_precision(x.dtype),
-                  BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d)
+    common = dict(EPS=eps, ADD_EPS=eps_mode == EpsMode.ADD, ACC_DTYPE=tl_accumulator_dtype(x.dtype),
+                  DOT_PRECISION=dot_precision(x.dtype), BLOCK_N=block_n, BLOCK_C=block_c, BLOCK_D=block_d)
     strides = (*grad.stride(), *out.stride(), *x.stride(), *protos.stride())
     empty = x.new_empty((0,))
     grad_x = torch.empty((N, D), dtype=x.dtype, device=x.device) if need_x else empty

@@ -153,9 +153,10 @@ def _kl_kernel(
                 tl.store(grad_row + d0 + offs, tl.zeros([BLOCK_D], grad_ptr.dtype.element_ty), mask=d0 + offs < D)
 
 
-def plan_kl_forward(z: torch.Tensor, protos: torch.Tensor, labels: torch.Tensor, active: torch.Tensor,
-                    compute_grad: bool):
-    """(loss, grad_z) and the steps that fill them: one program per (b, m) row, then the fixed-order mean."""
+def plan_kl_forward(z: torch.Tensor, protos: torch.Tensor, labels: torch.Tensor, active: torch.Tensor, output_mask):
+    """(loss, grad_z) and the steps that fill them: one program per (b, m) row, then the fixed-order mean. grad_z
+    (d loss / dz) is formed when output_mask[0] is true, else it is empty."""
+    compute_grad = bool(output_mask[0])
     B, M, D = z.shape
     C = protos.shape[0]
     acc_dtype = accumulator_dtype(z.dtype)
@@ -183,7 +184,7 @@ def plan_kl_forward(z: torch.Tensor, protos: torch.Tensor, labels: torch.Tensor,
     return (loss, grad_z), [launch, mean]
 
 
-def kl_forward(z: torch.Tensor, protos: torch.Tensor, labels: torch.Tensor, active: torch.Tensor, compute_grad: bool):
-    outputs, steps = plan_kl_forward(z, protos, labels, active, compute_grad)
+def kl_forward(z: torch.Tensor, protos: torch.Tensor, labels: torch.Tensor, active: torch.Tensor, output_mask):
+    outputs, steps = plan_kl_forward(z, protos, labels, active, output_mask)
     run(steps)
     return outputs

@@ -11,7 +11,8 @@
 No atomics anywhere: the backward is deterministic, and S depends on the shapes only. Every tensor is addressed
 through all its strides, so transposed and sliced inputs are read in place. Accumulation is in fp32 (fp64 for fp64 inputs).
 Shapes: e (B, K), s (C, K), w (B, C, K) -> out (B, C); backward g (B, C) -> grad_e (B, K), grad_s (C, K), grad_w
-(B, C, K) (or (0,) when not needed), in the inputs' dtype; the partials in the accumulator dtype.
+(B, C, K), each (0,) where its output_mask entry is false (grad_e and grad_s come out of the pass over w in any
+case), in the inputs' dtype; the partials in the accumulator dtype.
 """
 
 import torch
@@ -118,8 +119,9 @@ def forward(e: torch.Tensor, s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def plan_backward(grad: torch.Tensor, e: torch.Tensor, s: torch.Tensor, w: torch.Tensor, need_grad_w: bool):
+def plan_backward(grad: torch.Tensor, e: torch.Tensor, s: torch.Tensor, w: torch.Tensor, output_mask):
     """(grad_e, grad_s, grad_w) and the steps that fill them: the pass over w, then the fixed-order partial sums."""
+    need_e, need_s, need_grad_w = (bool(m) for m in output_mask)
     B, K = e.shape
     C = s.shape[0]
     c_blocks = triton.cdiv(C, BACKWARD_BLOCK_C)
@@ -129,8 +131,8 @@ def plan_backward(grad: torch.Tensor, e: torch.Tensor, s: torch.Tensor, w: torch
     grad_e_partial = torch.empty((c_blocks, B, K), dtype=acc_dtype, device=e.device)
     grad_s_partial = torch.empty((chunks, C, K), dtype=acc_dtype, device=e.device)
     grad_w = torch.empty((B, C, K) if need_grad_w else (0,), dtype=e.dtype, device=e.device)
-    grad_e = torch.empty((B, K), dtype=e.dtype, device=e.device)
-    grad_s = torch.empty((C, K), dtype=e.dtype, device=e.device)
+    grad_e = torch.empty((B, K) if need_e else (0,), dtype=e.dtype, device=e.device)
+    grad_s = torch.empty((C, K) if need_s else (0,), dtype=e.dtype, device=e.device)
     launch = Launch(
         _backward_kernel, (c_blocks, triton.cdiv(K, BACKWARD_BLOCK_K), chunks),
         (grad, e, s, w, grad_e_partial, grad_s_partial, grad_w if need_grad_w else grad_s_partial,
@@ -141,13 +143,15 @@ def plan_backward(grad: torch.Tensor, e: torch.Tensor, s: torch.Tensor, w: torch
     )
 
     def reduce_partials():
-        grad_e.copy_(grad_e_partial.sum(0))
-        grad_s.copy_(grad_s_partial.sum(0))
+        if need_e:
+            grad_e.copy_(grad_e_partial.sum(0))
+        if need_s:
+            grad_s.copy_(grad_s_partial.sum(0))
 
     return (grad_e, grad_s, grad_w), [launch, reduce_partials]
 
 
-def backward(grad: torch.Tensor, e: torch.Tensor, s: torch.Tensor, w: torch.Tensor, need_grad_w: bool):
-    grads, steps = plan_backward(grad, e, s, w, need_grad_w)
+def backward(grad: torch.Tensor, e: torch.Tensor, s: torch.Tensor, w: torch.Tensor, output_mask):
+    grads, steps = plan_backward(grad, e, s, w, output_mask)
     run(steps)
     return grads
