@@ -18,8 +18,8 @@ import dataclasses
 import difflib
 import json
 import os
+import sys
 import textwrap
-import warnings
 from pathlib import Path
 
 import torch
@@ -140,7 +140,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--compile", action="store_true", help="torch.compile the model")
     run.add_argument("--workers", type=non_negative_int,
                      help="DataLoader worker processes reading images (default: min(8, the cores))")
-    run.add_argument("--no-cache", dest="cache", action="store_false",
+    run.add_argument("--no-cache", dest="cache", action="store_const", const=False,
                      help="run the frozen backbones on every batch instead of caching their features")
     run.add_argument("--cache-dir", metavar="DIR", type=output_folder,
                      help="where the feature cache lives (default: RUN/cache); share one between runs")
@@ -156,8 +156,6 @@ def _given(args) -> dict:
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("run", "command", "resume")}
     if not args.compile:
         given.pop("compile")
-    if args.cache:
-        given.pop("cache")
     return given
 
 
@@ -188,11 +186,11 @@ def settings_from(args):
             raise UsageError(f"--resume {args.resume}: that run trains {saved.get('model')}, not --model "
                              f"{args.model}")
         differ = [f"{_option(k)} {v} (the run's: {saved.get(k)})" for k, v in given.items()
-                  if k not in (*RUNTIME, "data", "images") and saved.get(k) != v]
+                  if k not in RUNTIME and saved.get(k) != v]
         if differ:
             raise UsageError(f"--resume {args.resume}: {'; '.join(differ)}: the resumed run keeps its own settings "
                              f"(leave these out, or start a new run with --out)")
-        saved.update({k: v for k, v in given.items() if k in (*RUNTIME, "data", "images")}, out=str(folder))
+        saved.update({k: v for k, v in given.items() if k in RUNTIME}, out=str(folder))
         return Settings(**saved)
     missing = [f"--{name}" for name in ("data", "images", "out") if name not in given]
     if missing:
@@ -235,8 +233,9 @@ def _word_vectors(settings, data, rank: int) -> torch.Tensor:
         if settings.attribute_names:
             raise UsageError("--attribute-names goes with --word-vectors (a GloVe-format text file)")
         if rank == 0:
-            warnings.warn(f"no --word-vectors: the {K} attribute word vectors are random stand-ins (zslfast.data."
-                          f"stand_in_vectors, seed {settings.seed}); the papers use GloVe / Word2Vec", stacklevel=2)
+            sys.stderr.write(f"{PROG}: warning: no --word-vectors: the {K} attribute word vectors are random "
+                             f"stand-ins (zslfast.data.stand_in_vectors, seed {settings.seed}); the papers use "
+                             f"GloVe / Word2Vec\n")
         return stand_in_vectors(K, settings.seed)
     try:
         names = read_names(settings.attribute_names) if settings.attribute_names else None

@@ -377,7 +377,7 @@ def train(settings: Settings, data, paths: list, words: torch.Tensor, ctx, log: 
                 f"{meta['seconds']:.1f} s)")
             feeder.features = features
             shapes = {name: tuple(array.shape[1:]) for name, array in features.items()}
-            del holder, frozen, extract
+            del holder, frozen, extract, reader  # the backbones' memory back before training
         else:
             feeder.extract = extract
             with torch.inference_mode():
@@ -387,9 +387,10 @@ def train(settings: Settings, data, paths: list, words: torch.Tensor, ctx, log: 
     result = dict(folder=str(out), rank=ctx.rank, world_size=ctx.world_size, val_history=None)
     gammas = None
     if settings.gamma == "val":
-        say(f"validation run (γ for calibrated stacking, epoch by epoch): {len(problems['val'].fit)} images of "
-            f"{len(problems['val'].seen)} train classes; held out {len(problems['val'].eval_seen)}, "
-            f"{len(problems['val'].eval_unseen)} of {len(problems['val'].unseen)} val classes -> {out / 'val'}")
+        val = problems["val"]
+        say(f"validation run (calibrated stacking's γ, epoch by epoch): trains on {len(val.fit)} images of "
+            f"{len(val.seen)} train classes; evaluates {len(val.eval_seen)} held-out images of them and "
+            f"{len(val.eval_unseen)} of {len(val.unseen)} val classes -> {out / 'val'}")
         (out / "val").mkdir(parents=True, exist_ok=True)
         result["val_history"] = run_phase(problems["val"], settings, feeder, data, words, shapes, info, out / "val",
                                           ctx, None, say)

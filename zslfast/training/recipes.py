@@ -96,7 +96,8 @@ class Settings:
         return dataclasses.asdict(self)
 
 
-RUNTIME = ("device", "workers", "cache_dir")  # a resumed run may change these: where it runs, not what it computes
+# a resumed run may change these: where it runs and finds its files, not what it computes
+RUNTIME = ("device", "workers", "cache_dir", "data", "images")
 
 
 def pretrained(source: Optional[str]):
