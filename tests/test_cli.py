@@ -111,7 +111,7 @@ def test_demo_on_cuda_without_a_gpu_says_so(capsys):
     assert zslfast.available_backends("cuda") == []  # nothing runs on CUDA tensors here
 
 
-@pytest.mark.parametrize("command", ["demo", "bench", "audit", "gpucheck", "info"])
+@pytest.mark.parametrize("command", ["train", "demo", "bench", "audit", "gpucheck", "info"])
 def test_help_describes_each_command_with_defaults(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -120,13 +120,16 @@ def test_help_describes_each_command_with_defaults(command, capsys):
     assert "``" not in out and "(default: None)" not in out  # no RST markup, no empty defaults
     if command == "demo":
         assert "(default: 5)" in out and "H ≈" not in out  # the epochs' default shown; no promised accuracy
+    if command == "train":  # each recipe with its source
+        assert all(source in out for source in ("ilpg: ILPG §5", "svip: SVIP §4.1", "sage: SAGE"))
 
 
 def test_top_level_help_lists_the_commands(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     out = capsys.readouterr().out
-    assert exit_info.value.code == 0 and all(name in out for name in ("info", "demo", "bench", "audit", "gpucheck"))
+    assert exit_info.value.code == 0 and all(name in out for name in ("info", "train", "demo", "bench", "audit",
+                                                                        "gpucheck"))
 
 
 def test_timing_conditions_warn_on_a_busy_machine(monkeypatch):

@@ -1,4 +1,4 @@
-"""``python -m zslfast COMMAND``: info (the default), demo, bench, audit, gpucheck.
+"""``python -m zslfast COMMAND``: info (the default), train, demo, bench, audit, gpucheck.
 
 Each command lives in its own module with ``add_arguments(parser)``, ``run(args)`` and a ``DESCRIPTION`` shown
 by ``--help``; only the chosen command's module is imported (each pulls in torch and, for some, triton).
@@ -17,6 +17,8 @@ PROG = "python -m zslfast"
 # name -> (module, one-line summary for the list of commands)
 COMMANDS = {
     "info": ("zslfast.__main__", "what was built and which backends run here (the default)"),
+    "train": ("zslfast.tools.train", "train ILPG, SVIP or SAGE from a benchmark's images with the paper's recipe; "
+                                     "CZSL and GZSL U/S/H every epoch; resumable, torchrun"),
     "demo": ("zslfast.tools.demo", "train ILPG (or SAGE) with the reference ops and with the fused ops: time, "
                                    "memory, loss difference, GZSL U/S/H"),
     "bench": ("zslfast.tools.bench", "each op's forward+backward time and peak memory against the eager code, here"),
@@ -47,7 +49,8 @@ def run(args=None) -> None:
     cuda = available_backends("cuda")
     print(f"backends for cuda tensors: {', '.join(cuda)}" if cuda else
           f"cuda tensors: none here ({_backend.why_no_cuda_device()})")
-    print(f"\nrun `{PROG} demo` or `{PROG} bench` (add --help for their options; `{PROG} --help` lists the commands)")
+    print(f"\nrun `{PROG} train`, `{PROG} demo` or `{PROG} bench` (add --help for their options; "
+          f"`{PROG} --help` lists the commands)")
 
 
 def _parser(command=None) -> _cli.Parser:

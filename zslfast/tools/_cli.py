@@ -2,7 +2,7 @@
 
 - ``Parser``: argparse with every option's default in its help, the description as written (plain text), and
   usage errors as one line (``python -m zslfast demo: error: ... (python -m zslfast demo --help)``), exit code 2.
-- the options' types (``integer``, ``real``, ``seed``, ``matching``, ``output_file``, ``output_folder``,
+- the options' types (``integer``, ``real``, ``fraction``, ``seed``, ``matching``, ``output_file``, ``output_folder``,
   ``existing_file``): every number, path and filter of every command is read by one of them (or is a choice),
   so a bad value is a one-line usage error, exit code 2, before any work (never NaN trained into a model, an
   overflow deep in numpy or torch, or an output path that fails after the whole run); a test checks every option.
@@ -70,20 +70,23 @@ def integer(minimum: int, maximum: Optional[int] = None) -> Callable[[str], int]
     return convert
 
 
-def real(minimum: float, *, above: bool = False) -> Callable[[str], float]:
-    """An argparse type: a finite float >= minimum (> minimum when ``above``); NaN and inf are refused."""
+def real(minimum: float, *, above: bool = False, below: Optional[float] = None) -> Callable[[str], float]:
+    """An argparse type: a finite float >= minimum (> minimum when ``above``), < ``below`` when given; NaN and inf
+    are refused."""
 
     def convert(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-        if not math.isfinite(value) or value < minimum or (above and value == minimum):
-            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if above else '>='} {minimum:g}, "
+        if (not math.isfinite(value) or value < minimum or (above and value == minimum)
+                or (below is not None and value >= below)):
+            upper = "" if below is None else f" and < {below:g}"
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if above else '>='} {minimum:g}{upper}, "
                                              f"got {text!r}")
         return value
 
-    convert.__name__ = f"real({minimum:g}, above={above})"
+    convert.__name__ = f"real({minimum:g}, above={above}, below={below})"
     return convert
 
 
@@ -93,6 +96,7 @@ non_negative_int = integer(0)
 seed = integer(0, 2**32 - 1)
 non_negative_float = real(0.0)
 positive_float = real(0.0, above=True)
+fraction = real(0.0, above=True, below=1.0)  # in (0, 1)
 
 
 def matching(names: Sequence[str], what: str) -> Callable[[str], str]:
