@@ -70,8 +70,8 @@ def test_loss_is_ipm_plus_weighted_terms(generator):
 
 
 def test_avl_encodes_the_regions_before_the_decoder(generator):
-    """§3's encoder–decoder: Ẽ = cos(softmax(A W_q (H W_k)ᵀ/√d) H W_v, A) on H = the encoder's output, one post-norm
-    layer written out: X = LN1(E + SA(E)), H = LN2(X + FFN(X)), E = I W_e + b_e, SA over the R regions."""
+    """§3's encoder–decoder: Ẽ = cos(softmax(A W_q (H W_k)ᵀ/√d) H W_v, A) on H = the encoder's output, one
+    post-norm layer written out: X = LN1(E + SA(E)), H = LN2(X + FFN(X)), E = I W_e + b_e, SA over the R regions."""
     model = _tiny(generator)
     regions, signatures, _ = _batch(generator)
     layer = model.region_encoder.layers[0]

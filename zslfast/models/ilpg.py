@@ -5,7 +5,8 @@
     H        (B, R, de)     AVL's encoder (§3: "we adopt the widely-validated encoder–decoder architecture"), as
                             TransZero's: Linear(Dv, de), then ``encoder_layers`` post-norm transformer layers over the
                             R regions (self-attention, FFN, each with its residual and LayerNorm); de = Da by default
-    Ẽ        (B, K)         AVL's decoder, Eq. 2-4: cos(softmax(A W_q (H W_k)ᵀ/√d) H W_v, A), zslfast.attribute_attention
+    Ẽ        (B, K)         AVL's decoder, Eq. 2-4: cos(softmax(A W_q (H W_k)ᵀ/√d) H W_v, A),
+                            zslfast.attribute_attention
     logits   (B, C)         IDPP + APC, Eq. 5-6: <Ẽ, W ⊙ S + S>, zslfast.prototype_scores (S_W never formed)
     loss                    Eq. 12: IPM + λ_SAS·SAS + λ_VSR·VSR + λ_PCR·PCR (zslfast.losses.ILPGLoss), the VSR and
                             PCR terms fed w[b, y_b] (B, K) only
