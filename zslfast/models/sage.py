@@ -579,7 +579,7 @@ class SAGE(nn.Module):
             sva_map = sva[1].transpose(1, 2)  # (L·B, K_s, R_s), each patch's softmax over the attributes
             target = s[labels][:, subset]  # (B, K_s)
             attr_sem = attr_sem + (vsa[-1].view(L, B, -1) - target).square().sum(dim=(0, 2)).mean()  # Eq. 3
-            sva_max = sva_map.amax(dim=2)
+            sva_max = sva_map.max(dim=2).values  # the gradient to one arg-max (amax would split it over ties)
             attr_vis = attr_vis + (sva_max.view(L, B, -1) - target).square().sum(dim=(0, 2)).mean()  # Eq. 4
             if want_maps:  # Eq. 5: each map as a distribution over its (attribute, patch) pairs
                 kl = attention_alignment(vsa[1], sva_map, 1.0 / subset.numel(), 1.0 / R)  # (L·B,)
