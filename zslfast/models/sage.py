@@ -68,7 +68,7 @@ Choices where the paper is silent (documented, all constructor arguments):
     (coarse, abstract cues shared by many classes) is Global and goes with P⁻, the middle third Context with P,
     the least shared (class-specific details) Local with P⁺; ties by index, the first K mod 3 thirds one longer.
   * a_y in Eq. 6 and 10 is the class attribute vector S[y]: the branches predict attributes, as in every
-    attribute-based ZSL model; AMCL's embeddings act through the VSA/SVA queries and keys and Eq. 1-2.
+    attribute-based ZSL model; AMCL's embeddings act through the VSA queries, SVA's keys and values, and Eq. 1-2.
   * Eq. 10's similarity gets a scale σ (default 10): plain cosines in [-1, 1] cannot train a softmax over C classes.
     Eq. 9's softmaxes get the same σ (``kl_scale``): over branch features of cosines in [-1, 1] they are near
     uniform, and the term is inert (measured on CUB-shaped data, C 200, K 312, the bank filled: KL 0.001 against

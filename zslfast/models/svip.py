@@ -34,11 +34,11 @@ Then (Eq. 6, 12, 13, 14):
 with ``zslfast.losses.jsd_loss`` and ``patch_bce_loss``. Without labels only the contextualised pass runs (the
 paper's inference).
 
-Pool (Eq. 10, the paper's P2A is a linear map Z -> Â (M, K) then a max over the kept patches):
-    "attention" (default): â_k = Σ_n p_kn (w_k·z_n) + b_k, p_k = softmax_n(w_k·z_n / τ) over the kept patches:
+Pool (Eq. 10, the paper's P2A is a linear map Z -> Â (M, K) then a max over the kept patches; here the units):
+    "attention" (default): â_k = Σ_n p_kn (w_k·z_n) + b_k, p_k = softmax_n(w_k·z_n / τ) over the kept units:
         ``zslfast.attribute_attention(W, Z, Z, ref=W, score="dot", mask=S_M, scale=1/τ)`` with (W, b) the P2A
-        weights. A soft max-pool: it tends to the paper's hard max as τ -> 0, and every kept patch gets gradient.
-    "max": the paper's hard max, ``P2A(Z).masked_fill(~S_M, -inf).amax(patches)``.
+        weights. A soft max-pool: it tends to the paper's hard max as τ -> 0, and every kept unit gets gradient.
+    "max": the paper's hard max, ``P2A(Z).masked_fill(~S_M, -inf).amax(units)``.
 
 Precomputed mode (no backbone, ``forward(tokens=..., attentions=...)``, how ZSL code trains on cached features):
 tokens (B, P+N, D) are a ViT's final tokens (on a square grid, or ``grid_size=(h, w)``) and attentions its L maps
@@ -46,13 +46,13 @@ tokens (B, P+N, D) are a ViT's final tokens (on a square grid, or ``grid_size=(h
 always-kept unit instead of added to the inputs; logits1 uses the kept units alone. The patch classifier reads the
 given tokens' merged patches; the pseudo-labels come from ``AttentionRollout()(attentions)``. Same losses.
 
-Choices where the paper is silent: W2P = a Linear per word vector, then the mean over attributes; pseudo-labels
-top-k of the rollout with k = round(label_fraction · N) (default: k = M, so the classifier learns to pick the patches
-the rollout would); rollout "abnar"/"mean" (SVIP's released code; "residual"/"sum" is Eq. 4 as printed); a unit's
-rollout score is the mean over its 2x2 group (the released code averages 4 consecutive patches of a row, which
-are not the group it merges); the mask follows r̂ in training too (Eq. 8; the
-paper's Algorithm 1 indexes with the pseudo-labels there, which inference cannot); JSD as Eq. 13 prints it
-(``jsd_mode="mixture"`` for the textbook one).
+Choices where the paper is silent: W2P = a Linear per word vector, then the mean over attributes, its output a
+whole unit (D' = 4D when merging: the released code's fill token is 3072 wide); pseudo-labels top-k of the rollout
+with k = round(label_fraction · N') (default: k = M, so the classifier learns to pick the units the rollout would);
+rollout "abnar"/"mean" (SVIP's released code; "residual"/"sum" is Eq. 4 as printed); a unit's rollout score is the
+mean over its 2x2 group (the released code averages 4 consecutive patches of a row, which are not the group it
+merges); the mask follows r̂ in training too (Eq. 8; the paper's Algorithm 1 indexes with the pseudo-labels there,
+which inference cannot); JSD as Eq. 13 prints it (``jsd_mode="mixture"`` for the textbook one).
 
 ``backend`` / ``set_backend``: None runs the fused kernels (by device); "reference" runs every op's plain PyTorch
 reference (attribute attention, cosine logits, rollout from stored eager attention maps).
