@@ -1,18 +1,20 @@
 """ILPG training step: the same model (zslfast.models.ILPG) with the reference ops ("eager": the papers' PyTorch
 code, S_W and the (B, K, R) attention materialised), torch.compile of that, and the fused ops ("zslfast").
 
-    regions (B, R, Dv), signatures (B, Dg) precomputed (frozen backbones, as ZSL code trains) -> AVL -> Ẽ (B, K)
-    -> IDPP (hidden J, weights "full" (B, C, K)) -> APC logits (B, C) -> ILPG loss; one step = forward, backward
-    and an SGD update of every trainable parameter.
+    regions (B, R, Dv), signatures (B, Dg) precomputed (frozen backbones, as ZSL code trains) -> AVL (encoder:
+    Linear Dv -> Da and one transformer layer over the R regions; decoder: Eq. 2-4) -> Ẽ (B, K) -> IDPP (hidden J,
+    weights "full" (B, C, K)) -> APC logits (B, C) -> ILPG loss; one step = forward, backward and an SGD update of
+    every trainable parameter.
 
 Shapes (zslfast.testing.SHAPES["ilpg"]: B, C, K, unseen): CUB (B=50, C=200, K=312), SUN (C=717, K=102), AwA2
 (C=50, K=85), with ResNet-101 regions (R=49, Dv=2048), GloVe attribute vectors (Da=300), DINOv2 ViT-S/14
-signatures (Dg=384), J=64; and a large one (B=128, C=1000, K=312). The region projections (B·R·Dv·(d + Da) flops each way) are the same work in every
-implementation, so they bound the model-level speed-up.
+signatures (Dg=384), J=64; and a large one (B=128, C=1000, K=312). The encoder (its region embedding, B·R·Dv·Da
+flops each way, and its layer) is plain PyTorch, the same work in every implementation, so it bounds the
+model-level speed-up.
 
 Interleaved timing (the three alternate each round; see zslfast.tools.timing.interleaved):
     python benchmarks/bench_ilpg.py CUB [rounds]
-Where the step's time goes (profiled; region projections vs the rest):
+Where the step's time goes (profiled; the region embedding and the (Da, B·R) weight gradients vs the rest):
     python benchmarks/bench_ilpg.py CUB --breakdown
 """
 
@@ -73,10 +75,10 @@ def run_interleaved(shape_name, rounds=11):
 
 
 def breakdown(shape_name, steps=5):
-    """Profile each path's step and split it into the region projections (the same GEMMs in both) and the rest."""
+    """Profile each path's step and split it into the region GEMMs (the same in both) and the rest."""
     fused, batch = make(shape_name)
     B = batch["regions"].shape[0]
-    projection_shapes = ([B * R, DV], [DA, B * R])  # forward I @ W (both projections), weight gradient g^T @ I
+    projection_shapes = ([B * R, DV], [DA, B * R])  # forward I @ W_e, weight gradients g^T @ x of width Da
     for name, model in (("reference", copy.deepcopy(fused).set_backend("reference")), ("fused", fused)):
         step = timing.training_step(model, batch)
         for _ in range(3):
@@ -87,7 +89,7 @@ def breakdown(shape_name, steps=5):
             e.cpu_time_total for e in prof.key_averages(group_by_input_shape=True)
             if e.key == "aten::mm" and e.input_shapes and e.input_shapes[0] in projection_shapes
         ) / steps / 1e3
-        print(f"{name:9s} step {wall:6.1f} ms (profiled): region projections {projections:5.1f} ms, "
+        print(f"{name:9s} step {wall:6.1f} ms (profiled): region GEMMs {projections:5.1f} ms, "
               f"the rest {wall - projections:6.1f} ms")
 
 

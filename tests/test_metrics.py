@@ -106,7 +106,7 @@ def gzsl_case():
 
 def test_gzsl_u_s_h_hand_computed():
     case = gzsl_case()
-    r = gzsl_accuracy(*case)
+    r = gzsl_accuracy(*case)  # the default, gamma 0: the plain argmax, the protocol the three papers' texts give
     # gamma 0: S = (1 + 1)/2 = 1; U = (0 + 1/2)/2 = 1/4; H = 2 * 1/4 / (5/4) = 0.4
     assert isinstance(r, GZSLResult)
     assert (r.u, r.s, r.h) == pytest.approx((0.25, 1.0, 0.4))

@@ -47,7 +47,7 @@ def _svip(seed, **kwargs):
     pytest.importorskip("timm")
     s, _, w = _classes()
     torch.manual_seed(seed)
-    return SVIPHead(s, "vit_tiny_patch16_224", attribute_word_embeddings=w, num_keep=10, **VIT, **kwargs)
+    return SVIPHead(s, "vit_tiny_patch16_224", attribute_word_embeddings=w, num_keep=3, **VIT, **kwargs)
 
 
 def _inputs(name):
@@ -264,7 +264,7 @@ def test_backbone_through_timms_own_overlay(tmp_path):
     s, _, w = _classes()
     # custom_load=False: timm < 1.0.31 keeps a ViT's registry .npz loader for a file overlay (not a .npz here)
     kwargs = dict(VIT["backbone_kwargs"], pretrained_cfg_overlay=dict(file=str(path), custom_load=False))
-    head = SVIPHead(s, "vit_tiny_patch16_224", pretrained=True, img_size=32, backbone_kwargs=kwargs, num_keep=10)
+    head = SVIPHead(s, "vit_tiny_patch16_224", pretrained=True, img_size=32, backbone_kwargs=kwargs, num_keep=3)
     assert torch.equal(head.backbone.blocks[1].mlp.fc2.weight, vit.blocks[1].mlp.fc2.weight)
 
 

@@ -1,11 +1,16 @@
-"""zslfast.models.ILPG: the fused and the reference ops give the same logits, loss and parameter gradients."""
+"""zslfast.models.ILPG: the fused and the reference ops give the same logits, loss and parameter gradients; AVL's
+encoder written out; the parameter counts the docstring states; SAS off only with a warning that names the
+argument."""
 
 import copy
+import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from zslfast.models import ILPG
+from zslfast.losses import ILPGLoss
+from zslfast.models import ILPG, ilpg as ilpg_module
 
 
 def _tiny(generator, dtype=torch.float64, weights="full", **kwargs):
@@ -62,6 +67,57 @@ def test_loss_is_ipm_plus_weighted_terms(generator):
     torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(parts["ipm"], torch.nn.functional.cross_entropy(out.logits, labels).detach())
     assert parts["sas"] > 0 and parts["vsr"] > 0 and parts["pcr"] > 0
+
+
+def test_avl_encodes_the_regions_before_the_decoder(generator):
+    """§3's encoder–decoder: Ẽ = cos(softmax(A W_q (H W_k)ᵀ/√d) H W_v, A) on H = the encoder's output, one
+    post-norm layer written out: X = LN1(E + SA(E)), H = LN2(X + FFN(X)), E = I W_e + b_e, SA over the R regions."""
+    model = _tiny(generator)
+    regions, signatures, _ = _batch(generator)
+    layer = model.region_encoder.layers[0]
+    E = model.region_encoder.embed(regions)
+    q, k, v = F.linear(E, layer.self_attn.in_proj_weight, layer.self_attn.in_proj_bias).chunk(3, dim=-1)
+    sa = layer.self_attn.out_proj(torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, dim=-1) @ v)
+    X = layer.norm1(E + sa)
+    H = layer.norm2(X + layer.linear2(torch.relu(layer.linear1(X))))
+    avl, A = model.avl, model.attribute_vectors
+    attn = torch.softmax(avl.W_q(A) @ avl.W_k(H).transpose(1, 2) / avl.W_q.out_features ** 0.5, dim=-1)
+    expected = F.cosine_similarity(attn @ avl.W_v(H), A, dim=-1)
+    out = model(regions=regions, signatures=signatures)
+    torch.testing.assert_close(out.attribute_scores, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_parameter_counts_are_the_documented_ones():
+    """At CUB (Dv 2048, Da 300, K 312, C 200, Dg 384, J 512), the counts the module docstring compares with
+    Table 3: AVL with and without its encoder, IDPP in its "attribute" and "full" forms."""
+    s, a = torch.empty(200, 312, device="meta"), torch.empty(312, 300, device="meta")
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    with torch.device("meta"):
+        model = ILPG(s, a, weights="attribute", unseen_classes=torch.arange(150, 200))
+        plain = ILPG(s, a, encoder_layers=0, unseen_classes=torch.arange(150, 200))
+    counts = {"encoder": count(model.region_encoder), "avl": count(model.region_encoder) + count(model.avl),
+              "plain avl": count(plain.avl), "attribute": count(model.apc), "full": count(plain.apc)}
+    assert counts == {"encoder": 1_285_112, "avl": 1_555_112, "plain avl": 1_318_800, "attribute": 357_176,
+                      "full": 32_208_320}
+    assert all(f"{n:,}" in ilpg_module.__doc__ for n in counts.values())
+
+
+def test_without_unseen_classes_sas_is_off_with_one_warning(generator):
+    s, a = torch.rand(7, 5, generator=generator), torch.randn(5, 6, generator=generator)
+    regions, signatures, labels = _batch(generator, dtype=torch.float32)
+    model = ILPG(s, a, region_dim=8, signature_dim=5, hidden_dim=3)
+    with pytest.warns(UserWarning, match=r"unseen_classes=None, so the SAS term .* lambda_sas=0"):
+        out = model(regions=regions, signatures=signatures, labels=labels)
+    assert out.parts["sas"] == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(regions=regions, signatures=signatures, labels=labels)  # once per model
+        model(regions=regions, signatures=signatures)  # inference needs no unseen classes
+        off = ILPG(s, a, region_dim=8, signature_dim=5, hidden_dim=3, loss=ILPGLoss.from_preset("CUB", lambda_sas=0))
+        off(regions=regions, signatures=signatures, labels=labels)  # SAS off by name: no warning
 
 
 def test_inference_without_labels(generator):

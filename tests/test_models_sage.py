@@ -1,11 +1,15 @@
 """zslfast.models.SAGE on precomputed hidden states (L=3 levels of a 4x4 patch grid, D=16) and on a tiny timm ViT
 (img 32, patch 8, embed 64, depth 4): the fused and the reference backends give the same logits, loss, every loss
 term, every parameter gradient (each non-zero) and the same memory-bank updates, over two training steps (the
-second one with Eq. 9 active); the loss is Eq. 11 of its parts; the attention maps are requested only for L_align;
-the default attribute subsets follow the documented prevalence rule; bad input -> clear errors.
+second one with Eq. 9 active); the loss is Eq. 11 of its parts; the attention maps are requested only where a loss
+reads them; SVA's outputs are the semantic vectors mixed by each patch; the Attribute-Mixer mixes across the
+attributes; Eq. 9 acts on CUB-shaped data; the default attribute subsets follow the documented prevalence rule;
+the frozen default is labelled zslfast's; bad input -> clear errors.
 """
 
 import copy
+import inspect
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,8 +137,90 @@ def test_branches_predict_only_their_subset(generator, monkeypatch):
         assert (z[:, :, scale][..., outside] == 0).all() and (z[:, :, scale][..., subset] != 0).all()
 
 
+def test_sva_outputs_are_the_semantic_vectors_mixed_by_each_patch(generator, monkeypatch):
+    """SVA: the patches query, the semantic vectors A_i (the mixer's) are "both key and value": o_r =
+    Σ_i softmax_i(F_r · (A W_sva)_i / √d) A_i, in the span of the scale's A_i; the branch's SVA score is
+    cos(mean_r o_r, A_i) and Z_m = ½(VSA + SVA) on the scale's subset."""
+    calls, seen = [], {}
+    original, fuse = sage_module.attribute_attention, None
+
+    def spy(*args, **kwargs):
+        calls.append((args, original(*args, **kwargs)))
+        return calls[-1][1]
+
+    def spy_fuse(z, class_emb, labels=None):
+        seen["z"] = z.detach()
+        return fuse(z, class_emb, labels)
+
+    monkeypatch.setattr(sage_module, "attribute_attention", spy)
+    model = make_model(generator).eval()
+    fuse = model.mbgf.forward
+    monkeypatch.setattr(model.mbgf, "forward", spy_fuse)
+    model(hidden_states=make_states(generator, torch.float64))
+    A = model.mixer(model.attribute_word_embeddings)  # the semantic vectors (K, d)
+    z = seen["z"].view(B, 3, 3, K)  # (B, L, scale, K)
+    for scale, subset in enumerate(model.subsets()):
+        (feats, keys, values), o = calls[2 * scale + 1]
+        a = A[subset]
+        torch.testing.assert_close(values, a.expand_as(values))
+        torch.testing.assert_close(keys, model.sva_query(a).expand_as(keys))
+        p = torch.softmax(feats @ model.sva_query(a).T / model.dim**0.5, dim=-1)  # (L·B, R, K_s): over attributes
+        torch.testing.assert_close(o, p @ a, rtol=1e-10, atol=1e-10)
+        coef = torch.linalg.lstsq(a.T, o.reshape(-1, model.dim).T).solution  # o in the span of the A_i
+        torch.testing.assert_close(a.T @ coef, o.reshape(-1, model.dim).T, rtol=1e-10, atol=1e-10)
+        sva = F.cosine_similarity(o.mean(dim=1)[:, None], a, dim=-1).view(3, B, -1).transpose(0, 1)
+        vsa = calls[2 * scale][1].view(3, B, -1).transpose(0, 1)
+        torch.testing.assert_close(z[:, :, scale][..., subset], 0.5 * (vsa + sva), rtol=1e-10, atol=1e-10)
+
+
+def test_the_attribute_mixer_mixes_across_attributes(generator):
+    """AMCL's mixer "learns implicit relationships among attributes": a token-mixing MLP over the K word vectors,
+    T = W + MLP_K(LN(W)ᵀ)ᵀ, then φ per vector, so one attribute's word vector reaches every attribute's A_i."""
+    mixer = make_model(generator).mixer
+    w = torch.randn(K, DW, generator=generator, dtype=torch.float64)
+    mixed = w + mixer.token_reduce(F.gelu(mixer.token_expand(mixer.token_norm(w).T))).T
+    torch.testing.assert_close(mixer(w), mixer.embed(mixed), rtol=1e-12, atol=1e-12)
+    moved = w.clone()
+    moved[0] = torch.randn(DW, generator=generator, dtype=torch.float64)  # (not a shift: LayerNorm removes those)
+    assert ((mixer(moved) - mixer(w)).abs().amax(dim=1) > 1e-9).all()
+    per_attribute = make_model(generator, mix_attributes=False).mixer  # the other rows stay as they were
+    assert torch.equal(per_attribute(moved)[1:], per_attribute(w)[1:])
+
+
+def test_eq9_acts_on_cub_shaped_data():
+    """Eq. 9 on the branch features' cosines needs a temperature: at CUB's shapes (C 200, K 312; an untrained
+    model, the bank filled) the KL is a few percent of cls with kl_scale = σ, a few 1e-4 without (kl_scale=1)."""
+    g = torch.Generator().manual_seed(0)
+    s, w = torch.rand(200, 312, generator=g), torch.randn(312, 300, generator=g)
+    labels = torch.randint(0, 150, (B,), generator=g)
+    batches = [[torch.randn(B, 1 + N, D, generator=g) for _ in range(3)] for _ in range(2)]
+    torch.manual_seed(0)
+    model = SAGE(s, None, attribute_word_embeddings=w, embed_dim=D, dim=16, bank_threshold=-1.0)
+    assert model.mbgf.kl_scale == model.scale == 10
+    unscaled = copy.deepcopy(model)
+    unscaled.mbgf.kl_scale = 1.0
+    ratio = {}
+    for name, m in (("sigma", model), ("1", unscaled)):
+        m(hidden_states=batches[0], labels=labels)  # fills the bank
+        out = m(hidden_states=batches[1], labels=labels)
+        assert out.kl_active.sum() > B  # misclassified samples' failing branches
+        ratio[name] = float(out.parts["kl"] / out.parts["cls"])
+    assert ratio["sigma"] > 0.01 and ratio["1"] < 0.001, ratio
+
+
+def test_frozen_backbone_is_labelled_zslfasts_choice():
+    """The paper trains "end-to-end"; the frozen default (cached hidden states) is zslfast's choice, and the docs'
+    paper line fine-tunes."""
+    assert inspect.signature(SAGE).parameters["train_backbone"].default is False
+    for text in (sage_module.__doc__, SAGE.__doc__):
+        assert "end-to-end" in text and "zslfast's choice" in text and "train_backbone=True" in text
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "models.md").read_text(encoding="utf-8")
+    paper_call = docs[docs.index("# The paper's: SAGE("):][:200]
+    assert "train_backbone=True)" in paper_call
+
+
 @pytest.mark.parametrize("lambda_align", [0.0, 0.1])
-def test_attention_maps_only_for_the_alignment_loss(lambda_align, generator, monkeypatch):
+def test_attention_maps_only_where_a_loss_reads_them(lambda_align, generator, monkeypatch):
     calls = []
     original = sage_module.attribute_attention
 
@@ -147,11 +233,13 @@ def test_attention_maps_only_for_the_alignment_loss(lambda_align, generator, mon
     states = make_states(generator, torch.float64)
     model(hidden_states=states, labels=torch.randint(0, C, (B,), generator=generator))
     assert len(calls) == 6  # VSA and SVA per scale, the levels stacked along the batch
-    assert [c.get("softmax_over", "keys") for c in calls] == ["keys", "queries"] * 3
-    assert all(c["return_max"] == "attention" and c["return_attention"] == (lambda_align > 0) for c in calls)
+    vsa, sva = calls[0::2], calls[1::2]
+    assert all(c["return_max"] == "attention" and c["return_attention"] == (lambda_align > 0) for c in vsa)
+    # SVA's max runs over the patches of a softmax over the attributes (its keys): read from its map
+    assert all(c.get("return_max") is None and c["return_attention"] for c in sva)
     calls.clear()
     model(hidden_states=states)  # inference: neither the maps nor their max
-    assert all(c["return_max"] is None and not c["return_attention"] for c in calls)
+    assert all(c.get("return_max") is None and not c["return_attention"] for c in calls)
 
 
 def test_inference_leaves_the_bank_alone(generator):

@@ -1,9 +1,11 @@
 """zslfast.models.SVIPHead on a tiny timm ViT (img 32, patch 8: N = 16 patches, D = 24, depth 2) and in the
 precomputed mode (tokens + attention maps, no backbone): the fused and the reference backends give the same logits,
-loss and parameter gradients for the same weights and batch (fp64 ~1e-10, fp32 ~1e-5); shapes; the mask keeps
-exactly M patches chosen by the patch classifier; pseudo-labels equal the top patches of the reference rollout of
-maps captured independently from timm; the context patch acts only through the dropped patches (Eq. 9); the pools
-against direct computations; the loss against its terms; bad input -> clear errors.
+loss and parameter gradients for the same weights and batch (fp64 ~1e-10, fp32 ~1e-5), per patch and on 2x2 merged
+patches; shapes; the mask keeps exactly M patches chosen by the patch classifier; pseudo-labels equal the top
+patches of the reference rollout of maps captured independently from timm; the context patch acts only through the
+dropped patches (Eq. 9); the pools against direct computations; the loss against its terms; at ViT-B/16's grid the
+default merges into 49 units scored by the MLP patch classifier; bad input -> clear errors. (The behaviour tests
+run per patch, merge_patches=False, where each of the 16 patches is visible.)
 """
 
 import copy
@@ -39,7 +41,8 @@ def make_head(dtype, generator, backbone=True, **kwargs):
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
     class_attributes = torch.rand(C, K, generator=generator, dtype=torch.float64)
     words = torch.randn(K, DW, generator=generator, dtype=torch.float64)
-    kwargs.setdefault("num_keep", M)
+    kwargs.setdefault("merge_patches", False)
+    kwargs.setdefault("num_keep", M if not kwargs["merge_patches"] else 3)  # of 16 patches, or of 4 2x2 groups
     if backbone:
         head = SVIPHead(class_attributes, tiny_vit(dtype), attribute_word_embeddings=words, **kwargs)
     else:
@@ -88,10 +91,12 @@ def run(head, backbone, batch, labels):
 
 @pytest.mark.parametrize("device,backend", FUSED)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-@pytest.mark.parametrize("backbone,pool", [(True, "attention"), (False, "attention"), (False, "max")],
-                         ids=["vit-attention", "tokens-attention", "tokens-max"])
-def test_fused_and_reference_agree(device, backend, dtype, backbone, pool, generator):
-    fused = make_head(dtype, generator, backbone, pool=pool, backend=backend).train().to(device)
+@pytest.mark.parametrize("backbone,pool,merge", [(True, "attention", False), (False, "attention", False),
+                                                 (False, "max", False), (True, "attention", True),
+                                                 (False, "attention", True)],
+                         ids=["vit-attention", "tokens-attention", "tokens-max", "vit-merged", "tokens-merged"])
+def test_fused_and_reference_agree(device, backend, dtype, backbone, pool, merge, generator):
+    fused = make_head(dtype, generator, backbone, pool=pool, merge_patches=merge, backend=backend).train().to(device)
     ref = copy.deepcopy(fused).set_backend("reference")
     assert ref.backend == ref.rollout.backend == "reference" and fused.rollout.backend == backend
     images, labels = make_batch(dtype, generator)
@@ -111,7 +116,8 @@ def test_fused_and_reference_agree(device, backend, dtype, backbone, pool, gener
     for term in ("loss_cls", "loss_jsd", "loss_patch"):
         close(out_f.parts[term], out_r.parts[term], dtype)
     assert grads_f.keys() == grads_r.keys()
-    expected = {"p2a.weight", "p2a.bias", "patch_classifier.weight", "word_to_patch.weight"}
+    expected = {"p2a.weight", "p2a.bias", "patch_classifier.0.weight", "patch_classifier.2.weight",
+                "word_to_patch.weight"}
     if backbone:
         expected |= {"backbone.blocks.0.attn.qkv.weight", "backbone.patch_embed.proj.weight"}
     assert expected <= grads_f.keys()
@@ -211,6 +217,26 @@ def test_pools_against_direct_computation(generator):
     torch.testing.assert_close(with_context, torch.maximum(hard, extra), rtol=0, atol=1e-6)
 
 
+def test_merged_patches_at_vit_b_16s_grid(generator):
+    """§4.1: ViT-B/16 at 224² (14x14 patches) merged 2x2 -> 49 units; the MLP patch classifier (4D -> 512 -> ReLU
+    -> 1) reads each group's four patch embeddings concatenated; M and the pseudo-labels count units."""
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
+    vit = VisionTransformer(img_size=224, patch_size=16, embed_dim=12, depth=1, num_heads=3, num_classes=0).double()
+    head = SVIPHead(torch.rand(C, K, dtype=torch.float64), vit).double().train()
+    images = torch.randn(2, 3, 224, 224, generator=generator, dtype=torch.float64)
+    out = head(images, torch.tensor([0, 3]))
+    assert out.patch_mask.shape == (2, 49) and (out.patch_mask.sum(1) == round(0.8 * 49)).all()
+    assert out.parts["pseudo_labels"].shape == (2, 49) and (out.parts["pseudo_labels"].sum(1) == 39).all()
+    assert [type(m) for m in head.patch_classifier] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear]
+    assert (head.patch_classifier[0].in_features, head.patch_classifier[0].out_features) == (4 * 12, 512)
+    assert head.p2a.in_features == head.context.shape[0] == 4 * 12
+    v = vit.patch_embed(images)  # (2, 196, 12), row-major on the 14x14 grid
+    groups = v.view(2, 7, 2, 7, 2, 12).permute(0, 1, 3, 2, 4, 5).reshape(2, 49, 4 * 12)  # group (i, j): 2i+p, 2j+q
+    mlp = head.patch_classifier
+    expected = mlp[2](torch.relu(mlp[0](groups))).squeeze(-1)
+    torch.testing.assert_close(out.parts["patch_logits"], expected, rtol=1e-12, atol=1e-12)
+
+
 def test_inference_runs_only_the_contextualised_pass(generator, monkeypatch):
     head = make_head(torch.float64, generator).eval()
     monkeypatch.setattr(head.rollout, "from_model", lambda *a: pytest.fail("rollout pass ran without labels"))
@@ -225,9 +251,9 @@ def test_inference_runs_only_the_contextualised_pass(generator, monkeypatch):
 
 
 def test_builds_from_a_timm_name_and_without_word_vectors():
-    head = SVIPHead(torch.rand(C, K), "vit_tiny_patch16_224", img_size=32, backbone_kwargs=dict(depth=1), num_keep=2)
-    assert head.backbone.num_classes == 0 and head.word_to_patch is None and head.context.shape == (192,)
-    out = head(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
+    head = SVIPHead(torch.rand(C, K), "vit_tiny_patch16_224", img_size=64, backbone_kwargs=dict(depth=1), num_keep=2)
+    assert head.backbone.num_classes == 0 and head.word_to_patch is None and head.context.shape == (4 * 192,)
+    out = head(torch.randn(2, 3, 64, 64), torch.tensor([0, 1]))
     out.loss.backward()
     assert out.logits.shape == (2, C) and (out.patch_mask.sum(1) == 2).all() and head.context.grad is not None
 
@@ -254,7 +280,7 @@ def test_bad_input_raises_clear_errors(generator):
         SVIPHead(ca, None, embed_dim=D, pool="mean")
     with pytest.raises(ValueError, match="backend"):
         SVIPHead(ca, None, embed_dim=D, backend="metal")
-    head = SVIPHead(ca, None, embed_dim=D, num_keep=M)
+    head = SVIPHead(ca, None, embed_dim=D, num_keep=M, merge_patches=False)
     with pytest.raises(ValueError, match="backend"):
         head.set_backend("metal")
     tokens, maps = make_tokens(torch.float32, generator)
@@ -265,8 +291,14 @@ def test_bad_input_raises_clear_errors(generator):
         head(tokens=tokens.double())
     with pytest.raises(ValueError, match="no backbone"):
         head(torch.rand(B, 3, 32, 32), tokens=tokens)
-    with pytest.raises(ValueError, match="num_keep M=20 exceeds the N=16"):
-        SVIPHead(ca, None, embed_dim=D, num_keep=20)(tokens=tokens)
+    with pytest.raises(ValueError, match="num_keep M=20 exceeds the N'=16 patches"):
+        SVIPHead(ca, None, embed_dim=D, num_keep=20, merge_patches=False)(tokens=tokens)
+    with pytest.raises(ValueError, match=r"num_keep M=10 exceeds the N'=4 merged patches \(2x2 groups\)"):
+        SVIPHead(ca, None, embed_dim=D, num_keep=M)(tokens=tokens)
+    with pytest.raises(ValueError, match=r"merge_patches=True .* even patch grid, got \(3, 3\)"):
+        SVIPHead(ca, None, embed_dim=D, num_keep=2)(tokens=tokens[:, :10])
+    with pytest.raises(ValueError, match=r"merge_patches=True .* even patch grid, got \(2, 3\)"):
+        SVIPHead(ca, None, embed_dim=D, grid_size=(2, 3))
     with pytest.raises(ValueError, match="needs attentions"):
         head(tokens=tokens, labels=labels)
     with pytest.raises(ValueError, match=r"labels holds the label 5, outside \[0, 5\)"):

@@ -139,11 +139,13 @@ def test_temperatures_and_scales_must_be_finite_and_positive(value):
         "ILPGLoss": lambda: losses.ILPGLoss(tau=value),
         "pcr_loss": lambda: losses.pcr_loss(torch.randn(5, 4), None, torch.tensor([0, 1]), tau=value),
         "MemoryBankGuidedFusion": lambda: MemoryBankGuidedFusion(8, 3, 5, 4, threshold=0.1, alpha=1.0, scale=value),
+        "MemoryBankGuidedFusion ": lambda: MemoryBankGuidedFusion(8, 3, 5, 4, threshold=0.1, alpha=1.0, scale=1.0,
+                                                                  kl_scale=value),
     }
     for name, call in calls.items():
         error = _error(call)
         assert error is not None and error[0] is ValueError, (name, error)
-        assert name in error[1] and ("scale" in error[1] or "tau" in error[1]), error
+        assert name.strip() in error[1] and ("scale" in error[1] or "tau" in error[1]), error
 
 
 @pytest.mark.parametrize("value", [NAN, INF])

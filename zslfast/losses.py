@@ -36,6 +36,7 @@ pseudo-labels in [0, 1]) are skipped under torch.compile, where they would force
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -194,7 +195,9 @@ def pcr_loss(
 class ILPGLoss(nn.Module):
     """ILPG Eq. 12: L = IPM + lambda_sas SAS + lambda_vsr VSR + lambda_pcr PCR (each a batch mean, see above).
 
-    ``unseen_classes`` (ids, 0-based) enable SAS; None skips it (its part is 0). ``forward(logits, labels, e, s,
+    ``unseen_classes`` (ids, 0-based) enable SAS; None skips it (its part is 0), and while lambda_sas > 0 the first
+    forward warns once, naming ``unseen_classes`` (the paper's ablation: CUB's H 75.6 -> 48.0 without SAS); give
+    lambda_sas=0 to train without SAS knowingly. ``forward(logits, labels, e, s,
     w=None)`` -> (total, {"ipm", "sas", "vsr", "pcr"}: the unweighted parts). Terms whose lambda is 0 are not
     computed. ``ILPGLoss.from_preset("CUB"|"SUN"|"AwA2")`` uses the paper's lambdas; tau defaults to 0.1 (the
     paper gives none).
@@ -221,6 +224,7 @@ class ILPGLoss(nn.Module):
         unseen = None if unseen_classes is None else check_class_ids(fn, "unseen_classes", unseen_classes, None)
         self.register_buffer("unseen_classes", unseen, persistent=False)
         self._unseen_checked_for = None
+        self._warned_no_unseen = False
 
     @classmethod
     def from_preset(cls, name: str, *, tau: float = DEFAULT_TAU, unseen_classes=None, **overrides) -> "ILPGLoss":
@@ -264,6 +268,13 @@ class ILPGLoss(nn.Module):
         _check_w(fn, w, batch, num_classes, s.shape[1])
         labels = _check_labels(fn, labels, batch, num_classes)
 
+        if self.unseen_classes is None and self.lambda_sas and not self._warned_no_unseen:
+            self._warned_no_unseen = True
+            warnings.warn(
+                f"{fn}: unseen_classes=None, so the SAS term (Eq. 9, lambda_sas={self.lambda_sas}) is skipped; give "
+                f"unseen_classes (e.g. ILPG(..., unseen_classes=ids)), or lambda_sas=0 to train without SAS",
+                UserWarning, stacklevel=3,
+            )
         zero = logits.new_zeros(())
         parts = {"ipm": _ipm(logits, labels), "sas": zero, "vsr": zero, "pcr": zero}
         total = parts["ipm"]

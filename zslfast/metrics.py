@@ -1,6 +1,12 @@
-"""ZSL evaluation as in Xian et al. 2017 (the protocol ILPG, SVIP, SAGE and the rest report): per-class mean
-top-1 accuracy, conventional ZSL (CZSL) over the unseen classes, and generalized ZSL (GZSL) U, S, H with
-calibrated stacking (Chao et al. 2016).
+"""ZSL evaluation as in Xian et al. 2017: per-class mean top-1 accuracy, conventional ZSL (CZSL) over the unseen
+classes, and generalized ZSL (GZSL) U, S, H; zslfast adds calibrated stacking (Chao et al. 2016).
+
+What the papers report: ILPG follows Xian et al. 2017 (average per-class top-1; CZSL on the unseen images; GZSL
+S, U and H); SVIP measures top-1 accuracy in ZSL and GZSL (S, U, H) following Xian et al.; SAGE reports A_zsl,
+A_u, A_s and H. None of the three texts mentions calibrated stacking: their protocol is the plain argmax,
+``gzsl_accuracy``'s default gamma=0. SVIP's released code also reports "stacked" accuracies (a bias swept over
+[-1, 1) added to the unseen classes' softmax probabilities, the best H on the test images). ``gamma`` > 0 and
+``gamma_sweep`` are calibrated stacking; a gamma chosen on the test split gives an optimistic H.
 
     per_class_accuracy(pred (N,), labels (N,), classes=None)   mean over the classes present of each class's top-1
     czsl_accuracy(scores (N, C), labels (N,), unseen_classes)  argmax restricted to the unseen classes' columns

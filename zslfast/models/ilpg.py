@@ -2,7 +2,11 @@
 
     regions  I (B, R, Dv)   frozen timm ResNet-101 feature map, 7x7x2048 -> R=49, Dv=2048 (or precomputed)
     g        (B, Dg)        frozen timm DINOv2 ViT-S/14 pooled feature, Dg=384 (or precomputed)
-    Ẽ        (B, K)         AVL, Eq. 2-4: cos(softmax(A W_q (I W_k)ᵀ/√d) I W_v, A), zslfast.attribute_attention
+    H        (B, R, de)     AVL's encoder (§3: "we adopt the widely-validated encoder–decoder architecture"), as
+                            TransZero's: Linear(Dv, de), then ``encoder_layers`` post-norm transformer layers over the
+                            R regions (self-attention, FFN, each with its residual and LayerNorm); de = Da by default
+    Ẽ        (B, K)         AVL's decoder, Eq. 2-4: cos(softmax(A W_q (H W_k)ᵀ/√d) H W_v, A),
+                            zslfast.attribute_attention
     logits   (B, C)         IDPP + APC, Eq. 5-6: <Ẽ, W ⊙ S + S>, zslfast.prototype_scores (S_W never formed)
     loss                    Eq. 12: IPM + λ_SAS·SAS + λ_VSR·VSR + λ_PCR·PCR (zslfast.losses.ILPGLoss), the VSR and
                             PCR terms fed w[b, y_b] (B, K) only
@@ -10,6 +14,25 @@
 A (K, Da) are the attribute word vectors (GloVe, Da=300), S (C, K) the class attribute matrix of every class, seen
 and unseen. ``backend="reference"`` (or ``set_backend("reference")``) runs every op's plain PyTorch reference:
 the same model and parameters, for checking the fused path and for timing against it.
+
+Parameters at CUB (Dv 2048, Da = d = de 300, K 312, C 200, Dg 384, J 512), against the paper's Table 3:
+    AVL     1,555,112 = encoder 1,285,112 (Linear 614,700; one layer of 1 head, FFN 512: 670,412) + Eq. 2's W_q,
+            W_k, W_v 270,000. Table 3 gives 3.31M for ILPG without IDPP. The paper's text describes no more than
+            this; TransZero's code, which the paper's encoder–decoder follows, also has an unused second region
+            embedding, an attribute embedding, self-attention and an FFN in its decoder, and its V and W_1: about
+            3.2M, near Table 3 but none of it in the paper's equations. ``encoder_layers=0`` leaves the encoder out
+            (Eq. 2-4 straight on the regions, 1,318,800 parameters at CUB).
+    IDPP    weights="attribute": 357,176 (Table 3's 3.67M - 3.31M = 0.36M); weights="full": 32,208,320.
+W's form is the paper's open contradiction: Eq. 5 personalises S, (C, K), by W ⊙ S, and §3 speaks of each
+image's own prototype set, which reads as a W per class and attribute ("full"); Table 3's IDPP budget holds only
+a W per attribute shared by the classes ("attribute"). The default is "full", zslfast's choice: the most general
+reading of Eq. 5, which prototype_scores runs without forming S_W (or W itself, "factored"); weights="attribute"
+is the model Table 3 measures.
+
+Choices where the paper is silent: the encoder's width (de = Da), depth (1), heads (1), FFN width (512) and
+activation (ReLU) are TransZero's CUB configuration; its dropout is 0 here (TransZero's 0.4: ``encoder_dropout``),
+so two runs of one model on two backends take identical steps; no positional encoding (TransZero's geometry
+bias is not in the paper).
 """
 
 from __future__ import annotations
@@ -23,7 +46,7 @@ from .._backend import set_module_backend
 from ..losses import ILPGLoss
 from ..nn.attention import AttributeCrossAttention
 from ..nn.prototype import InstancePrototypeClassifier
-from ..validation import check_width
+from ..validation import check_int, check_number, check_width
 from ._weights import (
     PathLike, apply_checkpoint, check_pretrained, is_path, read_checkpoint, timm_backbone, unused_pretrained,
 )
@@ -41,6 +64,26 @@ def _frozen(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+class RegionEncoder(nn.Module):
+    """AVL's encoder: regions (B, R, Dv) -> Linear(Dv, dim) -> ``layers`` post-norm transformer encoder layers
+    (nn.TransformerEncoderLayer: self-attention over the R regions, ReLU FFN, residuals and LayerNorms) -> (B, R, dim).
+    """
+
+    def __init__(self, dim_visual: int, dim: int, layers: int = 1, heads: int = 1, ffn_dim: int = 512,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.embed = nn.Linear(dim_visual, dim)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(dim, heads, ffn_dim, dropout, batch_first=True) for _ in range(layers)
+        )
+
+    def forward(self, regions: torch.Tensor) -> torch.Tensor:
+        x = self.embed(regions)
+        for layer in self.layers:
+            x = layer(x)
+        return x
 
 
 def _pretrained_sources(pretrained) -> dict:
@@ -71,10 +114,16 @@ class ILPG(nn.Module):
         attribute_vectors: A (K, Da), the attribute word vectors; a buffer.
         region_dim: Dv of the region features; signature_dim: Dg of the instance signatures.
         attn_dim: d, the query/key width of the AVL attention (default Da).
+        encoder_layers: the AVL encoder's transformer layers (default 1; 0: no encoder, Eq. 2-4 on the regions).
+        encoder_dim, encoder_heads, encoder_ffn_dim, encoder_dropout: its width de (default Da), heads, FFN width
+            and dropout (module docstring).
         hidden_dim, weights: the instance semantic generator's width and weight form ("full", "attribute",
             "factored"; see zslfast.nn.InstancePrototypeClassifier).
-        loss: an ILPGLoss (default: ILPGLoss.from_preset(preset) when ``preset`` is given, else the CUB weights),
-            ``unseen_classes`` (U,) for its SAS term.
+        unseen_classes: (U,) the unseen class ids, for the SAS term (Eq. 9). None: no SAS, and the first forward
+            with labels warns once naming ``unseen_classes``; to train without SAS knowingly, give a loss with
+            lambda_sas=0 (``loss=ILPGLoss.from_preset("CUB", lambda_sas=0)``).
+        loss: an ILPGLoss (default: ILPGLoss.from_preset(preset) when ``preset`` is given, else the CUB weights,
+            with ``unseen_classes``).
         backbone, instance_encoder: timm model names, built (frozen) only with ``build_backbones=True``.
         pretrained: the two timm models' weights: False (random, the default here: no downloads), True (timm
             downloads them), or a dict {"backbone": ..., "instance_encoder": ...} of False / True / the path of a
@@ -95,6 +144,11 @@ class ILPG(nn.Module):
         region_dim: int = 2048,
         signature_dim: int = 384,
         attn_dim: Optional[int] = None,
+        encoder_layers: int = 1,
+        encoder_dim: Optional[int] = None,
+        encoder_heads: int = 1,
+        encoder_ffn_dim: int = 512,
+        encoder_dropout: float = 0.0,
         hidden_dim: int = 512,
         weights: str = "full",
         unseen_classes: Optional[torch.Tensor] = None,
@@ -122,9 +176,24 @@ class ILPG(nn.Module):
                 f"{tuple(class_attributes.shape)}), got {tuple(attribute_vectors.shape)}"
             )
         Da = attribute_vectors.shape[1]
+        check_int("ILPG", "region_dim", region_dim)
+        check_int("ILPG", "encoder_layers", encoder_layers, minimum=0)
+        encoder_dim = Da if encoder_dim is None else check_int("ILPG", "encoder_dim", encoder_dim)
+        check_int("ILPG", "encoder_heads", encoder_heads)
+        check_int("ILPG", "encoder_ffn_dim", encoder_ffn_dim)
+        if encoder_dim % encoder_heads:
+            raise ValueError(f"ILPG: encoder_dim={encoder_dim} must be a multiple of encoder_heads={encoder_heads}")
+        if not 0 <= check_number("ILPG", "encoder_dropout", encoder_dropout) < 1:
+            raise ValueError(f"ILPG: encoder_dropout must be in [0, 1), got {encoder_dropout!r}")
+        self.region_dim = region_dim
         self.register_buffer("class_attributes", class_attributes.detach().clone())
         self.register_buffer("attribute_vectors", attribute_vectors.detach().clone())
-        self.avl = AttributeCrossAttention(region_dim, Da, attn_dim or Da, score="cosine", backend=backend)
+        self.region_encoder = None
+        if encoder_layers:
+            self.region_encoder = RegionEncoder(region_dim, encoder_dim, encoder_layers, encoder_heads,
+                                                encoder_ffn_dim, encoder_dropout)
+        avl_in = encoder_dim if encoder_layers else region_dim
+        self.avl = AttributeCrossAttention(avl_in, Da, attn_dim or Da, score="cosine", backend=backend)
         self.apc = InstancePrototypeClassifier(
             signature_dim, K, C, hidden_dim=hidden_dim, weights=weights, backend=backend
         )
@@ -188,9 +257,11 @@ class ILPG(nn.Module):
                 f"ILPG: regions must be (B, R, Dv) and signatures (B, Dg) with the same B, got "
                 f"{tuple(regions.shape)} and {tuple(signatures.shape)}"
             )
-        check_width("ILPG", "regions", regions, self.avl.W_k.in_features, "(B, R, Dv)", "Dv")
+        check_width("ILPG", "regions", regions, self.region_dim, "(B, R, Dv)", "Dv")
         check_width("ILPG", "signatures", signatures, self.apc.hidden[0].in_features, "(B, Dg)", "Dg")
         s = self.class_attributes
+        if self.region_encoder is not None:
+            regions = self.region_encoder(regions)
         e = self.avl(regions, self.attribute_vectors)  # Ẽ (B, K)
         logits, hidden = self.apc(e, signatures, s)
         if labels is None:

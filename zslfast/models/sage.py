@@ -11,21 +11,26 @@ of scale s (K_s attributes, a partition of the K), R_s the patches of scale s.
     MSFE        F_{l,0} = Conv(X_l)            (B, R_0, d)  P⁻: depthwise k2 s2 -> ceil(h/2) x ceil(w/2) (coarse)
                 F_{l,1} = X_l                  (B, R_1, d)  P:  identity, R_1 = N
                 F_{l,2} = ConvTranspose(X_l)   (B, R_2, d)  P⁺: depthwise k2 s2 -> 2h x 2w (fine)
-    AMCL        A = φ(W)        (K, d)   φ = Linear(GELU(Linear(LayerNorm(.))))  (Dw -> expansion·Dw -> d),
-                                         the attribute mixer on the attribute word vectors W (K, Dw)
+    AMCL        T = W + MLP_K(LayerNorm(W)ᵀ)ᵀ  (K, Dw)   the Attribute-Mixer's step across the attributes on the
+                                         word vectors W (K, Dw): a token-mixing MLP (K -> expansion·K -> K), the
+                                         paper's "learn[s] implicit relationships among attributes"
+                A = φ(T)        (K, d)   φ = Linear(GELU(Linear(LayerNorm(.))))  (Dw -> expansion·Dw -> d)
                 a_y = S[y] A    (d,)     a class's attribute-level embedding (Eq. 1)
-                c_y = φ(S[y] W) (d,)     a class's class-level embedding: the mixer on the class's word vector (Eq. 2)
+                c_y = φ(S[y] T) (d,)     a class's class-level embedding: φ on the class's mixed word vector (Eq. 2)
     VSA         attribute queries over the patches, softmax over the patches (zslfast.attribute_attention):
                 u_{l,s}[b, i] = cos(P_vsa F, A_i),  P_vsa = softmax_r((A W_vsa)_i · F_r / √d)     i ∈ G_s
                 m^vsa_{l,s}[b, i] = max_r P_vsa[b, i, r]        (return_max="attention": Eq. 3's MaxPool(W_s))
-    SVA         each patch's softmax over the attributes (softmax_over="queries"):
-                v_{l,s}[b, i] = cos(Σ_r P_sva[b, i, r] F_r, A_i),
-                P_sva[b, :, r] = softmax_i((A W_sva)_i · F_r / √d)
+    SVA         each patch a query, the semantic vectors "both key and value" (the paper), softmax over the
+                attributes (zslfast.attribute_attention with the patches as its queries):
+                o_{l,s}[b, r] = Σ_{i ∈ G_s} P_sva[b, i, r] A_i   (d,), in the span of the subset's A_i
+                P_sva[b, :, r] = softmax_i(F_r · (A W_sva)_i / √d)
+                v_{l,s}[b, i] = cos(mean_r o_{l,s}[b, r], A_i)    the patches' mean semantic reading vs attribute i
                 m^sva_{l,s}[b, i] = max_r P_sva[b, i, r]        (Eq. 4's softmax(W_v), pooled over the patches)
     Z_m         (B, K)   branch m = (l, s): ½(u + v) on the attributes of G_s, 0 elsewhere (the subset pairing)
     MBGF        zslfast.nn.MemoryBankGuidedFusion on Z (B, M, K) against the class attributes S (C, K):
                 Eq. 6-8 fusion -> Z (B, K), logits = σ cos(Z, S) (B, C) (Eq. 10, cosine_logits), Eq. 9 KL on the
-                failing branches of misclassified samples, then (training mode) the confidence-gated bank update
+                failing branches of misclassified samples, KL(softmax(σ' Z_m) || softmax(σ' Z~_y^m)), σ' =
+                ``kl_scale`` (default σ), then (training mode) the confidence-gated bank update
 
 Losses (labels y (B,) given; every term a mean over the batch):
     cls         CE(logits, y)                                                          Eq. 10, over all C classes
@@ -50,10 +55,12 @@ their gradients, is then the loss, and the gradient, of one process fed the glob
 is therefore collective there (as the bank's update already was in training mode): every rank calls it together;
 without labels (inference) it is local.
 
-Memory: on the fused path the attention maps stay inside the kernels (Eq. 3-4 read the (B, K_s) max of each
+Memory: on the fused path VSA's attention maps stay inside the kernels (Eq. 3 reads the (B, K_s) max of each
 row); only L_align needs them (Eq. 5 compares whole maps), so they are returned (return_attention=True,
-(L·B, K_s, R_s) per scale) only when λ_align > 0 and labels are given. The levels of a scale share their queries
-and are stacked along the batch: one VSA and one SVA call per scale, 6 calls per step.
+(L·B, K_s, R_s) per scale) only when λ_align > 0 and labels are given. SVA's map is returned whenever labels are
+given ((L·B, R_s, K_s): Eq. 4 takes its max over the patches, across the op's softmax), never at inference; its
+outputs o are (L·B, R_s, d). The levels of a scale share their queries and are stacked along the batch: one VSA
+and one SVA call per scale, 6 calls per step.
 
 Choices where the paper is silent (documented, all constructor arguments):
   * subsets: the paper groups attributes by hand. Given none (``attribute_groups=None``), attributes are ranked by
@@ -61,8 +68,18 @@ Choices where the paper is silent (documented, all constructor arguments):
     (coarse, abstract cues shared by many classes) is Global and goes with P⁻, the middle third Context with P,
     the least shared (class-specific details) Local with P⁺; ties by index, the first K mod 3 thirds one longer.
   * a_y in Eq. 6 and 10 is the class attribute vector S[y]: the branches predict attributes, as in every
-    attribute-based ZSL model; AMCL's embeddings act through the VSA/SVA queries and keys and Eq. 1-2.
+    attribute-based ZSL model; AMCL's embeddings act through the VSA queries, SVA's keys and values, and Eq. 1-2.
   * Eq. 10's similarity gets a scale σ (default 10): plain cosines in [-1, 1] cannot train a softmax over C classes.
+    Eq. 9's softmaxes get the same σ (``kl_scale``): over branch features of cosines in [-1, 1] they are near
+    uniform, and the term is inert (measured on CUB-shaped data, C 200, K 312, the bank filled: KL 0.001 against
+    5.2 for cls at an untrained model, gradient 0.04% of the rest's; with σ: KL 0.2, gradient about 8%).
+  * SVA's attribute scores (the paper gives SVA's output, not how it scores attributes): the cosine between each
+    attribute's semantic vector and the patches' mean output, mean_r o_r = Σ_i (mean_r P_sva[i, r]) A_i.
+  * the Attribute-Mixer's step across the attributes is a token-mixing MLP with a residual, the MLP-Mixer form of
+    "LayerNorm, dimension-expanding and dimension-reducing fully connected layers" (``mix_attributes=False``: the
+    per-attribute MLP alone, the layout of checkpoints saved before it).
+  * the backbone is frozen by default (``train_backbone=False``): zslfast's choice, for training on cached hidden
+    states. The paper trains "end-to-end" from a pretrained ViT: ``train_backbone=True``.
   * λ: the paper's main text gives no values (its appendix is not part of the text we have), so there are no
     per-dataset presets; defaults λ_cont 0.1, λ_attr 1, λ_align 0.1, λ_kl 1, τ 0.1, α (Eq. 7) 10, bank capacity 8,
     FIFO ("dequeue the oldest entries", the paper's last word on the update), and a confidence threshold of 2/C
@@ -93,10 +110,13 @@ from .. import _backend
 from ..losses import attention_alignment
 from ..nn.memory_bank import MemoryBankGuidedFusion
 from ..ops.attribute_attention import attribute_attention
+from ..ops.cosine_logits import cosine_logits
 from ..distributed import all_gather_rows, dist
 from ._vit import check_vit
 from ._weights import PathLike, apply_checkpoint, read_checkpoint, timm_backbone, unused_pretrained
-from ..validation import check_int, check_labels, check_number, check_option, check_positive, shape_str
+from ..validation import (
+    check_flag, check_int, check_labels, check_number, check_option, check_positive, shape_str,
+)
 
 _NAME = "SAGE"
 SCALES = ("global", "context", "local")  # paired with P⁻ (conv), P (identity), P⁺ (transposed conv)
@@ -162,16 +182,39 @@ def _as_groups(attribute_groups, num_attributes: int) -> torch.Tensor:
 
 
 class AttributeMixer(nn.Module):
-    """AMCL's mixer φ: LayerNorm, an expanding Linear, GELU, a reducing Linear: (..., Dw) -> (..., d)."""
+    """AMCL's Attribute-Mixer, MLP-Mixer style, on the K attribute word vectors W (K, Dw):
 
-    def __init__(self, dim_in: int, dim_out: int, expansion: int = 4):
+        T = W + (Linear(GELU(Linear(LayerNorm(W)ᵀ))))ᵀ     ``mix``: each feature mixed across the K attributes
+                                                         (K -> expansion·K -> K), with a residual
+        φ(x) = Linear(GELU(Linear(LayerNorm(x))))        ``embed``: (..., Dw) -> (..., d), per vector
+        A = φ(T) (K, d)                                  ``forward``
+
+    ``mix_attributes=False`` leaves out the mixing across attributes (T = W)."""
+
+    def __init__(self, num_attributes: int, dim_in: int, dim_out: int, expansion: int = 4,
+                 mix_attributes: bool = True):
         super().__init__()
         self.norm = nn.LayerNorm(dim_in)
         self.expand = nn.Linear(dim_in, expansion * dim_in)
         self.reduce = nn.Linear(expansion * dim_in, dim_out)
+        self.token_norm = self.token_expand = self.token_reduce = None
+        if mix_attributes:
+            self.token_norm = nn.LayerNorm(dim_in)
+            self.token_expand = nn.Linear(num_attributes, expansion * num_attributes)
+            self.token_reduce = nn.Linear(expansion * num_attributes, num_attributes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def mix(self, w: torch.Tensor) -> torch.Tensor:
+        """W (K, Dw) -> T (K, Dw): the token-mixing step across the attributes (identity when off)."""
+        if self.token_norm is None:
+            return w
+        return w + self.token_reduce(F.gelu(self.token_expand(self.token_norm(w).T))).T
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """φ: (..., Dw) -> (..., d)."""
         return self.reduce(F.gelu(self.expand(self.norm(x))))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.embed(self.mix(w))
 
 
 class MultiScaleBranches(nn.Module):
@@ -261,14 +304,17 @@ class SAGE(nn.Module):
             (precomputed hidden states; then ``embed_dim`` is required).
         attribute_word_embeddings: W (K, Dw), the attributes' word vectors (Word2Vec/GloVe); a buffer. Required.
         build_backbone: False with a name: no backbone is built (precomputed hidden states, no timm import).
-        train_backbone: fine-tune the ViT (False: frozen, run without gradients in eval mode).
+        train_backbone: whether the ViT trains. The paper trains "end-to-end" (train_backbone=True); the default
+            False is zslfast's choice, the model of cached hidden states: frozen, run without gradients in eval mode.
         levels: the blocks whose outputs are the levels (default the last three: (-3, -2, -1)).
         embed_dim, num_prefix_tokens, grid_size: D, P and (h, w) of the precomputed hidden states (default P=1, a
             square grid); taken from the backbone when there is one.
-        dim: d, the model width (attention, values, attribute embeddings).  mixer_expansion: φ's expansion.
+        dim: d, the model width (attention, values, attribute embeddings).  mixer_expansion: the mixer's
+            expansion (both MLPs).  mix_attributes: the mixer's step across the attributes (False: per attribute).
         attribute_groups: None (the prevalence rule), (K,) ids in {0 Global, 1 Context, 2 Local}, or three index
             lists (global, context, local): a partition of the attributes.
-        scale: σ of Eq. 10.  alpha: Eq. 7's temperature.  tau: Eq. 1-2's temperature.
+        scale: σ of Eq. 10.  kl_scale: the factor on Z_m and its prototype in Eq. 9's softmaxes (None: σ).
+        alpha: Eq. 7's temperature.  tau: Eq. 1-2's temperature.
         lambda_cont, lambda_attr, lambda_align, lambda_kl: Eq. 11's weights.
         bank_capacity, bank_threshold, bank_policy: the memory bank's queue length, confidence gate (None: 2/C,
             twice chance), policy.
@@ -294,8 +340,10 @@ class SAGE(nn.Module):
         grid_size: Optional[tuple] = None,
         dim: int = 256,
         mixer_expansion: int = 4,
+        mix_attributes: bool = True,
         attribute_groups=None,
         scale: float = 10.0,
+        kl_scale: Optional[float] = None,
         alpha: float = 10.0,
         tau: float = 0.1,
         lambda_cont: float = DEFAULT_LOSS_WEIGHTS["lambda_cont"],
@@ -348,6 +396,7 @@ class SAGE(nn.Module):
         check_int(_NAME, "num_prefix_tokens", num_prefix_tokens, minimum=0)
         check_int(_NAME, "dim", dim)
         check_int(_NAME, "mixer_expansion", mixer_expansion)
+        check_flag(_NAME, "mix_attributes", mix_attributes)
         if grid_size is not None:
             if not isinstance(grid_size, (tuple, list)) or len(grid_size) != 2:
                 raise ValueError(f"{_NAME}: grid_size must be (h, w), got {grid_size!r}")
@@ -388,14 +437,16 @@ class SAGE(nn.Module):
         # the attribute ids of each subset, in attribute order (buffers: they move with .to())
         for g in range(3):
             self.register_buffer(f"_subset_{g}", torch.nonzero(groups == g).flatten(), persistent=False)
-        self.mixer = AttributeMixer(w.shape[1], dim, mixer_expansion)
+        self.mixer = AttributeMixer(K, w.shape[1], dim, mixer_expansion, mix_attributes)
         self.msfe = MultiScaleBranches(len(self.levels), embed_dim, dim)
         self.vsa_query = nn.Linear(dim, dim, bias=False)  # attribute queries of VSA (softmax over the patches)
         self.sva_query = nn.Linear(dim, dim, bias=False)  # attribute keys of SVA (softmax over the attributes)
         self.mbgf = MemoryBankGuidedFusion(
             K, 3 * len(self.levels), C, bank_capacity,
             threshold=2.0 / C if bank_threshold is None else check_number(_NAME, "bank_threshold", bank_threshold),
-            alpha=check_number(_NAME, "alpha", alpha), scale=self.scale, policy=bank_policy, backend=backend,
+            alpha=check_number(_NAME, "alpha", alpha), scale=self.scale,
+            kl_scale=self.scale if kl_scale is None else check_positive(_NAME, "kl_scale", kl_scale),
+            policy=bank_policy, backend=backend,
         )
         if saved is not None:
             apply_checkpoint(self, _NAME, *saved)
@@ -498,8 +549,9 @@ class SAGE(nn.Module):
 
         # MSFE, all levels at once; each scale's levels come stacked along the batch: (L·B, R_s, d).
         features = self.msfe(torch.stack([h[:, P:] for h in states]), grid)  # per scale (L·B, R_s, d)
-        attributes = self.mixer(self.attribute_word_embeddings.to(s.dtype))  # A (K, d)
-        vsa_q, sva_q = self.vsa_query(attributes), self.sva_query(attributes)
+        mixed = self.mixer.mix(self.attribute_word_embeddings.to(s.dtype))  # T (K, Dw)
+        attributes = self.mixer.embed(mixed)  # A (K, d)
+        vsa_q, sva_k = self.vsa_query(attributes), self.sva_query(attributes)
 
         training = labels is not None
         want_maps = training and self.lambda_align > 0
@@ -509,20 +561,28 @@ class SAGE(nn.Module):
         attr_sem = attr_vis = align = s.new_zeros(())
         for scale, (feats, subset) in enumerate(zip(features, self.subsets())):
             a, R = attributes[subset], feats.shape[1]
-            common = dict(return_attention=want_maps, return_max=want_max, backend=self.backend)
-            vsa = attribute_attention(vsa_q[subset], feats, feats, a, **common)
-            sva = attribute_attention(sva_q[subset], feats, feats, a, softmax_over="queries", **common)
-            if not training:
-                vsa, sva = (vsa,), (sva,)
+            vsa = attribute_attention(vsa_q[subset], feats, feats, a, return_attention=want_maps,
+                                      return_max=want_max, backend=self.backend)
+            # SVA: the patches query the subset's attributes, whose semantic vectors are the keys (through W_sva)
+            # and the values: each patch's output lies in their span. Its map is needed in training for Eq. 4's
+            # max over the patches (the op's own max runs over the keys, the attributes here).
+            keys, values = sva_k[subset].expand(len(feats), -1, -1), a.expand(len(feats), -1, -1)
+            sva = attribute_attention(feats, keys, values, score=None, return_attention=training,
+                                      backend=self.backend)
+            sva_out = sva[0] if training else sva  # (L·B, R_s, d)
+            sva_scores = cosine_logits(sva_out.mean(dim=1), a, 1.0, backend=self.backend)  # (L·B, K_s)
+            vsa_scores = vsa[0] if training else vsa
             # Z_m on this scale's subset (index_copy keeps the rest 0 and routes the gradient to the subset).
-            z.append(s.new_zeros(L, B, K).index_copy(2, subset, (0.5 * (vsa[0] + sva[0])).view(L, B, -1)))
+            z.append(s.new_zeros(L, B, K).index_copy(2, subset, (0.5 * (vsa_scores + sva_scores)).view(L, B, -1)))
             if not training:
                 continue
+            sva_map = sva[1].transpose(1, 2)  # (L·B, K_s, R_s), each patch's softmax over the attributes
             target = s[labels][:, subset]  # (B, K_s)
             attr_sem = attr_sem + (vsa[-1].view(L, B, -1) - target).square().sum(dim=(0, 2)).mean()  # Eq. 3
-            attr_vis = attr_vis + (sva[-1].view(L, B, -1) - target).square().sum(dim=(0, 2)).mean()  # Eq. 4
+            sva_max = sva_map.max(dim=2).values  # the gradient to one arg-max (amax would split it over ties)
+            attr_vis = attr_vis + (sva_max.view(L, B, -1) - target).square().sum(dim=(0, 2)).mean()  # Eq. 4
             if want_maps:  # Eq. 5: each map as a distribution over its (attribute, patch) pairs
-                kl = attention_alignment(vsa[1], sva[1], 1.0 / subset.numel(), 1.0 / R)  # (L·B,)
+                kl = attention_alignment(vsa[1], sva_map, 1.0 / subset.numel(), 1.0 / R)  # (L·B,)
                 align = align + kl.view(L, B).sum(dim=0).mean()
         branches = torch.stack(z, dim=2).transpose(0, 1).reshape(B, 3 * L, K)  # (B, M, K), m = 3 l + scale
         fused = self.mbgf(branches, s, labels)
@@ -541,8 +601,7 @@ class SAGE(nn.Module):
             kl = kl * ((world * active).to(kl.dtype) / total.clamp_min(1).to(kl.dtype))
         s_batch = s[batch_labels]  # (B, K)
         cont_attr = _contrastive(s_batch @ attributes, batch_labels, self.tau)  # Eq. 1: a_y = S[y] A
-        cont_cls = _contrastive(self.mixer(s_batch @ self.attribute_word_embeddings.to(s.dtype)), batch_labels,
-                                self.tau)
+        cont_cls = _contrastive(self.mixer.embed(s_batch @ mixed), batch_labels, self.tau)  # Eq. 2: c_y = φ(S[y] T)
         loss = (
             cls
             + self.lambda_cont * (cont_attr + cont_cls)

@@ -20,7 +20,8 @@ MemoryBankGuidedFusion (SAGE Eqs. 6-9), branch features Z (B, M, D), class embed
     active[b, m] = (argmax logits[b] != y[b])                          the fused prediction is wrong
                    and max_{c != y[b]} cos(Z[b, m], a[c]) > s[b, m]    the branch prefers a wrong class
                    and queue (y[b], m) is non-empty
-    kl_loss  = memory_bank_kl(Z, bank prototypes, y, active)           (Eq. 9, before this batch's update)
+    kl_loss  = memory_bank_kl(kl_scale Z, kl_scale protos, y, active)  (Eq. 9 with a temperature 1/kl_scale,
+                                                                        before this batch's update)
     then, in training mode only, the bank is offered the detached Z with confidence
     conf[b, m] = softmax_c(scale * cos(Z[b, m], a[c]))[y[b]]           (branch m's probability of the true class)
     (a branch whose feature holds NaN/inf has a NaN confidence: its offer is dropped, the rest still train)
@@ -180,6 +181,7 @@ class MemoryBankGuidedFusion(nn.Module):
         threshold: float,
         alpha: float,
         scale: float,
+        kl_scale: float = 1.0,
         policy: str = "fifo",
         backend: Optional[str] = None,
         device=None,
@@ -189,6 +191,7 @@ class MemoryBankGuidedFusion(nn.Module):
         super().__init__()
         self.alpha = check_number("MemoryBankGuidedFusion", "alpha", alpha)
         self.scale = check_positive("MemoryBankGuidedFusion", "scale", scale)
+        self.kl_scale = check_positive("MemoryBankGuidedFusion", "kl_scale", kl_scale)
         self.backend = backend
         self.bank = MemoryBank(
             num_classes, num_branches, capacity, dim, threshold=threshold, policy=policy, device=device,
@@ -205,7 +208,7 @@ class MemoryBankGuidedFusion(nn.Module):
         self._backend = check_module_backend("MemoryBankGuidedFusion", backend, specs)
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, scale={self.scale}"
+        return f"alpha={self.alpha}, scale={self.scale}, kl_scale={self.kl_scale}"
 
     def forward(self, z: torch.Tensor, class_emb: torch.Tensor, labels: Optional[torch.Tensor] = None) -> MBGFOutput:
         op = "MemoryBankGuidedFusion"
@@ -241,7 +244,10 @@ class MemoryBankGuidedFusion(nn.Module):
             protos, valid = bank.prototypes()
             queue_ready = valid[target]  # (B, M)
             active = wrong[:, None] & branch_fails & queue_ready
-        kl_loss = memory_bank_kl(z, protos.to(z.dtype), target, active, backend=backend)
+        z_kl, protos = z, protos.to(z.dtype)
+        if self.kl_scale != 1:  # the temperature of Eq. 9's two softmaxes
+            z_kl, protos = z * self.kl_scale, protos * self.kl_scale
+        kl_loss = memory_bank_kl(z_kl, protos, target, active, backend=backend)
         if self.training:
             with torch.no_grad():
                 conf = torch.softmax(self.scale * cos_d, dim=2).gather(2, index).squeeze(2)

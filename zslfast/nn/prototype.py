@@ -2,8 +2,9 @@
 
     hidden = act(g @ W1 + b1)                         the instance semantic generator h(g), (B, J)
     w      = hidden @ U + bias                        ILPG's personalised weights W, one of three forms:
-        "full"       (B, C, K)  one weight per instance, class and attribute (the paper's W ⊙ S)
-        "attribute"  (B, K)     one weight per instance and attribute, shared by all classes
+        "full"       (B, C, K)  one weight per instance, class and attribute (Eq. 5's W ⊙ S read per class)
+        "attribute"  (B, K)     one weight per instance and attribute, shared by all classes (the size of
+                                ILPG's Table 3; zslfast.models.ilpg states the contradiction)
         "factored"   (B, C, K)  the same model as "full", but w is never formed: the last layer is fused into
                                 zslfast.prototype_scores_factored (logits = GEMMs over (h ⊗ e) and U ⊙ S)
     logits[b, c] = <e[b], S_W[b, c]>,  S_W[b, c] = w[b, c] ⊙ s[c] + s[c]   (Eq. 5-6, S_W never materialised)
