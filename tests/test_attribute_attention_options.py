@@ -1,5 +1,5 @@
 """attribute_attention's drop-in options (the papers' variants, one call each) against the float64 reference, on every
-backend available here: softmax_over "queries" (MSDN V2A, SAGE SVA), logit_activation "relu" (PSVMA AnyAttention),
+backend available here: softmax_over "queries" (MSDN V2A), logit_activation "relu" (PSVMA AnyAttention),
 return_max "attention" (GEM-ZSL, SAGE Eq. 3) and "logits" (PSVMA), alone and together, with return_attention; outputs
 and the gradients of q, k, v, ref and of a loss on the max and on the attention. Masks with fully masked samples,
 K=1, R=1, the R-tiled Triton path, what autograd keeps, bad options; and the papers' own eager formulas
@@ -29,7 +29,7 @@ OPTIONS = [
     ("keys", None, "attention", False),      # GEM-ZSL
     ("keys", None, "logits", True),
     ("keys", "relu", "logits", False),       # PSVMA
-    ("queries", None, "attention", False),   # SAGE SVA + Eq. 3's max
+    ("queries", None, "attention", False),   # over the queries with the attention's max
     ("queries", "relu", "logits", True),
     ("keys", "relu", "attention", True),
 ]

@@ -140,7 +140,7 @@ def attribute_attention(
     q (K, D) or (B, K, D), k (B, R, D), v (B, R, Dv), ref None | (K, Dv) | (B, K, Dv), mask None | (B, R) bool
     (True = token kept). S = act(q k^T) * scale, act = relu for logit_activation "relu" (PSVMA: before the
     scale), scale = D^-0.5 by default. P = softmax of S over the kept tokens r (softmax_over "keys") or, for each
-    kept r, over the K queries (softmax_over "queries": MSDN V2A, SAGE SVA); a masked token gets no weight from any
+    kept r, over the K queries (softmax_over "queries": MSDN V2A); a masked token gets no weight from any
     query, and a row with every token masked none anywhere (E = 0). E = P v (B, K, Dv). Masked tokens are
     selected away whatever their k and v hold (NaN, inf): nothing of them reaches the outputs or the other
     gradients, and their own gradients are 0.

@@ -24,7 +24,7 @@ Backward, g = dL/dout, iE = 1 / max(|E|, eps), iR = 1 / max(|ref|, eps), cos = o
 Options (the variants of MSDN, SAGE, PSVMA and GEM-ZSL, one call each), T = q k^T:
     logit_activation  None: S = scale T;  "relu": S = scale relu(T) (PSVMA's AnyAttention: before the scale)
     softmax_over      "keys": P above.  "queries": for each kept r, P[b, :, r] = softmax over the K queries of
-                      S[b, :, r] (MSDN V2A, SAGE SVA), 0 on a masked r; its lse is then per token: lse[b, r] =
+                      S[b, :, r] (MSDN V2A), 0 on a masked r; its lse is then per token: lse[b, r] =
                       log sum_i exp(S[b, i, r]) (B, R) (0 on a masked r). E and the score as above.
     return_max        "attention": M[b, i] = max over kept r of P[b, i, r] (GEM-ZSL, SAGE Eq. 3);  "logits": of
                       S[b, i, r] (PSVMA's max-pool). idx[b, i] = the first r reaching it (int32: saved for the
@@ -265,7 +265,7 @@ def attribute_attention(
         eps: the cosine score's norm clamp (default 1e-8, the papers' code).
         return_attention: also return the (B, K, R) probabilities (materialised only then; differentiable).
         softmax_over: "keys" (each query's softmax over the R tokens) or "queries" (each token's softmax over the K
-            queries: MSDN's V2A branch, SAGE's SVA); a masked token gets no weight from any query either way.
+            queries: MSDN's V2A branch); a masked token gets no weight from any query either way.
         logit_activation: None or "relu": ``relu(q k^T)`` before the scale (PSVMA's AnyAttention).
         return_max: None, "attention" or "logits": also return the (B, K) max over the kept tokens of the
             probabilities (GEM-ZSL, SAGE Eq. 3: ``MaxPool(W_s)``) or of the scaled, activated logits (PSVMA's
