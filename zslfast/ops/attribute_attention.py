@@ -66,7 +66,7 @@ Without a backward to come (no input requires grad, or grad mode off), E is not 
 
     "cpu"     C++ (csrc/cpu/attribute_attention.cpp): at::parallel_for over (b, query tiles), at::mm per tile,
               softmax and the cosine/dot epilogue and their gradients fused in row loops
-    "triton"  Triton forward and backward (zslfast/triton/attribute_attention.py); CUDA tensors, or CPU tensors
+    "triton"  Triton forward and backward (zslfast/triton/attribute_attention/); CUDA tensors, or CPU tensors
               under TRITON_INTERPRET=1. CUDA tensors always use Triton: there is no CUDA C++ kernel for this op
               (the issue asks for one only if it beats Triton, and no GPU was at hand to measure that).
 Sums over b (shared q, shared ref) run in a fixed order, without atomics: deterministic.
@@ -162,15 +162,14 @@ _TRITON_BACKWARD = triton_kernel("attribute_attention", "backward")
 
 def _triton_forward(q, k, v, ref, mask, scale, score, eps, return_attention, save_e, *options):
     score, *modes = _options(score, *options)
-    return _TRITON_FORWARD(q, k, v, ref, mask, scale, score, return_attention, save_e, eps, *modes)
+    return _TRITON_FORWARD(q, k, v, ref, mask, scale, score, eps, return_attention, save_e, *modes)
 
 
 def _triton_backward(grad, grad_attn, grad_max, q, k, v, ref, mask, e, lse, best, best_index, scale, score, eps,
                      output_mask, *options):
     score, *modes = _options(score, *options)
     return _TRITON_BACKWARD(
-        grad, grad_attn, q, k, v, ref, mask, e, lse, scale, score, output_mask, eps, *modes, grad_max, best,
-        best_index,
+        grad, grad_attn, grad_max, q, k, v, ref, mask, e, lse, best, best_index, scale, score, eps, output_mask, *modes
     )
 
 
