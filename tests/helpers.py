@@ -137,9 +137,9 @@ def tiled_r_cases(device, backend, generator, monkeypatch):
     """(q, k, v, ref, mask, score) over R = 40 with Triton's R tile forced to 16 (its R-tiled, online-softmax
     path), a whole tile of sample 1 masked: fp64 and fp32, shared q scored by cosine and per-sample q unscored."""
     if backend == "triton":
-        from zslfast.triton import attribute_attention as triton_module
+        from zslfast.triton.attribute_attention import config as triton_config
 
-        monkeypatch.setattr(triton_module, "MAX_BLOCK_R", 16)
+        monkeypatch.setattr(triton_config, "MAX_BLOCK_R", 16)
     B, K, R, D, Dv = 2, 5, 40, 10, 7
     for dtype in (torch.float64, torch.float32):
         for q_kind, score in (("shared", "cosine"), ("per", None)):

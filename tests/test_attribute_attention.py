@@ -172,13 +172,15 @@ def test_saved_activations_exclude_attention(device, backend, score, generator):
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
-def test_only_requested_gradients(device, backend, generator):
-    """Frozen attribute vectors (q, ref without grad): only grad_k, grad_v are asked for, and they are exact."""
-    q, k, v, ref = make_inputs(3, 4, 5, 6, 3, "shared", "shared", torch.float64, device, generator)
-    k.requires_grad_()
-    v.requires_grad_()
-    got = torch.autograd.grad(zslfast.attribute_attention(q, k, v, ref, backend=backend).sum(), [k, v])
-    want = torch.autograd.grad(reference.attribute_attention(q, k, v, ref).sum(), [k, v])
+@pytest.mark.parametrize("wanted", ["k v", "v ref"])
+def test_only_requested_gradients(device, backend, wanted, generator):
+    """Only some inputs require grad, and their gradients are exact: frozen attribute vectors (q, ref: grad_k,
+    grad_v), or frozen queries and keys (grad_v, grad_ref: no softmax gradient at all)."""
+    inputs = dict(zip("q k v ref".split(), make_inputs(3, 4, 5, 6, 3, "shared", "shared", torch.float64, device,
+                                                      generator)))
+    wanted = [inputs[name].requires_grad_() for name in wanted.split()]
+    got = torch.autograd.grad(zslfast.attribute_attention(**inputs, backend=backend).sum(), wanted)
+    want = torch.autograd.grad(reference.attribute_attention(**inputs).sum(), wanted)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
 
@@ -360,9 +362,9 @@ def test_nonfinite_in_masked_tokens_never_leaks(device, backend, q_kind, ref_kin
         if tiled and backend != "triton":
             continue
         if backend == "triton":
-            from zslfast.triton import attribute_attention as triton_module
+            from zslfast.triton.attribute_attention import config as triton_config
 
-            monkeypatch.setattr(triton_module, "MAX_BLOCK_R", 16 if tiled else 256)
+            monkeypatch.setattr(triton_config, "MAX_BLOCK_R", 16 if tiled else 256)
         for dtype in (torch.float64, torch.float32):
             q, k, v, ref = make_inputs(B, K, R, D, Dv, q_kind, ref_kind, dtype, device, generator)
             mask = (torch.rand(B, R, generator=generator) > 0.4).to(device)
@@ -400,9 +402,9 @@ def test_nonfinite_gradient_of_a_fully_masked_sample(device, backend, score, gen
         if tiled and backend != "triton":
             continue
         if backend == "triton":
-            from zslfast.triton import attribute_attention as triton_module
+            from zslfast.triton.attribute_attention import config as triton_config
 
-            monkeypatch.setattr(triton_module, "MAX_BLOCK_R", 16 if tiled else 256)
+            monkeypatch.setattr(triton_config, "MAX_BLOCK_R", 16 if tiled else 256)
         q, k, v, ref = make_inputs(B, K, R, D, Dv, "shared", "shared", torch.float32, device, generator)
         ref = ref if score is not None else None
         mask = (torch.rand(B, R, generator=generator) > 0.4).to(device)
@@ -438,9 +440,9 @@ def test_cosine_at_1e30_float32(device, backend, huge, generator, monkeypatch):
         if tiled and backend != "triton":
             continue
         if backend == "triton":
-            from zslfast.triton import attribute_attention as triton_module
+            from zslfast.triton.attribute_attention import config as triton_config
 
-            monkeypatch.setattr(triton_module, "MAX_BLOCK_R", 16 if tiled else 256)
+            monkeypatch.setattr(triton_config, "MAX_BLOCK_R", 16 if tiled else 256)
         for ref_kind in ("shared", "per"):
             q, k, v, ref = make_inputs(B, K, R, D, Dv, "shared", ref_kind, torch.float32, device, generator)
             v = v * 1e30
@@ -540,9 +542,9 @@ def test_saturated_softmax_gradients(device, backend, variant, score, generator,
     arg-max first. Over the keys with and without a loss on the returned attention, over the queries, R-tiled."""
     shapes, options, attention = SATURATED[variant]
     if backend == "triton" and variant == "tiled_r":
-        from zslfast.triton import attribute_attention as triton_module
+        from zslfast.triton.attribute_attention import config as triton_config
 
-        monkeypatch.setattr(triton_module, "MAX_BLOCK_R", 16)
+        monkeypatch.setattr(triton_config, "MAX_BLOCK_R", 16)
     q, k, v, ref = saturated_inputs(generator, "cpu", **shapes)
     B, R, K, Dv = k.shape[0], k.shape[1], q.shape[0], v.shape[-1]
     ref = ref if score is not None else None

@@ -70,14 +70,29 @@ def test_occupancy_arithmetic():
 
 @needs_compiler
 def test_audit_compiles_and_reports(tmp_path):
-    """One op at one shape for sm_90, fp32 and bf16: compiles with no spills and writes its reports."""
+    """One op at one shape for sm_90, fp32 and bf16: compiles with no spills, within 7/8 of its registers, and
+    writes its reports."""
     md, js = tmp_path / "audit.md", tmp_path / "audit.json"
     code = audit.main(["--ops", "prototype_scores", "--cases", "CUB", "--archs", "90", "--dtypes", "fp32", "bf16",
-                       "--markdown", str(md), "--json", str(js)])
+                       "--headroom", "0.875", "--markdown", str(md), "--json", str(js)])
     rows = json.loads(js.read_text())["triton"]
     assert code == 0 and len(rows) == 4
     assert all(r["registers"] > 0 and r["spill_bytes"] == 0 and not r["problems"] for r in rows)
     assert "prototype_scores | CUB B=50 C=200 K=312 | bf16 | backward | _backward_kernel | sm_90" in md.read_text()
+
+
+@needs_compiler
+def test_headroom_compiles_again_within_a_fraction_of_the_register_ceiling(tmp_path):
+    """--headroom: a launch using more than the fraction of its register ceiling (255 per thread at 8 warps, 128 at
+    16) is compiled again within it, and spills there are a problem (exit 1)."""
+    js = tmp_path / "audit.json"
+    code = audit.main(["--ops", "prototype_scores", "--cases", "CUB", "--archs", "90", "--dtypes", "fp32",
+                       "--headroom", "0.1", "--json", str(js)])
+    rows = json.loads(js.read_text())["triton"]
+    assert code == 1 and len(rows) == 2
+    ceilings = {r["kernel"]: 255 if r["num_warps"] <= 8 else 128 for r in rows}
+    assert all(r["spill_bytes"] == 0 and r["problems"][0].endswith(f"(0.1 of its {ceilings[r['kernel']]}): no headroom")
+               for r in rows)
 
 
 def test_audit_flags_an_underfilled_memory_bound_launch():

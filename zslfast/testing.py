@@ -237,7 +237,7 @@ def _attribute_attention_inputs(shape, dtype, device, g):
 # wide-tile and R-tiled paths; B = 256: the columns kernel's wider R tile; AwA2's and SUN's K pick CUB's tiles) in
 # fp32 and bf16 (fp16 takes bf16's tiles and registers): every case and dtype tripled the audit's time.
 ATTRIBUTE_ATTENTION_VARIANTS = (
-    ("queries+attention-max", "queries", None, "attention"),  # SAGE SVA + Eq. 3
+    ("queries+attention-max", "queries", None, "attention"),  # over the queries, with the attention's max
     ("relu+logits-max", "keys", "relu", "logits"),  # PSVMA
     ("attention-max", "keys", None, "attention"),  # GEM-ZSL
     ("queries+relu+logits-max", "queries", "relu", "logits"),
@@ -251,22 +251,21 @@ def _attribute_attention_plan(B, K, R, D, Dv, dtype):
 
     q, k, v, ref = _meta(K, D, dtype=dtype), _meta(B, R, D, dtype=dtype), _meta(B, R, Dv, dtype=dtype), \
         _meta(K, Dv, dtype=dtype)
-    score_mode = enum_id("score", "cosine")  # ILPG's score
-    (_, e, lse, _, _, _), steps = kernels.plan_forward(q, k, v, ref, None, D ** -0.5, score_mode, False)
-    yield "forward", steps
-    yield "backward", kernels.plan_backward(_meta(B, K, dtype=dtype), None, q, k, v, ref, None, e, lse, D ** -0.5,
-                                            score_mode, (True, True, True, True))[1]
-    if K != 312 or dtype == torch.float16:
-        return
-    for name, softmax_over, activation, return_max in ATTRIBUTE_ATTENTION_VARIANTS:
-        modes = (enum_id("softmax_over", softmax_over), enum_id("logit_activation", activation),
-                 enum_id("return_max", return_max))
-        (_, e, lse, _, best, index), steps = kernels.plan_forward(q, k, v, ref, None, D ** -0.5, score_mode, False,
-                                                                  True, kernels.COSINE_EPS, *modes)
-        yield f"forward {VARIANT_MARK}{name}]", steps
-        yield f"backward {VARIANT_MARK}{name}]", kernels.plan_backward(
-            _meta(B, K, dtype=dtype), None, q, k, v, ref, None, e, lse, D ** -0.5, score_mode, (True, True, True, True),
-            kernels.COSINE_EPS, *modes, _meta(B, K, dtype=dtype), best, index)[1]
+    score, scale, eps = enum_id("score", "cosine"), D ** -0.5, _attention_op.EPS  # ILPG's score
+    variants = (("", "keys", None, None),)
+    if K == 312 and dtype != torch.float16:
+        variants += ATTRIBUTE_ATTENTION_VARIANTS
+    for name, softmax_over, activation, return_max in variants:
+        options = (enum_id("softmax_over", softmax_over), enum_id("logit_activation", activation),
+                   enum_id("return_max", return_max))
+        (_, e, lse, _, best, index), steps = kernels.plan_forward(q, k, v, ref, None, scale, score, eps, False, True,
+                                                                  *options)
+        mark = f" {VARIANT_MARK}{name}]" if name else ""
+        yield f"forward{mark}", steps
+        grad_max = _meta(B, K, dtype=dtype) if return_max else None
+        yield f"backward{mark}", kernels.plan_backward(
+            _meta(B, K, dtype=dtype), None, grad_max, q, k, v, ref, None, e, lse, best, index, scale, score, eps,
+            (True, True, True, True), *options)[1]
 
 
 def _att(preset, batch):  # attribute_attention over one dataset's attribute queries and ResNet regions

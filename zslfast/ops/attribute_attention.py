@@ -66,7 +66,7 @@ Without a backward to come (no input requires grad, or grad mode off), E is not 
 
     "cpu"     C++ (csrc/cpu/attribute_attention.cpp): at::parallel_for over (b, query tiles), at::mm per tile,
               softmax and the cosine/dot epilogue and their gradients fused in row loops
-    "triton"  Triton forward and backward (zslfast/triton/attribute_attention.py); CUDA tensors, or CPU tensors
+    "triton"  Triton forward and backward (zslfast/triton/attribute_attention/); CUDA tensors, or CPU tensors
               under TRITON_INTERPRET=1. CUDA tensors always use Triton: there is no CUDA C++ kernel for this op
               (one would earn its upkeep only by beating Triton on a GPU, which has not been measured).
 Sums over b (shared q, shared ref) run in a fixed order, without atomics: deterministic.

@@ -4,8 +4,8 @@ For each op at the papers' shapes (CUB, SUN, AwA2, ViT-B N=197/577) and its larg
 256): the GPU shapes of its record (zslfast.testing), the cases every benchmark times; and each dtype it supports on
 a GPU (fp32, bf16, fp16), the audit runs the record's plan, which builds the inputs as meta tensors and asks the
 op's own Triton planners (zslfast/triton/*: ``plan_forward`` / ``plan_backward``) for their launches, and compiles
-each launch exactly as configured (grid, constants, num_warps, num_stages) for sm_80 and sm_90 with the installed
-triton and its own ptxas. Resource usage comes from the cubin (triton's bundled ``cuobjdump
+each launch exactly as configured (grid, constants, num_warps, num_stages, register budget) for sm_80 and sm_90 with
+the installed triton and its own ptxas. Resource usage comes from the cubin (triton's bundled ``cuobjdump
 --dump-resource-usage``); the CUDA C++ kernels of the built extension are read the same way.
 
 Per kernel x shape x dtype x arch it reports registers per thread, spills, shared memory, theoretical occupancy,
@@ -15,6 +15,9 @@ CTAs and waves on the H200's 132 SMs, the bytes that must move and the FLOPs, an
 It exits non-zero on a compile error, shared memory over the architecture's limit, any register spill, or a
 bandwidth-bound launch that fills fewer CTAs than SMs, unless its floor is below one launch's latency (then
 the fill cannot matter, and the table says so).
+With ``--headroom FRACTION`` each launch that uses more than that fraction of its register ceiling (its register
+budget, else the hardware's 255 per thread, 128 at 16 warps) is compiled again within that fraction, and a spill
+there is a problem too: room for a later triton's code to grow before the launch spills.
 """
 
 import argparse
@@ -73,6 +76,7 @@ class Row:
     grid: List[int]
     num_warps: int
     num_stages: int
+    max_registers: Optional[int] = None  # the launch's register budget (maxnreg), None: ptxas's choice
     registers: Optional[int] = None
     spill_bytes: Optional[int] = None
     shared_bytes: Optional[int] = None
@@ -171,18 +175,21 @@ def _resource_usage(binary: bytes, suffix: str = ".cubin") -> List[tuple]:
 _compiled: Dict[tuple, tuple] = {}
 
 
-def _compile(launch, arch: int):
-    """(registers, spill bytes, shared bytes) of the launch compiled for sm_<arch>; cached per specialisation."""
+def _compile(launch, arch: int, maxnreg: Optional[int] = None):
+    """(registers, spill bytes, shared bytes) of the launch compiled for sm_<arch> (within maxnreg registers, else
+    its own budget); cached per specialisation."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    key = (launch.name, arch, _signature_key(launch))
+    maxnreg = maxnreg or launch.maxnreg
+    key = (launch.name, arch, _signature_key(launch), maxnreg)
     if key not in _compiled:
         signature, constexprs, attrs = _signature(launch)
         target = GPUTarget("cuda", arch, 32)
+        budget = {} if maxnreg is None else {"maxnreg": maxnreg}
         options = triton.compiler.make_backend(target).parse_options(
-            {"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+            {"num_warps": launch.num_warps, "num_stages": launch.num_stages, **budget})
         start = time.perf_counter()
         compiled = triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs), target=target,
                                   options=options.__dict__)
@@ -204,11 +211,18 @@ def occupancy(arch: int, registers: int, shared: int, num_warps: int):
     return ctas, ctas * num_warps * 32 / threads_per_sm
 
 
-def audit_launch(op, case, dtype_name, pass_name, launch, arch, compile: bool = True) -> Row:
-    """The row of one launch: its traffic model and fill, and (when compile) its resources on sm_<arch>."""
+def register_ceiling(launch) -> int:
+    """The registers per thread a launch may use: its budget, else the hardware's (64 K per SM, 255 at most)."""
+    return launch.maxnreg or min(255, 65536 // (32 * launch.num_warps))
+
+
+def audit_launch(op, case, dtype_name, pass_name, launch, arch, compile: bool = True,
+                 headroom: Optional[float] = None) -> Row:
+    """The row of one launch: its traffic model and fill, and (when compile) its resources on sm_<arch>; with
+    headroom, whether it still compiles without spills within that fraction of its register ceiling."""
     ctas = math.prod(int(g) for g in launch.grid)
     row = Row(op, case, dtype_name, pass_name, launch.name + (f" ({launch.label})" if launch.label else ""), arch,
-              [int(g) for g in launch.grid], launch.num_warps, launch.num_stages, ctas=ctas,
+              [int(g) for g in launch.grid], launch.num_warps, launch.num_stages, launch.maxnreg, ctas=ctas,
               bytes=launch.bytes_moved(), flops=float(launch.flops))
     dtype = DTYPES[dtype_name]
     memory_s, compute_s = row.bytes / BANDWIDTH, row.flops / PEAK_FLOPS[dtype]
@@ -226,6 +240,14 @@ def audit_launch(op, case, dtype_name, pass_name, launch, arch, compile: bool = 
             row.problems.append(f"shared memory {row.shared_bytes} B over sm_{arch}'s {ARCHS[arch][4]} B per CTA")
         if row.spill_bytes:
             row.problems.append(f"{row.spill_bytes} B of register spills")
+        elif headroom is not None:
+            ceiling = register_ceiling(launch)
+            within = int(ceiling * headroom) // 8 * 8
+            if row.registers > within:
+                spill = _compile(launch, arch, within)[1]
+                if spill:
+                    row.problems.append(f"{spill} B of register spills within {within} registers ({headroom:g} of "
+                                        f"its {ceiling}): no headroom")
         if row.ctas_per_sm == 0:
             row.problems.append("no CTA fits on an SM")
     if row.bound == "memory" and ctas < SMS and case not in LARGE_CASES:
@@ -243,7 +265,7 @@ def selected_cases(ops=None, cases=None) -> list:
             for case, shape in shapes.items() if not cases or any(c in case for c in cases)]
 
 
-def audit_triton(ops=None, archs=(80, 90), dtypes=tuple(DTYPES), cases=None) -> List[Row]:
+def audit_triton(ops=None, archs=(80, 90), dtypes=tuple(DTYPES), cases=None, headroom=None) -> List[Row]:
     rows = []
     for op, case, shape in selected_cases(ops, cases):
         for dtype_name in dtypes:
@@ -257,7 +279,7 @@ def audit_triton(ops=None, archs=(80, 90), dtypes=tuple(DTYPES), cases=None) -> 
                     counts[key] = counts.get(key, 0) + 1
                 for key, launch in launches.items():
                     for arch in archs:
-                        row = audit_launch(op, case, dtype_name, pass_name, launch, arch)
+                        row = audit_launch(op, case, dtype_name, pass_name, launch, arch, headroom=headroom)
                         if counts[key] > 1:
                             row.kernel = f"{launch.name} x{counts[key]}"
                         rows.append(row)
@@ -281,7 +303,7 @@ def traffic(op: str, shape, dtype) -> dict:
 def _signature_key(launch):
     signature, constexprs, attrs = _signature(launch)
     return (tuple(signature.items()), tuple((k, str(v)) for k, v in constexprs.items()), tuple(sorted(attrs)),
-            launch.num_warps, launch.num_stages)
+            launch.num_warps, launch.num_stages, launch.maxnreg)
 
 
 def audit_cuda_extension() -> List[dict]:
@@ -318,9 +340,10 @@ def audit_cuda_extension() -> List[dict]:
 def _fmt_row(r: Row) -> str:
     occ = f"{100 * r.occupancy:.0f}%" if r.occupancy is not None else "-"
     status = "; ".join(r.problems) if r.problems else ("ok; " + "; ".join(r.notes) if r.notes else "ok")
+    budget = f" <={r.max_registers} regs" if r.max_registers else ""
     return (f"| {r.op} | {r.case} | {r.dtype} | {r.pass_name} | {r.kernel} | sm_{r.arch} | {r.registers} | "
-            f"{r.spill_bytes} | {r.shared_bytes} | {r.num_warps}/{r.num_stages} | {occ} | {r.ctas} | {r.waves:.2f} | "
-            f"{r.bytes / 1e6:.2f} | {r.flops / 1e9:.3f} | {r.floor_us:.2f} ({r.bound}) | {status} |")
+            f"{r.spill_bytes} | {r.shared_bytes} | {r.num_warps}/{r.num_stages}{budget} | {occ} | {r.ctas} | "
+            f"{r.waves:.2f} | {r.bytes / 1e6:.2f} | {r.flops / 1e9:.3f} | {r.floor_us:.2f} ({r.bound}) | {status} |")
 
 
 HEADER = ("| op | case | dtype | pass | kernel | arch | regs | spill B | smem B | warps/stages | occupancy | CTAs | "
@@ -377,7 +400,7 @@ the limit or an under-filled bandwidth-bound launch."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ._cli import matching, output_file
+    from ._cli import matching, output_file, positive_float
 
     parser.add_argument("--ops", nargs="+", choices=list(CASES), metavar="OP",
                         help=f"only these ops (default: all of {', '.join(CASES)})")
@@ -386,6 +409,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only cases whose name contains one of these")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--archs", nargs="+", type=int, default=[80, 90], choices=sorted(ARCHS))
+    parser.add_argument("--headroom", metavar="FRACTION", type=positive_float,
+                        help="also compile each launch that uses more than this fraction of its register ceiling "
+                             "(e.g. 0.875) within it; a spill there is a problem")
     parser.add_argument("--json", metavar="PATH", type=output_file, help="also write the rows to this JSON file")
     parser.add_argument("--markdown", metavar="PATH", type=output_file,
                         help="also write the markdown report to this file")
@@ -394,9 +420,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _argv(args: argparse.Namespace) -> List[str]:
     """The command line that gives ``args`` again (for the rerun without the interpreter)."""
     argv = []
-    for option in ("ops", "cases", "dtypes", "archs"):
+    for option in ("ops", "cases", "dtypes", "archs", "headroom"):
         if getattr(args, option) is not None:
-            argv += [f"--{option}", *map(str, getattr(args, option))]
+            value = getattr(args, option)
+            argv += [f"--{option}", *map(str, value if isinstance(value, list) else [value])]
     for option in ("json", "markdown"):
         if getattr(args, option):
             argv += [f"--{option}", getattr(args, option)]
@@ -417,7 +444,7 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         raise UsageError(f"cannot compile GPU kernels here: {problem}")
     start = time.perf_counter()
-    rows = audit_triton(args.ops, tuple(args.archs), tuple(args.dtypes), args.cases)
+    rows = audit_triton(args.ops, tuple(args.archs), tuple(args.dtypes), args.cases, args.headroom)
     cuda_rows = audit_cuda_extension() if not args.ops else []
     report = markdown(rows, cuda_rows, versions())
     print(report)

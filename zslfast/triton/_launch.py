@@ -2,14 +2,14 @@
 
 Every Triton launcher in zslfast is split in two: a planner, a pure function of the inputs' shapes, strides and
 dtype that allocates the outputs and returns the steps to run, and the runner that runs them. A step is a
-:class:`Launch` (kernel, grid, runtime arguments, compile-time constants, num_warps, num_stages, and the FLOPs it
-does) or a plain callable for glue between launches (a fixed-order sum of partials). ``python -m zslfast audit``
-calls the same planners on meta tensors and compiles the same Launch objects for sm_80/sm_90 with no GPU, so the
-audit never restates a launcher's arithmetic.
+:class:`Launch` (kernel, grid, runtime arguments, compile-time constants, num_warps, num_stages, an optional
+register budget, and the FLOPs it does) or a plain callable for glue between launches (a fixed-order sum of
+partials). ``python -m zslfast audit`` calls the same planners on meta tensors and compiles the same Launch objects
+for sm_80/sm_90 with no GPU, so the audit never restates a launcher's arithmetic.
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Tuple, Union
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 import torch
 
@@ -22,11 +22,16 @@ class Launch:
     constexprs: dict  # keyword compile-time constants
     num_warps: int = 4
     num_stages: int = 2
+    # registers per thread ptxas may use (PTX .maxnreg); None: ptxas's own choice, which may trade a few spilled
+    # bytes for occupancy
+    maxnreg: Optional[int] = None
     flops: float = 0.0  # floating-point operations of the whole launch (a model, for the audit's roofline)
     label: str = field(default="")  # what the launch computes, when a kernel is launched in several roles
 
     def __call__(self) -> None:
-        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
+        budget = {} if self.maxnreg is None else {"maxnreg": self.maxnreg}
+        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages,
+                               **budget)
 
     @property
     def name(self) -> str:
