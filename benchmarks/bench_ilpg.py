@@ -1,5 +1,6 @@
 """ILPG training step: the same model (zslfast.models.ILPG) with the reference ops ("eager": the papers' PyTorch
-code, S_W and the (B, K, R) attention materialised), torch.compile of that, and the fused ops ("zslfast").
+code, S_W and the (B, K, R) attention materialised), torch.compile of that, the fused ops ("zslfast") and
+torch.compile of the model on the fused ops ("zslfast+compile"): zslfast.tools.timing.model_variants.
 
     regions (B, R, Dv), signatures (B, Dg) precomputed (frozen backbones, as ZSL code trains) -> AVL (encoder:
     Linear Dv -> Da and one transformer layer over the R regions; decoder: Eq. 2-4) -> Ẽ (B, K) -> IDPP (hidden J,
@@ -12,13 +13,13 @@ signatures (Dg=384), J=64; and a large one (B=128, C=1000, K=312). The encoder (
 flops each way, and its layer) is plain PyTorch, the same work in every implementation, so it bounds the
 model-level speed-up.
 
-Interleaved timing (the three alternate each round; see zslfast.tools.timing.interleaved):
-    python benchmarks/bench_ilpg.py CUB [rounds]
+Interleaved timing (the four alternate each round; see zslfast.tools.timing.interleaved) and peak memory; with
+--defaults, at the model's own defaults (J=512) instead of J=64:
+    python benchmarks/bench_ilpg.py CUB [rounds] [--defaults]
 Where the step's time goes (profiled; the region embedding and the (Da, B·R) weight gradients vs the rest):
     python benchmarks/bench_ilpg.py CUB --breakdown
 """
 
-import copy
 import sys
 
 import pytest
@@ -33,13 +34,13 @@ CASES = testing.SHAPES["ilpg"]  # B, C, K, unseen
 R, DV, DA, DG, J = testing.REGIONS, testing.RESNET_DIM, testing.GLOVE_DIM, testing.DINO_DIM, testing.HIDDEN
 
 
-def make(shape_name):
+def make(shape_name, hidden_dim=J, weights="full"):
     B, C, K, U = CASES[shape_name].on(DEVICE)
     g = torch.Generator().manual_seed(0)
     s = torch.rand(C, K, generator=g)
     a = torch.randn(K, DA, generator=g)
     torch.manual_seed(0)
-    model = ILPG(s, a, region_dim=DV, signature_dim=DG, hidden_dim=J, unseen_classes=torch.arange(C - U, C),
+    model = ILPG(s, a, region_dim=DV, signature_dim=DG, hidden_dim=hidden_dim, weights=weights, unseen_classes=torch.arange(C - U, C),
                  preset=shape_name if shape_name in ("CUB", "SUN", "AwA2") else "CUB").to(DEVICE)
     batch = dict(
         regions=torch.rand(B, R, DV, generator=g).to(DEVICE),
@@ -49,29 +50,26 @@ def make(shape_name):
     return model, batch
 
 
-@pytest.mark.parametrize("impl", ["eager", "compile", "zslfast"])
+@pytest.mark.parametrize("impl", timing.MODEL_IMPLEMENTATIONS)
 @pytest.mark.parametrize("shape_name", cases("ilpg"))
 def test_ilpg_training_step(benchmark, shape_name, impl):
-    if shape_name == "large" and impl == "compile" and not ON_GPU:
+    if shape_name == "large" and impl.endswith("compile") and not ON_GPU:
         pytest.skip("compile of the large case takes minutes on 2 CPU cores")
     benchmark.group = f"ILPG training step {shape_name} B,C,K={CASES[shape_name].on(DEVICE)[:3]} R={R} {DEVICE.type}"
-    model, batch = make(shape_name)
-    if impl != "zslfast":
-        model = copy.deepcopy(model).set_backend("reference")
-    forward = torch.compile(model) if impl == "compile" else None
+    fused, batch = make(shape_name)
+    model, forward = timing.model_variants(fused, [impl])[impl]
     run_benchmark(benchmark, timing.training_step(model, batch, forward), rounds=None if shape_name != "large" else 5)
 
 
-def run_interleaved(shape_name, rounds=11):
-    fused, batch = make(shape_name)
-    reference = copy.deepcopy(fused).set_backend("reference")
-    fns = {
-        "eager": timing.training_step(reference, batch),
-        "compile": timing.training_step(reference, batch, torch.compile(copy.deepcopy(reference))),
-        "zslfast": timing.training_step(fused, batch),
-    }
-    timing.interleaved(f"ILPG training step {shape_name} B,C,K={CASES[shape_name].on(DEVICE)[:3]} R={R}", fns, rounds,
-                       calls=3)
+def run_interleaved(shape_name, rounds=11, **model_options):
+    fused, batch = make(shape_name, **model_options)
+    fns = {name: timing.training_step(model, batch, forward)
+           for name, (model, forward) in timing.model_variants(fused).items()}
+    options = "".join(f" {k}={v}" for k, v in model_options.items())
+    timing.interleaved(f"ILPG training step {shape_name} B,C,K={CASES[shape_name].on(DEVICE)[:3]} R={R}{options}",
+                       fns, rounds, calls=3)
+    for name, fn in fns.items():
+        print(f"  peak memory {name}: {timing.peak_mib(fn, DEVICE):.0f} MiB (beyond the inputs)")
 
 
 def breakdown(shape_name, steps=5):
@@ -79,7 +77,7 @@ def breakdown(shape_name, steps=5):
     fused, batch = make(shape_name)
     B = batch["regions"].shape[0]
     projection_shapes = ([B * R, DV], [DA, B * R])  # forward I @ W_e, weight gradients g^T @ x of width Da
-    for name, model in (("reference", copy.deepcopy(fused).set_backend("reference")), ("fused", fused)):
+    for name, (model, _) in timing.model_variants(fused, ["eager", "zslfast"]).items():
         step = timing.training_step(model, batch)
         for _ in range(3):
             step()
@@ -94,8 +92,10 @@ def breakdown(shape_name, steps=5):
 
 
 if __name__ == "__main__":
-    shape = sys.argv[1] if len(sys.argv) > 1 else "CUB"
+    words = [a for a in sys.argv[1:] if not a.startswith("--")]
+    shape = words[0] if words else "CUB"
     if "--breakdown" in sys.argv:
         breakdown(shape)
     else:
-        run_interleaved(shape, int(sys.argv[2]) if len(sys.argv) > 2 else 11)
+        defaults = dict(hidden_dim=512) if "--defaults" in sys.argv else {}  # the model's own defaults: J=512
+        run_interleaved(shape, int(words[1]) if len(words) > 1 else 11, **defaults)

@@ -1,5 +1,6 @@
 """SAGE training step at CUB: the same model (zslfast.models.SAGE) with the reference ops ("eager": the (B, K, R)
-attention maps materialised, the bank's Python-loop update), torch.compile of that, and the fused ops ("zslfast").
+attention maps materialised, the bank's Python-loop update), torch.compile of that, the fused ops ("zslfast") and
+torch.compile of the model on the fused ops ("zslfast+compile"): zslfast.tools.timing.model_variants.
 
     hidden states: L=3 levels of ViT-B/16 at 224² (B, 1+196, 768) precomputed (a frozen backbone, as ZSL code
     trains on cached features) -> MSFE (d=256: 49 / 196 / 784 patches per scale) -> VSA + SVA per scale over the
@@ -7,13 +8,12 @@ attention maps materialised, the bank's Python-loop update), torch.compile of th
     backward and an SGD update of every trainable parameter. B=32, all losses on (λ_align > 0: the alignment loss
     returns the attention maps on both paths). The quick set (pytest without --full) runs B=8 on CPU tensors, without torch.compile.
 
-Interleaved timing (the three alternate each round; see zslfast.tools.timing.interleaved) and peak memory:
-    python benchmarks/bench_sage.py [rounds] [--no-compile]
+Interleaved timing (the four alternate each round; see zslfast.tools.timing.interleaved) and peak memory:
+    python benchmarks/bench_sage.py [rounds] [--no-compile] [--batch B]
 Where the step's time goes (profiled, top ops of each path):
     python benchmarks/bench_sage.py --profile
 """
 
-import copy
 import sys
 
 import pytest
@@ -41,26 +41,21 @@ def make(batch=B, lambda_align=0.1):
 
 
 # torch.compile of the whole SAGE step takes 30-100 s on 2 CPU cores (cold inductor cache): --full only.
-@pytest.mark.parametrize("impl", full_unless(lambda impl: impl != "compile", "eager", "compile", "zslfast"))
+@pytest.mark.parametrize("impl", full_unless(lambda impl: not impl.endswith("compile"), *timing.MODEL_IMPLEMENTATIONS))
 def test_sage_training_step(benchmark, impl):
     batch = QUICK_B if quick() and DEVICE.type == "cpu" else B
     benchmark.group = f"SAGE training step CUB B={batch} K={K} C={C} L={L} N={N} D={D} {DEVICE.type}"
-    model, inputs = make(batch)
-    if impl != "zslfast":
-        model = copy.deepcopy(model).set_backend("reference")
-    forward = torch.compile(model) if impl == "compile" else None
+    fused, inputs = make(batch)
+    model, forward = timing.model_variants(fused, [impl])[impl]
     run_benchmark(benchmark, timing.training_step(model, inputs, forward), rounds=5)
 
 
-def run_interleaved(rounds=7, compile_too=True):
-    fused, inputs = make()
-    reference = copy.deepcopy(fused).set_backend("reference")
-    fns = {"eager": timing.training_step(reference, inputs)}
-    if compile_too:
-        compiled = copy.deepcopy(reference)
-        fns["compile"] = timing.training_step(compiled, inputs, torch.compile(compiled))
-    fns["zslfast"] = timing.training_step(fused, inputs)
-    title = f"SAGE training step CUB B={B} K={K} C={C} L={L} N={N} D={D} d={fused.dim} {DEVICE.type}"
+def run_interleaved(rounds=7, compile_too=True, batch=B):
+    fused, inputs = make(batch)
+    names = timing.MODEL_IMPLEMENTATIONS if compile_too else ("eager", "zslfast")
+    fns = {name: timing.training_step(model, inputs, forward)
+           for name, (model, forward) in timing.model_variants(fused, names).items()}
+    title = f"SAGE training step CUB B={batch} K={K} C={C} L={L} N={N} D={D} d={fused.dim} {DEVICE.type}"
     timing.interleaved(title, fns, rounds, calls=1, warmup=2)
     for name, fn in fns.items():
         print(f"  peak memory {name}: {timing.peak_mib(fn, DEVICE):.0f} MiB (beyond the inputs)")
@@ -68,7 +63,7 @@ def run_interleaved(rounds=7, compile_too=True):
 
 def profile(steps=3):
     fused, inputs = make()
-    for name, model in (("reference", copy.deepcopy(fused).set_backend("reference")), ("fused", fused)):
+    for name, (model, _) in timing.model_variants(fused, ["eager", "zslfast"]).items():
         step = timing.training_step(model, inputs)
         for _ in range(2):
             step()
@@ -83,4 +78,6 @@ if __name__ == "__main__":
         profile()
     else:
         numbers = [a for a in sys.argv[1:] if a.isdigit()]
-        run_interleaved(int(numbers[0]) if numbers else 7, compile_too="--no-compile" not in sys.argv)
+        batch = int(sys.argv[sys.argv.index("--batch") + 1]) if "--batch" in sys.argv else B
+        numbers = [n for n in numbers if "--batch" not in sys.argv or n != str(batch)]
+        run_interleaved(int(numbers[0]) if numbers else 7, compile_too="--no-compile" not in sys.argv, batch=batch)

@@ -10,7 +10,6 @@ that raises is recorded with its error instead of a time. On CPU tensors (no GPU
 timing.median_ms at the quick set's batch and without the CUDA-graph variants: a dry run, not a figure.
 """
 
-import copy
 import json
 import sys
 import time
@@ -30,17 +29,12 @@ ON_GPU = torch.cuda.is_available()
 
 
 def variants(fused: torch.nn.Module, use_graphs: bool):
-    """name -> (model the step updates, its forward); each variant owns its copy of the weights."""
-    out = {}
-    for ops in ("reference", "zslfast"):
-        base = copy.deepcopy(fused).set_backend("reference") if ops == "reference" else copy.deepcopy(fused)
-        out["eager" if ops == "reference" else "zslfast"] = (base, None)
-        compiled = copy.deepcopy(base)
-        out["compile" if ops == "reference" else "zslfast+compile"] = (compiled, torch.compile(compiled))
-        if use_graphs:
-            graphed = copy.deepcopy(base)
-            out[("compile" if ops == "reference" else "zslfast+compile") + "[reduce-overhead]"] = (
-                graphed, torch.compile(graphed, mode="reduce-overhead"))
+    """name -> (model the step updates, its forward): timing.model_variants, and with ``use_graphs`` both compiled
+    models again with mode="reduce-overhead"."""
+    out = timing.model_variants(fused)
+    if use_graphs:
+        graphed = timing.model_variants(fused, ("compile", "zslfast+compile"), mode="reduce-overhead")
+        out.update({f"{name}[reduce-overhead]": pair for name, pair in graphed.items()})
     return out
 
 

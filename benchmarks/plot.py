@@ -15,9 +15,9 @@ import os
 import sys
 from typing import Dict, List
 
-from report import MAIN, Row, by_op, group_rows, machine
+from report import FUSED_COMPILED, MAIN, Row, by_op, group_rows, machine
 
-COLOURS = {"eager": "#9e9e9e", "compile": "#5b8bd6", "zslfast": "#e4572e"}
+COLOURS = {"eager": "#9e9e9e", "compile": "#5b8bd6", "zslfast": "#e4572e", FUSED_COMPILED: "#8e3b9e"}
 
 
 def _pyplot():
@@ -35,9 +35,10 @@ def _pyplot():
 def _bars(ax, rows: List[Row], values: Dict[str, List], unit: str, log, notes: List[str] = ()):
     """Grouped bars, one group per row; ``notes`` go above zslfast's bars; ``log``: a tick formatter for a log
     scale (plain numbers), or None for a linear one."""
-    width = 0.8 / len(MAIN)
-    for i, impl in enumerate(MAIN):
-        xs = [j + (i - (len(MAIN) - 1) / 2) * width for j in range(len(rows))]
+    impls = list(values)
+    width = 0.8 / len(impls)
+    for i, impl in enumerate(impls):
+        xs = [j + (i - (len(impls) - 1) / 2) * width for j in range(len(rows))]
         heights = [v if v is not None else 0 for v in values[impl]]
         bars = ax.bar(xs, heights, width, label=impl, color=COLOURS[impl])
         if impl == "zslfast":
@@ -65,13 +66,14 @@ def plot_op(op: str, rows: List[Row], title: str, path: str, dpi: int = 100) -> 
     plt, plain = _pyplot()
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(max(8.0, 1.6 * len(rows) + 3), 3.8))
     notes = [f"{row.speedup('eager'):.1f}x" if row.speedup("eager") else "" for row in rows]
-    _bars(ax_time, rows, {impl: [row.ms.get(impl) for row in rows] for impl in MAIN}, "median time, ms (log scale)",
+    impls = MAIN + ((FUSED_COMPILED,) if any(FUSED_COMPILED in row.ms for row in rows) else ())
+    _bars(ax_time, rows, {impl: [row.ms.get(impl) for row in rows] for impl in impls}, "median time, ms (log scale)",
           plain, notes)
     ax_time.set_title("time: lower is better; above zslfast, its speed-up over eager", fontsize=8)
-    _bars(ax_mem, rows, {impl: [row.peak.get(impl) for row in rows] for impl in MAIN}, "peak extra memory, MiB",
+    _bars(ax_mem, rows, {impl: [row.peak.get(impl) for row in rows] for impl in impls}, "peak extra memory, MiB",
           None)
     ax_mem.set_title("peak memory beyond the inputs: lower is better", fontsize=8)
-    fig.legend(*ax_time.get_legend_handles_labels(), loc="lower center", ncol=len(MAIN), fontsize=8, frameon=False)
+    fig.legend(*ax_time.get_legend_handles_labels(), loc="lower center", ncol=len(impls), fontsize=8, frameon=False)
     fig.suptitle(f"{op} — {title}", fontsize=9)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=dpi)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 MAIN = ("eager", "compile", "zslfast")
+FUSED_COMPILED = "zslfast+compile"  # torch.compile of a model on zslfast ops (the model steps): set against compile
 _SHAPE = re.compile(r"\s*\S*=\([^)]*\)|\s*\S+=\S+")  # "B,K=(64, 312)" and "B=32"
 _DEVICES = ("cpu", "cuda")
 
@@ -40,10 +41,16 @@ class Row:
             return self.ms[other] / self.ms["zslfast"]
         return None
 
+    def compiled_gain(self) -> Optional[float]:
+        """torch.compile of the zslfast model against torch.compile alone: compile's median / zslfast+compile's."""
+        if "compile" in self.ms and self.ms.get(FUSED_COMPILED):
+            return self.ms["compile"] / self.ms[FUSED_COMPILED]
+        return None
+
     @property
     def others(self) -> List[str]:
-        """The implementations beyond eager / compile / zslfast (loop, sdpa, floor, ...)."""
-        return [name for name in self.ms if name not in MAIN]
+        """The implementations beyond eager / compile / zslfast / zslfast+compile (loop, sdpa, floor, ...)."""
+        return [name for name in self.ms if name not in MAIN and name != FUSED_COMPILED]
 
 
 def split_group(group: str):
@@ -110,7 +117,8 @@ def _triple(values: Dict[str, Optional[float]]) -> str:
 def summary_table(rows: List[Row], label_width: int = 30) -> List[str]:
     """A compact text table (≤ 110 columns): per op a heading line, then one line per (shape, pass): the medians
     of eager / compile / zslfast, zslfast's speed-up over each, peak extra and saved MiB (eager/compile/zslfast),
-    and beneath it any other implementation timed (with zslfast's speed-up over it)."""
+    and beneath it torch.compile of the zslfast model (against compile's time) and any other implementation timed
+    (with zslfast's speed-up over it)."""
     header = (f"{'  case, pass':{label_width}} {'eager ms':>8} {'compile':>8} {'zslfast':>8} {'x eager':>7} "
               f"{'x comp.':>7}  {'peak MiB e/c/z':<16} saved MiB e/c/z")
     lines = [header]
@@ -122,6 +130,12 @@ def summary_table(rows: List[Row], label_width: int = 30) -> List[str]:
             speed = " ".join(_speed(row.speedup(impl), 7) for impl in ("eager", "compile"))
             lines.append(f"{label:{label_width}} {times} {speed}  {_triple(row.peak):<16} {_triple(row.saved):<16}"
                          .rstrip())
+            if FUSED_COMPILED in row.ms:
+                gain = row.compiled_gain()
+                peak = row.peak.get(FUSED_COMPILED)
+                lines.append(f"{'':{label_width}} {FUSED_COMPILED} {row.ms[FUSED_COMPILED]:.4g} ms"
+                             + (f", {gain:.2f}x compile's speed" if gain else "")
+                             + (f", peak {peak:.3g} MiB" if peak is not None else ""))
             others = [f"{name} {row.ms[name]:.4g} ms"
                       + (f" ({row.speedup(name):.2f}x)" if row.speedup(name) and name != "floor" else "")
                       for name in row.others]

@@ -5,14 +5,15 @@
 One row per benchmark group (op, shape, pass, device): the median time of eager / torch.compile / zslfast, the
 speed-up of zslfast over each, each one's peak extra memory (extra_info["peak_extra_MiB"]), where a benchmark
 has one the floor (the time of one plain read of the inputs), and any other implementation it times (the Python
-loop research code writes, SDPA + a separate score, ...) with zslfast's speed-up over it. The rows come from
+loop research code writes, SDPA + a separate score, ...) with zslfast's speed-up over it; for the model steps,
+torch.compile of the zslfast model with its speed over torch.compile's. The rows come from
 report.group_rows, as do the session summary (conftest.py) and the charts (plot.py).
 """
 
 import json
 import sys
 
-from report import MAIN, group_rows, machine
+from report import FUSED_COMPILED, MAIN, group_rows, machine
 
 
 def markdown(data: dict):
@@ -28,6 +29,10 @@ def markdown(data: dict):
         floor = f"{row.ms['floor']:.3f}" if "floor" in row.ms else "–"
         others = [f"{name} {row.ms[name]:.3f} ms" + (f" ({row.speedup(name):.1f}x)" if row.speedup(name) else "")
                   for name in row.others if name != "floor"]
+        if FUSED_COMPILED in row.ms:  # torch.compile of the zslfast model (model steps), against compile's time
+            gain = row.compiled_gain()
+            others.insert(0, f"{FUSED_COMPILED} {row.ms[FUSED_COMPILED]:.3f} ms, peak {row.peak.get(FUSED_COMPILED)}"
+                             f" MiB" + (f" ({gain:.2f}x compile's speed)" if gain else ""))
         lines.append(f"| {row.group} | " + " | ".join(cells + speed) + f" | {mem} | {floor} | {'; '.join(others) or '–'} |")
     return lines
 

@@ -29,6 +29,7 @@ def result(test, params, group, median_ms, peak=None, saved=None):
 def synthetic():
     att = "attribute_attention CUB B,K,R,D,Dv=(64, 312, 49, 300, 300) fwd+bwd cpu"
     bank = "memory_bank update fifo CUB C,M,D,K,B=(200, 3, 768, 8, 128) cpu"
+    ilpg = "ILPG training step CUB B,C,K=(50, 200, 312) R=49 cpu"
     benchmarks = [
         result("test_attribute_attention", "CUB-fwd+bwd-eager", att, 100.0, 72.0, 70.0),
         result("test_attribute_attention", "CUB-fwd+bwd-compile", att, 40.0, 27.0, 26.0),
@@ -38,6 +39,10 @@ def synthetic():
         result("test_memory_bank_update", "CUB-fifo-eager", bank, 0.2, 1.0),
         result("test_memory_bank_update", "CUB-fifo-compile", bank, 0.4, 0.0),
         result("test_memory_bank_update", "CUB-fifo-zslfast", bank, 0.05, 0.0),
+        result("test_ilpg_training_step", "CUB-eager", ilpg, 400.0, 130.0),
+        result("test_ilpg_training_step", "CUB-compile", ilpg, 300.0, 90.0),
+        result("test_ilpg_training_step", "CUB-zslfast", ilpg, 200.0, 80.0),
+        result("test_ilpg_training_step", "CUB-zslfast+compile", ilpg, 150.0, 70.0),
     ]
     return {"machine_info": {"cpu": {"brand_raw": "Test CPU", "count": 2}}, "datetime": "2026-11-29T12:00:00",
             "benchmarks": benchmarks}
@@ -45,14 +50,16 @@ def synthetic():
 
 def test_rows_speedups_and_memory():
     rows = report.group_rows(synthetic()["benchmarks"])
-    assert [(r.op, r.label) for r in rows] == [("attribute_attention", "CUB fwd+bwd"), ("memory_bank", "update fifo CUB")]
-    att, bank = rows
+    assert [(r.op, r.label) for r in rows] == [("attribute_attention", "CUB fwd+bwd"), ("memory_bank", "update fifo CUB"),
+                                               ("ILPG", "training step CUB")]
+    att, bank, ilpg = rows
     assert att.speedup("eager") == pytest.approx(4.0) and att.speedup("compile") == pytest.approx(1.6)
     assert att.speedup("sdpa") == pytest.approx(8.0) and att.others == ["sdpa"]
     assert att.peak == {"eager": 72.0, "compile": 27.0, "sdpa": 99.0, "zslfast": 23.0}
     assert att.saved["zslfast"] == 22.0 and bank.saved["eager"] is None
     assert bank.speedup("eager") == pytest.approx(4.0) and bank.speedup("compile") == pytest.approx(8.0)
     assert bank.speedup("loop") == pytest.approx(60.0)
+    assert ilpg.compiled_gain() == pytest.approx(2.0) and ilpg.others == [] and att.compiled_gain() is None
 
 
 def test_summary_table_is_compact():
@@ -62,6 +69,7 @@ def test_summary_table_is_compact():
     assert "4.00x" in text and "1.60x" in text and "8.00x" in text  # vs eager / compile at CUB, vs compile (bank)
     assert "72/27/23" in text and "70/26/22" in text  # peak and saved MiB, eager/compile/zslfast
     assert "sdpa 200 ms (8.00x)" in text and "loop 3 ms (60.00x)" in text
+    assert "zslfast+compile 150 ms, 2.00x compile's speed, peak 70 MiB" in text
 
 
 def test_machine_title():

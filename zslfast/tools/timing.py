@@ -4,7 +4,9 @@ benchmarks/ --benchmark-only``, ``benchmarks/ab_*.py`` and ``python -m zslfast g
 - time: ``median_ms`` (the median of synchronised wall-clock calls after warm-up calls), ``interleaved`` (the
   implementations alternate round by round, for A/B ratios on a machine whose speed drifts) and ``cuda_median_ms``
   (triton's do_bench: CUDA events, L2 flushed between calls; gpucheck's GPU figures);
-- a training step: ``step`` = forward, and with backward the gradients of every input that requires them for a fixed
+- the model steps: ``model_variants`` (eager, compile, zslfast and torch.compile of the zslfast model, each its
+  own copy of the weights) and ``training_step`` (one SGD step of such a variant);
+- a training step of an op: ``step`` = forward, and with backward the gradients of every input that requires them for a fixed
   random output gradient made outside the timing;
 - memory: ``peak_mib`` (what one call allocates at its peak beyond its inputs: the CUDA allocator's statistics on a
   GPU, the profiler's allocation events on CPU; zslfast.tools._memory) and ``saved_mib`` (what autograd keeps for
@@ -13,6 +15,7 @@ benchmarks/ --benchmark-only``, ``benchmarks/ab_*.py`` and ``python -m zslfast g
   record (zslfast.testing), torch.compile of it, or the zslfast call. The cases and inputs are the records'.
 """
 
+import copy
 import statistics
 import time
 from typing import Callable, Dict, Optional, Sequence
@@ -84,10 +87,38 @@ def step(fn: Callable, inputs: Sequence, backward: bool = True, more: Sequence[S
     return rotating
 
 
+MODEL_IMPLEMENTATIONS = ("eager", "compile", "zslfast", "zslfast+compile")
+
+
+def model_variants(fused: torch.nn.Module, names: Sequence[str] = MODEL_IMPLEMENTATIONS, **compile_options) -> Dict:
+    """name -> (model, forward) for a model with ``set_backend`` (ILPG, SAGE): "eager" (a copy on the reference
+    ops, the papers' code), "compile" (torch.compile of such a copy), "zslfast" (a copy on the fused ops) and
+    "zslfast+compile" (torch.compile of such a copy); ``compile_options`` go to torch.compile (e.g. ``mode``).
+
+    Each variant owns its copy of the weights, and its forward is that copy's (compiled or not): the training
+    step updates the parameters its forward reads (``training_step(model, inputs, forward)``)."""
+    unknown = set(names) - set(MODEL_IMPLEMENTATIONS)
+    if unknown:
+        raise KeyError(f"no model implementation {sorted(unknown)}; there are {MODEL_IMPLEMENTATIONS}")
+    out = {}
+    for name in names:
+        model = copy.deepcopy(fused)
+        if not name.startswith("zslfast"):
+            model.set_backend("reference")
+        out[name] = (model, torch.compile(model, **compile_options) if name.endswith("compile") else None)
+    return out
+
+
 def training_step(model: torch.nn.Module, inputs: Dict, forward: Optional[Callable] = None) -> Callable:
     """One SGD step of a model whose output has ``.loss`` (ILPG, SAGE): ``forward(**inputs)`` (default the model;
-    torch.compile of it, or of a reference-ops copy sharing nothing), backward, update; returns the loss."""
+    torch.compile of that same model: see ``model_variants``), backward, update of ``model``'s parameters; returns
+    the loss. A ``forward`` whose parameters are not ``model``'s is refused (its step would update nothing)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if forward is not None and forward is not model:
+        own = getattr(forward, "_orig_mod", forward)
+        if isinstance(own, torch.nn.Module) and own is not model:
+            raise ValueError("training_step: forward must be model or torch.compile(model): the step updates model's "
+                             "parameters, which another module's forward does not read")
     optimiser = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
     forward = model if forward is None else forward
 
@@ -166,7 +197,8 @@ def cuda_median_ms(fn: Callable) -> float:
 
 def interleaved(title: str, fns: Dict[str, Callable], rounds: int = 11, calls: int = 5, warmup: int = 3):
     """Alternate the implementations ``fns`` (name -> callable) each round, ``calls`` timed calls per round, and print
-    the median ms of each and zslfast's per-round speed-up over each other one (median, min, max).
+    the median ms of each and zslfast's per-round speed-up over each other one (median, min, max), and that of
+    "zslfast+compile" over "compile" where both are timed (a model compiled on zslfast ops against compile alone).
 
     On a machine whose speed drifts between minutes, timing each implementation in its own block (as
     pytest-benchmark does) skews ratios; alternating them round by round does not. Used by the benchmarks'
@@ -185,6 +217,10 @@ def interleaved(title: str, fns: Dict[str, Callable], rounds: int = 11, calls: i
             continue
         ratios = [a / b for a, b in zip(times[other], times["zslfast"])]
         print(f"  zslfast speed-up vs {other}: median {statistics.median(ratios):.2f} "
+              f"(min {min(ratios):.2f}, max {max(ratios):.2f})")
+    if "compile" in fns and "zslfast+compile" in fns:  # torch.compile of the zslfast model against compile alone
+        ratios = [a / b for a, b in zip(times["compile"], times["zslfast+compile"])]
+        print(f"  zslfast+compile speed-up vs compile: median {statistics.median(ratios):.2f} "
               f"(min {min(ratios):.2f}, max {max(ratios):.2f})")
     return medians
 
