@@ -7,7 +7,9 @@ Bank state (zslfast.MemoryBank's buffers), C classes, M branches, K = capacity s
 
 memory_bank_update(state..., z (N, M, D), y (N,), conf (N, M), threshold, policy), in place:
     entry (n, m) is offered to queue (y[n], m) when conf[n, m] > threshold (conf cast to the bank's dtype first)
-    and z[n, m] is finite (non-finite features are dropped, never stored); offers arrive in batch order.
+    and z[n, m] is finite (non-finite features are dropped, never stored); offers arrive in batch order. NaN
+    confidences and out-of-range labels are a ValueError in eager mode; under torch.compile (no host sync in
+    the graph) an entry with a NaN confidence or label outside [0, C) is not stored.
     fifo      written at next_slot, overwriting the oldest once full
     min_conf  appended while not full; when full, replaces the least confident stored entry (the first such slot
               on ties) only if strictly more confident (next_slot is left as it is)
@@ -46,7 +48,9 @@ import torch
 
 from .. import reference
 from .._enums import choices
-from ..validation import check_labels, check_number, check_option, check_same_device, check_tensor, promote, shape_str
+from ..validation import (
+    check_labels, check_number, check_option, check_same_device, check_tensor, compiling, promote, shape_str,
+)
 from ._spec import OpSpec, compiled_kernel, define, triton_kernel
 
 OP_UPDATE = "memory_bank_update"
@@ -231,7 +235,9 @@ def memory_bank_update(
     y = check_offers(OP_UPDATE, features, z, y, conf)
     check_option(OP_UPDATE, "policy", policy, choices("policy"))
     check_number(OP_UPDATE, "threshold", threshold)
-    if bool(torch.isnan(conf).any()):
+    # Eager only, as check_labels' value check: under torch.compile a host sync would break the graph, and a NaN
+    # confidence is never above the threshold, so the kernels store nothing of it.
+    if not compiling() and bool(torch.isnan(conf).any()):
         raise ValueError(f"{OP_UPDATE}: conf {shape_str(conf)} holds NaN confidences")
     which = UPDATE.resolve(backend, features.device)
     if z.shape[0] == 0:
