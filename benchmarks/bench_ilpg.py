@@ -28,26 +28,13 @@ import torch
 from conftest import DEVICE, ON_GPU, cases, run_benchmark
 from zslfast import testing
 from zslfast.tools import timing
-from zslfast.models import ILPG
 
 CASES = testing.SHAPES["ilpg"]  # B, C, K, unseen
 R, DV, DA, DG, J = testing.REGIONS, testing.RESNET_DIM, testing.GLOVE_DIM, testing.DINO_DIM, testing.HIDDEN
 
 
 def make(shape_name, hidden_dim=J, weights="full"):
-    B, C, K, U = CASES[shape_name].on(DEVICE)
-    g = torch.Generator().manual_seed(0)
-    s = torch.rand(C, K, generator=g)
-    a = torch.randn(K, DA, generator=g)
-    torch.manual_seed(0)
-    model = ILPG(s, a, region_dim=DV, signature_dim=DG, hidden_dim=hidden_dim, weights=weights, unseen_classes=torch.arange(C - U, C),
-                 preset=shape_name if shape_name in ("CUB", "SUN", "AwA2") else "CUB").to(DEVICE)
-    batch = dict(
-        regions=torch.rand(B, R, DV, generator=g).to(DEVICE),
-        signatures=torch.randn(B, DG, generator=g).to(DEVICE),
-        labels=torch.randint(0, C - U, (B,), generator=g).to(DEVICE),
-    )
-    return model, batch
+    return testing.ilpg_step(shape_name, DEVICE, hidden_dim=hidden_dim, weights=weights)
 
 
 @pytest.mark.parametrize("impl", timing.MODEL_IMPLEMENTATIONS)

@@ -20,24 +20,15 @@ import pytest
 import torch
 
 from conftest import DEVICE, full_unless, quick, run_benchmark
+from zslfast import testing
 from zslfast.tools import timing
-from zslfast.models import SAGE
 
 B, C, K, U, L, N, D, DW = 32, 200, 312, 50, 3, 196, 768, 300  # CUB, ViT-B/16 hidden states, GloVe/Word2Vec 300
 QUICK_B = 8  # the quick set's batch on CPU tensors (a B=32 eager step takes ~3 s on 2 cores); --full runs B=32
 
 
 def make(batch=B, lambda_align=0.1):
-    g = torch.Generator().manual_seed(0)
-    s = torch.rand(C, K, generator=g)
-    w = torch.randn(K, DW, generator=g)
-    torch.manual_seed(0)
-    model = SAGE(s, None, attribute_word_embeddings=w, embed_dim=D, lambda_align=lambda_align).to(DEVICE).train()
-    inputs = dict(
-        hidden_states=[torch.randn(batch, 1 + N, D, generator=g).to(DEVICE) for _ in range(L)],
-        labels=torch.randint(0, C - U, (batch,), generator=g).to(DEVICE),
-    )
-    return model, inputs
+    return testing.sage_step(batch, DEVICE, lambda_align=lambda_align)
 
 
 # torch.compile of the whole SAGE step takes 30-100 s on 2 CPU cores (cold inductor cache): --full only.

@@ -370,3 +370,48 @@ SHAPES: Dict[str, Shapes] = {
         ("SUN", (SUN.num_unseen, SUN.num_classes - SUN.num_unseen, SUN.num_attributes, 20, RESNET_DIM)),
     ),
 }
+
+
+# ----------------------------------------------------------------------------------------------- model steps
+# One training batch of each seed model on its frozen backbones' features (as ZSL code trains on cached features),
+# seed 0: benchmarks/bench_ilpg.py, bench_sage.py, gpu_models.py and ``python -m zslfast bench --models`` time them.
+SAGE_STEP = dict(batch=32, levels=3, tokens=VIT_TOKENS, dim=VIT_DIM, words=GLOVE_DIM)  # CUB on ViT-B/16 levels
+
+
+def ilpg_step(case: str = "CUB", device=torch.device("cpu"), hidden_dim: int = HIDDEN, weights: str = "full"):
+    """(ILPG model, its inputs) at SHAPES["ilpg"][case]: ResNet-101 regions (R=49, Dv=2048), DINOv2 ViT-S/14
+    signatures (Dg=384), GloVe attribute vectors (Da=300), labels of seen classes; the dataset's loss preset."""
+    from .models import ILPG
+
+    B, C, K, U = SHAPES["ilpg"][case].on(torch.device(device))
+    g = torch.Generator().manual_seed(0)
+    s = torch.rand(C, K, generator=g)
+    a = torch.randn(K, GLOVE_DIM, generator=g)
+    torch.manual_seed(0)
+    model = ILPG(s, a, region_dim=RESNET_DIM, signature_dim=DINO_DIM, hidden_dim=hidden_dim, weights=weights,
+                 unseen_classes=torch.arange(C - U, C), preset=case if case in PRESETS else "CUB").to(device)
+    inputs = dict(
+        regions=torch.rand(B, REGIONS, RESNET_DIM, generator=g).to(device),
+        signatures=torch.randn(B, DINO_DIM, generator=g).to(device),
+        labels=torch.randint(0, C - U, (B,), generator=g).to(device),
+    )
+    return model, inputs
+
+
+def sage_step(batch: int = SAGE_STEP["batch"], device=torch.device("cpu"), lambda_align: float = 0.1):
+    """(SAGE model, its inputs) at CUB (C=200, K=312, 50 unseen): L=3 levels of ViT-B/16 hidden states at 224²
+    (batch, 1+196, 768), GloVe-sized attribute word vectors (300), every loss on (lambda_align > 0)."""
+    from .models import SAGE
+
+    C, K, U = CUB.num_classes, CUB.num_attributes, CUB.num_unseen
+    g = torch.Generator().manual_seed(0)
+    s = torch.rand(C, K, generator=g)
+    w = torch.randn(K, SAGE_STEP["words"], generator=g)
+    torch.manual_seed(0)
+    model = SAGE(s, None, attribute_word_embeddings=w, embed_dim=SAGE_STEP["dim"], lambda_align=lambda_align)
+    inputs = dict(
+        hidden_states=[torch.randn(batch, SAGE_STEP["tokens"], SAGE_STEP["dim"], generator=g).to(device)
+                       for _ in range(SAGE_STEP["levels"])],
+        labels=torch.randint(0, C - U, (batch,), generator=g).to(device),
+    )
+    return model.to(device).train(), inputs
