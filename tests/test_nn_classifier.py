@@ -92,7 +92,7 @@ def test_instance_prototype_classifier_matches_eq5_6(weights, backend, B, genera
     e = torch.randn(B, K, dtype=torch.float64, generator=generator, requires_grad=True)
     g = torch.randn(B, Dg, dtype=torch.float64, generator=generator)
     s = torch.randn(C, K, dtype=torch.float64, generator=generator, requires_grad=True)
-    logits, hidden = module(e, g, s)
+    logits, hidden, formed = module(e, g, s)
     expected, w = _hand_logits(module, e, g, s)
     torch.testing.assert_close(logits, expected, rtol=1e-10, atol=1e-10)
     params = (e, s, module.last.weight, module.last.bias, module.hidden[0].weight)
@@ -101,9 +101,10 @@ def test_instance_prototype_classifier_matches_eq5_6(weights, backend, B, genera
     for got, want in zip(grads, grads_ref):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     labels = torch.randint(0, C, (B,), generator=generator)
-    rows = module.label_weights(hidden, labels)
     want_rows = w[:, 0] if weights == "attribute" else w[torch.arange(B), labels]
-    torch.testing.assert_close(rows, want_rows, rtol=1e-10, atol=1e-10)
+    assert (formed is not None) == (weights == "full")  # w is formed, and gathered from, in "full" only
+    for given in (None, formed):  # from the layer's label rows, and from the forward's w
+        torch.testing.assert_close(module.label_weights(hidden, labels, given), want_rows, rtol=1e-10, atol=1e-10)
 
 
 def test_instance_prototype_classifier_starts_at_static_prototypes(generator):

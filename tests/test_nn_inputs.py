@@ -51,6 +51,9 @@ CASES = {
                              "InstancePrototypeClassifier.label_weights: hidden (B, J) must have J=3, got J=4"),
     "label_weights labels": (lambda: FULL.label_weights(randn(2, 3), torch.tensor([0, 9])), ValueError,
                              "InstancePrototypeClassifier.label_weights: labels holds the label 9, outside [0, 4)"),
+    "label_weights weights": (lambda: FULL.label_weights(randn(2, 3), torch.tensor([0, 1]), randn(2, 5, 4)),
+                              ValueError, "InstancePrototypeClassifier.label_weights: weights must be w (B, C, K) = "
+                              "(2, 4, 5), got (2, 5, 4)"),
     "ilpg signatures": (lambda: MODEL(regions=randn(2, 3, 8), signatures=randn(2, 8)), ValueError,
                         "ILPG: signatures (B, Dg) must have Dg=7, got Dg=8"),
 }

@@ -263,9 +263,9 @@ class ILPG(nn.Module):
         if self.region_encoder is not None:
             regions = self.region_encoder(regions)
         e = self.avl(regions, self.attribute_vectors)  # Ẽ (B, K)
-        logits, hidden = self.apc(e, signatures, s)
+        logits, hidden, w = self.apc(e, signatures, s)
         if labels is None:
             return ILPGOutput(logits, None, {}, e)
-        w_label = self.apc.label_weights(hidden, labels)  # w[b, y_b] (B, K): all VSR and PCR read of w
+        w_label = self.apc.label_weights(hidden, labels, w)  # w[b, y_b] (B, K): all VSR and PCR read of w
         total, parts = self.criterion(logits, labels, e, s, w_label)
         return ILPGOutput(logits, total, {k: v.detach() for k, v in parts.items()}, e)

@@ -10,8 +10,11 @@
     logits[b, c] = <e[b], S_W[b, c]>,  S_W[b, c] = w[b, c] ⊙ s[c] + s[c]   (Eq. 5-6, S_W never materialised)
 
 Shapes: e (B, K) attribute scores (ILPG's Ẽ), g (B, Dg) instance signatures (DINOv2 CLS), s (C, K) class
-semantic matrix -> logits (B, C). ``label_weights(hidden, labels)`` gives w[b, labels[b]] (B, K), all that ILPG's
-VSR and PCR losses need, without the (B, C, K) tensor.
+semantic matrix -> logits (B, C). ``label_weights(hidden, labels, weights)`` gives w[b, labels[b]] (B, K), all that
+ILPG's VSR and PCR losses need: gathered from w where the forward formed it ("full": its backward adds B·K entries
+to w's gradient), else from the label rows of the last layer ("factored", which never forms w; "attribute"). Taken
+from the layer's weight rows instead, "full" would pay a zero-filled gradient of the whole (C·K, J) weight (128 MB
+at CUB with J = 512) and its sum into the layer's gradient each step.
 
 "full" and "factored" hold the same parameters (``last.weight`` (C*K, J), ``last.bias`` (C*K,)), so a checkpoint
 moves between them; "factored" wins when B > J or C*K is large (ImageNet-21K scale), "full" when B ≤ J.
@@ -33,6 +36,7 @@ WEIGHT_FORMS = ("full", "attribute", "factored")
 class PrototypeScores(NamedTuple):
     logits: torch.Tensor  # (B, C)
     hidden: torch.Tensor  # (B, J), the generator's hidden features, for label_weights
+    weights: Optional[torch.Tensor] = None  # w (B, C, K) where the forward formed it ("full"), for label_weights
 
 
 class InstancePrototypeClassifier(nn.Module):
@@ -76,7 +80,7 @@ class InstancePrototypeClassifier(nn.Module):
         nn.init.zeros_(self.last.bias)
 
     def forward(self, e: torch.Tensor, g: torch.Tensor, s: torch.Tensor) -> PrototypeScores:
-        """e (B, K), g (B, Dg), s (C, K) -> PrototypeScores(logits (B, C), hidden (B, J))."""
+        """e (B, K), g (B, Dg), s (C, K) -> PrototypeScores(logits (B, C), hidden (B, J), w (B, C, K) for "full")."""
         fn, K = "InstancePrototypeClassifier", self.num_attributes
         for name, t, layout, dim, width in (("e", e, "(B, K)", "K", K), ("s", s, "(C, K)", "K", K),
                                             ("g", g, "(B, Dg)", "Dg", self.hidden[0].in_features)):
@@ -97,13 +101,15 @@ class InstancePrototypeClassifier(nn.Module):
         C = self.num_classes
         if self.weights == "full":
             w = self.last(hidden).reshape(B, C, K)
-            return PrototypeScores(prototype_scores(e, s, w, backend=self.backend), hidden)
+            return PrototypeScores(prototype_scores(e, s, w, backend=self.backend), hidden, w)
         u = self.last.weight.T.reshape(J, C, K)
         bias = self.last.bias.reshape(C, K)
         return PrototypeScores(prototype_scores_factored(e, s, hidden, u, bias, backend=self.backend), hidden)
 
-    def label_weights(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """w[b, labels[b]] (B, K) from the hidden features: only the label rows of the last layer are touched."""
+    def label_weights(self, hidden: torch.Tensor, labels: torch.Tensor,
+                      weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """w[b, labels[b]] (B, K): gathered from ``weights`` (the forward's w (B, C, K), PrototypeScores.weights) when
+        given, else from the hidden features and the label rows of the last layer only."""
         fn, K = "InstancePrototypeClassifier.label_weights", self.num_attributes
         check_tensor(fn, "hidden", hidden, (2,), "(B, J)")
         check_width(fn, "hidden", hidden, self.last.in_features, "(B, J)", "J")
@@ -112,6 +118,11 @@ class InstancePrototypeClassifier(nn.Module):
                               values=self.weights != "attribute")
         if self.weights == "attribute":
             return self.last(hidden)
+        if weights is not None:
+            expected = (hidden.shape[0], self.num_classes, K)
+            if tuple(weights.shape) != expected:
+                raise ValueError(f"{fn}: weights must be w (B, C, K) = {expected}, got {tuple(weights.shape)}")
+            return weights[torch.arange(labels.shape[0], device=labels.device), labels]
         rows = (labels[:, None] * K + torch.arange(K, device=labels.device)).reshape(-1)  # (B*K,) output indices
         weight = self.last.weight.index_select(0, rows).reshape(labels.shape[0], K, -1)  # (B, K, J)
         bias = self.last.bias.index_select(0, rows).reshape(labels.shape[0], K)
