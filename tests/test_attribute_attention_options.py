@@ -171,9 +171,10 @@ def test_saved_memory_stays_linear(device, backend, options, generator):
 
 def test_bad_options():
     q, k, v, ref = torch.randn(4, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 6), torch.randn(4, 6)
-    for kwargs, name in (({"softmax_over": "rows"}, "softmax_over"), ({"softmax_over": None}, "softmax_over"),
+    for kwargs, name in (({"softmax_over": "rows"}, "softmax_over"), ({"softmax_over": "none"}, "softmax_over"),
                          ({"logit_activation": "gelu"}, "logit_activation"), ({"return_max": True}, "return_max"),
-                         ({"return_max": "probs"}, "return_max")):
+                         ({"return_max": "probs"}, "return_max"), ({"return_attention": "probs"}, "return_attention"),
+                         ({"return_attention": None}, "return_attention")):
         for backend in ("reference", None):
             with pytest.raises(ValueError, match=f"{name} must be one of"):
                 zslfast.attribute_attention(q, k, v, ref, backend=backend, **kwargs)
