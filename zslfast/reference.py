@@ -194,13 +194,13 @@ def attribute_attention(
         attn = logits if keep is None else torch.where(keep, logits, 0)
     else:
         dim = -1 if softmax_over == "keys" else -2
-        if keep is None:
-            attn = torch.softmax(logits, dim=dim)
-        else:
-            # finfo.min, not -inf: a fully masked row stays finite (uniform), then the select zeroes it and its
-            # gradient. (Over the queries, a masked column is all finfo.min: uniform, then selected to 0 alike.)
-            filled = logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
-            attn = torch.where(keep, torch.softmax(filled, dim=dim), 0)
+        # finfo.min, not -inf: a fully masked row stays finite (uniform), then the select zeroes it and its
+        # gradient. (Over the queries, a masked column is all finfo.min: uniform, then selected to 0 alike.)
+        filled = logits if keep is None else logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
+        # A row (column) of -inf logits alone (a -inf bias) is all 0 as well, as torch's SDPA gives it.
+        dead = (filled == float("-inf")).all(dim=dim, keepdim=True)
+        attn = torch.softmax(filled.masked_fill(dead, 0), dim=dim)
+        attn = torch.where(~dead if keep is None else keep & ~dead, attn, 0)
     e = torch.matmul(attn, heads(v)).transpose(-3, -2).flatten(-2)  # (B, K, Dv): the heads side by side
     results = (attention_score(e, ref, score, eps),)
     if return_attention:

@@ -1,13 +1,15 @@
 // attribute_attention on CPU: attribute->region cross-attention with a fused cosine/dot epilogue (the math and its
 // derivation: zslfast/ops/attribute_attention.py).
 //
-//   q (K, D) shared or (B, K, D), k (B, R, D), v (B, R, Dv), ref (K, Dv) | (B, K, Dv) | none, mask (B, R) bool | none
-//   S = scale * q k[b]^T (K, R),  P = softmax of S over the kept r (a row with none kept is all 0),  E = P v[b] (K, Dv)
+//   q (K, D) shared or (B, K, D), k (B, R, D), v (B, R, Dv), ref (K, Dv) | (B, K, Dv) | none, mask (B, R) bool | none,
+//   bias (B', H, K, R) | none, B'·H = B (the op's heads folded into the batch; strides 0 where broadcast)
+//   S = scale * act(q k[b]^T) + bias[b / H, b % H] (K, R),  P = softmax of S over the kept r (a row with none kept
+//   is all 0), over the queries, or S on the kept r (SoftmaxOver::kNone),  E = P v[b] (K, Dv)
 //   out[b, i] = E[b, i]                                          Score::kNone        out (B, K, Dv)
 //             = <E[b, i], ref[i]>                                Score::kDot         out (B, K)
 //             = <E, ref> iE iR, iE = 1 / max(|E|, eps), iR likewise  Score::kCosine, F.cosine_similarity's clamp
 //   also e = E (B, K, Dv) for the backward, lse (B, K) = log sum_{kept r} exp(S) (0 for a fully masked row), and
-//   attn = P (B, K, R) only when asked for.
+//   attn = P or S (masked -inf) (B, K, R) only when asked for.
 //
 //   Masked tokens are selected away, never multiplied by 0 (a NaN or inf in padding would survive 0 * x): k and v
 //   are read with their masked rows zeroed, P and dS are 0 there by a select, and dk, dv rows of masked tokens are
@@ -18,16 +20,16 @@
 //   float), see score_grad.
 //
 //   forward, one work unit per (b, tile of query rows), at::parallel_for over the units (forward_unit):
-//       S = q_tile @ k[b]^T                      at::mm into a (rows x R) scratch tile (single-threaded inside the
+//       S = q_tile @ k[b]^T, then scale, bias    at::mm into a (rows x R) scratch tile (single-threaded inside the
 //       P = softmax(S) over kept r               parallel region, as ATen runs nested ops), softmax in place,
 //       E_tile = P @ v[b]                        at::mm straight into E (or a scratch tile when no backward comes),
 //       out[b, i] = score(E[b, i], ref[i])       then the cosine/dot epilogue per row.
 //   backward, one work unit per b (its dk[b], dv[b] need every query row; backward_sample):
 //       dE from the epilogue's gradient, P recomputed as the softmax of the whole row (the saved lse is not read),
-//       dP = dE @ v[b]^T (+ grad_attn), dS = scale * P * ((dP - shift) - delta) with shift = dP at the row's
+//       dP = dE @ v[b]^T (+ grad_attn), dS = P * ((dP - shift) - delta) (= dbias) with shift = dP at the row's
 //       arg-max and delta = sum_r P (dP - shift) from the row (SoftmaxGrad: exact on near one-hot rows, where
 //       dP - sum_r P dP keeps nothing of the true gradient, in float or double; <dE, E> cancels worse still),
-//       dv[b] = P^T @ dE, dk[b] = dS^T @ q_b, dq[b] = dS @ k[b] (per-sample q).
+//       dT = scale * dS, dv[b] = P^T @ dE, dk[b] = dT^T @ q_b, dq[b] = dT @ k[b] (per-sample q).
 //   Shared q: each unit writes its dS into a (K, B, R) buffer, then one GEMM dq = buf (K, B*R) @ k (B*R, D) sums
 //   over b; shared ref: per-row coefficients, then a pass over rows that sums over b in order. No atomics, every
 //   sum in a fixed order: deterministic. Nothing of size (B, K, R) is kept between forward and backward.
@@ -103,9 +105,9 @@ acc_t row_dot(const acc_t* a, const acc_t* b, int64_t n) {
 }
 
 // Softmax of the logits s over the kept entries of one row, in place; returns the row's log-sum-exp (0 when no entry
-// is kept: the row is all zeros then). Masked entries become exactly 0, whatever their logits (a NaN or inf bias
-// there); a NaN kept logit makes the kept entries and the lse NaN (std::max skips NaN, so an all-NaN row must not
-// pass for a fully masked one).
+// is kept, or every kept logit is -inf (a -inf bias): the row is all zeros then, as torch's SDPA gives it). Masked
+// entries become exactly 0, whatever their logits (a NaN or inf bias there); a NaN kept logit makes the kept
+// entries and the lse NaN (std::max skips NaN, so an all-NaN row must not pass for a fully masked one).
 template <typename acc_t>
 acc_t softmax_row(acc_t* s, const bool* keep, int64_t R) {
   acc_t m = -std::numeric_limits<acc_t>::infinity();
@@ -157,8 +159,9 @@ std::pair<acc_t, int32_t> row_max(const acc_t* x, const bool* keep, int64_t R) {
 }
 
 // Softmax over the rows of each kept column of the logits s (rows, R) (softmax_over "queries"), in place;
-// lse[r] = log sum_i exp(s[i, r]) of each kept column, 0 for a masked one, whose entries become 0 (a select). A NaN
-// in a kept column makes that column and its lse NaN (the running max carries it).
+// lse[r] = log sum_i exp(s[i, r]) of each kept column, 0 for a masked one, whose entries become 0 (a select), and
+// for a column of -inf logits alone (a -inf bias), all 0 as well, as softmax_row's rows. A NaN in a kept column
+// makes that column and its lse NaN (the running max carries it).
 template <typename acc_t>
 void softmax_columns(acc_t* s, const bool* keep, int64_t rows, int64_t R, acc_t* lse) {
   constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
@@ -169,20 +172,21 @@ void softmax_columns(acc_t* s, const bool* keep, int64_t rows, int64_t R, acc_t*
       col_max[r] = (row[r] > col_max[r] || std::isnan(row[r])) ? row[r] : col_max[r];
     }
   }
+  std::vector<uint8_t> live(R);  // kept, and not all -inf
+  for (int64_t r = 0; r < R; ++r) live[r] = (keep == nullptr || keep[r]) && col_max[r] != -inf;
   for (int64_t i = 0; i < rows; ++i) {
     acc_t* row = s + i * R;
-    for (int64_t r = 0; r < R; ++r) row[r] = (keep == nullptr || keep[r]) ? row[r] - col_max[r] : -inf;
+    for (int64_t r = 0; r < R; ++r) row[r] = live[r] ? row[r] - col_max[r] : -inf;
     exp_rows(row, R);
     for (int64_t r = 0; r < R; ++r) col_sum[r] += row[r];
   }
   for (int64_t r = 0; r < R; ++r) {
-    const bool kept = keep == nullptr || keep[r];
-    lse[r] = kept ? col_max[r] + std::log(col_sum[r]) : acc_t(0);
-    col_sum[r] = acc_t(1) / col_sum[r];
+    lse[r] = live[r] ? col_max[r] + std::log(col_sum[r]) : acc_t(0);
+    col_sum[r] = live[r] ? acc_t(1) / col_sum[r] : acc_t(0);
   }
   for (int64_t i = 0; i < rows; ++i) {
     acc_t* row = s + i * R;
-    for (int64_t r = 0; r < R; ++r) row[r] = (keep == nullptr || keep[r]) ? row[r] * col_sum[r] : acc_t(0);
+    for (int64_t r = 0; r < R; ++r) row[r] = live[r] ? row[r] * col_sum[r] : acc_t(0);
   }
 }
 

@@ -1,7 +1,8 @@
 """attribute_attention: attribute->region cross-attention with a fused cosine/dot score (ILPG AVL Eq. 2-4, TransZero's
-decoder cross-attention, SAGE/GEM/PSVMA attribute localisation), flash-style: no (B, K, R) tensor is kept.
+decoder cross-attention, SAGE/GEM/PSVMA/APN attribute localisation, TransZero++/DPPN multi-head attention),
+flash-style: no (B, K, R) tensor is kept.
 
-    S[b, i, r]  = scale * <q[i], k[b, r]>                    (q[b, i] for per-sample queries), scale = D^-0.5 default
+    S[b, i, r]  = scale * <q[i], k[b, r]> (+ bias[b, i, r])  (q[b, i] for per-sample queries), scale = D^-0.5 default
     P[b, i, :]  = softmax over the kept r (mask[b, r] True) of S[b, i, :]; a row with no kept r is all zeros
     E[b, i]     = sum_r P[b, i, r] v[b, r]
     out[b, i]   = E[b, i]                                    ref None or score None     -> (B, K, Dv)
@@ -21,21 +22,42 @@ Backward, g = dL/dout, iE = 1 / max(|E|, eps), iR = 1 / max(|ref|, eps), cos = o
                   delta[b, i] = sum_r P (dP - c)  (= Delta - c, as sum_r P = 1; why: "saturation" below)
     dq = scale dS k (summed over b for a shared q (K, D)), dk = scale dS^T q, dv = P^T dE
 
-Options (the variants of MSDN, SAGE, PSVMA and GEM-ZSL, one call each), T = q k^T:
+Options (the variants of MSDN, SAGE, PSVMA, GEM-ZSL, APN, TransZero++ and DPPN, one call each), T = q k^T:
     logit_activation  None: S = scale T;  "relu": S = scale relu(T) (PSVMA's AnyAttention: before the scale)
+    bias              S = scale act(T) + bias (after the scale: SDPA's float attn_mask, TransZero++'s
+                      q kᵀ/√d − relu(w_g)), bias broadcast to (B, K, R) (B, H, K, R with heads) as a view of stride 0
+                      along its broadcast dimensions, never expanded in memory, read at the kept tokens only (a NaN or
+                      inf bias at a masked token reaches nothing). -inf logits (a -inf bias) get P = 0; a row (over
+                      the queries: a column) whose kept logits are all -inf is all 0, lse 0, as a fully masked one
+                      (as torch's SDPA gives it).
     softmax_over      "keys": P above.  "queries": for each kept r, P[b, :, r] = softmax over the K queries of
                       S[b, :, r] (MSDN V2A), 0 on a masked r; its lse is then per token: lse[b, r] =
-                      log sum_i exp(S[b, i, r]) (B, R) (0 on a masked r). E and the score as above.
+                      log sum_i exp(S[b, i, r]) (B, R) (0 on a masked r). None: no normalisation, P = S on the kept
+                      r and 0 on the masked ones (TransZero++'s E_v2s = (q kᵀ) v); no lse. E and the score as above.
+    return_attention  "attention" (or True): also returns P (B, K, R);  "logits": S instead, masked entries -inf
+                      (masked_fill(~mask, -inf) of S, as before a softmax: APN's attribute maps). Differentiable:
+                      its gradient adds to dP ("attention") or to dS ("logits"; nothing at masked entries).
     return_max        "attention": M[b, i] = max over kept r of P[b, i, r] (GEM-ZSL, SAGE Eq. 3);  "logits": of
                       S[b, i, r] (PSVMA's max-pool). idx[b, i] = the first r reaching it (int32: saved for the
                       backward, -1 and M = 0 for a row with no kept r). (B, K), kept in the accumulator dtype.
-    backward, gM = dL/dM:
-                      dP = dE v^T (+ dL/dattn) (+ gM at r = idx for "attention")
+                      With softmax_over None both maxima are the max of S over the kept r.
+    num_heads         H: q, k, v cut along D (Dv) into H heads of D/H (Dv/H) features, nn.MultiheadAttention's
+                      order (head h: features [h D/H, (h+1) D/H)); scale = (D/H)^-0.5 by default; each head attends
+                      on its own, with bias[:, h]; E (B, K, Dv) = the heads' E side by side, then the score against
+                      ref (after the merge: DPPN's and TransZero++'s nn.MultiheadAttention merge their heads before
+                      any projection or score). The map comes back (B, H, K, R), the max (B, H, K). The kernels see
+                      the heads folded into the batch, N = B·H (batch n = b H + h): copies of q, k, v (O(B·K·D +
+                      B·R·D), cheap beside the attention's O(B·K·R·D)); a shared q (K, D) then becomes per sample.
+    backward, gM = dL/dM, gA = dL/d(returned map):
+                      dP = dE v^T (+ gA for "attention") (+ gM at r = idx for "attention")
                       keys:    dS = P (dP - Delta), Delta[b, i] = sum_r P dP
                       queries: dS = P (dP - Gamma), Gamma[b, r] = sum_i P dP  (a column sum over every query row)
+                      None:    dS = dP on the kept r
                       each shifted as above: c, delta of the row (keys) or of the column (queries: c[b, r] = dP at
                       the arg-max query row of token r)
-                      "logits": dS[b, i, idx] += gM
+                      "logits": dS[b, i, idx] += gM;  (+ gA for the returned "logits");  dS = 0 on masked r
+                      dbias = dS, summed over the bias's broadcast dimensions (a (B·H, K, R) tensor, formed only when
+                      the bias requires grad)
                       dT = scale dS [not T <= 0 for "relu"] (torch's relu backward: a NaN T passes dS)
                       dq = dT k, dk = dT^T q, dv = P^T dE
 
@@ -44,7 +66,8 @@ Numerics every backend keeps (tests/test_attribute_attention.py):
                 or inf in masked k or v reaches no output and no gradient, their dk, dv are exactly 0, and a fully
                 masked row keeps E = 0, score 0, and passes nothing to q, k, v even from a NaN or inf gradient
     NaN         a NaN input makes NaN exactly the outputs and gradients that depend on it (q[i]: row i of every
-                sample that keeps a token; a kept k[b, r] or v[b, r]: sample b), and nothing else
+                sample that keeps a token; a kept k[b, r] or v[b, r]: sample b; a bias[b, i, r] at a kept r: row i
+                of sample b), and nothing else
     overflow    the cosine's norms and <E, ref> are plain sums where finite, rescaled where they overflowed; its
                 gradient is written so that neither iE iR nor iE^2 is formed (both underflow fp32 at |E| ~ 1e30)
     saturation  where a softmax is near one-hot (its top two logits more than ~17 apart in float32, ~37 in
@@ -59,9 +82,11 @@ Numerics every backend keeps (tests/test_attribute_attention.py):
                 is tiny whenever it matters.
 
 Shapes: q (K, D) attribute queries shared by the batch (ILPG: Q = A W_q) or (B, K, D); k (B, R, D), v (B, R, Dv)
-from R image tokens; ref None, (K, Dv) or (B, K, Dv); mask None or (B, R) bool. Autograd keeps q, k, v, ref, mask,
-E (B, K, Dv) and lse (B, K) ((B, R) over the queries), with return_max M and idx (B, K): O(B·K·Dv) + O(B·K) +
-O(B·R), never the (B, K, R) attention (only return_attention materialises it).
+from R image tokens; ref None, (K, Dv) or (B, K, Dv); mask None or (B, R) bool; bias None, broadcastable to
+(B, K, R), or with heads to (B, H, K, R) (4-D, or up to 2-D: a 3-D bias would broadcast its batch onto the heads).
+Autograd keeps q, k, v, ref, mask, the caller's bias, E (B, K, Dv) and lse (B, K) ((B, R) over the queries), with
+return_max M and idx (B, K): O(B·K·Dv) + O(B·K) + O(B·R), never the (B, K, R) attention (only return_attention
+materialises it, and the bias's gradient dS).
 Without a backward to come (no input requires grad, or grad mode off), E is not written at all for the scores.
 
     "cpu"     C++ (csrc/cpu/attribute_attention.cpp): at::parallel_for over (b, query tiles), at::mm per tile,
