@@ -12,8 +12,10 @@ bias (not one of the record's inputs).
     max[b, i] = max over kept r of P[b, i, r] or S[b, i, r] (0 for a row with no kept r)
 """
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import zslfast
 from zslfast import reference
@@ -487,3 +489,148 @@ def test_options_nan_goes_where_the_reference_puts_it(device, backend, options, 
                                   ref, options, cot, mask=mask, bias=clean)
         for g, w in zip(got, again):
             assert torch.equal(g, w)
+
+
+# ------------------------------------------------------ the papers' code, issue 33 (docs/ops.md's examples)
+def assert_same_outputs_and_grads(eager, fused, inputs, generator):
+    """fused(*inputs) equals eager(*inputs), both a tuple of outputs: values and the gradients of every input, for
+    random cotangents, in float64."""
+    results = []
+    for fn in (eager, fused):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        outs = fn(*leaves)
+        results.append((outs, leaves))
+    cot = [torch.randn(o.shape, generator=generator, dtype=torch.float64) for o in results[0][0]]
+    for i, (want, got) in enumerate(zip(results[0][0], results[1][0])):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=f"output {i}")
+    grads = [torch.autograd.grad(sum((o * c).sum() for o, c in zip(outs, cot)), leaves) for outs, leaves in results]
+    for i, (want, got) in enumerate(zip(*grads)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=f"gradient of input {i}")
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_transzero_pp_geometry_attention(device, backend, generator):
+    """TransZero++ (model_tzpp.py, ScaledDotProductGeometryAttention.forward): multi-head self-attention over the
+    regions, softmax(q kᵀ/√d_k − relu(geometry weights)) v per head, the heads merged side by side (before fc_o)."""
+    skip_pending(backend, bias=True)
+    B, N, d_model, h, d_k = 2, 9, 8, 2, 3
+    rand = lambda *s: torch.randn(*s, generator=generator, dtype=torch.float64)  # noqa: E731
+    inputs = [rand(B, N, d_model), rand(h * d_k, d_model), rand(h * d_k, d_model), rand(h * d_k, d_model),
+              rand(3, h * d_k), rand(B, h, N, N)]  # regions, fc_q/k/v weights and biases, geometry weights
+
+    def eager(queries, W_q, W_k, W_v, b, geometry):  # its code, dropout off, fc_o left out
+        b_s, nq, nk = queries.shape[0], queries.shape[1], queries.shape[1]
+        q = (queries @ W_q.T + b[0]).view(b_s, nq, h, d_k).permute(0, 2, 1, 3)
+        k = (queries @ W_k.T + b[1]).view(b_s, nk, h, d_k).permute(0, 2, 3, 1)
+        v = (queries @ W_v.T + b[2]).view(b_s, nk, h, d_k).permute(0, 2, 1, 3)
+        att = torch.matmul(q, k) / np.sqrt(d_k)
+        w_g = torch.nn.functional.relu(geometry)  # MultiLevelEncoder_woPad: relu of the per-head WG(embedding)
+        w_mn = torch.softmax(-w_g + att, -1)
+        return (torch.matmul(w_mn, v).permute(0, 2, 1, 3).contiguous().view(b_s, nq, h * d_k),)
+
+    def fused(queries, W_q, W_k, W_v, b, geometry):
+        q, k, v = (queries @ W.T + bias for W, bias in zip((W_q, W_k, W_v), b))
+        return (zslfast.attribute_attention(q, k, v, bias=-torch.relu(geometry), score=None, num_heads=h,
+                                            backend=backend),)
+
+    assert_same_outputs_and_grads(eager, fused, inputs, generator)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_transzero_pp_e_v2s(device, backend, generator):
+    """TransZero++ (model_tzpp.py, forward_feature_transformer): E_v2s = einsum('brc,cc,bic->bir', ...) with no
+    softmax, then embed_v2s = einsum('bir,br->bi', E_v2s, S_p_v2s). ('cc' reads W_4's diagonal.)"""
+    skip_pending(backend, (None, None, None, False))
+    B, K, R, C = 2, 5, 7, 6
+    rand = lambda *s: torch.randn(*s, generator=generator, dtype=torch.float64)  # noqa: E731
+    inputs = [rand(B, R, C), rand(C, C), rand(B, K, C), rand(B, R)]  # emb_vis, W_4, emb_att, S_p
+
+    def eager(emb_vis_v2s, W_4_v2s, emb_att_v2s, S_p_v2s):
+        E_v2s = torch.einsum('brc,cc,bic->bir', emb_vis_v2s, W_4_v2s, emb_att_v2s)
+        return (torch.einsum('bir,br->bi', E_v2s, S_p_v2s),)
+
+    def fused(emb_vis_v2s, W_4_v2s, emb_att_v2s, S_p_v2s):
+        q = emb_att_v2s * W_4_v2s.diagonal()
+        return (zslfast.attribute_attention(q, emb_vis_v2s, S_p_v2s[..., None], scale=1.0, score=None,
+                                            softmax_over=None, backend=backend)[..., 0],)
+
+    assert_same_outputs_and_grads(eager, fused, inputs, generator)
+
+
+def apn_middle_graph(kernel_size):
+    """APN's get_middle_graph (model/main_utils.py): for each peak position, the squared distance of every cell."""
+    raw_graph = torch.zeros((2 * kernel_size - 1, 2 * kernel_size - 1), dtype=torch.float64)
+    for x in range(- kernel_size + 1, kernel_size):
+        for y in range(- kernel_size + 1, kernel_size):
+            raw_graph[x + (kernel_size - 1), y + (kernel_size - 1)] = x ** 2 + y ** 2
+    middle_graph = torch.zeros((kernel_size ** 2, kernel_size, kernel_size), dtype=torch.float64)
+    for x in range(kernel_size):
+        for y in range(kernel_size):
+            middle_graph[x * kernel_size + y, :, :] = \
+                raw_graph[kernel_size - 1 - x: 2 * kernel_size - 1 - x, kernel_size - 1 - y: 2 * kernel_size - 1 - y]
+    return middle_graph
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_apn_attribute_maps_and_compactness(device, backend, generator):
+    """APN (model/model_proto.py, resnet_proto_IoU.forward; model/main_utils.py, Loss_fn): attribute maps =
+    conv2d(features, prototypes) (B, K, 7, 7) (raw logits), the attribute scores their max_pool2d, the compactness
+    loss on the whole map; and its avg_pool option's scores. One call gives the map, the max and the average."""
+    skip_pending(backend, (None, None, "logits", "logits"))
+    B, C, K, side = 2, 6, 4, 3
+    R = side * side
+    rand = lambda *s: torch.randn(*s, generator=generator, dtype=torch.float64)  # noqa: E731
+    inputs = [rand(B, C, side, side), rand(K, C, 1, 1)]  # layer4 features, prototype_vectors
+    middle_graph = apn_middle_graph(side)
+
+    def losses(attention, pre_attri):  # the compactness loss (L_CPT) reads the whole raw map
+        batch_size, attri_dim, map_dim, _ = attention.size()
+        peak_id = torch.argmax(attention.view(batch_size * attri_dim, -1), dim=1)
+        peak_mask = middle_graph[peak_id, :, :].view(batch_size, attri_dim, map_dim, map_dim)
+        return torch.sum(torch.sigmoid(attention) * peak_mask), pre_attri.square().sum()
+
+    def eager(x, prototypes):
+        attention = F.conv2d(input=x, weight=prototypes)  # [B, K, W, H]
+        pre_attri = F.max_pool2d(attention, kernel_size=side).view(B, -1)
+        avg = F.avg_pool2d(attention, kernel_size=side).view(B, -1)  # opt.avg_pool
+        return (attention, pre_attri, avg, *losses(attention, pre_attri))
+
+    def fused(x, prototypes):
+        regions = x.flatten(2).transpose(1, 2)  # (B, R, C), a view
+        avg, maps, pre_attri = zslfast.attribute_attention(
+            prototypes.flatten(1), regions, torch.full((B, R, 1), 1.0 / R, dtype=x.dtype), scale=1.0, score=None,
+            softmax_over=None, return_attention="logits", return_max="logits", backend=backend)
+        attention = maps.view(B, K, side, side)
+        return (attention, pre_attri, avg[..., 0], *losses(attention, pre_attri))
+
+    assert_same_outputs_and_grads(eager, fused, inputs, generator)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_dppn_multihead_prototype_assignment(device, backend, generator):
+    """DPPN (models/dpn.py, PrtAttLayer.prt_assign): nn.MultiheadAttention(dim, nhead=8) with the attribute
+    prototypes (shared by the batch) as queries over the region features; torch's own module against one call on
+    its projections, values and the gradients of the inputs and of the module's weights."""
+    skip_pending(backend, num_heads=8)
+    B, K, R, dim = 2, 5, 6, 16
+    torch.manual_seed(0)
+    attn = torch.nn.MultiheadAttention(dim, 8, dropout=0.1).double().train(False)
+    prt = torch.randn(K, dim, generator=generator, dtype=torch.float64)  # zsl_prt_emb.weight
+    vis_query = torch.randn(R, B, dim, generator=generator, dtype=torch.float64)  # wh*bs*c
+    inputs = [prt, vis_query, attn.in_proj_weight.detach(), attn.in_proj_bias.detach()]
+
+    def eager(prt, vis_query, weight, bias):
+        vis_prt = prt.unsqueeze(1).repeat(1, B, 1)  # DPN.forward
+        return (F.multi_head_attention_forward(
+            vis_prt, vis_query, vis_query, dim, 8, weight, bias, None, None, False, 0.0, attn.out_proj.weight,
+            attn.out_proj.bias, training=False, need_weights=False)[0],)  # nn.MultiheadAttention.forward's call
+
+    def fused(prt, vis_query, weight, bias):
+        (W_q, W_k, W_v), (b_q, b_k, b_v) = weight.chunk(3), bias.chunk(3)
+        regions = vis_query.transpose(0, 1)
+        e = zslfast.attribute_attention(prt @ W_q.T + b_q, regions @ W_k.T + b_k, regions @ W_v.T + b_v,
+                                        score=None, num_heads=8, backend=backend)
+        return (attn.out_proj(e).transpose(0, 1),)
+
+    torch.testing.assert_close(eager(*inputs)[0], attn(prt.unsqueeze(1).repeat(1, B, 1), vis_query, vis_query)[0])
+    assert_same_outputs_and_grads(eager, fused, inputs, generator)

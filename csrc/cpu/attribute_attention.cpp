@@ -444,8 +444,8 @@ Dims check_dims(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
     const auto& t = *bias;
     TORCH_CHECK(t.dim() == 4 && t.size(0) * t.size(1) == d.B && t.size(2) == d.K && t.size(3) == d.R &&
                     t.scalar_type() == q.scalar_type(),
-                op, ": bias must be a (B, H, K, R) view with B·H = ", d.B, ", K = ", d.K, ", R = ", d.R, " in q's dtype, got ",
-                t.sizes(), " ", t.scalar_type());
+                op, ": bias must be a (B, H, K, R) view with B·H = ", d.B, ", K = ", d.K, ", R = ", d.R,
+                " in q's dtype, got ", t.sizes(), " ", t.scalar_type());
   }
   return d;
 }
