@@ -268,6 +268,35 @@ def test_heads_match_reference(device, backend, case, generator):
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+@pytest.mark.parametrize("softmax_over", ["keys", "queries"])
+def test_minus_inf_bias_masks(device, backend, softmax_over, generator):
+    """A -inf bias (SDPA's float attn_mask) gives its tokens no weight, as the mask does; a row (a column over the
+    queries) whose every logit is -inf is all 0, as a fully masked one (and as torch's SDPA gives it)."""
+    skip_pending(backend, bias=True)
+    B, K, R, D, Dv = 2, 4, 5, 6, 3
+    q, k, v, ref = make_inputs(B, K, R, D, Dv, "shared", "shared", torch.float64, device, generator)
+    keep = torch.tensor([[True, False, True, True, False], [False, True, True, True, True]], device=device)
+    bias = torch.zeros(B, 1, R, dtype=torch.float64, device=device).masked_fill(~keep[:, None], float("-inf"))
+    options = (softmax_over, None, "attention", True)
+    cot = cotangents_for(q, k, v, ref, options, "cosine", generator)
+    fused = lambda *a, **kw: zslfast.attribute_attention(*a, backend=backend, **kw)  # noqa: E731
+    got = outputs_and_grads(fused, q, k, v, ref, options, cot, bias=bias)
+    masked = outputs_and_grads(fused, q, k, v, ref, options, cot, mask=keep)
+    for g, w in zip(got[:-1], masked):  # every output and gradient but the bias's
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    dead = torch.zeros(K, R, dtype=torch.float64, device=device)
+    if softmax_over == "keys":
+        dead[1] = float("-inf")
+    else:
+        dead[:, 2] = float("-inf")
+    assert_options_match(q, k, v, ref, backend, options, bias=dead, generator=generator)
+    _, attn, best = fused(q, k, v, ref, bias=dead, softmax_over=softmax_over, return_attention=True,
+                          return_max="attention")
+    zero = attn[:, 1] if softmax_over == "keys" else attn[:, :, 2]
+    assert not zero.any() and torch.isfinite(attn).all()
+
+
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_bias_gradcheck_and_opcheck(device, backend, generator):
     """gradcheck of every input with a broadcast bias (the logits map and max, a mask; then no softmax and heads),
     and opcheck of the forward and backward ops on a stride-0 bias view (the contract battery covers the rest)."""
