@@ -699,6 +699,14 @@ void epilogue_backward(const Backward<acc_t>& w, int64_t b, acc_t* de) {
   for (int64_t i = 0; i < d.K; ++i) score_backward_row(w, b, i, w.e + (b * d.K + i) * d.Dv, de + i * d.Dv);
 }
 
+// Whether the backward of sample b needs S and P recomputed: always with a softmax or the relu; without them (dS = dP),
+// for dv = P^T dE alone.
+template <typename acc_t>
+bool needs_probabilities(const Backward<acc_t>& w) {
+  return w.options.softmax_over != SoftmaxOver::kNone || w.options.logit_activation == LogitActivation::kRelu ||
+         w.need_v;
+}
+
 // dT (of T = q k^T, before the activation) of sample b, written over dp, with dS (of the logits S) on the way:
 // S = scale * act(T) + bias recomputed into p (K, R), then P as the softmax of each whole row or of each whole column
 // (softmax over the queries), or S itself on the kept r (no softmax). dP = dE @ v[b]^T (+ the gradient of the
@@ -710,17 +718,19 @@ template <typename acc_t>
 void softmax_backward(const Backward<acc_t>& w, int64_t b, const at::Tensor& de, at::Tensor& p, at::Tensor& dp,
                       std::vector<uint8_t>& positive) {
   const Dims& d = w.d;
-  at::mm_out(p, d.shared_q ? w.q : w.q.select(0, b), w.k.select(0, b).t());
+  const bool relu = w.options.logit_activation == LogitActivation::kRelu;
   at::mm_out(dp, de, w.v.select(0, b).t());
   acc_t* p_data = p.data_ptr<acc_t>();
   acc_t* dp_data = dp.data_ptr<acc_t>();
   const bool* keep = w.keep != nullptr ? w.keep + b * d.R : nullptr;
-  const bool relu = w.options.logit_activation == LogitActivation::kRelu;
-  if (relu) {
-    // relu's backward as torch's threshold_backward: zero where T <= 0, so a NaN T passes its gradient on.
-    for (int64_t j = 0; j < d.K * d.R; ++j) positive[j] = !(p_data[j] <= acc_t(0));
+  if (needs_probabilities(w)) {
+    at::mm_out(p, d.shared_q ? w.q : w.q.select(0, b), w.k.select(0, b).t());
+    if (relu) {
+      // relu's backward as torch's threshold_backward: zero where T <= 0, so a NaN T passes its gradient on.
+      for (int64_t j = 0; j < d.K * d.R; ++j) positive[j] = !(p_data[j] <= acc_t(0));
+    }
+    form_logits(p_data, d.K, d.R, w.scale, relu, w.bias, b, 0);
   }
-  form_logits(p_data, d.K, d.R, w.scale, relu, w.bias, b, 0);
   const int32_t* best_index = w.best_index != nullptr ? w.best_index + b * d.K : nullptr;
   const acc_t* grad_max = w.grad_max != nullptr && best_index != nullptr ? w.grad_max + b * d.K : nullptr;
   const acc_t* grad_attn = w.grad_attn != nullptr ? w.grad_attn + b * d.K * d.R : nullptr;
@@ -772,8 +782,8 @@ void softmax_backward(const Backward<acc_t>& w, int64_t b, const at::Tensor& de,
       const SoftmaxGrad<acc_t> g = grad_probs_row(dp_row, p_row, ga, row_argmax(p_row, keep, d.R), d.R);
       softmax_grad_row(dp_row, p_row, keep, g, d.R);
     }
-  } else {  // no softmax: P = S on the kept r, dS = dP there
-    keep_only(p_data, keep, d.K, d.R);
+  } else {  // no softmax: P = S on the kept r (when needed), dS = dP there
+    if (needs_probabilities(w)) keep_only(p_data, keep, d.K, d.R);
     for (int64_t i = 0; i < d.K; ++i) {
       acc_t* dp_row = dp_data + i * d.R;
       if (grad_p != nullptr) axpy_row(dp_row, acc_t(1), grad_p + i * d.R, d.R);
