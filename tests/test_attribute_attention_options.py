@@ -21,8 +21,8 @@ import zslfast
 from zslfast import reference
 
 from helpers import (
-    ALL_BACKENDS, DEVICE_BACKENDS, TOLERANCES, attention_inputs as make_inputs, dtypes_for, low_precision_error_bound,
-    tiled_r_cases,
+    ALL_BACKENDS, DEVICE_BACKENDS, TOLERANCES, assert_compiles_like_eager, attention_inputs as make_inputs, dtypes_for,
+    low_precision_error_bound, tiled_r_cases,
 )
 
 # TEMPORARY (issue 33): the Triton kernels take the bias, the logits map and softmax_over None on a second branch,
@@ -299,7 +299,8 @@ def test_minus_inf_bias_masks(device, backend, softmax_over, generator):
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 def test_bias_gradcheck_and_opcheck(device, backend, generator):
     """gradcheck of every input with a broadcast bias (the logits map and max, a mask; then no softmax and heads),
-    and opcheck of the forward and backward ops on a stride-0 bias view (the contract battery covers the rest)."""
+    torch.compile(fullgraph=True) of the first, and opcheck of the forward and backward ops on a stride-0 bias view (the
+    contract battery covers the rest)."""
     skip_pending(backend, bias=True)
     B, K, R, D, Dv = 2, 2, 3, 4, 2
     q, k, v, ref = make_inputs(B, K, R, D, Dv, "shared", "shared", torch.float64, device, generator)
@@ -315,6 +316,9 @@ def test_bias_gradcheck_and_opcheck(device, backend, generator):
 
         leaves = [t.detach().requires_grad_() for t in (q, k, v, ref, bias)]
         assert torch.autograd.gradcheck(fn, leaves, fast_mode=backend == "triton"), options
+        if "mask" in options:  # one graph (each costs seconds): the bias with a mask, the map and the max
+            assert_compiles_like_eager(lambda *leaves: sum(o.square().sum() for o in fn(*leaves)),
+                                       [t.detach().float().requires_grad_() for t in leaves])
     from zslfast.ops import attribute_attention as op
 
     leaves = [t.float().requires_grad_() for t in (q, k, v, ref)]
