@@ -51,13 +51,14 @@ TORCH_LIBRARY(zslfast, m) {
         " float scale, int score, float eps, int return_attention, bool save_e, int softmax_over,"
         " int logit_activation, int return_max) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   //   grad (like out), grad_attn None/empty or (N, K, R) (of the returned P: into dP; of S: into dS), grad_max None
-  //   or (N, K), e = E (N, K, Dv), lse, best and best_index from the forward -> grad_q, grad_k, grad_v, grad_ref,
-  //   grad_bias = dS (N, K, R) contiguous (0 at masked entries; the op sums it to the bias's shape); an output whose
+  //   or (N, K), e = E (N, K, Dv), lse, best and best_index from the forward, probs None or the forward's P
+  //   (N, K, R) in float/double when the op kept it (then not recomputed; never with the relu) -> grad_q, grad_k,
+  //   grad_v, grad_ref, grad_bias = dS (N, K, R) contiguous (0 at masked entries; the op sums it to the bias's shape); an output whose
   //   output_mask entry is false (or grad_ref for kNone, grad_bias without bias) comes back empty
   m.def("_attribute_attention_bwd(Tensor grad, Tensor? grad_attn, Tensor? grad_max, Tensor q, Tensor k, Tensor v,"
-        " Tensor? ref, Tensor? mask, Tensor? bias, Tensor e, Tensor lse, Tensor best, Tensor best_index, float scale,"
-        " int score, float eps, bool[5] output_mask, int return_attention, int softmax_over, int logit_activation,"
-        " int return_max) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        " Tensor? ref, Tensor? mask, Tensor? bias, Tensor e, Tensor lse, Tensor best, Tensor best_index,"
+        " Tensor? probs, float scale, int score, float eps, bool[5] output_mask, int return_attention,"
+        " int softmax_over, int logit_activation, int return_max) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // memory_bank update, in place: features (C, M, K, D), confidences (C, M, K), counts (C, M) int64, next_slot
   //   (C, M) int64, stale (C, M) bool (set where a queue changed); offers z (N, M, D), y (N,) int64, conf (N, M);

@@ -328,7 +328,7 @@ def test_bias_gradcheck_and_opcheck(device, backend, generator):
     torch.library.opcheck(op.SPEC.op, forward)
     out, e, lse, attn, best, index = (t.detach() for t in op.SPEC.op(*forward))
     backward = (torch.ones_like(out), torch.ones_like(attn), torch.ones_like(best), *[t.detach() for t in leaves],
-                mask, bias.detach(), e, lse, best, index, D ** -0.5, "cosine", 1e-8, [True] * 5, "logits", "keys",
+                mask, bias.detach(), e, lse, best, index, None, D ** -0.5, "cosine", 1e-8, [True] * 5, "logits", "keys",
                 None, "attention", backend)
     torch.library.opcheck(op.BACKWARD.op, backward)
 

@@ -26,13 +26,15 @@
 //       out[b, i] = score(E[b, i], ref[i])       then the cosine/dot epilogue per row.
 //   backward, one work unit per b (its dk[b], dv[b] need every query row; backward_sample):
 //       dE from the epilogue's gradient, P recomputed as the softmax of the whole row (the saved lse is not read),
+//       or the forward's P where the op kept it (the probs argument: see the op's "Memory and the backward"),
 //       dP = dE @ v[b]^T (+ grad_attn), dS = P * ((dP - shift) - delta) (= dbias) with shift = dP at the row's
 //       arg-max and delta = sum_r P (dP - shift) from the row (SoftmaxGrad: exact on near one-hot rows, where
 //       dP - sum_r P dP keeps nothing of the true gradient, in float or double; <dE, E> cancels worse still),
 //       dT = scale * dS, dv[b] = P^T @ dE, dk[b] = dT^T @ q_b, dq[b] = dT @ k[b] (per-sample q).
 //   Shared q: each unit writes its dS into a (K, B, R) buffer, then one GEMM dq = buf (K, B*R) @ k (B*R, D) sums
 //   over b; shared ref: per-row coefficients, then a pass over rows that sums over b in order. No atomics, every
-//   sum in a fixed order: deterministic. Nothing of size (B, K, R) is kept between forward and backward.
+//   sum in a fixed order: deterministic. Nothing of size (B, K, R) is kept between forward and backward but the
+//   P the op chose to keep (probs).
 // Accumulation in float (double for double); fp16/bf16 inputs are converted to float first.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -659,6 +661,7 @@ struct Backward {
   const acc_t* g_data;      // g's data
   const acc_t* e;           // E (B, K, Dv)
   const acc_t* lse;         // (B, K): not read (P is recomputed as a whole-row softmax, softmax_backward)
+  const acc_t* probs;       // the forward's P (B, K, R) when the op kept it, else null (recomputed)
   const acc_t* ref;         // (K, Dv) or (B, K, Dv); null for Score::kNone
   const bool* keep;         // mask (B, R), or null
   BiasRows<acc_t> bias;     // data null without a bias
@@ -708,10 +711,11 @@ bool needs_probabilities(const Backward<acc_t>& w) {
 }
 
 // dT (of T = q k^T, before the activation) of sample b, written over dp, with dS (of the logits S) on the way:
-// S = scale * act(T) + bias recomputed into p (K, R), then P as the softmax of each whole row or of each whole column
-// (softmax over the queries), or S itself on the kept r (no softmax). dP = dE @ v[b]^T (+ the gradient of the
-// returned P) (+ dL/dmax at the arg-max for the attention's max); dS = P * ((dP - shift) - delta) on the kept r with
-// the row's (or the column's) SoftmaxGrad, or dP itself without a softmax (+ dL/dmax at the arg-max for the logits'
+// P is the forward's, when the op kept it (w.probs: one GEMM and the softmax fewer; never with the relu, whose
+// backward reads T), else S = scale * act(T) + bias recomputed into p (K, R), then P as the softmax of each whole
+// row or of each whole column (softmax over the queries), or S itself on the kept r (no softmax). dP = dE @ v[b]^T
+// (+ the gradient of the returned P) (+ dL/dmax at the arg-max for the attention's max); dS = P * ((dP - shift) -
+// delta) on the kept r with the row's (or the column's) SoftmaxGrad, or dP itself without a softmax (+ dL/dmax at the arg-max for the logits'
 // max) (+ the gradient of the returned S), 0 on masked r; dS is dbias; dT = scale * dS [not T <= 0 for the relu]
 // (torch's rule: NaN passes).
 template <typename acc_t>
@@ -719,11 +723,14 @@ void softmax_backward(const Backward<acc_t>& w, int64_t b, const at::Tensor& de,
                       std::vector<uint8_t>& positive) {
   const Dims& d = w.d;
   const bool relu = w.options.logit_activation == LogitActivation::kRelu;
+  const bool kept_p = w.probs != nullptr;
   at::mm_out(dp, de, w.v.select(0, b).t());
   acc_t* p_data = p.data_ptr<acc_t>();
   acc_t* dp_data = dp.data_ptr<acc_t>();
   const bool* keep = w.keep != nullptr ? w.keep + b * d.R : nullptr;
-  if (needs_probabilities(w)) {
+  if (kept_p) {
+    std::memcpy(p_data, w.probs + b * d.K * d.R, d.K * d.R * sizeof(acc_t));
+  } else if (needs_probabilities(w)) {
     at::mm_out(p, d.shared_q ? w.q : w.q.select(0, b), w.k.select(0, b).t());
     if (relu) {
       // relu's backward as torch's threshold_backward: zero where T <= 0, so a NaN T passes its gradient on.
@@ -742,7 +749,7 @@ void softmax_backward(const Backward<acc_t>& w, int64_t b, const at::Tensor& de,
   };
   if (w.options.softmax_over == SoftmaxOver::kQueries) {
     std::vector<acc_t> column(d.R, acc_t(0));  // the lse (not kept), then the columns' delta
-    softmax_columns<acc_t>(p_data, keep, d.K, d.R, column.data());
+    if (!kept_p) softmax_columns<acc_t>(p_data, keep, d.K, d.R, column.data());
     for (int64_t i = 0; i < d.K; ++i) {
       acc_t* dp_row = dp_data + i * d.R;
       if (grad_p != nullptr) axpy_row(dp_row, acc_t(1), grad_p + i * d.R, d.R);
@@ -776,7 +783,7 @@ void softmax_backward(const Backward<acc_t>& w, int64_t b, const at::Tensor& de,
     for (int64_t i = 0; i < d.K; ++i) {
       acc_t* p_row = p_data + i * d.R;
       acc_t* dp_row = dp_data + i * d.R;
-      softmax_row<acc_t>(p_row, keep, d.R);
+      if (!kept_p) softmax_row<acc_t>(p_row, keep, d.R);
       add_max_grad(i, dp_row);
       const acc_t* ga = grad_p != nullptr ? grad_p + i * d.R : nullptr;
       const SoftmaxGrad<acc_t> g = grad_probs_row(dp_row, p_row, ga, row_argmax(p_row, keep, d.R), d.R);
@@ -901,8 +908,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attribute
     const c10::optional<at::Tensor>& grad_max_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const c10::optional<at::Tensor>& ref_in, const c10::optional<at::Tensor>& mask_in,
     const c10::optional<at::Tensor>& bias_in, const at::Tensor& e_in, const at::Tensor& lse_in,
-    const at::Tensor& best_in, const at::Tensor& best_index_in, double scale, int64_t mode, double eps,
-    std::array<bool, 5> output_mask, int64_t return_attention, int64_t softmax_over, int64_t logit_activation,
+    const at::Tensor& best_in, const at::Tensor& best_index_in, const c10::optional<at::Tensor>& probs_in,
+    double scale, int64_t mode, double eps, std::array<bool, 5> output_mask, int64_t return_attention, int64_t softmax_over, int64_t logit_activation,
     int64_t return_max) {
   const char* op = "zslfast::_attribute_attention_bwd";
   const Dims d = check_dims(q_in, k_in, v_in, ref_in, mask_in, bias_in, mode, op);
@@ -926,6 +933,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attribute
   const at::Tensor bias = compact_bias(bias_in, acc_type);
   const at::Tensor grad_attn =
       grad_attn_in.has_value() && grad_attn_in->numel() > 0 ? to_acc(*grad_attn_in, acc_type) : at::Tensor();
+  // The forward's P, kept by the op (float/double only: a rounded fp16/bf16 P would cost the backward accuracy).
+  const at::Tensor probs = probs_in.has_value() && probs_in->numel() > 0 ? probs_in->contiguous() : at::Tensor();
+  TORCH_CHECK(!probs.defined() || (probs.scalar_type() == acc_type && probs.dim() == 3 && probs.size(0) == d.B &&
+                                   probs.size(1) == d.K && probs.size(2) == d.R),
+              op, ": probs must be the forward's P (B, K, R) in float or double, got ", probs.sizes(), " ",
+              probs.defined() ? probs.scalar_type() : acc_type);
+  TORCH_CHECK(!probs.defined() || options.logit_activation == LogitActivation::kNone,
+              op, ": probs cannot stand for the relu's logits (its backward reads T)");
   TORCH_CHECK(!grad_attn.defined() || (grad_attn.dim() == 3 && grad_attn.size(0) == d.B && grad_attn.size(1) == d.K &&
                                        grad_attn.size(2) == d.R),
               op, ": grad_attn must be (B, K, R), got ", grad_attn.sizes());
@@ -950,7 +965,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attribute
       const Backward<acc_t> w{d, mode, options, static_cast<acc_t>(scale), static_cast<acc_t>(eps),
                               need_q, need_k, need_v, need_ref, need_bias,
                               q, k, v, g, ptr(g),
-                              ptr(e), ptr(lse), ptr(ref), mask.defined() ? mask.data_ptr<bool>() : nullptr,
+                              ptr(e), ptr(lse), ptr(probs), ptr(ref), mask.defined() ? mask.data_ptr<bool>() : nullptr,
                               bias_rows<acc_t>(bias, bias_in.has_value() ? bias_in->size(1) : 1),
                               ptr(grad_attn),
                               grad_q, grad_k, grad_v, ptr(grad_bias),

@@ -85,9 +85,16 @@ Shapes: q (K, D) attribute queries shared by the batch (ILPG: Q = A W_q) or (B, 
 from R image tokens; ref None, (K, Dv) or (B, K, Dv); mask None or (B, R) bool; bias None, broadcastable to
 (B, K, R), or with heads to (B, H, K, R) (4-D, or up to 2-D: a 3-D bias would broadcast its batch onto the heads).
 Autograd keeps q, k, v, ref, mask, the caller's bias, E (B, K, Dv) and lse (B, K) ((B, R) over the queries), with
-return_max M and idx (B, K): O(B·K·Dv) + O(B·K) + O(B·R), never the (B, K, R) attention (only return_attention
-materialises it, and the bias's gradient dS).
+return_max M and idx (B, K): O(B·K·Dv) + O(B·K) + O(B·R), and on the Triton backend never the (B, K, R) attention
+(only return_attention materialises it, and the bias's gradient dS).
 Without a backward to come (no input requires grad, or grad mode off), E is not written at all for the scores.
+Memory and the backward, "cpu": a CPU has memory to spare and few FLOPs, so there the backward reads the forward's
+P instead of recomputing q k^T and its softmax (one GEMM of the backward's four fewer) whenever keeping it costs
+little: when the attention is returned anyway (it is the caller's tensor; keeping it extends its life to the
+backward, and modifying it in place before then is autograd's error), or when P (B·H, K, R) is no larger than the
+E autograd keeps anyway (R <= Dv per head), so at most doubling what the op keeps. Not with logit_activation "relu"
+(its backward reads T) nor in fp16/bf16 (a P rounded to 16 bits would cost the gradients their accuracy). The
+Triton backend keeps the flash-style bound above on every shape: it always recomputes.
 
     "cpu"     C++ (csrc/cpu/attribute_attention.cpp): at::parallel_for over (b, query tiles), at::mm per tile,
               softmax and the cosine/dot epilogue and their gradients fused in row loops
@@ -132,7 +139,7 @@ def _forward_fake(
 
 
 def _backward_fake(
-    grad, grad_attn, grad_max, q, k, v, ref, mask, bias, e, lse, best, best_index, scale, score, eps, output_mask,
+    grad, grad_attn, grad_max, q, k, v, ref, mask, bias, e, lse, best, best_index, probs, scale, score, eps, output_mask,
     return_attention, softmax_over, logit_activation, return_max, backend,
 ):
     need_q, need_k, need_v, need_ref, need_bias = output_mask
@@ -167,7 +174,8 @@ def _reference(q, k, v, ref, mask, bias, scale, score, eps, return_attention, sa
 BACKWARD = define(OpSpec(
     name="attribute_attention_backward",
     schema="(Tensor grad, Tensor? grad_attn, Tensor? grad_max, Tensor q, Tensor k, Tensor v, Tensor? ref,"
-    " Tensor? mask, Tensor? bias, Tensor e, Tensor lse, Tensor best, Tensor best_index, float scale, str? score,"
+    " Tensor? mask, Tensor? bias, Tensor e, Tensor lse, Tensor best, Tensor best_index, Tensor? probs,"
+    " float scale, str? score,"
     " float eps, bool[5] output_mask, str? return_attention, str? softmax_over, str? logit_activation,"
     " str? return_max, str backend) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     kernels={
@@ -177,6 +185,13 @@ BACKWARD = define(OpSpec(
     fake=_backward_fake,
     autocast=None,
 ))
+
+
+def _reads_probs(return_attention, logit_activation, dtype, backend) -> bool:
+    """Whether the backward reads the forward's P, returned by the kernels (module docstring: "Memory and the
+    backward"): the CPU backend's, in float/double, without the relu."""
+    return (backend == "cpu" and return_attention == "attention" and logit_activation is None
+            and dtype in (torch.float32, torch.float64))
 
 
 def _setup_context(ctx, inputs, output):
@@ -189,13 +204,14 @@ def _setup_context(ctx, inputs, output):
     # Score None: the output is E itself, and the kernels return an empty e. best and best_index are (B, K) or
     # empty: with the lse, O(B·K) (O(B·R) for the lse over the queries) beside E's O(B·K·Dv). bias is the caller's
     # broadcast view: saving it keeps no more than the caller's own tensor.
-    ctx.save_for_backward(q, k, v, ref, mask, bias, out if score is None else e, lse, best, best_index)
+    probs = attn if _reads_probs(return_attention, activation, q.dtype, inputs[-1]) else None
+    ctx.save_for_backward(q, k, v, ref, mask, bias, out if score is None else e, lse, best, best_index, probs)
     ctx.scale, ctx.score, ctx.eps, ctx.return_attention = scale, score, eps, return_attention
     ctx.options, ctx.backend = (softmax_over, activation, return_max), inputs[-1]
 
 
 def _backward(ctx, grad, _grad_e, _grad_lse, grad_attn, grad_max, _grad_index):
-    q, k, v, ref, mask, bias, e, lse, best, best_index = ctx.saved_tensors
+    q, k, v, ref, mask, bias, e, lse, best, best_index, probs = ctx.saved_tensors
     output_mask = [bool(x) for x in ctx.needs_input_grad[:4]] + [bool(ctx.needs_input_grad[5])]
     if ref is None or ctx.score is None:  # score None: ref is not used
         output_mask[3] = False
@@ -208,7 +224,7 @@ def _backward(ctx, grad, _grad_e, _grad_lse, grad_attn, grad_max, _grad_index):
     if ctx.options[2] is None:
         grad_max = None
     *grads, grad_bias = BACKWARD(
-        ctx.backend, grad, grad_attn, grad_max, q, k, v, ref, mask, bias, e, lse, best, best_index, ctx.scale,
+        ctx.backend, grad, grad_attn, grad_max, q, k, v, ref, mask, bias, e, lse, best, best_index, probs, ctx.scale,
         ctx.score, ctx.eps, output_mask, ctx.return_attention, *ctx.options,
     )
     # dL/dbias = dS (N, K, R) = (B·H, K, R), summed to the shape of the bias the op was given (the caller's (B, H,
@@ -390,9 +406,13 @@ def attribute_attention(
         mask = None if mask is None else mask.repeat_interleave(H, dim=0)
     # E is kept only when a backward can follow; scores alone never write (B, K, Dv).
     save_e = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, kernel_ref, bias))
+    # The CPU backward reads P instead of recomputing it where P is no larger than E (module docstring): the
+    # kernels then return it, for the backward alone.
+    keep_p = (save_e and returned is None and k.shape[1] <= v.shape[-1]
+              and _reads_probs("attention", logit_activation, q.dtype, which))
     out, _, _, attn, best, _ = SPEC(
-        which, q, k, v, kernel_ref, mask, bias, scale, kernel_score, float(eps), returned, save_e, softmax_over,
-        logit_activation, return_max,
+        which, q, k, v, kernel_ref, mask, bias, scale, kernel_score, float(eps), "attention" if keep_p else returned,
+        save_e, softmax_over, logit_activation, return_max,
     )
     if H > 1:
         out = reference.attention_score(out.unflatten(0, (B, H)).transpose(1, 2).flatten(-2), ref, score, eps)
