@@ -32,8 +32,8 @@
 //       dP - sum_r P dP keeps nothing of the true gradient, in float or double; <dE, E> cancels worse still),
 //       dT = scale * dS, dv[b] = P^T @ dE, dk[b] = dT^T @ q_b, dq[b] = dT @ k[b] (per-sample q).
 //   Shared q: each unit writes its dS into a (K, B, R) buffer, then one GEMM dq = buf (K, B*R) @ k (B*R, D) sums
-//   over b; shared ref: per-row coefficients, then a pass over rows that sums over b in order. No atomics, every
-//   sum in a fixed order: deterministic. Nothing of size (B, K, R) is kept between forward and backward but the
+//   over b and one more gives every dk = buf^T (B*R, K) @ q (K, D); shared ref: per-row coefficients, then a pass
+//   over rows that sums over b in order. No atomics, every sum in a fixed order: deterministic. Nothing of size (B, K, R) is kept between forward and backward but the
 //   P the op chose to keep (probs).
 // Accumulation in float (double for double); fp16/bf16 inputs are converted to float first.
 #include <ATen/Dispatch.h>
@@ -671,7 +671,7 @@ struct Backward {
   acc_t* grad_ref;          // like ref when needed; a shared ref's is written after the units (shared_ref_grad)
   acc_t* coef_a;            // shared ref: a_r, c_r of every (b, i), (B, K) each (score_grad)
   acc_t* coef_c;
-  at::Tensor ds_all;        // shared q and need_q: every b's dS, (K, B, R)
+  at::Tensor ds_all;        // shared q and need_q or need_k: every b's dS, (K, B, R)
   const acc_t* grad_max;    // dL/dmax (B, K) (return_max), or null
   const int32_t* best_index;  // the forward's arg-max r (B, K), -1 for a row with no kept r; null without return_max
 };
@@ -818,8 +818,9 @@ void softmax_backward(const Backward<acc_t>& w, int64_t b, const at::Tensor& de,
   }
 }
 
-// The attention inputs' gradients of sample b: dv[b] = P^T dE, dk[b] = dS^T q_b, and dq[b] = dS k[b] for a
-// per-sample q; a shared q's dS is parked in ds_all instead, for one GEMM over every b after the units.
+// The attention inputs' gradients of sample b: dv[b] = P^T dE, and for a per-sample q dk[b] = dS^T q_b and
+// dq[b] = dS k[b]; a shared q's dS is parked in ds_all instead, for one GEMM over every b after the units for each
+// of dq and dk (one (K, B·R) GEMM runs faster than B small ones).
 template <typename acc_t>
 void attention_input_grads(const Backward<acc_t>& w, int64_t b, const at::Tensor& p, const at::Tensor& ds,
                            const at::Tensor& de) {
@@ -830,17 +831,17 @@ void attention_input_grads(const Backward<acc_t>& w, int64_t b, const at::Tensor
     at::mm_out(gv, p.t(), de);
     zero_masked_rows(gv.data_ptr<acc_t>(), keep, d.R, d.Dv);
   }
-  if (w.need_k) {
+  if (w.need_k && !d.shared_q) {
     at::Tensor gk = w.grad_k.select(0, b);
-    at::mm_out(gk, ds.t(), d.shared_q ? w.q : w.q.select(0, b));
+    at::mm_out(gk, ds.t(), w.q.select(0, b));
     zero_masked_rows(gk.data_ptr<acc_t>(), keep, d.R, d.D);
   }
-  if (!w.need_q) return;
   if (d.shared_q) {
+    if (!(w.need_q || w.need_k)) return;
     const acc_t* ds_data = ds.data_ptr<acc_t>();
     acc_t* dst = w.ds_all.template data_ptr<acc_t>() + b * d.R;
     for (int64_t i = 0; i < d.K; ++i) std::memcpy(dst + i * d.B * d.R, ds_data + i * d.R, d.R * sizeof(acc_t));
-  } else {
+  } else if (w.need_q) {
     at::Tensor gq = w.grad_q.select(0, b);
     at::mm_out(gq, ds, w.k.select(0, b));
   }
@@ -900,6 +901,14 @@ void run_backward(const Backward<acc_t>& w) {
     at::Tensor grad_q = w.grad_q;
     mm_fixed(w.ds_all.view({d.K, d.B * d.R}), w.k.view({d.B * d.R, d.D}), grad_q);
   }
+  if (w.need_k && d.shared_q) {
+    at::Tensor grad_k = w.grad_k.view({d.B * d.R, d.D});
+    mm_fixed(w.ds_all.view({d.K, d.B * d.R}).t(), w.q, grad_k);
+    acc_t* gk = w.grad_k.template data_ptr<acc_t>();
+    for (int64_t b = 0; b < d.B && w.keep != nullptr; ++b) {
+      zero_masked_rows(gk + b * d.R * d.D, w.keep + b * d.R, d.R, d.D);
+    }
+  }
   if (w.need_ref && d.shared_ref) shared_ref_grad(w);
 }
 
@@ -953,7 +962,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attribute
   at::Tensor grad_v = need_v ? at::empty(v.sizes(), acc_opts) : at::Tensor();
   at::Tensor grad_ref = need_ref ? at::empty(ref.sizes(), acc_opts) : at::Tensor();
   at::Tensor grad_bias = need_bias ? at::empty({d.B, d.K, d.R}, acc_opts) : at::Tensor();
-  at::Tensor ds_all = need_q && d.shared_q ? at::empty({d.K, d.B, d.R}, acc_opts) : at::Tensor();
+  at::Tensor ds_all = (need_q || need_k) && d.shared_q ? at::empty({d.K, d.B, d.R}, acc_opts) : at::Tensor();
   at::Tensor coef = need_ref && d.shared_ref ? at::empty({2, d.B, d.K}, acc_opts) : at::Tensor();
   const at::Tensor grad_max = has_grad_max ? to_acc(*grad_max_in, acc_type) : at::Tensor();
   const at::Tensor best_index = has_grad_max ? best_index_in.contiguous() : at::Tensor();
