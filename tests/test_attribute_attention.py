@@ -20,7 +20,7 @@ from zslfast.nn import AttributeCrossAttention
 
 from helpers import (
     DEVICE_BACKENDS, TOLERANCES, attention_inputs as make_inputs, dtypes_for, exact_softmax_grad,
-    low_precision_error_bound, requires_gpu, softmax_grad_error_scale, tiled_r_cases,
+    low_precision_error_bound, require_backend, requires_gpu, softmax_grad_error_scale, tiled_r_cases,
 )
 
 EPS = 1e-8  # the cosine's norm clamp, F.cosine_similarity's
@@ -171,6 +171,35 @@ def test_saved_activations_exclude_attention(device, backend, score, generator):
     out.sum().backward()
 
 
+@pytest.mark.parametrize("softmax_over", ["keys", "queries", None])
+def test_cpu_backward_reads_the_kept_probabilities(softmax_over, generator):
+    """CPU, R <= Dv: autograd keeps P (B, K, R) (the op's "Memory and the backward"), and the backward reads it:
+    given P, the raw backward's gradients are the ones it gets by recomputing P, and a changed P changes them."""
+    require_backend("cpu")
+    from zslfast.ops import attribute_attention as op
+
+    B, K, R, D, Dv = 2, 3, 4, 5, 6
+    q, k, v, ref = make_inputs(B, K, R, D, Dv, "shared", "shared", torch.float64, "cpu", generator)
+    mask = torch.tensor([[True, False, True, True], [True, True, True, True]])
+    leaves = [t.requires_grad_() for t in (q, k, v, ref)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        zslfast.attribute_attention(*leaves, mask=mask, softmax_over=softmax_over, backend="cpu")
+    assert (B, K, R) in saved, saved
+    args = (q.detach(), k.detach(), v.detach(), ref.detach(), mask, None, D ** -0.5, "cosine", EPS)
+    out, e, lse, attn, best, index = op.SPEC.op(*args, "attention", True, softmax_over, None, None, "cpu")
+    grad = torch.randn(out.shape, generator=generator, dtype=torch.float64)
+
+    def backward(probs):
+        return op.BACKWARD.op(grad, None, None, *args[:6], e, lse, best, index, probs, *args[6:], [True] * 5,
+                              "attention", softmax_over, None, None, "cpu")[:4]
+
+    recomputed, read, changed = backward(None), backward(attn), backward(attn * 0.5)
+    for r, g, c in zip(recomputed, read, changed):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+    assert any(not torch.allclose(c, r) for c, r in zip(changed, recomputed))
+
+
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("wanted", ["k v", "v ref"])
 def test_only_requested_gradients(device, backend, wanted, generator):
@@ -249,8 +278,8 @@ def test_scores_without_grad_do_not_write_e(device, backend, generator):
 
     B, K, R, D, Dv = 4, 16, 9, 8, 256
     q, k, v, ref = make_inputs(B, K, R, D, Dv, "shared", "shared", torch.float32, device, generator)
-    _, e, _, _, _, _ = torch.ops.zslfast.attribute_attention(q, k, v, ref, None, 0.3, "cosine", 1e-8, False, False,
-                                                             "keys", None, None, backend)
+    _, e, _, _, _, _ = torch.ops.zslfast.attribute_attention(q, k, v, ref, None, None, 0.3, "cosine", 1e-8, None,
+                                                             False, "keys", None, None, backend)
     assert e.numel() == 0
     zslfast.attribute_attention(q, k, v, ref, backend=backend)  # warm-up (Triton compiles, CPU pool starts)
     peak = peak_bytes(lambda: zslfast.attribute_attention(q, k, v, ref, backend=backend), torch.device(device))
