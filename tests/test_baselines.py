@@ -47,7 +47,8 @@ def test_issue_33_attention_baselines(generator):
     emb_vis, W_4, emb_att, S_p = rand(B, R, C), rand(C, C), rand(B, K, C), rand(B, R)
     assert_same(baselines.transzero_pp_e_v2s,
                 lambda emb_vis, W_4, emb_att, S_p: reference.attribute_attention(
-                    emb_att * W_4.diagonal(), emb_vis, S_p[..., None], scale=1.0, score=None, softmax_over=None)[..., 0],
+                    emb_att * W_4.diagonal(), emb_vis, S_p[..., None], scale=1.0, score=None,
+                    softmax_over=None)[..., 0],
                 (emb_vis, W_4, emb_att, S_p), 4)
 
     def apn(x, prototypes):
