@@ -88,3 +88,18 @@ def test_plot_writes_one_png_per_op(tmp_path):
     for path in paths:
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_step_updates_the_weights_its_forward_reads():
+    """A compiled step must update the compiled model's own weights: the forward of another module is refused
+    (bench_ilpg once timed torch.compile of a copy while the optimiser held the original's parameters)."""
+    import copy
+
+    import torch
+
+    from zslfast.tools import timing
+
+    model = torch.nn.Linear(2, 2)
+    timing.training_step(model, {}, model)  # the model itself: fine
+    with pytest.raises(ValueError, match="forward must be model or torch.compile"):
+        timing.training_step(model, {}, copy.deepcopy(model))
