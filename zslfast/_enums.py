@@ -50,6 +50,13 @@ class EpsMode(IntEnum):  # cosine_logits
 class SoftmaxOver(IntEnum):  # attribute_attention
     KEYS = 0
     QUERIES = 1
+    NONE = 2
+
+
+class ReturnAttention(IntEnum):  # attribute_attention
+    NONE = 0
+    ATTENTION = 1
+    LOGITS = 2
 
 
 class LogitActivation(IntEnum):  # attribute_attention

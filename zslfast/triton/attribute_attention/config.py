@@ -31,7 +31,7 @@ from typing import FrozenSet, Optional, Tuple
 import torch
 import triton
 
-from ..._enums import LogitActivation, ReturnMax
+from ..._enums import LogitActivation, ReturnMax, SoftmaxOver
 from .._common import H200_SMS, block_size
 
 MAX_BLOCK_R = 256  # the widest R tile of the row kernels (tests lower it to reach the R-tiled paths on small R)
@@ -137,9 +137,14 @@ def _r_tile(kernel: str, B: int, R: int) -> int:
                 COLUMN_R_TILES[-1])
 
 
-def tags(dtype: torch.dtype, R: int, logit_activation: int, return_max: int) -> FrozenSet[str]:
+def tags(dtype: torch.dtype, R: int, logit_activation: int, return_max: int, bias: bool = False,
+         softmax_over: int = SoftmaxOver.KEYS) -> FrozenSet[str]:
     """The launch's tags: its inputs' dtype, its options (ids of zslfast._enums), whether R is tiled."""
     found = set()
+    if bias:
+        found.add("bias")
+    if softmax_over == SoftmaxOver.NONE:
+        found.add("no-softmax")
     if return_max != ReturnMax.NONE:
         found |= {"max", "options"}
     if logit_activation != LogitActivation.NONE:
@@ -154,11 +159,11 @@ def tags(dtype: torch.dtype, R: int, logit_activation: int, return_max: int) -> 
 
 
 def launch_config(kernel: str, B: int, K: int, R: int, D: int, Dv: int, dtype: torch.dtype, logit_activation: int,
-                  return_max: int):
+                  return_max: int, bias: bool = False, softmax_over: int = SoftmaxOver.KEYS):
     """(tiles, launch options) of one launch: the constexprs BLOCK_K, BLOCK_R, BLOCK_D, BLOCK_DV (the kernel's
     own), and num_warps, num_stages, maxnreg (the register budget), from the first matching row of TABLE."""
     block_r = _r_tile(kernel, B, R)
-    found = tags(dtype, R, logit_activation, return_max)
+    found = tags(dtype, R, logit_activation, return_max, bias, softmax_over)
     for row in TABLE:
         if kernel in row.kernels and row.r_tile[0] <= block_r <= row.r_tile[1] and row.when <= found:
             tiles = dict(BLOCK_K=block_size(K, row.block_k), BLOCK_R=block_r)
