@@ -10,7 +10,14 @@ Over the keys:
     _columns_backward_kernel   grid (R / BLOCK_R, B): loops over the query-row tiles of its tokens, P = exp(S - lse)
                                recomputed, dS = P ((dP - shift) - delta) with the rows' (shift, delta), adds
                                P^T dE into dv and scale dS^T q into dk (its own rows)
-    _score_backward_kernel     dE and dref's coefficients alone, where neither q nor k needs a gradient
+    _score_backward_kernel     dE and dref's coefficients alone, where the rows kernel does not run
+Without a softmax, dS = dP: no (shift, delta), and the rows kernel runs for dq alone.
+The bias's gradient is dS itself (0 on masked tokens), written (B, K, R) by the columns kernel of either axis, the
+one that visits every (query row, token) once; the gradient of returned logits adds into dS, that of a returned P
+into dP. The relu's test reads the scores before the bias (_grad_logits). With a bias, the kernels form each
+tile's dP before its S: dP does not depend on S, and S, P and the bias (with the relu, the scores before it too)
+then stay out of the registers of the dP product, whose operands are the kernels' peak (the launches without a bias
+keep the order their configurations were tuned on).
 Over the queries, a token's softmax runs over every query row, so its (shift, delta) needs all of them before any
 dS, and dq comes last:
     _score_backward_kernel              dE and dref's coefficients (none without a score: dE is the gradient)
@@ -24,12 +31,13 @@ partials in split order. dS's dP - shift is selected to 0 where P > 3/4 (_grad_l
 other kernel's dP at the arg-max, which need not match this one's bit for bit (tl.dot's rounding may depend on the
 tile shapes). Over the keys' R tiles, dq leaves out rows with no kept token (sum P = 0; NaN for a NaN row): their
 dS is 0, and a non-finite dE would make it NaN through v's 0 on masked tokens; left out of the sums rather than
-selected tile by tile, which costs registers. dk, dv of masked tokens are never written (the planner zero-fills
-them).
+selected tile by tile, which costs registers (selected only without a softmax, where no sum of P tells those rows
+apart, and with the returned logits' gradient, which reaches dS where P is 0). dk, dv of masked tokens are never
+written (the planner zero-fills them).
 
 dE (B, K, Dv), shift and delta ((B, K) over the keys, (B, R) over the queries), a_R, c_R, n_R (B, K), the dq
 partials (splits, K, D) or (B, K, D), dk (B, R, D) and dv (B, R, Dv) are in the accumulator dtype, cast to the
-inputs' dtype at the end.
+inputs' dtype at the end; the bias's gradient (B, K, R) is written in the inputs' dtype.
 """
 
 import torch
@@ -40,7 +48,7 @@ from ..._enums import ReturnAttention, ReturnMax, Score, SoftmaxOver
 from .._common import H200_SMS, accumulator_dtype, dot_precision, split, tl_accumulator_dtype
 from .._launch import Launch, run
 from .config import launch_config
-from .fwd import bias_args, mask_arg, scalar_arg, strides3
+from .fwd import bias_args, check_map_offsets, mask_arg, scalar_arg, strides3
 from .helpers import (
     ATTN_LOGITS, SCORE_NONE, SOFTMAX_NONE, SOFTMAX_QUERIES, _add_product, _add_softmax_grad, _bias_of, _biased,
     _column_probs, _grad_logits, _grad_probs, _grad_score, _keep, _kept, _max_grad_of, _row_probs, _scores,
@@ -93,6 +101,7 @@ def _rows_backward_kernel(
         de_rows = de_ptr + row_ids[:, None] * Dv
         ref_rows = ref_ptr + b * sr_b + offs_k.to(tl.int64)[:, None] * sr_k
         bias_b = _bias_of(bias_ptr, b, H, sb_b, sb_h, HAS_BIAS)
+        ga_b = ga_ptr + b * K * R  # the sample's (K, R) map: in-sample offsets in int32
         if SOFTMAX == SOFTMAX_NONE:
             shift = tl.zeros([BLOCK_K], dtype=ACC_DTYPE)  # (unread without a softmax)
             delta = shift
@@ -114,6 +123,9 @@ def _rows_backward_kernel(
             # The whole row in registers: P as its own softmax, dP, and the row's (shift, delta) from them.
             offs_r = tl.arange(0, BLOCK_R)
             keep = _keep(mask_ptr, b, offs_r, R, HAS_MASK)
+            if HAS_BIAS:  # dP first (the module docstring)
+                dp = _grad_probs(de_rows, v_b, ga_b, gm, idx, offs_k, offs_r, keep, rows_ok, R, Dv, sv_r,
+                                 sv_d, GRAD_ATTN, MAX_GRAD, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_DV)
             a = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
                         ACTIVATION, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
             s = _biased(a, bias_b, offs_k, offs_r, rows_ok, keep, sb_k, sb_r, HAS_BIAS)
@@ -121,16 +133,17 @@ def _rows_backward_kernel(
                 p = _kept(s, keep)
             else:
                 p, _ = _softmax(s)
-            dp = _grad_probs(de_rows, v_b, ga_ptr, gm, idx, offs_r, keep, rows_ok, row_ids, R, Dv, sv_r,
-                             sv_d, GRAD_ATTN, MAX_GRAD, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_DV)
+            if not HAS_BIAS:
+                dp = _grad_probs(de_rows, v_b, ga_b, gm, idx, offs_k, offs_r, keep, rows_ok, R, Dv, sv_r,
+                                 sv_d, GRAD_ATTN, MAX_GRAD, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_DV)
             if SOFTMAX != SOFTMAX_NONE:
                 shift, _ = _shift_of(s, dp, offs_r, 1)
                 delta = tl.sum(p * (dp - shift[:, None]), axis=1)
                 tl.store(shift_ptr + row_ids, shift, mask=rows_ok)
                 tl.store(delta_ptr + row_ids, delta, mask=rows_ok)
             if NEED_Q:
-                ds = _grad_logits(p, dp, shift[:, None], delta[:, None], a, keep, offs_r, rows_ok, row_ids, R,
-                                  gm, idx, ga_ptr, ga_ptr, scale, ACTIVATION, MAX_GRAD, GRAD_ATTN, SOFTMAX,
+                ds = _grad_logits(p, dp, shift[:, None], delta[:, None], a, keep, offs_k, offs_r, rows_ok, R,
+                                  gm, idx, ga_b, ga_b, scale, ACTIVATION, MAX_GRAD, GRAD_ATTN, SOFTMAX,
                                   False, True)
                 _add_product(dq_rows, rows_ok, ds.to(k_ptr.dtype.element_ty),
                              k_b + offs_r.to(tl.int64)[:, None] * sk_r, keep, sk_d, D,
@@ -146,12 +159,18 @@ def _rows_backward_kernel(
                 for r0 in range(0, R, BLOCK_R):
                     offs_r = r0 + tl.arange(0, BLOCK_R)
                     keep = _keep(mask_ptr, b, offs_r, R, HAS_MASK)
+                    if HAS_BIAS:  # dP first (the module docstring)
+                        dp = _grad_probs(de_rows, v_b, ga_b, gm, idx, offs_k, offs_r, keep, rows_ok, R, Dv, sv_r,
+                                         sv_d, GRAD_ATTN, MAX_GRAD, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R,
+                                         BLOCK_DV)
                     s = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
                                 ACTIVATION, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
                     s = _biased(s, bias_b, offs_k, offs_r, rows_ok, keep, sb_k, sb_r, HAS_BIAS)
                     p = _row_probs(s, keep, lse)
-                    dp = _grad_probs(de_rows, v_b, ga_ptr, gm, idx, offs_r, keep, rows_ok, row_ids, R, Dv, sv_r,
-                                     sv_d, GRAD_ATTN, MAX_GRAD, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_DV)
+                    if not HAS_BIAS:
+                        dp = _grad_probs(de_rows, v_b, ga_b, gm, idx, offs_k, offs_r, keep, rows_ok, R, Dv, sv_r,
+                                         sv_d, GRAD_ATTN, MAX_GRAD, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R,
+                                         BLOCK_DV)
                     best, shift, delta, psum = _add_softmax_grad(best, shift, delta, psum, s, p, dp, offs_r, 1)
                 tl.store(shift_ptr + row_ids, shift, mask=rows_ok)
                 tl.store(delta_ptr + row_ids, delta, mask=rows_ok)
@@ -165,6 +184,10 @@ def _rows_backward_kernel(
                 for r0 in range(0, R, BLOCK_R):
                     offs_r = r0 + tl.arange(0, BLOCK_R)
                     keep = _keep(mask_ptr, b, offs_r, R, HAS_MASK)
+                    if HAS_BIAS:  # dP first (the module docstring)
+                        dp = _grad_probs(de_rows, v_b, ga_b, gm, idx, offs_k, offs_r, keep, rows_ok, R, Dv,
+                                         sv_r, sv_d, GRAD_ATTN, MAX_GRAD, ACC_DTYPE, DOT_PRECISION, BLOCK_K,
+                                         BLOCK_R, BLOCK_DV)
                     a = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
                                 ACTIVATION, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
                     s = _biased(a, bias_b, offs_k, offs_r, rows_ok, keep, sb_k, sb_r, HAS_BIAS)
@@ -172,11 +195,12 @@ def _rows_backward_kernel(
                         p = _kept(s, keep)
                     else:
                         p = _row_probs(s, keep, lse)
-                    dp = _grad_probs(de_rows, v_b, ga_ptr, gm, idx, offs_r, keep, rows_ok, row_ids, R, Dv,
-                                     sv_r, sv_d, GRAD_ATTN, MAX_GRAD, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R,
-                                     BLOCK_DV)
-                    ds = _grad_logits(p, dp, shift[:, None], delta[:, None], a, keep, offs_r, rows_ok, row_ids, R,
-                                      gm, idx, ga_ptr, ga_ptr, scale, ACTIVATION, MAX_GRAD, GRAD_ATTN, SOFTMAX,
+                    if not HAS_BIAS:
+                        dp = _grad_probs(de_rows, v_b, ga_b, gm, idx, offs_k, offs_r, keep, rows_ok, R, Dv,
+                                         sv_r, sv_d, GRAD_ATTN, MAX_GRAD, ACC_DTYPE, DOT_PRECISION, BLOCK_K,
+                                         BLOCK_R, BLOCK_DV)
+                    ds = _grad_logits(p, dp, shift[:, None], delta[:, None], a, keep, offs_k, offs_r, rows_ok, R,
+                                      gm, idx, ga_b, ga_b, scale, ACTIVATION, MAX_GRAD, GRAD_ATTN, SOFTMAX,
                                       False, SOFTMAX == SOFTMAX_NONE or GRAD_ATTN == ATTN_LOGITS)
                     _add_product(dq_rows, dq_ok, ds.to(k_ptr.dtype.element_ty),
                                  k_b + offs_r.to(tl.int64)[:, None] * sk_r, keep, sk_d, D,
@@ -205,6 +229,8 @@ def _columns_backward_kernel(
     dk_rows = dk_ptr + (b * R + offs_r.to(tl.int64))[:, None] * D
     dv_rows = dv_ptr + (b * R + offs_r.to(tl.int64))[:, None] * Dv
     bias_b = _bias_of(bias_ptr, b, H, sb_b, sb_h, HAS_BIAS)
+    ga_b = ga_ptr + b * K * R  # the sample's (K, R) maps: in-sample offsets in int32
+    dbias_b = dbias_ptr + b * K * R
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         rows_ok = offs_k < K
@@ -212,6 +238,9 @@ def _columns_backward_kernel(
         q_rows = q_ptr + b * sq_b + offs_k.to(tl.int64)[:, None] * sq_k
         de_rows = de_ptr + row_ids[:, None] * Dv
         gm, idx = _max_grad_of(gm_ptr, idx_ptr, row_ids, rows_ok, MAX_GRAD, ACC_DTYPE)
+        if HAS_BIAS and (NEED_K or NEED_BIAS):  # dP first (the module docstring)
+            dp = _grad_probs(de_rows, v_b, ga_b, gm, idx, offs_k, offs_r, keep, rows_ok, R, Dv, sv_r,
+                             sv_d, GRAD_ATTN, MAX_GRAD, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_DV)
         a = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
                     ACTIVATION, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
         s = _biased(a, bias_b, offs_k, offs_r, rows_ok, keep, sb_k, sb_r, HAS_BIAS)
@@ -230,10 +259,11 @@ def _columns_backward_kernel(
             else:
                 shift = tl.load(shift_ptr + row_ids, mask=rows_ok, other=0.0)
                 delta = tl.load(delta_ptr + row_ids, mask=rows_ok, other=0.0)
-            dp = _grad_probs(de_rows, v_b, ga_ptr, gm, idx, offs_r, keep, rows_ok, row_ids, R, Dv, sv_r,
-                             sv_d, GRAD_ATTN, MAX_GRAD, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_DV)
-            ds = _grad_logits(p, dp, shift[:, None], delta[:, None], a, keep, offs_r, rows_ok, row_ids, R, gm, idx,
-                              ga_ptr, dbias_ptr, scale, ACTIVATION, MAX_GRAD, GRAD_ATTN, SOFTMAX, NEED_BIAS, True)
+            if not HAS_BIAS:
+                dp = _grad_probs(de_rows, v_b, ga_b, gm, idx, offs_k, offs_r, keep, rows_ok, R, Dv, sv_r,
+                                 sv_d, GRAD_ATTN, MAX_GRAD, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_DV)
+            ds = _grad_logits(p, dp, shift[:, None], delta[:, None], a, keep, offs_k, offs_r, rows_ok, R, gm, idx,
+                              ga_b, dbias_b, scale, ACTIVATION, MAX_GRAD, GRAD_ATTN, SOFTMAX, NEED_BIAS, True)
             if NEED_K:
                 _add_product(dk_rows, keep, tl.trans(ds.to(q_ptr.dtype.element_ty)), q_rows, rows_ok, sq_d, D,
                              k0 > 0, ACC_DTYPE, DOT_PRECISION, BLOCK_D)
@@ -266,6 +296,8 @@ def _queries_columns_backward_kernel(
     dk_rows = dk_ptr + (b * R + offs_r.to(tl.int64))[:, None] * D
     dv_rows = dv_ptr + (b * R + offs_r.to(tl.int64))[:, None] * Dv
     bias_b = _bias_of(bias_ptr, b, H, sb_b, sb_h, HAS_BIAS)
+    ga_b = ga_ptr + b * K * R  # the sample's (K, R) maps: in-sample offsets in int32
+    dbias_b = dbias_ptr + b * K * R
     best = tl.full([BLOCK_R], float("-inf"), dtype=ACC_DTYPE)
     shift = tl.zeros([BLOCK_R], dtype=ACC_DTYPE)
     delta = tl.zeros([BLOCK_R], dtype=ACC_DTYPE)
@@ -277,13 +309,17 @@ def _queries_columns_backward_kernel(
         q_rows = q_ptr + b * sq_b + offs_k.to(tl.int64)[:, None] * sq_k
         de_rows = de_ptr + row_ids[:, None] * Dv
         gm, idx = _max_grad_of(gm_ptr, idx_ptr, row_ids, rows_ok, MAX_GRAD, ACC_DTYPE)
+        if HAS_BIAS and (NEED_K or STORE_DELTA or NEED_BIAS):  # dP first (the module docstring)
+            dp = _grad_probs(de_rows, v_b, ga_b, gm, idx, offs_k, offs_r, keep, rows_ok, R, Dv, sv_r,
+                             sv_d, GRAD_ATTN, MAX_GRAD, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_DV)
         s = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
                     ACTIVATION, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
         s = _biased(s, bias_b, offs_k, offs_r, rows_ok, keep, sb_k, sb_r, HAS_BIAS)
         p = _column_probs(s, lse_ptr, b, offs_r, keep, rows_ok, R)
         if NEED_K or STORE_DELTA or NEED_BIAS:
-            dp = _grad_probs(de_rows, v_b, ga_ptr, gm, idx, offs_r, keep, rows_ok, row_ids, R, Dv, sv_r,
-                             sv_d, GRAD_ATTN, MAX_GRAD, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_DV)
+            if not HAS_BIAS:
+                dp = _grad_probs(de_rows, v_b, ga_b, gm, idx, offs_k, offs_r, keep, rows_ok, R, Dv, sv_r,
+                                 sv_d, GRAD_ATTN, MAX_GRAD, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_DV)
             # rows past K: S is 0 there (q read as 0), not -inf, and must not be the arg-max
             best, shift, delta, psum = _add_softmax_grad(
                 best, shift, delta, psum, tl.where(rows_ok[:, None], s, float("-inf")), p, dp, offs_k, 0)
@@ -304,14 +340,18 @@ def _queries_columns_backward_kernel(
             q_rows = q_ptr + b * sq_b + offs_k.to(tl.int64)[:, None] * sq_k
             de_rows = de_ptr + row_ids[:, None] * Dv
             gm, idx = _max_grad_of(gm_ptr, idx_ptr, row_ids, rows_ok, MAX_GRAD, ACC_DTYPE)
+            if HAS_BIAS:  # dP first (the module docstring)
+                dp = _grad_probs(de_rows, v_b, ga_b, gm, idx, offs_k, offs_r, keep, rows_ok, R, Dv, sv_r,
+                                 sv_d, GRAD_ATTN, MAX_GRAD, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_DV)
             a = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
                         ACTIVATION, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
             s = _biased(a, bias_b, offs_k, offs_r, rows_ok, keep, sb_k, sb_r, HAS_BIAS)
             p = _column_probs(s, lse_ptr, b, offs_r, keep, rows_ok, R)
-            dp = _grad_probs(de_rows, v_b, ga_ptr, gm, idx, offs_r, keep, rows_ok, row_ids, R, Dv, sv_r,
-                             sv_d, GRAD_ATTN, MAX_GRAD, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_DV)
-            ds = _grad_logits(p, dp, shift[None, :], delta[None, :], a, keep, offs_r, rows_ok, row_ids, R, gm, idx,
-                              ga_ptr, dbias_ptr, scale, ACTIVATION, MAX_GRAD, GRAD_ATTN, SOFTMAX_QUERIES,
+            if not HAS_BIAS:
+                dp = _grad_probs(de_rows, v_b, ga_b, gm, idx, offs_k, offs_r, keep, rows_ok, R, Dv, sv_r,
+                                 sv_d, GRAD_ATTN, MAX_GRAD, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_DV)
+            ds = _grad_logits(p, dp, shift[None, :], delta[None, :], a, keep, offs_k, offs_r, rows_ok, R, gm, idx,
+                              ga_b, dbias_b, scale, ACTIVATION, MAX_GRAD, GRAD_ATTN, SOFTMAX_QUERIES,
                               NEED_BIAS, True)
             if NEED_K:
                 _add_product(dk_rows, keep, tl.trans(ds.to(q_ptr.dtype.element_ty)), q_rows, rows_ok, sq_d, D,
@@ -344,6 +384,7 @@ def _queries_rows_backward_kernel(
         k_b = k_ptr + b * sk_b
         v_b = v_ptr + b * sv_b
         bias_b = _bias_of(bias_ptr, b, H, sb_b, sb_h, HAS_BIAS)
+        ga_b = ga_ptr + b * K * R  # the sample's (K, R) map: in-sample offsets in int32
         if SHARED_Q:
             dq_rows = dq_ptr + split.to(tl.int64) * K * D + offs_k.to(tl.int64)[:, None] * D
         else:
@@ -351,16 +392,20 @@ def _queries_rows_backward_kernel(
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             keep = _keep(mask_ptr, b, offs_r, R, HAS_MASK)
+            if HAS_BIAS:  # dP first (the module docstring)
+                dp = _grad_probs(de_rows, v_b, ga_b, gm, idx, offs_k, offs_r, keep, rows_ok, R, Dv, sv_r,
+                                 sv_d, GRAD_ATTN, MAX_GRAD, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_DV)
             a = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
                         ACTIVATION, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
             s = _biased(a, bias_b, offs_k, offs_r, rows_ok, keep, sb_k, sb_r, HAS_BIAS)
             p = _column_probs(s, lse_ptr, b, offs_r, keep, rows_ok, R)
-            dp = _grad_probs(de_rows, v_b, ga_ptr, gm, idx, offs_r, keep, rows_ok, row_ids, R, Dv, sv_r,
-                             sv_d, GRAD_ATTN, MAX_GRAD, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_DV)
+            if not HAS_BIAS:
+                dp = _grad_probs(de_rows, v_b, ga_b, gm, idx, offs_k, offs_r, keep, rows_ok, R, Dv, sv_r,
+                                 sv_d, GRAD_ATTN, MAX_GRAD, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_DV)
             shift = tl.load(shift_ptr + b * R + offs_r, mask=keep, other=0.0)
             delta = tl.load(delta_ptr + b * R + offs_r, mask=keep, other=0.0)
-            ds = _grad_logits(p, dp, shift[None, :], delta[None, :], a, keep, offs_r, rows_ok, row_ids, R, gm, idx,
-                              ga_ptr, ga_ptr, scale, ACTIVATION, MAX_GRAD, GRAD_ATTN, SOFTMAX_QUERIES, False, True)
+            ds = _grad_logits(p, dp, shift[None, :], delta[None, :], a, keep, offs_k, offs_r, rows_ok, R, gm, idx,
+                              ga_b, ga_b, scale, ACTIVATION, MAX_GRAD, GRAD_ATTN, SOFTMAX_QUERIES, False, True)
             _add_product(dq_rows, rows_ok, ds.to(k_ptr.dtype.element_ty), k_b + offs_r.to(tl.int64)[:, None] * sk_r,
                          keep, sk_d, D, True, ACC_DTYPE, DOT_PRECISION, BLOCK_D)
             tl.debug_barrier()
@@ -380,13 +425,14 @@ def plan_backward(grad, grad_attn, grad_max, q, k, v, ref, mask, bias, e, lse, b
     need_bias = need_bias and bias is not None
     B, R, D = k.shape
     K, Dv = q.shape[-2], v.shape[-1]
+    has_ga = return_attention != ReturnAttention.NONE and grad_attn is not None and grad_attn.numel() > 0
+    check_map_offsets(K, R, bias, bias is not None or has_ga)
     acc = accumulator_dtype(q.dtype)
     over_queries = softmax_over == SoftmaxOver.QUERIES
     normalized = softmax_over != SoftmaxOver.NONE
     e = e.to(acc).contiguous()
     lse = lse.to(acc).contiguous()
     shared_q = q.dim() == 2
-    has_ga = return_attention != ReturnAttention.NONE and grad_attn is not None and grad_attn.numel() > 0
     ga = grad_attn.to(acc).contiguous() if has_ga else lse
     if not normalized and return_max == ReturnMax.ATTENTION:
         return_max = ReturnMax.LOGITS  # P = S on the kept tokens (as the forward): dP = dS
@@ -407,7 +453,7 @@ def plan_backward(grad, grad_attn, grad_max, q, k, v, ref, mask, bias, e, lse, b
     shift = torch.empty_like(delta)
     coef_a, coef_c, coef_r = (torch.empty(B, K, device=q.device, dtype=acc) for _ in range(3))
     options = dict(logit_activation=logit_activation, return_max=max_grad, bias=bias is not None,
-                   softmax_over=softmax_over)
+                   softmax_over=softmax_over, grad_attn=has_ga)
     rows_name = "queries_rows_backward" if over_queries else "rows_backward"
     tiles, rows_launch = launch_config(rows_name, B, K, R, D, Dv, q.dtype, **options)
     single_r = R <= tiles["BLOCK_R"]

@@ -20,10 +20,11 @@ A returned max is the running max and first arg-max over the S tiles, in registe
 P @ v operand costs registers; the max of the logits pools S. The returned attention is P or S (-inf on masked
 tokens), stored from the tile in registers.
 
-Outputs: E (B, K, Dv) and lse (B, K) ((B, R) over the queries, empty without a softmax) in the accumulator dtype; the score (B, K) and the
-attention (B, K, R) in q's dtype; the max (B, K) in the accumulator dtype and its arg-max (B, K) int32 (-1 and 0
-for a row with no kept token). scale and eps arrive as one-element tensors in the accumulator dtype: compiled
-Triton types a Python float argument as fp32, which would round an fp64 op's scale and eps.
+Outputs: E (B, K, Dv) and lse (B, K) ((B, R) over the queries, empty without a softmax) in the accumulator
+dtype; the score (B, K) and the attention (B, K, R) in q's dtype; the max (B, K) in the accumulator dtype and its
+arg-max (B, K) int32 (-1 and 0 for a row with no kept token). scale and eps arrive as one-element tensors in the
+accumulator dtype: compiled Triton types a Python float argument as fp32, which would round an fp64 op's scale and
+eps.
 """
 
 import torch
@@ -35,9 +36,9 @@ from .._common import accumulator_dtype, dot_precision, mm, tl_accumulator_dtype
 from .._launch import Launch, run
 from .config import launch_config
 from .helpers import (
-    MAX_ATTENTION, MAX_LOGITS, MAX_NONE, SCORE_COSINE, SCORE_NONE, SOFTMAX_NONE, _add_product, _add_sums, _bias_of,
-    _biased, _column_log_probs, _column_probs, _keep, _kept, _log_total, _row_probs, _scores, _softmax,
-    _store_attention, _store_score, _stored_sums,
+    ATTN_LOGITS, ATTN_PROBS, MAX_ATTENTION, MAX_LOGITS, MAX_NONE, SCORE_COSINE, SCORE_NONE, SOFTMAX_NONE,
+    _add_product, _add_sums, _bias_of, _biased, _column_log_probs, _column_probs, _keep, _kept, _log_total,
+    _row_probs, _scores, _softmax, _store_attention, _store_score, _stored_sums,
 )
 
 
@@ -181,6 +182,7 @@ def _forward_kernel(
     e_rows = e_ptr + row_ids[:, None] * Dv
     ref_rows = ref_ptr + b * sr_b + offs_k.to(tl.int64)[:, None] * sr_k
     bias_b = _bias_of(bias_ptr, b, H, sb_b, sb_h, HAS_BIAS)
+    attn_b = attn_ptr + b * K * R  # the sample's (K, R) map: in-sample offsets in int32
     if RETURN_MAX != MAX_NONE:
         best = tl.full([BLOCK_K], float("-inf"), dtype=ACC_DTYPE)
         best_idx = tl.full([BLOCK_K], -1, dtype=tl.int32)
@@ -191,13 +193,14 @@ def _forward_kernel(
         s = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
                     ACTIVATION, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
         s = _biased(s, bias_b, offs_k, offs_r, rows_ok, keep, sb_k, sb_r, HAS_BIAS)
+        _store_attention(attn_b, s, offs_k, offs_r, rows_ok, R, STORE_ATTN == ATTN_LOGITS)
         if RETURN_MAX != MAX_NONE:
             best, best_idx = _pool(best, best_idx, s, keep, offs_r)  # log P = S - lse[i]: the same arg-max
         if SOFTMAX == SOFTMAX_NONE:
             p = _kept(s, keep)
         else:
             p, lse = _softmax(s)
-        _store_attention(attn_ptr, p, s, row_ids, offs_r, rows_ok, R, STORE_ATTN)
+        _store_attention(attn_b, p, offs_k, offs_r, rows_ok, R, STORE_ATTN == ATTN_PROBS)
         e_sq, e_dot_r, se, sd = _attend(p.to(v_ptr.dtype.element_ty), v_b, e_rows, ref_rows, keep, rows_ok, Dv,
                                         sv_r, sv_d, sr_d, offs_r, STORE_E, SCORE,
                                         ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_DV)
@@ -214,13 +217,14 @@ def _forward_kernel(
             s = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
                         ACTIVATION, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
             s = _biased(s, bias_b, offs_k, offs_r, rows_ok, keep, sb_k, sb_r, HAS_BIAS)
+            _store_attention(attn_b, s, offs_k, offs_r, rows_ok, R, STORE_ATTN == ATTN_LOGITS)
             if RETURN_MAX != MAX_NONE:
                 best, best_idx = _pool(best, best_idx, s, keep, offs_r)
             if SOFTMAX == SOFTMAX_NONE:
                 p = _kept(s, keep)
             else:
                 p = _row_probs(s, keep, lse)
-            _store_attention(attn_ptr, p, s, row_ids, offs_r, rows_ok, R, STORE_ATTN)
+            _store_attention(attn_b, p, offs_k, offs_r, rows_ok, R, STORE_ATTN == ATTN_PROBS)
             _add_product(e_rows, rows_ok, p.to(v_ptr.dtype.element_ty), v_b + offs_r.to(tl.int64)[:, None] * sv_r,
                          keep, sv_d, Dv, r0 > 0, ACC_DTYPE, DOT_PRECISION, BLOCK_DV)
             tl.debug_barrier()
@@ -258,6 +262,7 @@ def _queries_forward_kernel(
     e_rows = e_ptr + row_ids[:, None] * Dv
     ref_rows = ref_ptr + b * sr_b + offs_k.to(tl.int64)[:, None] * sr_k
     bias_b = _bias_of(bias_ptr, b, H, sb_b, sb_h, HAS_BIAS)
+    attn_b = attn_ptr + b * K * R  # the sample's (K, R) map: in-sample offsets in int32
     best = tl.full([BLOCK_K], float("-inf"), dtype=ACC_DTYPE)  # (unused without a max)
     best_idx = tl.full([BLOCK_K], -1, dtype=tl.int32)
     if SINGLE_R:
@@ -267,8 +272,9 @@ def _queries_forward_kernel(
         s = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
                     ACTIVATION, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
         s = _biased(s, bias_b, offs_k, offs_r, rows_ok, keep, sb_k, sb_r, HAS_BIAS)
+        _store_attention(attn_b, s, offs_k, offs_r, rows_ok, R, STORE_ATTN == ATTN_LOGITS)
         p, best, best_idx = _column_tile(best, best_idx, s, lse_ptr, b, offs_r, keep, rows_ok, R, RETURN_MAX)
-        _store_attention(attn_ptr, p, s, row_ids, offs_r, rows_ok, R, STORE_ATTN)
+        _store_attention(attn_b, p, offs_k, offs_r, rows_ok, R, STORE_ATTN == ATTN_PROBS)
         e_sq, e_dot_r, se, sd = _attend(p.to(v_ptr.dtype.element_ty), v_b, e_rows, ref_rows, keep, rows_ok, Dv,
                                         sv_r, sv_d, sr_d, offs_r, STORE_E, SCORE,
                                         ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_DV)
@@ -280,8 +286,9 @@ def _queries_forward_kernel(
             s = _scores(q_rows, k_b, offs_r, rows_ok, keep, D, sq_d, sk_r, sk_d, scale,
                         ACTIVATION, ACC_DTYPE, DOT_PRECISION, BLOCK_K, BLOCK_R, BLOCK_D)
             s = _biased(s, bias_b, offs_k, offs_r, rows_ok, keep, sb_k, sb_r, HAS_BIAS)
+            _store_attention(attn_b, s, offs_k, offs_r, rows_ok, R, STORE_ATTN == ATTN_LOGITS)
             p, best, best_idx = _column_tile(best, best_idx, s, lse_ptr, b, offs_r, keep, rows_ok, R, RETURN_MAX)
-            _store_attention(attn_ptr, p, s, row_ids, offs_r, rows_ok, R, STORE_ATTN)
+            _store_attention(attn_b, p, offs_k, offs_r, rows_ok, R, STORE_ATTN == ATTN_PROBS)
             _add_product(e_rows, rows_ok, p.to(v_ptr.dtype.element_ty), v_b + offs_r.to(tl.int64)[:, None] * sv_r,
                          keep, sv_d, Dv, r0 > 0, ACC_DTYPE, DOT_PRECISION, BLOCK_DV)
             tl.debug_barrier()
@@ -310,11 +317,28 @@ def strides3(t):
     return (0, *t.stride()) if t.dim() == 2 else t.stride()
 
 
+INT32_LIMIT = 2 ** 31
+
+
 def bias_args(bias, placeholder):
     """(tensor, H, its 4 strides) of the (B, H, K, R) bias view, read in place (stride 0 where broadcast)."""
     if bias is None:
         return placeholder, 1, 0, 0, 0, 0
     return bias, bias.shape[1], *bias.stride()
+
+
+def check_map_offsets(K, R, bias, maps: bool):
+    """The (K, R) maps (the bias, the returned attention, their gradients; maps: the launches address one) are
+    addressed from each sample's first element with int32 offsets (64-bit ones cost the backward registers it has
+    not got): one sample's map must span fewer than 2^31 elements (8 GiB of fp32 per sample)."""
+    if not maps:
+        return
+    span = K * R
+    if bias is not None:
+        span = max(span, 1 + sum((n - 1) * abs(st) for n, st in zip(bias.shape[2:], bias.stride()[2:])))
+    if span >= INT32_LIMIT:
+        raise ValueError(f"attribute_attention (triton): one sample's (K, R) = ({K}, {R}) map spans {span} elements "
+                         f"of memory, over the kernels' 2^31 (bias strides {None if bias is None else bias.stride()})")
 
 
 def plan_forward(q, k, v, ref, mask, bias, scale, score, eps, return_attention, save_e, softmax_over,
@@ -325,6 +349,7 @@ def plan_forward(q, k, v, ref, mask, bias, scale, score, eps, return_attention, 
     Without a softmax the lse is empty, and the kernels run as over the keys."""
     B, R, D = k.shape
     K, Dv = q.shape[-2], v.shape[-1]
+    check_map_offsets(K, R, bias, bias is not None or return_attention != ReturnAttention.NONE)
     acc = accumulator_dtype(q.dtype)
     over_queries = softmax_over == SoftmaxOver.QUERIES
     normalized = softmax_over != SoftmaxOver.NONE

@@ -1,7 +1,7 @@
 """The jit helpers that attribute_attention's forward (fwd.py) and backward (bwd.py) kernels share: the option ids as
-constants, the score tiles (with the additive bias) and their softmax, the products tile by tile, the max's gradient,
-the shifted softmax gradient, and the score epilogue (dot, cosine) with its gradient. The math they compute: the op's docstring
-(zslfast/ops/attribute_attention.py).
+constants, the score tiles (with the additive bias) and their softmax, the products tile by tile, the max's
+gradient, the shifted softmax gradient, and the score epilogue (dot, cosine) with its gradient. The math they
+compute: the op's docstring (zslfast/ops/attribute_attention.py).
 
 The options reach the kernels as compile-time ints, the ids of zslfast._enums, and the kernels compare them with
 the constants below (``if SCORE == SCORE_COSINE``): the options a launch does not run compile away.
@@ -82,7 +82,7 @@ def _biased(s, bias_b, offs_k, offs_r, rows_ok, keep, sb_k, sb_r, HAS_BIAS: tl.c
     tokens only: a NaN or inf bias on a masked token reaches nothing, and S stays -inf there. s itself without a
     bias (the same value: the launches without one compile as before)."""
     if HAS_BIAS:
-        bias = tl.load(bias_b + offs_k.to(tl.int64)[:, None] * sb_k + offs_r.to(tl.int64)[None, :] * sb_r,
+        bias = tl.load(bias_b + (offs_k[:, None] * sb_k + offs_r[None, :] * sb_r),
                        mask=rows_ok[:, None] & keep[None, :], other=0.0)
         s = s + bias.to(s.dtype)
     return s
@@ -136,19 +136,19 @@ def _column_probs(s, lse_ptr, b, offs_r, keep, rows_ok, R):
 
 
 @triton.jit
-def _store_tile(dst_ptr, x, row_ids, offs_r, rows_ok, R):
-    """x into rows row_ids of a (B, K, R) tensor, in its dtype (the returned attention, the bias's gradient)."""
-    tl.store(dst_ptr + row_ids[:, None] * R + offs_r[None, :], x.to(dst_ptr.dtype.element_ty),
+def _store_tile(dst_b, x, offs_k, offs_r, rows_ok, R):
+    """x into rows offs_k of one sample's (K, R) map dst_b, in its dtype (the returned attention, the bias's
+    gradient)."""
+    tl.store(dst_b + (offs_k[:, None] * R + offs_r[None, :]), x.to(dst_b.dtype.element_ty),
              mask=rows_ok[:, None] & (offs_r < R)[None, :])
 
 
 @triton.jit
-def _store_attention(attn_ptr, p, s, row_ids, offs_r, rows_ok, R, STORE_ATTN: tl.constexpr):
-    """The returned attention: P (ATTN_PROBS) or S, -inf on masked tokens (ATTN_LOGITS); nothing for ATTN_NONE."""
-    if STORE_ATTN == ATTN_PROBS:
-        _store_tile(attn_ptr, p, row_ids, offs_r, rows_ok, R)
-    if STORE_ATTN == ATTN_LOGITS:
-        _store_tile(attn_ptr, s, row_ids, offs_r, rows_ok, R)
+def _store_attention(attn_b, x, offs_k, offs_r, rows_ok, R, STORE: tl.constexpr):
+    """x as the returned attention where STORE: the kernels pass S (-inf on masked tokens) as it is formed, before
+    the softmax, for ATTN_LOGITS, and P for ATTN_PROBS."""
+    if STORE:
+        _store_tile(attn_b, x, offs_k, offs_r, rows_ok, R)
 
 
 @triton.jit
@@ -196,7 +196,7 @@ def _add_max_grad(x, offs_r, gm, idx, MAX_GRAD: tl.constexpr, KIND: tl.constexpr
 
 @triton.jit
 def _grad_probs(
-    de_rows, v_b, ga_ptr, gm, idx, offs_r, keep, rows_ok, row_ids, R, Dv, sv_r, sv_d,
+    de_rows, v_b, ga_b, gm, idx, offs_k, offs_r, keep, rows_ok, R, Dv, sv_r, sv_d,
     GRAD_ATTN: tl.constexpr, MAX_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -212,14 +212,14 @@ def _grad_probs(
                      mask=dv_ok[:, None] & keep[None, :], other=0.0)
         dp += mm(de.to(vt.dtype), vt, ACC_DTYPE, DOT_PRECISION)
     if GRAD_ATTN == ATTN_PROBS:
-        dp += tl.load(ga_ptr + row_ids[:, None] * R + offs_r[None, :], mask=rows_ok[:, None] & keep[None, :],
+        dp += tl.load(ga_b + (offs_k[:, None] * R + offs_r[None, :]), mask=rows_ok[:, None] & keep[None, :],
                       other=0.0)
     return _add_max_grad(dp, offs_r, gm, idx, MAX_GRAD, MAX_ATTENTION)
 
 
 @triton.jit
 def _grad_logits(
-    p, dp, shift, delta, a, keep, offs_r, rows_ok, row_ids, R, gm, idx, ga_ptr, ds_ptr, scale,
+    p, dp, shift, delta, a, keep, offs_k, offs_r, rows_ok, R, gm, idx, ga_b, ds_b, scale,
     ACTIVATION: tl.constexpr, MAX_GRAD: tl.constexpr, GRAD_ATTN: tl.constexpr, SOFTMAX: tl.constexpr,
     STORE_DS: tl.constexpr, SELECT: tl.constexpr,
 ):
@@ -227,8 +227,9 @@ def _grad_logits(
     softmax, SOFTMAX_NONE: shift and delta unread) + the returned logits' gradient (GRAD_ATTN: ATTN_LOGITS) + the
     logits max's at its arg-max, with shift and delta broadcast from each row ([:, None], over the keys) or token
     ([None, :], over the queries). a: the tile's scale act(T) before the bias (the relu's test; S itself without a
-    bias). STORE_DS: dS, 0 on tokens not kept, is written to ds_ptr (B, K, R): the bias's gradient. SELECT: 0 on
-    tokens not kept, by a select (without: P and dP are 0 there, so is dS unless delta or dP is not finite).
+    bias). STORE_DS: dS, 0 on tokens not kept, is written to ds_b (the sample's (K, R) map of the bias's
+    gradient). SELECT: 0 on tokens not kept, by a select (without: P and dP are 0 there, so is dS unless delta or
+    dP is not finite).
 
     dP - shift is exactly 0 at the arg-max, and selected so where P > 3/4 (only the arg-max can be): the shift may
     be the other kernel's dP there, which need not be this one's bit for bit (tl.dot's rounding may depend on the
@@ -240,10 +241,10 @@ def _grad_logits(
         ds = p * (tl.where(p > 0.75, 0.0, dp - shift) - delta)
     ds = _add_max_grad(ds, offs_r, gm, idx, MAX_GRAD, MAX_LOGITS)
     if GRAD_ATTN == ATTN_LOGITS:
-        ds += tl.load(ga_ptr + row_ids[:, None] * R + offs_r[None, :], mask=rows_ok[:, None] & keep[None, :],
+        ds += tl.load(ga_b + (offs_k[:, None] * R + offs_r[None, :]), mask=rows_ok[:, None] & keep[None, :],
                       other=0.0)
     if STORE_DS:
-        _store_tile(ds_ptr, tl.where(keep[None, :], ds, 0.0), row_ids, offs_r, rows_ok, R)
+        _store_tile(ds_b, tl.where(keep[None, :], ds, 0.0), offs_k, offs_r, rows_ok, R)
     ds = ds * scale
     if ACTIVATION == RELU:
         # relu's derivative: 0 where T <= 0 (a = scale relu(T) is 0 there, -inf on masked tokens), NaN kept
