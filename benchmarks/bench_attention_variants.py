@@ -11,13 +11,26 @@
         zslfast: attribute_attention(q, x, x, ref, scale=1, return_max="attention")
         q (K, D), x (B, R, D), ref (K, D)  ->  (2, B, K)
 
+    Issue 33's (zslfast.baselines has each eager form):
+    geometry  TransZero++'s encoder attention (h = 1, d = 300 in its CUB config): softmax(q kᵀ/√d − w_g) v over the
+        196 regions, w_g (B, 1, R, R) the relu'd geometry weights (learned: its gradient too)
+        zslfast: attribute_attention(q, k, v, bias=-w_g, score=None)
+    e_v2s     TransZero++'s E_v2s = (q kᵀ) S_p without a softmax, K = 312, C = 300
+        zslfast: attribute_attention(emb_att * diag(W_4), emb_vis, S_p[..., None], scale=1, score=None,
+        softmax_over=None)
+    apn       APN's attribute maps (B, 312, 7 x 7) of 2048-d layer4 features and their max
+        zslfast: attribute_attention(prototypes, x, 1/49, scale=1, score=None, softmax_over=None,
+        return_attention="logits", return_max="logits")
+    dppn      DPPN's nn.MultiheadAttention(512, 8) between its projections, the 312 prototypes over 196 regions,
+        B = 32 (its fine-tuning batch): attribute_attention(q, k, v, score=None, num_heads=8)
+
 Shapes: CUB, B=50, K=312, R=196 (14 x 14 regions of a 448^2 ResNet-101 input), F = D = 2048, Dw = 300 (GloVe);
 the quick set (without --full) runs GEM-ZSL's only, at B=8 on CPU tensors.
 Forward+backward (gradients of every input that is a parameter or a feature map). extra_info: saved_MiB (what
 autograd keeps beyond the inputs), peak_extra_MiB (see conftest.py).
 
 Interleaved A/B timing (the pytest-benchmark blocks drift on a shared machine):
-    python benchmarks/bench_attention_variants.py [msdn|gem] [rounds] [threads]
+    python benchmarks/bench_attention_variants.py [msdn|gem|geometry|e_v2s|apn|dppn] [rounds] [threads]
 """
 
 import sys
@@ -66,9 +79,71 @@ def make_gem(device, batch=B):
     return [q, x, ref]
 
 
+def geometry_fused(q, k, v, w_g):
+    return zslfast.attribute_attention(q, k, v, bias=-w_g, score=None, num_heads=w_g.shape[1])
+
+
+def e_v2s_fused(emb_vis, W_4, emb_att, S_p):
+    return zslfast.attribute_attention(emb_att * W_4.diagonal(), emb_vis, S_p[..., None], scale=1.0, score=None,
+                                       softmax_over=None)[..., 0]
+
+
+def apn_fused(x, prototypes):
+    B, R = x.shape[0], x.shape[2] * x.shape[3]
+    mean = torch.full((B, R, 1), 1.0 / R, device=x.device)  # E = the map's mean (unused here, one column)
+    _, maps, best = zslfast.attribute_attention(prototypes.flatten(1), x.flatten(2).transpose(1, 2), mean, scale=1.0,
+                                                score=None, softmax_over=None, return_attention="logits",
+                                                return_max="logits")
+    return torch.cat((maps, best[..., None]), dim=-1)
+
+
+def dppn_eager(q, k, v):
+    return baselines.multihead_attention(q.expand(k.shape[0], *q.shape), k, v, DPPN_HEADS)
+
+
+def dppn_fused(q, k, v):
+    return zslfast.attribute_attention(q, k, v, score=None, num_heads=DPPN_HEADS)
+
+
+TZ_DIM, APN_SIDE, DPPN_DIM, DPPN_HEADS, DPPN_B = 300, 7, 512, 8, 32
+
+
+def _randn(g, device, *shape, scale=1.0):
+    return (torch.randn(*shape, generator=g, device=device) * scale).requires_grad_()
+
+
+def make_geometry(device, batch=B):
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (_randn(g, device, batch, R, TZ_DIM) for _ in range(3))
+    w_g = torch.relu(torch.randn(batch, 1, R, R, generator=g, device=device)).requires_grad_()
+    return [q, k, v, w_g]
+
+
+def make_e_v2s(device, batch=B):
+    g = torch.Generator(device=device).manual_seed(0)
+    return [_randn(g, device, batch, R, TZ_DIM, scale=TZ_DIM ** -0.5), _randn(g, device, TZ_DIM, TZ_DIM),
+            _randn(g, device, batch, K, TZ_DIM, scale=TZ_DIM ** -0.5), _randn(g, device, batch, R)]
+
+
+def make_apn(device, batch=B):
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.relu(torch.randn(batch, D, APN_SIDE, APN_SIDE, generator=g, device=device)).requires_grad_()
+    return [x, _randn(g, device, K, D, 1, 1, scale=D ** -0.5)]
+
+
+def make_dppn(device, batch=DPPN_B):
+    g = torch.Generator(device=device).manual_seed(0)
+    return [_randn(g, device, K, DPPN_DIM, scale=DPPN_DIM ** -0.25),
+            *(_randn(g, device, batch, R, DPPN_DIM, scale=DPPN_DIM ** -0.25) for _ in range(2))]
+
+
 VARIANTS = {
     "msdn": (make_msdn, baselines.msdn_attention, msdn_attention_fused),
     "gem": (make_gem, baselines.gem_attention, gem_attention_fused),
+    "geometry": (make_geometry, baselines.transzero_pp_geometry_attention, geometry_fused),
+    "e_v2s": (make_e_v2s, baselines.transzero_pp_e_v2s, e_v2s_fused),
+    "apn": (make_apn, baselines.apn_attribute_maps, apn_fused),
+    "dppn": (make_dppn, dppn_eager, dppn_fused),
 }
 
 
@@ -80,9 +155,10 @@ def implementation(variant, name):
 @pytest.mark.parametrize("impl", timing.IMPLEMENTATIONS)
 @pytest.mark.parametrize("variant", full_unless(lambda v: v == "gem", *VARIANTS))
 def test_attention_variant(benchmark, variant, impl):
-    batch = QUICK_B if quick() and DEVICE.type == "cpu" else B
-    benchmark.group = f"{variant} attention CUB B,K,R,D={batch},{K},{R},{D} fwd+bwd {DEVICE.type}"
-    inputs = VARIANTS[variant][0](DEVICE, batch)
+    make = VARIANTS[variant][0]
+    inputs = make(DEVICE, QUICK_B) if quick() and DEVICE.type == "cpu" else make(DEVICE)  # else the paper's batch
+    shapes = " ".join("x".join(map(str, t.shape)) for t in inputs)
+    benchmark.group = f"{variant} attention CUB inputs {shapes} fwd+bwd {DEVICE.type}"
     fn = implementation(variant, impl)
     run_benchmark(benchmark, timing.step(fn, inputs, True), rounds=None if DEVICE.type == "cuda" else 3, warmup=1,
                   saved=(fn, inputs))  # its first call compiles outside the measurement
@@ -94,7 +170,8 @@ def run_interleaved(variant, rounds=5):
     for name, fn in fns.items():
         print(f"{variant} {name}: saved for backward {timing.saved_mib(fn, inputs):.1f} MiB")
     steps = {name: timing.step(fn, inputs, True) for name, fn in fns.items()}
-    timing.interleaved(f"{variant} attention CUB B={B} K={K} R={R} D={D} fwd+bwd", steps, rounds, calls=1, warmup=1)
+    shapes = " ".join("x".join(map(str, t.shape)) for t in inputs)
+    timing.interleaved(f"{variant} attention CUB inputs {shapes} fwd+bwd", steps, rounds, calls=1, warmup=1)
 
 
 if __name__ == "__main__":

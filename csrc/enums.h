@@ -32,7 +32,7 @@ struct EpsMode {  // cosine_logits' eps_mode
 };
 
 struct SoftmaxOver {  // attribute_attention's softmax_over
-  enum : int64_t { kKeys = 0, kQueries = 1 };
+  enum : int64_t { kKeys = 0, kQueries = 1, kNone = 2 };
 };
 
 struct LogitActivation {  // attribute_attention's logit_activation
@@ -40,6 +40,10 @@ struct LogitActivation {  // attribute_attention's logit_activation
 };
 
 struct ReturnMax {  // attribute_attention's return_max
+  enum : int64_t { kNone = 0, kAttention = 1, kLogits = 2 };
+};
+
+struct ReturnAttention {  // attribute_attention's return_attention
   enum : int64_t { kNone = 0, kAttention = 1, kLogits = 2 };
 };
 

@@ -36,25 +36,28 @@ TORCH_LIBRARY(zslfast, m) {
   //   layer's step (for backward).
   m.def("_attention_rollout_cls_fwd(Tensor[] attns, int mode, int head_fusion, int normalize) -> (Tensor, Tensor)");
 
-  // attribute_attention (the math: zslfast/ops/attribute_attention.py): score Score, softmax_over SoftmaxOver,
-  //   logit_activation LogitActivation, return_max ReturnMax.
-  //   q (K, D) or (B, K, D), k (B, R, D), v (B, R, Dv), ref (K, Dv) | (B, K, Dv) (needed unless score is kNone),
-  //   mask (B, R) bool (True = kept)
-  //   -> out ((B, K, Dv) for kNone, else (B, K)), e (B, K, Dv) in float/double (empty for kNone, where out is E),
-  //      lse (B, K) float/double ((B, R) over the queries; 0 for fully masked rows), attn (B, K, R) when
-  //      return_attention, else empty; save_e false (no backward to come): e comes back empty for kDot and
-  //      kCosine, E is never written out; best (B, K) float/double and best_index (B, K) int32 (its first r, -1
-  //      for a row with no kept r; 0 then for best), empty for return_max kNone
-  m.def("_attribute_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? ref, Tensor? mask, float scale, int score,"
-        " float eps, bool return_attention, bool save_e, int softmax_over, int logit_activation, int return_max)"
-        " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  //   grad (like out), grad_attn None/empty or (B, K, R), grad_max None or (B, K), e = E (B, K, Dv), lse, best and
-  //   best_index from the forward -> grad_q, grad_k, grad_v, grad_ref; an output whose output_mask entry is false
-  //   (or grad_ref for kNone) comes back empty
+  // attribute_attention (the math: zslfast/ops/attribute_attention.py): score Score, return_attention
+  //   ReturnAttention, softmax_over SoftmaxOver, logit_activation LogitActivation, return_max ReturnMax.
+  //   q (K, D) or (N, K, D), k (N, R, D), v (N, R, Dv), ref (K, Dv) | (N, K, Dv) (needed unless score is kNone),
+  //   mask (N, R) bool (True = kept), bias (B, H, K, R) with B·H = N, any strides (0 where broadcast): batch n reads
+  //   bias[n / H, n % H] (heads are folded into the batch N before the kernels)
+  //   -> out ((N, K, Dv) for kNone, else (N, K)), e (N, K, Dv) in float/double (empty for kNone, where out is E),
+  //      lse (N, K) float/double ((N, R) over the queries, empty for SoftmaxOver::kNone; 0 for fully masked rows),
+  //      attn (N, K, R): P (kAttention) or S with masked entries -inf (kLogits), else empty; save_e false (no
+  //      backward to come): e comes back empty for kDot and kCosine, E is never written out; best (N, K)
+  //      float/double and best_index (N, K) int32 (its first r, -1 for a row with no kept r; 0 then for best),
+  //      empty for return_max kNone
+  m.def("_attribute_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? ref, Tensor? mask, Tensor? bias,"
+        " float scale, int score, float eps, int return_attention, bool save_e, int softmax_over,"
+        " int logit_activation, int return_max) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  //   grad (like out), grad_attn None/empty or (N, K, R) (of the returned P: into dP; of S: into dS), grad_max None
+  //   or (N, K), e = E (N, K, Dv), lse, best and best_index from the forward -> grad_q, grad_k, grad_v, grad_ref,
+  //   grad_bias = dS (N, K, R) contiguous (0 at masked entries; the op sums it to the bias's shape); an output whose
+  //   output_mask entry is false (or grad_ref for kNone, grad_bias without bias) comes back empty
   m.def("_attribute_attention_bwd(Tensor grad, Tensor? grad_attn, Tensor? grad_max, Tensor q, Tensor k, Tensor v,"
-        " Tensor? ref, Tensor? mask, Tensor e, Tensor lse, Tensor best, Tensor best_index, float scale, int score,"
-        " float eps, bool[4] output_mask, int softmax_over, int logit_activation, int return_max)"
-        " -> (Tensor, Tensor, Tensor, Tensor)");
+        " Tensor? ref, Tensor? mask, Tensor? bias, Tensor e, Tensor lse, Tensor best, Tensor best_index, float scale,"
+        " int score, float eps, bool[5] output_mask, int return_attention, int softmax_over, int logit_activation,"
+        " int return_max) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // memory_bank update, in place: features (C, M, K, D), confidences (C, M, K), counts (C, M) int64, next_slot
   //   (C, M) int64, stale (C, M) bool (set where a queue changed); offers z (N, M, D), y (N,) int64, conf (N, M);

@@ -249,8 +249,8 @@ def test_scores_without_grad_do_not_write_e(device, backend, generator):
 
     B, K, R, D, Dv = 4, 16, 9, 8, 256
     q, k, v, ref = make_inputs(B, K, R, D, Dv, "shared", "shared", torch.float32, device, generator)
-    _, e, _, _, _, _ = torch.ops.zslfast.attribute_attention(q, k, v, ref, None, 0.3, "cosine", 1e-8, False, False,
-                                                             "keys", None, None, backend)
+    _, e, _, _, _, _ = torch.ops.zslfast.attribute_attention(q, k, v, ref, None, None, 0.3, "cosine", 1e-8, None,
+                                                             False, "keys", None, None, backend)
     assert e.numel() == 0
     zslfast.attribute_attention(q, k, v, ref, backend=backend)  # warm-up (Triton compiles, CPU pool starts)
     peak = peak_bytes(lambda: zslfast.attribute_attention(q, k, v, ref, backend=backend), torch.device(device))

@@ -34,6 +34,35 @@ def test_attribute_attention(generator, shared_q, sdpa):
     assert_same(baseline, reference.attribute_attention, (q, k, v, ref), 4)
 
 
+def test_issue_33_attention_baselines(generator):
+    """TransZero++'s geometry attention and E_v2s, APN's maps and their max, multi-head attention (DPPN): the eager
+    forms benchmarks/bench_attention_variants.py times, against the reference's bias, no softmax, logits map and
+    heads."""
+    B, K, R, C, H = 2, 5, 9, 6, 3
+    rand = lambda *s: torch.randn(*s, generator=generator, dtype=f64)  # noqa: E731
+    q, k, v, w_g = rand(B, R, C), rand(B, R, C), rand(B, R, C), rand(B, H, R, R).relu()
+    assert_same(baselines.transzero_pp_geometry_attention,
+                lambda q, k, v, w_g: reference.attribute_attention(q, k, v, bias=-w_g, score=None, num_heads=H),
+                (q, k, v, w_g), 4)
+    emb_vis, W_4, emb_att, S_p = rand(B, R, C), rand(C, C), rand(B, K, C), rand(B, R)
+    assert_same(baselines.transzero_pp_e_v2s,
+                lambda emb_vis, W_4, emb_att, S_p: reference.attribute_attention(
+                    emb_att * W_4.diagonal(), emb_vis, S_p[..., None], scale=1.0, score=None,
+                    softmax_over=None)[..., 0],
+                (emb_vis, W_4, emb_att, S_p), 4)
+
+    def apn(x, prototypes):
+        _, maps, best = reference.attribute_attention(
+            prototypes.flatten(1), x.flatten(2).transpose(1, 2), x.new_zeros(B, R, 1), scale=1.0, score=None,
+            softmax_over=None, return_attention="logits", return_max="logits")
+        return torch.cat((maps, best[..., None]), dim=-1)
+
+    assert_same(baselines.apn_attribute_maps, apn, (rand(B, C, 3, 3), rand(K, C, 1, 1)), 2)
+    assert_same(lambda q, k, v: baselines.multihead_attention(q, k, v, H),
+                lambda q, k, v: reference.attribute_attention(q, k, v, score=None, num_heads=H),
+                (rand(B, K, C), rand(B, R, C), rand(B, R, 2 * C)), 3)
+
+
 def test_memory_bank_kl_loop(generator):
     z, protos = torch.randn(5, 2, 9, generator=generator, dtype=f64), torch.randn(4, 2, 9, generator=generator, dtype=f64)
     labels = torch.randint(0, 4, (5,), generator=generator)

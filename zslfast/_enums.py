@@ -50,13 +50,7 @@ class EpsMode(IntEnum):  # cosine_logits
 class SoftmaxOver(IntEnum):  # attribute_attention
     KEYS = 0
     QUERIES = 1
-    NONE = 2
-
-
-class ReturnAttention(IntEnum):  # attribute_attention
-    NONE = 0
-    ATTENTION = 1
-    LOGITS = 2
+    NONE = 2  # no normalisation: P = S on the kept tokens
 
 
 class LogitActivation(IntEnum):  # attribute_attention
@@ -65,6 +59,12 @@ class LogitActivation(IntEnum):  # attribute_attention
 
 
 class ReturnMax(IntEnum):  # attribute_attention
+    NONE = 0
+    ATTENTION = 1
+    LOGITS = 2
+
+
+class ReturnAttention(IntEnum):  # attribute_attention: which (B, K, R) map is returned, if any
     NONE = 0
     ATTENTION = 1
     LOGITS = 2
@@ -79,9 +79,11 @@ ENUMS: dict[str, dict[Any, IntEnum]] = {
     "head_fusion": {"mean": HeadFusion.MEAN, "sum": HeadFusion.SUM, "max": HeadFusion.MAX, "min": HeadFusion.MIN},
     "normalize": {"row": Normalize.ROW, "none": Normalize.NONE},
     "eps_mode": {"clamp": EpsMode.CLAMP, "add": EpsMode.ADD},
-    "softmax_over": {"keys": SoftmaxOver.KEYS, "queries": SoftmaxOver.QUERIES},
+    "softmax_over": {"keys": SoftmaxOver.KEYS, "queries": SoftmaxOver.QUERIES, None: SoftmaxOver.NONE},
     "logit_activation": {None: LogitActivation.NONE, "relu": LogitActivation.RELU},
     "return_max": {None: ReturnMax.NONE, "attention": ReturnMax.ATTENTION, "logits": ReturnMax.LOGITS},
+    "return_attention": {None: ReturnAttention.NONE, "attention": ReturnAttention.ATTENTION,
+                         "logits": ReturnAttention.LOGITS},
 }
 
 

@@ -15,6 +15,13 @@ and loops, at the options the papers use, written the way their code writes them
                                 attention, each einsum-chained and dot-scored against V W
     gem_attention               GEM-ZSL: softmax attention maps of attribute prototypes over regions, the part
                                 features' cosine with the attributes, and each map's max over the regions
+    transzero_pp_geometry_attention  TransZero++ (model_tzpp.py, ScaledDotProductGeometryAttention): per head,
+                                softmax(q kᵀ/√d_k − w_g) v, w_g the relu'd geometry weights, heads merged side by side
+    transzero_pp_e_v2s          TransZero++ (forward_feature_transformer): E_v2s by einsum, no softmax, weighted by
+                                the regions' scores ('cc': W_4's diagonal)
+    apn_attribute_maps          APN (model_proto.py): raw attribute maps conv2d(x, prototypes) and their max_pool2d
+    multihead_attention         nn.MultiheadAttention between its projections (DPPN's PrtAttLayer): heads split
+                                along the features, softmax(q kᵀ/√d) v per head, merged side by side
     attention_rollout           SVIP / vit-explain: mean over heads, + I, rows normalised, bmm layer by layer
     memory_bank_kl              SAGE Eq. 9 vectorised: log-softmaxes, KL(P || Q) per (b, m), mean over the active
     memory_bank_kl_loop         the same per (b, m) with F.kl_div, as research code loops it
@@ -27,7 +34,10 @@ and loops, at the options the papers use, written the way their code writes them
 
 Shapes: e (B, K), s (C, K), w (B, C, K), h (B, J), u (J, C, K) -> (B, C); x (N, D), protos (C, D) -> (N, C);
 q (K, D) or (B, K, D), k (B, R, D), v (B, R, Dv), ref (K, Dv) -> (B, K); MSDN V (K, Dw), W_* (Dw, F), Fs (B, F, R)
--> (2, B, K); GEM q (K, D), x (B, R, D), ref (K, D) -> (2, B, K); attns L x (B, H, N, N) -> (B, N);
+-> (2, B, K); GEM q (K, D), x (B, R, D), ref (K, D) -> (2, B, K); TransZero++ q, k, v (B, N, h d), w_g (B, h, N, N)
+-> (B, N, h d), emb_vis (B, R, C), W_4 (C, C), emb_att (B, K, C), S_p (B, R) -> (B, K); APN x (B, C, h, w),
+prototypes (K, C, 1, 1) -> (B, K, h w + 1) (the map, then its max); multi-head q (B, K, D), k (B, R, D),
+v (B, R, Dv) -> (B, K, Dv); attns L x (B, H, N, N) -> (B, N);
 z (B, M, D), protos (C, M, D), labels (B,), active (B, M) -> (); the bank: features (C, M, K, D),
 confidences (C, M, K), counts and next_slot (C, M), offers z (B, M, D), y (B,), conf (B, M).
 """
@@ -86,6 +96,41 @@ def gem_attention(q, x, ref):
     parts = attn @ x
     score = F.cosine_similarity(parts, ref.expand_as(parts), dim=-1, eps=COSINE_EPS)
     return torch.stack((score, attn.amax(dim=-1)))
+
+
+def transzero_pp_geometry_attention(q, k, v, w_g):
+    """TransZero++'s geometry attention after fc_q, fc_k, fc_v (before fc_o), as its forward chains it."""
+    b_s, nq, width = q.shape
+    h = w_g.shape[1]
+    d_k = width // h
+    q = q.view(b_s, nq, h, d_k).permute(0, 2, 1, 3)
+    k = k.view(b_s, nq, h, d_k).permute(0, 2, 3, 1)
+    v = v.view(b_s, nq, h, d_k).permute(0, 2, 1, 3)
+    att = torch.matmul(q, k) / d_k ** 0.5
+    w_mn = torch.softmax(-w_g + att, -1)
+    return torch.matmul(w_mn, v).permute(0, 2, 1, 3).contiguous().view(b_s, nq, width)
+
+
+def transzero_pp_e_v2s(emb_vis, W_4, emb_att, S_p):
+    E_v2s = torch.einsum("brc,cc,bic->bir", emb_vis, W_4, emb_att)
+    return torch.einsum("bir,br->bi", E_v2s, S_p)
+
+
+def apn_attribute_maps(x, prototypes):
+    """APN's layer4 branch: the maps (B, K, h w) and their max (the attribute scores), side by side."""
+    attention = F.conv2d(input=x, weight=prototypes)
+    pre_attri = F.max_pool2d(attention, kernel_size=attention.shape[-1]).view(x.shape[0], -1)
+    return torch.cat((attention.flatten(2), pre_attri[..., None]), dim=-1)
+
+
+def multihead_attention(q, k, v, num_heads):
+    B, K, D = q.shape
+    d = D // num_heads
+    q = q.reshape(B, K, num_heads, d).transpose(1, 2)
+    k = k.reshape(B, k.shape[1], num_heads, d).transpose(1, 2)
+    v = v.reshape(B, v.shape[1], num_heads, v.shape[-1] // num_heads).transpose(1, 2)
+    attn = torch.softmax(q @ k.transpose(-2, -1) / d ** 0.5, dim=-1)
+    return (attn @ v).transpose(1, 2).reshape(B, K, -1)
 
 
 def attention_rollout(attns):

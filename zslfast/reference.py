@@ -130,28 +130,48 @@ def attention_rollout(attns, mode: str = "abnar", head_fusion: str = "mean", sta
     return result[:, 0] if cls_only else result
 
 
+def attention_score(e, ref, score="cosine", eps=1e-8):
+    """attribute_attention's epilogue on E (..., K, Dv): ref or score None -> E; "cosine" -> F.cosine_similarity(E,
+    ref, eps=eps), its norms without overflow (``normalize``); "dot" -> <E, ref> (..., K)."""
+    if ref is None or score is None:
+        return e
+    if score == "cosine":
+        # F.cosine_similarity's value; written with F.normalize so that the gradient of a clamped norm is 0, as in
+        # the kernels (F.cosine_similarity's own backward differs where |E| < eps).
+        return (normalize(e, -1, eps) * normalize(ref.expand_as(e), -1, eps)).sum(-1)
+    if score == "dot":
+        return (e * ref).sum(-1)
+    raise ValueError(f"score must be 'cosine', 'dot' or None, got {score!r}")
+
+
 def attribute_attention(
-    q, k, v, ref=None, *, scale=None, mask=None, score="cosine", eps=1e-8, return_attention=False,
-    softmax_over="keys", logit_activation=None, return_max=None,
+    q, k, v, ref=None, *, scale=None, mask=None, bias=None, score="cosine", eps=1e-8, return_attention=False,
+    softmax_over="keys", logit_activation=None, return_max=None, num_heads=1,
 ):
-    """Attribute->region cross-attention, the eager way (ILPG AVL Eq. 2-4, TransZero, SAGE, MSDN, PSVMA, GEM):
-    materialises (B, K, R).
+    """Attribute->region cross-attention, the eager way (ILPG AVL Eq. 2-4, TransZero(++), SAGE, MSDN, PSVMA, GEM,
+    APN, DPPN): materialises (B, H, K, R).
 
     q (K, D) or (B, K, D), k (B, R, D), v (B, R, Dv), ref None | (K, Dv) | (B, K, Dv), mask None | (B, R) bool
-    (True = token kept). S = act(q k^T) * scale, act = relu for logit_activation "relu" (PSVMA: before the
-    scale), scale = D^-0.5 by default. P = softmax of S over the kept tokens r (softmax_over "keys") or, for each
-    kept r, over the K queries (softmax_over "queries": MSDN V2A); a masked token gets no weight from any
-    query, and a row with every token masked none anywhere (E = 0). E = P v (B, K, Dv). Masked tokens are
-    selected away whatever their k and v hold (NaN, inf): nothing of them reaches the outputs or the other
-    gradients, and their own gradients are 0.
-    ref None -> E; score "cosine" -> F.cosine_similarity(E, ref, eps=eps) (B, K), its norms without overflow
-    (``normalize``); "dot" -> <E, ref> (B, K); score None -> E. return_attention also returns P (B, K, R).
-    return_max "attention" | "logits" also returns (B, K): the max over the kept r of P or of S (torch.max: the
-    gradient goes to its index), 0 for a row with every token masked.
-    Returns out, (out, P), (out, max) or (out, P, max).
+    (True = token kept), bias None or broadcastable to (B, K, R) (to (B, H, K, R) with heads).
+    Heads (num_heads = H, nn.MultiheadAttention's split): q, k, v cut along their last dim into H heads, head h
+    holding features [h D/H, (h+1) D/H) (of v: [h Dv/H, (h+1) Dv/H)); each head attends on its own.
+    S = act(q_h k_h^T) * scale + bias[:, h], act = relu for logit_activation "relu" (PSVMA: before the scale),
+    scale = (D/H)^-0.5 by default. P = softmax of S over the kept tokens r (softmax_over "keys"), or, for each
+    kept r, over the K queries (softmax_over "queries": MSDN V2A), or S itself on the kept tokens (softmax_over
+    None: TransZero++'s E_v2s); a masked token gets no weight from any query, and a row with every token masked
+    none anywhere (E = 0). E = the heads' P_h v_h concatenated along Dv (B, K, Dv). Masked tokens are selected away
+    whatever their k, v and bias hold (NaN, inf): nothing of them reaches the outputs or the other gradients, and
+    their own gradients are 0.
+    The score (after the heads' merge): ``attention_score(E, ref, score, eps)``.
+    return_attention True or "attention" also returns P, "logits" S with the masked entries -inf, (B, K, R)
+    ((B, H, K, R) with heads). return_max "attention" | "logits" also returns (B, K) ((B, H, K) with heads): the
+    max over the kept r of P or of S (torch.max: the gradient goes to its index), 0 for a row with every token
+    masked. Returns out, (out, map), (out, max) or (out, map, max).
     """
+    H = num_heads
+    B, R, K = k.shape[0], k.shape[1], q.shape[-2]
     if scale is None:
-        scale = q.shape[-1] ** -0.5
+        scale = (q.shape[-1] // H) ** -0.5
     if mask is not None:
         # Masked tokens are selected away, never multiplied by 0: a NaN or inf there (padding) would survive a
         # product (0 * inf = NaN) in the forward or in a gradient. Their k and v never reach a product, and the
@@ -159,39 +179,44 @@ def attribute_attention(
         token_kept = mask[:, :, None]
         k = torch.where(token_kept, k, 0)
         v = torch.where(token_kept, v, 0)
-    logits = torch.matmul(q, k.transpose(-1, -2))
+
+    def heads(x):  # (..., n, H * d) -> (..., H, n, d)
+        return x.unflatten(-1, (H, -1)).transpose(-3, -2)
+
+    logits = torch.matmul(heads(q), heads(k).transpose(-1, -2))  # (B, H, K, R)
     if logit_activation == "relu":
         logits = torch.relu(logits)
     logits = logits * scale
-    dim = -1 if softmax_over == "keys" else -2
-    if mask is not None:
-        keep = mask[:, None, :]
-        # finfo.min, not -inf: a fully masked row stays finite (uniform), then the select zeroes it and its gradient.
-        # (Over the queries, a masked column is all finfo.min: uniform, then selected to 0 alike.)
-        attn = torch.where(keep, torch.softmax(logits.masked_fill(~keep, torch.finfo(logits.dtype).min), dim=dim), 0)
+    if bias is not None:
+        logits = logits + (bias.expand(B, H, K, R) if H > 1 else bias.expand(B, K, R)[:, None])
+    keep = None if mask is None else mask[:, None, None, :]
+    if softmax_over is None:
+        attn = logits if keep is None else torch.where(keep, logits, 0)
     else:
-        attn = torch.softmax(logits, dim=dim)
-    e = attn @ v
-    if ref is None or score is None:
-        out = e
-    elif score == "cosine":
-        # F.cosine_similarity's value; written with F.normalize so that the gradient of a clamped norm is 0, as in
-        # the kernels (F.cosine_similarity's own backward differs where |E| < eps).
-        out = (normalize(e, -1, eps) * normalize(ref.expand_as(e), -1, eps)).sum(-1)
-    elif score == "dot":
-        out = (e * ref).sum(-1)
-    else:
-        raise ValueError(f"score must be 'cosine', 'dot' or None, got {score!r}")
-    results = (out,) + ((attn,) if return_attention else ())
+        dim = -1 if softmax_over == "keys" else -2
+        # finfo.min, not -inf: a fully masked row stays finite (uniform), then the select zeroes it and its
+        # gradient. (Over the queries, a masked column is all finfo.min: uniform, then selected to 0 alike.)
+        filled = logits if keep is None else logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
+        # A row (column) of -inf logits alone (a -inf bias) is all 0 as well, as torch's SDPA gives it.
+        dead = (filled == float("-inf")).all(dim=dim, keepdim=True)
+        attn = torch.softmax(filled.masked_fill(dead, 0), dim=dim)
+        attn = torch.where(~dead if keep is None else keep & ~dead, attn, 0)
+    e = torch.matmul(attn, heads(v)).transpose(-3, -2).flatten(-2)  # (B, K, Dv): the heads side by side
+    results = (attention_score(e, ref, score, eps),)
+    if return_attention:
+        returned = attn
+        if return_attention == "logits":
+            returned = logits if keep is None else logits.masked_fill(~keep, float("-inf"))
+        results += (returned if H > 1 else returned[:, 0],)
     if return_max is not None:
         pooled = attn if return_max == "attention" else logits
-        if mask is None:
+        if keep is None:
             best = pooled.max(dim=-1).values
         else:
             best = pooled.masked_fill(~keep, float("-inf")).max(dim=-1).values
-            best = torch.where(mask.any(dim=-1, keepdim=True), best, 0)
-        results += (best,)
-    return results if len(results) > 1 else out
+            best = torch.where(mask.any(dim=-1)[:, None, None], best, 0)
+        results += (best if H > 1 else best[:, 0],)
+    return results if len(results) > 1 else results[0]
 
 
 def memory_bank_update(features, confidences, counts, next_slot, z, y, conf, threshold: float, policy: str = "fifo"):

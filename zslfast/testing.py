@@ -299,12 +299,14 @@ ATTRIBUTE_ATTENTION = OpRecord(
             ("ViT-CUB-384", (16, CUB.num_attributes, VIT_TOKENS_384, VIT_DIM, VIT_DIM), None, False),
             ("large", _att(CUB, 256), None, True)),
     _attribute_attention_inputs, baselines.attribute_attention, zslfast.attribute_attention,
-    reference.attribute_attention, plan=_attribute_attention_plan, small=(2, 2, 3, 4, 3),
+    reference.attribute_attention, plan=_attribute_attention_plan, small=(2, 2, 3, 4, 2),  # Dv = 2: two heads
     # CUB's attributes over ViT-B tokens: the shared q's gradient is one GEMM over B*R, which MKL split by threads
     threads=((8, 312, 196, 300, 96),),
     variants=({"score": "dot", "return_attention": True}, {"score": None},
               {"softmax_over": "queries", "return_max": "attention"},
-              {"logit_activation": "relu", "return_max": "logits", "return_attention": True}),
+              {"logit_activation": "relu", "return_max": "logits", "return_attention": True},
+              {"softmax_over": None, "return_attention": "logits", "return_max": "logits"},  # APN, TransZero++
+              {"num_heads": 2, "score": "dot", "return_attention": True, "return_max": "attention"}),  # DPPN
     tiny=(3, 11, 7, 20, 20), checked="CUB",
 )
 

@@ -1,13 +1,15 @@
 // attribute_attention on CPU: attribute->region cross-attention with a fused cosine/dot epilogue (the math and its
 // derivation: zslfast/ops/attribute_attention.py).
 //
-//   q (K, D) shared or (B, K, D), k (B, R, D), v (B, R, Dv), ref (K, Dv) | (B, K, Dv) | none, mask (B, R) bool | none
-//   S = scale * q k[b]^T (K, R),  P = softmax of S over the kept r (a row with none kept is all 0),  E = P v[b] (K, Dv)
+//   q (K, D) shared or (B, K, D), k (B, R, D), v (B, R, Dv), ref (K, Dv) | (B, K, Dv) | none, mask (B, R) bool | none,
+//   bias (B', H, K, R) | none, B'·H = B (the op's heads folded into the batch; strides 0 where broadcast)
+//   S = scale * act(q k[b]^T) + bias[b / H, b % H] (K, R),  P = softmax of S over the kept r (a row with none kept
+//   is all 0), over the queries, or S on the kept r (SoftmaxOver::kNone),  E = P v[b] (K, Dv)
 //   out[b, i] = E[b, i]                                          Score::kNone        out (B, K, Dv)
 //             = <E[b, i], ref[i]>                                Score::kDot         out (B, K)
 //             = <E, ref> iE iR, iE = 1 / max(|E|, eps), iR likewise  Score::kCosine, F.cosine_similarity's clamp
 //   also e = E (B, K, Dv) for the backward, lse (B, K) = log sum_{kept r} exp(S) (0 for a fully masked row), and
-//   attn = P (B, K, R) only when asked for.
+//   attn = P or S (masked -inf) (B, K, R) only when asked for.
 //
 //   Masked tokens are selected away, never multiplied by 0 (a NaN or inf in padding would survive 0 * x): k and v
 //   are read with their masked rows zeroed, P and dS are 0 there by a select, and dk, dv rows of masked tokens are
@@ -18,16 +20,16 @@
 //   float), see score_grad.
 //
 //   forward, one work unit per (b, tile of query rows), at::parallel_for over the units (forward_unit):
-//       S = q_tile @ k[b]^T                      at::mm into a (rows x R) scratch tile (single-threaded inside the
+//       S = q_tile @ k[b]^T, then scale, bias    at::mm into a (rows x R) scratch tile (single-threaded inside the
 //       P = softmax(S) over kept r               parallel region, as ATen runs nested ops), softmax in place,
 //       E_tile = P @ v[b]                        at::mm straight into E (or a scratch tile when no backward comes),
 //       out[b, i] = score(E[b, i], ref[i])       then the cosine/dot epilogue per row.
 //   backward, one work unit per b (its dk[b], dv[b] need every query row; backward_sample):
 //       dE from the epilogue's gradient, P recomputed as the softmax of the whole row (the saved lse is not read),
-//       dP = dE @ v[b]^T (+ grad_attn), dS = scale * P * ((dP - shift) - delta) with shift = dP at the row's
+//       dP = dE @ v[b]^T (+ grad_attn), dS = P * ((dP - shift) - delta) (= dbias) with shift = dP at the row's
 //       arg-max and delta = sum_r P (dP - shift) from the row (SoftmaxGrad: exact on near one-hot rows, where
 //       dP - sum_r P dP keeps nothing of the true gradient, in float or double; <dE, E> cancels worse still),
-//       dv[b] = P^T @ dE, dk[b] = dS^T @ q_b, dq[b] = dS @ k[b] (per-sample q).
+//       dT = scale * dS, dv[b] = P^T @ dE, dk[b] = dT^T @ q_b, dq[b] = dT @ k[b] (per-sample q).
 //   Shared q: each unit writes its dS into a (K, B, R) buffer, then one GEMM dq = buf (K, B*R) @ k (B*R, D) sums
 //   over b; shared ref: per-row coefficients, then a pass over rows that sums over b in order. No atomics, every
 //   sum in a fixed order: deterministic. Nothing of size (B, K, R) is kept between forward and backward.
@@ -55,19 +57,22 @@
 namespace zslfast {
 namespace {
 
-// The options' ids (csrc/enums.h): SoftmaxOver, LogitActivation, ReturnMax.
+// The options' ids (csrc/enums.h): ReturnAttention, SoftmaxOver, LogitActivation, ReturnMax.
 struct Options {
-  int64_t softmax_over, logit_activation, return_max;
+  int64_t return_attention, softmax_over, logit_activation, return_max;
 };
 
-Options check_options(int64_t softmax_over, int64_t logit_activation, int64_t return_max, const char* op) {
-  TORCH_CHECK(softmax_over == SoftmaxOver::kKeys || softmax_over == SoftmaxOver::kQueries, op,
-              ": bad softmax_over id ", softmax_over);
+Options check_options(int64_t return_attention, int64_t softmax_over, int64_t logit_activation, int64_t return_max,
+                      const char* op) {
+  TORCH_CHECK(return_attention >= ReturnAttention::kNone && return_attention <= ReturnAttention::kLogits, op,
+              ": bad return_attention id ", return_attention);
+  TORCH_CHECK(softmax_over >= SoftmaxOver::kKeys && softmax_over <= SoftmaxOver::kNone, op, ": bad softmax_over id ",
+              softmax_over);
   TORCH_CHECK(logit_activation == LogitActivation::kNone || logit_activation == LogitActivation::kRelu, op,
               ": bad logit_activation id ", logit_activation);
   TORCH_CHECK(return_max >= ReturnMax::kNone && return_max <= ReturnMax::kLogits, op, ": bad return_max id ",
               return_max);
-  return {softmax_over, logit_activation, return_max};
+  return {return_attention, softmax_over, logit_activation, return_max};
 }
 
 // ------------------------------------------------------------------------------------------------------ row loops
@@ -99,16 +104,15 @@ acc_t row_dot(const acc_t* a, const acc_t* b, int64_t n) {
   return sum;
 }
 
-// Softmax of scale * s over the kept entries of one row, in place; returns the row's log-sum-exp (0 when no entry
-// is kept: the row is all zeros then). Masked entries become exactly 0, whatever their scores; a NaN kept score
-// makes the kept entries and the lse NaN (std::max skips NaN, so an all-NaN row must not pass for a fully masked
-// one).
+// Softmax of the logits s over the kept entries of one row, in place; returns the row's log-sum-exp (0 when no entry
+// is kept, or every kept logit is -inf (a -inf bias): the row is all zeros then, as torch's SDPA gives it). Masked
+// entries become exactly 0, whatever their logits (a NaN or inf bias there); a NaN kept logit makes the kept
+// entries and the lse NaN (std::max skips NaN, so an all-NaN row must not pass for a fully masked one).
 template <typename acc_t>
-acc_t softmax_row(acc_t* s, const bool* keep, int64_t R, acc_t scale) {
+acc_t softmax_row(acc_t* s, const bool* keep, int64_t R) {
   acc_t m = -std::numeric_limits<acc_t>::infinity();
   bool nan = false;
   for (int64_t r = 0; r < R; ++r) {
-    s[r] *= scale;
     if (keep == nullptr || keep[r]) {
       m = std::max(m, s[r]);
       nan |= std::isnan(s[r]);
@@ -137,10 +141,10 @@ void relu_rows(acc_t* x, int64_t n) {
   for (int64_t j = 0; j < n; ++j) x[j] = x[j] < acc_t(0) ? acc_t(0) : x[j];
 }
 
-// The max over the kept entries of a row, times factor, and its index, as torch.max(dim) returns them: the first
-// index reaching it, a NaN winning (the first NaN). (0, -1) for a row with no kept entry.
+// The max over the kept entries of a row and its index, as torch.max(dim) returns them: the first index reaching
+// it, a NaN winning (the first NaN). (0, -1) for a row with no kept entry.
 template <typename acc_t>
-std::pair<acc_t, int32_t> row_max(const acc_t* x, const bool* keep, int64_t R, acc_t factor) {
+std::pair<acc_t, int32_t> row_max(const acc_t* x, const bool* keep, int64_t R) {
   int64_t index = -1;
   acc_t best = 0;
   for (int64_t r = 0; r < R; ++r) {
@@ -151,37 +155,38 @@ std::pair<acc_t, int32_t> row_max(const acc_t* x, const bool* keep, int64_t R, a
       index = r;
     }
   }
-  return {index < 0 ? acc_t(0) : best * factor, static_cast<int32_t>(index)};
+  return {index < 0 ? acc_t(0) : best, static_cast<int32_t>(index)};
 }
 
-// Softmax over the rows of each kept column of s (rows, R) (softmax_over "queries"), scale applied in place first;
-// lse[r] = log sum_i exp(s[i, r]) of each kept column, 0 for a masked one, whose entries become 0 (a select). A NaN
-// in a kept column makes that column and its lse NaN (the running max carries it).
+// Softmax over the rows of each kept column of the logits s (rows, R) (softmax_over "queries"), in place;
+// lse[r] = log sum_i exp(s[i, r]) of each kept column, 0 for a masked one, whose entries become 0 (a select), and
+// for a column of -inf logits alone (a -inf bias), all 0 as well, as softmax_row's rows. A NaN in a kept column
+// makes that column and its lse NaN (the running max carries it).
 template <typename acc_t>
-void softmax_columns(acc_t* s, const bool* keep, int64_t rows, int64_t R, acc_t scale, acc_t* lse) {
+void softmax_columns(acc_t* s, const bool* keep, int64_t rows, int64_t R, acc_t* lse) {
   constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
   std::vector<acc_t> col_max(R, -inf), col_sum(R, acc_t(0));
   for (int64_t i = 0; i < rows; ++i) {
     acc_t* row = s + i * R;
     for (int64_t r = 0; r < R; ++r) {
-      row[r] *= scale;
       col_max[r] = (row[r] > col_max[r] || std::isnan(row[r])) ? row[r] : col_max[r];
     }
   }
+  std::vector<uint8_t> live(R);  // kept, and not all -inf
+  for (int64_t r = 0; r < R; ++r) live[r] = (keep == nullptr || keep[r]) && col_max[r] != -inf;
   for (int64_t i = 0; i < rows; ++i) {
     acc_t* row = s + i * R;
-    for (int64_t r = 0; r < R; ++r) row[r] = (keep == nullptr || keep[r]) ? row[r] - col_max[r] : -inf;
+    for (int64_t r = 0; r < R; ++r) row[r] = live[r] ? row[r] - col_max[r] : -inf;
     exp_rows(row, R);
     for (int64_t r = 0; r < R; ++r) col_sum[r] += row[r];
   }
   for (int64_t r = 0; r < R; ++r) {
-    const bool kept = keep == nullptr || keep[r];
-    lse[r] = kept ? col_max[r] + std::log(col_sum[r]) : acc_t(0);
-    col_sum[r] = acc_t(1) / col_sum[r];
+    lse[r] = live[r] ? col_max[r] + std::log(col_sum[r]) : acc_t(0);
+    col_sum[r] = live[r] ? acc_t(1) / col_sum[r] : acc_t(0);
   }
   for (int64_t i = 0; i < rows; ++i) {
     acc_t* row = s + i * R;
-    for (int64_t r = 0; r < R; ++r) row[r] = (keep == nullptr || keep[r]) ? row[r] * col_sum[r] : acc_t(0);
+    for (int64_t r = 0; r < R; ++r) row[r] = live[r] ? row[r] * col_sum[r] : acc_t(0);
   }
 }
 
@@ -243,16 +248,26 @@ SoftmaxGrad<acc_t> grad_probs_row(acc_t* dp, const acc_t* p, const acc_t* ga, in
   return {shift, delta};
 }
 
-// dS row in place over dP: ds[r] = scale * p[r] * ((dp[r] - shift) - delta) on kept r, and 0 (a select: delta may
-// be NaN) on masked ones.
+// dS row in place over dP: ds[r] = p[r] * ((dp[r] - shift) - delta) on kept r, and 0 (a select: delta may be NaN)
+// on masked ones.
 template <typename acc_t>
-void softmax_grad_row(acc_t* dp, const acc_t* p, const bool* keep, acc_t scale, SoftmaxGrad<acc_t> g, int64_t R) {
+void softmax_grad_row(acc_t* dp, const acc_t* p, const bool* keep, SoftmaxGrad<acc_t> g, int64_t R) {
   const acc_t shift = g.shift, delta = g.delta;
   if (keep == nullptr) {
 #pragma omp simd
-    for (int64_t r = 0; r < R; ++r) dp[r] = scale * p[r] * ((dp[r] - shift) - delta);
+    for (int64_t r = 0; r < R; ++r) dp[r] = p[r] * ((dp[r] - shift) - delta);
   } else {
-    for (int64_t r = 0; r < R; ++r) dp[r] = keep[r] ? scale * p[r] * ((dp[r] - shift) - delta) : acc_t(0);
+    for (int64_t r = 0; r < R; ++r) dp[r] = keep[r] ? p[r] * ((dp[r] - shift) - delta) : acc_t(0);
+  }
+}
+
+// x = keep ? x : 0 over rows (rows, R): the kept logits as they are (softmax_over "none"), or a gradient with its
+// masked entries zeroed (a select: they may hold NaN).
+template <typename acc_t>
+void keep_only(acc_t* x, const bool* keep, int64_t rows, int64_t R) {
+  if (keep == nullptr) return;
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t r = 0; r < R; ++r) x[i * R + r] = keep[r] ? x[i * R + r] : acc_t(0);
   }
 }
 
@@ -262,6 +277,72 @@ void zero_masked_rows(acc_t* grad, const bool* keep, int64_t R, int64_t n) {
   if (keep == nullptr) return;
   for (int64_t r = 0; r < R; ++r) {
     if (!keep[r]) std::fill(grad + r * n, grad + (r + 1) * n, acc_t(0));
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------ logits
+
+// The bias (B, H, K, R) as the kernels read it: batch n = b H + h, row i reads bias[b, h, i, :] with stride s3.
+template <typename acc_t>
+struct BiasRows {
+  const acc_t* data;  // null without a bias
+  int64_t heads, s0, s1, s2, s3;
+
+  const acc_t* row(int64_t n, int64_t i) const { return data + (n / heads) * s0 + (n % heads) * s1 + i * s2; }
+};
+
+// The bias in acc_t without its broadcast: each dimension of stride 0 narrowed to one element first, so that the
+// conversion (and contiguous()) copies only the caller's own tensor, never the (B, H, K, R) view.
+at::Tensor compact_bias(const c10::optional<at::Tensor>& bias, at::ScalarType acc_type) {
+  if (!bias.has_value()) return at::Tensor();
+  at::Tensor t = *bias;
+  for (int64_t dim = 0; dim < 4; ++dim) {
+    if (t.stride(dim) == 0 && t.size(dim) > 1) t = t.narrow(dim, 0, 1);
+  }
+  return t.to(acc_type).contiguous();
+}
+
+// Its rows (the broadcast dimensions at stride 0 again), for a compact bias of the view's shape (heads: its H).
+template <typename acc_t>
+BiasRows<acc_t> bias_rows(const at::Tensor& compact, int64_t heads) {
+  if (!compact.defined()) return {nullptr, 1, 0, 0, 0, 0};
+  auto stride = [&](int64_t dim) { return compact.size(dim) == 1 ? int64_t(0) : compact.stride(dim); };
+  return {compact.data_ptr<acc_t>(), heads, stride(0), stride(1), stride(2), stride(3)};
+}
+
+// The logits of rows [i0, i0 + rows) of batch n in place of T = q k^T in s (rows, R): S = scale * act(T) + bias.
+template <typename acc_t>
+void form_logits(acc_t* s, int64_t rows, int64_t R, acc_t scale, bool relu, const BiasRows<acc_t>& bias, int64_t n,
+                 int64_t i0) {
+  if (relu) relu_rows(s, rows * R);
+  for (int64_t i = 0; i < rows; ++i) {
+    acc_t* row = s + i * R;
+    if (bias.data == nullptr) {
+#pragma omp simd
+      for (int64_t r = 0; r < R; ++r) row[r] *= scale;
+    } else {
+      const acc_t* b = bias.row(n, i0 + i);
+      const int64_t step = bias.s3;
+      for (int64_t r = 0; r < R; ++r) row[r] = row[r] * scale + b[r * step];
+    }
+  }
+}
+
+// The probabilities of the logits s (rows, R), rows [i0, i0 + rows) of one batch, in place: the softmax of each row
+// (its lse into lse_rows[i]), of each column (every row of the batch: lse_columns (R,)), or the kept logits
+// themselves (softmax_over "none": no lse).
+template <typename acc_t>
+void probabilities(acc_t* s, const bool* keep, int64_t rows, int64_t R, int64_t softmax_over, acc_t* lse_rows,
+                   acc_t* lse_columns) {
+  if (softmax_over == SoftmaxOver::kQueries) {
+    softmax_columns<acc_t>(s, keep, rows, R, lse_columns);
+  } else if (softmax_over == SoftmaxOver::kKeys) {
+    for (int64_t i = 0; i < rows; ++i) {
+      const acc_t lse = softmax_row<acc_t>(s + i * R, keep, R);
+      if (lse_rows != nullptr) lse_rows[i] = lse;
+    }
+  } else {
+    keep_only(s, keep, rows, R);
   }
 }
 
@@ -338,7 +419,8 @@ struct Dims {
 };
 
 Dims check_dims(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& ref,
-                const c10::optional<at::Tensor>& mask, int64_t mode, const char* op) {
+                const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& bias, int64_t mode,
+                const char* op) {
   TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && (q.dim() == 2 || q.dim() == 3), op,
               ": expected q (K, D) or (B, K, D), k (B, R, D), v (B, R, Dv), got ", q.sizes(), ", ", k.sizes(), ", ",
               v.sizes());
@@ -358,6 +440,13 @@ Dims check_dims(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
     TORCH_CHECK(mask->dim() == 2 && mask->size(0) == d.B && mask->size(1) == d.R, op, ": mask must be (B, R), got ",
                 mask->sizes());
   }
+  if (bias.has_value()) {
+    const auto& t = *bias;
+    TORCH_CHECK(t.dim() == 4 && t.size(0) * t.size(1) == d.B && t.size(2) == d.K && t.size(3) == d.R &&
+                    t.scalar_type() == q.scalar_type(),
+                op, ": bias must be a (B, H, K, R) view with B·H = ", d.B, ", K = ", d.K, ", R = ", d.R,
+                " in q's dtype, got ", t.sizes(), " ", t.scalar_type());
+  }
   return d;
 }
 
@@ -367,8 +456,10 @@ void check_backward_inputs(const Dims& d, int64_t mode, const Options& options, 
   TORCH_CHECK(e.dim() == 3 && e.size(0) == d.B && e.size(1) == d.K && e.size(2) == d.Dv, op,
               ": e must be (B, K, Dv), got ", e.sizes());
   const int64_t lse_size = options.softmax_over == SoftmaxOver::kQueries ? d.R : d.K;
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == d.B && lse.size(1) == lse_size, op, ": lse must be (B, ",
-              options.softmax_over == SoftmaxOver::kQueries ? "R" : "K", "), got ", lse.sizes());
+  TORCH_CHECK(options.softmax_over == SoftmaxOver::kNone ||
+                  (lse.dim() == 2 && lse.size(0) == d.B && lse.size(1) == lse_size),
+              op, ": lse must be (B, ", options.softmax_over == SoftmaxOver::kQueries ? "R" : "K", "), got ",
+              lse.sizes());
   if (mode == Score::kNone) {
     TORCH_CHECK(grad.dim() == 3 && grad.sizes() == e.sizes(), op, ": grad must be (B, K, Dv), got ", grad.sizes());
   } else {
@@ -400,27 +491,43 @@ struct Forward {
   at::Tensor q, k, v;  // acc_t, contiguous; k, v with masked rows 0 (to_acc_kept)
   const acc_t* ref;    // (K, Dv) or (B, K, Dv); null for Score::kNone
   const bool* keep;    // mask (B, R), or null
-  acc_t* lse;          // (B, K), or (B, R) for the softmax over the queries
+  BiasRows<acc_t> bias;  // data null without a bias
+  acc_t* lse;          // (B, K), or (B, R) for the softmax over the queries; null for softmax_over kNone
   scalar_t* out;       // the scores (B, K); null for Score::kNone, whose out is E
-  scalar_t* attn;      // P (B, K, R) when return_attention, else null
+  scalar_t* attn;      // P or S (B, K, R) when return_attention, else null
   acc_t* best;         // the max over kept r of P or S (B, K) when asked for (return_max), else null
   int32_t* best_index; // its r (B, K), -1 for a row with no kept r
 };
 
-// The max (return_max) of rows [i0, i0 + rows) of sample b over the kept r of x (rows, R), times factor.
+// The max (return_max) of rows [i0, i0 + rows) of sample b over the kept r of x (rows, R).
 template <typename scalar_t>
 void store_row_max(const Forward<scalar_t>& f, int64_t b, int64_t i0, int64_t rows, const at::opmath_type<scalar_t>* x,
-                   const bool* keep, at::opmath_type<scalar_t> factor) {
+                   const bool* keep) {
   const Dims& d = f.d;
   for (int64_t i = 0; i < rows; ++i) {
-    const auto [best, index] = row_max(x + i * d.R, keep, d.R, factor);
+    const auto [best, index] = row_max(x + i * d.R, keep, d.R);
     f.best[b * d.K + i0 + i] = best;
     f.best_index[b * d.K + i0 + i] = index;
   }
 }
 
+// The map returned (return_attention) for rows [i0, i0 + rows) of sample b: x (rows, R), masked entries -inf
+// (the logits; keep null for P, already 0 there).
+template <typename scalar_t>
+void store_map(const Forward<scalar_t>& f, int64_t b, int64_t i0, int64_t rows, const at::opmath_type<scalar_t>* x,
+               const bool* keep) {
+  const int64_t R = f.d.R;
+  scalar_t* a = f.attn + (b * f.d.K + i0) * R;
+  const scalar_t masked = -std::numeric_limits<scalar_t>::infinity();
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t r = 0; r < R; ++r) {
+      a[i * R + r] = keep == nullptr || keep[r] ? static_cast<scalar_t>(x[i * R + r]) : masked;
+    }
+  }
+}
+
 // P for query rows [i0, i0 + rows) of sample b (every row for the softmax over the queries), in place of their
-// scores in s (rows, R); their lse saved, the max taken, and P written to attn when it is returned.
+// T = q k^T in s (rows, R): the logits S formed, their max and map taken, then P, its lse saved, its max and map.
 template <typename scalar_t>
 void attention_tile(const Forward<scalar_t>& f, int64_t b, int64_t i0, int64_t rows, at::Tensor& s) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -428,19 +535,14 @@ void attention_tile(const Forward<scalar_t>& f, int64_t b, int64_t i0, int64_t r
   at::mm_out(s, (d.shared_q ? f.q : f.q.select(0, b)).narrow(0, i0, rows), f.k.select(0, b).t());
   acc_t* p = s.data_ptr<acc_t>();
   const bool* keep = f.keep != nullptr ? f.keep + b * d.R : nullptr;
-  if (f.options.logit_activation == LogitActivation::kRelu) relu_rows(p, rows * d.R);
-  // The logits' max, scale * max(act(T)): the product the softmax forms next, bit for bit (scale > 0).
-  if (f.options.return_max == ReturnMax::kLogits) store_row_max(f, b, i0, rows, p, keep, f.scale);
-  if (f.options.softmax_over == SoftmaxOver::kQueries) {
-    softmax_columns<acc_t>(p, keep, rows, d.R, f.scale, f.lse + b * d.R);
-  } else {
-    for (int64_t i = 0; i < rows; ++i) f.lse[b * d.K + i0 + i] = softmax_row<acc_t>(p + i * d.R, keep, d.R, f.scale);
-  }
-  if (f.options.return_max == ReturnMax::kAttention) store_row_max(f, b, i0, rows, p, keep, acc_t(1));
-  if (f.attn != nullptr) {
-    scalar_t* a = f.attn + (b * d.K + i0) * d.R;
-    for (int64_t j = 0; j < rows * d.R; ++j) a[j] = static_cast<scalar_t>(p[j]);
-  }
+  form_logits(p, rows, d.R, f.scale, f.options.logit_activation == LogitActivation::kRelu, f.bias, b, i0);
+  if (f.options.return_max == ReturnMax::kLogits) store_row_max(f, b, i0, rows, p, keep);
+  if (f.options.return_attention == ReturnAttention::kLogits) store_map(f, b, i0, rows, p, keep);
+  acc_t* lse_rows = f.lse != nullptr ? f.lse + b * d.K + i0 : nullptr;
+  acc_t* lse_columns = f.lse != nullptr ? f.lse + b * d.R : nullptr;
+  probabilities(p, keep, rows, d.R, f.options.softmax_over, lse_rows, lse_columns);
+  if (f.options.return_max == ReturnMax::kAttention) store_row_max(f, b, i0, rows, p, keep);
+  if (f.options.return_attention == ReturnAttention::kAttention) store_map(f, b, i0, rows, p, nullptr);
 }
 
 // One work unit, rows [i0, i0 + rows) of sample b: P into s_buf, E_tile = P @ v[b] into e_tile (rows of E, or a
@@ -491,11 +593,12 @@ void run_forward(const Forward<scalar_t>& f, const at::Tensor& e) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attribute_attention_fwd_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const c10::optional<at::Tensor>& ref_in,
-    const c10::optional<at::Tensor>& mask_in, double scale, int64_t mode, double eps, bool return_attention,
-    bool save_e, int64_t softmax_over, int64_t logit_activation, int64_t return_max) {
+    const c10::optional<at::Tensor>& mask_in, const c10::optional<at::Tensor>& bias_in, double scale, int64_t mode,
+    double eps, int64_t return_attention, bool save_e, int64_t softmax_over, int64_t logit_activation,
+    int64_t return_max) {
   const char* op = "zslfast::_attribute_attention_fwd";
-  const Dims d = check_dims(q_in, k_in, v_in, ref_in, mask_in, mode, op);
-  const Options options = check_options(softmax_over, logit_activation, return_max, op);
+  const Dims d = check_dims(q_in, k_in, v_in, ref_in, mask_in, bias_in, mode, op);
+  const Options options = check_options(return_attention, softmax_over, logit_activation, return_max, op);
   const at::NoGradGuard no_grad;  // the at::mm_out calls reject inputs that require grad
   const auto acc_type = at::toOpMathType(q_in.scalar_type());
   const auto in_opts = q_in.options(), acc_opts = in_opts.dtype(acc_type);
@@ -504,12 +607,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // Scores without a backward to come: E lives in per-thread scratch tiles, never in a (B, K, Dv) tensor.
   const bool keep_e = mode == Score::kNone || save_e;
   at::Tensor e = keep_e ? at::empty({d.B, d.K, d.Dv}, acc_opts) : at::Tensor();
-  at::Tensor lse = at::empty({d.B, options.softmax_over == SoftmaxOver::kQueries ? d.R : d.K}, acc_opts);
+  const at::Tensor bias = compact_bias(bias_in, acc_type);
+  const bool normalised = options.softmax_over != SoftmaxOver::kNone;
+  at::Tensor lse = normalised ? at::empty({d.B, options.softmax_over == SoftmaxOver::kQueries ? d.R : d.K}, acc_opts)
+                              : at::empty({0}, acc_opts);
   const bool pooled = return_max != ReturnMax::kNone;
   const std::vector<int64_t> pooled_shape = pooled ? std::vector<int64_t>{d.B, d.K} : std::vector<int64_t>{0};
   at::Tensor best = at::empty(pooled_shape, acc_opts);
   at::Tensor best_index = at::empty(best.sizes(), in_opts.dtype(at::kInt));
-  at::Tensor attn = return_attention ? at::empty({d.B, d.K, d.R}, in_opts) : at::empty({0}, in_opts);
+  const bool returned = return_attention != ReturnAttention::kNone;
+  at::Tensor attn = returned ? at::empty({d.B, d.K, d.R}, in_opts) : at::empty({0}, in_opts);
   at::Tensor out = mode != Score::kNone ? at::empty({d.B, d.K}, in_opts) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q_in.scalar_type(), "attribute_attention_fwd_cpu", [&] {
@@ -524,9 +631,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                               to_acc_kept(v_in, mask, acc_type),
                               ref.defined() ? ref.data_ptr<acc_t>() : nullptr,
                               mask.defined() ? mask.data_ptr<bool>() : nullptr,
-                              lse.data_ptr<acc_t>(),
+                              bias_rows<acc_t>(bias, bias_in.has_value() ? bias_in->size(1) : 1),
+                              normalised ? lse.data_ptr<acc_t>() : nullptr,
                               out.defined() ? out.data_ptr<scalar_t>() : nullptr,
-                              return_attention ? attn.data_ptr<scalar_t>() : nullptr,
+                              returned ? attn.data_ptr<scalar_t>() : nullptr,
                               pooled ? best.data_ptr<acc_t>() : nullptr,
                               pooled ? best_index.data_ptr<int32_t>() : nullptr};
     run_forward(f, e);
@@ -545,7 +653,7 @@ struct Backward {
   int64_t mode;
   Options options;
   acc_t scale, eps;
-  bool need_q, need_k, need_v, need_ref;
+  bool need_q, need_k, need_v, need_ref, need_bias;
   at::Tensor q, k, v;       // the forward's inputs (k, v with masked rows 0, to_acc_kept)
   at::Tensor g;             // dL/dout: (B, K) for the scores, (B, K, Dv) = dE for Score::kNone
   const acc_t* g_data;      // g's data
@@ -553,8 +661,10 @@ struct Backward {
   const acc_t* lse;         // (B, K): not read (P is recomputed as a whole-row softmax, softmax_backward)
   const acc_t* ref;         // (K, Dv) or (B, K, Dv); null for Score::kNone
   const bool* keep;         // mask (B, R), or null
-  const acc_t* grad_attn;   // (B, K, R), or null
+  BiasRows<acc_t> bias;     // data null without a bias
+  const acc_t* grad_attn;   // (B, K, R), or null: of P (ReturnAttention::kAttention) or of S (kLogits)
   at::Tensor grad_q, grad_k, grad_v;  // like q, k, v; undefined when not needed
+  acc_t* grad_bias;         // dS (B, K, R) when need_bias, else null
   acc_t* grad_ref;          // like ref when needed; a shared ref's is written after the units (shared_ref_grad)
   acc_t* coef_a;            // shared ref: a_r, c_r of every (b, i), (B, K) each (score_grad)
   acc_t* coef_c;
@@ -589,28 +699,42 @@ void epilogue_backward(const Backward<acc_t>& w, int64_t b, acc_t* de) {
   for (int64_t i = 0; i < d.K; ++i) score_backward_row(w, b, i, w.e + (b * d.K + i) * d.Dv, de + i * d.Dv);
 }
 
-// dS (of the pre-activation logits T = q k^T) of sample b, written over dp: P recomputed into p (K, R) as the softmax
-// of each whole row or of each whole column (softmax over the queries), dP = dE @ v[b]^T + grad_attn (+ dL/dmax at
-// the arg-max for the attention's max), dS = scale * P * ((dP - shift) - delta) on the kept r with the row's (or
-// the column's) SoftmaxGrad, + scale * dL/dmax at the arg-max for the logits' max, times [not T <= 0] for the relu
+// Whether the backward of sample b needs S and P recomputed: always with a softmax or the relu; without them (dS = dP),
+// for dv = P^T dE alone.
+template <typename acc_t>
+bool needs_probabilities(const Backward<acc_t>& w) {
+  return w.options.softmax_over != SoftmaxOver::kNone || w.options.logit_activation == LogitActivation::kRelu ||
+         w.need_v;
+}
+
+// dT (of T = q k^T, before the activation) of sample b, written over dp, with dS (of the logits S) on the way:
+// S = scale * act(T) + bias recomputed into p (K, R), then P as the softmax of each whole row or of each whole column
+// (softmax over the queries), or S itself on the kept r (no softmax). dP = dE @ v[b]^T (+ the gradient of the
+// returned P) (+ dL/dmax at the arg-max for the attention's max); dS = P * ((dP - shift) - delta) on the kept r with
+// the row's (or the column's) SoftmaxGrad, or dP itself without a softmax (+ dL/dmax at the arg-max for the logits'
+// max) (+ the gradient of the returned S), 0 on masked r; dS is dbias; dT = scale * dS [not T <= 0 for the relu]
 // (torch's rule: NaN passes).
 template <typename acc_t>
 void softmax_backward(const Backward<acc_t>& w, int64_t b, const at::Tensor& de, at::Tensor& p, at::Tensor& dp,
                       std::vector<uint8_t>& positive) {
   const Dims& d = w.d;
-  at::mm_out(p, d.shared_q ? w.q : w.q.select(0, b), w.k.select(0, b).t());
+  const bool relu = w.options.logit_activation == LogitActivation::kRelu;
   at::mm_out(dp, de, w.v.select(0, b).t());
   acc_t* p_data = p.data_ptr<acc_t>();
   acc_t* dp_data = dp.data_ptr<acc_t>();
   const bool* keep = w.keep != nullptr ? w.keep + b * d.R : nullptr;
-  const bool relu = w.options.logit_activation == LogitActivation::kRelu;
-  if (relu) {
-    // relu's backward as torch's threshold_backward: zero where T <= 0, so a NaN T passes its gradient on.
-    for (int64_t j = 0; j < d.K * d.R; ++j) positive[j] = !(p_data[j] <= acc_t(0));
-    relu_rows(p_data, d.K * d.R);
+  if (needs_probabilities(w)) {
+    at::mm_out(p, d.shared_q ? w.q : w.q.select(0, b), w.k.select(0, b).t());
+    if (relu) {
+      // relu's backward as torch's threshold_backward: zero where T <= 0, so a NaN T passes its gradient on.
+      for (int64_t j = 0; j < d.K * d.R; ++j) positive[j] = !(p_data[j] <= acc_t(0));
+    }
+    form_logits(p_data, d.K, d.R, w.scale, relu, w.bias, b, 0);
   }
   const int32_t* best_index = w.best_index != nullptr ? w.best_index + b * d.K : nullptr;
   const acc_t* grad_max = w.grad_max != nullptr && best_index != nullptr ? w.grad_max + b * d.K : nullptr;
+  const acc_t* grad_attn = w.grad_attn != nullptr ? w.grad_attn + b * d.K * d.R : nullptr;
+  const acc_t* grad_p = w.options.return_attention == ReturnAttention::kAttention ? grad_attn : nullptr;
   // dL/dmax of the attention's max: one more entry of dP, at the arg-max.
   auto add_max_grad = [&](int64_t i, acc_t* dp_row) {
     if (w.options.return_max == ReturnMax::kAttention && grad_max != nullptr && best_index[i] >= 0)
@@ -618,11 +742,10 @@ void softmax_backward(const Backward<acc_t>& w, int64_t b, const at::Tensor& de,
   };
   if (w.options.softmax_over == SoftmaxOver::kQueries) {
     std::vector<acc_t> column(d.R, acc_t(0));  // the lse (not kept), then the columns' delta
-    softmax_columns<acc_t>(p_data, keep, d.K, d.R, w.scale, column.data());
+    softmax_columns<acc_t>(p_data, keep, d.K, d.R, column.data());
     for (int64_t i = 0; i < d.K; ++i) {
       acc_t* dp_row = dp_data + i * d.R;
-      const acc_t* ga = w.grad_attn != nullptr ? w.grad_attn + (b * d.K + i) * d.R : nullptr;
-      if (ga != nullptr) axpy_row(dp_row, acc_t(1), ga, d.R);
+      if (grad_p != nullptr) axpy_row(dp_row, acc_t(1), grad_p + i * d.R, d.R);
       add_max_grad(i, dp_row);
     }
     // Each column's SoftmaxGrad: shift = dP at the column's arg-max row (the first among equals), then delta.
@@ -646,27 +769,45 @@ void softmax_backward(const Backward<acc_t>& w, int64_t b, const at::Tensor& de,
       const acc_t* p_row = p_data + i * d.R;
       for (int64_t r = 0; r < d.R; ++r) {
         const bool kept = keep == nullptr || keep[r];
-        dp_row[r] = kept ? w.scale * p_row[r] * ((dp_row[r] - shift[r]) - column[r]) : acc_t(0);
+        dp_row[r] = kept ? p_row[r] * ((dp_row[r] - shift[r]) - column[r]) : acc_t(0);
       }
     }
-  } else {
+  } else if (w.options.softmax_over == SoftmaxOver::kKeys) {
     for (int64_t i = 0; i < d.K; ++i) {
       acc_t* p_row = p_data + i * d.R;
       acc_t* dp_row = dp_data + i * d.R;
-      softmax_row<acc_t>(p_row, keep, d.R, w.scale);
+      softmax_row<acc_t>(p_row, keep, d.R);
       add_max_grad(i, dp_row);
-      const acc_t* ga = w.grad_attn != nullptr ? w.grad_attn + (b * d.K + i) * d.R : nullptr;
+      const acc_t* ga = grad_p != nullptr ? grad_p + i * d.R : nullptr;
       const SoftmaxGrad<acc_t> g = grad_probs_row(dp_row, p_row, ga, row_argmax(p_row, keep, d.R), d.R);
-      softmax_grad_row(dp_row, p_row, keep, w.scale, g, d.R);
+      softmax_grad_row(dp_row, p_row, keep, g, d.R);
     }
+  } else {  // no softmax: P = S on the kept r (when needed), dS = dP there
+    if (needs_probabilities(w)) keep_only(p_data, keep, d.K, d.R);
+    for (int64_t i = 0; i < d.K; ++i) {
+      acc_t* dp_row = dp_data + i * d.R;
+      if (grad_p != nullptr) axpy_row(dp_row, acc_t(1), grad_p + i * d.R, d.R);
+      add_max_grad(i, dp_row);
+    }
+    keep_only(dp_data, keep, d.K, d.R);
   }
   if (w.options.return_max == ReturnMax::kLogits && grad_max != nullptr) {
     for (int64_t i = 0; i < d.K; ++i) {
-      if (best_index[i] >= 0) dp_data[i * d.R + best_index[i]] += w.scale * grad_max[i];
+      if (best_index[i] >= 0) dp_data[i * d.R + best_index[i]] += grad_max[i];
     }
   }
+  if (w.options.return_attention == ReturnAttention::kLogits && grad_attn != nullptr) {
+    for (int64_t j = 0; j < d.K * d.R; ++j) {
+      if (keep == nullptr || keep[j % d.R]) dp_data[j] += grad_attn[j];  // masked: S was -inf, a constant
+    }
+  }
+  if (w.need_bias) std::memcpy(w.grad_bias + b * d.K * d.R, dp_data, d.K * d.R * sizeof(acc_t));
+  const acc_t scale = w.scale;
   if (relu) {
-    for (int64_t j = 0; j < d.K * d.R; ++j) dp_data[j] = positive[j] ? dp_data[j] : acc_t(0);
+    for (int64_t j = 0; j < d.K * d.R; ++j) dp_data[j] = positive[j] ? scale * dp_data[j] : acc_t(0);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < d.K * d.R; ++j) dp_data[j] *= scale;
   }
 }
 
@@ -709,7 +850,7 @@ template <typename acc_t>
 void backward_sample(const Backward<acc_t>& w, int64_t b, BackwardScratch& s) {
   const at::Tensor de = w.mode == Score::kNone ? w.g.select(0, b) : s.de;
   epilogue_backward(w, b, de.data_ptr<acc_t>());
-  if (!(w.need_q || w.need_k || w.need_v)) return;
+  if (!(w.need_q || w.need_k || w.need_v || w.need_bias)) return;
   softmax_backward(w, b, de, s.p, s.dp, s.positive);
   attention_input_grads(w, b, s.p, s.dp, de);
 }
@@ -755,16 +896,17 @@ void run_backward(const Backward<acc_t>& w) {
   if (w.need_ref && d.shared_ref) shared_ref_grad(w);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attribute_attention_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attribute_attention_bwd_cpu(
     const at::Tensor& grad_in, const c10::optional<at::Tensor>& grad_attn_in,
     const c10::optional<at::Tensor>& grad_max_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const c10::optional<at::Tensor>& ref_in, const c10::optional<at::Tensor>& mask_in,
-    const at::Tensor& e_in, const at::Tensor& lse_in, const at::Tensor& best_in, const at::Tensor& best_index_in,
-    double scale, int64_t mode, double eps, std::array<bool, 4> output_mask, int64_t softmax_over,
-    int64_t logit_activation, int64_t return_max) {
+    const c10::optional<at::Tensor>& bias_in, const at::Tensor& e_in, const at::Tensor& lse_in,
+    const at::Tensor& best_in, const at::Tensor& best_index_in, double scale, int64_t mode, double eps,
+    std::array<bool, 5> output_mask, int64_t return_attention, int64_t softmax_over, int64_t logit_activation,
+    int64_t return_max) {
   const char* op = "zslfast::_attribute_attention_bwd";
-  const Dims d = check_dims(q_in, k_in, v_in, ref_in, mask_in, mode, op);
-  const Options options = check_options(softmax_over, logit_activation, return_max, op);
+  const Dims d = check_dims(q_in, k_in, v_in, ref_in, mask_in, bias_in, mode, op);
+  const Options options = check_options(return_attention, softmax_over, logit_activation, return_max, op);
   check_backward_inputs(d, mode, options, grad_in, e_in, lse_in, op);
   (void)best_in;  // P is recomputed here, so its max is too (the Triton kernels read it)
   const bool has_grad_max = return_max != ReturnMax::kNone && grad_max_in.has_value() && grad_max_in->numel() > 0;
@@ -781,6 +923,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attribute_attention_b
   const at::Tensor q = to_acc(q_in, acc_type), k = to_acc_kept(k_in, mask, acc_type), v = to_acc_kept(v_in, mask, acc_type);
   const at::Tensor ref = mode != Score::kNone ? to_acc(*ref_in, acc_type) : at::Tensor();
   const at::Tensor e = to_acc(e_in, acc_type), lse = to_acc(lse_in, acc_type), g = to_acc(grad_in, acc_type);
+  const at::Tensor bias = compact_bias(bias_in, acc_type);
   const at::Tensor grad_attn =
       grad_attn_in.has_value() && grad_attn_in->numel() > 0 ? to_acc(*grad_attn_in, acc_type) : at::Tensor();
   TORCH_CHECK(!grad_attn.defined() || (grad_attn.dim() == 3 && grad_attn.size(0) == d.B && grad_attn.size(1) == d.K &&
@@ -789,25 +932,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attribute_attention_b
 
   const bool need_q = output_mask[0], need_k = output_mask[1], need_v = output_mask[2];
   const bool need_ref = output_mask[3] && mode != Score::kNone;
+  const bool need_bias = output_mask[4] && bias_in.has_value();
   at::Tensor grad_q = need_q ? at::empty(q.sizes(), acc_opts) : at::Tensor();
   at::Tensor grad_k = need_k ? at::empty(k.sizes(), acc_opts) : at::Tensor();
   at::Tensor grad_v = need_v ? at::empty(v.sizes(), acc_opts) : at::Tensor();
   at::Tensor grad_ref = need_ref ? at::empty(ref.sizes(), acc_opts) : at::Tensor();
+  at::Tensor grad_bias = need_bias ? at::empty({d.B, d.K, d.R}, acc_opts) : at::Tensor();
   at::Tensor ds_all = need_q && d.shared_q ? at::empty({d.K, d.B, d.R}, acc_opts) : at::Tensor();
   at::Tensor coef = need_ref && d.shared_ref ? at::empty({2, d.B, d.K}, acc_opts) : at::Tensor();
   const at::Tensor grad_max = has_grad_max ? to_acc(*grad_max_in, acc_type) : at::Tensor();
   const at::Tensor best_index = has_grad_max ? best_index_in.contiguous() : at::Tensor();
 
-  if (need_q || need_k || need_v || need_ref) {
+  if (need_q || need_k || need_v || need_ref || need_bias) {
     AT_DISPATCH_FLOATING_TYPES(acc_type, "attribute_attention_bwd_cpu", [&] {
       using acc_t = scalar_t;  // the kernels run in the accumulator type only
       auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<acc_t>() : nullptr; };
       const Backward<acc_t> w{d, mode, options, static_cast<acc_t>(scale), static_cast<acc_t>(eps),
-                              need_q, need_k, need_v, need_ref,
+                              need_q, need_k, need_v, need_ref, need_bias,
                               q, k, v, g, ptr(g),
                               ptr(e), ptr(lse), ptr(ref), mask.defined() ? mask.data_ptr<bool>() : nullptr,
+                              bias_rows<acc_t>(bias, bias_in.has_value() ? bias_in->size(1) : 1),
                               ptr(grad_attn),
-                              grad_q, grad_k, grad_v,
+                              grad_q, grad_k, grad_v, ptr(grad_bias),
                               ptr(grad_ref), coef.defined() ? ptr(coef[0]) : nullptr,
                               coef.defined() ? ptr(coef[1]) : nullptr, ds_all,
                               ptr(grad_max), best_index.defined() ? best_index.data_ptr<int32_t>() : nullptr};
@@ -817,7 +963,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attribute_attention_b
   auto finish = [&](const at::Tensor& t) {
     return t.defined() ? (t.scalar_type() == q_in.scalar_type() ? t : t.to(q_in.scalar_type())) : at::empty({0}, in_opts);
   };
-  return {finish(grad_q), finish(grad_k), finish(grad_v), finish(grad_ref)};
+  return {finish(grad_q), finish(grad_k), finish(grad_v), finish(grad_ref), finish(grad_bias)};
 }
 
 }  // namespace
