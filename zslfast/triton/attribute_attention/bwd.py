@@ -480,9 +480,11 @@ def plan_backward(grad, grad_attn, grad_max, q, k, v, ref, mask, bias, e, lse, b
     if score != Score.NONE and not rows_kernel:
         # dE and dref's coefficients first (over the queries, every row's dE before the columns kernel)
         score_tiles, score_launch = launch_config("score_backward", B, K, R, D, Dv, q.dtype, **options)
+        # its own batch chunks (it sums nothing over b): as many programs as the rows kernel's, on its own K tiles
+        score_splits, score_b = split(B, triton.cdiv(K, score_tiles["BLOCK_K"]), H200_SMS) if shared_q else (B, 1)
         steps.append(Launch(
-            _score_backward_kernel, (triton.cdiv(K, score_tiles["BLOCK_K"]), splits),
-            (g, ref_t, e, de, coef_a, coef_c, coef_r, B, K, Dv, eps_t, b_per_split, *strides3(ref_t)),
+            _score_backward_kernel, (triton.cdiv(K, score_tiles["BLOCK_K"]), score_splits),
+            (g, ref_t, e, de, coef_a, coef_c, coef_r, B, K, Dv, eps_t, score_b, *strides3(ref_t)),
             dict(SCORE=int(score), ACC_DTYPE=common["ACC_DTYPE"], BLOCK_K=score_tiles["BLOCK_K"],
                  BLOCK_DV=score_tiles["BLOCK_DV"]),
             **score_launch,

@@ -82,8 +82,8 @@ NARROW, WIDE, COLUMNS, UNDER_FILLED = (16, 64), (128, 256), (16, 64), (16, 32)
 
 TABLE = (
     # ------------------------------------------------------------------------------------------------ forward
-    _row("forward queries_forward", NARROW, 32, 32, 32, 8, 1, when=("bias",), min_ctas=2,
-         why="as below, with the bias's tile: a second stage's buffers spill in fp32, and ptxas's own choice of "
+    _row("forward queries_forward", NARROW, 32, 32, 32, 8, 1, when=("fp32", "bias"), min_ctas=2,
+         why="as below, with the bias's tile in fp32: a second stage's buffers spill, and ptxas's own choice of "
              "128 registers (two CTAs) is the budget"),
     _row("forward queries_forward", NARROW, 32, 32, 32, 8, 2,
          "a 32 x 64 score tile and 64 x 32 operand tiles over eight warps; four warps, or 64-wide K and D tiles, "
