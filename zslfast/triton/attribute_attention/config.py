@@ -82,18 +82,22 @@ NARROW, WIDE, COLUMNS, UNDER_FILLED = (16, 64), (128, 256), (16, 64), (16, 32)
 
 TABLE = (
     # ------------------------------------------------------------------------------------------------ forward
-    _row("forward queries_forward", NARROW, 32, 32, 32, 8, 1, when=("fp32", "bias"), min_ctas=2,
-         why="as below, with the bias's tile in fp32: a second stage's buffers spill, and ptxas's own choice of "
-             "128 registers (two CTAs) is the budget"),
+    _row("forward queries_forward", NARROW, 32, 32, 32, 8, 1, when=("bias",), min_ctas=1,
+         why="as below, with the bias's tile: a second stage's buffers spill, and ptxas's own choice squeezes it "
+             "into 128 registers (two CTAs), which leave no eighth spare (triton 3.8): all 255"),
     _row("forward queries_forward", NARROW, 32, 32, 32, 8, 2,
          "a 32 x 64 score tile and 64 x 32 operand tiles over eight warps; four warps, or 64-wide K and D tiles, "
          "spill"),
-    _row("forward queries_forward", WIDE, 16, 16, 16, 8, 1, when=("R-tiled", "bias"), min_ctas=1,
+    _row("forward queries_forward", WIDE, 16, 16, 16, 8, 1, when=("R-tiled", "bias"), min_ctas=1, block_r=128,
          why="over R tiles with a bias, its tile beside the running statistics: four warps leave no eighth of "
-             "their 255 registers spare; eight, with all 255 (one CTA per SM either way)"),
+             "their 255 registers spare; eight, with all 255 (one CTA per SM either way), over 256-token tiles "
+             "too over the queries (triton 3.8): 128-token ones, the same work"),
     _row("forward", WIDE, 16, 16, 16, 8, 1, when=("R-tiled", "no-softmax"), min_ctas=1,
          why="over R tiles without a softmax: four warps, whose registers ptxas's own choice squeezes to 128, "
              "spill; eight, within 255"),
+    _row("forward queries_forward", WIDE, 16, 16, 16, 8, 1, when=("bias",), min_ctas=1,
+         why="a whole row of ViT's tokens with a bias: four warps spill (ptxas's own choice squeezes them) or, "
+             "with all 255 registers, leave no eighth spare (triton 3.7, 3.8); eight, with all 255"),
     _row("forward", WIDE, 16, 16, 16, 4, 1, when=("fp32", "max"), min_ctas=2,
          why="as below; with a max in fp32 it needs 150 to 200 registers, and ptxas's own choice may squeeze it "
              "into 128 (four CTAs) and spill: all 255 (two CTAs at least, three where it needs at most 168)"),
@@ -113,8 +117,13 @@ TABLE = (
          why="the rows kernels' tiles and grid: 64 registers (two CTAs of sixteen warps), half again its need"),
     _row("score_backward", WIDE, 16, 16, 16, 8, 1, min_ctas=3,
          why="the rows kernels' tiles and grid: 80 registers, as above"),
-    _row("rows_backward queries_rows_backward", NARROW, 16, 32, 16, 8, 2, when=("fp32", "bias"),
-         why="as below with the bias in fp32: 32-row K tiles spill (one stage as well)"),
+    _row("queries_rows_backward", NARROW, 16, 16, 16, 8, 2, when=("fp32", "bias"), min_ctas=1,
+         why="as the next row, where ptxas's own choice may squeeze it into 128 registers (triton 3.8): all 255, "
+             "and D tiles of 16 (32 leave no eighth spare, triton 3.9)"),
+    _row("rows_backward", NARROW, 16, 32, 16, 8, 2, when=("bias",),
+         why="as below with a bias: 32-row K tiles spill in fp32 (one stage as well) and leave no eighth spare in "
+             "bf16 (triton 3.9); a budget of all 255 registers spills too (triton 3.8's ptxas), its own choice "
+             "does not"),
     _row("rows_backward queries_rows_backward", NARROW, 32, 32, 16, 8, 2,
          "the forward's score tile, with dE, dP and the softmax's gradient live beside it: Dv tiles of 16"),
     _row("rows_backward", WIDE, 16, 16, 16, 8, 1, when=("bias", "R-tiled"), min_ctas=1, block_r=128,
@@ -124,6 +133,9 @@ TABLE = (
          why="with a bias and the returned attention's gradient, a whole row of ViT's tokens spills (or leaves no "
              "eighth spare) in either dtype: over 128-token tiles, which costs the first pass over the R tiles "
              "(S and dP once more)"),
+    _row("queries_rows_backward", WIDE, 16, 16, 16, 8, 1, when=("fp32", "bias"), block_r=128,
+         why="with a bias in fp32, 256-token tiles spill on sm_90 (triton 3.7); 128-token ones cost nothing: this "
+             "kernel runs over R tiles on every R"),
     _row("rows_backward", WIDE, 16, 16, 16, 8, 1, when=("16-bit", "bias"), min_ctas=1,
          why="a whole row of ViT's tokens with a bias in 16-bit inputs: sixteen warps spill in their 128 "
              "registers; eight, with all 255"),
@@ -137,9 +149,12 @@ TABLE = (
          why="a whole row of ViT's tokens: sixteen warps in 16-bit inputs, eight spill; one stage, as the forward"),
     _row("rows_backward queries_rows_backward", WIDE, 16, 16, 16, 8, 1,
          "a whole row of ViT's tokens in fp32/fp64: eight warps (sixteen spill); one stage, as the forward"),
-    _row("columns_backward", (64, 64), 32, 16, 16, 8, 1, when=("bias", "options"), min_ctas=1,
-         why="as below, with the bias's tile: ptxas's own choice squeezes it into 128 registers and spills: all "
-             "255 (one CTA per SM)"),
+    _row("columns_backward", (64, 64), 32, 16, 16, 8, 1, when=("bias",), min_ctas=1,
+         why="as below, with the bias's tile: ptxas's own choice squeezes two stages into 128 registers and "
+             "spills: one stage, within all 255"),
+    _row("columns_backward", (64, 64), 32, 16, 16, 8, 1, when=("no-softmax",), min_ctas=1,
+         why="without a softmax, ptxas's own choice squeezes two stages into 64 registers and spills (triton 3.8): "
+             "one stage, within all 255 (it takes ~125: two CTAs per SM still)"),
     _row("columns_backward", (64, 64), 32, 16, 16, 8, 2, when=("16-bit", "options"),
          why="64-token tiles in 16-bit inputs keep two stages with the options: one spills"),
     _row("columns_backward", (64, 64), 32, 16, 16, 8, 1, when=("options",),

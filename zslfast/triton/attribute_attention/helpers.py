@@ -26,7 +26,6 @@ RELU = tl.constexpr(int(LogitActivation.RELU))
 MAX_NONE = tl.constexpr(int(ReturnMax.NONE))
 MAX_ATTENTION = tl.constexpr(int(ReturnMax.ATTENTION))
 MAX_LOGITS = tl.constexpr(int(ReturnMax.LOGITS))
-ATTN_NONE = tl.constexpr(int(ReturnAttention.NONE))
 ATTN_PROBS = tl.constexpr(int(ReturnAttention.ATTENTION))
 ATTN_LOGITS = tl.constexpr(int(ReturnAttention.LOGITS))
 SOFTMAX_QUERIES = tl.constexpr(int(SoftmaxOver.QUERIES))
@@ -79,8 +78,8 @@ def _bias_of(bias_ptr, b, H, sb_b, sb_h, HAS_BIAS: tl.constexpr):
 @triton.jit
 def _biased(s, bias_b, offs_k, offs_r, rows_ok, keep, sb_k, sb_r, HAS_BIAS: tl.constexpr):
     """S = s + bias[offs_k, offs_r] of a _scores tile (the bias after the scale and the activation), read on kept
-    tokens only: a NaN or inf bias on a masked token reaches nothing, and S stays -inf there. s itself without a
-    bias (the same value: the launches without one compile as before)."""
+    tokens only: a NaN or inf bias on a masked token reaches nothing, and S stays -inf there. Without a bias, s
+    itself (the same value: no code)."""
     if HAS_BIAS:
         bias = tl.load(bias_b + (offs_k[:, None] * sb_k + offs_r[None, :] * sb_r),
                        mask=rows_ok[:, None] & keep[None, :], other=0.0)
