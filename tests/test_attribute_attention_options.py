@@ -25,18 +25,6 @@ from helpers import (
     low_precision_error_bound, tiled_r_cases,
 )
 
-# TEMPORARY (issue 33): the Triton kernels take the bias, the logits map and softmax_over None on a second branch,
-# merged after this one; until then those options skip the "triton" backend here (and only here). That merge removes
-# this flag and skip_pending.
-TRITON_PENDING_33 = True
-
-
-def skip_pending(backend, options=(None, None, None, False), bias=None, num_heads=1):
-    if TRITON_PENDING_33 and backend == "triton" and (
-        bias is not None or num_heads > 1 or options[0] is None or options[3] == "logits"
-    ):
-        pytest.skip("issue 33's options wait for the Triton kernels (TRITON_PENDING_33)")
-
 # (softmax_over, logit_activation, return_max, return_attention)
 OPTIONS = [
     ("queries", None, None, False),          # MSDN V2A
@@ -135,7 +123,6 @@ def assert_options_match(q, k, v, ref, backend, options, *, generator, mask=None
 @pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
 @pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
 def test_options_match_reference(device, backend, options, case, generator):
-    skip_pending(backend, options)
     *sizes, q_kind, ref_kind, score = case
     for dtype in dtypes_for(device, backend):
         q, k, v, ref = make_inputs(*sizes, q_kind, ref_kind, dtype, device, generator)
@@ -147,7 +134,6 @@ def test_options_match_reference(device, backend, options, case, generator):
 def test_options_with_masks(device, backend, options, generator):
     """Masked tokens get no weight from any query and never win the max; a fully masked sample gives E = 0,
     max 0 and zero gradients, even from a NaN gradient of its logits map (-inf at every masked token)."""
-    skip_pending(backend, options)
     B, K, R, D, Dv = 4, 6, 11, 13, 7
     for dtype in (torch.float64, torch.float32):
         q, k, v, ref = make_inputs(B, K, R, D, Dv, "shared", "shared", dtype, device, generator)
@@ -178,7 +164,6 @@ def test_options_with_masks(device, backend, options, generator):
 @pytest.mark.parametrize("options", [o for o in OPTIONS if o[0] == "queries" or o[2]], ids=lambda o: "-".join(map(str, o)))
 def test_tiled_r(device, backend, options, generator, monkeypatch):
     """R over several tiles: the Triton kernels' R-tiled path (tile forced to 16 here), a whole tile masked."""
-    skip_pending(backend, options)
     for q, k, v, ref, mask, score in tiled_r_cases(device, backend, generator, monkeypatch):
         assert_options_match(q, k, v, ref, backend, options, mask=mask, score=score, generator=generator)
 
@@ -227,7 +212,6 @@ def bias_like(dims, generator, dtype, device, **sizes):
 def test_bias_matches_reference(device, backend, dims, options, generator):
     """A bias broadcast from each shape, with a mask (a fully masked sample) and each softmax, the relu and both
     maps and maxima: outputs and the gradients of q, k, v, ref and of the bias (dS summed to its shape)."""
-    skip_pending(backend, options, bias=dims)
     B, K, R, D, Dv = 3, 5, 7, 6, 4
     for dtype in dtypes_for(device, backend):
         q, k, v, ref = make_inputs(B, K, R, D, Dv, "per", "shared", dtype, device, generator)
@@ -254,7 +238,6 @@ def test_heads_match_reference(device, backend, case, generator):
     after the merge, a bias per head or shared by the heads, masks: the (B, H, K, R) map, the (B, H, K) max and the
     gradients of every input against the reference's per-head math."""
     B, K, R, D, Dv, H, q_kind, score, dims, masked, options = case
-    skip_pending(backend, options, num_heads=H)
     for dtype in dtypes_for(device, backend):
         q, k, v, ref = make_inputs(B, K, R, D, Dv, q_kind, "shared", dtype, device, generator)
         mask = None
@@ -272,7 +255,6 @@ def test_heads_match_reference(device, backend, case, generator):
 def test_minus_inf_bias_masks(device, backend, softmax_over, generator):
     """A -inf bias (SDPA's float attn_mask) gives its tokens no weight, as the mask does; a row (a column over the
     queries) whose every logit is -inf is all 0, as a fully masked one (and as torch's SDPA gives it)."""
-    skip_pending(backend, bias=True)
     B, K, R, D, Dv = 2, 4, 5, 6, 3
     q, k, v, ref = make_inputs(B, K, R, D, Dv, "shared", "shared", torch.float64, device, generator)
     keep = torch.tensor([[True, False, True, True, False], [False, True, True, True, True]], device=device)
@@ -301,7 +283,6 @@ def test_bias_gradcheck_and_opcheck(device, backend, generator):
     """gradcheck of every input with a broadcast bias (the logits map and max, a mask; then no softmax and heads),
     torch.compile(fullgraph=True) of the first, and opcheck of the forward and backward ops on a stride-0 bias view (the
     contract battery covers the rest)."""
-    skip_pending(backend, bias=True)
     B, K, R, D, Dv = 2, 2, 3, 4, 2
     q, k, v, ref = make_inputs(B, K, R, D, Dv, "shared", "shared", torch.float64, device, generator)
     mask = torch.tensor([[True, False, True], [True, True, True]], device=device)
@@ -339,7 +320,6 @@ def test_bias_is_never_expanded(device, backend, generator):
     not its broadcast (its gradient alone forms (B, K, R), documented)."""
     from zslfast.tools._memory import peak_bytes
 
-    skip_pending(backend, bias=True)
     B, K, R, D, Dv = 32, 16, 64, 8, 4
     q, k, v, ref = make_inputs(B, K, R, D, Dv, "shared", "shared", torch.float32, device, generator)
     bias = bias_like("K R", generator, torch.float32, device, K=K, R=R)
@@ -488,7 +468,6 @@ def test_options_nan_goes_where_the_reference_puts_it(device, backend, options, 
     B, K, R, D, Dv = 3, 4, 6, 5, 3
     q, k, v, ref = make_inputs(B, K, R, D, Dv, "shared", "shared", torch.float64, device, generator)
     bias = torch.randn(B, K, R, generator=generator, dtype=torch.float64).to(device) if "bias" in where else None
-    skip_pending(backend, options, bias)
     mask = torch.ones(B, R, dtype=torch.bool, device=device)
     mask[:, 4] = False
     mask[2] = False
@@ -545,7 +524,6 @@ def assert_same_outputs_and_grads(eager, fused, inputs, generator):
 def test_transzero_pp_geometry_attention(device, backend, generator):
     """TransZero++ (model_tzpp.py, ScaledDotProductGeometryAttention.forward): multi-head self-attention over the
     regions, softmax(q kᵀ/√d_k − relu(geometry weights)) v per head, the heads merged side by side (before fc_o)."""
-    skip_pending(backend, bias=True)
     B, N, d_model, h, d_k = 2, 9, 8, 2, 3
     rand = lambda *s: torch.randn(*s, generator=generator, dtype=torch.float64)  # noqa: E731
     inputs = [rand(B, N, d_model), rand(h * d_k, d_model), rand(h * d_k, d_model), rand(h * d_k, d_model),
@@ -573,7 +551,6 @@ def test_transzero_pp_geometry_attention(device, backend, generator):
 def test_transzero_pp_e_v2s(device, backend, generator):
     """TransZero++ (model_tzpp.py, forward_feature_transformer): E_v2s = einsum('brc,cc,bic->bir', ...) with no
     softmax, then embed_v2s = einsum('bir,br->bi', E_v2s, S_p_v2s). ('cc' reads W_4's diagonal.)"""
-    skip_pending(backend, (None, None, None, False))
     B, K, R, C = 2, 5, 7, 6
     rand = lambda *s: torch.randn(*s, generator=generator, dtype=torch.float64)  # noqa: E731
     inputs = [rand(B, R, C), rand(C, C), rand(B, K, C), rand(B, R)]  # emb_vis, W_4, emb_att, S_p
@@ -609,7 +586,6 @@ def test_apn_attribute_maps_and_compactness(device, backend, generator):
     """APN (model/model_proto.py, resnet_proto_IoU.forward; model/main_utils.py, Loss_fn): attribute maps =
     conv2d(features, prototypes) (B, K, 7, 7) (raw logits), the attribute scores their max_pool2d, the compactness
     loss on the whole map; and its avg_pool option's scores. One call gives the map, the max and the average."""
-    skip_pending(backend, (None, None, "logits", "logits"))
     B, C, K, side = 2, 6, 4, 3
     R = side * side
     rand = lambda *s: torch.randn(*s, generator=generator, dtype=torch.float64)  # noqa: E731
@@ -644,7 +620,6 @@ def test_dppn_multihead_prototype_assignment(device, backend, generator):
     """DPPN (models/dpn.py, PrtAttLayer.prt_assign): nn.MultiheadAttention(dim, nhead=8) with the attribute
     prototypes (shared by the batch) as queries over the region features; torch's own module against one call on
     its projections, values and the gradients of the inputs and of the module's weights."""
-    skip_pending(backend, num_heads=8)
     B, K, R, dim = 2, 5, 6, 16
     torch.manual_seed(0)
     attn = torch.nn.MultiheadAttention(dim, 8, dropout=0.1).double().train(False)

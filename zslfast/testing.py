@@ -32,7 +32,7 @@ import torch
 import zslfast
 
 from . import baselines, reference
-from ._enums import EpsMode, HeadFusion, Mode, Normalize
+from ._enums import EpsMode, HeadFusion, LogitActivation, Mode, Normalize, ReturnAttention, ReturnMax, SoftmaxOver
 from .data import PRESETS
 from .ops import attention_rollout as _rollout_op
 from .ops import attribute_attention as _attention_op
@@ -231,16 +231,32 @@ def _attribute_attention_inputs(shape, dtype, device, g):
             _randn(g, device, dtype, K, Dv))
 
 
-# The options the audit compiles besides the default (ILPG's): (name, softmax_over, logit_activation, return_max).
-# Each path of the kernels runs in one of them at least (the softmax over the queries with either max, the relu on
-# either axis, each max on the keys). They are compiled at CUB's K = 312 (R = 49, 197, 577: the single-tile,
-# wide-tile and R-tiled paths; B = 256: the columns kernel's wider R tile; AwA2's and SUN's K pick CUB's tiles) in
-# fp32 and bf16 (fp16 takes bf16's tiles and registers): every case and dtype tripled the audit's time.
+# The options the audit compiles besides the default (ILPG's), as the raw kernels' ids: (name, softmax_over,
+# logit_activation, return_max, bias, return_attention); a bias is a dense (B, 1, K, R) view with its gradient (as
+# TransZero++'s geometry bias), and a returned attention has a gradient. Each path of the kernels runs in one of
+# them at least (the softmax over the queries with either max, the relu on either axis, each max on the keys; the
+# bias and the returned logits over either axis, the relu beside a bias, no softmax). They are compiled at CUB's
+# K = 312 (R = 49, 197, 577: the single-tile, wide-tile and R-tiled paths; B = 256: the columns kernel's wider R
+# tile; AwA2's and SUN's K pick CUB's tiles) in fp32 and bf16 (fp16 takes bf16's tiles and registers): every case
+# and dtype tripled the audit's time.
 ATTRIBUTE_ATTENTION_VARIANTS = (
-    ("queries+attention-max", "queries", None, "attention"),  # over the queries, with the attention's max
-    ("relu+logits-max", "keys", "relu", "logits"),  # PSVMA
-    ("attention-max", "keys", None, "attention"),  # GEM-ZSL
-    ("queries+relu+logits-max", "queries", "relu", "logits"),
+    ("queries+attention-max", SoftmaxOver.QUERIES, LogitActivation.NONE, ReturnMax.ATTENTION, False,
+     ReturnAttention.NONE),  # over the queries, with the attention's max
+    ("relu+logits-max", SoftmaxOver.KEYS, LogitActivation.RELU, ReturnMax.LOGITS, False, ReturnAttention.NONE),  # PSVMA
+    ("attention-max", SoftmaxOver.KEYS, LogitActivation.NONE, ReturnMax.ATTENTION, False,
+     ReturnAttention.NONE),  # GEM-ZSL
+    ("queries+relu+logits-max", SoftmaxOver.QUERIES, LogitActivation.RELU, ReturnMax.LOGITS, False,
+     ReturnAttention.NONE),
+    ("bias+logits", SoftmaxOver.KEYS, LogitActivation.NONE, ReturnMax.NONE, True,
+     ReturnAttention.LOGITS),  # TransZero++'s geometry bias; APN's raw map
+    ("bias+relu+attention-max", SoftmaxOver.KEYS, LogitActivation.RELU, ReturnMax.ATTENTION, True,
+     ReturnAttention.NONE),
+    ("queries+bias+relu+attention", SoftmaxOver.QUERIES, LogitActivation.RELU, ReturnMax.LOGITS, True,
+     ReturnAttention.ATTENTION),
+    ("no-softmax+bias+relu+logits-max", SoftmaxOver.NONE, LogitActivation.RELU, ReturnMax.LOGITS, True,
+     ReturnAttention.LOGITS),
+    ("no-softmax", SoftmaxOver.NONE, LogitActivation.NONE, ReturnMax.NONE, False,
+     ReturnAttention.NONE),  # TransZero++'s E_v2s
 )
 VARIANT_MARK = "["  # a pass of an op's non-default options is named "forward [variant]"
 
@@ -252,20 +268,21 @@ def _attribute_attention_plan(B, K, R, D, Dv, dtype):
     q, k, v, ref = _meta(K, D, dtype=dtype), _meta(B, R, D, dtype=dtype), _meta(B, R, Dv, dtype=dtype), \
         _meta(K, Dv, dtype=dtype)
     score, scale, eps = enum_id("score", "cosine"), D ** -0.5, _attention_op.EPS  # ILPG's score
-    variants = (("", "keys", None, None),)
+    variants = (("", SoftmaxOver.KEYS, LogitActivation.NONE, ReturnMax.NONE, False, ReturnAttention.NONE),)
     if K == 312 and dtype != torch.float16:
         variants += ATTRIBUTE_ATTENTION_VARIANTS
-    for name, softmax_over, activation, return_max in variants:
-        options = (enum_id("softmax_over", softmax_over), enum_id("logit_activation", activation),
-                   enum_id("return_max", return_max))
-        (_, e, lse, _, best, index), steps = kernels.plan_forward(q, k, v, ref, None, scale, score, eps, False, True,
-                                                                  *options)
+    for name, softmax_over, activation, return_max, has_bias, return_attention in variants:
+        options = (int(softmax_over), int(activation), int(return_max))
+        bias = _meta(B, 1, K, R, dtype=dtype) if has_bias else None
+        (_, e, lse, _, best, index), steps = kernels.plan_forward(
+            q, k, v, ref, None, bias, scale, score, eps, int(return_attention), True, *options)
         mark = f" {VARIANT_MARK}{name}]" if name else ""
         yield f"forward{mark}", steps
         grad_max = _meta(B, K, dtype=dtype) if return_max else None
+        grad_attn = _meta(B, K, R, dtype=dtype) if return_attention else None
         yield f"backward{mark}", kernels.plan_backward(
-            _meta(B, K, dtype=dtype), None, grad_max, q, k, v, ref, None, e, lse, best, index, scale, score, eps,
-            (True, True, True, True), *options)[1]
+            _meta(B, K, dtype=dtype), grad_attn, grad_max, q, k, v, ref, None, bias, e, lse, best, index, scale,
+            score, eps, (True, True, True, True, has_bias), int(return_attention), *options)[1]
 
 
 def _att(preset, batch):  # attribute_attention over one dataset's attribute queries and ResNet regions

@@ -4,10 +4,12 @@ budget come from the one table here, each row with its reason. The planners (fwd
 
 A launch is keyed by its kernel, its R tile (the range of BLOCK_R the row covers) and tags: "16-bit" (fp16 or bf16
 inputs) or "fp32", "max" (a returned max; in the backward, a max whose gradient is given), "options" (the relu or a
-max) and "R-tiled" (R longer than the widest R tile). The first row whose kernel and range match, and whose tags
-the launch all has, wins.
+max), "bias" (an additive bias), "no-softmax", "attention-grad" (in the backward, a given gradient of the returned
+attention) and "R-tiled" (R longer than the widest R tile). The first row whose kernel and range match, and whose
+tags the launch all has, wins.
 
-The R tile itself is a rule of the shapes, not a row:
+The R tile itself is a rule of the shapes, not a row (a row may only cap it, block_r: the launch then runs over R
+tiles of that width):
     row kernels      (a program owns BLOCK_K query rows and loops over R)  BLOCK_R = R's power of two, 16 to
                      MAX_BLOCK_R: one tile holds a whole row up to ViT's 197 tokens (-> 256), an exact softmax in
                      registers; longer rows (ViT-384's 577) run over R tiles
@@ -31,7 +33,7 @@ from typing import FrozenSet, Optional, Tuple
 import torch
 import triton
 
-from ..._enums import LogitActivation, ReturnMax
+from ..._enums import LogitActivation, ReturnMax, SoftmaxOver
 from .._common import H200_SMS, block_size
 
 MAX_BLOCK_R = 256  # the widest R tile of the row kernels (tests lower it to reach the R-tiled paths on small R)
@@ -54,6 +56,7 @@ class Config:
     num_stages: int
     min_ctas: Optional[int]  # CTAs per SM its register budget keeps (as CUDA's __launch_bounds__); None: no budget
     why: str
+    block_r: Optional[int] = None  # a cap of BLOCK_R below the shape rule's (None: the rule's)
 
     @property
     def max_registers(self) -> Optional[int]:
@@ -63,9 +66,10 @@ class Config:
         return min(255, 65536 // (32 * self.num_warps * self.min_ctas) // 8 * 8)
 
 
-def _row(kernels, r_tile, block_k, block_d, block_dv, num_warps, num_stages, why, when=(), min_ctas=None):
+def _row(kernels, r_tile, block_k, block_d, block_dv, num_warps, num_stages, why, when=(), min_ctas=None,
+         block_r=None):
     return Config(tuple(kernels.split()), r_tile, frozenset(when), block_k, block_d, block_dv, num_warps,
-                  num_stages, min_ctas, why)
+                  num_stages, min_ctas, why, block_r)
 
 
 # Register budgets (min_ctas): without one, ptxas picks a kernel's register count itself and may squeeze it below
@@ -78,9 +82,22 @@ NARROW, WIDE, COLUMNS, UNDER_FILLED = (16, 64), (128, 256), (16, 64), (16, 32)
 
 TABLE = (
     # ------------------------------------------------------------------------------------------------ forward
+    _row("forward queries_forward", NARROW, 32, 32, 32, 8, 1, when=("bias",), min_ctas=1,
+         why="as below, with the bias's tile: a second stage's buffers spill, and ptxas's own choice squeezes it "
+             "into 128 registers (two CTAs), which leave no eighth spare (triton 3.8): all 255"),
     _row("forward queries_forward", NARROW, 32, 32, 32, 8, 2,
          "a 32 x 64 score tile and 64 x 32 operand tiles over eight warps; four warps, or 64-wide K and D tiles, "
          "spill"),
+    _row("forward queries_forward", WIDE, 16, 16, 16, 8, 1, when=("R-tiled", "bias"), min_ctas=1, block_r=128,
+         why="over R tiles with a bias, its tile beside the running statistics: four warps leave no eighth of "
+             "their 255 registers spare; eight, with all 255 (one CTA per SM either way), over 256-token tiles "
+             "too over the queries (triton 3.8): 128-token ones, the same work"),
+    _row("forward", WIDE, 16, 16, 16, 8, 1, when=("R-tiled", "no-softmax"), min_ctas=1,
+         why="over R tiles without a softmax: four warps, whose registers ptxas's own choice squeezes to 128, "
+             "spill; eight, within 255"),
+    _row("forward queries_forward", WIDE, 16, 16, 16, 8, 1, when=("bias",), min_ctas=1,
+         why="a whole row of ViT's tokens with a bias: four warps spill (ptxas's own choice squeezes them) or, "
+             "with all 255 registers, leave no eighth spare (triton 3.7, 3.8); eight, with all 255"),
     _row("forward", WIDE, 16, 16, 16, 4, 1, when=("fp32", "max"), min_ctas=2,
          why="as below; with a max in fp32 it needs 150 to 200 registers, and ptxas's own choice may squeeze it "
              "into 128 (four CTAs) and spill: all 255 (two CTAs at least, three where it needs at most 168)"),
@@ -100,8 +117,31 @@ TABLE = (
          why="the rows kernels' tiles and grid: 64 registers (two CTAs of sixteen warps), half again its need"),
     _row("score_backward", WIDE, 16, 16, 16, 8, 1, min_ctas=3,
          why="the rows kernels' tiles and grid: 80 registers, as above"),
+    _row("queries_rows_backward", NARROW, 16, 16, 16, 8, 2, when=("fp32", "bias"), min_ctas=1,
+         why="as the next row, where ptxas's own choice may squeeze it into 128 registers (triton 3.8): all 255, "
+             "and D tiles of 16 (32 leave no eighth spare, triton 3.9)"),
+    _row("rows_backward", NARROW, 16, 32, 16, 8, 2, when=("bias",),
+         why="as below with a bias: 32-row K tiles spill in fp32 (one stage as well) and leave no eighth spare in "
+             "bf16 (triton 3.9); a budget of all 255 registers spills too (triton 3.8's ptxas), its own choice "
+             "does not"),
     _row("rows_backward queries_rows_backward", NARROW, 32, 32, 16, 8, 2,
          "the forward's score tile, with dE, dP and the softmax's gradient live beside it: Dv tiles of 16"),
+    _row("rows_backward", WIDE, 16, 16, 16, 8, 1, when=("bias", "R-tiled"), min_ctas=1, block_r=128,
+         why="with a bias over R tiles, 256-token tiles spill at eight warps and all 255 registers (sixteen "
+             "warps: more); 128-token tiles (the same work: the R tiles cover R either way) fit in 7/8 of them"),
+    _row("rows_backward", WIDE, 16, 16, 16, 8, 1, when=("bias", "attention-grad"), min_ctas=1, block_r=128,
+         why="with a bias and the returned attention's gradient, a whole row of ViT's tokens spills (or leaves no "
+             "eighth spare) in either dtype: over 128-token tiles, which costs the first pass over the R tiles "
+             "(S and dP once more)"),
+    _row("queries_rows_backward", WIDE, 16, 16, 16, 8, 1, when=("fp32", "bias"), block_r=128,
+         why="with a bias in fp32, 256-token tiles spill on sm_90 (triton 3.7); 128-token ones cost nothing: this "
+             "kernel runs over R tiles on every R"),
+    _row("rows_backward", WIDE, 16, 16, 16, 8, 1, when=("16-bit", "bias"), min_ctas=1,
+         why="a whole row of ViT's tokens with a bias in 16-bit inputs: sixteen warps spill in their 128 "
+             "registers; eight, with all 255"),
+    _row("rows_backward", WIDE, 16, 16, 16, 16, 1, when=("16-bit", "no-softmax"), min_ctas=1,
+         why="without a softmax in 16-bit inputs, ptxas's own choice squeezes sixteen warps into 64 registers "
+             "and spills: all 128"),
     _row("rows_backward", WIDE, 16, 16, 16, 8, 1, when=("16-bit", "options", "R-tiled"), min_ctas=1,
          why="over R tiles with the relu or a max, sixteen warps fill their 128 registers: eight, with all 255 "
              "(one CTA per SM either way), a fifth of them spare"),
@@ -109,6 +149,12 @@ TABLE = (
          why="a whole row of ViT's tokens: sixteen warps in 16-bit inputs, eight spill; one stage, as the forward"),
     _row("rows_backward queries_rows_backward", WIDE, 16, 16, 16, 8, 1,
          "a whole row of ViT's tokens in fp32/fp64: eight warps (sixteen spill); one stage, as the forward"),
+    _row("columns_backward", (64, 64), 32, 16, 16, 8, 1, when=("bias",), min_ctas=1,
+         why="as below, with the bias's tile: ptxas's own choice squeezes two stages into 128 registers and "
+             "spills: one stage, within all 255"),
+    _row("columns_backward", (64, 64), 32, 16, 16, 8, 1, when=("no-softmax",), min_ctas=1,
+         why="without a softmax, ptxas's own choice squeezes two stages into 64 registers and spills (triton 3.8): "
+             "one stage, within all 255 (it takes ~125: two CTAs per SM still)"),
     _row("columns_backward", (64, 64), 32, 16, 16, 8, 2, when=("16-bit", "options"),
          why="64-token tiles in 16-bit inputs keep two stages with the options: one spills"),
     _row("columns_backward", (64, 64), 32, 16, 16, 8, 1, when=("options",),
@@ -119,6 +165,9 @@ TABLE = (
          why="as the 64-token tiles with the options, within two CTAs' registers"),
     _row("columns_backward", UNDER_FILLED, 32, 16, 16, 8, 2, min_ctas=2,
          why="as the 64-token tiles, within two CTAs' registers"),
+    _row("queries_columns_backward", (64, 64), 16, 16, 16, 8, 2, when=("bias",), min_ctas=1,
+         why="as below, with the bias's tile: ptxas's own choice squeezes it into 128 registers and spills: all "
+             "255 (one CTA per SM)"),
     _row("queries_columns_backward", (64, 64), 16, 16, 16, 8, 2,
          "each token's (shift, delta) runs over every query tile: 16-row K tiles (32 spill); 64-token tiles "
          "keep two stages (one spills)"),
@@ -137,9 +186,16 @@ def _r_tile(kernel: str, B: int, R: int) -> int:
                 COLUMN_R_TILES[-1])
 
 
-def tags(dtype: torch.dtype, R: int, logit_activation: int, return_max: int) -> FrozenSet[str]:
+def tags(dtype: torch.dtype, R: int, logit_activation: int, return_max: int, bias: bool = False,
+         softmax_over: int = SoftmaxOver.KEYS, grad_attn: bool = False) -> FrozenSet[str]:
     """The launch's tags: its inputs' dtype, its options (ids of zslfast._enums), whether R is tiled."""
     found = set()
+    if bias:
+        found.add("bias")
+    if softmax_over == SoftmaxOver.NONE:
+        found.add("no-softmax")
+    if grad_attn:
+        found.add("attention-grad")
     if return_max != ReturnMax.NONE:
         found |= {"max", "options"}
     if logit_activation != LogitActivation.NONE:
@@ -154,14 +210,14 @@ def tags(dtype: torch.dtype, R: int, logit_activation: int, return_max: int) -> 
 
 
 def launch_config(kernel: str, B: int, K: int, R: int, D: int, Dv: int, dtype: torch.dtype, logit_activation: int,
-                  return_max: int):
+                  return_max: int, bias: bool = False, softmax_over: int = SoftmaxOver.KEYS, grad_attn: bool = False):
     """(tiles, launch options) of one launch: the constexprs BLOCK_K, BLOCK_R, BLOCK_D, BLOCK_DV (the kernel's
     own), and num_warps, num_stages, maxnreg (the register budget), from the first matching row of TABLE."""
     block_r = _r_tile(kernel, B, R)
-    found = tags(dtype, R, logit_activation, return_max)
+    found = tags(dtype, R, logit_activation, return_max, bias, softmax_over, grad_attn)
     for row in TABLE:
         if kernel in row.kernels and row.r_tile[0] <= block_r <= row.r_tile[1] and row.when <= found:
-            tiles = dict(BLOCK_K=block_size(K, row.block_k), BLOCK_R=block_r)
+            tiles = dict(BLOCK_K=block_size(K, row.block_k), BLOCK_R=min(block_r, row.block_r or block_r))
             if row.block_d:
                 tiles["BLOCK_D"] = block_size(D, row.block_d)
             if row.block_dv:

@@ -1,7 +1,7 @@
 """The jit helpers that attribute_attention's forward (fwd.py) and backward (bwd.py) kernels share: the option ids as
-constants, the score tiles and their softmax, the products tile by tile, the max's gradient, the shifted softmax
-gradient, and the score epilogue (dot, cosine) with its gradient. The math they compute: the op's docstring
-(zslfast/ops/attribute_attention.py).
+constants, the score tiles (with the additive bias) and their softmax, the products tile by tile, the max's
+gradient, the shifted softmax gradient, and the score epilogue (dot, cosine) with its gradient. The math they
+compute: the op's docstring (zslfast/ops/attribute_attention.py).
 
 The options reach the kernels as compile-time ints, the ids of zslfast._enums, and the kernels compare them with
 the constants below (``if SCORE == SCORE_COSINE``): the options a launch does not run compile away.
@@ -9,12 +9,13 @@ the constants below (``if SCORE == SCORE_COSINE``): the options a launch does no
 Conventions: a program holds a (BLOCK_K x BLOCK_R) tile of query rows i (offs_k, rows_ok: i < K) by tokens r
 (offs_r, keep: r < R and mask[b, r]); ``row_ids`` index the (B, K) statistics. Masked tokens are selected away
 (tl.where, masked loads), never multiplied by 0: a NaN or inf in k or v there reaches no output and no gradient.
+Batches are the op's B·H (heads folded in): only the bias sees the heads, batch b reading bias[b // H, b % H].
 """
 
 import triton
 import triton.language as tl
 
-from ..._enums import LogitActivation, ReturnMax, Score
+from ..._enums import LogitActivation, ReturnAttention, ReturnMax, Score, SoftmaxOver
 from .._common import inv_clamped, mm, sqrt_acc
 
 # The options' ids as constexpr globals (a tl.constexpr object: what every triton since 3.0 reads in jit code)
@@ -25,6 +26,10 @@ RELU = tl.constexpr(int(LogitActivation.RELU))
 MAX_NONE = tl.constexpr(int(ReturnMax.NONE))
 MAX_ATTENTION = tl.constexpr(int(ReturnMax.ATTENTION))
 MAX_LOGITS = tl.constexpr(int(ReturnMax.LOGITS))
+ATTN_PROBS = tl.constexpr(int(ReturnAttention.ATTENTION))
+ATTN_LOGITS = tl.constexpr(int(ReturnAttention.LOGITS))
+SOFTMAX_QUERIES = tl.constexpr(int(SoftmaxOver.QUERIES))
+SOFTMAX_NONE = tl.constexpr(int(SoftmaxOver.NONE))
 
 
 # ------------------------------------------------------------------------------------ scores and the softmax
@@ -60,6 +65,32 @@ def _scores(
     if ACTIVATION == RELU:
         acc = tl.where(acc < 0, 0.0, acc)
     return tl.where(keep[None, :], acc * scale, float("-inf"))
+
+
+@triton.jit
+def _bias_of(bias_ptr, b, H, sb_b, sb_h, HAS_BIAS: tl.constexpr):
+    """Sample b's (K, R) bias: bias[b // H, b % H] of the (B, H, K, R) view (b the folded batch B·H)."""
+    if HAS_BIAS:
+        bias_ptr += (b // H) * sb_b + (b % H) * sb_h
+    return bias_ptr
+
+
+@triton.jit
+def _biased(s, bias_b, offs_k, offs_r, rows_ok, keep, sb_k, sb_r, HAS_BIAS: tl.constexpr):
+    """S = s + bias[offs_k, offs_r] of a _scores tile (the bias after the scale and the activation), read on kept
+    tokens only: a NaN or inf bias on a masked token reaches nothing, and S stays -inf there. Without a bias, s
+    itself (the same value: no code)."""
+    if HAS_BIAS:
+        bias = tl.load(bias_b + (offs_k[:, None] * sb_k + offs_r[None, :] * sb_r),
+                       mask=rows_ok[:, None] & keep[None, :], other=0.0)
+        s = s + bias.to(s.dtype)
+    return s
+
+
+@triton.jit
+def _kept(s, keep):
+    """P = S on kept tokens, 0 elsewhere: the attention without a softmax (softmax_over None)."""
+    return tl.where(keep[None, :], s, 0.0)
 
 
 @triton.jit
@@ -104,9 +135,19 @@ def _column_probs(s, lse_ptr, b, offs_r, keep, rows_ok, R):
 
 
 @triton.jit
-def _store_attention(attn_ptr, p, row_ids, offs_r, rows_ok, R):
-    tl.store(attn_ptr + row_ids[:, None] * R + offs_r[None, :], p.to(attn_ptr.dtype.element_ty),
+def _store_tile(dst_b, x, offs_k, offs_r, rows_ok, R):
+    """x into rows offs_k of one sample's (K, R) map dst_b, in its dtype (the returned attention, the bias's
+    gradient)."""
+    tl.store(dst_b + (offs_k[:, None] * R + offs_r[None, :]), x.to(dst_b.dtype.element_ty),
              mask=rows_ok[:, None] & (offs_r < R)[None, :])
+
+
+@triton.jit
+def _store_attention(attn_b, x, offs_k, offs_r, rows_ok, R, STORE: tl.constexpr):
+    """x as the returned attention where STORE: the kernels pass S (-inf on masked tokens) as it is formed, before
+    the softmax, for ATTN_LOGITS, and P for ATTN_PROBS."""
+    if STORE:
+        _store_tile(attn_b, x, offs_k, offs_r, rows_ok, R)
 
 
 @triton.jit
@@ -154,12 +195,13 @@ def _add_max_grad(x, offs_r, gm, idx, MAX_GRAD: tl.constexpr, KIND: tl.constexpr
 
 @triton.jit
 def _grad_probs(
-    de_rows, v_b, ga_ptr, gm, idx, offs_r, keep, rows_ok, row_ids, R, Dv, sv_r, sv_d,
-    HAS_GA: tl.constexpr, MAX_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    de_rows, v_b, ga_b, gm, idx, offs_k, offs_r, keep, rows_ok, R, Dv, sv_r, sv_d,
+    GRAD_ATTN: tl.constexpr, MAX_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """dP (BLOCK_K, BLOCK_R) = dE v^T over Dv tiles, + the returned attention's own gradient (HAS_GA), + the
-    attention max's at its arg-max; read on kept tokens only (0 elsewhere)."""
+    """dP (BLOCK_K, BLOCK_R) = dE v^T over Dv tiles, + the returned P's own gradient (GRAD_ATTN: ATTN_PROBS; that
+    of returned logits goes to dS, _grad_logits), + the attention max's at its arg-max; read on kept tokens only
+    (0 elsewhere)."""
     dp = tl.zeros([BLOCK_K, BLOCK_R], dtype=ACC_DTYPE)
     for dv0 in range(0, Dv, BLOCK_DV):
         offs_dv = dv0 + tl.arange(0, BLOCK_DV)
@@ -168,32 +210,44 @@ def _grad_probs(
         vt = tl.load(v_b + offs_r.to(tl.int64)[None, :] * sv_r + offs_dv[:, None] * sv_d,
                      mask=dv_ok[:, None] & keep[None, :], other=0.0)
         dp += mm(de.to(vt.dtype), vt, ACC_DTYPE, DOT_PRECISION)
-    if HAS_GA:
-        dp += tl.load(ga_ptr + row_ids[:, None] * R + offs_r[None, :], mask=rows_ok[:, None] & keep[None, :],
+    if GRAD_ATTN == ATTN_PROBS:
+        dp += tl.load(ga_b + (offs_k[:, None] * R + offs_r[None, :]), mask=rows_ok[:, None] & keep[None, :],
                       other=0.0)
     return _add_max_grad(dp, offs_r, gm, idx, MAX_GRAD, MAX_ATTENTION)
 
 
 @triton.jit
 def _grad_logits(
-    p, dp, shift, delta, s, keep, offs_r, gm, idx, scale,
-    ACTIVATION: tl.constexpr, MAX_GRAD: tl.constexpr, SELECT: tl.constexpr,
+    p, dp, shift, delta, a, keep, offs_k, offs_r, rows_ok, R, gm, idx, ga_b, ds_b, scale,
+    ACTIVATION: tl.constexpr, MAX_GRAD: tl.constexpr, GRAD_ATTN: tl.constexpr, SOFTMAX: tl.constexpr,
+    STORE_DS: tl.constexpr, SELECT: tl.constexpr,
 ):
-    """dT = scale dS [T > 0 for the relu] of an S tile, dS = P ((dP - shift) - delta) (+ the logits max's
-    gradient at its arg-max), with shift and delta broadcast from each row ([:, None], over the keys) or token
-    ([None, :], over the queries). SELECT: 0 on tokens not kept, by a select (without: P and dP are 0 there, so is
-    dS unless delta or dP is not finite).
+    """dT = scale dS [T > 0 for the relu] of an S tile, dS = P ((dP - shift) - delta) (dP itself without a
+    softmax, SOFTMAX_NONE: shift and delta unread) + the returned logits' gradient (GRAD_ATTN: ATTN_LOGITS) + the
+    logits max's at its arg-max, with shift and delta broadcast from each row ([:, None], over the keys) or token
+    ([None, :], over the queries). a: the tile's scale act(T) before the bias (the relu's test; S itself without a
+    bias). STORE_DS: dS, 0 on tokens not kept, is written to ds_b (the sample's (K, R) map of the bias's
+    gradient). SELECT: 0 on tokens not kept, by a select (without: P and dP are 0 there, so is dS unless delta or
+    dP is not finite).
 
     dP - shift is exactly 0 at the arg-max, and selected so where P > 3/4 (only the arg-max can be): the shift may
     be the other kernel's dP there, which need not be this one's bit for bit (tl.dot's rounding may depend on the
     tile shape), and the near one-hot rows that need the 0 have P ~ 1 there. Where the arg-max has P <= 3/4, an
     ulp of dP_top in dP - shift is far below what the others' P (>= 1/4) put into dS."""
-    ds = p * (tl.where(p > 0.75, 0.0, dp - shift) - delta)
+    if SOFTMAX == SOFTMAX_NONE:
+        ds = dp
+    else:
+        ds = p * (tl.where(p > 0.75, 0.0, dp - shift) - delta)
     ds = _add_max_grad(ds, offs_r, gm, idx, MAX_GRAD, MAX_LOGITS)
+    if GRAD_ATTN == ATTN_LOGITS:
+        ds += tl.load(ga_b + (offs_k[:, None] * R + offs_r[None, :]), mask=rows_ok[:, None] & keep[None, :],
+                      other=0.0)
+    if STORE_DS:
+        _store_tile(ds_b, tl.where(keep[None, :], ds, 0.0), offs_k, offs_r, rows_ok, R)
     ds = ds * scale
     if ACTIVATION == RELU:
-        # relu's derivative: 0 where T <= 0 (S = scale relu(T) is 0 there, -inf on masked tokens), NaN kept
-        ds = tl.where(s <= 0, 0.0, ds)
+        # relu's derivative: 0 where T <= 0 (a = scale relu(T) is 0 there, -inf on masked tokens), NaN kept
+        ds = tl.where(a <= 0, 0.0, ds)
     if SELECT:
         ds = tl.where(keep[None, :], ds, 0.0)
     return ds
