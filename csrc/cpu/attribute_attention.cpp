@@ -715,8 +715,8 @@ bool needs_probabilities(const Backward<acc_t>& w) {
 // backward reads T), else S = scale * act(T) + bias recomputed into p (K, R), then P as the softmax of each whole
 // row or of each whole column (softmax over the queries), or S itself on the kept r (no softmax). dP = dE @ v[b]^T
 // (+ the gradient of the returned P) (+ dL/dmax at the arg-max for the attention's max); dS = P * ((dP - shift) -
-// delta) on the kept r with the row's (or the column's) SoftmaxGrad, or dP itself without a softmax (+ dL/dmax at the arg-max for the logits'
-// max) (+ the gradient of the returned S), 0 on masked r; dS is dbias; dT = scale * dS [not T <= 0 for the relu]
+// delta) on the kept r with the row's (or the column's) SoftmaxGrad, or dP itself without a softmax (+ dL/dmax at
+// the arg-max for the logits' max) (+ the gradient of the returned S), 0 on masked r; dS is dbias; dT = scale * dS [not T <= 0 for the relu]
 // (torch's rule: NaN passes).
 template <typename acc_t>
 void softmax_backward(const Backward<acc_t>& w, int64_t b, const at::Tensor& de, at::Tensor& p, at::Tensor& dp,

@@ -139,8 +139,8 @@ def _forward_fake(
 
 
 def _backward_fake(
-    grad, grad_attn, grad_max, q, k, v, ref, mask, bias, e, lse, best, best_index, probs, scale, score, eps, output_mask,
-    return_attention, softmax_over, logit_activation, return_max, backend,
+    grad, grad_attn, grad_max, q, k, v, ref, mask, bias, e, lse, best, best_index, probs, scale, score, eps,
+    output_mask, return_attention, softmax_over, logit_activation, return_max, backend,
 ):
     need_q, need_k, need_v, need_ref, need_bias = output_mask
     need_ref = need_ref and score is not None
