@@ -281,8 +281,8 @@ def _attribute_attention_plan(B, K, R, D, Dv, dtype):
         grad_max = _meta(B, K, dtype=dtype) if return_max else None
         grad_attn = _meta(B, K, R, dtype=dtype) if return_attention else None
         yield f"backward{mark}", kernels.plan_backward(
-            _meta(B, K, dtype=dtype), grad_attn, grad_max, q, k, v, ref, None, bias, e, lse, best, index, scale,
-            score, eps, (True, True, True, True, has_bias), int(return_attention), *options)[1]
+            _meta(B, K, dtype=dtype), grad_attn, grad_max, q, k, v, ref, None, bias, e, lse, best, index, None,
+            scale, score, eps, (True, True, True, True, has_bias), int(return_attention), *options)[1]
 
 
 def _att(preset, batch):  # attribute_attention over one dataset's attribute queries and ResNet regions
