@@ -417,9 +417,10 @@ def plan_backward(grad, grad_attn, grad_max, q, k, v, ref, mask, bias, e, lse, b
     """((grad_q, grad_k, grad_v, grad_ref, grad_bias) to be filled, steps): the launches, then the fixed-order sums
     and dtype casts. The arguments are the op's raw backward's, in its order; the options arrive as their ids
     (zslfast._enums). grad_max (B, K) or None: the max's gradient, to the forward's arg-max best_index (best itself
-    is not read). grad_attn: that of the returned P (into dP) or logits (into dS), per return_attention. grad_bias
-    (B, K, R) in q's dtype: dS, 0 on masked tokens, written by the columns kernel (the op reduces it to the bias's
-    shape). probs (the CPU backend's kept P) is not read: here P is always recomputed (the flash-style bound)."""
+    is not read, nor probs: the forward's P, which the CPU backend may keep; these kernels recompute it, keeping
+    the flash-style memory bound). grad_attn: that of the returned P (into dP) or logits (into dS), per
+    return_attention. grad_bias (B, K, R) in q's dtype: dS, 0 on masked tokens, written by the columns kernel (the
+    op reduces it to the bias's shape)."""
     need_q, need_k, need_v, need_ref, need_bias = output_mask
     need_ref = need_ref and score != Score.NONE
     need_bias = need_bias and bias is not None
@@ -553,8 +554,8 @@ def plan_backward(grad, grad_attn, grad_max, q, k, v, ref, mask, bias, e, lse, b
     return grads, steps + [finish]
 
 
-def backward(grad, grad_attn, grad_max, q, k, v, ref, mask, bias, e, lse, best, best_index, probs, scale, score,
-             eps, output_mask, return_attention, softmax_over, logit_activation, return_max):
+def backward(grad, grad_attn, grad_max, q, k, v, ref, mask, bias, e, lse, best, best_index, probs, scale, score, eps,
+             output_mask, return_attention, softmax_over, logit_activation, return_max):
     """(grad_q, grad_k, grad_v, grad_ref, grad_bias): the op's backward (plan_backward)."""
     grads, steps = plan_backward(grad, grad_attn, grad_max, q, k, v, ref, mask, bias, e, lse, best, best_index,
                                  probs, scale, score, eps, output_mask, return_attention, softmax_over,
