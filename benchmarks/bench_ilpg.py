@@ -30,7 +30,7 @@ from zslfast import testing
 from zslfast.tools import timing
 
 CASES = testing.SHAPES["ilpg"]  # B, C, K, unseen
-R, DV, DA, DG, J = testing.REGIONS, testing.RESNET_DIM, testing.GLOVE_DIM, testing.DINO_DIM, testing.HIDDEN
+R, DV, DA, J = testing.REGIONS, testing.RESNET_DIM, testing.GLOVE_DIM, testing.HIDDEN
 
 
 def make(shape_name, hidden_dim=J, weights="full"):

@@ -23,7 +23,9 @@ from conftest import DEVICE, full_unless, quick, run_benchmark
 from zslfast import testing
 from zslfast.tools import timing
 
-B, C, K, U, L, N, D, DW = 32, 200, 312, 50, 3, 196, 768, 300  # CUB, ViT-B/16 hidden states, GloVe/Word2Vec 300
+# the step's shapes, testing.sage_step's: CUB, L levels of ViT-B/16 hidden states of N patches (1 + N tokens) of D
+B, L, D = (testing.SAGE_STEP[name] for name in ("batch", "levels", "dim"))
+N, C, K = testing.SAGE_STEP["tokens"] - 1, testing.CUB.num_classes, testing.CUB.num_attributes
 QUICK_B = 8  # the quick set's batch on CPU tensors (a B=32 eager step takes ~3 s on 2 cores); --full runs B=32
 
 
