@@ -21,8 +21,8 @@ import zslfast
 from zslfast import reference
 
 from helpers import (
-    ALL_BACKENDS, DEVICE_BACKENDS, TOLERANCES, assert_compiles_like_eager, attention_inputs as make_inputs, dtypes_for,
-    low_precision_error_bound, tiled_r_cases,
+    ALL_BACKENDS, DEVICE_BACKENDS, TOLERANCES, assert_compiles_like_eager, attention_inputs as make_inputs,
+    device_backend_pairs, dtypes_for, low_precision_error_bound, tiled_r_cases,
 )
 
 # (softmax_over, logit_activation, return_max, return_attention)
@@ -166,6 +166,20 @@ def test_tiled_r(device, backend, options, generator, monkeypatch):
     """R over several tiles: the Triton kernels' R-tiled path (tile forced to 16 here), a whole tile masked."""
     for q, k, v, ref, mask, score in tiled_r_cases(device, backend, generator, monkeypatch):
         assert_options_match(q, k, v, ref, backend, options, mask=mask, score=score, generator=generator)
+
+
+@pytest.mark.parametrize("device,backend", device_backend_pairs(("triton",)))
+def test_a_launch_row_caps_the_r_tile(device, backend, generator):
+    """A launch-table row that caps the R tile (a returned map in fp32 at ViT's row lengths: 128 tokens of the
+    rule's 256) runs forward and backward over R tiles of that width, and matches the reference."""
+    from zslfast.triton.attribute_attention import config
+
+    B, K, R, D, Dv = 1, 3, 130, 4, 5
+    for kernel, flags in (("forward", dict(attention=True)), ("rows_backward", dict(grad_attn=True))):
+        tiles, _ = config.launch_config(kernel, B, K, R, D, Dv, torch.float32, 0, 0, **flags)
+        assert tiles["BLOCK_R"] == 128 < R, (kernel, tiles)  # two R tiles, not the rule's one of 256
+    q, k, v, ref = make_inputs(B, K, R, D, Dv, "shared", "shared", torch.float32, device, generator)
+    assert_options_match(q, k, v, ref, backend, ("keys", None, None, True), generator=generator)
 
 
 @pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)

@@ -53,6 +53,30 @@ def test_backward_fills_the_gpu_at_the_papers_shapes():
         assert ctas >= audit.SMS, (B, C, K, launch.grid)
 
 
+def test_every_configuration_row_is_audited(monkeypatch):
+    """Each row of attribute_attention's launch table configures some launch of the audit's plan (its cases x
+    dtypes x variants), so the audit compiles it: a row no launch there picks was never checked for spills."""
+    from zslfast.triton.attribute_attention import config
+
+    picked = set()
+    original = config.matching_row
+
+    def record(kernel, block_r, found):
+        row = original(kernel, block_r, found)
+        picked.add(config.TABLE.index(row))
+        return row
+
+    monkeypatch.setattr(config, "matching_row", record)
+    plan, shapes = audit.CASES["attribute_attention"]
+    for shape in shapes.values():
+        for dtype in audit.DTYPES.values():
+            for _ in plan(*shape, dtype):
+                pass
+    unused = [f"{' '.join(row.kernels)} {row.r_tile} {sorted(row.when)}" for index, row in enumerate(config.TABLE)
+              if index not in picked]
+    assert not unused, unused
+
+
 def test_signature_follows_triton_specialisation():
     e = torch.empty(4, 16, device="meta")
     launch = ps_kernels.plan_forward(e, torch.empty(8, 16, device="meta"), torch.empty(4, 8, 16, device="meta"))[1][0]

@@ -235,10 +235,12 @@ def _attribute_attention_inputs(shape, dtype, device, g):
 # logit_activation, return_max, bias, return_attention); a bias is a dense (B, 1, K, R) view with its gradient (as
 # TransZero++'s geometry bias), and a returned attention has a gradient. Each path of the kernels runs in one of
 # them at least (the softmax over the queries with either max, the relu on either axis, each max on the keys; the
-# bias and the returned logits over either axis, the relu beside a bias, no softmax). They are compiled at CUB's
-# K = 312 (R = 49, 197, 577: the single-tile, wide-tile and R-tiled paths; B = 256: the columns kernel's wider R
-# tile; AwA2's and SUN's K pick CUB's tiles) in fp32 and bf16 (fp16 takes bf16's tiles and registers): every case
-# and dtype tripled the audit's time.
+# bias and the returned logits over either axis, the relu beside a bias, no softmax; the returned map, with and
+# without a bias, over either axis and beside a max), and each row of the launch table configures one of their
+# launches (tests/test_audit.py). They are compiled at CUB's K = 312 (R = 49, 197, 577: the single-tile,
+# wide-tile and R-tiled paths; B = 64, 128, 256: the columns kernels' 16-, 32- and 64-token tiles; AwA2's and
+# SUN's K pick CUB's tiles) in fp32 and bf16 (fp16 takes bf16's tiles and registers): every case and dtype tripled
+# the audit's time.
 ATTRIBUTE_ATTENTION_VARIANTS = (
     ("queries+attention-max", SoftmaxOver.QUERIES, LogitActivation.NONE, ReturnMax.ATTENTION, False,
      ReturnAttention.NONE),  # over the queries, with the attention's max
@@ -257,6 +259,12 @@ ATTRIBUTE_ATTENTION_VARIANTS = (
      ReturnAttention.LOGITS),
     ("no-softmax", SoftmaxOver.NONE, LogitActivation.NONE, ReturnMax.NONE, False,
      ReturnAttention.NONE),  # TransZero++'s E_v2s
+    ("attention", SoftmaxOver.KEYS, LogitActivation.NONE, ReturnMax.NONE, False,
+     ReturnAttention.ATTENTION),  # the map returned for a loss on it
+    ("queries+attention", SoftmaxOver.QUERIES, LogitActivation.NONE, ReturnMax.NONE, False,
+     ReturnAttention.ATTENTION),
+    ("attention+attention-max", SoftmaxOver.KEYS, LogitActivation.NONE, ReturnMax.ATTENTION, False,
+     ReturnAttention.ATTENTION),
 )
 VARIANT_MARK = "["  # a pass of an op's non-default options is named "forward [variant]"
 
@@ -297,6 +305,7 @@ ATTRIBUTE_ATTENTION = OpRecord(
             ("SUN", _att(SUN, 64)),
             ("ViT-CUB", (64, CUB.num_attributes, VIT_TOKENS, VIT_DIM, VIT_DIM)),
             ("ViT-CUB-384", (16, CUB.num_attributes, VIT_TOKENS_384, VIT_DIM, VIT_DIM), None, False),
+            ("CUB-128", _att(CUB, 128), None, True),  # the columns kernels' 32-token tiles (config.py)
             ("large", _att(CUB, 256), None, True)),
     _attribute_attention_inputs, baselines.attribute_attention, zslfast.attribute_attention,
     reference.attribute_attention, plan=_attribute_attention_plan, small=(2, 2, 3, 4, 2),  # Dv = 2: two heads

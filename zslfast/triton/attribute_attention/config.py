@@ -98,9 +98,16 @@ TABLE = (
     _row("forward queries_forward", WIDE, 16, 16, 16, 8, 1, when=("bias",), min_ctas=1,
          why="a whole row of ViT's tokens with a bias: four warps spill (ptxas's own choice squeezes them) or, "
              "with all 255 registers, leave no eighth spare (triton 3.7, 3.8); eight, with all 255"),
+    _row("forward queries_forward", WIDE, 16, 16, 16, 8, 1, when=("fp32", "attention"), min_ctas=1, block_r=128,
+         why="a returned map in fp32 (tl.dot's FMA path): a whole row of ViT's tokens spills 1.3 KB at four warps "
+             "and all 255 registers, ~140 B at eight (triton 3.6); 128-token tiles at eight warps fit in 7/8, "
+             "at the cost of the R-tiled path's second pass over the tiles"),
     _row("forward", WIDE, 16, 16, 16, 4, 1, when=("fp32", "max"), min_ctas=2,
          why="as below; with a max in fp32 it needs 150 to 200 registers, and ptxas's own choice may squeeze it "
              "into 128 (four CTAs) and spill: all 255 (two CTAs at least, three where it needs at most 168)"),
+    _row("forward queries_forward", WIDE, 16, 16, 16, 8, 1, when=("R-tiled", "attention"), min_ctas=1,
+         why="a returned map over R tiles: four warps (eight over the queries), which ptxas's own choice "
+             "squeezes into 128 registers, spill 8-16 B in 16-bit inputs (triton 3.9, sm_90); eight, within 255"),
     _row("queries_forward", WIDE, 16, 16, 16, 8, 1, when=("R-tiled", "max"),
          why="over R tiles with a max, the running max and arg-max stay live beside the P @ v operands: four "
              "warps spill"),
@@ -124,15 +131,18 @@ TABLE = (
          why="as below with a bias: 32-row K tiles spill in fp32 (one stage as well) and leave no eighth spare in "
              "bf16 (triton 3.9); a budget of all 255 registers spills too (triton 3.8's ptxas), its own choice "
              "does not"),
+    _row("rows_backward", NARROW, 16, 32, 16, 8, 2, when=("attention-grad",),
+         why="as below with the returned map's gradient: 32-row K tiles spill 16-48 B in fp32 on sm_90 (triton "
+             "3.6); 16-row ones, as with a bias"),
     _row("rows_backward queries_rows_backward", NARROW, 32, 32, 16, 8, 2,
          "the forward's score tile, with dE, dP and the softmax's gradient live beside it: Dv tiles of 16"),
     _row("rows_backward", WIDE, 16, 16, 16, 8, 1, when=("bias", "R-tiled"), min_ctas=1, block_r=128,
          why="with a bias over R tiles, 256-token tiles spill at eight warps and all 255 registers (sixteen "
              "warps: more); 128-token tiles (the same work: the R tiles cover R either way) fit in 7/8 of them"),
-    _row("rows_backward", WIDE, 16, 16, 16, 8, 1, when=("bias", "attention-grad"), min_ctas=1, block_r=128,
-         why="with a bias and the returned attention's gradient, a whole row of ViT's tokens spills (or leaves no "
-             "eighth spare) in either dtype: over 128-token tiles, which costs the first pass over the R tiles "
-             "(S and dP once more)"),
+    _row("rows_backward", WIDE, 16, 16, 16, 8, 1, when=("attention-grad",), min_ctas=1, block_r=128,
+         why="with the returned map's gradient (a bias or not), a whole row of ViT's tokens spills 8-112 B (or "
+             "leaves no eighth spare) in either dtype: over 128-token tiles, which costs the first pass over the "
+             "R tiles (S and dP once more)"),
     _row("queries_rows_backward", WIDE, 16, 16, 16, 8, 1, when=("fp32", "bias"), block_r=128,
          why="with a bias in fp32, 256-token tiles spill on sm_90 (triton 3.7); 128-token ones cost nothing: this "
              "kernel runs over R tiles on every R"),
@@ -155,12 +165,22 @@ TABLE = (
     _row("columns_backward", (64, 64), 32, 16, 16, 8, 1, when=("no-softmax",), min_ctas=1,
          why="without a softmax, ptxas's own choice squeezes two stages into 64 registers and spills (triton 3.8): "
              "one stage, within all 255 (it takes ~125: two CTAs per SM still)"),
+    _row("columns_backward", (64, 64), 32, 16, 16, 8, 1, when=("attention-grad",), min_ctas=1,
+         why="with the returned map's gradient, two stages spill 32 B in fp32 (triton 3.9, sm_90), and ptxas's "
+             "own choice squeezes one stage into 128 registers beside the options (16 B, triton 3.6): one stage, "
+             "within all 255"),
     _row("columns_backward", (64, 64), 32, 16, 16, 8, 2, when=("16-bit", "options"),
          why="64-token tiles in 16-bit inputs keep two stages with the options: one spills"),
     _row("columns_backward", (64, 64), 32, 16, 16, 8, 1, when=("options",),
          why="the relu's select and the max's gradient cost a second stage's buffers, which spill"),
     _row("columns_backward", (64, 64), 32, 16, 16, 8, 2,
          "32 x 16 operand tiles over 64 tokens"),
+    _row("columns_backward", UNDER_FILLED, 32, 16, 16, 8, 1, when=("no-softmax",), min_ctas=1,
+         why="without a softmax at 32-token tiles, two CTAs' 128 registers spill 8-16 B in fp32 (triton 3.7, "
+             "3.9): one stage within all 255 (it takes ~130: two CTAs per SM still)"),
+    _row("columns_backward", UNDER_FILLED, 32, 16, 16, 8, 1, when=("attention-grad",), min_ctas=1,
+         why="with the returned map's gradient, two CTAs' 128 registers leave no eighth spare (fp32, triton "
+             "3.6): one stage within all 255"),
     _row("columns_backward", UNDER_FILLED, 32, 16, 16, 8, 1, when=("options",), min_ctas=2,
          why="as the 64-token tiles with the options, within two CTAs' registers"),
     _row("columns_backward", UNDER_FILLED, 32, 16, 16, 8, 2, min_ctas=2,
@@ -168,6 +188,9 @@ TABLE = (
     _row("queries_columns_backward", (64, 64), 16, 16, 16, 8, 2, when=("bias",), min_ctas=1,
          why="as below, with the bias's tile: ptxas's own choice squeezes it into 128 registers and spills: all "
              "255 (one CTA per SM)"),
+    _row("queries_columns_backward", (64, 64), 16, 16, 16, 8, 1, when=("fp32", "attention-grad"), min_ctas=1,
+         why="with the returned map's gradient in fp32, two stages take 240 registers, no eighth of 255 spare "
+             "(triton 3.9): one stage, within all 255"),
     _row("queries_columns_backward", (64, 64), 16, 16, 16, 8, 2,
          "each token's (shift, delta) runs over every query tile: 16-row K tiles (32 spill); 64-token tiles "
          "keep two stages (one spills)"),
@@ -187,9 +210,11 @@ def _r_tile(kernel: str, B: int, R: int) -> int:
 
 
 def tags(dtype: torch.dtype, R: int, logit_activation: int, return_max: int, bias: bool = False,
-         softmax_over: int = SoftmaxOver.KEYS, grad_attn: bool = False) -> FrozenSet[str]:
+         softmax_over: int = SoftmaxOver.KEYS, grad_attn: bool = False, attention: bool = False) -> FrozenSet[str]:
     """The launch's tags: its inputs' dtype, its options (ids of zslfast._enums), whether R is tiled."""
     found = set()
+    if attention:
+        found.add("attention")
     if bias:
         found.add("bias")
     if softmax_over == SoftmaxOver.NONE:
@@ -210,19 +235,26 @@ def tags(dtype: torch.dtype, R: int, logit_activation: int, return_max: int, bia
 
 
 def launch_config(kernel: str, B: int, K: int, R: int, D: int, Dv: int, dtype: torch.dtype, logit_activation: int,
-                  return_max: int, bias: bool = False, softmax_over: int = SoftmaxOver.KEYS, grad_attn: bool = False):
+                  return_max: int, bias: bool = False, softmax_over: int = SoftmaxOver.KEYS, grad_attn: bool = False,
+                  attention: bool = False):
     """(tiles, launch options) of one launch: the constexprs BLOCK_K, BLOCK_R, BLOCK_D, BLOCK_DV (the kernel's
     own), and num_warps, num_stages, maxnreg (the register budget), from the first matching row of TABLE."""
     block_r = _r_tile(kernel, B, R)
-    found = tags(dtype, R, logit_activation, return_max, bias, softmax_over, grad_attn)
+    row = matching_row(kernel, block_r, tags(dtype, R, logit_activation, return_max, bias, softmax_over, grad_attn,
+                                            attention))
+    tiles = dict(BLOCK_K=block_size(K, row.block_k), BLOCK_R=min(block_r, row.block_r or block_r))
+    if row.block_d:
+        tiles["BLOCK_D"] = block_size(D, row.block_d)
+    if row.block_dv:
+        tiles["BLOCK_DV"] = block_size(Dv, row.block_dv)
+    # fp64 (no tl.dot: broadcast products, far more registers; not audited) keeps ptxas's own choice
+    budget = None if dtype == torch.float64 else row.max_registers
+    return tiles, dict(num_warps=row.num_warps, num_stages=row.num_stages, maxnreg=budget)
+
+
+def matching_row(kernel: str, block_r: int, found: FrozenSet[str]) -> Config:
+    """The first row of TABLE for this kernel whose R tile range holds block_r and whose tags ``found`` has."""
     for row in TABLE:
         if kernel in row.kernels and row.r_tile[0] <= block_r <= row.r_tile[1] and row.when <= found:
-            tiles = dict(BLOCK_K=block_size(K, row.block_k), BLOCK_R=min(block_r, row.block_r or block_r))
-            if row.block_d:
-                tiles["BLOCK_D"] = block_size(D, row.block_d)
-            if row.block_dv:
-                tiles["BLOCK_DV"] = block_size(Dv, row.block_dv)
-            # fp64 (no tl.dot: broadcast products, far more registers; not audited) keeps ptxas's own choice
-            budget = None if dtype == torch.float64 else row.max_registers
-            return tiles, dict(num_warps=row.num_warps, num_stages=row.num_stages, maxnreg=budget)
+            return row
     raise LookupError(f"attribute_attention: no launch configuration for {kernel} at BLOCK_R {block_r} ({found})")

@@ -365,7 +365,7 @@ def plan_forward(q, k, v, ref, mask, bias, scale, score, eps, return_attention, 
     options = (logit_activation, return_max)
     kernel = "queries_forward" if over_queries else "forward"
     tiles, launch = launch_config(kernel, B, K, R, D, Dv, q.dtype, *options, bias=bias is not None,
-                                  softmax_over=softmax_over)
+                                  softmax_over=softmax_over, attention=return_attention != ReturnAttention.NONE)
     single_r = R <= tiles["BLOCK_R"]
     store_e = save_e or score == Score.NONE or not single_r
     e = torch.empty((B, K, Dv) if store_e else (0,), device=q.device, dtype=acc)
