@@ -598,3 +598,25 @@ def test_saturated_softmax_gradients(device, backend, variant, score, generator,
         assert ratio.max() <= SATURATED_BOUND, (
             f"{name}{list(worst)}: error {err[worst]:.3g} (exact {w[worst]:.3g}) is {ratio.max():.3g} x float32's "
             f"rounding scale, over {SATURATED_BOUND}")
+
+
+def test_triton_refuses_maps_past_int32_offsets():
+    """The Triton kernels address one sample's (K, R) maps with int32 offsets: a returned map of 2^31 elements or a
+    bias whose strides span that many is a ValueError from the planner, before anything is allocated or launched;
+    one element less, or no map at all, plans (meta tensors: nothing is allocated)."""
+    pytest.importorskip("triton")
+    from zslfast._enums import LogitActivation, ReturnAttention, ReturnMax, Score, SoftmaxOver
+    from zslfast.triton.attribute_attention import fwd
+
+    def plan(K, R, return_attention, bias=None):
+        q, k, v = (torch.empty(*shape, device="meta") for shape in ((K, 4), (1, R, 4), (1, R, 4)))
+        return fwd.plan_forward(q, k, v, None, None, bias, 0.5, Score.NONE, 0.0, return_attention, False,
+                                SoftmaxOver.KEYS, LogitActivation.NONE, ReturnMax.NONE)
+
+    with pytest.raises(ValueError, match=r"\(65536, 32768\) map spans 2147483648 elements"):
+        plan(2 ** 16, 2 ** 15, ReturnAttention.ATTENTION)
+    plan(2 ** 16, 2 ** 15 - 1, ReturnAttention.ATTENTION)
+    plan(2 ** 16, 2 ** 15, ReturnAttention.NONE)
+    strided = torch.empty_strided((1, 1, 2, 2), (0, 0, 2 ** 31, 1), device="meta")  # K = R = 2, rows 2^31 apart
+    with pytest.raises(ValueError, match="bias strides"):
+        plan(2, 2, ReturnAttention.NONE, strided)
