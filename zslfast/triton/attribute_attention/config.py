@@ -175,14 +175,17 @@ TABLE = (
          why="the relu's select and the max's gradient cost a second stage's buffers, which spill"),
     _row("columns_backward", (64, 64), 32, 16, 16, 8, 2,
          "32 x 16 operand tiles over 64 tokens"),
-    _row("columns_backward", UNDER_FILLED, 32, 16, 16, 8, 1, when=("no-softmax",), min_ctas=1,
+    _row("columns_backward", (32, 32), 32, 16, 16, 8, 1, when=("no-softmax",), min_ctas=1,
          why="without a softmax at 32-token tiles, two CTAs' 128 registers spill 8-16 B in fp32 (triton 3.7, "
-             "3.9): one stage within all 255 (it takes ~130: two CTAs per SM still)"),
+             "3.9): one stage within all 255 (it takes 80 to 155)"),
     _row("columns_backward", UNDER_FILLED, 32, 16, 16, 8, 1, when=("attention-grad",), min_ctas=1,
          why="with the returned map's gradient, two CTAs' 128 registers leave no eighth spare (fp32, triton "
              "3.6): one stage within all 255"),
     _row("columns_backward", UNDER_FILLED, 32, 16, 16, 8, 1, when=("options",), min_ctas=2,
          why="as the 64-token tiles with the options, within two CTAs' registers"),
+    _row("columns_backward", (32, 32), 16, 16, 16, 8, 2, when=("fp32",), min_ctas=2,
+         why="32-token tiles in fp32: 32-row K tiles fill two CTAs' 128 registers and spill 8 B (triton 3.8, 3.9) "
+             "or leave no eighth spare; one stage leaves none either (3.9): 16-row K tiles, two stages"),
     _row("columns_backward", UNDER_FILLED, 32, 16, 16, 8, 2, min_ctas=2,
          why="as the 64-token tiles, within two CTAs' registers"),
     _row("queries_columns_backward", (64, 64), 16, 16, 16, 8, 2, when=("bias",), min_ctas=1,
