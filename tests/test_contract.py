@@ -29,7 +29,9 @@ import zslfast
 from zslfast import _backend
 from zslfast.testing import RECORDS
 
-from helpers import assert_compiles_like_eager, backend_param, require_backend, requires_gpu, threads
+from helpers import (
+    assert_compiles_like_eager, backend_param, low_precision_error_bound, require_backend, requires_gpu, threads,
+)
 
 OPS = list(RECORDS.values())
 OP_IDS = [op.name for op in OPS]
@@ -61,10 +63,11 @@ def outputs(result) -> list:
     return list(result) if isinstance(result, (tuple, list)) else [result]
 
 
-def results(op, inputs, backend=None, options=None, requires_grad=True):
-    """[outputs..., gradients of the differentiable inputs...] of one call, for fixed random output gradients."""
+def results(op, inputs, backend=None, options=None, requires_grad=True, fn=None):
+    """[outputs..., gradients of the differentiable inputs...] of one call (of the op, or of ``fn``: its eager
+    code), for fixed random output gradients."""
     leaves = [t.detach().requires_grad_(requires_grad and op.differentiates(i, t)) for i, t in enumerate(inputs)]
-    outs = outputs(op.fused(*leaves, backend=backend, **(options or {})))
+    outs = outputs(fn(*leaves) if fn is not None else op.fused(*leaves, backend=backend, **(options or {})))
     g = torch.Generator().manual_seed(1)
     loss = sum((o * torch.randn(o.shape, generator=g, dtype=f64).to(o)).sum() for o in outs)
     wrt = [t for t in leaves if t.requires_grad]
@@ -103,6 +106,25 @@ def test_matches_the_papers_code(op, device, backend, generator):
     got_out = op.fused(*leaves, backend=backend)
     got = [got_out.detach(), *torch.autograd.grad(got_out, wrt, grad)]
     assert_close_all(got, want)
+
+
+@pytest.mark.parametrize("op,device,backend", [p for p in KERNELS if tuple(p.values[1:]) == ("cuda", "triton")])
+def test_tf32_products_stay_within_twice_the_eager_codes_error(op, device, backend, generator):
+    """Under torch's allow_tf32 (set_float32_matmul_precision("high")) the Triton kernels form fp32 products in TF32,
+    as the eager code's matmuls then do: outputs and gradients within 2x the eager code's error there (the float64
+    result the measure)."""
+    inputs = small_inputs(op, device, generator)
+    exact = results(op, inputs, "reference")
+    f32 = [t.float() if t.is_floating_point() else t for t in inputs]
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        got, eager = results(op, f32, backend), results(op, f32, fn=op.eager)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    for i, (g, e, x) in enumerate(zip(got, eager, exact)):
+        err, bound = low_precision_error_bound(g, e, x)
+        assert err <= bound, f"[{i}] error {err:.3g} > 2x the eager code's in TF32 ({bound:.3g})"
 
 
 @pytest.mark.parametrize("op,device,backend", KERNELS)

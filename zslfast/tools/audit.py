@@ -2,8 +2,9 @@
 
 For each op at the papers' shapes (CUB, SUN, AwA2, ViT-B N=197/577) and its large ones (a 21K-class head, batch
 256): the GPU shapes of its record (zslfast.testing), the cases every benchmark times; and each dtype it supports on
-a GPU (fp32, bf16, fp16), the audit runs the record's plan, which builds the inputs as meta tensors and asks the
-op's own Triton planners (zslfast/triton/*: ``plan_forward`` / ``plan_backward``) for their launches, and compiles
+a GPU (fp32, bf16, fp16, and tf32: fp32 under torch's allow_tf32, for the launches whose products then run on
+tensor cores), the audit runs the record's plan, which builds the inputs as meta tensors and asks the op's own
+Triton planners (zslfast/triton/*: ``plan_forward`` / ``plan_backward``) for their launches, and compiles
 each launch exactly as configured (grid, constants, num_warps, num_stages, register budget) for sm_80 and sm_90 with
 the installed triton and its own ptxas. Resource usage comes from the cubin (triton's bundled ``cuobjdump
 --dump-resource-usage``); the CUDA C++ kernels of the built extension are read the same way.
@@ -39,16 +40,19 @@ from ..testing import RECORDS, VARIANT_MARK
 from ..triton._common import H200_SMS as SMS
 
 BANDWIDTH = 4.3e12  # bytes/s, H200 copy bandwidth measured on the lent machine (H200.md / KINDS.md)
-# FLOP/s by operand dtype: bf16/fp16 is the measured dense matrix rate; fp32 (plain FMA, tl.dot in "ieee" precision,
-# as zslfast launches it by default) is the datasheet's vector rate: a lead, not a measurement.
-PEAK_FLOPS = {torch.bfloat16: 790e12, torch.float16: 790e12, torch.float32: 67e12, torch.float64: 34e12}
+# FLOP/s by the audit's dtype names: bf16/fp16 is the measured dense matrix rate; fp32 (plain FMA, tl.dot in "ieee"
+# precision, as zslfast launches it by default) the datasheet's vector rate, tf32 its dense tensor-core rate (989
+# with sparsity): leads, not measurements.
+PEAK_FLOPS = {"bf16": 790e12, "fp16": 790e12, "tf32": 494e12, "fp32": 67e12, "fp64": 34e12}
 LAUNCH_LATENCY_US = 5.0  # below this floor a kernel's time is its launch, whatever its grid
 ARCHS = {
     # arch: (registers per SM, max threads per SM, max CTAs per SM, shared memory per SM, max per CTA) in bytes
     80: (65536, 2048, 32, 167936, 166912),
     90: (65536, 2048, 32, 233472, 232448),
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# tf32: fp32 inputs with torch's allow_tf32 set (torch.set_float32_matmul_precision("high")), under which the
+# kernels' fp32 products run on tensor cores, another register layout: audited where a launch has such products.
+DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TYPE_NAMES = {
     torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16", torch.bfloat16: "bf16",
     torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1",
@@ -224,8 +228,7 @@ def audit_launch(op, case, dtype_name, pass_name, launch, arch, compile: bool = 
     row = Row(op, case, dtype_name, pass_name, launch.name + (f" ({launch.label})" if launch.label else ""), arch,
               [int(g) for g in launch.grid], launch.num_warps, launch.num_stages, launch.maxnreg, ctas=ctas,
               bytes=launch.bytes_moved(), flops=float(launch.flops))
-    dtype = DTYPES[dtype_name]
-    memory_s, compute_s = row.bytes / BANDWIDTH, row.flops / PEAK_FLOPS[dtype]
+    memory_s, compute_s = row.bytes / BANDWIDTH, row.flops / PEAK_FLOPS[dtype_name]
     row.floor_us = 1e6 * max(memory_s, compute_s)
     row.bound = "memory" if memory_s >= compute_s else "compute"
     if compile:
@@ -265,11 +268,26 @@ def selected_cases(ops=None, cases=None) -> list:
             for case, shape in shapes.items() if not cases or any(c in case for c in cases)]
 
 
+def planned(op: str, shape, dtype_name: str):
+    """[(pass, steps)] of ``op``'s audit plan at ``shape`` in the audit's dtype ``dtype_name``: tf32 plans fp32
+    inputs with torch's allow_tf32 set, and keeps only the launches whose products then run on tensor cores."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = dtype_name == "tf32"
+    try:
+        passes = list(CASES[op][0](*shape, DTYPES[dtype_name]))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    if dtype_name == "tf32":
+        passes = [(name, [launch for launch in _launches(steps) if launch.constexprs.get("DOT_PRECISION") == "tf32"])
+                  for name, steps in passes]
+    return [(name, steps) for name, steps in passes if _launches(steps)]
+
+
 def audit_triton(ops=None, archs=(80, 90), dtypes=tuple(DTYPES), cases=None, headroom=None) -> List[Row]:
     rows = []
     for op, case, shape in selected_cases(ops, cases):
         for dtype_name in dtypes:
-            for pass_name, steps in CASES[op][0](*shape, DTYPES[dtype_name]):
+            for pass_name, steps in planned(op, shape, dtype_name):
                 # glue between launches (fixed-order sums) is plain torch ops; identical launches (the
                 # rollout's per-layer steps) are audited once and counted
                 launches, counts = {}, {}
@@ -357,8 +375,8 @@ def markdown(rows: List[Row], cuda_rows: List[dict], versions: str) -> str:
         f"Compiled on a machine without a GPU: {versions}. Registers, spills and shared memory are read from the "
         "cubins; occupancy is theoretical; waves count CTAs over 132 SMs (H200) at that occupancy.",
         f"**The floor is a model**: max(bytes / {BANDWIDTH / 1e12:.1f} TB/s, FLOPs / peak) with peaks "
-        + ", ".join(f"{TYPE_NAMES[d]} {v / 1e12:.0f} TFLOP/s" for d, v in PEAK_FLOPS.items())
-        + " (4.3 TB/s and the bf16 rate measured on an H200 here; fp32/fp64 from the datasheet). Bytes count each "
+        + ", ".join(f"{name} {v / 1e12:.0f} TFLOP/s" for name, v in PEAK_FLOPS.items())
+        + " (4.3 TB/s and the bf16 rate measured on an H200 here; tf32/fp32/fp64 from the datasheet). Bytes count each "
         "tensor argument once. Nothing here is a GPU measurement.",
         "Not Triton, so not in the first table: prototype_scores with w None/(B, K) and prototype_scores_factored "
         "(the 21K-class case) are torch GEMMs (cuBLAS); MemoryBank.update/refresh run the CUDA C++ kernels listed "

@@ -3,10 +3,12 @@ budget come from the one table here, each row with its reason. The planners (fwd
 :func:`launch_config`, and nothing else sets a tile, a warp count, a stage count or a budget.
 
 A launch is keyed by its kernel, its R tile (the range of BLOCK_R the row covers) and tags: "16-bit" (fp16 or bf16
-inputs) or "fp32", "max" (a returned max; in the backward, a max whose gradient is given), "options" (the relu or a
-max), "bias" (an additive bias), "no-softmax", "attention-grad" (in the backward, a given gradient of the returned
-attention) and "R-tiled" (R longer than the widest R tile). The first row whose kernel and range match, and whose
-tags the launch all has, wins.
+inputs) or "fp32", and "tf32" beside it where fp32 products run on tensor cores (torch's allow_tf32, as
+``torch.set_float32_matmul_precision("high")`` sets it: another register layout), "max" (a returned max; in the
+backward, a max whose gradient is given), "options" (the relu or a max), "bias" (an additive bias), "no-softmax",
+"attention" (in the forward, a returned map: the attention or the logits), "attention-grad" (in the backward, a
+given gradient of the returned map) and "R-tiled" (R longer than the widest R tile). The first row whose kernel
+and range match, and whose tags the launch all has, wins.
 
 The R tile itself is a rule of the shapes, not a row (a row may only cap it, block_r: the launch then runs over R
 tiles of that width):
@@ -34,7 +36,7 @@ import torch
 import triton
 
 from ..._enums import LogitActivation, ReturnMax, SoftmaxOver
-from .._common import H200_SMS, block_size
+from .._common import H200_SMS, block_size, dot_precision
 
 MAX_BLOCK_R = 256  # the widest R tile of the row kernels (tests lower it to reach the R-tiled paths on small R)
 COLUMN_R_TILES = (64, 32, 16)  # the column kernels' R tiles, widest first
@@ -143,6 +145,9 @@ TABLE = (
          why="with the returned map's gradient (a bias or not), a whole row of ViT's tokens spills 8-112 B (or "
              "leaves no eighth spare) in either dtype: over 128-token tiles, which costs the first pass over the "
              "R tiles (S and dP once more)"),
+    _row("queries_rows_backward", WIDE, 16, 16, 16, 8, 1, when=("tf32", "bias"), min_ctas=1, block_r=128,
+         why="as below on tensor cores (tf32), where ptxas's own choice squeezes it into 128 registers and spills "
+             "32 B (triton 3.6, sm_90): all 255"),
     _row("queries_rows_backward", WIDE, 16, 16, 16, 8, 1, when=("fp32", "bias"), block_r=128,
          why="with a bias in fp32, 256-token tiles spill on sm_90 (triton 3.7); 128-token ones cost nothing: this "
              "kernel runs over R tiles on every R"),
@@ -157,6 +162,9 @@ TABLE = (
              "(one CTA per SM either way), a fifth of them spare"),
     _row("rows_backward queries_rows_backward", WIDE, 16, 16, 16, 16, 1, when=("16-bit",),
          why="a whole row of ViT's tokens: sixteen warps in 16-bit inputs, eight spill; one stage, as the forward"),
+    _row("rows_backward queries_rows_backward", WIDE, 16, 16, 16, 8, 1, when=("tf32",), min_ctas=1,
+         why="as below on tensor cores (tf32), where ptxas's own choice squeezes it into 128 registers and spills "
+             "16-48 B (triton 3.6): all 255"),
     _row("rows_backward queries_rows_backward", WIDE, 16, 16, 16, 8, 1,
          "a whole row of ViT's tokens in fp32/fp64: eight warps (sixteen spill); one stage, as the forward"),
     _row("columns_backward", (64, 64), 32, 16, 16, 8, 1, when=("bias",), min_ctas=1,
@@ -194,6 +202,9 @@ TABLE = (
     _row("queries_columns_backward", (64, 64), 16, 16, 16, 8, 1, when=("fp32", "attention-grad"), min_ctas=1,
          why="with the returned map's gradient in fp32, two stages take 240 registers, no eighth of 255 spare "
              "(triton 3.9): one stage, within all 255"),
+    _row("queries_columns_backward", (64, 64), 16, 16, 16, 8, 2, when=("tf32",), min_ctas=1,
+         why="as below on tensor cores (tf32), where ptxas's own choice squeezes it into 128 registers and spills "
+             "64-72 B with a max (triton 3.6, sm_80): all 255"),
     _row("queries_columns_backward", (64, 64), 16, 16, 16, 8, 2,
          "each token's (shift, delta) runs over every query tile: 16-row K tiles (32 spill); 64-token tiles "
          "keep two stages (one spills)"),
@@ -214,8 +225,11 @@ def _r_tile(kernel: str, B: int, R: int) -> int:
 
 def tags(dtype: torch.dtype, R: int, logit_activation: int, return_max: int, bias: bool = False,
          softmax_over: int = SoftmaxOver.KEYS, grad_attn: bool = False, attention: bool = False) -> FrozenSet[str]:
-    """The launch's tags: its inputs' dtype, its options (ids of zslfast._enums), whether R is tiled."""
+    """The launch's tags: its inputs' dtype (and fp32's product precision), its options (ids of zslfast._enums),
+    whether R is tiled."""
     found = set()
+    if dtype == torch.float32 and dot_precision(dtype) == "tf32":
+        found.add("tf32")
     if attention:
         found.add("attention")
     if bias:
