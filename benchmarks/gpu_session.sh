@@ -7,7 +7,9 @@
 # Budgets (seconds; the environment can override): ZSLFAST_TESTS_S=240 ZSLFAST_TIME_S=90 ZSLFAST_MODELS_S=120.
 # ZSLFAST_TESTS="-m gpu" selects the tests (e.g. a -k expression to rerun failures).
 # A zslfast/_C*.so already here that imports with this torch is used as it is (e.g. carried from an earlier
-# session's OUT); otherwise the extension is built with every core, for TORCH_CUDA_ARCH_LIST=9.0 alone.
+# session's OUT, or built on a CPU machine with nvcc and the GPU machine's torch: ZSLFAST_CUDA=1
+# TORCH_CUDA_ARCH_LIST=9.0 python setup.py build_ext --inplace, then carried with zslfast/_build_info.py);
+# otherwise the extension is built with every core, for TORCH_CUDA_ARCH_LIST=9.0 alone.
 # Without a GPU the same stages run on CPU tensors (a dry run: Triton through its interpreter, tiny shapes).
 # OUT receives at most 8 files (the device tool's limit): log.txt, tests.txt, the built extension (its log on
 # failure), gpucheck's .json/.md, timing .json/.md, models.json.
