@@ -376,8 +376,8 @@ def markdown(rows: List[Row], cuda_rows: List[dict], versions: str) -> str:
         "cubins; occupancy is theoretical; waves count CTAs over 132 SMs (H200) at that occupancy.",
         f"**The floor is a model**: max(bytes / {BANDWIDTH / 1e12:.1f} TB/s, FLOPs / peak) with peaks "
         + ", ".join(f"{name} {v / 1e12:.0f} TFLOP/s" for name, v in PEAK_FLOPS.items())
-        + " (4.3 TB/s and the bf16 rate measured on an H200 here; tf32/fp32/fp64 from the datasheet). Bytes count each "
-        "tensor argument once. Nothing here is a GPU measurement.",
+        + " (4.3 TB/s and the bf16 rate measured on an H200 here; tf32/fp32/fp64 from the datasheet). Bytes count "
+        "each tensor argument once. Nothing here is a GPU measurement.",
         "Not Triton, so not in the first table: prototype_scores with w None/(B, K) and prototype_scores_factored "
         "(the 21K-class case) are torch GEMMs (cuBLAS); MemoryBank.update/refresh run the CUDA C++ kernels listed "
         "last.", "",
